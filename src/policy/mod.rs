@@ -1,0 +1,361 @@
+//! The Policy: pure functions from per-layer expert loads to placement tables.
+//!
+//! Shapes follow DeepSeek's `eplb.py`:
+//! * `weight [layers, num_logical]`: tokens per logical expert (`u64`);
+//! * `phy2log [layers, num_replicas]`: physical slot -> logical expert; GPU g owns the slots
+//!   `[g * slots_per_rank, (g + 1) * slots_per_rank)`;
+//! * `logcnt [layers, num_logical]`: replicas per logical expert;
+//! * `log2phy [layers, num_logical, max_replicas]`: the slots of each expert, ascending, -1 padded.
+//!
+//! Every rank computes the plan on its own, so everything here is deterministic: exact integer
+//! arithmetic (see [`fixed`]), explicit tie-breaks, and layers computed independently so that the
+//! thread count cannot change the result.
+
+pub mod deepseek;
+pub mod fixed;
+pub mod metrics;
+
+use ndarray::{Array2, Array3, ArrayView1, ArrayView2, Axis};
+use thiserror::Error;
+
+/// Errors of the policy: shapes that cannot be placed, or placement tables that are not valid.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum PolicyError {
+    #[error("the load matrix is empty ({layers} layers x {experts} experts)")]
+    EmptyLoad { layers: usize, experts: usize },
+    #[error("{what} must be at least 1")]
+    Zero { what: &'static str },
+    #[error("{num_replicas} physical slots do not divide evenly over {num_gpus} GPUs; use {next}, the next multiple of {num_gpus}")]
+    ReplicasNotMultipleOfGpus { num_replicas: usize, num_gpus: usize, next: usize },
+    #[error("{num_replicas} physical slots are fewer than the {num_logical} logical experts; use at least {next} (a multiple of {num_gpus} GPUs)")]
+    TooFewReplicas { num_replicas: usize, num_logical: usize, num_gpus: usize, next: usize },
+    #[error("{num_groups} expert groups do not divide the {num_logical} logical experts{hint}")]
+    GroupsDoNotDivide { num_groups: usize, num_logical: usize, hint: String },
+    #[error("{num_gpus} GPUs do not divide evenly over {num_nodes} nodes")]
+    GpusNotMultipleOfNodes { num_gpus: usize, num_nodes: usize },
+    #[error("layer {layer}: the load sums to more than 2^64-1 tokens")]
+    LoadOverflow { layer: usize },
+    #[error("placement has {got_layers} layers x {got_slots} slots, expected {layers} x {slots}")]
+    PlacementShape { got_layers: usize, got_slots: usize, layers: usize, slots: usize },
+    #[error("placement layer {layer} slot {slot} holds expert {expert}, but there are only {num_logical} experts")]
+    ExpertOutOfRange { layer: usize, slot: usize, expert: usize, num_logical: usize },
+    #[error("placement layer {layer}: expert {expert} has no replica")]
+    ExpertMissing { layer: usize, expert: usize },
+}
+
+/// The cluster a placement is computed for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlacementShape {
+    /// R: total physical expert slots per layer, over all GPUs.
+    pub num_replicas: usize,
+    /// G: GPUs (ranks).
+    pub num_gpus: usize,
+    /// N: nodes; the hierarchical policy keeps each expert group inside one node.
+    pub num_nodes: usize,
+    /// K: expert groups (DeepSeek-V3 has 8).
+    pub num_groups: usize,
+}
+
+impl PlacementShape {
+    /// Slots per GPU: `R / G`.
+    pub fn slots_per_rank(&self) -> usize {
+        self.num_replicas / self.num_gpus
+    }
+
+    /// GPUs per node: `G / N`.
+    pub fn gpus_per_node(&self) -> usize {
+        self.num_gpus / self.num_nodes
+    }
+
+    /// Whether DeepSeek's hierarchical mode applies (`K % N == 0`); otherwise the global mode,
+    /// which is the hierarchical code with one group and one node.
+    pub fn is_hierarchical(&self) -> bool {
+        self.num_groups % self.num_nodes == 0
+    }
+
+    /// The shape the hierarchical code runs with: itself, or one group and one node (global mode).
+    pub fn resolved(&self) -> PlacementShape {
+        if self.is_hierarchical() {
+            *self
+        } else {
+            PlacementShape { num_groups: 1, num_nodes: 1, ..*self }
+        }
+    }
+
+    /// Checks the shape against `num_logical` experts; every policy needs this to hold.
+    pub fn validate(&self, num_logical: usize) -> Result<(), PolicyError> {
+        for (value, what) in [
+            (self.num_replicas, "the number of physical slots"),
+            (self.num_gpus, "the number of GPUs"),
+            (self.num_nodes, "the number of nodes"),
+            (self.num_groups, "the number of expert groups"),
+        ] {
+            if value == 0 {
+                return Err(PolicyError::Zero { what });
+            }
+        }
+        let next_multiple = |x: usize| x.div_ceil(self.num_gpus) * self.num_gpus;
+        if self.num_replicas % self.num_gpus != 0 {
+            return Err(PolicyError::ReplicasNotMultipleOfGpus {
+                num_replicas: self.num_replicas,
+                num_gpus: self.num_gpus,
+                next: next_multiple(self.num_replicas),
+            });
+        }
+        if self.num_replicas < num_logical {
+            return Err(PolicyError::TooFewReplicas {
+                num_replicas: self.num_replicas,
+                num_logical,
+                num_gpus: self.num_gpus,
+                next: next_multiple(num_logical),
+            });
+        }
+        // Groups matter only in hierarchical mode; the global mode treats all experts as one group.
+        if self.is_hierarchical() && num_logical % self.num_groups != 0 {
+            let divisors: Vec<String> =
+                (1..=num_logical).filter(|d| num_logical % d == 0 && *d <= 64).map(|d| d.to_string()).collect();
+            return Err(PolicyError::GroupsDoNotDivide {
+                num_groups: self.num_groups,
+                num_logical,
+                hint: format!("; divisors of {num_logical} are {}", divisors.join(", ")),
+            });
+        }
+        if self.num_gpus % self.num_nodes != 0 {
+            return Err(PolicyError::GpusNotMultipleOfNodes { num_gpus: self.num_gpus, num_nodes: self.num_nodes });
+        }
+        Ok(())
+    }
+}
+
+/// Which algorithm computes the placement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PolicyKind {
+    /// DeepSeek's reference EPLB: a fresh placement every time (greedy replicas, greedy packing).
+    Deepseek,
+}
+
+/// Knobs of the policies.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PolicyConfig {
+    pub kind: PolicyKind,
+    /// Worker threads over layers; 0 means one per available core. The result never depends on it.
+    pub threads: usize,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        PolicyConfig { kind: PolicyKind::Deepseek, threads: 0 }
+    }
+}
+
+/// A placement of every layer's experts on the physical slots.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placement {
+    /// phy2log [layers, num_replicas]
+    pub phy2log: Array2<usize>,
+    /// logcnt [layers, num_logical]
+    pub logcnt: Array2<usize>,
+    /// log2phy [layers, num_logical, max_replicas]: slots ascending, -1 padded.
+    pub log2phy: Array3<i64>,
+}
+
+impl Placement {
+    /// Builds `logcnt` and `log2phy` from `phy2log`, checking that every expert index is below
+    /// `num_logical` and that every expert has at least one replica.
+    pub fn from_phy2log(phy2log: Array2<usize>, num_logical: usize) -> Result<Placement, PolicyError> {
+        let (layers, num_replicas) = phy2log.dim();
+        let mut logcnt = Array2::<usize>::zeros((layers, num_logical));
+        for ((layer, slot), &expert) in phy2log.indexed_iter() {
+            if expert >= num_logical {
+                return Err(PolicyError::ExpertOutOfRange { layer, slot, expert, num_logical });
+            }
+            logcnt[[layer, expert]] += 1;
+        }
+        if let Some(((layer, expert), _)) = logcnt.indexed_iter().find(|(_, &c)| c == 0) {
+            return Err(PolicyError::ExpertMissing { layer, expert });
+        }
+        let max_replicas = logcnt.iter().copied().max().unwrap_or(0);
+        let mut log2phy = Array3::<i64>::from_elem((layers, num_logical, max_replicas), -1);
+        let mut filled = Array2::<usize>::zeros((layers, num_logical));
+        for layer in 0..layers {
+            for slot in 0..num_replicas {
+                let expert = phy2log[[layer, slot]];
+                let k = filled[[layer, expert]];
+                log2phy[[layer, expert, k]] = slot as i64;
+                filled[[layer, expert]] = k + 1;
+            }
+        }
+        Ok(Placement { phy2log, logcnt, log2phy })
+    }
+
+    /// The trivial placement engines start with: slot s holds expert `s mod num_logical`
+    /// (SGLang's `trivial`).
+    pub fn trivial(layers: usize, num_logical: usize, num_replicas: usize) -> Placement {
+        let phy2log = Array2::from_shape_fn((layers, num_replicas), |(_, s)| s % num_logical);
+        Placement::from_phy2log(phy2log, num_logical).expect("the trivial placement is valid when R >= E")
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.phy2log.nrows()
+    }
+
+    pub fn num_replicas(&self) -> usize {
+        self.phy2log.ncols()
+    }
+
+    pub fn num_logical(&self) -> usize {
+        self.logcnt.ncols()
+    }
+
+    /// Checks that this placement fits `layers` layers and `shape`'s slots.
+    pub fn check_shape(&self, layers: usize, shape: &PlacementShape) -> Result<(), PolicyError> {
+        if self.num_layers() != layers || self.num_replicas() != shape.num_replicas {
+            return Err(PolicyError::PlacementShape {
+                got_layers: self.num_layers(),
+                got_slots: self.num_replicas(),
+                layers,
+                slots: shape.num_replicas,
+            });
+        }
+        Ok(())
+    }
+
+    /// A 64-bit hash of `phy2log` (FNV-1a over the shape and every entry, little-endian u64):
+    /// ranks compare it before anything moves.
+    pub fn hash(&self) -> u64 {
+        hash_phy2log(self.phy2log.view())
+    }
+}
+
+/// FNV-1a 64 over `phy2log`'s shape and entries (as little-endian u64).
+pub fn hash_phy2log(phy2log: ArrayView2<usize>) -> u64 {
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let (rows, cols) = phy2log.dim();
+    for v in [rows, cols].into_iter().chain(phy2log.iter().copied()) {
+        for byte in (v as u64).to_le_bytes() {
+            h ^= byte as u64;
+            h = h.wrapping_mul(PRIME);
+        }
+    }
+    h
+}
+
+/// Checks that every layer's load sums to at most `u64::MAX` (the policy's arithmetic needs it).
+pub fn check_load(weight: ArrayView2<u64>) -> Result<(), PolicyError> {
+    let (layers, experts) = weight.dim();
+    if layers == 0 || experts == 0 {
+        return Err(PolicyError::EmptyLoad { layers, experts });
+    }
+    for (layer, row) in weight.axis_iter(Axis(0)).enumerate() {
+        row.iter().try_fold(0u64, |acc, &w| acc.checked_add(w)).ok_or(PolicyError::LoadOverflow { layer })?;
+    }
+    Ok(())
+}
+
+/// Computes a placement for every layer.
+///
+/// * `weight [layers, num_logical]`: tokens per logical expert;
+/// * `previous`: the placement now live, if any (`phy2log [layers, num_replicas]`); the
+///   incremental policy starts from it, DeepSeek's ignores it.
+pub fn rebalance(
+    weight: ArrayView2<u64>,
+    shape: &PlacementShape,
+    previous: Option<&Placement>,
+    config: &PolicyConfig,
+) -> Result<Placement, PolicyError> {
+    check_load(weight)?;
+    let (layers, num_logical) = weight.dim();
+    shape.validate(num_logical)?;
+    if let Some(prev) = previous {
+        prev.check_shape(layers, shape)?;
+    }
+    let resolved = shape.resolved();
+    let rows = map_layers(layers, config.threads, |layer| {
+        let w = weight.row(layer).to_vec();
+        match config.kind {
+            PolicyKind::Deepseek => deepseek::hierarchical_layer(&w, &resolved),
+        }
+    });
+    let mut phy2log = Array2::<usize>::zeros((layers, shape.num_replicas));
+    for (layer, row) in rows.into_iter().enumerate() {
+        phy2log.row_mut(layer).assign(&ArrayView1::from(&row));
+    }
+    Placement::from_phy2log(phy2log, num_logical)
+}
+
+/// Runs `f(layer)` for every layer on `threads` scoped threads (0: one per core), in contiguous
+/// chunks. Each layer is computed alone, so the output does not depend on the thread count.
+pub fn map_layers<T: Send, F: Fn(usize) -> T + Sync>(layers: usize, threads: usize, f: F) -> Vec<T> {
+    let threads =
+        if threads == 0 { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) } else { threads }
+            .clamp(1, layers.max(1));
+    if threads == 1 {
+        return (0..layers).map(f).collect();
+    }
+    let chunk = layers.div_ceil(threads);
+    let f = &f;
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..layers)
+            .step_by(chunk)
+            .map(|start| scope.spawn(move || (start..(start + chunk).min(layers)).map(f).collect::<Vec<T>>()))
+            .collect();
+        handles.into_iter().flat_map(|h| h.join().expect("policy worker thread panicked")).collect()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape(r: usize, g: usize, n: usize, k: usize) -> PlacementShape {
+        PlacementShape { num_replicas: r, num_gpus: g, num_nodes: n, num_groups: k }
+    }
+
+    #[test]
+    fn validate_names_the_fix() {
+        let e = shape(260, 8, 1, 1).validate(256).unwrap_err();
+        assert_eq!(e, PolicyError::ReplicasNotMultipleOfGpus { num_replicas: 260, num_gpus: 8, next: 264 });
+        assert!(e.to_string().contains("use 264"));
+        let e = shape(64, 8, 1, 1).validate(100).unwrap_err();
+        assert!(e.to_string().contains("at least 104"), "{e}");
+        assert!(matches!(shape(64, 8, 1, 3).validate(64), Err(PolicyError::GroupsDoNotDivide { .. })));
+        // 7 groups on 8 nodes is the global mode: the groups need not divide the experts.
+        assert!(shape(320, 64, 8, 7).validate(256).is_ok());
+        assert!(matches!(shape(64, 8, 3, 1).validate(64), Err(PolicyError::GpusNotMultipleOfNodes { .. })));
+        assert!(matches!(shape(64, 0, 1, 1).validate(64), Err(PolicyError::Zero { .. })));
+        assert!(shape(72, 8, 4, 8).validate(64).is_ok());
+    }
+
+    #[test]
+    fn from_phy2log_builds_log2phy_and_rejects_bad_tables() {
+        let p = Placement::from_phy2log(ndarray::arr2(&[[0, 1, 0, 2]]), 3).unwrap();
+        assert_eq!(p.logcnt, ndarray::arr2(&[[2, 1, 1]]));
+        assert_eq!(p.log2phy, ndarray::arr3(&[[[0, 2], [1, -1], [3, -1]]]));
+        assert_eq!(
+            Placement::from_phy2log(ndarray::arr2(&[[0, 1, 0, 0]]), 3).unwrap_err(),
+            PolicyError::ExpertMissing { layer: 0, expert: 2 }
+        );
+        assert!(matches!(
+            Placement::from_phy2log(ndarray::arr2(&[[0, 1, 5]]), 3),
+            Err(PolicyError::ExpertOutOfRange { expert: 5, .. })
+        ));
+    }
+
+    #[test]
+    fn check_load_rejects_overflow_and_empty() {
+        assert_eq!(check_load(ndarray::arr2(&[[u64::MAX, 1]]).view()), Err(PolicyError::LoadOverflow { layer: 0 }));
+        assert!(matches!(check_load(Array2::<u64>::zeros((0, 4)).view()), Err(PolicyError::EmptyLoad { .. })));
+    }
+
+    #[test]
+    fn hash_sees_every_entry_and_the_shape() {
+        let a = ndarray::arr2(&[[0usize, 1, 2, 3]]);
+        let b = ndarray::arr2(&[[0usize, 1, 3, 2]]);
+        let c = ndarray::arr2(&[[0usize, 1], [2, 3]]);
+        assert_ne!(hash_phy2log(a.view()), hash_phy2log(b.view()));
+        assert_ne!(hash_phy2log(a.view()), hash_phy2log(c.view()));
+        assert_eq!(hash_phy2log(a.view()), hash_phy2log(a.clone().view()));
+    }
+}
