@@ -1,1 +1,22 @@
-fn main() {}
+//! `eplb-worker`: parse the arguments, set up logging, run the subcommand, map errors to exit codes.
+
+use clap::Parser;
+use eplb::cli::{Cli, Command};
+
+fn main() {
+    let cli = Cli::parse();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).format_target(false).init();
+    let code = match &cli.command {
+        Command::Plan(args) => match eplb::plan::run_plan(args) {
+            Ok(outcome) => {
+                eprint!("{}", outcome.summary);
+                0
+            }
+            Err(e) => {
+                eprintln!("eplb-worker plan: error: {e}");
+                e.exit_code()
+            }
+        },
+    };
+    std::process::exit(code);
+}

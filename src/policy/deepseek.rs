@@ -10,7 +10,7 @@
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 
-use super::fixed::{per_replica, Fixed};
+use super::fixed::{normalized, per_replica, Fixed};
 use super::PlacementShape;
 
 /// `replicate_experts` of the reference, for one row.
@@ -27,15 +27,16 @@ pub fn replicate(weight: &[u64], num_physical: usize) -> (Vec<usize>, Vec<usize>
     let mut logcnt = vec![1usize; num_logical];
     phy2log.reserve(num_physical - num_logical);
     phyrank.reserve(num_physical - num_logical);
-    // Max-heap on (per-replica load, lowest index first).
-    let mut heap: BinaryHeap<(Fixed, Reverse<usize>)> =
-        weight.iter().enumerate().map(|(e, &w)| (per_replica(w, 1), Reverse(e))).collect();
+    // Max-heap on (per-replica load, lowest index first), packed into one integer key.
+    let key = |load: Fixed, e: usize| ((load as u128) << 64) | (u64::MAX - e as u64) as u128;
+    let mut heap: BinaryHeap<u128> = weight.iter().enumerate().map(|(e, &w)| key(per_replica(w, 1), e)).collect();
     for _ in num_logical..num_physical {
-        let (_, Reverse(e)) = heap.pop().expect("heap holds every expert");
+        let top = heap.pop().expect("heap holds every expert");
+        let e = (u64::MAX - top as u64) as usize;
         phy2log.push(e);
         phyrank.push(logcnt[e]);
         logcnt[e] += 1;
-        heap.push((per_replica(weight[e], logcnt[e]), Reverse(e)));
+        heap.push(key(per_replica(weight[e], logcnt[e]), e));
     }
     (phy2log, phyrank, logcnt)
 }
@@ -57,15 +58,17 @@ pub fn balanced_packing(weight: &[Fixed], num_packs: usize) -> (Vec<usize>, Vec<
     let mut pack_index = vec![0usize; num_items];
     let mut rank_in_pack = vec![0usize; num_items];
     let mut pack_items = vec![0usize; num_packs];
-    // Min-heap on (pack load, pack index) over the packs that are not full.
-    let mut packs: BinaryHeap<Reverse<(Fixed, usize)>> = (0..num_packs).map(|p| Reverse((0, p))).collect();
+    // Min-heap on (pack load, pack index) over the packs that are not full, packed into one key.
+    let key = |load: Fixed, p: usize| ((load as u128) << 64) | p as u128;
+    let mut packs: BinaryHeap<Reverse<u128>> = (0..num_packs).map(|p| Reverse(key(0, p))).collect();
     for &item in &order {
-        let Reverse((load, p)) = packs.pop().expect("a pack with room exists while items remain");
+        let Reverse(top) = packs.pop().expect("a pack with room exists while items remain");
+        let (load, p) = ((top >> 64) as Fixed, top as u64 as usize);
         pack_index[item] = p;
         rank_in_pack[item] = pack_items[p];
         pack_items[p] += 1;
         if pack_items[p] < items_per_pack {
-            packs.push(Reverse((load + weight[item], p)));
+            packs.push(Reverse(key(load + weight[item], p)));
         }
     }
     (pack_index, rank_in_pack)
@@ -73,9 +76,9 @@ pub fn balanced_packing(weight: &[Fixed], num_packs: usize) -> (Vec<usize>, Vec<
 
 /// Indices of `weight` by (load descending, index ascending).
 pub fn sort_desc(weight: &[Fixed]) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..weight.len()).collect();
-    order.sort_unstable_by(|&a, &b| weight[b].cmp(&weight[a]).then(a.cmp(&b)));
-    order
+    let mut keyed: Vec<u128> = weight.iter().enumerate().map(|(i, &w)| (((!w) as u128) << 64) | i as u128).collect();
+    keyed.sort_unstable();
+    keyed.into_iter().map(|k| k as u64 as usize).collect()
 }
 
 /// The inverse of a permutation.
@@ -95,6 +98,7 @@ fn inverse(perm: &[usize]) -> Vec<usize> {
 /// `shape` must be valid for `weight.len()` experts and already resolved to the hierarchical form
 /// (`num_groups % num_nodes == 0`; the global policy passes one group and one node).
 pub fn hierarchical_layer(weight: &[u64], shape: &PlacementShape) -> Vec<usize> {
+    let weight = &*normalized(weight);
     let num_logical = weight.len();
     let (num_groups, num_nodes) = (shape.num_groups, shape.num_nodes);
     let group_size = num_logical / num_groups;

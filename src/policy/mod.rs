@@ -13,7 +13,10 @@
 
 pub mod deepseek;
 pub mod fixed;
+pub mod incremental;
 pub mod metrics;
+#[cfg(test)]
+mod proptests;
 
 use ndarray::{Array2, Array3, ArrayView1, ArrayView2, Axis};
 use thiserror::Error;
@@ -133,6 +136,9 @@ impl PlacementShape {
 pub enum PolicyKind {
     /// DeepSeek's reference EPLB: a fresh placement every time (greedy replicas, greedy packing).
     Deepseek,
+    /// Replica counts and packing chosen together by local search, starting from the previous
+    /// placement when there is one and trading expert copies moved against peak load.
+    Incremental,
 }
 
 /// Knobs of the policies.
@@ -141,11 +147,14 @@ pub struct PolicyConfig {
     pub kind: PolicyKind,
     /// Worker threads over layers; 0 means one per available core. The result never depends on it.
     pub threads: usize,
+    /// Incremental policy only: a move must cut the layer's peak GPU load by more than this
+    /// fraction of the mean GPU load for every expert copy it sends. See [`incremental`].
+    pub move_cost: f64,
 }
 
 impl Default for PolicyConfig {
     fn default() -> Self {
-        PolicyConfig { kind: PolicyKind::Deepseek, threads: 0 }
+        PolicyConfig { kind: PolicyKind::Incremental, threads: 0, move_cost: incremental::DEFAULT_MOVE_COST }
     }
 }
 
@@ -164,7 +173,7 @@ impl Placement {
     /// Builds `logcnt` and `log2phy` from `phy2log`, checking that every expert index is below
     /// `num_logical` and that every expert has at least one replica.
     pub fn from_phy2log(phy2log: Array2<usize>, num_logical: usize) -> Result<Placement, PolicyError> {
-        let (layers, num_replicas) = phy2log.dim();
+        let layers = phy2log.nrows();
         let mut logcnt = Array2::<usize>::zeros((layers, num_logical));
         for ((layer, slot), &expert) in phy2log.indexed_iter() {
             if expert >= num_logical {
@@ -177,13 +186,12 @@ impl Placement {
         }
         let max_replicas = logcnt.iter().copied().max().unwrap_or(0);
         let mut log2phy = Array3::<i64>::from_elem((layers, num_logical, max_replicas), -1);
-        let mut filled = Array2::<usize>::zeros((layers, num_logical));
-        for layer in 0..layers {
-            for slot in 0..num_replicas {
-                let expert = phy2log[[layer, slot]];
-                let k = filled[[layer, expert]];
-                log2phy[[layer, expert, k]] = slot as i64;
-                filled[[layer, expert]] = k + 1;
+        let mut filled = vec![0usize; num_logical];
+        for (layer, row) in phy2log.outer_iter().enumerate() {
+            filled.iter_mut().for_each(|f| *f = 0);
+            for (slot, &expert) in row.iter().enumerate() {
+                log2phy[[layer, expert, filled[expert]]] = slot as i64;
+                filled[expert] += 1;
             }
         }
         Ok(Placement { phy2log, logcnt, log2phy })
@@ -276,6 +284,10 @@ pub fn rebalance(
         let w = weight.row(layer).to_vec();
         match config.kind {
             PolicyKind::Deepseek => deepseek::hierarchical_layer(&w, &resolved),
+            PolicyKind::Incremental => {
+                let prev = previous.map(|p| p.phy2log.row(layer).to_vec());
+                incremental::layer(&w, &resolved, prev.as_deref(), config.move_cost)
+            }
         }
     });
     let mut phy2log = Array2::<usize>::zeros((layers, shape.num_replicas));
@@ -285,24 +297,37 @@ pub fn rebalance(
     Placement::from_phy2log(phy2log, num_logical)
 }
 
-/// Runs `f(layer)` for every layer on `threads` scoped threads (0: one per core), in contiguous
-/// chunks. Each layer is computed alone, so the output does not depend on the thread count.
-pub fn map_layers<T: Send, F: Fn(usize) -> T + Sync>(layers: usize, threads: usize, f: F) -> Vec<T> {
-    let threads =
-        if threads == 0 { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) } else { threads }
-            .clamp(1, layers.max(1));
-    if threads == 1 {
+/// Runs `f(layer)` for every layer on `threads` worker threads (0: one per core) of a
+/// persistent pool. Each layer is computed alone and the results keep the layer order, so the
+/// output does not depend on the thread count.
+pub fn map_layers<T: Send, F: Fn(usize) -> T + Sync + Send>(layers: usize, threads: usize, f: F) -> Vec<T> {
+    use rayon::prelude::*;
+    let threads = if threads == 0 {
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    } else {
+        threads
+    };
+    if threads <= 1 || layers <= 1 {
         return (0..layers).map(f).collect();
     }
-    let chunk = layers.div_ceil(threads);
-    let f = &f;
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..layers)
-            .step_by(chunk)
-            .map(|start| scope.spawn(move || (start..(start + chunk).min(layers)).map(f).collect::<Vec<T>>()))
-            .collect();
-        handles.into_iter().flat_map(|h| h.join().expect("policy worker thread panicked")).collect()
-    })
+    match pool(threads) {
+        Some(pool) => pool.install(|| (0..layers).into_par_iter().map(&f).collect()),
+        None => (0..layers).map(f).collect(),
+    }
+}
+
+/// The worker pool of `threads` threads, made once per distinct count (None if it cannot start).
+fn pool(threads: usize) -> Option<std::sync::Arc<rayon::ThreadPool>> {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex, OnceLock};
+    static POOLS: OnceLock<Mutex<HashMap<usize, Arc<rayon::ThreadPool>>>> = OnceLock::new();
+    let mut pools = POOLS.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(p) = pools.get(&threads) {
+        return Some(p.clone());
+    }
+    let p = Arc::new(rayon::ThreadPoolBuilder::new().num_threads(threads).build().ok()?);
+    pools.insert(threads, p.clone());
+    Some(p)
 }
 
 #[cfg(test)]

@@ -1,0 +1,65 @@
+//! Policy speed at DeepSeek-V3 scale: 58 layers x 256 experts, zipf-like loads.
+//!
+//! `cargo bench --bench plan` prints, for each shape, policy and thread count, the median, min
+//! and p90 wall time of one whole 58-layer plan over many repetitions (nothing else is timed: no
+//! I/O). Run it on an otherwise idle machine; on shared machines compare medians and ratios only.
+
+use std::time::Instant;
+
+use eplb::engine::synthetic::DriftingZipf;
+use eplb::policy::{self, PlacementShape, PolicyConfig, PolicyKind};
+
+fn main() {
+    let reps: usize = std::env::var("EPLB_BENCH_REPS").ok().and_then(|s| s.parse().ok()).unwrap_or(300);
+    let zipf = DriftingZipf::new(58, 256, 1);
+    let weight = zipf.step(0);
+    let prev_weight = zipf.step(5);
+    let shapes = [
+        ("R=288 hier 8 groups 4 nodes 32 GPUs", PlacementShape { num_replicas: 288, num_gpus: 32, num_nodes: 4, num_groups: 8 }),
+        ("R=320 global 64 GPUs", PlacementShape { num_replicas: 320, num_gpus: 64, num_nodes: 1, num_groups: 1 }),
+    ];
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    println!("# eplb policy benchmark: 58 layers x 256 experts, zipf-like load, {reps} reps, {cores} cores");
+    println!("# {:<38} {:>12} {:>8} {:>10} {:>10} {:>10}", "shape", "policy", "threads", "median_ms", "min_ms", "p90_ms");
+    for (name, shape) in &shapes {
+        for kind in policy_kinds() {
+            let previous = {
+                let cfg = PolicyConfig { kind, ..PolicyConfig::default() };
+                policy::rebalance(prev_weight.view(), shape, None, &cfg).expect("valid shape")
+            };
+            for threads in [1, 0] {
+                let config = PolicyConfig { kind, threads, ..PolicyConfig::default() };
+                let mut times = Vec::with_capacity(reps);
+                for _ in 0..reps + 5 {
+                    let start = Instant::now();
+                    let p = policy::rebalance(weight.view(), shape, Some(&previous), &config).expect("valid shape");
+                    times.push(start.elapsed().as_secs_f64() * 1e3);
+                    std::hint::black_box(p);
+                }
+                let mut t = times.split_off(5);
+                t.sort_by(|a, b| a.total_cmp(b));
+                let threads_label = if threads == 0 { format!("{cores}") } else { threads.to_string() };
+                println!(
+                    "  {:<38} {:>12} {:>8} {:>10.3} {:>10.3} {:>10.3}",
+                    name,
+                    format!("{kind:?}").to_lowercase(),
+                    threads_label,
+                    t[t.len() / 2],
+                    t[0],
+                    t[t.len() * 9 / 10]
+                );
+            }
+        }
+    }
+}
+
+/// Every policy, or only `$EPLB_BENCH_POLICY`.
+fn policy_kinds() -> Vec<PolicyKind> {
+    use clap::ValueEnum;
+    let only = std::env::var("EPLB_BENCH_POLICY").ok();
+    PolicyKind::value_variants()
+        .iter()
+        .copied()
+        .filter(|k| only.as_deref().is_none_or(|o| PolicyKind::from_str(o, true).is_ok_and(|x| x == *k)))
+        .collect()
+}

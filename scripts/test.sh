@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The test command of the README: installs what the build needs on a fresh Debian/Ubuntu machine
+# (Open MPI and libclang for rsmpi's bindgen), builds, and runs the whole test suite.
+#
+#   scripts/test.sh            # everything
+#   scripts/test.sh golden     # extra arguments go to `cargo test`
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+missing=()
+command -v mpirun >/dev/null 2>&1 || missing+=(openmpi-bin)
+command -v mpicc >/dev/null 2>&1 || missing+=(libopenmpi-dev)
+compgen -G "/usr/lib/llvm-*/lib/libclang*.so*" >/dev/null || compgen -G "/usr/lib/x86_64-linux-gnu/libclang*.so*" >/dev/null \
+  || missing+=(libclang-dev)
+if ((${#missing[@]})); then
+  echo "# installing ${missing[*]}"
+  sudo=""
+  if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "error: cargo not found; install Rust first (https://rustup.rs)" >&2
+  exit 1
+fi
+
+# Open MPI refuses to start as root unless told; CI and containers run as root.
+if [ "$(id -u)" -eq 0 ]; then
+  export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+fi
+
+cargo build --release --locked
+cargo test --release --locked "$@"

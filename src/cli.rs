@@ -1,0 +1,23 @@
+//! Command-line interface of `eplb-worker`.
+
+use clap::{Parser, Subcommand};
+
+use crate::plan::PlanArgs;
+
+/// eplb: expert-parallel load balancer for Mixture-of-Experts inference.
+///
+/// One process per GPU (`mpirun -n 16 eplb-worker run ...` or `srun --mpi=pmix`), no coordinator:
+/// every rank all-reduces the expert loads, computes the same placement, and moves the changed
+/// experts' weights. `plan` computes a placement offline from a load file.
+#[derive(Debug, Parser)]
+#[command(name = "eplb-worker", version, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Compute a placement offline from a load file and write it as JSON.
+    Plan(PlanArgs),
+}
