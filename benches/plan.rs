@@ -15,12 +15,18 @@ fn main() {
     let weight = zipf.step(0);
     let prev_weight = zipf.step(5);
     let shapes = [
-        ("R=288 hier 8 groups 4 nodes 32 GPUs", PlacementShape { num_replicas: 288, num_gpus: 32, num_nodes: 4, num_groups: 8 }),
+        (
+            "R=288 hier 8 groups 4 nodes 32 GPUs",
+            PlacementShape { num_replicas: 288, num_gpus: 32, num_nodes: 4, num_groups: 8 },
+        ),
         ("R=320 global 64 GPUs", PlacementShape { num_replicas: 320, num_gpus: 64, num_nodes: 1, num_groups: 1 }),
     ];
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     println!("# eplb policy benchmark: 58 layers x 256 experts, zipf-like load, {reps} reps, {cores} cores");
-    println!("# {:<38} {:>12} {:>8} {:>10} {:>10} {:>10}", "shape", "policy", "threads", "median_ms", "min_ms", "p90_ms");
+    println!(
+        "# {:<38} {:>12} {:>8} {:>10} {:>10} {:>10}",
+        "shape", "policy", "threads", "median_ms", "min_ms", "p90_ms"
+    );
     for (name, shape) in &shapes {
         for kind in policy_kinds() {
             let previous = {

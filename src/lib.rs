@@ -6,7 +6,9 @@
 //! * [`engine`]: the synthetic inference engine and its drifting load.
 
 pub mod cli;
+pub mod collective;
 pub mod engine;
+pub mod executor;
 pub mod load;
 pub mod plan;
 pub mod policy;

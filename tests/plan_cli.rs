@@ -30,9 +30,22 @@ fn readme_example_matches_deepseek_exactly() {
     let out = d.join("placement.json");
     let sg = d.join("sglang.json");
     let (code, err) = plan(&[
-        "--load", load.to_str().unwrap(), "--num-replicas", "16", "--num-gpus", "8", "--num-nodes", "2",
-        "--num-groups", "4", "--policy", "deepseek", "--output", out.to_str().unwrap(),
-        "--sglang-output", sg.to_str().unwrap(),
+        "--load",
+        load.to_str().unwrap(),
+        "--num-replicas",
+        "16",
+        "--num-gpus",
+        "8",
+        "--num-nodes",
+        "2",
+        "--num-groups",
+        "4",
+        "--policy",
+        "deepseek",
+        "--output",
+        out.to_str().unwrap(),
+        "--sglang-output",
+        sg.to_str().unwrap(),
     ]);
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("balancedness"), "summary on stderr: {err}");
@@ -63,8 +76,20 @@ fn previous_and_eval_iteration_are_reported() {
     let (code, err) = plan(&[&base[..], &["--iteration", "0", "--output", p0.to_str().unwrap()]].concat());
     assert_eq!(code, 0, "{err}");
     let (code, err) = plan(
-        &[&base[..], &["--iteration", "1", "--eval-iteration", "2", "--previous", p0.to_str().unwrap(), "--output", p1.to_str().unwrap()]]
-            .concat(),
+        &[
+            &base[..],
+            &[
+                "--iteration",
+                "1",
+                "--eval-iteration",
+                "2",
+                "--previous",
+                p0.to_str().unwrap(),
+                "--output",
+                p1.to_str().unwrap(),
+            ],
+        ]
+        .concat(),
     );
     assert_eq!(code, 0, "{err}");
     let doc: Value = serde_json::from_str(&std::fs::read_to_string(&p1).unwrap()).unwrap();
@@ -119,11 +144,13 @@ fn bad_input_is_a_clear_error_never_a_panic() {
     }
     // A bad --previous file.
     let prev = write("prev.json", "{\"physical_to_logical_map\": [[0, 1, 2]]}");
-    let (code, err) = plan(&["--load", &good, "--num-replicas", "4", "--num-gpus", "2", "--previous", &prev, "--output", out]);
+    let (code, err) =
+        plan(&["--load", &good, "--num-replicas", "4", "--num-gpus", "2", "--previous", &prev, "--output", out]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("prev.json"), "{err}");
     // Out-of-range iteration.
-    let (code, err) = plan(&["--load", &good, "--num-replicas", "4", "--num-gpus", "2", "--iteration", "3", "--output", out]);
+    let (code, err) =
+        plan(&["--load", &good, "--num-replicas", "4", "--num-gpus", "2", "--iteration", "3", "--output", out]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("out of range"), "{err}");
 }
@@ -132,7 +159,9 @@ fn bad_input_is_a_clear_error_never_a_panic() {
 fn help_describes_every_flag() {
     let out = Command::new(env!("CARGO_BIN_EXE_eplb-worker")).args(["plan", "--help"]).output().unwrap();
     let help = String::from_utf8_lossy(&out.stdout);
-    for flag in ["--load", "--num-replicas", "--num-gpus", "--num-nodes", "--num-groups", "--policy", "--previous", "--output"] {
+    for flag in
+        ["--load", "--num-replicas", "--num-gpus", "--num-nodes", "--num-groups", "--policy", "--previous", "--output"]
+    {
         assert!(help.contains(flag), "{flag} missing from --help");
     }
 }

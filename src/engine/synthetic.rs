@@ -51,8 +51,9 @@ impl DriftingZipf {
         let e = self.num_logical;
         // A permutation by sorting experts on a hash of (layer, epoch, expert).
         let mut order: Vec<usize> = (0..e).collect();
-        let keys: Vec<u64> =
-            (0..e).map(|x| splitmix64(splitmix64(self.seed ^ ((layer as u64) << 40) ^ (epoch << 20)) ^ x as u64)).collect();
+        let keys: Vec<u64> = (0..e)
+            .map(|x| splitmix64(splitmix64(self.seed ^ ((layer as u64) << 40) ^ (epoch << 20)) ^ x as u64))
+            .collect();
         order.sort_by_key(|&x| (keys[x], x));
         let norm: f64 = (0..e).map(|k| 1.0 / ((k + 1) as f64).powf(self.exponent)).sum();
         let mut shares = vec![0.0; e];

@@ -50,13 +50,13 @@ pub fn read_placement(path: &Path, num_logical: usize) -> Result<Placement, Plac
             return Err(bad(format!("layer {layer} has {} slots, layer 0 has {width}", row.len())));
         }
         for (slot, v) in row.iter().enumerate() {
-            phy2log[[layer, slot]] = v
-                .as_u64()
-                .ok_or_else(|| bad(format!("layer {layer} slot {slot} is {v}, not an expert index")))?
-                as usize;
+            phy2log[[layer, slot]] =
+                v.as_u64().ok_or_else(|| bad(format!("layer {layer} slot {slot} is {v}, not an expert index")))?
+                    as usize;
         }
     }
-    Placement::from_phy2log(phy2log, num_logical).map_err(|source| PlacementFileError::Invalid { path: path.into(), source })
+    Placement::from_phy2log(phy2log, num_logical)
+        .map_err(|source| PlacementFileError::Invalid { path: path.into(), source })
 }
 
 /// The JSON document of a placement with its metrics.

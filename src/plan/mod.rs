@@ -17,7 +17,9 @@ use file::PlacementFileError;
 
 /// Arguments of `eplb-worker plan`.
 #[derive(Debug, Clone, Args)]
-#[command(after_help = "Example:\n  eplb-worker plan --load load.csv --num-replicas 16 --num-gpus 4 --output placement.json")]
+#[command(
+    after_help = "Example:\n  eplb-worker plan --load load.csv --num-replicas 16 --num-gpus 4 --output placement.json"
+)]
 pub struct PlanArgs {
     /// Token counts per layer and logical expert: JSON (key weight, counts or logical_count;
     /// [layers][experts] or [steps][layers][experts]), CSV (one row per layer, or the
@@ -133,9 +135,7 @@ fn select_step(trace: &LoadTrace, step: Option<usize>, flag: &'static str) -> Re
     match step {
         None => Ok(trace.summed()?),
         Some(t) if t < trace.num_steps() => Ok(trace.step(t)?),
-        Some(t) => {
-            Err(PlanError::StepOutOfRange { path: trace.path.clone(), flag, step: t, steps: trace.num_steps() })
-        }
+        Some(t) => Err(PlanError::StepOutOfRange { path: trace.path.clone(), flag, step: t, steps: trace.num_steps() }),
     }
 }
 

@@ -63,10 +63,9 @@ pub fn layer(weight: &[u64], shape: &PlacementShape, previous: Option<&[usize]>,
     let weight = &*normalized(weight);
     let total: u64 = weight.iter().sum();
     // The threshold one copy moved must pay for, in Fixed units: move_cost * mean GPU load.
-    let per_copy: Fixed = u64::try_from(
-        from_tokens(total) as u128 / shape.num_gpus as u128 * move_cost_ppm(move_cost) / 1_000_000,
-    )
-    .unwrap_or(Fixed::MAX);
+    let per_copy: Fixed =
+        u64::try_from(from_tokens(total) as u128 / shape.num_gpus as u128 * move_cost_ppm(move_cost) / 1_000_000)
+            .unwrap_or(Fixed::MAX);
 
     let node_of_group = groups_to_nodes(weight, shape, previous, per_copy);
     let mut phy2log = vec![0usize; shape.num_replicas];
@@ -105,8 +104,7 @@ fn groups_to_nodes(weight: &[u64], shape: &PlacementShape, previous: Option<&[us
     let group_size = weight.len() / num_groups;
     let groups_per_node = num_groups / num_nodes;
     let slots_per_node = shape.num_replicas / num_nodes;
-    let group_load: Vec<Fixed> =
-        weight.chunks(group_size).map(|g| g.iter().map(|&w| from_tokens(w)).sum()).collect();
+    let group_load: Vec<Fixed> = weight.chunks(group_size).map(|g| g.iter().map(|&w| from_tokens(w)).sum()).collect();
     let mut node_of_group = vec![usize::MAX; num_groups];
     // replicas_on[g][n]: replicas of group g's experts on node n in the previous placement.
     let mut replicas_on = vec![vec![0usize; num_nodes]; num_groups];
@@ -257,7 +255,11 @@ fn repair(weight: &[u64], prev: &[Option<usize>], slots_per_rank: usize) -> Vec<
             (0..num_local).max_by_key(|&e| (per_replica(weight[e], count[e]), std::cmp::Reverse(e))).expect("experts")
         });
         let gpu_load = |g: usize| -> Fixed {
-            slots[g * slots_per_rank..(g + 1) * slots_per_rank].iter().flatten().map(|&x| per_replica(weight[x], count[x].max(1))).sum()
+            slots[g * slots_per_rank..(g + 1) * slots_per_rank]
+                .iter()
+                .flatten()
+                .map(|&x| per_replica(weight[x], count[x].max(1)))
+                .sum()
         };
         let s = (0..slots.len())
             .filter(|&s| slots[s].is_none())
@@ -274,7 +276,8 @@ fn repair(weight: &[u64], prev: &[Option<usize>], slots_per_rank: usize) -> Vec<
 fn relabel_gpus(slot_expert: &[usize], prev: &[Option<usize>], slots_per_rank: usize) -> Vec<usize> {
     let num_gpus = slot_expert.len() / slots_per_rank;
     let overlap = |n: usize, o: usize| -> usize {
-        let mut have: Vec<usize> = prev[o * slots_per_rank..(o + 1) * slots_per_rank].iter().flatten().copied().collect();
+        let mut have: Vec<usize> =
+            prev[o * slots_per_rank..(o + 1) * slots_per_rank].iter().flatten().copied().collect();
         slot_expert[n * slots_per_rank..(n + 1) * slots_per_rank]
             .iter()
             .filter(|e| match have.iter().position(|h| h == *e) {
@@ -553,8 +556,7 @@ impl<'a> Search<'a> {
         let lightest = |home_only: bool| {
             (0..n)
                 .filter(|&b| {
-                    !home_only
-                        || self.prev_on_gpu.as_ref().is_some_and(|p| p[a * n + b] > self.on_gpu[a * n + b])
+                    !home_only || self.prev_on_gpu.as_ref().is_some_and(|p| p[a * n + b] > self.on_gpu[a * n + b])
                 })
                 .min_by_key(|&b| (per_replica(self.weight[b], self.count[b] + 1), b))
         };
@@ -574,7 +576,8 @@ impl<'a> Search<'a> {
         experts_on_a.dedup();
         for &b in &experts_on_a {
             // `a` itself ends at this load at best; skip `b` if that cannot beat the best so far.
-            let a_after = peak - self.on_gpu[a * n + b] as u64 * (self.rep(b) - per_replica(self.weight[b], self.count[b] + 1));
+            let a_after =
+                peak - self.on_gpu[a * n + b] as u64 * (self.rep(b) - per_replica(self.weight[b], self.count[b] + 1));
             if best.is_some_and(|(c, _, _)| a_after >= c) || a_after >= peak {
                 continue;
             }

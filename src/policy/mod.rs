@@ -302,11 +302,8 @@ pub fn rebalance(
 /// output does not depend on the thread count.
 pub fn map_layers<T: Send, F: Fn(usize) -> T + Sync + Send>(layers: usize, threads: usize, f: F) -> Vec<T> {
     use rayon::prelude::*;
-    let threads = if threads == 0 {
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
-    } else {
-        threads
-    };
+    let threads =
+        if threads == 0 { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) } else { threads };
     if threads <= 1 || layers <= 1 {
         return (0..layers).map(f).collect();
     }

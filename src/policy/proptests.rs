@@ -35,10 +35,10 @@ fn case(g: &mut Gen) -> (Array2<u64>, PlacementShape) {
     let layers = 1 + g.below(4) as usize;
     let kind = g.below(4);
     let weight = Array2::from_shape_fn((layers, num_logical), |(_, e)| match kind {
-        0 => g.below(1000),                               // uniform
-        1 => 1_000_000 / (1 + e as u64) + g.below(10),    // zipf-like
-        2 => g.pick(&[0, 0, 0, 5, 7]),                    // many zeros and ties
-        _ => g.next() >> (4 + g.below(40)),               // wide range, huge values
+        0 => g.below(1000),                            // uniform
+        1 => 1_000_000 / (1 + e as u64) + g.below(10), // zipf-like
+        2 => g.pick(&[0, 0, 0, 5, 7]),                 // many zeros and ties
+        _ => g.next() >> (4 + g.below(40)),            // wide range, huge values
     });
     (weight, shape)
 }
@@ -100,7 +100,8 @@ fn invariants_and_determinism_over_random_cases() {
             for prev in [&trivial, &planned] {
                 let q = rebalance(weight.view(), &shape, Some(prev), &config).unwrap();
                 check_invariants(&q, &shape, num_logical, &format!("{ctx} with previous"));
-                let again = rebalance(weight.view(), &shape, Some(prev), &PolicyConfig { threads: 2, ..config }).unwrap();
+                let again =
+                    rebalance(weight.view(), &shape, Some(prev), &PolicyConfig { threads: 2, ..config }).unwrap();
                 assert_eq!(again, q, "{ctx}: with previous, differs across thread counts");
             }
         }

@@ -1,0 +1,68 @@
+//! The Executor: moves the changed experts' weights, layer by layer, staged and verified.
+//!
+//! For one layer, every rank:
+//! 1. derives the same [`LayerMigration`] from the old and new `phy2log` rows ([`plan`]);
+//! 2. **stages** its part ([`ExpertStore::stage`]): receives into its staging buffer (at most one
+//!    layer's local slots), sends from its live slots, local and staged copies;
+//! 3. **verifies** the staged bytes against the expected content ([`ExpertStore::verify_staged`]);
+//! 4. agrees with every other rank that no byte was wrong (an all-reduce of the error count);
+//! 5. **commits** the staged slots into the live ones ([`ExpertStore::commit`]), or, if any rank
+//!    saw a wrong byte, commits nothing and stops with an error.
+//!
+//! Steps 2, 3 and 5 belong to the store, which knows where the weights live (host memory and MPI,
+//! or GPU memory and NCCL); steps 1 and 4 are the same for every store.
+
+pub mod plan;
+
+pub use plan::{LayerMigration, LocalCopy, RankMigration, Transfer};
+
+use thiserror::Error;
+
+use crate::collective::MpiError;
+
+/// Errors of the executor. Nothing is committed after any of them.
+#[derive(Debug, Error)]
+pub enum ExecError {
+    #[error(transparent)]
+    Mpi(#[from] MpiError),
+    /// An NCCL call failed: its `ncclResult_t` code and `ncclGetErrorString`.
+    #[error("NCCL error {code} in {op}: {message}")]
+    Nccl { op: &'static str, code: i32, message: String },
+    /// A CUDA driver call failed.
+    #[error("CUDA error in {op}: {message}")]
+    Cuda { op: &'static str, message: String },
+    /// Staged bytes failed verification on some rank: the layer was not committed anywhere.
+    #[error("layer {layer}: {wrong_bytes} staged bytes failed verification over all ranks; nothing was committed")]
+    Verification { layer: usize, wrong_bytes: u64 },
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Time spent in the stages of one layer's migration on this rank, in seconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StageTiming {
+    /// Transfers and local copies into staging.
+    pub transfer_seconds: f64,
+    /// Checking the staged bytes.
+    pub verify_seconds: f64,
+}
+
+/// One rank's expert weights: `num_layers` layers of `slots_per_rank` live slots of
+/// `expert_bytes` bytes each, plus a staging buffer of one layer's local slots.
+///
+/// The content of logical expert `e` of layer `l` is [`crate::engine::pattern_word`]`(l, e, i)`
+/// for its 8-byte word `i`, so any rank verifies what it holds without more messages.
+pub trait ExpertStore {
+    fn expert_bytes(&self) -> usize;
+    fn slots_per_rank(&self) -> usize;
+    /// Runs this rank's part of a layer's migration into staging: receives, sends from the live
+    /// slots, local copies, then staged copies. Returns when all of it has completed.
+    fn stage(&mut self, m: &RankMigration) -> Result<StageTiming, ExecError>;
+    /// Bytes of the staged slots (`m.changed_slots`) that differ from the expected content.
+    fn verify_staged(&mut self, m: &RankMigration) -> Result<u64, ExecError>;
+    /// Copies the staged slots into the live slots of the layer.
+    fn commit(&mut self, m: &RankMigration) -> Result<(), ExecError>;
+    /// Bytes of the live slots of `layer` that differ from the content of `experts`
+    /// (`[slots_per_rank]`, the expert each local slot must hold).
+    fn verify_live(&mut self, layer: usize, experts: &[usize]) -> Result<u64, ExecError>;
+}
