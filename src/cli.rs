@@ -2,6 +2,7 @@
 
 use clap::{Parser, Subcommand};
 
+use crate::bench::BenchArgs;
 use crate::plan::PlanArgs;
 
 /// eplb: expert-parallel load balancer for Mixture-of-Experts inference.
@@ -20,4 +21,7 @@ pub struct Cli {
 pub enum Command {
     /// Compute a placement offline from a load file and write it as JSON.
     Plan(PlanArgs),
+    /// Benchmark the GPU executor: migrate layers between two placements and time every rank
+    /// (run under mpirun, one rank per GPU).
+    BenchMigrate(BenchArgs),
 }

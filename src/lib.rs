@@ -5,10 +5,12 @@
 //! * [`plan`]: the offline `plan` command and placement files;
 //! * [`engine`]: the synthetic inference engine and its drifting load.
 
+pub mod bench;
 pub mod cli;
 pub mod collective;
 pub mod engine;
 pub mod executor;
+pub mod gpu;
 pub mod load;
 pub mod plan;
 pub mod policy;

@@ -17,6 +17,13 @@ fn main() {
                 e.exit_code()
             }
         },
+        Command::BenchMigrate(args) => match eplb::bench::run_bench(args) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("eplb-worker bench-migrate: error: {e}");
+                e.exit_code()
+            }
+        },
     };
     std::process::exit(code);
 }

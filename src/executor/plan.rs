@@ -17,6 +17,8 @@
 /// One expert copy that crosses from one rank to another.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Transfer {
+    /// Position in the layer's global transfer list (the same on every rank).
+    pub seq: usize,
     pub expert: usize,
     pub src_rank: usize,
     /// Local slot on `src_rank` (live) that is read.
@@ -110,7 +112,7 @@ impl LayerMigration {
                         .min_by_key(|&&(h, _)| (h / ranks_per_node != node, sends_of[h], h))
                         .expect("every expert of the new placement is held somewhere in the old one");
                     sends_of[src_rank] += 1;
-                    transfers.push(Transfer { expert: e, src_rank, src_slot, dst_rank: r, dst_slot: k });
+                    transfers.push(Transfer { seq: transfers.len(), expert: e, src_rank, src_slot, dst_rank: r, dst_slot: k });
                     arriving.push((e, k));
                 }
             }

@@ -1,0 +1,119 @@
+//! The NCCL communicator of the ranks, bootstrapped through MPI, and grouped send/recv.
+
+use std::ffi::CStr;
+
+use cudarc::driver::sys as cu;
+use cudarc::nccl::{result, sys};
+use mpi::traits::{Communicator, Root};
+
+use super::GpuError;
+
+/// Formats an NCCL failure: its code, `ncclGetErrorString`, and `ncclGetLastError` when a
+/// communicator exists.
+fn nccl_err(op: &'static str, comm: Option<sys::ncclComm_t>) -> impl FnOnce(result::NcclError) -> GpuError {
+    move |e| {
+        let code = e.0 as i32;
+        // SAFETY: NCCL returns static NUL-terminated strings.
+        let mut message = unsafe { CStr::from_ptr(sys::ncclGetErrorString(e.0)) }.to_string_lossy().into_owned();
+        if let Some(comm) = comm {
+            // SAFETY: as above; `comm` is a live communicator.
+            let last = unsafe { CStr::from_ptr(sys::ncclGetLastError(comm)) }.to_string_lossy().into_owned();
+            if !last.is_empty() {
+                message = format!("{message}: {last}");
+            }
+        }
+        GpuError::Nccl { op, code, message }
+    }
+}
+
+/// One point-to-point operation of a group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum P2p {
+    Send { peer: usize, ptr: cu::CUdeviceptr, bytes: usize },
+    Recv { peer: usize, ptr: cu::CUdeviceptr, bytes: usize },
+}
+
+/// An NCCL communicator over all ranks of the MPI world, one GPU per rank.
+pub struct NcclComm {
+    comm: sys::ncclComm_t,
+    pub rank: usize,
+    pub size: usize,
+}
+
+impl NcclComm {
+    /// Rank 0 creates the unique id and broadcasts it through MPI; every rank then joins.
+    /// The calling thread must have the rank's GPU context current.
+    pub fn bootstrap<C: Communicator>(world: &C) -> Result<NcclComm, GpuError> {
+        let (rank, size) = (world.rank() as usize, world.size() as usize);
+        let mut id = [0u8; 128];
+        if rank == 0 {
+            let uid = result::get_uniqueid().map_err(nccl_err("ncclGetUniqueId", None))?;
+            for (d, s) in id.iter_mut().zip(uid.internal.iter()) {
+                *d = *s as u8;
+            }
+        }
+        world.process_at_rank(0).broadcast_into(&mut id[..]);
+        let mut uid = sys::ncclUniqueId { internal: [0; 128] };
+        for (d, s) in uid.internal.iter_mut().zip(id.iter()) {
+            *d = *s as _;
+        }
+        let mut comm: sys::ncclComm_t = std::ptr::null_mut();
+        // SAFETY: `comm` receives the new communicator; every rank calls this with the same id.
+        unsafe { result::comm_init_rank(&mut comm, size as i32, uid, rank as i32) }
+            .map_err(nccl_err("ncclCommInitRank", None))?;
+        Ok(NcclComm { comm, rank, size })
+    }
+
+    /// Posts `ops` as one NCCL group on `stream`; returns once they are queued (not completed).
+    pub fn group(&self, ops: &[P2p], stream: cu::CUstream) -> Result<(), GpuError> {
+        if ops.is_empty() {
+            return Ok(());
+        }
+        let stream = stream as sys::cudaStream_t;
+        result::group_start().map_err(nccl_err("ncclGroupStart", Some(self.comm)))?;
+        let mut posted = Ok(());
+        for op in ops {
+            // SAFETY: the pointers are inside live device allocations of this rank's GPU, and
+            // they stay valid until the stream is synchronised.
+            let r = unsafe {
+                match *op {
+                    P2p::Send { peer, ptr, bytes } => result::send(
+                        ptr as *const _,
+                        bytes,
+                        sys::ncclDataType_t::ncclUint8,
+                        peer as i32,
+                        self.comm,
+                        stream,
+                    )
+                    .map_err(nccl_err("ncclSend", Some(self.comm))),
+                    P2p::Recv { peer, ptr, bytes } => result::recv(
+                        ptr as *mut _,
+                        bytes,
+                        sys::ncclDataType_t::ncclUint8,
+                        peer as i32,
+                        self.comm,
+                        stream,
+                    )
+                    .map_err(nccl_err("ncclRecv", Some(self.comm))),
+                }
+            };
+            if r.is_err() {
+                posted = r.map(|_| ());
+                break;
+            }
+        }
+        // The group must be closed even after a failed call.
+        let ended = result::group_end().map_err(nccl_err("ncclGroupEnd", Some(self.comm)));
+        posted?;
+        ended.map(|_| ())
+    }
+}
+
+impl Drop for NcclComm {
+    fn drop(&mut self) {
+        // SAFETY: created by ncclCommInitRank, destroyed once, after the stream was drained.
+        unsafe {
+            let _ = result::comm_destroy(self.comm);
+        }
+    }
+}

@@ -1,0 +1,236 @@
+//! [`DeviceExpertStore`]: a rank's expert weights in GPU memory, moved with NCCL.
+//!
+//! Memory: one buffer per layer of `slots_per_rank x expert_bytes` (the live weights), one
+//! staging buffer of one layer's local slots, and an 8-byte counter. Transfers go in rounds: the
+//! layer's global transfer list is cut into groups of `transfers_per_round` transfers (the same
+//! cut on every rank), and each rank posts its sends and receives of a round as one NCCL group,
+//! so no single group is huge and no rank waits on a peer's later group. Each transfer may also
+//! be split into pieces of at most `chunk_bytes`, posted in order inside its group.
+
+use std::time::Instant;
+
+use super::device::{DeviceBuffer, Gpu};
+use super::nccl::{NcclComm, P2p};
+use super::GpuError;
+use crate::executor::{ExecError, ExpertStore, RankMigration, StageTiming};
+
+/// How transfers are grouped and split.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NcclTuning {
+    /// Bytes one rank moves per NCCL group, on average: a round holds
+    /// `max(1, group_bytes / expert_bytes) * num_ranks` transfers of the global list.
+    pub group_bytes: usize,
+    /// Largest piece of one transfer inside a group (0: whole transfers).
+    pub chunk_bytes: usize,
+}
+
+impl Default for NcclTuning {
+    fn default() -> Self {
+        NcclTuning { group_bytes: 1 << 30, chunk_bytes: 0 }
+    }
+}
+
+/// A rank's expert weights on its GPU.
+pub struct DeviceExpertStore {
+    // Field order matters for drop: buffers and the communicator go before the GPU context.
+    live: Vec<DeviceBuffer>,
+    staging: DeviceBuffer,
+    counter: DeviceBuffer,
+    nccl: NcclComm,
+    pub gpu: Gpu,
+    slots_per_rank: usize,
+    expert_bytes: usize,
+    tuning: NcclTuning,
+    /// Test hook: flip one staged byte after the next stage.
+    corrupt_next_stage: bool,
+}
+
+impl DeviceExpertStore {
+    /// Device bytes the store needs: the layers, the staging buffer and the counter.
+    pub fn bytes_needed(num_layers: usize, slots_per_rank: usize, expert_bytes: usize) -> usize {
+        (num_layers + 1) * slots_per_rank * expert_bytes + 8
+    }
+
+    /// Allocates the store and fills every live slot with its expert's pattern.
+    ///
+    /// * `initial [num_layers][slots_per_rank]`: the logical expert of every local slot.
+    pub fn new(
+        gpu: Gpu,
+        nccl: NcclComm,
+        initial: &[Vec<usize>],
+        expert_bytes: usize,
+        tuning: NcclTuning,
+    ) -> Result<Self, GpuError> {
+        let slots_per_rank = initial.first().map_or(0, Vec::len);
+        if expert_bytes % 8 != 0 || expert_bytes == 0 {
+            return Err(GpuError::Cuda {
+                op: "DeviceExpertStore::new",
+                message: format!("expert bytes must be a positive multiple of 8, got {expert_bytes}"),
+            });
+        }
+        let need = Self::bytes_needed(initial.len(), slots_per_rank, expert_bytes);
+        let (free, total) = gpu.mem_info()?;
+        if need > free {
+            return Err(GpuError::Cuda {
+                op: "DeviceExpertStore::new",
+                message: format!(
+                    "needs {:.2} GiB of GPU memory, {:.2} GiB free of {:.2} GiB on GPU {}",
+                    gib(need),
+                    gib(free),
+                    gib(total),
+                    gpu.ordinal
+                ),
+            });
+        }
+        let layer_bytes = slots_per_rank * expert_bytes;
+        let mut live = Vec::with_capacity(initial.len());
+        for (layer, experts) in initial.iter().enumerate() {
+            let buf = gpu.alloc(layer_bytes)?;
+            for (k, &e) in experts.iter().enumerate() {
+                gpu.fill_pattern(buf.at(k * expert_bytes), expert_bytes, layer, e)?;
+            }
+            live.push(buf);
+        }
+        let staging = gpu.alloc(layer_bytes)?;
+        let counter = gpu.alloc(8)?;
+        gpu.synchronize()?;
+        Ok(DeviceExpertStore {
+            live,
+            staging,
+            counter,
+            nccl,
+            gpu,
+            slots_per_rank,
+            expert_bytes,
+            tuning,
+            corrupt_next_stage: false,
+        })
+    }
+
+    /// Frees the weights and gives back the GPU and the communicator.
+    pub fn into_parts(self) -> (Gpu, NcclComm) {
+        let DeviceExpertStore { live, staging, counter, nccl, gpu, .. } = self;
+        drop((live, staging, counter));
+        (gpu, nccl)
+    }
+
+    /// Test hook: the next [`ExpertStore::stage`] flips one byte of its first staged slot.
+    pub fn corrupt_next_stage(&mut self) {
+        self.corrupt_next_stage = true;
+    }
+
+    /// Transfers of the global list per NCCL group.
+    fn transfers_per_round(&self) -> usize {
+        (self.tuning.group_bytes / self.expert_bytes).max(1) * self.nccl.size
+    }
+
+    /// The pieces of one transfer: `(offset, bytes)`.
+    fn pieces(&self) -> Vec<(usize, usize)> {
+        let chunk = if self.tuning.chunk_bytes == 0 { self.expert_bytes } else { self.tuning.chunk_bytes };
+        (0..self.expert_bytes).step_by(chunk).map(|o| (o, chunk.min(self.expert_bytes - o))).collect()
+    }
+
+    fn slot(&self, k: usize) -> usize {
+        k * self.expert_bytes
+    }
+
+    /// Queues `count_wrong` for `(buffer slot, expert)` pairs and reads the total.
+    fn count_wrong(&self, buf: &DeviceBuffer, layer: usize, slots: impl Iterator<Item = (usize, usize)>) -> Result<u64, GpuError> {
+        self.gpu.zero_u64(self.counter.ptr)?;
+        for (k, expert) in slots {
+            self.gpu.count_wrong(buf.at(self.slot(k)), self.expert_bytes, layer, expert, self.counter.ptr)?;
+        }
+        self.gpu.read_u64(self.counter.ptr)
+    }
+
+    fn stage_inner(&mut self, m: &RankMigration) -> Result<StageTiming, GpuError> {
+        let start = Instant::now();
+        self.gpu.bind()?;
+        let live = &self.live[m.layer];
+        for c in &m.local_copies {
+            self.gpu.copy(self.staging.at(self.slot(c.dst_slot)), live.at(self.slot(c.src_slot)), self.expert_bytes)?;
+        }
+        // Sends and receives merged in the global order, cut into rounds.
+        let per_round = self.transfers_per_round();
+        let pieces = self.pieces();
+        // (seq, local slot, receive?, peer)
+        let mut ops: Vec<(usize, usize, bool, usize)> = m
+            .recvs
+            .iter()
+            .map(|t| (t.seq, t.dst_slot, true, t.src_rank))
+            .chain(m.sends.iter().map(|t| (t.seq, t.src_slot, false, t.dst_rank)))
+            .collect();
+        ops.sort_unstable();
+        let mut group: Vec<P2p> = Vec::new();
+        let mut i = 0;
+        while i < ops.len() {
+            let round = ops[i].0 / per_round;
+            group.clear();
+            while i < ops.len() && ops[i].0 / per_round == round {
+                let (_, slot, recv, peer) = ops[i];
+                for &(off, bytes) in &pieces {
+                    group.push(if recv {
+                        P2p::Recv { peer, ptr: self.staging.at(self.slot(slot) + off), bytes }
+                    } else {
+                        P2p::Send { peer, ptr: live.at(self.slot(slot) + off), bytes }
+                    });
+                }
+                i += 1;
+            }
+            self.nccl.group(&group, self.gpu.stream())?;
+        }
+        for c in &m.staged_copies {
+            self.gpu.copy(self.staging.at(self.slot(c.dst_slot)), self.staging.at(self.slot(c.src_slot)), self.expert_bytes)?;
+        }
+        self.gpu.synchronize()?;
+        if std::mem::take(&mut self.corrupt_next_stage) {
+            if let Some(&k) = m.changed_slots.first() {
+                // Overwrite the first 8 bytes with their complement: 8 wrong bytes.
+                let ptr = self.staging.at(self.slot(k));
+                let mut word = [0u64; 1];
+                // SAFETY: `ptr` is inside the staging buffer; the stream is drained.
+                unsafe {
+                    cudarc::driver::result::memcpy_dtoh_sync(&mut word[..], ptr)
+                        .and_then(|_| cudarc::driver::result::memcpy_htod_sync(ptr, &[!word[0]]))
+                }
+                .map_err(super::cuda_err("cuMemcpy (fault injection)"))?;
+            }
+        }
+        Ok(StageTiming { transfer_seconds: start.elapsed().as_secs_f64(), verify_seconds: 0.0 })
+    }
+}
+
+fn gib(bytes: usize) -> f64 {
+    bytes as f64 / (1u64 << 30) as f64
+}
+
+impl ExpertStore for DeviceExpertStore {
+    fn expert_bytes(&self) -> usize {
+        self.expert_bytes
+    }
+
+    fn slots_per_rank(&self) -> usize {
+        self.slots_per_rank
+    }
+
+    fn stage(&mut self, m: &RankMigration) -> Result<StageTiming, ExecError> {
+        Ok(self.stage_inner(m)?)
+    }
+
+    fn verify_staged(&mut self, m: &RankMigration) -> Result<u64, ExecError> {
+        let slots = m.changed_slots.iter().map(|&k| (k, m.new_experts[k]));
+        Ok(self.count_wrong(&self.staging, m.layer, slots)?)
+    }
+
+    fn commit(&mut self, m: &RankMigration) -> Result<(), ExecError> {
+        let live = &self.live[m.layer];
+        for &k in &m.changed_slots {
+            self.gpu.copy(live.at(self.slot(k)), self.staging.at(self.slot(k)), self.expert_bytes)?;
+        }
+        Ok(self.gpu.synchronize()?)
+    }
+
+    fn verify_live(&mut self, layer: usize, experts: &[usize]) -> Result<u64, ExecError> {
+        Ok(self.count_wrong(&self.live[layer], layer, experts.iter().copied().enumerate())?)
+    }
+}
