@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 
 use crate::plan::PlanArgs;
+use crate::run::RunArgs;
 
 /// eplb: expert-parallel load balancer for Mixture-of-Experts inference.
 ///
@@ -20,4 +21,6 @@ pub struct Cli {
 pub enum Command {
     /// Compute a placement offline from a load file and write it as JSON.
     Plan(PlanArgs),
+    /// Run the balancer under MPI, one rank per GPU: all-reduce the loads, decide, move weights.
+    Run(RunArgs),
 }

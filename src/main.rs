@@ -17,6 +17,15 @@ fn main() {
                 e.exit_code()
             }
         },
+        Command::Run(args) => match eplb::run::run(args) {
+            Ok(_) => 0,
+            Err(f) => {
+                if f.should_print() {
+                    eprintln!("eplb-worker run: error: {}", f.error);
+                }
+                f.exit_code()
+            }
+        },
     };
     std::process::exit(code);
 }
