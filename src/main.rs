@@ -19,12 +19,8 @@ fn main() {
         },
         Command::Run(args) => match eplb::run::run(args) {
             Ok(_) => 0,
-            Err(f) => {
-                if f.should_print() {
-                    eprintln!("eplb-worker run: error: {}", f.error);
-                }
-                f.exit_code()
-            }
+            // `run` printed the error already, before MPI stopped (see its documentation).
+            Err(e) => e.exit_code(),
         },
     };
     std::process::exit(code);

@@ -90,13 +90,10 @@ impl RunError {
             || matches!(self, RunError::Exec { source: ExecError::Mpi(_), .. })
     }
 
-    /// Whether rank `rank` prints the error.
-    pub fn printed_by(&self, rank: usize) -> bool {
-        match self {
-            RunError::PeerSetup { .. } => rank == 0,
-            RunError::Mpi(_) => true,
-            _ => rank == 0 || self.is_local(),
-        }
+    /// Whether rank `rank` prints the error: rank 0 prints the errors every rank shares, a rank
+    /// whose own setup failed prints its own (see [`run_on`]).
+    fn printed_by(&self, rank: usize) -> bool {
+        rank == 0 || self.is_local()
     }
 }
 
@@ -210,37 +207,34 @@ pub fn make_store(
     }
 }
 
-/// A failed run on one rank: the error, and whether this rank prints it (rank 0 prints the errors
-/// every rank shares; a rank prints the errors only it saw).
-#[derive(Debug)]
-pub struct RunFailure {
-    pub rank: usize,
-    pub error: RunError,
-}
-
-impl RunFailure {
-    pub fn should_print(&self) -> bool {
-        self.error.printed_by(self.rank)
-    }
-
-    pub fn exit_code(&self) -> i32 {
-        self.error.exit_code()
-    }
-}
-
 /// Runs `eplb-worker run` on this rank: starts MPI, runs the loop, stops MPI.
-pub fn run(args: &RunArgs) -> Result<RunOutcome, RunFailure> {
-    let fail0 = |error: MpiError| RunFailure { rank: 0, error: error.into() };
-    let _runtime = MpiRuntime::init().map_err(fail0)?;
-    let world = Comm::world().map_err(fail0)?;
+///
+/// On an error the message is printed here, before MPI stops, and not by the caller: `mpirun`
+/// kills the whole job as soon as one rank exits with a non-zero code, so rank 0 prints the
+/// errors every rank shares and then meets the others in a barrier, which no rank leaves before
+/// the message is out. An error only one rank saw (a failed MPI call) is printed by that rank,
+/// which then aborts the job, since the others may be waiting for it.
+pub fn run(args: &RunArgs) -> Result<RunOutcome, RunError> {
+    let (_runtime, world) = match MpiRuntime::init().and_then(|rt| Ok((rt, Comm::world()?))) {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("eplb-worker run: error: {e}");
+            return Err(e.into());
+        }
+    };
     let rank = world.rank();
-    match run_on(&world, args) {
-        Err(e) if e.is_local() && world.size() > 1 => {
+    let result = run_on(&world, args);
+    if let Err(e) = &result {
+        if e.is_local() && world.size() > 1 {
             eprintln!("eplb-worker run: rank {rank}: error: {e}");
             world.abort(e.exit_code())
         }
-        r => r.map_err(|error| RunFailure { rank, error }),
+        if e.printed_by(rank) {
+            eprintln!("eplb-worker run: error: {e}");
+        }
+        let _ = world.barrier();
     }
+    result
 }
 
 /// Everything a rank holds during the run.
@@ -499,8 +493,8 @@ impl<'a> Looper<'a> {
                 self.round_us.push(t_decided);
             } else {
                 self.step_us.push(t_decided);
+                self.allreduce_us.push((t_reduced - t0).as_secs_f64() * 1e6);
             }
-            self.allreduce_us.push((t_reduced - t0).as_secs_f64() * 1e6);
             // 4. Migrate the next queued layers.
             for update in self.manager.next_layers() {
                 let old = self.live.phy2log.row(update.layer).to_vec();
@@ -523,11 +517,9 @@ impl<'a> Looper<'a> {
                             step, layer, expected, 0, 0, "-", "-", wrong_bytes
                         ));
                         self.report.wrong_bytes += wrong_bytes;
-                        self.report.steps = step + 1;
                         return Err(RunError::Exec { step, source: ExecError::Verification { layer, wrong_bytes } });
                     }
                     Err(source) => {
-                        self.report.steps = step + 1;
                         return Err(RunError::Exec { step, source });
                     }
                 }

@@ -62,7 +62,7 @@ impl TimeStats {
 pub struct ManagerTimes {
     /// Steps without a round: the load all-reduce plus window and decision.
     pub step: TimeStats,
-    /// The load all-reduce alone (every step).
+    /// The load all-reduce alone, on the same steps.
     pub allreduce: TimeStats,
     /// Steps with a round: all-reduce, policy, selection and plan agreement.
     pub round: TimeStats,
