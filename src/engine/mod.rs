@@ -20,22 +20,40 @@ pub fn splitmix64(mut z: u64) -> u64 {
 /// layer `layer`. The GPU kernels compute the same function.
 #[inline]
 pub fn pattern_word(layer: usize, expert: usize, word: u64) -> u64 {
-    splitmix64(splitmix64(((layer as u64) << 32) ^ expert as u64) ^ word)
+    pattern_word_seeded(expert_seed(layer, expert), word)
+}
+
+/// The part of [`pattern_word`] that depends on (layer, expert) only: compute it once per expert.
+#[inline]
+pub fn expert_seed(layer: usize, expert: usize) -> u64 {
+    splitmix64(((layer as u64) << 32) ^ expert as u64)
+}
+
+/// [`pattern_word`] from the expert's [`expert_seed`].
+#[inline]
+pub fn pattern_word_seeded(seed: u64, word: u64) -> u64 {
+    splitmix64(seed ^ word)
 }
 
 /// Writes logical expert `expert`'s weights of layer `layer` into `buf` (a multiple of 8 bytes;
 /// word `i` is [`pattern_word`]`(layer, expert, i)`, little-endian).
 pub fn fill_expert(buf: &mut [u8], layer: usize, expert: usize) {
+    let seed = expert_seed(layer, expert);
     for (i, w) in buf.chunks_exact_mut(8).enumerate() {
-        w.copy_from_slice(&pattern_word(layer, expert, i as u64).to_le_bytes());
+        w.copy_from_slice(&pattern_word_seeded(seed, i as u64).to_le_bytes());
     }
 }
 
 /// Bytes of `buf` that differ from logical expert `expert`'s weights of layer `layer`.
 pub fn wrong_bytes(buf: &[u8], layer: usize, expert: usize) -> u64 {
+    let seed = expert_seed(layer, expert);
     let words = buf.chunks_exact(8).enumerate().map(|(i, w)| {
-        let diff = u64::from_le_bytes(w.try_into().expect("8 bytes")) ^ pattern_word(layer, expert, i as u64);
-        u64::from(diff.to_le_bytes().iter().filter(|&&b| b != 0).count() as u8)
+        let diff = u64::from_le_bytes(w.try_into().expect("8 bytes")) ^ pattern_word_seeded(seed, i as u64);
+        if diff == 0 {
+            0
+        } else {
+            diff.to_le_bytes().iter().filter(|&&b| b != 0).count() as u64
+        }
     });
     // A tail shorter than a word cannot hold the pattern: every byte of it counts as wrong.
     words.sum::<u64>() + (buf.len() % 8) as u64
@@ -71,5 +89,7 @@ mod tests {
         assert_ne!(a, pattern_word(1, 0, 0));
         assert_ne!(a, pattern_word(0, 1, 0));
         assert_ne!(a, pattern_word(0, 0, 1));
+        // The values the GPU kernels reproduce: fixed forever.
+        assert_eq!(pattern_word(3, 5, 7), splitmix64(splitmix64((3u64 << 32) ^ 5) ^ 7));
     }
 }

@@ -25,8 +25,10 @@ impl HostExpertStore {
     /// with each expert's weights ([`fill_expert`]). `expert_bytes` must be a positive multiple of 8.
     pub fn new(transport: HostTransport, expert_bytes: usize, experts: &[Vec<usize>]) -> Result<Self, ExecError> {
         let slots_per_rank = experts.first().map_or(0, Vec::len);
-        if expert_bytes == 0 || expert_bytes % 8 != 0 {
-            return Err(ExecError::Other(format!("expert size {expert_bytes} B is not a positive multiple of 8")));
+        if expert_bytes == 0 || !expert_bytes.is_multiple_of(8) {
+            return Err(ExecError::Other(format!(
+                "expert size {expert_bytes} B (--expert-bytes) is not a positive multiple of 8"
+            )));
         }
         if slots_per_rank > HostTransport::MAX_TAG as usize + 1 || experts.iter().any(|e| e.len() != slots_per_rank) {
             return Err(ExecError::Other(format!(

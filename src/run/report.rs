@@ -57,7 +57,8 @@ impl TimeStats {
     }
 }
 
-/// The manager's cost per step on rank 0.
+/// The manager's cost per step: for each step, the minimum over ranks (the rank that arrived
+/// last, which did not wait for the others), then statistics over steps.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ManagerTimes {
     /// Steps without a round: the load all-reduce plus window and decision.
