@@ -415,16 +415,18 @@ impl<'a> Looper<'a> {
             a.eplb_min_improvement,
             a.eplb_window_steps
         ));
+        let mode = if shape.is_hierarchical() && (shape.num_groups > 1 || shape.num_nodes > 1) {
+            format!("hierarchical mode: {} groups over {} nodes", shape.num_groups, shape.num_nodes)
+        } else {
+            "global mode".to_string()
+        };
         self.out.line(format!(
-            "#  policy {} ({} mode, {} groups), transport host, chunk {} B",
+            "#  policy {} ({mode}), transport host, chunk {} B",
             format!("{:?}", a.policy).to_lowercase(),
-            if shape.is_hierarchical() { "hierarchical" } else { "global" },
-            shape.num_groups,
             a.chunk_bytes
         ));
         self.out.line("#");
         self.out.line(devices.trim_end());
-        self.out.line("#");
     }
 
     fn run(mut self, devices: String) -> Result<RunOutcome, RunError> {
