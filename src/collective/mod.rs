@@ -197,6 +197,12 @@ impl Comm {
         Ok(all.chunks(n.max(1)).take(self.size).map(<[u8]>::to_vec).collect())
     }
 
+    /// Gathers `mine` (the same length on every rank) from every rank, in rank order.
+    pub fn allgather_u64(&self, mine: &[u64]) -> Result<Vec<Vec<u64>>, MpiError> {
+        let bytes: Vec<u8> = mine.iter().flat_map(|v| v.to_le_bytes()).collect();
+        Ok(self.allgather_bytes(&bytes)?.iter().map(|r| le_words(r)).collect())
+    }
+
     /// `MPI_Barrier`.
     pub fn barrier(&self) -> Result<(), MpiError> {
         // SAFETY: valid communicator.
@@ -239,6 +245,11 @@ impl Drop for Comm {
     }
 }
 
+/// The little-endian u64 words of `bytes` (a trailing partial word is dropped).
+pub fn le_words(bytes: &[u8]) -> Vec<u64> {
+    bytes.chunks_exact(8).map(|w| u64::from_le_bytes(w.try_into().expect("chunks of 8 bytes"))).collect()
+}
+
 /// The minimum and maximum of a hash over all ranks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HashAgreement {
@@ -261,5 +272,6 @@ mod tests {
     fn hash_agreement() {
         assert!(HashAgreement { min: 3, max: 3 }.agreed());
         assert!(!HashAgreement { min: 2, max: 3 }.agreed());
+        assert_eq!(le_words(&[1, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 1, 9]), vec![1, 2 | 1 << 56]);
     }
 }

@@ -11,7 +11,7 @@
 
 use thiserror::Error;
 
-use crate::collective::{Comm, MpiError};
+use crate::collective::{le_words, Comm, MpiError};
 
 /// Bytes of a host name in the gathered device records.
 const HOST_BYTES: usize = 64;
@@ -69,16 +69,14 @@ impl Topology {
         // A node's leader is its local rank 0; the node index is the leader's position among all
         // leaders (world ranks ascending). Every rank learns every leader from one all-gather.
         let leader = (world_rank - local_rank) as u64;
-        let mut record = leader.to_le_bytes().to_vec();
-        record.extend((local_size as u64).to_le_bytes());
-        let all = world.allgather_bytes(&record)?;
-        let word = |r: &[u8], i: usize| u64::from_le_bytes(r[8 * i..8 * i + 8].try_into().expect("8 bytes"));
-        let mut leaders: Vec<u64> = all.iter().map(|r| word(r, 0)).collect();
+        let all = world.allgather_u64(&[leader, local_size as u64])?;
+        let mut leaders: Vec<u64> = all.iter().map(|r| r[0]).collect();
         leaders.dedup();
         let node = leaders.iter().position(|&l| l == leader).unwrap_or(0);
-        let regular = all.iter().enumerate().all(|(r, rec)| {
-            word(rec, 1) as usize == local_size && word(rec, 0) as usize == r / local_size * local_size
-        });
+        let regular = all
+            .iter()
+            .enumerate()
+            .all(|(r, rec)| rec[1] as usize == local_size && rec[0] as usize == r / local_size * local_size);
         if !regular {
             return Err(TopologyError::Irregular { rank: world_rank, node, local_size });
         }
@@ -107,16 +105,16 @@ impl Topology {
         let all = world.allgather_bytes(&record)?;
         let mut out = String::from("# Using devices\n");
         for (rank, r) in all.iter().enumerate() {
-            let word = |i: usize| u64::from_le_bytes(r[8 * i..8 * i + 8].try_into().expect("8 bytes"));
+            let word = le_words(&r[..24]);
             let text = |i: usize| {
                 let b = &r[24 + i * HOST_BYTES..24 + (i + 1) * HOST_BYTES];
                 String::from_utf8_lossy(&b[..b.iter().position(|&c| c == 0).unwrap_or(b.len())]).into_owned()
             };
             out += &format!(
                 "#  Rank {rank:>3} Node {:>2} Local {:>2} Pid {:>7} on {:>12} device {}\n",
-                word(0),
-                word(1),
-                word(2),
+                word[0],
+                word[1],
+                word[2],
                 text(0),
                 text(1)
             );

@@ -255,8 +255,7 @@ pub fn run_on(world: &Comm, args: &RunArgs) -> Result<RunOutcome, RunError> {
         Ok(_) => 0u64,
         Err(e) => e.exit_code().max(1) as u64,
     };
-    let codes = world.allgather_bytes(&code.to_le_bytes())?;
-    let codes: Vec<u64> = codes.iter().map(|c| u64::from_le_bytes(c[..8].try_into().expect("8 bytes"))).collect();
+    let codes: Vec<u64> = world.allgather_u64(&[code])?.iter().map(|c| c[0]).collect();
     let failed: Vec<usize> = (0..codes.len()).filter(|&r| codes[r] != 0).collect();
     let mut state = match local {
         Err(e) if failed.len() < codes.len() => {
@@ -294,11 +293,31 @@ fn setup(args: &RunArgs, topo: &Topology, store_comm: Comm) -> Result<State, Run
         None => Placement::trivial(layers, num_logical, shape.num_replicas),
     };
     let spr = shape.slots_per_rank();
-    let experts: Vec<Vec<usize>> = (0..layers)
-        .map(|l| initial.phy2log.row(l).iter().skip(topo.world_rank * spr).take(spr).copied().collect())
-        .collect();
+    let experts: Vec<Vec<usize>> = (0..layers).map(|l| local_slots(&initial, l, topo.world_rank, spr)).collect();
     let store = make_store(args, store_comm, &experts, topo.world_rank)?;
     Ok(State { topo: topo.clone(), run_shape, source, initial, store })
+}
+
+/// The experts of rank `rank`'s slots in `layer` of `placement` (`[slots_per_rank]`).
+fn local_slots(placement: &Placement, layer: usize, rank: usize, slots_per_rank: usize) -> Vec<usize> {
+    placement.phy2log.row(layer).iter().skip(rank * slots_per_rank).take(slots_per_rank).copied().collect()
+}
+
+/// One row of a rebalance table; `seconds` is None for a layer that was not committed.
+fn table_row(
+    step: usize,
+    layer: usize,
+    experts: usize,
+    bytes: u64,
+    copies: usize,
+    seconds: Option<f64>,
+    wrong: u64,
+) -> String {
+    let (time, gbps) = match seconds {
+        Some(t) if t > 0.0 => (format!("{:.1}", t * 1e6), format!("{:.3}", bytes as f64 / t / 1e9)),
+        _ => ("-".to_string(), "-".to_string()),
+    };
+    format!("{step:>8} {layer:>6} {experts:>8} {bytes:>12} {copies:>7} {time:>11} {gbps:>12} {wrong:>7}")
 }
 
 /// The element-wise minimum over ranks of per-step times (µs): the rank that arrives last at a
@@ -521,11 +540,10 @@ impl<'a> Looper<'a> {
                         r.migration_seconds += stats.seconds;
                     }
                     Err(ExecError::Verification { layer, wrong_bytes }) => {
-                        let expected = migration.transfers.len();
-                        self.out.line(format!(
-                            "{:>8} {:>6} {:>8} {:>12} {:>7} {:>11} {:>12} {:>7}",
-                            step, layer, expected, 0, 0, "-", "-", wrong_bytes
-                        ));
+                        // The row of the layer that was staged but not committed.
+                        let staged = migration.transfers.len();
+                        let bytes = (staged * self.st.store.expert_bytes()) as u64;
+                        self.out.line(table_row(step, layer, staged, bytes, 0, None, wrong_bytes));
                         self.report.wrong_bytes += wrong_bytes;
                         return Err(RunError::Exec { step, source: ExecError::Verification { layer, wrong_bytes } });
                     }
@@ -538,8 +556,7 @@ impl<'a> Looper<'a> {
                 .map_err(|source| RunError::Policy { context: format!("step {step}: live placement"), source })?;
             if self.args.verify_live_every_step {
                 for layer in 0..num_layers {
-                    let experts: Vec<usize> =
-                        self.live.phy2log.row(layer).iter().skip(rank * spr).take(spr).copied().collect();
+                    let experts = local_slots(&self.live, layer, rank, spr);
                     self.live_wrong +=
                         self.st.store.verify_live(layer, &experts).map_err(|source| RunError::Exec { step, source })?;
                     self.live_checked += (spr * self.st.store.expert_bytes()) as u64;
@@ -616,17 +633,7 @@ impl<'a> Looper<'a> {
 
     fn row(&mut self, step: usize, s: &crate::executor::LayerStats) {
         let gbps = if s.seconds > 0.0 { s.bytes_moved as f64 / s.seconds / 1e9 } else { 0.0 };
-        self.out.line(format!(
-            "{:>8} {:>6} {:>8} {:>12} {:>7} {:>11.1} {:>12.3} {:>7}",
-            step,
-            s.layer,
-            s.experts_moved,
-            s.bytes_moved,
-            s.local_copies,
-            s.seconds * 1e6,
-            gbps,
-            0
-        ));
+        self.out.line(table_row(step, s.layer, s.experts_moved, s.bytes_moved, s.local_copies, Some(s.seconds), 0));
         self.report.layers.push(LayerRow {
             step,
             layer: s.layer,
