@@ -60,6 +60,15 @@ pub struct StageTiming {
 /// The content of logical expert `e` of layer `l` is [`crate::engine::pattern_word`]`(l, e, i)`
 /// for its 8-byte word `i`, so any rank verifies what it holds without more messages.
 pub trait ExpertStore {
+    /// What the `# Using devices` block shows for this rank (`cpu` for host memory; a device store
+    /// names its GPU).
+    fn device(&self) -> String {
+        "cpu".into()
+    }
+    /// The transport's name, for the header and the report (`host`, `nccl`).
+    fn transport(&self) -> &'static str {
+        "host"
+    }
     fn expert_bytes(&self) -> usize;
     fn slots_per_rank(&self) -> usize;
     /// Runs this rank's part of a layer's migration into staging: receives, sends from the live

@@ -189,19 +189,24 @@ pub struct RunArgs {
     pub fault: Vec<Fault>,
 }
 
+/// Parses `run`'s flags alone (tests).
 #[cfg(test)]
-mod tests {
-    use super::*;
+pub(crate) fn parse_run_args(args: &[&str]) -> Result<RunArgs, clap::Error> {
     use clap::Parser;
-
     #[derive(Debug, Parser)]
     struct Cli {
         #[command(flatten)]
         run: RunArgs,
     }
+    Cli::try_parse_from(std::iter::once("run").chain(args.iter().copied())).map(|c| c.run)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
 
     fn parse(args: &[&str]) -> Result<RunArgs, clap::Error> {
-        Cli::try_parse_from(std::iter::once("run").chain(args.iter().copied())).map(|c| c.run)
+        parse_run_args(args)
     }
 
     #[test]

@@ -270,7 +270,7 @@ pub fn run_on(world: &Comm, args: &RunArgs) -> Result<RunOutcome, RunError> {
         }
         Ok(s) => s,
     };
-    let devices = topo.devices_block(world, "cpu")?;
+    let devices = topo.devices_block(world, &state.store.device())?;
     Looper::new(world, args, &mut state).run(devices)
 }
 
@@ -381,7 +381,7 @@ impl<'a> Looper<'a> {
             min_improvement: args.eplb_min_improvement,
             window_steps: args.eplb_window_steps as usize,
         };
-        let report = Report::new(&st.topo, &shape, num_layers, num_logical, args, &st.source);
+        let report = Report::new(&st.topo, &shape, num_layers, num_logical, args, &st.source, st.store.transport());
         Looper {
             world,
             args,
@@ -440,8 +440,9 @@ impl<'a> Looper<'a> {
             "global mode".to_string()
         };
         self.out.line(format!(
-            "#  policy {} ({mode}), transport host, chunk {} B",
+            "#  policy {} ({mode}), transport {}, chunk {} B",
             format!("{:?}", a.policy).to_lowercase(),
+            self.st.store.transport(),
             a.chunk_bytes
         ));
         self.out.line("#");
@@ -644,5 +645,63 @@ impl<'a> Looper<'a> {
             gbps,
             wrong_bytes: 0,
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(flags: &[&str]) -> RunArgs {
+        args::parse_run_args(flags).unwrap()
+    }
+
+    fn topo(world_size: usize, num_nodes: usize) -> Topology {
+        Topology {
+            world_rank: 0,
+            world_size,
+            node: 0,
+            num_nodes,
+            local_rank: 0,
+            local_size: world_size / num_nodes,
+            host: "h".into(),
+            faked: true,
+        }
+    }
+
+    fn shape(flags: &[&str], world: usize, nodes: usize, experts: usize) -> Result<RunShape, RunError> {
+        let source = LoadSource::Zipf(DriftingZipf::new(2, experts, 0));
+        resolve_shape(&args(flags), &topo(world, nodes), &source)
+    }
+
+    #[test]
+    fn redundant_slots_default_and_flags() {
+        // Default: one extra slot a rank, rounded up so that the slots divide.
+        assert_eq!(shape(&[], 4, 1, 64).unwrap().shape.num_replicas, 68);
+        assert_eq!(shape(&[], 8, 1, 60).unwrap().shape.num_replicas, 72);
+        assert_eq!(shape(&["--num-redundant-experts", "16"], 4, 1, 64).unwrap().shape.num_replicas, 80);
+        assert_eq!(shape(&["--redundant_experts_num=2"], 4, 1, 64).unwrap().shape.num_replicas, 72);
+        let e = shape(&["--num-redundant-experts", "3"], 4, 1, 64).unwrap_err();
+        assert!(e.to_string().contains("use --num-redundant-experts 4") && e.exit_code() == 2, "{e}");
+    }
+
+    #[test]
+    fn ep_size_and_groups_are_checked() {
+        assert!(shape(&["--ep-size", "4"], 4, 1, 64).is_ok());
+        let e = shape(&["--ep_size=16"], 4, 1, 64).unwrap_err();
+        assert!(e.to_string().contains("must match the number of devices") && e.exit_code() == 2, "{e}");
+        let s = shape(&["--num-groups", "4"], 8, 2, 64).unwrap().shape;
+        assert!(s.is_hierarchical() && s.num_nodes == 2);
+        let e = shape(&["--num-groups", "6"], 8, 2, 64).unwrap_err();
+        assert!(matches!(e, RunError::Policy { .. }) && e.exit_code() == 2, "{e}");
+    }
+
+    #[test]
+    fn table_rows_line_up_with_the_header() {
+        let ok = table_row(12, 3, 7, 7340032, 1, Some(0.005), 0);
+        let failed = table_row(12, 3, 7, 7340032, 0, None, 5);
+        assert_eq!(ok.len(), TABLE_HEADER.len());
+        assert_eq!(failed.len(), TABLE_HEADER.len());
+        assert!(ok.contains("5000.0") && ok.contains("1.468") && failed.ends_with("      5"));
     }
 }

@@ -118,6 +118,7 @@ impl Report {
         num_logical: usize,
         args: &RunArgs,
         source: &LoadSource,
+        transport: &'static str,
     ) -> Report {
         Report {
             world_size: topo.world_size,
@@ -130,7 +131,7 @@ impl Report {
             num_groups: shape.num_groups,
             expert_bytes: args.expert_bytes,
             policy: args.policy,
-            transport: "host",
+            transport,
             load: source.describe(),
             steps: 0,
             rebalances: 0,
