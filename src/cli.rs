@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 
 use crate::bench::BenchArgs;
 use crate::plan::PlanArgs;
+use crate::run::RunArgs;
 
 /// eplb: expert-parallel load balancer for Mixture-of-Experts inference.
 ///
@@ -21,6 +22,8 @@ pub struct Cli {
 pub enum Command {
     /// Compute a placement offline from a load file and write it as JSON.
     Plan(PlanArgs),
+    /// Run the balancer under MPI, one rank per GPU: all-reduce the loads, decide, move weights.
+    Run(RunArgs),
     /// Benchmark the GPU executor: migrate layers between two placements and time every rank
     /// (run under mpirun, one rank per GPU).
     BenchMigrate(BenchArgs),

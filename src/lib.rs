@@ -3,7 +3,12 @@
 //! * [`policy`]: placement tables from expert loads (pure functions);
 //! * [`load`]: load files and traces;
 //! * [`plan`]: the offline `plan` command and placement files;
-//! * [`engine`]: the synthetic inference engine and its drifting load.
+//! * [`engine`]: the synthetic inference engine and its drifting load;
+//! * [`rank`]: where a rank runs (world, node, local rank);
+//! * [`collective`]: all-reduces, plan agreement and the host transport over MPI;
+//! * [`manager`]: when to rebalance and which layers to update;
+//! * [`executor`]: moving expert weights, staged and verified;
+//! * [`run`]: the `run` subcommand, the SPMD loop.
 
 pub mod bench;
 pub mod cli;
@@ -12,5 +17,8 @@ pub mod engine;
 pub mod executor;
 pub mod gpu;
 pub mod load;
+pub mod manager;
 pub mod plan;
 pub mod policy;
+pub mod rank;
+pub mod run;

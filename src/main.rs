@@ -17,6 +17,11 @@ fn main() {
                 e.exit_code()
             }
         },
+        Command::Run(args) => match eplb::run::run(args) {
+            Ok(_) => 0,
+            // `run` printed the error already, before MPI stopped (see its documentation).
+            Err(e) => e.exit_code(),
+        },
         Command::BenchMigrate(args) => match eplb::bench::run_bench(args) {
             Ok(()) => 0,
             Err(e) => {

@@ -1,6 +1,15 @@
 //! Collectives between the ranks: MPI all-reduces of loads and decisions, plan agreement, and the
-//! transports that move expert bytes.
+//! transports that move expert bytes ([`host`]).
+//!
+//! Every call goes through `mpi::ffi` on a communicator whose error handler is
+//! `MPI_ERRORS_RETURN`, so that a failing call returns its code, which [`MpiError`] prints with
+//! `MPI_Error_string` (rsmpi's safe wrappers ignore return codes).
 
+pub mod host;
+
+use std::ffi::{c_int, c_void};
+
+use mpi::ffi;
 use thiserror::Error;
 
 /// An MPI call that failed, with the code MPI returned and its `MPI_Error_string`.
@@ -11,4 +20,258 @@ pub struct MpiError {
     pub op: &'static str,
     pub code: i32,
     pub message: String,
+}
+
+impl MpiError {
+    /// An error that MPI did not return (a count too large for an `int`, MPI already started, ...).
+    pub fn usage(op: &'static str, message: impl Into<String>) -> Self {
+        MpiError { op, code: -1, message: message.into() }
+    }
+}
+
+/// `MPI_Error_string` of `code`.
+pub fn error_string(code: c_int) -> String {
+    let mut buf = vec![0u8; ffi::MPI_MAX_ERROR_STRING as usize + 1];
+    let mut len: c_int = 0;
+    // SAFETY: the buffer holds MPI_MAX_ERROR_STRING bytes, as the standard requires.
+    let rc = unsafe { ffi::MPI_Error_string(code, buf.as_mut_ptr().cast(), &mut len) };
+    if rc != 0 {
+        return format!("(unknown MPI error code {code})");
+    }
+    buf.truncate(len.clamp(0, buf.len() as c_int) as usize);
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+/// Turns an MPI return code into a `Result`.
+pub fn check(code: c_int, op: &'static str) -> Result<(), MpiError> {
+    if code == 0 {
+        Ok(())
+    } else {
+        Err(MpiError { op, code, message: error_string(code) })
+    }
+}
+
+/// A count that MPI takes as an `int`.
+pub(crate) fn mpi_count(n: usize, op: &'static str) -> Result<c_int, MpiError> {
+    c_int::try_from(n).map_err(|_| MpiError::usage(op, format!("count {n} does not fit an MPI int")))
+}
+
+/// MPI started for the life of this value (`MPI_Init` ... `MPI_Finalize`). Drop every [`Comm`]
+/// before it.
+pub struct MpiRuntime {
+    _universe: mpi::environment::Universe,
+}
+
+impl MpiRuntime {
+    /// Starts MPI (`MPI_Init`); works under `mpirun`, `srun --mpi=pmix`, or alone as one rank.
+    pub fn init() -> Result<MpiRuntime, MpiError> {
+        mpi::initialize()
+            .map(|u| MpiRuntime { _universe: u })
+            .ok_or_else(|| MpiError::usage("MPI_Init", "MPI was already initialised in this process"))
+    }
+}
+
+/// The reduction of an all-reduce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReduceOp {
+    Sum,
+    Min,
+    Max,
+}
+
+/// A communicator with `MPI_ERRORS_RETURN`, freed on drop.
+pub struct Comm {
+    raw: ffi::MPI_Comm,
+    rank: usize,
+    size: usize,
+}
+
+impl Comm {
+    /// A duplicate of `MPI_COMM_WORLD` whose errors return codes instead of aborting.
+    pub fn world() -> Result<Comm, MpiError> {
+        // SAFETY: MPI is initialised (an MpiRuntime exists); RSMPI_COMM_WORLD is a valid handle.
+        Comm::adopt_dup(unsafe { ffi::RSMPI_COMM_WORLD })
+    }
+
+    /// A duplicate of this communicator (its own tag space), also with `MPI_ERRORS_RETURN`.
+    pub fn dup(&self) -> Result<Comm, MpiError> {
+        Comm::adopt_dup(self.raw)
+    }
+
+    fn adopt_dup(parent: ffi::MPI_Comm) -> Result<Comm, MpiError> {
+        let mut raw: ffi::MPI_Comm = unsafe { ffi::RSMPI_COMM_NULL };
+        // SAFETY: `parent` is a valid communicator and `raw` a valid out-pointer.
+        check(unsafe { ffi::MPI_Comm_dup(parent, &mut raw) }, "MPI_Comm_dup")?;
+        Comm::adopt(raw)
+    }
+
+    /// Takes ownership of a new communicator: sets `MPI_ERRORS_RETURN` and reads rank and size.
+    fn adopt(raw: ffi::MPI_Comm) -> Result<Comm, MpiError> {
+        let mut comm = Comm { raw, rank: 0, size: 0 };
+        // SAFETY: `raw` is a valid communicator that we own.
+        unsafe {
+            check(ffi::MPI_Comm_set_errhandler(raw, ffi::RSMPI_ERRORS_RETURN), "MPI_Comm_set_errhandler")?;
+            let (mut rank, mut size): (c_int, c_int) = (0, 0);
+            check(ffi::MPI_Comm_rank(raw, &mut rank), "MPI_Comm_rank")?;
+            check(ffi::MPI_Comm_size(raw, &mut size), "MPI_Comm_size")?;
+            comm.rank = rank as usize;
+            comm.size = size as usize;
+        }
+        Ok(comm)
+    }
+
+    /// The ranks that share memory with this one (one node): `MPI_Comm_split_type(SHARED)`.
+    pub fn split_shared(&self) -> Result<Comm, MpiError> {
+        let mut raw: ffi::MPI_Comm = unsafe { ffi::RSMPI_COMM_NULL };
+        // SAFETY: valid communicator, key = world rank keeps the order, valid out-pointer.
+        check(
+            unsafe {
+                ffi::MPI_Comm_split_type(
+                    self.raw,
+                    ffi::RSMPI_COMM_TYPE_SHARED,
+                    self.rank as c_int,
+                    ffi::RSMPI_INFO_NULL,
+                    &mut raw,
+                )
+            },
+            "MPI_Comm_split_type",
+        )?;
+        Comm::adopt(raw)
+    }
+
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    /// The raw handle, for transports that post their own requests.
+    pub fn raw(&self) -> ffi::MPI_Comm {
+        self.raw
+    }
+
+    /// All-reduce of `send` with `op`; every rank gets the result.
+    pub fn allreduce_u64(&self, send: &[u64], op: ReduceOp) -> Result<Vec<u64>, MpiError> {
+        let mut recv = vec![0u64; send.len()];
+        let count = mpi_count(send.len(), "MPI_Allreduce")?;
+        // SAFETY: both buffers hold `count` u64 values; the handles are valid.
+        let rc = unsafe {
+            let op = match op {
+                ReduceOp::Sum => ffi::RSMPI_SUM,
+                ReduceOp::Min => ffi::RSMPI_MIN,
+                ReduceOp::Max => ffi::RSMPI_MAX,
+            };
+            ffi::MPI_Allreduce(
+                send.as_ptr().cast::<c_void>(),
+                recv.as_mut_ptr().cast::<c_void>(),
+                count,
+                ffi::RSMPI_UINT64_T,
+                op,
+                self.raw,
+            )
+        };
+        check(rc, "MPI_Allreduce")?;
+        Ok(recv)
+    }
+
+    /// Gathers `mine` (the same length on every rank) from every rank, in rank order.
+    pub fn allgather_bytes(&self, mine: &[u8]) -> Result<Vec<Vec<u8>>, MpiError> {
+        let n = mine.len();
+        let mut all = vec![0u8; n * self.size];
+        let count = mpi_count(n, "MPI_Allgather")?;
+        // SAFETY: `all` holds size * n bytes; the handles are valid.
+        let rc = unsafe {
+            ffi::MPI_Allgather(
+                mine.as_ptr().cast::<c_void>(),
+                count,
+                ffi::RSMPI_UINT8_T,
+                all.as_mut_ptr().cast::<c_void>(),
+                count,
+                ffi::RSMPI_UINT8_T,
+                self.raw,
+            )
+        };
+        check(rc, "MPI_Allgather")?;
+        Ok(all.chunks(n.max(1)).take(self.size).map(<[u8]>::to_vec).collect())
+    }
+
+    /// Gathers `mine` (the same length on every rank) from every rank, in rank order.
+    pub fn allgather_u64(&self, mine: &[u64]) -> Result<Vec<Vec<u64>>, MpiError> {
+        let bytes: Vec<u8> = mine.iter().flat_map(|v| v.to_le_bytes()).collect();
+        Ok(self.allgather_bytes(&bytes)?.iter().map(|r| le_words(r)).collect())
+    }
+
+    /// `MPI_Barrier`.
+    pub fn barrier(&self) -> Result<(), MpiError> {
+        // SAFETY: valid communicator.
+        check(unsafe { ffi::MPI_Barrier(self.raw) }, "MPI_Barrier")
+    }
+
+    /// Ends every rank of the job (`MPI_Abort`): for a failure that the other ranks cannot see and
+    /// would wait on forever.
+    pub fn abort(&self, code: i32) -> ! {
+        // SAFETY: valid communicator; MPI_Abort does not return on success.
+        unsafe { ffi::MPI_Abort(self.raw, code) };
+        std::process::exit(code)
+    }
+
+    /// The load all-reduce, with the decision bits piggybacked: one `MPI_Allreduce` (sum) of
+    /// `loads` followed by one word per flag. A flag is set on the result when any rank set it.
+    pub fn allreduce_loads(&self, loads: &[u64], flags: &[bool]) -> Result<(Vec<u64>, Vec<bool>), MpiError> {
+        let mut send = Vec::with_capacity(loads.len() + flags.len());
+        send.extend_from_slice(loads);
+        send.extend(flags.iter().map(|&f| u64::from(f)));
+        let mut sum = self.allreduce_u64(&send, ReduceOp::Sum)?;
+        let flags = sum.split_off(loads.len()).into_iter().map(|c| c > 0).collect();
+        Ok((sum, flags))
+    }
+
+    /// Plan agreement: the minimum and maximum over ranks of `hash`, in one all-reduce (max of
+    /// `hash` and of `!hash`).
+    pub fn agree_hash(&self, hash: u64) -> Result<HashAgreement, MpiError> {
+        let r = self.allreduce_u64(&[hash, !hash], ReduceOp::Max)?;
+        Ok(HashAgreement { min: !r[1], max: r[0] })
+    }
+}
+
+impl Drop for Comm {
+    fn drop(&mut self) {
+        // SAFETY: we own the communicator; it is freed once. Errors are ignored on drop.
+        unsafe {
+            ffi::MPI_Comm_free(&mut self.raw);
+        }
+    }
+}
+
+/// The little-endian u64 words of `bytes` (a trailing partial word is dropped).
+pub fn le_words(bytes: &[u8]) -> Vec<u64> {
+    bytes.chunks_exact(8).map(|w| u64::from_le_bytes(w.try_into().expect("chunks of 8 bytes"))).collect()
+}
+
+/// The minimum and maximum of a hash over all ranks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HashAgreement {
+    pub min: u64,
+    pub max: u64,
+}
+
+impl HashAgreement {
+    /// Every rank computed the same hash.
+    pub fn agreed(&self) -> bool {
+        self.min == self.max
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hash_agreement() {
+        assert!(HashAgreement { min: 3, max: 3 }.agreed());
+        assert!(!HashAgreement { min: 2, max: 3 }.agreed());
+        assert_eq!(le_words(&[1, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 1, 9]), vec![1, 2 | 1 << 56]);
+    }
 }

@@ -12,13 +12,17 @@
 //! Steps 2, 3 and 5 belong to the store, which knows where the weights live (host memory and MPI,
 //! or GPU memory and NCCL); steps 1 and 4 are the same for every store.
 
+pub mod host;
 pub mod plan;
 
+pub use host::HostExpertStore;
 pub use plan::{LayerMigration, LocalCopy, RankMigration, Transfer};
+
+use std::time::Instant;
 
 use thiserror::Error;
 
-use crate::collective::MpiError;
+use crate::collective::{Comm, MpiError, ReduceOp};
 
 /// Errors of the executor. Nothing is committed after any of them.
 #[derive(Debug, Error)]
@@ -34,6 +38,9 @@ pub enum ExecError {
     /// Staged bytes failed verification on some rank: the layer was not committed anywhere.
     #[error("layer {layer}: {wrong_bytes} staged bytes failed verification over all ranks; nothing was committed")]
     Verification { layer: usize, wrong_bytes: u64 },
+    /// Another rank failed to stage or verify its part: the layer was not committed anywhere.
+    #[error("layer {layer}: {ranks} rank(s) failed to stage their part; nothing was committed")]
+    PeerFailed { layer: usize, ranks: u64 },
     #[error("{0}")]
     Other(String),
 }
@@ -53,6 +60,15 @@ pub struct StageTiming {
 /// The content of logical expert `e` of layer `l` is [`crate::engine::pattern_word`]`(l, e, i)`
 /// for its 8-byte word `i`, so any rank verifies what it holds without more messages.
 pub trait ExpertStore {
+    /// What the `# Using devices` block shows for this rank (`cpu` for host memory; a device store
+    /// names its GPU).
+    fn device(&self) -> String {
+        "cpu".into()
+    }
+    /// The transport's name, for the header and the report (`host`, `nccl`).
+    fn transport(&self) -> &'static str {
+        "host"
+    }
     fn expert_bytes(&self) -> usize;
     fn slots_per_rank(&self) -> usize;
     /// Runs this rank's part of a layer's migration into staging: receives, sends from the live
@@ -65,4 +81,65 @@ pub trait ExpertStore {
     /// Bytes of the live slots of `layer` that differ from the content of `experts`
     /// (`[slots_per_rank]`, the expert each local slot must hold).
     fn verify_live(&mut self, layer: usize, experts: &[usize]) -> Result<u64, ExecError>;
+}
+
+/// What one layer's migration did, over all ranks.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LayerStats {
+    pub layer: usize,
+    /// Expert copies that crossed between ranks.
+    pub experts_moved: usize,
+    /// Copies inside a rank (from a live or a staging slot).
+    pub local_copies: usize,
+    /// Bytes that crossed between ranks: `experts_moved * expert_bytes`.
+    pub bytes_moved: u64,
+    /// Wall time on this rank from the start of staging to the end of the commit, which includes
+    /// waiting for the slowest rank in the agreement.
+    pub seconds: f64,
+    /// This rank's stage timing.
+    pub timing: StageTiming,
+}
+
+/// Migrates one layer on this rank: stage, verify the staged bytes, agree with every rank (an
+/// all-reduce of the wrong-byte and failure counts over `comm`), then commit, or, when any rank
+/// saw a wrong byte or failed, commit nothing and return [`ExecError::Verification`] or
+/// [`ExecError::PeerFailed`] on every rank alike. Collective over `comm`: every rank calls it
+/// with the same `migration`.
+pub fn migrate_layer(
+    store: &mut dyn ExpertStore,
+    comm: &Comm,
+    migration: &LayerMigration,
+    rank: usize,
+) -> Result<LayerStats, ExecError> {
+    let start = Instant::now();
+    let m = migration.for_rank(rank);
+    let staged = store.stage(&m).and_then(|mut timing| {
+        let t = Instant::now();
+        let wrong = store.verify_staged(&m)?;
+        timing.verify_seconds = t.elapsed().as_secs_f64();
+        Ok((timing, wrong))
+    });
+    // A rank that failed locally still joins the agreement, so that no other rank commits.
+    let (wrong, failed) = match &staged {
+        Ok((_, wrong)) => (*wrong, 0),
+        Err(_) => (0, 1),
+    };
+    let totals = comm.allreduce_u64(&[wrong, failed], ReduceOp::Sum)?;
+    let (timing, _) = staged?;
+    if totals[1] > 0 {
+        return Err(ExecError::PeerFailed { layer: m.layer, ranks: totals[1] });
+    }
+    if totals[0] > 0 {
+        return Err(ExecError::Verification { layer: m.layer, wrong_bytes: totals[0] });
+    }
+    store.commit(&m)?;
+    let experts_moved = migration.transfers.len();
+    Ok(LayerStats {
+        layer: m.layer,
+        experts_moved,
+        local_copies: migration.local_copies.iter().chain(&migration.staged_copies).map(Vec::len).sum(),
+        bytes_moved: (experts_moved * store.expert_bytes()) as u64,
+        seconds: start.elapsed().as_secs_f64(),
+        timing,
+    })
 }

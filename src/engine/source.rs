@@ -1,0 +1,131 @@
+//! Where the synthetic engine's loads come from, and how an engine counts them per slot.
+//!
+//! A source gives the global load of a step, `weight [layers, num_logical]`: the next iteration
+//! of a trace (wrapping around) or the built-in drifting zipf-like generator. Every rank computes
+//! the same global load and counts only its own slots, as an engine would ([`slot_loads`]): a
+//! logical expert's tokens are split evenly over its replicas. The all-reduce of
+//! [`logical_from_slots`] over all ranks gives the global load back exactly.
+
+use ndarray::{Array2, ArrayView2};
+
+use super::synthetic::DriftingZipf;
+use crate::load::LoadTrace;
+use crate::policy::Placement;
+
+/// The load the synthetic engine replays.
+#[derive(Debug, Clone)]
+pub enum LoadSource {
+    /// Each step replays the next step of the trace, wrapping around.
+    Trace(LoadTrace),
+    /// The built-in zipf-like hot experts that drift over time.
+    Zipf(DriftingZipf),
+}
+
+impl LoadSource {
+    pub fn num_layers(&self) -> usize {
+        match self {
+            LoadSource::Trace(t) => t.num_layers(),
+            LoadSource::Zipf(z) => z.num_layers,
+        }
+    }
+
+    pub fn num_logical(&self) -> usize {
+        match self {
+            LoadSource::Trace(t) => t.num_logical(),
+            LoadSource::Zipf(z) => z.num_logical,
+        }
+    }
+
+    /// The global load of step `step`: `[layers, num_logical]`.
+    pub fn global_step(&self, step: usize) -> Array2<u64> {
+        match self {
+            LoadSource::Trace(t) => t.steps[step % t.num_steps().max(1)].clone(),
+            LoadSource::Zipf(z) => z.step(step),
+        }
+    }
+
+    /// One line for the header.
+    pub fn describe(&self) -> String {
+        match self {
+            LoadSource::Trace(t) => format!(
+                "trace {} ({}{}, {} steps, replayed in a loop)",
+                t.path.display(),
+                t.format,
+                t.dataset.as_ref().map(|d| format!(", dataset {d}")).unwrap_or_default(),
+                t.num_steps()
+            ),
+            LoadSource::Zipf(z) => format!(
+                "built-in drifting zipf (exponent {}, drift {} steps, seed {})",
+                z.exponent, z.drift_steps, z.seed
+            ),
+        }
+    }
+}
+
+/// Token counts of rank `rank`'s slots, `[layers, slots_per_rank]`, when `global [layers,
+/// num_logical]` is routed on `placement`: expert `e` with `t` tokens on `c` replicas gives its
+/// `i`-th replica (in slot order) `t / c`, plus one for the first `t % c` replicas.
+pub fn slot_loads(global: ArrayView2<u64>, placement: &Placement, rank: usize, slots_per_rank: usize) -> Array2<u64> {
+    let layers = global.nrows();
+    let base = rank * slots_per_rank;
+    let mut out = Array2::<u64>::zeros((layers, slots_per_rank));
+    for layer in 0..layers {
+        let row = placement.phy2log.row(layer);
+        for k in 0..slots_per_rank {
+            let e = row[base + k];
+            let c = placement.logcnt[[layer, e]] as u64;
+            // This slot's replica index: the replicas of e in earlier slots.
+            let i = row.iter().take(base + k).filter(|&&x| x == e).count() as u64;
+            let t = global[[layer, e]];
+            out[[layer, k]] = t / c + u64::from(i < t % c);
+        }
+    }
+    out
+}
+
+/// A rank's contribution to the global load: its slots' counts summed per logical expert,
+/// `[layers, num_logical]`; `placement` is the placement the counts were taken on.
+pub fn logical_from_slots(
+    slots: ArrayView2<u64>,
+    placement: &Placement,
+    rank: usize,
+    num_logical: usize,
+) -> Array2<u64> {
+    let (layers, spr) = slots.dim();
+    let mut out = Array2::<u64>::zeros((layers, num_logical));
+    for layer in 0..layers {
+        for k in 0..spr {
+            let e = placement.phy2log[[layer, rank * spr + k]];
+            out[[layer, e]] += slots[[layer, k]];
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slot_counts_split_evenly_and_sum_back_to_the_global_load() {
+        // 2 ranks x 3 slots; expert 0 has 3 replicas, expert 1 two, expert 2 one.
+        let p = Placement::from_phy2log(ndarray::arr2(&[[0, 1, 0, 2, 0, 1]]), 3).unwrap();
+        let global = ndarray::arr2(&[[10u64, 5, 7]]);
+        let r0 = slot_loads(global.view(), &p, 0, 3);
+        let r1 = slot_loads(global.view(), &p, 1, 3);
+        // Expert 0: 10 = 4 + 3 + 3 over slots 0, 2, 4; expert 1: 5 = 3 + 2 over slots 1, 5.
+        assert_eq!(r0, ndarray::arr2(&[[4, 3, 3]]));
+        assert_eq!(r1, ndarray::arr2(&[[7, 3, 2]]));
+        let sum = logical_from_slots(r0.view(), &p, 0, 3) + logical_from_slots(r1.view(), &p, 1, 3);
+        assert_eq!(sum, global);
+    }
+
+    #[test]
+    fn zipf_source_is_the_generator() {
+        let z = DriftingZipf::new(2, 8, 3);
+        let s = LoadSource::Zipf(z.clone());
+        assert_eq!(s.global_step(5), z.step(5));
+        assert_eq!((s.num_layers(), s.num_logical()), (2, 8));
+        assert!(s.describe().contains("zipf"));
+    }
+}

@@ -1,0 +1,244 @@
+//! Arguments of `eplb-worker run`, with xLLM's gflag spellings as aliases.
+
+use std::path::PathBuf;
+
+use clap::{ArgAction, Args, ValueEnum};
+
+use crate::collective::host::DEFAULT_CHUNK_BYTES;
+use crate::policy::PolicyKind;
+
+/// The inference job the balancer runs beside.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum EngineKind {
+    /// Host-memory expert weights whose bytes are a pure function of (layer, expert, offset), and
+    /// per-slot token counts from --trace or the built-in drifting zipf-like load.
+    Synthetic,
+}
+
+/// How expert weights move between ranks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TransportKind {
+    /// Host memory and non-blocking MPI point-to-point.
+    Host,
+    /// GPU memory and NCCL (not available yet).
+    Nccl,
+    /// The best transport this build and machine support (host for now).
+    Auto,
+}
+
+/// A fault to inject, for tests: `corrupt-load-on-rank=R` or `corrupt-transfer-on-rank=R`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Rank R perturbs its copy of the all-reduced load: the plan hashes differ.
+    CorruptLoad(usize),
+    /// Rank R flips a byte of its first staged slot: the verification fails.
+    CorruptTransfer(usize),
+}
+
+/// Parses `corrupt-load-on-rank=R` / `corrupt-transfer-on-rank=R`.
+pub fn parse_fault(s: &str) -> Result<Fault, String> {
+    let (kind, rank) = s.split_once('=').ok_or_else(|| format!("expected KIND=RANK, got {s:?}"))?;
+    let rank: usize = rank.parse().map_err(|_| format!("{rank:?} is not a rank"))?;
+    match kind {
+        "corrupt-load-on-rank" => Ok(Fault::CorruptLoad(rank)),
+        "corrupt-transfer-on-rank" => Ok(Fault::CorruptTransfer(rank)),
+        _ => Err(format!("unknown fault {kind:?}; known: corrupt-load-on-rank, corrupt-transfer-on-rank")),
+    }
+}
+
+/// A fraction in [0, 1].
+fn unit_interval(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
+    if (0.0..=1.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{v} is outside 0..=1"))
+    }
+}
+
+/// Seconds, positive.
+fn positive_seconds(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if v > 0.0 && v.is_finite() {
+        Ok(v)
+    } else {
+        Err(format!("{v} is not a positive number of seconds"))
+    }
+}
+
+/// Arguments of `eplb-worker run`.
+#[derive(Debug, Clone, Args)]
+#[command(after_help = "Example (4 ranks, the built-in drifting load, a rebalance every 10 steps):\n  \
+    mpirun -n 4 --oversubscribe eplb-worker run --eplb-update-interval-steps 10\n\n\
+    xLLM's gflags are accepted as they are, e.g. --enable_eplb=true --ep_size=16 \
+    --eplb_update_interval=2000 --eplb_update_threshold=0.9 --redundant_experts_num=1")]
+pub struct RunArgs {
+    /// The inference job: only the synthetic engine for now.
+    #[arg(long, value_enum, default_value_t = EngineKind::Synthetic, help_heading = "Engine")]
+    pub engine: EngineKind,
+    /// Replay this load file, one step per iteration, wrapping around (the `plan` formats and the
+    /// per-iteration CSV). Default: the built-in drifting zipf-like load.
+    #[arg(long, value_name = "FILE", help_heading = "Engine")]
+    pub trace: Option<PathBuf>,
+    /// Per-iteration CSV: the dataset to replay (default: the first in the file).
+    #[arg(long, value_name = "NAME", requires = "trace", help_heading = "Engine")]
+    pub trace_dataset: Option<String>,
+    /// MoE layers of the built-in load (default 8; a trace gives its own).
+    #[arg(long, value_name = "L", help_heading = "Engine")]
+    pub num_layers: Option<usize>,
+    /// E: logical experts a layer of the built-in load (default 64; a trace gives its own).
+    #[arg(long, value_name = "E", help_heading = "Engine")]
+    pub num_experts: Option<usize>,
+    /// Bytes of one expert's weights (a multiple of 8).
+    #[arg(long, value_name = "BYTES", default_value_t = 1 << 20, help_heading = "Engine")]
+    pub expert_bytes: usize,
+    /// Steps to run.
+    #[arg(long, default_value_t = 100, help_heading = "Engine")]
+    pub steps: usize,
+    /// Built-in load: steps for one set of hot experts to give way to the next.
+    #[arg(long, value_name = "STEPS", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..), help_heading = "Engine")]
+    pub drift_steps: u64,
+    /// Seed of the built-in load.
+    #[arg(long, default_value_t = 0, help_heading = "Engine")]
+    pub seed: u64,
+
+    /// Extra physical slots over all ranks (R = E + N, a multiple of the world size). Default:
+    /// one a rank, rounded up so that the slots divide over the ranks.
+    #[arg(long, value_name = "N", alias = "num_redundant_experts", help_heading = "Placement")]
+    pub num_redundant_experts: Option<usize>,
+    /// xLLM's --redundant_experts_num: extra slots per rank (R = E + N * world size).
+    #[arg(
+        long,
+        value_name = "N",
+        alias = "redundant_experts_num",
+        conflicts_with = "num_redundant_experts",
+        help_heading = "Placement"
+    )]
+    pub redundant_experts_num: Option<usize>,
+    /// K: expert groups; with K a multiple of the nodes, the policy keeps each group in one node.
+    #[arg(long, value_name = "K", default_value_t = 1, alias = "num_groups", help_heading = "Placement")]
+    pub num_groups: usize,
+    /// The expert-parallel size; if given, it must equal the number of ranks.
+    #[arg(long, value_name = "N", alias = "ep_size", help_heading = "Placement")]
+    pub ep_size: Option<usize>,
+    /// Accepted for xLLM compatibility and ignored: every rank here is one expert-parallel rank.
+    #[arg(long, value_name = "D", alias = "expert_parallel_degree", hide = true)]
+    pub expert_parallel_degree: Option<i64>,
+    /// Fake nodes of P consecutive ranks on one host (default: nodes from MPI's shared-memory split).
+    #[arg(long, value_name = "P", help_heading = "Placement")]
+    pub ranks_per_node: Option<usize>,
+    /// The initial placement: a placement file (`plan --output`, SGLang's --init-expert-location
+    /// JSON). Default: the trivial placement, slot s holds expert s mod E.
+    #[arg(long, value_name = "FILE", help_heading = "Placement")]
+    pub init_placement: Option<PathBuf>,
+    /// Placement algorithm.
+    #[arg(long, value_enum, default_value_t = PolicyKind::Incremental, help_heading = "Placement")]
+    pub policy: PolicyKind,
+    /// Incremental policy: the price of moving one expert copy, as a fraction of the mean GPU load.
+    #[arg(long, value_name = "FRACTION", default_value_t = crate::policy::incremental::DEFAULT_MOVE_COST, help_heading = "Placement")]
+    pub move_cost: f64,
+    /// Policy threads over layers on every rank (0: one per core).
+    #[arg(long, default_value_t = 1, help_heading = "Placement")]
+    pub threads: usize,
+
+    /// Rebalance (true) or only observe (false).
+    #[arg(long, alias = "enable_eplb", action = ArgAction::Set, num_args = 0..=1, default_value_t = true,
+          default_missing_value = "true", value_name = "BOOL", help_heading = "Manager")]
+    pub enable_eplb: bool,
+    /// Seconds between rebalances (rank 0's clock, acted on by every rank at the same step).
+    #[arg(long, value_name = "SECONDS", alias = "eplb_update_interval", default_value_t = 1000.0,
+          value_parser = positive_seconds, help_heading = "Manager")]
+    pub eplb_update_interval: f64,
+    /// Steps between rebalances instead of seconds (deterministic runs and tests).
+    #[arg(long, value_name = "N", alias = "eplb_update_interval_steps",
+          value_parser = clap::value_parser!(u64).range(1..), help_heading = "Manager")]
+    pub eplb_update_interval_steps: Option<u64>,
+    /// Update a layer only when the cosine similarity of its load with the load of its last
+    /// update is below T (0..=1).
+    #[arg(long, value_name = "T", alias = "eplb_update_threshold", default_value_t = 0.8,
+          value_parser = unit_interval, help_heading = "Manager")]
+    pub eplb_update_threshold: f64,
+    /// Layers migrated per step, so that no step stalls long (0: all at once).
+    #[arg(long, value_name = "L", alias = "eplb_layers_per_step", default_value_t = 1, help_heading = "Manager")]
+    pub eplb_layers_per_step: usize,
+    /// Skip a layer whose predicted peak GPU load drops by less than this fraction (0..=1).
+    #[arg(long, value_name = "X", aliases = ["eplb_min_improvement", "eplb_min_peak_load_improvement"],
+          default_value_t = 0.05, value_parser = unit_interval, help_heading = "Manager")]
+    pub eplb_min_improvement: f64,
+    /// Steps of load summed in the sliding window the policy plans on.
+    #[arg(long, value_name = "W", alias = "eplb_window_steps", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(1..), help_heading = "Manager")]
+    pub eplb_window_steps: u64,
+
+    /// How expert weights move.
+    #[arg(long, value_enum, default_value_t = TransportKind::Auto, help_heading = "Executor")]
+    pub transport: TransportKind,
+    /// Largest MPI message of the host transport.
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_CHUNK_BYTES,
+          value_parser = clap::value_parser!(usize), help_heading = "Executor")]
+    pub chunk_bytes: usize,
+    /// Every step, every rank checks all its live expert weights (slow; for tests).
+    #[arg(long, help_heading = "Executor")]
+    pub verify_live_every_step: bool,
+
+    /// Write a JSON report (rank 0).
+    #[arg(long, value_name = "FILE", help_heading = "Output")]
+    pub report: Option<PathBuf>,
+    /// Fault injection for tests: corrupt-load-on-rank=R, corrupt-transfer-on-rank=R.
+    #[arg(long, value_name = "KIND=RANK", value_parser = parse_fault, hide = true)]
+    pub fault: Vec<Fault>,
+}
+
+/// Parses `run`'s flags alone (tests).
+#[cfg(test)]
+pub(crate) fn parse_run_args(args: &[&str]) -> Result<RunArgs, clap::Error> {
+    use clap::Parser;
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        run: RunArgs,
+    }
+    Cli::try_parse_from(std::iter::once("run").chain(args.iter().copied())).map(|c| c.run)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<RunArgs, clap::Error> {
+        parse_run_args(args)
+    }
+
+    #[test]
+    fn xllm_gflags_parse_as_they_are() {
+        let a = parse(&[
+            "--enable_eplb=true",
+            "--expert_parallel_degree=2",
+            "--ep_size=16",
+            "--eplb_update_interval=2000",
+            "--eplb_update_threshold=0.9",
+            "--redundant_experts_num=1",
+        ])
+        .unwrap();
+        assert!(a.enable_eplb);
+        assert_eq!((a.ep_size, a.eplb_update_interval, a.eplb_update_threshold), (Some(16), 2000.0, 0.9));
+        assert_eq!(a.redundant_experts_num, Some(1));
+        assert!(!parse(&["--enable_eplb=false"]).unwrap().enable_eplb);
+        assert!(parse(&["--enable-eplb"]).unwrap().enable_eplb);
+        let d = parse(&[]).unwrap();
+        assert!(d.enable_eplb && d.eplb_update_interval == 1000.0 && d.eplb_update_threshold == 0.8);
+        assert_eq!((d.eplb_min_improvement, d.transport), (0.05, TransportKind::Auto));
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        assert!(parse(&["--eplb-update-threshold", "1.5"]).is_err());
+        assert!(parse(&["--eplb-min-improvement", "-0.1"]).is_err());
+        assert!(parse(&["--eplb-update-interval", "0"]).is_err());
+        assert!(parse(&["--eplb-update-interval-steps", "0"]).is_err());
+        assert!(parse(&["--num-redundant-experts", "4", "--redundant_experts_num", "1"]).is_err());
+        assert!(parse(&["--trace-dataset", "wikitext"]).is_err(), "a dataset needs a trace");
+        assert_eq!(parse(&["--fault", "corrupt-load-on-rank=3"]).unwrap().fault, vec![Fault::CorruptLoad(3)]);
+        assert!(parse(&["--fault", "corrupt-everything=1"]).is_err());
+    }
+}
