@@ -22,7 +22,10 @@ fn main() {
         eprintln!("error: NVRTC failed: {e:?}");
         std::process::exit(1);
     });
-    let header = format!("// Generated from kernels.cu by `cargo run --example gen_ptx`; source hash {:016x}\n", eplb::gpu::source_hash(&src));
+    let header = format!(
+        "// Generated from kernels.cu by `cargo run --example gen_ptx`; source hash {:016x}\n",
+        eplb::gpu::source_hash(&src)
+    );
     std::fs::write(format!("{dir}/kernels.ptx"), header + &ptx.to_src()).expect("write kernels.ptx");
     println!("wrote {dir}/kernels.ptx");
 }

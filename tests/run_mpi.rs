@@ -221,7 +221,8 @@ fn observe_only_and_init_placement() {
 fn bad_input_exits_2_with_a_clear_message() {
     for (args, want) in [
         (vec!["--ep-size", "3"], "must match the number of devices"),
-        (vec!["--transport", "nccl"], "not available yet"),
+        // No GPU here (CI, the dev machine): a clear error, not a panic.
+        (vec!["--transport", "nccl"], "no CUDA driver"),
         (vec!["--num-redundant-experts", "3"], "use --num-redundant-experts 4"),
         (vec!["--trace", "/nonexistent/load.csv"], "cannot read load file"),
     ] {

@@ -12,19 +12,18 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::{Args, ValueEnum};
-use mpi::collective::SystemOperation;
-use mpi::traits::{Communicator, CommunicatorCollectives, Root};
 use ndarray::Array2;
 use serde_json::json;
 
+use crate::collective::{Comm, MpiError, MpiRuntime};
 use crate::engine::synthetic::DriftingZipf;
-use crate::executor::{ExecError, ExpertStore, LayerMigration};
-use crate::gpu::device::{select_device, Gpu};
+use crate::executor::{migrate_layer, ExecError, ExpertStore, LayerMigration};
 use crate::gpu::nccl::NcclComm;
 use crate::gpu::store::{DeviceExpertStore, NcclTuning};
-use crate::gpu::{check_cuda, GpuError};
+use crate::gpu::{open_local_gpu, GpuError};
 use crate::load::{self, TraceSelect};
 use crate::policy::{self, Placement, PlacementShape, PolicyConfig, PolicyKind};
+use crate::rank::{Topology, TopologyError};
 
 /// Arguments of `eplb-worker bench-migrate`.
 #[derive(Debug, Clone, Args)]
@@ -79,6 +78,10 @@ pub enum BenchError {
     Gpu(#[from] GpuError),
     #[error(transparent)]
     Exec(#[from] ExecError),
+    #[error(transparent)]
+    Mpi(#[from] MpiError),
+    #[error(transparent)]
+    Topology(#[from] TopologyError),
     #[error("{0}")]
     Input(String),
 }
@@ -87,6 +90,7 @@ impl BenchError {
     pub fn exit_code(&self) -> i32 {
         match self {
             BenchError::Input(_) => 2,
+            BenchError::Gpu(e) => e.exit_code(),
             _ => 1,
         }
     }
@@ -102,10 +106,15 @@ fn placements(args: &BenchArgs, num_ranks: usize) -> Result<(Vec<usize>, Vec<usi
     let num_replicas = num_ranks * spr;
     let (row, what): (Vec<u64>, String) = match &args.load {
         Some(path) => {
-            let trace = load::read_trace(path, &TraceSelect::default()).map_err(|e| BenchError::Input(e.to_string()))?;
+            let trace =
+                load::read_trace(path, &TraceSelect::default()).map_err(|e| BenchError::Input(e.to_string()))?;
             let w = trace.summed().map_err(|e| BenchError::Input(e.to_string()))?;
             if args.load_layer >= w.nrows() {
-                return Err(BenchError::Input(format!("--load-layer {} but the load has {} layers", args.load_layer, w.nrows())));
+                return Err(BenchError::Input(format!(
+                    "--load-layer {} but the load has {} layers",
+                    args.load_layer,
+                    w.nrows()
+                )));
             }
             (w.row(args.load_layer).to_vec(), format!("{} layer {}", path.display(), args.load_layer))
         }
@@ -119,9 +128,14 @@ fn placements(args: &BenchArgs, num_ranks: usize) -> Result<(Vec<usize>, Vec<usi
     let weight = Array2::from_shape_vec((1, num_logical), folded).expect("shape matches");
     let shape = PlacementShape { num_replicas, num_gpus: num_ranks, num_nodes: 1, num_groups: 1 };
     let config = PolicyConfig { kind: PolicyKind::Deepseek, threads: 1, ..PolicyConfig::default() };
-    let planned = policy::rebalance(weight.view(), &shape, None, &config).map_err(|e| BenchError::Input(e.to_string()))?;
+    let planned =
+        policy::rebalance(weight.view(), &shape, None, &config).map_err(|e| BenchError::Input(e.to_string()))?;
     let trivial = Placement::trivial(1, num_logical, num_replicas);
-    Ok((trivial.phy2log.row(0).to_vec(), planned.phy2log.row(0).to_vec(), format!("{what}, folded to {num_logical} experts")))
+    Ok((
+        trivial.phy2log.row(0).to_vec(),
+        planned.phy2log.row(0).to_vec(),
+        format!("{what}, folded to {num_logical} experts"),
+    ))
 }
 
 /// One rank's timings of one layer's migration.
@@ -131,34 +145,16 @@ struct Sample {
     transfer_s: f64,
     verify_s: f64,
     stall_s: f64,
-    wrong: u64,
 }
 
-/// Migrates one layer: stage, verify, agree on the wrong-byte count, commit (or not at all).
-fn migrate<C: CommunicatorCollectives>(
-    store: &mut dyn ExpertStore,
-    world: &C,
-    m: &LayerMigration,
-    rank: usize,
-) -> Result<Sample, ExecError> {
-    let start = Instant::now();
-    let mine = m.for_rank(rank);
-    let timing = store.stage(&mine)?;
-    let t_verify = Instant::now();
-    let wrong = store.verify_staged(&mine)?;
-    let verify_s = t_verify.elapsed().as_secs_f64();
-    let mut total = 0u64;
-    world.all_reduce_into(&wrong, &mut total, SystemOperation::sum());
-    if total != 0 {
-        return Err(ExecError::Verification { layer: m.layer, wrong_bytes: total });
-    }
-    store.commit(&mine)?;
+/// Migrates one layer through the executor (stage, verify, agree, commit) and times it.
+fn migrate(store: &mut dyn ExpertStore, world: &Comm, m: &LayerMigration, rank: usize) -> Result<Sample, ExecError> {
+    let stats = migrate_layer(store, world, m, rank)?;
     Ok(Sample {
-        recv_bytes: (mine.recvs.len() * store.expert_bytes()) as u64,
-        transfer_s: timing.transfer_seconds,
-        verify_s,
-        stall_s: start.elapsed().as_secs_f64(),
-        wrong,
+        recv_bytes: (m.for_rank(rank).recvs.len() * store.expert_bytes()) as u64,
+        transfer_s: stats.timing.transfer_seconds,
+        verify_s: stats.timing.verify_seconds,
+        stall_s: stats.seconds,
     })
 }
 
@@ -172,32 +168,26 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// Runs the benchmark on every rank; rank 0 prints the tables.
 pub fn run_bench(args: &BenchArgs) -> Result<(), BenchError> {
-    let universe = mpi::initialize().ok_or_else(|| BenchError::Input("MPI was already initialised".into()))?;
-    let world = universe.world();
-    let (rank, size) = (world.rank() as usize, world.size() as usize);
-    check_cuda()?;
-    let local = world.split_shared(world.rank());
-    let local_rank = local.rank() as usize;
+    let _runtime = MpiRuntime::init()?;
+    let world = Comm::world()?;
+    let (rank, size) = (world.rank(), world.size());
+    let topo = Topology::discover(&world, None)?;
     let (a, b, what) = placements(args, size)?;
     let spr = args.slots_per_rank;
-    let forward = LayerMigration::derive(0, &a, &b, spr, local.size() as usize);
-    let backward = LayerMigration::derive(0, &b, &a, spr, local.size() as usize);
+    let forward = LayerMigration::derive(0, &a, &b, spr, topo.local_size);
+    let backward = LayerMigration::derive(0, &b, &a, spr, topo.local_size);
     if rank == 0 {
         if let Some(path) = &args.pattern_out {
             let t = |m: &LayerMigration| {
                 m.transfers.iter().map(|t| [t.src_rank, t.src_slot, t.dst_rank, t.dst_slot]).collect::<Vec<_>>()
             };
-            let doc = json!({ "num_ranks": size, "slots_per_rank": spr, "forward": t(&forward), "backward": t(&backward) });
+            let doc =
+                json!({ "num_ranks": size, "slots_per_rank": spr, "forward": t(&forward), "backward": t(&backward) });
             crate::plan::file::write_json_atomic(path, &doc).map_err(|e| BenchError::Input(e.to_string()))?;
         }
     }
-
-    let ordinal = select_device(local_rank)?;
-    let gpu = Gpu::open(ordinal)?;
-    // The `# Using devices` block, gathered on rank 0.
-    let host = mpi::environment::processor_name().unwrap_or_else(|_| "?".into());
-    let line = format!("#  rank {rank:>3}  host {host}  local rank {local_rank}  device {ordinal}  {}", gpu.name);
-    let lines = gather_lines(&world, &line);
+    let gpu = open_local_gpu(topo.local_rank)?;
+    let devices = topo.devices_block(&world, &format!("cuda:{} {}", gpu.ordinal, gpu.name))?;
     if rank == 0 {
         println!("# eplb bench-migrate: {size} ranks, transport nccl, {spr} slots/rank, {} layer(s)", args.layers);
         println!("# plan: trivial -> deepseek for {what}");
@@ -208,10 +198,7 @@ pub fn run_bench(args: &BenchArgs) -> Result<(), BenchError> {
             args.group_mib,
             if args.chunk_mib > 0.0 { format!("{} MiB", args.chunk_mib) } else { "whole experts".into() }
         );
-        println!("# Using devices");
-        for l in &lines {
-            println!("{l}");
-        }
+        print!("{devices}");
     }
     let nccl = NcclComm::bootstrap(&world)?;
     let tuning = NcclTuning {
@@ -237,7 +224,7 @@ pub fn run_bench(args: &BenchArgs) -> Result<(), BenchError> {
             (0..args.layers)
                 .map(|l| {
                     let (old, new) = if fwd { (&a, &b) } else { (&b, &a) };
-                    LayerMigration::derive(l, old, new, spr, local.size() as usize)
+                    LayerMigration::derive(l, old, new, spr, topo.local_size)
                 })
                 .collect()
         };
@@ -249,7 +236,7 @@ pub fn run_bench(args: &BenchArgs) -> Result<(), BenchError> {
         let mut pass_seconds = Vec::new();
         for it in 0..=args.iters {
             let ms = if it % 2 == 0 { &fwd } else { &bwd };
-            world.barrier();
+            world.barrier()?;
             let t0 = Instant::now();
             let mut pass = Vec::new();
             for m in ms {
@@ -259,13 +246,16 @@ pub fn run_bench(args: &BenchArgs) -> Result<(), BenchError> {
                         // Nothing was committed: the live slots must still hold the old experts.
                         let old = if it % 2 == 0 { &a } else { &b };
                         let live_wrong = store.verify_live(m.layer, &old[rank * spr..(rank + 1) * spr])?;
-                        eprintln!("# rank {rank}: {e}; live weights of layer {} verify with {live_wrong} wrong bytes", m.layer);
+                        eprintln!(
+                            "# rank {rank}: {e}; live weights of layer {} verify with {live_wrong} wrong bytes",
+                            m.layer
+                        );
                         return Err(e.into());
                     }
                     Err(e) => return Err(e.into()),
                 }
             }
-            world.barrier();
+            world.barrier()?;
             if it > 0 {
                 pass_seconds.push(t0.elapsed().as_secs_f64());
                 samples.extend(pass);
@@ -288,16 +278,12 @@ pub fn run_bench(args: &BenchArgs) -> Result<(), BenchError> {
             median(samples.iter().map(|s| s.stall_s).collect()),
             samples.iter().map(|s| s.stall_s).fold(0.0, f64::max),
             median(pass_seconds.clone()),
-            (samples.iter().map(|s| s.wrong).sum::<u64>() + live_wrong) as f64,
+            live_wrong as f64,
             mean_recv / expert_bytes.max(1) as f64,
             median(gbs),
         ];
-        let mut all = vec![0.0f64; row.len() * size];
-        if rank == 0 {
-            world.process_at_rank(0).gather_into_root(&row[..], &mut all[..]);
-        } else {
-            world.process_at_rank(0).gather_into(&row[..]);
-        }
+        let bits: Vec<u64> = row.iter().map(|v| v.to_bits()).collect();
+        let all: Vec<f64> = world.allgather_u64(&bits)?.into_iter().flatten().map(f64::from_bits).collect();
         if rank == 0 {
             for r in 0..size {
                 let v = &all[r * row.len()..(r + 1) * row.len()];
@@ -330,6 +316,7 @@ pub fn run_bench(args: &BenchArgs) -> Result<(), BenchError> {
         drop(nccl);
         drop(gpu);
     }
+    drop(world);
     if rank == 0 {
         if let Some(path) = &args.report {
             let doc = json!({ "world_size": size, "slots_per_rank": spr, "layers": args.layers, "results": results });
@@ -337,20 +324,4 @@ pub fn run_bench(args: &BenchArgs) -> Result<(), BenchError> {
         }
     }
     Ok(())
-}
-
-fn gather_lines<C: Communicator>(world: &C, line: &str) -> Vec<String> {
-    const W: usize = 160;
-    let mut buf = [b' '; W];
-    let bytes = line.as_bytes();
-    buf[..bytes.len().min(W)].copy_from_slice(&bytes[..bytes.len().min(W)]);
-    let size = world.size() as usize;
-    let mut all = vec![b' '; W * size];
-    let root = world.process_at_rank(0);
-    if world.rank() == 0 {
-        root.gather_into_root(&buf[..], &mut all[..]);
-    } else {
-        root.gather_into(&buf[..]);
-    }
-    all.chunks(W).map(|c| String::from_utf8_lossy(c).trim_end().to_string()).collect()
 }

@@ -112,7 +112,14 @@ impl LayerMigration {
                         .min_by_key(|&&(h, _)| (h / ranks_per_node != node, sends_of[h], h))
                         .expect("every expert of the new placement is held somewhere in the old one");
                     sends_of[src_rank] += 1;
-                    transfers.push(Transfer { seq: transfers.len(), expert: e, src_rank, src_slot, dst_rank: r, dst_slot: k });
+                    transfers.push(Transfer {
+                        seq: transfers.len(),
+                        expert: e,
+                        src_rank,
+                        src_slot,
+                        dst_rank: r,
+                        dst_slot: k,
+                    });
                     arriving.push((e, k));
                 }
             }

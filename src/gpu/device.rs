@@ -71,10 +71,11 @@ impl Gpu {
         unsafe { ctx.disable_event_tracking() };
         let name = ctx.name().map_err(cuda_err("cuDeviceGetName"))?;
         let stream = ctx.new_stream().map_err(cuda_err("cuStreamCreate"))?;
-        let ptx = CString::new(KERNELS_PTX).map_err(|_| GpuError::Cuda { op: "load PTX", message: "NUL in PTX".into() })?;
+        let ptx =
+            CString::new(KERNELS_PTX).map_err(|_| GpuError::Cuda { op: "load PTX", message: "NUL in PTX".into() })?;
         // SAFETY: a NUL-terminated PTX image; the context is current (new_stream bound it).
-        let module =
-            unsafe { result::module::load_data(ptx.as_ptr() as *const c_void) }.map_err(cuda_err("cuModuleLoadData"))?;
+        let module = unsafe { result::module::load_data(ptx.as_ptr() as *const c_void) }
+            .map_err(cuda_err("cuModuleLoadData"))?;
         let get = |name: &str| {
             let c = CString::new(name).expect("kernel names have no NUL");
             // SAFETY: `module` was just loaded and stays loaded while `Gpu` lives.
@@ -127,7 +128,13 @@ impl Gpu {
     }
 
     /// Queues: `dst[0..bytes)` = the pattern of (layer, expert). `bytes` is a multiple of 8.
-    pub fn fill_pattern(&self, dst: sys::CUdeviceptr, bytes: usize, layer: usize, expert: usize) -> Result<(), GpuError> {
+    pub fn fill_pattern(
+        &self,
+        dst: sys::CUdeviceptr,
+        bytes: usize,
+        layer: usize,
+        expert: usize,
+    ) -> Result<(), GpuError> {
         let (mut dst, mut words, mut layer, mut expert) = (dst, (bytes / 8) as u64, layer as u64, expert as u64);
         let mut params = [
             &mut dst as *mut _ as *mut c_void,

@@ -45,6 +45,16 @@ pub enum GpuError {
     Mpi(String),
 }
 
+impl GpuError {
+    /// 2 when the machine lacks what was asked for (no driver, NCCL or GPU), 1 for a failure.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            GpuError::NoDriver(_) | GpuError::NoNccl | GpuError::NoGpu { .. } => 2,
+            _ => 1,
+        }
+    }
+}
+
 impl From<GpuError> for ExecError {
     fn from(e: GpuError) -> Self {
         match e {
@@ -74,6 +84,19 @@ pub fn check_cuda() -> Result<(), GpuError> {
         return Err(GpuError::NoNccl);
     }
     Ok(())
+}
+
+/// Whether this rank could use a GPU: the libraries load and its local rank has a device.
+/// Opens no context.
+pub fn gpu_usable(local_rank: usize) -> bool {
+    check_cuda().is_ok() && device::select_device(local_rank).is_ok()
+}
+
+/// This rank's GPU, opened: the libraries are checked first, then the device is chosen by local
+/// rank (or the only one visible).
+pub fn open_local_gpu(local_rank: usize) -> Result<device::Gpu, GpuError> {
+    check_cuda()?;
+    device::Gpu::open(device::select_device(local_rank)?)
 }
 
 #[cfg(test)]

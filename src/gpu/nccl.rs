@@ -4,9 +4,9 @@ use std::ffi::CStr;
 
 use cudarc::driver::sys as cu;
 use cudarc::nccl::{result, sys};
-use mpi::traits::{Communicator, Root};
 
 use super::GpuError;
+use crate::collective::Comm;
 
 /// Formats an NCCL failure: its code, `ncclGetErrorString`, and `ncclGetLastError` when a
 /// communicator exists.
@@ -41,20 +41,32 @@ pub struct NcclComm {
 }
 
 impl NcclComm {
-    /// Rank 0 creates the unique id and broadcasts it through MPI; every rank then joins.
-    /// The calling thread must have the rank's GPU context current.
-    pub fn bootstrap<C: Communicator>(world: &C) -> Result<NcclComm, GpuError> {
-        let (rank, size) = (world.rank() as usize, world.size() as usize);
+    /// Rank 0 creates the unique id, which reaches every rank through MPI; every rank then
+    /// joins. Collective over `comm`. The calling thread must have the rank's GPU context current.
+    pub fn bootstrap(comm: &Comm) -> Result<NcclComm, GpuError> {
+        let (rank, size) = (comm.rank(), comm.size());
         let mut id = [0u8; 128];
-        if rank == 0 {
-            let uid = result::get_uniqueid().map_err(nccl_err("ncclGetUniqueId", None))?;
+        // Rank 0's id; a failure there still joins the exchange, with zeros, and every rank sees it.
+        let created =
+            if rank == 0 { Some(result::get_uniqueid().map_err(nccl_err("ncclGetUniqueId", None))) } else { None };
+        if let Some(Ok(uid)) = &created {
             for (d, s) in id.iter_mut().zip(uid.internal.iter()) {
                 *d = *s as u8;
             }
         }
-        world.process_at_rank(0).broadcast_into(&mut id[..]);
+        let all = comm.allgather_bytes(&id).map_err(|e| GpuError::Mpi(e.to_string()))?;
+        if let Some(Err(e)) = created {
+            return Err(e);
+        }
+        if all[0].iter().all(|&b| b == 0) {
+            return Err(GpuError::Nccl {
+                op: "ncclGetUniqueId",
+                code: -1,
+                message: "rank 0 could not create the NCCL id".into(),
+            });
+        }
         let mut uid = sys::ncclUniqueId { internal: [0; 128] };
-        for (d, s) in uid.internal.iter_mut().zip(id.iter()) {
+        for (d, s) in uid.internal.iter_mut().zip(all[0].iter()) {
             *d = *s as _;
         }
         let mut comm: sys::ncclComm_t = std::ptr::null_mut();

@@ -135,7 +135,12 @@ impl DeviceExpertStore {
     }
 
     /// Queues `count_wrong` for `(buffer slot, expert)` pairs and reads the total.
-    fn count_wrong(&self, buf: &DeviceBuffer, layer: usize, slots: impl Iterator<Item = (usize, usize)>) -> Result<u64, GpuError> {
+    fn count_wrong(
+        &self,
+        buf: &DeviceBuffer,
+        layer: usize,
+        slots: impl Iterator<Item = (usize, usize)>,
+    ) -> Result<u64, GpuError> {
         self.gpu.zero_u64(self.counter.ptr)?;
         for (k, expert) in slots {
             self.gpu.count_wrong(buf.at(self.slot(k)), self.expert_bytes, layer, expert, self.counter.ptr)?;
@@ -180,7 +185,11 @@ impl DeviceExpertStore {
             self.nccl.group(&group, self.gpu.stream())?;
         }
         for c in &m.staged_copies {
-            self.gpu.copy(self.staging.at(self.slot(c.dst_slot)), self.staging.at(self.slot(c.src_slot)), self.expert_bytes)?;
+            self.gpu.copy(
+                self.staging.at(self.slot(c.dst_slot)),
+                self.staging.at(self.slot(c.src_slot)),
+                self.expert_bytes,
+            )?;
         }
         self.gpu.synchronize()?;
         if std::mem::take(&mut self.corrupt_next_stage) {
@@ -205,6 +214,14 @@ fn gib(bytes: usize) -> f64 {
 }
 
 impl ExpertStore for DeviceExpertStore {
+    fn device(&self) -> String {
+        format!("cuda:{} {}", self.gpu.ordinal, self.gpu.name)
+    }
+
+    fn transport(&self) -> &'static str {
+        "nccl"
+    }
+
     fn expert_bytes(&self) -> usize {
         self.expert_bytes
     }

@@ -20,9 +20,9 @@ pub enum EngineKind {
 pub enum TransportKind {
     /// Host memory and non-blocking MPI point-to-point.
     Host,
-    /// GPU memory and NCCL (not available yet).
+    /// GPU memory and NCCL, one GPU per rank (its local rank's, or the only one visible).
     Nccl,
-    /// The best transport this build and machine support (host for now).
+    /// NCCL when every rank has a GPU and the CUDA and NCCL libraries load, else host.
     Auto,
 }
 
@@ -177,6 +177,13 @@ pub struct RunArgs {
     #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_CHUNK_BYTES,
           value_parser = clap::value_parser!(usize), help_heading = "Executor")]
     pub chunk_bytes: usize,
+    /// NCCL transport: average bytes one rank moves per NCCL group (the layer's transfers are cut
+    /// into groups, the same cut on every rank).
+    #[arg(long, value_name = "MIB", default_value_t = 1024.0, help_heading = "Executor")]
+    pub nccl_group_mib: f64,
+    /// NCCL transport: largest piece of one expert inside a group (0: whole experts).
+    #[arg(long, value_name = "MIB", default_value_t = 0.0, help_heading = "Executor")]
+    pub nccl_chunk_mib: f64,
     /// Every step, every rank checks all its live expert weights (slow; for tests).
     #[arg(long, help_heading = "Executor")]
     pub verify_live_every_step: bool,

@@ -11,7 +11,7 @@
 //! Decisions depend only on all-reduced data and flags, so every rank takes them at the same step.
 //!
 //! Seams for other engines and transports: [`make_store`] picks the [`ExpertStore`] from
-//! `--transport` (the host store now; a device store with NCCL later), and the loop drives it only
+//! `--transport` (host memory and MPI, or GPU memory and NCCL), and the loop drives it only
 //! through [`crate::executor::migrate_layer`] and [`ExpertStore::verify_live`].
 
 pub mod args;
@@ -30,6 +30,7 @@ use crate::collective::{Comm, MpiError, MpiRuntime, ReduceOp};
 use crate::engine::synthetic::DriftingZipf;
 use crate::engine::{logical_from_slots, slot_loads, LoadSource};
 use crate::executor::{migrate_layer, ExecError, ExpertStore, HostExpertStore, LayerMigration};
+use crate::gpu::{self, device::Gpu, nccl::NcclComm, store::DeviceExpertStore, store::NcclTuning, GpuError};
 use crate::load::{self, LoadError, TraceSelect};
 use crate::manager::{Interval, Manager, ManagerConfig, Window};
 use crate::plan::file::{self, PlacementFileError};
@@ -64,6 +65,8 @@ pub enum RunError {
     Exec { step: usize, source: ExecError },
     #[error("{wrong_bytes} live bytes failed verification over all ranks")]
     LiveVerification { wrong_bytes: u64 },
+    #[error(transparent)]
+    Gpu(#[from] GpuError),
     #[error("--report: {0}")]
     Report(PlacementFileError),
     /// Another rank failed during setup and printed why.
@@ -81,6 +84,7 @@ impl RunError {
             RunError::PlacementFile(_) => 2,
             RunError::PlanDisagreement { .. } | RunError::Exec { .. } | RunError::LiveVerification { .. } => 1,
             RunError::PeerSetup { code, .. } => *code,
+            RunError::Gpu(e) => e.exit_code(),
         }
     }
 
@@ -180,22 +184,67 @@ pub fn load_source(args: &RunArgs) -> Result<LoadSource, RunError> {
     }
 }
 
-/// The expert store `--transport` selects, holding `experts[layer][slot]` (this rank's slots).
-/// `comm` is a communicator of the store's own for its point-to-point traffic.
+/// The expert store `--transport` selects, before the collective part of its set-up.
+pub enum StoreSetup {
+    Ready(Box<dyn ExpertStore>),
+    /// The GPU is open; the NCCL communicator and the device store come once every rank is here.
+    Gpu {
+        gpu: Gpu,
+        comm: Comm,
+        experts: Vec<Vec<usize>>,
+    },
+}
+
+/// The transport every rank uses: `auto` becomes `nccl` only when every rank can use a GPU
+/// (collective over `world` for `auto`).
+pub fn resolve_transport(kind: TransportKind, topo: &Topology, world: &Comm) -> Result<TransportKind, RunError> {
+    Ok(match kind {
+        TransportKind::Auto => {
+            let usable = u64::from(gpu::gpu_usable(topo.local_rank));
+            if world.allreduce_u64(&[usable], ReduceOp::Min)?[0] == 1 {
+                TransportKind::Nccl
+            } else {
+                TransportKind::Host
+            }
+        }
+        other => other,
+    })
+}
+
+/// The local part of the store's set-up, holding `experts[layer][slot]` (this rank's slots):
+/// the host store, or this rank's GPU. `comm` is a communicator of the store's own.
 pub fn make_store(
     args: &RunArgs,
+    transport: TransportKind,
     comm: Comm,
     experts: &[Vec<usize>],
-    rank: usize,
-) -> Result<Box<dyn ExpertStore>, RunError> {
-    match args.transport {
-        TransportKind::Nccl => Err(RunError::Config(
-            "--transport nccl is not available yet (the GPU executor comes in a later issue); use --transport host or auto".into(),
-        )),
-        TransportKind::Host | TransportKind::Auto => {
-            let transport = HostTransport::new(comm, args.chunk_bytes);
-            let mut store = HostExpertStore::new(transport, args.expert_bytes, experts)
-                .map_err(|e| RunError::Config(format!("the host store: {e}")))?;
+    topo: &Topology,
+) -> Result<StoreSetup, RunError> {
+    if transport == TransportKind::Nccl {
+        let gpu = gpu::open_local_gpu(topo.local_rank)?;
+        return Ok(StoreSetup::Gpu { gpu, comm, experts: experts.to_vec() });
+    }
+    let transport = HostTransport::new(comm, args.chunk_bytes);
+    let mut store = HostExpertStore::new(transport, args.expert_bytes, experts)
+        .map_err(|e| RunError::Config(format!("the host store: {e}")))?;
+    if args.fault.contains(&Fault::CorruptTransfer(topo.world_rank)) {
+        store.corrupt_next_stage();
+    }
+    Ok(StoreSetup::Ready(Box::new(store)))
+}
+
+/// The collective part of the store's set-up (every rank calls it): the NCCL communicator, then
+/// the device store with every live slot filled.
+fn finish_store(args: &RunArgs, setup: StoreSetup, rank: usize) -> Result<Box<dyn ExpertStore>, RunError> {
+    match setup {
+        StoreSetup::Ready(store) => Ok(store),
+        StoreSetup::Gpu { gpu, comm, experts } => {
+            let nccl = NcclComm::bootstrap(&comm)?;
+            let tuning = NcclTuning {
+                group_bytes: (args.nccl_group_mib * (1 << 20) as f64) as usize,
+                chunk_bytes: (args.nccl_chunk_mib * (1 << 20) as f64) as usize,
+            };
+            let mut store = DeviceExpertStore::new(gpu, nccl, &experts, args.expert_bytes, tuning)?;
             if args.fault.contains(&Fault::CorruptTransfer(rank)) {
                 store.corrupt_next_stage();
             }
@@ -243,38 +292,56 @@ struct State {
     store: Box<dyn ExpertStore>,
 }
 
+/// A rank's state before the collective part of the store's set-up.
+struct Prepared {
+    run_shape: RunShape,
+    source: LoadSource,
+    initial: Placement,
+    store: StoreSetup,
+}
+
 /// The run on `world` (MPI started).
 pub fn run_on(world: &Comm, args: &RunArgs) -> Result<RunOutcome, RunError> {
     let rank = world.rank();
     // Collective calls first, so that a rank whose local setup fails does not leave the others
     // waiting in one of them.
     let topo = Topology::discover(world, args.ranks_per_node)?;
+    let transport = resolve_transport(args.transport, &topo, world)?;
     let store_comm = world.dup()?;
-    let local = setup(args, &topo, store_comm);
+    let prepared = agree_on_setup(world, setup(args, &topo, store_comm, transport))?;
+    let store = agree_on_setup(world, finish_store(args, prepared.store, rank))?;
+    let Prepared { run_shape, source, initial, .. } = prepared;
+    let mut state = State { topo: topo.clone(), run_shape, source, initial, store };
+    let devices = topo.devices_block(world, &state.store.device())?;
+    Looper::new(world, args, &mut state).run(devices)
+}
+
+/// Every rank learns whether every rank's local set-up succeeded (one all-gather of exit codes),
+/// so that no rank goes on into a collective call that a failed rank will never make.
+fn agree_on_setup<T>(world: &Comm, local: Result<T, RunError>) -> Result<T, RunError> {
+    let rank = world.rank();
     let code = match &local {
         Ok(_) => 0u64,
         Err(e) => e.exit_code().max(1) as u64,
     };
     let codes: Vec<u64> = world.allgather_u64(&[code])?.iter().map(|c| c[0]).collect();
     let failed: Vec<usize> = (0..codes.len()).filter(|&r| codes[r] != 0).collect();
-    let mut state = match local {
+    match local {
         Err(e) if failed.len() < codes.len() => {
             // Only some ranks failed (a file missing on one node): each says why.
             eprintln!("eplb-worker run: rank {rank}: error: {e}");
-            return Err(RunError::PeerSetup { ranks: format!("{failed:?}"), code: e.exit_code() });
+            Err(RunError::PeerSetup { ranks: format!("{failed:?}"), code: e.exit_code() })
         }
-        Err(e) => return Err(e),
+        Err(e) => Err(e),
         Ok(_) if !failed.is_empty() => {
             let code = codes.iter().copied().max().unwrap_or(1) as i32;
-            return Err(RunError::PeerSetup { ranks: format!("{failed:?}"), code });
+            Err(RunError::PeerSetup { ranks: format!("{failed:?}"), code })
         }
-        Ok(s) => s,
-    };
-    let devices = topo.devices_block(world, &state.store.device())?;
-    Looper::new(world, args, &mut state).run(devices)
+        Ok(s) => Ok(s),
+    }
 }
 
-fn setup(args: &RunArgs, topo: &Topology, store_comm: Comm) -> Result<State, RunError> {
+fn setup(args: &RunArgs, topo: &Topology, store_comm: Comm, transport: TransportKind) -> Result<Prepared, RunError> {
     if let Some(d) = args.expert_parallel_degree {
         log::info!("--expert_parallel_degree={d} is accepted for xLLM compatibility and ignored");
     }
@@ -294,8 +361,8 @@ fn setup(args: &RunArgs, topo: &Topology, store_comm: Comm) -> Result<State, Run
     };
     let spr = shape.slots_per_rank();
     let experts: Vec<Vec<usize>> = (0..layers).map(|l| local_slots(&initial, l, topo.world_rank, spr)).collect();
-    let store = make_store(args, store_comm, &experts, topo.world_rank)?;
-    Ok(State { topo: topo.clone(), run_shape, source, initial, store })
+    let store = make_store(args, transport, store_comm, &experts, topo)?;
+    Ok(Prepared { run_shape, source, initial, store })
 }
 
 /// The experts of rank `rank`'s slots in `layer` of `placement` (`[slots_per_rank]`).
