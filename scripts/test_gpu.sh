@@ -6,7 +6,8 @@
 # 1. bench-migrate moves experts with NCCL between all GPUs, and every staged and live byte verifies;
 # 2. a flipped staged byte on one rank is caught: nothing is committed, the live weights still
 #    verify, and the run exits nonzero;
-# 3. `run --transport nccl` end to end (when the binary has it), with 0 wrong bytes.
+# 3. `run --transport nccl` end to end, with 0 wrong bytes; with BIG=1 also at DeepSeek-V3 size
+#    (58 layers, 8 experts + 1 redundant slot per GPU, 44 MiB experts: 22.4 GiB per GPU).
 set -euo pipefail
 bin=${1:-target/release/eplb-worker}
 gpus=${GPUS:-$(nvidia-smi -L | wc -l)}
@@ -30,15 +31,22 @@ check "a corrupted staged byte fails the run" "[ $rc -ne 0 ]"
 check "it is reported as a verification failure" "grep -q 'failed verification' '$tmp/out2'"
 check "the live weights still verify after the abort" "grep -q 'verify with 0 wrong bytes' '$tmp/out2'"
 
-if "$bin" run --help >/dev/null 2>&1; then
+run_e2e() {
+  local name=$1
+  shift
   set +e
-  "${mpi[@]}" -n "$gpus" "$bin" run --transport nccl --steps 40 --eplb-update-interval-steps 10 \
-    --report "$tmp/run.json" >"$tmp/out3" 2>&1
-  rc=$?
+  "${mpi[@]}" -n "$gpus" "$bin" run --transport nccl --report "$tmp/$name.json" "$@" >"$tmp/$name.out" 2>&1
+  local rc=$?
   set -e
-  tail -n 30 "$tmp/out3"
-  check "run --transport nccl exits 0" "[ $rc -eq 0 ]"
-  check "run --transport nccl: plans agreed, experts moved, 0 wrong bytes" \
-    "python3 -c \"import json,sys; r=json.load(open('$tmp/run.json')); sys.exit(0 if r['plans_agreed'] and r['experts_moved']>0 and r['wrong_bytes']==0 else 1)\""
+  grep -v "INFO" "$tmp/$name.out" | tail -n 25
+  check "run --transport nccl ($name) exits 0" "[ $rc -eq 0 ]"
+  check "run --transport nccl ($name): plans agreed, experts moved, 0 wrong bytes, live weights verified" \
+    "python3 -c \"import json,sys; r=json.load(open('$tmp/$name.json')); sys.exit(0 if r['transport']=='nccl' and r['plans_agreed'] and r['experts_moved']>0 and r['wrong_bytes']==0 and r['wrong_live_bytes']==0 and r['balancedness_live']>r['balancedness_static'] else 1)\""
+  if [ -n "${OUT:-}" ]; then cp "$tmp/$name.json" "$tmp/$name.out" "$OUT/" 2>/dev/null || true; fi
+}
+run_e2e small --steps 40 --eplb-update-interval-steps 10 --verify-live-every-step
+if [ "${BIG:-0}" = 1 ]; then
+  run_e2e big --num-layers 58 --num-experts $((8 * gpus)) --num-redundant-experts "$gpus" \
+    --expert-bytes $((44 * 1024 * 1024)) --steps 120 --eplb-update-interval-steps 30 --eplb-layers-per-step 4
 fi
 exit $fail
