@@ -94,7 +94,7 @@ impl DeviceExpertStore {
         let staging = gpu.alloc(layer_bytes)?;
         let counter = gpu.alloc(8)?;
         gpu.synchronize()?;
-        Ok(DeviceExpertStore {
+        let store = DeviceExpertStore {
             live,
             staging,
             counter,
@@ -104,7 +104,26 @@ impl DeviceExpertStore {
             expert_bytes,
             tuning,
             corrupt_next_stage: false,
-        })
+        };
+        store.warm_up()?;
+        Ok(store)
+    }
+
+    /// Connects NCCL to every peer before the first migration: NCCL sets up its point-to-point
+    /// channels lazily, on the first send to a peer, which made the first migrated layer stall
+    /// for hundreds of milliseconds. Each rank sends one expert-sized message to every peer, in
+    /// `size - 1` rounds (round k: to `rank + k`, from `rank - k`), into the staging buffer.
+    fn warm_up(&self) -> Result<(), GpuError> {
+        let (rank, size) = (self.nccl.rank, self.nccl.size);
+        let (Some(src), true) = (self.live.first(), self.slots_per_rank > 0) else { return Ok(()) };
+        for k in 1..size {
+            let ops = [
+                P2p::Send { peer: (rank + k) % size, ptr: src.ptr, bytes: self.expert_bytes },
+                P2p::Recv { peer: (rank + size - k) % size, ptr: self.staging.ptr, bytes: self.expert_bytes },
+            ];
+            self.nccl.group(&ops, self.gpu.stream())?;
+        }
+        self.gpu.synchronize()
     }
 
     /// Frees the weights and gives back the GPU and the communicator.
