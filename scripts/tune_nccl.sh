@@ -14,11 +14,11 @@ run() {
   local name=$1 extra=$2
   shift 2
   echo "## $name"
+  local pass=()
+  for kv in "$@"; do pass+=(-x "$kv"); done
   # shellcheck disable=SC2086
-  env "$@" "${base[@]}" -x NCCL_P2P_NVL_CHUNKSIZE -x NCCL_BUFFSIZE -x NCCL_MIN_P2P_NCHANNELS -x NCCL_MIN_NCHANNELS \
-    "$bin" bench-migrate --expert-mib "$sizes" --iters 10 $extra 2>&1 | grep -E "^ +[0-9]"
+  "${base[@]}" "${pass[@]}" "$bin" bench-migrate --expert-mib "$sizes" --iters 10 $extra 2>&1 | grep -E "^ +[0-9]"
 }
-export NCCL_P2P_NVL_CHUNKSIZE=524288 NCCL_BUFFSIZE=4194304 NCCL_MIN_P2P_NCHANNELS=1 NCCL_MIN_NCHANNELS=1
 run "default" ""
 run "P2P_NVL_CHUNKSIZE=1M BUFFSIZE=8M" "" NCCL_P2P_NVL_CHUNKSIZE=1048576 NCCL_BUFFSIZE=8388608
 run "P2P_NVL_CHUNKSIZE=2M BUFFSIZE=16M" "" NCCL_P2P_NVL_CHUNKSIZE=2097152 NCCL_BUFFSIZE=16777216
