@@ -19,9 +19,10 @@ run() {
   # shellcheck disable=SC2086
   "${base[@]}" "${pass[@]}" "$bin" bench-migrate --expert-mib "$sizes" --iters 10 $extra 2>&1 | grep -E "^ +[0-9]"
 }
-run "default" ""
-run "P2P_NVL_CHUNKSIZE=1M BUFFSIZE=8M" "" NCCL_P2P_NVL_CHUNKSIZE=1048576 NCCL_BUFFSIZE=8388608
-run "P2P_NVL_CHUNKSIZE=2M BUFFSIZE=16M" "" NCCL_P2P_NVL_CHUNKSIZE=2097152 NCCL_BUFFSIZE=16777216
-run "MIN_P2P_NCHANNELS=32 MIN_NCHANNELS=32" "" NCCL_MIN_P2P_NCHANNELS=32 NCCL_MIN_NCHANNELS=32
-run "pieces of 4 MiB" "--chunk-mib 4"
-run "one expert per rank per group" "--group-mib 1"
+run "default (buffers registered with NCCL)" ""
+run "buffers not registered" "--register false"
+run "not registered, P2P_NVL_CHUNKSIZE=1M BUFFSIZE=8M" "--register false" NCCL_P2P_NVL_CHUNKSIZE=1048576 NCCL_BUFFSIZE=8388608
+run "not registered, P2P_NVL_CHUNKSIZE=2M BUFFSIZE=16M" "--register false" NCCL_P2P_NVL_CHUNKSIZE=2097152 NCCL_BUFFSIZE=16777216
+run "not registered, MIN_P2P_NCHANNELS=32 MIN_NCHANNELS=32" "--register false" NCCL_MIN_P2P_NCHANNELS=32 NCCL_MIN_NCHANNELS=32
+run "not registered, pieces of 4 MiB" "--register false --chunk-mib 4"
+run "not registered, one expert per rank per group" "--register false --group-mib 1"

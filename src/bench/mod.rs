@@ -52,6 +52,9 @@ pub struct BenchArgs {
     /// Largest piece of one transfer in a group, in MiB (0: whole experts).
     #[arg(long, default_value_t = 0.0)]
     pub chunk_mib: f64,
+    /// Register the buffers with NCCL (zero-copy send/recv on NVLink).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub register: bool,
     /// Write the transfer pattern (for scripts/bench_torch_p2p.py) to this JSON file.
     #[arg(long, value_name = "FILE")]
     pub pattern_out: Option<PathBuf>,
@@ -192,10 +195,11 @@ pub fn run_bench(args: &BenchArgs) -> Result<(), BenchError> {
         println!("# eplb bench-migrate: {size} ranks, transport nccl, {spr} slots/rank, {} layer(s)", args.layers);
         println!("# plan: trivial -> deepseek for {what}");
         println!(
-            "# transfers per layer: {} forward, {} backward; NCCL group {} MiB/rank, chunk {}",
+            "# transfers per layer: {} forward, {} backward; NCCL group {} MiB/rank, buffers {}registered, chunk {}",
             forward.transfers.len(),
             backward.transfers.len(),
             args.group_mib,
+            if args.register { "" } else { "not " },
             if args.chunk_mib > 0.0 { format!("{} MiB", args.chunk_mib) } else { "whole experts".into() }
         );
         print!("{devices}");
@@ -204,6 +208,7 @@ pub fn run_bench(args: &BenchArgs) -> Result<(), BenchError> {
     let tuning = NcclTuning {
         group_bytes: (args.group_mib * (1 << 20) as f64) as usize,
         chunk_bytes: (args.chunk_mib * (1 << 20) as f64) as usize,
+        register: args.register,
     };
     let mut parts = Some((gpu, nccl));
     let mut results = Vec::new();

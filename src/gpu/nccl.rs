@@ -38,6 +38,8 @@ pub struct NcclComm {
     comm: sys::ncclComm_t,
     pub rank: usize,
     pub size: usize,
+    /// Buffers registered with `ncclCommRegister`, deregistered before the communicator goes.
+    registered: Vec<*mut std::ffi::c_void>,
 }
 
 impl NcclComm {
@@ -73,7 +75,28 @@ impl NcclComm {
         // SAFETY: `comm` receives the new communicator; every rank calls this with the same id.
         unsafe { result::comm_init_rank(&mut comm, size as i32, uid, rank as i32) }
             .map_err(nccl_err("ncclCommInitRank", None))?;
-        Ok(NcclComm { comm, rank, size })
+        Ok(NcclComm { comm, rank, size, registered: Vec::new() })
+    }
+
+    /// Registers a device buffer with the communicator (`ncclCommRegister`), so that NCCL moves
+    /// data straight between the ranks' buffers on NVLink instead of through its own FIFOs.
+    /// Every rank must register the buffers it passes to send/recv, or none.
+    pub fn register(&mut self, ptr: cu::CUdeviceptr, bytes: usize) -> Result<(), GpuError> {
+        let mut handle: *mut std::ffi::c_void = std::ptr::null_mut();
+        // SAFETY: `ptr..ptr+bytes` is a live device allocation of this rank's GPU; the handle is
+        // kept until `deregister_all`, which runs before the buffer is freed.
+        let rc = unsafe { sys::ncclCommRegister(self.comm, ptr as *mut _, bytes, &mut handle) };
+        rc.result().map_err(nccl_err("ncclCommRegister", Some(self.comm)))?;
+        self.registered.push(handle);
+        Ok(())
+    }
+
+    /// Deregisters every buffer registered so far (before they are freed).
+    pub fn deregister_all(&mut self) {
+        for handle in self.registered.drain(..) {
+            // SAFETY: a handle from ncclCommRegister on this communicator, deregistered once.
+            let _ = unsafe { sys::ncclCommDeregister(self.comm, handle) };
+        }
     }
 
     /// Posts `ops` as one NCCL group on `stream`; returns once they are queued (not completed).
@@ -123,6 +146,7 @@ impl NcclComm {
 
 impl Drop for NcclComm {
     fn drop(&mut self) {
+        self.deregister_all();
         // SAFETY: created by ncclCommInitRank, destroyed once, after the stream was drained.
         unsafe {
             let _ = result::comm_destroy(self.comm);

@@ -22,21 +22,24 @@ pub struct NcclTuning {
     pub group_bytes: usize,
     /// Largest piece of one transfer inside a group (0: whole transfers).
     pub chunk_bytes: usize,
+    /// Register the live and staging buffers with NCCL (zero-copy point-to-point on NVLink).
+    pub register: bool,
 }
 
 impl Default for NcclTuning {
     fn default() -> Self {
-        NcclTuning { group_bytes: 1 << 30, chunk_bytes: 0 }
+        NcclTuning { group_bytes: 1 << 30, chunk_bytes: 0, register: true }
     }
 }
 
 /// A rank's expert weights on its GPU.
 pub struct DeviceExpertStore {
-    // Field order matters for drop: buffers and the communicator go before the GPU context.
+    // Field order matters for drop: the communicator (which deregisters the buffers) goes first,
+    // then the buffers, then the GPU context.
+    nccl: NcclComm,
     live: Vec<DeviceBuffer>,
     staging: DeviceBuffer,
     counter: DeviceBuffer,
-    nccl: NcclComm,
     pub gpu: Gpu,
     slots_per_rank: usize,
     expert_bytes: usize,
@@ -94,6 +97,12 @@ impl DeviceExpertStore {
         let staging = gpu.alloc(layer_bytes)?;
         let counter = gpu.alloc(8)?;
         gpu.synchronize()?;
+        let mut nccl = nccl;
+        if tuning.register {
+            for buf in live.iter().chain(std::iter::once(&staging)) {
+                nccl.register(buf.ptr, buf.bytes)?;
+            }
+        }
         let store = DeviceExpertStore {
             live,
             staging,
@@ -128,7 +137,8 @@ impl DeviceExpertStore {
 
     /// Frees the weights and gives back the GPU and the communicator.
     pub fn into_parts(self) -> (Gpu, NcclComm) {
-        let DeviceExpertStore { live, staging, counter, nccl, gpu, .. } = self;
+        let DeviceExpertStore { mut nccl, live, staging, counter, gpu, .. } = self;
+        nccl.deregister_all();
         drop((live, staging, counter));
         (gpu, nccl)
     }

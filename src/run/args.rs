@@ -184,6 +184,9 @@ pub struct RunArgs {
     /// NCCL transport: largest piece of one expert inside a group (0: whole experts).
     #[arg(long, value_name = "MIB", default_value_t = 0.0, help_heading = "Executor")]
     pub nccl_chunk_mib: f64,
+    /// NCCL transport: register the weight buffers with NCCL (zero-copy send/recv on NVLink).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL", help_heading = "Executor")]
+    pub nccl_register: bool,
     /// Every step, every rank checks all its live expert weights (slow; for tests).
     #[arg(long, help_heading = "Executor")]
     pub verify_live_every_step: bool,
