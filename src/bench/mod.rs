@@ -215,8 +215,8 @@ pub fn run_bench(args: &BenchArgs) -> Result<(), BenchError> {
     if rank == 0 {
         println!("#");
         println!(
-            "# {:>10} {:>5} {:>6} {:>10} {:>9} {:>8} {:>9} {:>9} {:>10} {:>7}",
-            "expert_MiB", "rank", "recv", "recv_MiB", "xfer_ms", "GB/s", "verify_ms", "stall_ms", "total_ms", "#wrong"
+            "# {:>10} {:>5} {:>6} {:>10} {:>9} {:>8} {:>9} {:>9} {:>9} {:>10} {:>7}",
+            "expert_MiB", "rank", "recv", "recv_MiB", "xfer_ms", "GB/s", "verify_ms", "stall_ms", "stall_max", "total_ms", "#wrong"
         );
     }
     for &mib in &args.expert_mib {
@@ -294,7 +294,7 @@ pub fn run_bench(args: &BenchArgs) -> Result<(), BenchError> {
                 let v = &all[r * row.len()..(r + 1) * row.len()];
                 let gbs = v[8];
                 println!(
-                    "  {:>10.1} {:>5} {:>6.1} {:>10.1} {:>9.3} {:>8.1} {:>9.3} {:>9.3} {:>10.3} {:>7}",
+                    "  {:>10.1} {:>5} {:>6.1} {:>10.1} {:>9.3} {:>8.1} {:>9.3} {:>9.3} {:>9.3} {:>10.3} {:>7}",
                     mib,
                     r,
                     v[7],
@@ -303,6 +303,7 @@ pub fn run_bench(args: &BenchArgs) -> Result<(), BenchError> {
                     gbs,
                     v[2] * 1e3,
                     v[3] * 1e3,
+                    v[4] * 1e3,
                     v[5] * 1e3,
                     v[6] as u64
                 );
