@@ -15,8 +15,10 @@ pub mod deepseek;
 pub mod fixed;
 pub mod incremental;
 pub mod metrics;
+mod packing;
 #[cfg(test)]
 mod proptests;
+mod search;
 
 use ndarray::{Array2, Array3, ArrayView1, ArrayView2, Axis};
 use thiserror::Error;
