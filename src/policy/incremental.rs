@@ -22,10 +22,12 @@
 //!      experts with the largest replicas below `T / 2` (then, as a fourth start, `T / 3`), which
 //!      can share a GPU. With few slots a GPU (Qwen3-235B at EP64 has 3) DeepSeek's counts leave
 //!      most hot replicas a little above `T / 2`: too big to pair and too small to fill a GPU;
-//!    * DeepSeek's counts and DeepSeek's own greedy packing.
+//!    * DeepSeek's own plan of the node: its counts and its greedy packing.
 //!
 //!    The later starts run only with at most [`MAX_SLOTS_FOR_MORE_STARTS`] slots a GPU and while
-//!    the best peak is above `T + T / 128`.
+//!    the best peak is above `T + T / 128`, and DeepSeek's plan also whenever its peak (known from
+//!    the differencing pass) is below the best so far: the search never raises the peak, so the
+//!    fresh plan of a node is never worse than DeepSeek's.
 //! 3. **The stay candidate**, with a previous placement: the previous node placement (repaired
 //!    where groups changed nodes) improved by the same search, where a move must lower the peak
 //!    GPU by more than `per_copy` for each expert copy it sends; of the search's trajectory, the
@@ -247,20 +249,23 @@ enum Start {
     Greedy,
     /// Solo counts whose spare slots split the replicas below `lower / divisor`, differencing.
     Solo { divisor: Fixed },
-    /// DeepSeek's counts, DeepSeek's greedy packing.
+    /// DeepSeek's counts and DeepSeek's greedy packing: DeepSeek's own plan of the node.
     GreedyLpt,
 }
 
 /// The later starts run only with at most this many slots a GPU: with few slots the replica
-/// counts decide the balance; with more, the packing has room enough (and the searches' time is
-/// better spent elsewhere: see BENCHMARKS.md).
+/// counts decide the balance; with more, the packing has room enough, and the searches would
+/// cost more time than the balance they gain (see BENCHMARKS.md).
 const MAX_SLOTS_FOR_MORE_STARTS: usize = 4;
 
 const STARTS: [Start; 4] = [Start::Greedy, Start::Solo { divisor: 2 }, Start::Solo { divisor: 3 }, Start::GreedyLpt];
 
 /// The fresh candidate: the best (lowest peak, the earlier start among equals) of the searches
-/// from [`STARTS`], trying the next only while the peak is above `lower + lower / 128`.
-/// `greedy` is DeepSeek's `replicate` output for the node. Returns `(peak, slot_expert)`.
+/// from [`STARTS`]. The later starts run only with at most [`MAX_SLOTS_FOR_MORE_STARTS`] slots a
+/// GPU and while the peak is above `lower + lower / 128`; DeepSeek's own plan of the node also
+/// whenever its peak is below the best so far, so that (the search never raising the peak) the
+/// fresh candidate is never worse than DeepSeek's. `greedy` is DeepSeek's `replicate` output
+/// for the node. Returns `(peak, slot_expert)`.
 fn fresh(
     weight: &[u64],
     slots_per_rank: usize,
@@ -270,25 +275,30 @@ fn fresh(
     let (phy2local, _, count) = greedy;
     let num_slots = phy2local.len();
     let num_gpus = num_slots / slots_per_rank;
+    let items = |replicas: &[usize], count: &[usize]| -> Vec<Fixed> {
+        replicas.iter().map(|&e| per_replica(weight[e], count[e])).collect()
+    };
+    let greedy_items = items(phy2local, count);
+    let (pack, greedy_peak) = differencing(&greedy_items, num_gpus);
+    let mut first = Some(layout(phy2local, &pack, num_gpus));
     let mut best: Option<(Fixed, Vec<usize>)> = None;
     for start in STARTS {
         if let Some((peak, _)) = &best {
-            if slots_per_rank > MAX_SLOTS_FOR_MORE_STARTS || *peak <= lower.saturating_add(lower / 128) {
-                break;
+            let more = slots_per_rank <= MAX_SLOTS_FOR_MORE_STARTS && *peak > lower.saturating_add(lower / 128);
+            // DeepSeek's packing also runs whenever it alone is better than the best so far.
+            if !more && !(matches!(start, Start::GreedyLpt) && *peak > greedy_peak) {
+                continue;
             }
         }
         let slots = match start {
-            Start::Greedy => packed(weight, phy2local, count, num_gpus, false),
-            Start::GreedyLpt => packed(weight, phy2local, count, num_gpus, true),
-            Start::Solo { divisor } => match solo_counts(weight, num_slots, lower, divisor) {
-                Some(count) => {
-                    let replicas: Vec<usize> =
-                        (0..weight.len()).flat_map(|e| std::iter::repeat_n(e, count[e])).collect();
-                    packed(weight, &replicas, &count, num_gpus, false)
-                }
-                None => continue,
-            },
+            Start::Greedy => first.take(),
+            Start::GreedyLpt => Some(layout(phy2local, &balanced_packing(&greedy_items, num_gpus).0, num_gpus)),
+            Start::Solo { divisor } => solo_counts(weight, num_slots, lower, divisor).map(|count| {
+                let replicas: Vec<usize> = (0..weight.len()).flat_map(|e| std::iter::repeat_n(e, count[e])).collect();
+                layout(&replicas, &differencing(&items(&replicas, &count), num_gpus).0, num_gpus)
+            }),
         };
+        let Some(slots) = slots else { continue };
         let result = Search::new(weight, slots_per_rank, slots, None, 0, lower).run();
         if best.as_ref().is_none_or(|(peak, _)| result.0 < *peak) {
             best = Some(result);
@@ -325,18 +335,15 @@ fn solo_counts(weight: &[u64], num_slots: usize, lower: Fixed, divisor: Fixed) -
     Some(count)
 }
 
-/// The replicas `replicas [num_slots]` (with `count [num_local]` replicas an expert) packed onto
-/// `num_gpus` GPUs, by balanced differencing or (`lpt`) DeepSeek's greedy packing. Returns
-/// `slot_expert [num_slots]`.
-fn packed(weight: &[u64], replicas: &[usize], count: &[usize], num_gpus: usize, lpt: bool) -> Vec<usize> {
+/// `slot_expert [num_slots]` for the replicas `replicas [num_slots]` placed in packs
+/// `pack_of [num_slots]`: pack `p` is GPU `p`, its replicas in their order.
+fn layout(replicas: &[usize], pack_of: &[usize], num_gpus: usize) -> Vec<usize> {
     let slots_per_rank = replicas.len() / num_gpus;
-    let items: Vec<Fixed> = replicas.iter().map(|&e| per_replica(weight[e], count[e])).collect();
-    let pack = if lpt { balanced_packing(&items, num_gpus).0 } else { differencing(&items, num_gpus) };
     let mut fill = vec![0usize; num_gpus];
     let mut slots = vec![0usize; replicas.len()];
-    for (p, &e) in replicas.iter().enumerate() {
-        slots[pack[p] * slots_per_rank + fill[pack[p]]] = e;
-        fill[pack[p]] += 1;
+    for (&e, &p) in replicas.iter().zip(pack_of) {
+        slots[p * slots_per_rank + fill[p]] = e;
+        fill[p] += 1;
     }
     slots
 }
@@ -478,4 +485,120 @@ fn keep_slots(slot_expert: &[usize], prev: &[Option<usize>], slots_per_rank: usi
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::synthetic::DriftingZipf;
+    use crate::policy::metrics::{copies_moved, layer_balance};
+    use ndarray::ArrayView1;
+
+    fn shape(r: usize, g: usize, n: usize, k: usize) -> PlacementShape {
+        PlacementShape { num_replicas: r, num_gpus: g, num_nodes: n, num_groups: k }
+    }
+
+    /// Layers of a drifting zipf-like load at step `t` (rows of `[layers, experts]`).
+    fn zipf(layers: usize, experts: usize, t: usize) -> Vec<Vec<u64>> {
+        DriftingZipf::new(layers, experts, 3).step(t).outer_iter().map(|r| r.to_vec()).collect()
+    }
+
+    fn moved(old: &[usize], new: &[usize], spr: usize) -> usize {
+        copies_moved(ArrayView1::from(old), ArrayView1::from(new), spr)
+    }
+
+    const SHAPES: [PlacementShape; 4] = [
+        PlacementShape { num_replicas: 72, num_gpus: 8, num_nodes: 2, num_groups: 4 },
+        PlacementShape { num_replicas: 80, num_gpus: 16, num_nodes: 1, num_groups: 1 },
+        PlacementShape { num_replicas: 96, num_gpus: 32, num_nodes: 1, num_groups: 1 },
+        PlacementShape { num_replicas: 64, num_gpus: 4, num_nodes: 4, num_groups: 8 },
+    ];
+
+    #[test]
+    fn a_huge_move_cost_keeps_the_previous_placement_slot_for_slot() {
+        for s in SHAPES {
+            for (old, new) in zipf(3, 64, 0).iter().zip(zipf(3, 64, 9)) {
+                let prev = layer(old, &s, None, 0.0);
+                assert_eq!(layer(&new, &s, Some(&prev), 1e9), prev, "{s:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn replanning_a_plan_moves_nothing_even_when_moves_are_free() {
+        for s in SHAPES {
+            for w in zipf(3, 64, 4) {
+                let first = layer(&w, &s, None, 0.0);
+                for cost in [0.0, DEFAULT_MOVE_COST] {
+                    assert_eq!(layer(&w, &s, Some(&first), cost), first, "{s:?} move cost {cost}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn free_moves_balance_at_least_as_well_as_a_fresh_plan() {
+        // Global mode (in hierarchical mode the groups may sit on other nodes than fresh).
+        for s in SHAPES.into_iter().filter(|s| s.num_nodes == 1) {
+            let (spr, gpn) = (s.slots_per_rank(), s.gpus_per_node());
+            for (old, new) in zipf(3, 64, 0).iter().zip(zipf(3, 64, 12)) {
+                let fresh = layer_balance(&new, &layer(&new, &s, None, 0.0), spr, gpn).max_gpu_load;
+                let trivial: Vec<usize> = (0..s.num_replicas).map(|i| i % 64).collect();
+                for prev in [layer(old, &s, None, 0.0), trivial] {
+                    let p = layer(&new, &s, Some(&prev), 0.0);
+                    assert!(layer_balance(&new, &p, spr, gpn).max_gpu_load <= fresh, "{s:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_move_is_paid_for_by_the_peak() {
+        // Global mode: the plan's peak plus the price of its moves never exceeds the previous
+        // placement's peak, and some prices do move copies.
+        let s = shape(80, 16, 1, 1);
+        let (spr, mean_of) = (s.slots_per_rank(), |w: &[u64]| w.iter().sum::<u64>() as f64 / 16.0);
+        let mut any_moved = false;
+        for (old, new) in zipf(4, 64, 0).iter().zip(zipf(4, 64, 6)) {
+            let prev = layer(old, &s, None, 0.0);
+            let before = layer_balance(&new, &prev, spr, 1).max_gpu_load;
+            for cost in [0.001, 0.003, 0.01, 0.03] {
+                let p = layer(&new, &s, Some(&prev), cost);
+                let k = moved(&prev, &p, spr);
+                let peak = layer_balance(&new, &p, spr, 1).max_gpu_load;
+                let price = cost * mean_of(&new) * k as f64;
+                assert!(peak + price <= before * (1.0 + 1e-9), "cost {cost}: {peak} + {k} copies > {before}");
+                any_moved |= k > 0;
+            }
+        }
+        assert!(any_moved, "the drift should make some moves pay");
+    }
+
+    #[test]
+    fn solo_counts_fit_one_replica_under_the_bound_and_fill_every_slot() {
+        // lower = 10 tokens: 25 -> 3 replicas, 10, 4 and 1 -> 1 each; the 2 spare slots split
+        // the largest replica below 10 / 2: the 4 (-> 2 x 2), then its halves again (2 > 1).
+        let w = [25u64, 10, 4, 1];
+        let count = solo_counts(&w, 8, from_tokens(10), 2).unwrap();
+        assert_eq!(count, vec![3, 1, 3, 1]);
+        assert_eq!(solo_counts(&w, 5, from_tokens(10), 2), None);
+        // No replica below the cap: the spares go to the lightest expert.
+        assert_eq!(solo_counts(&[9, 9], 4, from_tokens(9), 2).unwrap(), vec![3, 1]);
+    }
+
+    #[test]
+    fn groups_move_between_nodes_only_when_it_pays() {
+        // 4 groups of 2 experts on 2 nodes; node 0 holds the two heavy groups.
+        let s = shape(16, 4, 2, 4);
+        let w = [50u64, 50, 40, 40, 1, 1, 2, 2];
+        let prev: Vec<usize> = vec![0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 6, 7, 4, 5, 6, 7];
+        let group_node =
+            |p: &[usize]| -> Vec<usize> { (0..4).map(|g| p.iter().position(|&e| e / 2 == g).unwrap() / 8).collect() };
+        // Cheap moves: the groups are rebalanced over the nodes.
+        let p = layer(&w, &s, Some(&prev), 0.0);
+        let nodes = group_node(&p);
+        assert_ne!(nodes[0], nodes[1], "the two heavy groups should be split: {nodes:?}");
+        // Prohibitive moves: everything stays.
+        assert_eq!(layer(&w, &s, Some(&prev), 1e9), prev);
+    }
 }
