@@ -286,7 +286,7 @@ fn fresh(
         if let Some((peak, _)) = &best {
             let more = slots_per_rank <= MAX_SLOTS_FOR_MORE_STARTS && *peak > lower.saturating_add(lower / 128);
             // DeepSeek's packing also runs whenever it alone is better than the best so far.
-            if !more && !(matches!(start, Start::GreedyLpt) && *peak > greedy_peak) {
+            if !(more || matches!(start, Start::GreedyLpt) && *peak > greedy_peak) {
                 continue;
             }
         }

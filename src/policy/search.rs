@@ -83,6 +83,10 @@ pub(super) struct Search<'a> {
     /// another node), and the copies moved relative to it.
     prev: Option<&'a [Option<usize>]>,
     moved: usize,
+    /// `[num_gpus * num_local]`: copies of every expert on every GPU, now and in the previous
+    /// placement (empty without one).
+    copies_now: Vec<u32>,
+    copies_prev: Vec<u32>,
     per_copy: Fixed,
     /// A lower bound on the peak of any placement of this node.
     lower: Fixed,
@@ -128,6 +132,16 @@ impl<'a> Search<'a> {
             head[e] = s;
         }
         let moved = prev.map_or(0, |p| moved_copies(&slot_expert, p, slots_per_rank, n));
+        let (mut copies_now, mut copies_prev) = (Vec::new(), Vec::new());
+        if let Some(p) = prev {
+            (copies_now, copies_prev) = (vec![0u32; num_gpus * n], vec![0u32; num_gpus * n]);
+            for (s, (&e, &before)) in slot_expert.iter().zip(p).enumerate() {
+                copies_now[(s / slots_per_rank) * n + e] += 1;
+                if let Some(b) = before {
+                    copies_prev[(s / slots_per_rank) * n + b] += 1;
+                }
+            }
+        }
         let mut s = Search {
             weight,
             spr: slots_per_rank,
@@ -144,6 +158,8 @@ impl<'a> Search<'a> {
             back,
             prev,
             moved,
+            copies_now,
+            copies_prev,
             per_copy,
             lower,
             x_stamp: vec![0; num_gpus],
@@ -205,12 +221,11 @@ impl<'a> Search<'a> {
         }
     }
 
-    /// Copies of expert `e` on GPU `g`, now and in the previous placement.
-    fn copies(&self, g: usize, e: usize) -> (usize, usize) {
-        let range = g * self.spr..(g + 1) * self.spr;
-        let now = self.slot_expert[range.clone()].iter().filter(|&&x| x == e).count();
-        let before = self.prev.map_or(0, |p| p[range].iter().filter(|&&x| x == Some(e)).count());
-        (now, before)
+    /// Copies of expert `e` on GPU `g`, now and in the previous placement (with one).
+    #[inline]
+    fn copies(&self, g: usize, e: usize) -> (u32, u32) {
+        let k = g * self.weight.len() + e;
+        (self.copies_now[k], self.copies_prev[k])
     }
 
     /// Change in copies moved when one copy of `e` leaves GPU `g` (-1 or 0).
@@ -463,6 +478,9 @@ impl<'a> Search<'a> {
         let g = s / self.spr;
         if self.prev.is_some() {
             self.moved = (self.moved as i64 + self.dm(g, old, g, e)) as usize;
+            let n = self.weight.len();
+            self.copies_now[g * n + old] -= 1;
+            self.copies_now[g * n + e] += 1;
         }
         let (nx, bk) = (self.next[s], self.back[s]);
         if bk == NIL {
@@ -540,8 +558,14 @@ impl<'a> Search<'a> {
         // Moves applied, each with the inverse that undoes it, and how many the best state had.
         let mut log: Vec<Move> = Vec::new();
         let (mut best_score, mut best_len) = (self.score(), 0);
+        // Without a previous placement, a peak within 1/512 of the lower bound is good enough:
+        // the last small gains cost the most search.
+        let good_enough = if self.prev.is_none() { self.lower.saturating_add(self.lower / 512) } else { 0 };
         while self.moves_left > 0 {
             let (a, peak) = self.peak();
+            if peak <= good_enough {
+                break;
+            }
             let mut best = None;
             self.best_swap(a, peak, &mut best);
             if best.is_none() {
@@ -607,6 +631,8 @@ impl<'a> Search<'a> {
         assert_eq!(order, self.order);
         if let Some(p) = self.prev {
             assert_eq!(self.moved, moved_copies(&self.slot_expert, p, self.spr, n));
+            let fresh = Search::new(self.weight, self.spr, self.slot_expert.clone(), Some(p), 0, 0);
+            assert_eq!(fresh.copies_now, self.copies_now);
         }
     }
 }
