@@ -558,9 +558,9 @@ impl<'a> Search<'a> {
         // Moves applied, each with the inverse that undoes it, and how many the best state had.
         let mut log: Vec<Move> = Vec::new();
         let (mut best_score, mut best_len) = (self.score(), 0);
-        // Without a previous placement, a peak within 1/512 of the lower bound is good enough:
-        // the last small gains cost the most search.
-        let good_enough = if self.prev.is_none() { self.lower.saturating_add(self.lower / 512) } else { 0 };
+        // A peak within 1/512 of the lower bound is good enough: the last small gains cost the
+        // most search, and with a previous placement they would move copies for nothing.
+        let good_enough = self.lower.saturating_add(self.lower / 512);
         while self.moves_left > 0 {
             let (a, peak) = self.peak();
             if peak <= good_enough {
