@@ -299,7 +299,12 @@ fn fresh(
             }),
         };
         let Some(slots) = slots else { continue };
-        let result = Search::new(weight, slots_per_rank, slots, None, 0, lower).run();
+        let mut search = Search::new(weight, slots_per_rank, slots, None, 0, lower);
+        if best.is_some() {
+            // The later starts get a smaller budget: a start that needs long to improve rarely wins.
+            search = search.with_budget(num_slots / 2 + 64);
+        }
+        let result = search.run();
         if best.as_ref().is_none_or(|(peak, _)| result.0 < *peak) {
             best = Some(result);
         }

@@ -183,6 +183,12 @@ impl<'a> Search<'a> {
         s
     }
 
+    /// Caps the moves the search may still make (a budget that depends on the shape only).
+    pub(super) fn with_budget(mut self, moves: usize) -> Self {
+        self.moves_left = self.moves_left.min(moves);
+        self
+    }
+
     /// The most loaded GPU (the highest index among equals) and its load.
     pub(super) fn peak(&self) -> (usize, Fixed) {
         let k = *self.order.last().expect("a node has GPUs");
@@ -590,10 +596,10 @@ impl<'a> Search<'a> {
                 break;
             }
         }
-        // Undo the moves after the best state, last first: a swap undoes itself, and a recount of
-        // slot j from x to y is undone by one from y (which has at least two replicas) back to x.
         #[cfg(test)]
         self.check();
+        // Undo the moves after the best state, last first: a swap undoes itself, and a recount of
+        // slot j from x to y is undone by one from y (which has at least two replicas) back to x.
         for undo in log.drain(best_len..).rev() {
             self.apply(undo);
         }
