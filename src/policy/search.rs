@@ -12,20 +12,27 @@
 //!   is the expert lightest per replica once it has one more, an expert already on `a`, or one
 //!   that the previous placement had on `a`), or `y` is on `a` and `j` is anywhere else.
 //!
-//! Recounts are tried only when no swap lowers `a`: swaps are far cheaper to find, and the
-//! replica counts the search starts from are already good (see [`super::incremental`]).
-//!
 //! A move is allowed when `a` ends below `P` and every GPU whose load rises stays below `P`: the
 //! vector of GPU loads sorted in decreasing order then falls lexicographically, so the search
-//! ends. An allowed move's *value* is the largest load it leaves on `a` or on a GPU it raises;
-//! with a previous placement, a move must lower `a` by more than `per_copy` for every expert copy
-//! it sends to a GPU that did not hold it, and its *cost* is its value plus `per_copy` per copy
-//! sent. The move of lowest cost wins; ties go to the move that sends fewer copies, then to the
-//! first found in a fixed order (swaps by partner GPU from the lightest, then slots; recounts by
-//! slot, then expert). Every load is an exact [`Fixed`] integer, so the result is a pure function
-//! of the input.
+//! ends. An allowed move's *value* is the largest load it leaves on `a` or on a GPU it raises.
+//! With a previous placement, a move must also lower `a` by more than `per_copy` for every
+//! expert copy it sends to a GPU that did not hold it, and its *cost* is its value plus
+//! `per_copy` per copy sent (without one, cost = value).
 //!
-//! The work is bounded by a move budget that depends on the shape only, never on time.
+//! Which move: swaps first. Partners are visited from the lightest GPU (ties: lower index), and
+//! the first partner with an allowed swap supplies the move, its allowed swap of lowest cost:
+//! the lightest GPUs have the most room, and searching every partner would cost more time than
+//! it gains. Only when no swap is allowed are recounts evaluated, and the one of lowest cost
+//! wins: they are dearer to evaluate, and the replica counts the search starts from are good
+//! (see [`super::incremental`]). Ties go to the move that sends fewer copies, then to the first
+//! found in a fixed order (swaps: partner slot, then `a`'s slots by increasing per-replica load;
+//! recounts: slot on `a` then expert ascending, then expert on `a` in slot order, expert with
+//! several replicas ascending, its slots in list order). Every load is an exact [`Fixed`] integer,
+//! so the result is a pure function of the input.
+//!
+//! The search stops when no move is allowed, when the peak is within 1/512 of the lower bound
+//! (the last small gains cost the most search, and would move copies for nothing), or when a
+//! move budget that depends on the shape only (never on time) is spent.
 
 use super::fixed::{per_replica, Fixed};
 
@@ -131,7 +138,6 @@ impl<'a> Search<'a> {
             }
             head[e] = s;
         }
-        let moved = prev.map_or(0, |p| moved_copies(&slot_expert, p, slots_per_rank, n));
         let (mut copies_now, mut copies_prev) = (Vec::new(), Vec::new());
         if let Some(p) = prev {
             (copies_now, copies_prev) = (vec![0u32; num_gpus * n], vec![0u32; num_gpus * n]);
@@ -142,6 +148,9 @@ impl<'a> Search<'a> {
                 }
             }
         }
+        // Copies moved: those of `now` beyond `prev`, per GPU and expert.
+        let moved =
+            copies_now.iter().zip(&copies_prev).map(|(&now, &before)| now.saturating_sub(before) as usize).sum();
         let mut s = Search {
             weight,
             spr: slots_per_rank,
@@ -271,13 +280,8 @@ impl<'a> Search<'a> {
         }
     }
 
-    /// The best swap of a slot on `a` (at load `peak`) with a slot on another GPU.
-    ///
-    /// Partners are visited from the lightest (ties: lower index), and the first partner with an
-    /// allowed swap is the only one searched: its swap is the best with that partner (in the
-    /// order partner slot, then `a`'s slots by increasing per-replica load, for ties). A swap
-    /// with the lightest GPUs has the most room, and taking the first partner keeps every step
-    /// cheap (searching all partners costs more time than it gains balance).
+    /// The swap of a slot on `a` (at load `peak`) with a slot on the lightest partner GPU that
+    /// has an allowed swap, of lowest cost (see the module documentation for the order).
     fn best_swap(&mut self, a: usize, peak: Fixed, best: &mut Option<Best>) {
         let spr = self.spr;
         // a's slots by (per-replica load, slot).
