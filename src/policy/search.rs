@@ -63,6 +63,48 @@ fn key(load: Fixed, gpu: usize) -> u128 {
     ((load as u128) << 64) | gpu as u128
 }
 
+/// A per-GPU sum that clears in constant time: a GPU's value counts only where its stamp is the
+/// current epoch; `touched` lists the GPUs with a value, in the order they got one.
+struct Tally {
+    epoch: u32,
+    stamp: Vec<u32>,
+    value: Vec<Fixed>,
+    touched: Vec<usize>,
+}
+
+impl Tally {
+    fn new(num_gpus: usize) -> Self {
+        Tally { epoch: 0, stamp: vec![0; num_gpus], value: vec![0; num_gpus], touched: Vec::new() }
+    }
+
+    fn clear(&mut self) {
+        self.epoch = self.epoch.wrapping_add(1);
+        if self.epoch == 0 {
+            self.stamp.fill(0);
+            self.epoch = 1;
+        }
+        self.touched.clear();
+    }
+
+    fn add(&mut self, g: usize, v: Fixed) {
+        if self.stamp[g] != self.epoch {
+            self.stamp[g] = self.epoch;
+            self.value[g] = 0;
+            self.touched.push(g);
+        }
+        self.value[g] += v;
+    }
+
+    #[inline]
+    fn get(&self, g: usize) -> Fixed {
+        if self.stamp[g] == self.epoch {
+            self.value[g]
+        } else {
+            0
+        }
+    }
+}
+
 /// Local search over one node's slots.
 pub(super) struct Search<'a> {
     /// `[num_local]`
@@ -97,18 +139,12 @@ pub(super) struct Search<'a> {
     per_copy: Fixed,
     /// A lower bound on the peak of any placement of this node.
     lower: Fixed,
-    /// Scratch per GPU for recounts: copies of the losing expert (`kx`, valid where
-    /// `x_stamp == x_epoch`) and the load the gaining expert sheds (`y_drop`, where
-    /// `y_stamp == y_epoch`); `hosts`: the losing expert's distinct GPUs.
-    x_stamp: Vec<u32>,
-    x_epoch: u32,
-    kx: Vec<u32>,
-    hosts: Vec<usize>,
+    /// Scratch per GPU for recounts: the losing expert's copies on every GPU, and the load every
+    /// GPU sheds when the gaining expert gets one more replica.
+    loser: Tally,
+    gainer: Tally,
     /// Scratch: the peak GPU's slots as `per-replica load << 64 | slot`, ascending.
     mine: Vec<u128>,
-    y_stamp: Vec<u32>,
-    y_epoch: u32,
-    y_drop: Vec<Fixed>,
     moves_left: usize,
 }
 
@@ -171,14 +207,9 @@ impl<'a> Search<'a> {
             copies_prev,
             per_copy,
             lower,
-            x_stamp: vec![0; num_gpus],
-            x_epoch: 0,
-            kx: vec![0; num_gpus],
-            hosts: Vec::new(),
+            loser: Tally::new(num_gpus),
+            gainer: Tally::new(num_gpus),
             mine: Vec::with_capacity(slots_per_rank),
-            y_stamp: vec![0; num_gpus],
-            y_epoch: 0,
-            y_drop: vec![0; num_gpus],
             moves_left: 4 * m + 64,
         };
         for e in 0..n {
@@ -318,62 +349,32 @@ impl<'a> Search<'a> {
         self.mine = mine;
     }
 
-    /// Fills the scratch with `x`'s distinct GPUs (`hosts`) and its copies on each (`kx`).
+    /// Adds `per_replica` to `tally` on the GPU of every slot of expert `e` (after clearing it).
+    fn collect(head: &[usize], next: &[usize], spr: usize, e: usize, per_replica: Fixed, tally: &mut Tally) {
+        tally.clear();
+        let mut s = head[e];
+        while s != NIL {
+            tally.add(s / spr, per_replica);
+            s = next[s];
+        }
+    }
+
+    /// Fills `loser` with expert `x`'s copies on every GPU.
     fn collect_loser(&mut self, x: usize) {
-        self.x_epoch = self.x_epoch.wrapping_add(1);
-        if self.x_epoch == 0 {
-            self.x_stamp.iter_mut().for_each(|s| *s = 0);
-            self.x_epoch = 1;
-        }
-        self.hosts.clear();
-        let mut s = self.head[x];
-        while s != NIL {
-            let g = s / self.spr;
-            if self.x_stamp[g] != self.x_epoch {
-                self.x_stamp[g] = self.x_epoch;
-                self.kx[g] = 0;
-                self.hosts.push(g);
-            }
-            self.kx[g] += 1;
-            s = self.next[s];
-        }
+        Self::collect(&self.head, &self.next, self.spr, x, 1, &mut self.loser);
     }
 
-    /// Fills the scratch with the load every GPU sheds when `y` gains a replica (`y_drop`).
+    /// Fills `gainer` with the load every GPU sheds when `y` gains a replica.
     fn collect_gainer(&mut self, y: usize) {
-        self.y_epoch = self.y_epoch.wrapping_add(1);
-        if self.y_epoch == 0 {
-            self.y_stamp.iter_mut().for_each(|s| *s = 0);
-            self.y_epoch = 1;
-        }
         let d = self.rep[y] - self.rep_more[y];
-        let mut s = self.head[y];
-        while s != NIL {
-            let g = s / self.spr;
-            if self.y_stamp[g] != self.y_epoch {
-                self.y_stamp[g] = self.y_epoch;
-                self.y_drop[g] = 0;
-            }
-            self.y_drop[g] += d;
-            s = self.next[s];
-        }
-    }
-
-    /// The load GPU `g` sheds when the collected gainer gets a replica.
-    #[inline]
-    fn drop_of(&self, g: usize) -> Fixed {
-        if self.y_stamp[g] == self.y_epoch {
-            self.y_drop[g]
-        } else {
-            0
-        }
+        Self::collect(&self.head, &self.next, self.spr, y, d, &mut self.gainer);
     }
 
     /// GPU `h`'s load once the collected loser has lost a replica and the collected gainer has
     /// gained one, leaving aside the slot that changes hands.
     #[inline]
     fn after_recount(&self, h: usize, raise: Fixed) -> Fixed {
-        self.load[h] + self.kx[h] as Fixed * raise - self.drop_of(h)
+        self.load[h] + self.loser.get(h) * raise - self.gainer.get(h)
     }
 
     /// Recounts that lower `a` (at load `peak`): a slot on `a` changes expert, or an expert on
@@ -419,7 +420,7 @@ impl<'a> Search<'a> {
                 self.collect_gainer(y);
                 let mut value = 0;
                 let mut allowed = true;
-                for &h in &self.hosts {
+                for &h in &self.loser.touched {
                     let mut l = self.after_recount(h, raise);
                     if h == a {
                         l = l + self.rep_more[y] - self.rep_less[x];
@@ -440,7 +441,7 @@ impl<'a> Search<'a> {
         let multi: Vec<usize> = (0..n).filter(|&x| self.count[x] >= 2).collect();
         for &y in &on_a_experts {
             self.collect_gainer(y);
-            let a_after = peak - self.drop_of(a);
+            let a_after = peak - self.gainer.get(a);
             if a_after >= peak || best.is_some_and(|b| a_after > b.cost) {
                 continue;
             }
@@ -450,7 +451,7 @@ impl<'a> Search<'a> {
                 // `a`'s load, and the two largest raised loads over x's other GPUs.
                 let mut a_val = a_after;
                 let mut top = [(0 as Fixed, NIL); 2];
-                for &h in &self.hosts {
+                for &h in &self.loser.touched {
                     let l = self.after_recount(h, raise);
                     if h == a {
                         a_val = l;
@@ -625,8 +626,8 @@ impl<'a> Search<'a> {
         }
         assert_eq!(count, self.count);
         assert_eq!(load, self.load);
-        for e in 0..n {
-            assert_eq!(self.rep[e], per_replica(self.weight[e], count[e]));
+        for (e, &c) in count.iter().enumerate() {
+            assert_eq!(self.rep[e], per_replica(self.weight[e], c));
             let mut k = 0;
             let mut s = self.head[e];
             while s != NIL {
@@ -634,7 +635,7 @@ impl<'a> Search<'a> {
                 k += 1;
                 s = self.next[s];
             }
-            assert_eq!(k, count[e]);
+            assert_eq!(k, c);
         }
         let mut order: Vec<u128> = load.iter().enumerate().map(|(g, &l)| key(l, g)).collect();
         order.sort_unstable();
