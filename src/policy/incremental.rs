@@ -11,23 +11,24 @@
 //!    `peak node load / GPUs a node + per_copy x copies moved` along the way is kept. A group's
 //!    experts always stay within one node, and every node keeps `num_groups / num_nodes` groups:
 //!    with DeepSeek's shapes no other split fits the nodes' slots.
-//! 2. **The fresh candidate** of each node ([`fresh`]) is the best of up to four starts, each
-//!    improved by the local search of [`super::search`] (swaps and replica recounts on the peak
+//! 2. **The fresh candidate** of each node (`fresh`) is the best of up to four starts, each
+//!    improved by the local search of `search.rs` (swaps and replica recounts on the peak
 //!    GPU):
 //!    * DeepSeek's replica counts (every extra replica to the expert with the largest load per
 //!      replica, which minimises the largest replica) packed by balanced differencing
-//!      ([`super::packing`]);
-//!    * *solo* counts ([`solo_counts`]): every expert gets just enough replicas for one of them to
+//!      (`packing.rs`);
+//!    * *solo* counts (`solo_counts`): every expert gets just enough replicas for one of them to
 //!      fit under the lower bound `T` of the peak (`ceil(w / T)`), and the spare slots split the
 //!      experts with the largest replicas below `T / 2` (then, as a fourth start, `T / 3`), which
 //!      can share a GPU. With few slots a GPU (Qwen3-235B at EP64 has 3) DeepSeek's counts leave
 //!      most hot replicas a little above `T / 2`: too big to pair and too small to fill a GPU;
 //!    * DeepSeek's own plan of the node: its counts and its greedy packing.
 //!
-//!    The later starts run only with at most [`MAX_SLOTS_FOR_MORE_STARTS`] slots a GPU and while
+//!    The later starts run only with at most `MAX_SLOTS_FOR_MORE_STARTS` (4) slots a GPU and while
 //!    the best peak is above `T + T / 128`, and DeepSeek's plan also whenever its peak (known from
 //!    the differencing pass) is below the best so far: the search never raises the peak, so the
-//!    fresh plan of a node is never worse than DeepSeek's.
+//!    fresh plan of a node is never worse than DeepSeek's. The later starts may make at most
+//!    `num_slots / 2 + 64` moves: a start that needs long to improve rarely wins.
 //! 3. **The stay candidate**, with a previous placement: the previous node placement (repaired
 //!    where groups changed nodes) improved by the same search, where a move must lower the peak
 //!    GPU by more than `per_copy` for each expert copy it sends; of the search's trajectory, the
