@@ -1,16 +1,23 @@
 //! Policy speed at DeepSeek-V3 scale: 58 layers x 256 experts, zipf-like loads.
 //!
-//! `cargo bench --bench plan` prints, for each shape, policy and thread count, the median, min
-//! and p90 wall time of one whole 58-layer plan over many repetitions (nothing else is timed: no
-//! I/O). Run it on an otherwise idle machine; on shared machines compare medians and ratios only.
+//! `cargo bench --bench plan` prints, for each shape, policy, previous placement (none, or the
+//! policy's own plan of a load 5 drift steps away) and thread count, the median, min and p90 wall
+//! time of one whole 58-layer plan over many repetitions (nothing else is timed: no I/O), and the
+//! plan's mean balancedness. `EPLB_BENCH_REPS` sets the repetitions, `EPLB_BENCH_POLICY` picks one
+//! policy, `EPLB_BENCH_MOVE_COST` the incremental policy's move cost. Run it on an otherwise idle
+//! machine; on shared machines compare medians and ratios only.
 
 use std::time::Instant;
 
 use eplb::engine::synthetic::DriftingZipf;
-use eplb::policy::{self, PlacementShape, PolicyConfig, PolicyKind};
+use eplb::policy::{self, metrics, PlacementShape, PolicyConfig, PolicyKind};
 
 fn main() {
     let reps: usize = std::env::var("EPLB_BENCH_REPS").ok().and_then(|s| s.parse().ok()).unwrap_or(300);
+    let move_cost: f64 = std::env::var("EPLB_BENCH_MOVE_COST")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(policy::incremental::DEFAULT_MOVE_COST);
     let zipf = DriftingZipf::new(58, 256, 1);
     let weight = zipf.step(0);
     let prev_weight = zipf.step(5);
@@ -22,38 +29,53 @@ fn main() {
         ("R=320 global 64 GPUs", PlacementShape { num_replicas: 320, num_gpus: 64, num_nodes: 1, num_groups: 1 }),
     ];
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    println!("# eplb policy benchmark: 58 layers x 256 experts, zipf-like load, {reps} reps, {cores} cores");
     println!(
-        "# {:<38} {:>12} {:>8} {:>10} {:>10} {:>10}",
-        "shape", "policy", "threads", "median_ms", "min_ms", "p90_ms"
+        "# eplb policy benchmark: 58 layers x 256 experts, zipf-like load, {reps} reps, {cores} cores, move cost {move_cost}"
+    );
+    println!(
+        "# {:<38} {:>12} {:>9} {:>8} {:>10} {:>10} {:>10} {:>8} {:>7}",
+        "shape", "policy", "previous", "threads", "median_ms", "min_ms", "p90_ms", "balance", "moved"
     );
     for (name, shape) in &shapes {
         for kind in policy_kinds() {
             let previous = {
-                let cfg = PolicyConfig { kind, ..PolicyConfig::default() };
+                let cfg = PolicyConfig { kind, move_cost, ..PolicyConfig::default() };
                 policy::rebalance(prev_weight.view(), shape, None, &cfg).expect("valid shape")
             };
-            for threads in [1, 0] {
-                let config = PolicyConfig { kind, threads, ..PolicyConfig::default() };
-                let mut times = Vec::with_capacity(reps);
-                for _ in 0..reps + 5 {
-                    let start = Instant::now();
-                    let p = policy::rebalance(weight.view(), shape, Some(&previous), &config).expect("valid shape");
-                    times.push(start.elapsed().as_secs_f64() * 1e3);
-                    std::hint::black_box(p);
+            for prev in [None, Some(&previous)] {
+                for threads in [1, 0] {
+                    let config = PolicyConfig { kind, threads, move_cost };
+                    let mut times = Vec::with_capacity(reps);
+                    let mut plan = None;
+                    for _ in 0..reps + 5 {
+                        let start = Instant::now();
+                        let p = policy::rebalance(weight.view(), shape, prev, &config).expect("valid shape");
+                        times.push(start.elapsed().as_secs_f64() * 1e3);
+                        plan = Some(std::hint::black_box(p));
+                    }
+                    let plan = plan.expect("at least one repetition");
+                    let (spr, gpn) = (shape.slots_per_rank(), shape.gpus_per_node());
+                    let balance = metrics::balance_report(weight.view(), plan.phy2log.view(), spr, gpn).balancedness;
+                    // Expert copies moved from the previous placement (all of them without one).
+                    let moved = prev.map_or(plan.phy2log.len(), |p| {
+                        metrics::copies_moved_all(p.phy2log.view(), plan.phy2log.view(), spr)
+                    });
+                    let mut t = times.split_off(5);
+                    t.sort_by(|a, b| a.total_cmp(b));
+                    let threads_label = if threads == 0 { format!("{cores}") } else { threads.to_string() };
+                    println!(
+                        "  {:<38} {:>12} {:>9} {:>8} {:>10.3} {:>10.3} {:>10.3} {:>8.4} {:>7}",
+                        name,
+                        format!("{kind:?}").to_lowercase(),
+                        if prev.is_some() { "yes" } else { "no" },
+                        threads_label,
+                        t[t.len() / 2],
+                        t[0],
+                        t[t.len() * 9 / 10],
+                        balance,
+                        moved
+                    );
                 }
-                let mut t = times.split_off(5);
-                t.sort_by(|a, b| a.total_cmp(b));
-                let threads_label = if threads == 0 { format!("{cores}") } else { threads.to_string() };
-                println!(
-                    "  {:<38} {:>12} {:>8} {:>10.3} {:>10.3} {:>10.3}",
-                    name,
-                    format!("{kind:?}").to_lowercase(),
-                    threads_label,
-                    t[t.len() / 2],
-                    t[0],
-                    t[t.len() * 9 / 10]
-                );
             }
         }
     }

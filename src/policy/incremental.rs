@@ -2,42 +2,62 @@
 //! from the live placement when there is one, and moving only what buys real balance.
 //!
 //! Per layer:
-//! 1. **Groups to nodes** (hierarchical mode): each group keeps the node it lives on in the
-//!    previous placement (fresh: DeepSeek's balanced packing); then pairs of groups on different
-//!    nodes are swapped while that lowers the heavier node enough to pay for the experts it moves.
-//! 2. **Within each node**, two candidates are built and the cheaper one wins, by
-//!    `peak GPU load + move_cost * mean GPU load * copies moved`:
-//!    * *stay*: the previous placement, improved by local search in which every move must cut
-//!      the peak by at least `move_cost * mean` per expert copy it sends over the network;
-//!    * *fresh*: greedy replica counts and packing (as DeepSeek), improved by cost-free local
-//!      search, then its GPUs relabelled and its slots reordered to keep as many experts in place
-//!      as possible.
 //!
-//! The local search ([`Search`]) repeatedly takes the most loaded GPU and applies the best of:
-//! * **swap**: exchange a replica on it with a lighter replica on another GPU;
-//! * **recount**: turn one replica of an expert with several replicas into a new replica of
-//!   another expert, where either the slot is on the peak GPU or the gaining expert is: this
-//!   changes the replica counts, and so every per-replica load of both experts, together with the
-//!   packing.
+//! 1. **Groups to nodes** (hierarchical mode; the global mode is one node). Fresh: DeepSeek's
+//!    balanced packing of the group loads. With a previous placement: each group stays on the
+//!    node that holds most of its replicas (the groups most attached choose first). Then the
+//!    pair of groups (one on the heaviest node) whose swap lowers the heavier of their two nodes
+//!    most is swapped, while one does, and the state of lowest
+//!    `peak node load / GPUs a node + per_copy x copies moved` along the way is kept. A group's
+//!    experts always stay within one node, and every node keeps `num_groups / num_nodes` groups:
+//!    with DeepSeek's shapes no other split fits the nodes' slots.
+//! 2. **The fresh candidate** of each node (`fresh`) is the best of up to four starts, each
+//!    improved by the local search of `search.rs` (swaps and replica recounts on the peak
+//!    GPU):
+//!    * DeepSeek's replica counts (every extra replica to the expert with the largest load per
+//!      replica, which minimises the largest replica) packed by balanced differencing
+//!      (`packing.rs`);
+//!    * *solo* counts (`solo_counts`): every expert gets just enough replicas for one of them to
+//!      fit under the lower bound `T` of the peak (`ceil(w / T)`), and the spare slots split the
+//!      experts with the largest replicas below `T / 2` (then, as a fourth start, `T / 3`), which
+//!      can share a GPU. With few slots a GPU (Qwen3-235B at EP64 has 3) DeepSeek's counts leave
+//!      most hot replicas a little above `T / 2`: too big to pair and too small to fill a GPU;
+//!    * DeepSeek's own plan of the node: its counts and its greedy packing.
 //!
-//! A move is taken only when the largest load among the GPUs it touches drops below the peak, so
-//! the sorted vector of GPU loads falls lexicographically and the search ends. All loads are
-//! [`Fixed`] integers and all ties break by index, so every rank computes the same plan.
+//!    The later starts run only with at most `MAX_SLOTS_FOR_MORE_STARTS` (4) slots a GPU and while
+//!    the best peak is above `T + T / 128`, and DeepSeek's plan also whenever its peak (known from
+//!    the differencing pass) is below the best so far: the search never raises the peak, so the
+//!    fresh plan of a node is never worse than DeepSeek's. The later starts may make at most
+//!    `num_slots / 2 + 64` moves: a start that needs long to improve rarely wins.
+//! 3. **The stay candidate**, with a previous placement: the previous node placement (repaired
+//!    where groups changed nodes) improved by the same search, where a move must lower the peak
+//!    GPU by more than `per_copy` for each expert copy it sends; of the search's trajectory, the
+//!    state of lowest `peak + per_copy x copies moved` wins, so nothing moves unless the whole
+//!    sequence pays. The fresh candidate, relabelled onto the previous GPUs, replaces it only when
+//!    it costs less. It is computed only when it might: a fresh plan keeps at most about half of
+//!    the copies in place (it moved 50-73% of the slots on the shared traces), so it is skipped
+//!    when stay's cost is within `per_copy x num_slots / 2` of the lower bound. Finally every
+//!    GPU's experts go back to the slots they held, so that nothing moves within a GPU.
+//!
+//! `per_copy` is `move_cost` times the layer's mean GPU load, in exact [`Fixed`] units. All
+//! arithmetic is integer and every tie has an explicit rule, so every rank computes the same
+//! plan; the work is bounded by move budgets that depend on the shape only, never on time.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 
 use super::deepseek::{balanced_packing, replicate};
 use super::fixed::{from_tokens, normalized, per_replica, Fixed};
-use super::PlacementShape;
+use super::packing::differencing;
+use super::search::{moved_copies, Search};
+use super::{metrics, PlacementShape};
 
-/// Default price of moving one expert copy, as a fraction of the layer's mean GPU load: a move
-/// must lower the peak GPU load by at least this much per copy it sends.
+/// Default price of moving one expert copy, as a fraction of the layer's mean GPU load: the peak
+/// GPU load must fall by at least this much for every copy a plan moves.
 pub const DEFAULT_MOVE_COST: f64 = 0.01;
 
-/// Upper bound on local-search moves per node and layer, a guard only: each move strictly lowers
-/// the sorted load vector, so the search ends long before in practice.
-const MAX_MOVES_PER_GPU: usize = 64;
-const ROUNDS: usize = 4;
-
-/// `move_cost` as parts per million, so the threshold is exact integer arithmetic.
+/// `move_cost` as parts per million, so the threshold is exact integer arithmetic (0 for
+/// negative or non-finite values).
 fn move_cost_ppm(move_cost: f64) -> u128 {
     if move_cost.is_finite() && move_cost > 0.0 {
         (move_cost * 1e6).round() as u128
@@ -57,26 +77,25 @@ pub fn layer(weight: &[u64], shape: &PlacementShape, previous: Option<&[usize]>,
     let num_logical = weight.len();
     let num_nodes = shape.num_nodes;
     let group_size = num_logical / shape.num_groups;
-    let groups_per_node = shape.num_groups / num_nodes;
     let slots_per_node = shape.num_replicas / num_nodes;
     let slots_per_rank = shape.slots_per_rank();
     let weight = &*normalized(weight);
     let total: u64 = weight.iter().sum();
-    // The threshold one copy moved must pay for, in Fixed units: move_cost * mean GPU load.
-    let per_copy: Fixed =
-        u64::try_from(from_tokens(total) as u128 / shape.num_gpus as u128 * move_cost_ppm(move_cost) / 1_000_000)
-            .unwrap_or(Fixed::MAX);
+    // What one copy moved must buy, in Fixed units: move_cost x mean GPU load.
+    let per_copy: Fixed = u64::try_from(
+        (from_tokens(total) as u128 / shape.num_gpus as u128).saturating_mul(move_cost_ppm(move_cost)) / 1_000_000,
+    )
+    .unwrap_or(Fixed::MAX);
 
     let node_of_group = groups_to_nodes(weight, shape, previous, per_copy);
     let mut phy2log = vec![0usize; shape.num_replicas];
+    let mut local_of = vec![usize::MAX; num_logical];
     for node in 0..num_nodes {
         // The node's experts, ascending: local index i <-> logical expert experts[i].
         let experts: Vec<usize> = (0..shape.num_groups)
             .filter(|&g| node_of_group[g] == node)
             .flat_map(|g| g * group_size..(g + 1) * group_size)
             .collect();
-        debug_assert_eq!(experts.len(), groups_per_node * group_size);
-        let mut local_of = vec![usize::MAX; num_logical];
         for (i, &e) in experts.iter().enumerate() {
             local_of[e] = i;
         }
@@ -84,18 +103,21 @@ pub fn layer(weight: &[u64], shape: &PlacementShape, previous: Option<&[usize]>,
         let range = node * slots_per_node..(node + 1) * slots_per_node;
         // The previous slots of this node in local indices; None where a slot held an expert of
         // another node (its group moved).
-        let prev_node: Option<Vec<Option<usize>>> = previous.map(|p| {
-            p[range.clone()].iter().map(|&e| if local_of[e] != usize::MAX { Some(local_of[e]) } else { None }).collect()
-        });
+        let prev_node: Option<Vec<Option<usize>>> = previous
+            .map(|p| p[range.clone()].iter().map(|&e| Some(local_of[e]).filter(|&i| i != usize::MAX)).collect());
         let slots = solve_node(&w_node, slots_per_node, slots_per_rank, prev_node.as_deref(), per_copy);
         for (s, &i) in range.zip(slots.iter()) {
             phy2log[s] = experts[i];
+        }
+        for &e in &experts {
+            local_of[e] = usize::MAX;
         }
     }
     phy2log
 }
 
-/// Node of every group: `node_of_group [num_groups]`, exactly `groups_per_node` groups a node.
+/// Node of every group: `node_of_group [num_groups]`, exactly `num_groups / num_nodes` groups a
+/// node. See the module documentation (step 1).
 fn groups_to_nodes(weight: &[u64], shape: &PlacementShape, previous: Option<&[usize]>, per_copy: Fixed) -> Vec<usize> {
     let (num_groups, num_nodes) = (shape.num_groups, shape.num_nodes);
     if num_nodes == 1 {
@@ -104,86 +126,84 @@ fn groups_to_nodes(weight: &[u64], shape: &PlacementShape, previous: Option<&[us
     let group_size = weight.len() / num_groups;
     let groups_per_node = num_groups / num_nodes;
     let slots_per_node = shape.num_replicas / num_nodes;
+    let gpus_per_node = shape.gpus_per_node() as Fixed;
     let group_load: Vec<Fixed> = weight.chunks(group_size).map(|g| g.iter().map(|&w| from_tokens(w)).sum()).collect();
-    let mut node_of_group = vec![usize::MAX; num_groups];
-    // replicas_on[g][n]: replicas of group g's experts on node n in the previous placement.
-    let mut replicas_on = vec![vec![0usize; num_nodes]; num_groups];
-    match previous {
+    // replicas_on [num_groups * num_nodes]: replicas of group g's experts on node n before.
+    let mut replicas_on = vec![0usize; num_groups * num_nodes];
+    let mut node_of_group = match previous {
         Some(prev) => {
             for (s, &e) in prev.iter().enumerate() {
-                replicas_on[e / group_size][s / slots_per_node] += 1;
+                replicas_on[(e / group_size) * num_nodes + s / slots_per_node] += 1;
             }
-            // Each group to the node holding most of its replicas, while that node has room;
-            // the groups with the strongest attachment choose first (ties: lower group index).
+            // Each group to the node holding most of its replicas, while that node has room; the
+            // groups with the strongest attachment choose first (ties: lower group, lower node).
+            let on = |g: usize, n: usize| replicas_on[g * num_nodes + n];
             let mut order: Vec<usize> = (0..num_groups).collect();
-            order.sort_by_key(|&g| (std::cmp::Reverse(*replicas_on[g].iter().max().unwrap_or(&0)), g));
+            order.sort_by_key(|&g| (Reverse((0..num_nodes).map(|n| on(g, n)).max().unwrap_or(0)), g));
             let mut room = vec![groups_per_node; num_nodes];
+            let mut node_of_group = vec![0usize; num_groups];
             for g in order {
                 let best = (0..num_nodes)
                     .filter(|&n| room[n] > 0)
-                    .max_by_key(|&n| (replicas_on[g][n], std::cmp::Reverse(n)))
+                    .max_by_key(|&n| (on(g, n), Reverse(n)))
                     .expect("a node has room while groups remain");
                 node_of_group[g] = best;
                 room[best] -= 1;
             }
+            node_of_group
         }
-        None => {
-            let (pack, _) = balanced_packing(&group_load, num_nodes);
-            node_of_group = pack;
-        }
-    }
-    // Swap pairs of groups between the heaviest node and another while it lowers the pair's
-    // heavier node by more than the copies the swap moves are worth.
-    let node_loads = |nog: &[usize]| {
-        let mut l = vec![0 as Fixed; num_nodes];
-        for (g, &n) in nog.iter().enumerate() {
-            l[n] += group_load[g];
-        }
-        l
+        None => balanced_packing(&group_load, num_nodes).0,
     };
+    // Copies a group sends when it lives on node n: its replicas on the other nodes before.
+    let sent = |g: usize, n: usize| -> usize {
+        (0..num_nodes).filter(|&o| o != n).map(|o| replicas_on[g * num_nodes + o]).sum()
+    };
+    let mut loads = vec![0 as Fixed; num_nodes];
+    for (g, &n) in node_of_group.iter().enumerate() {
+        loads[n] += group_load[g];
+    }
+    let mut moved: usize = (0..num_groups).map(|g| sent(g, node_of_group[g])).sum();
+    let score = |loads: &[Fixed], moved: usize| {
+        (loads.iter().copied().max().unwrap_or(0) / gpus_per_node).saturating_add(per_copy.saturating_mul(moved as u64))
+    };
+    let mut best = (score(&loads, moved), node_of_group.clone());
+    // Swap the pair of groups (one on the heaviest node) that lowers the heavier of their two
+    // nodes most (ties: lower groups), while one does; keep the best state seen.
     for _ in 0..num_groups * num_groups {
-        let loads = node_loads(&node_of_group);
-        let heavy = (0..num_nodes).max_by_key(|&n| (loads[n], std::cmp::Reverse(n))).expect("nodes exist");
-        let mut best: Option<(Fixed, usize, usize)> = None;
+        let heavy = (0..num_nodes).max_by_key(|&n| (loads[n], Reverse(n))).expect("nodes exist");
+        let mut swap: Option<(Fixed, usize, usize)> = None;
         for a in (0..num_groups).filter(|&g| node_of_group[g] == heavy) {
-            for b in (0..num_groups).filter(|&g| node_of_group[g] != heavy) {
-                if group_load[b] >= group_load[a] {
-                    continue;
-                }
+            for b in (0..num_groups).filter(|&g| node_of_group[g] != heavy && group_load[g] < group_load[a]) {
                 let other = node_of_group[b];
                 let delta = group_load[a] - group_load[b];
                 let new_max = (loads[heavy] - delta).max(loads[other] + delta);
-                if new_max >= loads[heavy] {
-                    continue;
-                }
-                // Copies a swap sends: the replicas each group has outside its new node.
-                let outside = |g: usize, n: usize| replicas_on[g].iter().sum::<usize>() - replicas_on[g][n];
-                let moved = outside(a, other) + outside(b, heavy);
-                let gain = loads[heavy] - new_max;
-                if gain <= per_copy.saturating_mul(moved as u64) {
-                    continue;
-                }
-                if best.is_none_or(|(m, _, _)| new_max < m) {
-                    best = Some((new_max, a, b));
+                if new_max < loads[heavy] && swap.is_none_or(|(m, _, _)| new_max < m) {
+                    swap = Some((new_max, a, b));
                 }
             }
         }
-        match best {
-            Some((_, a, b)) => {
-                let (na, nb) = (node_of_group[a], node_of_group[b]);
-                node_of_group[a] = nb;
-                node_of_group[b] = na;
-            }
-            None => break,
+        let Some((_, a, b)) = swap else { break };
+        let (na, nb) = (node_of_group[a], node_of_group[b]);
+        let delta = group_load[a] - group_load[b];
+        moved = moved + sent(a, nb) + sent(b, na) - sent(a, na) - sent(b, nb);
+        loads[na] -= delta;
+        loads[nb] += delta;
+        node_of_group[a] = nb;
+        node_of_group[b] = na;
+        let now = score(&loads, moved);
+        if now < best.0 {
+            best = (now, node_of_group.clone());
         }
     }
-    node_of_group
+    best.1
 }
 
 /// The within-node problem: `weight [num_local]` over `num_slots` slots, `slots_per_rank` a GPU.
 ///
 /// * `prev [num_slots]`: the previous local expert of every slot (None: an expert of another node);
 /// * returns the local expert of every slot `[num_slots]`.
+///
+/// See the module documentation (steps 2 and 3).
 fn solve_node(
     weight: &[u64],
     num_slots: usize,
@@ -192,67 +212,183 @@ fn solve_node(
     per_copy: Fixed,
 ) -> Vec<usize> {
     let num_gpus = num_slots / slots_per_rank;
-    // Fresh: greedy counts and packing (DeepSeek's), then cost-free local search.
-    let (phy2local, _, count) = replicate(weight, num_slots);
-    let items: Vec<Fixed> = phy2local.iter().map(|&e| per_replica(weight[e], count[e])).collect();
-    let (pack, rank) = balanced_packing(&items, num_gpus);
-    let mut start = vec![0usize; num_slots];
-    for (p, &e) in phy2local.iter().enumerate() {
-        start[pack[p] * slots_per_rank + rank[p]] = e;
-    }
-    let mut fresh = Search::new(weight, slots_per_rank, start, None, 0);
-    fresh.run();
+    let greedy = replicate(weight, num_slots);
+    let lower = lower_bound(weight, num_gpus, &greedy.2);
     let Some(prev) = prev else {
-        return fresh.slot_expert;
+        return fresh(weight, slots_per_rank, lower, &greedy).1;
     };
-
-    // Stay: the previous placement, repaired, improved only where the gain pays for the moves.
-    let mut stay = Search::new(weight, slots_per_rank, repair(weight, prev, slots_per_rank), Some(prev), per_copy);
-    stay.run();
-    let stay = keep_slots(&stay.slot_expert, prev, slots_per_rank);
-    let fresh = keep_slots(&relabel_gpus(&fresh.slot_expert, prev, slots_per_rank), prev, slots_per_rank);
-    let score = |se: &[usize]| {
-        let s = Search::new(weight, slots_per_rank, se.to_vec(), Some(prev), 0);
-        s.peak().1.saturating_add(per_copy.saturating_mul(s.moved as u64))
-    };
-    if score(&fresh) < score(&stay) {
-        fresh
-    } else {
-        stay
+    let start = repair(weight, prev, slots_per_rank);
+    let mut best = Search::new(weight, slots_per_rank, start, Some(prev), per_copy, lower).run();
+    if best.0 > lower.saturating_add(per_copy.saturating_mul((num_slots / 2).max(1) as u64)) {
+        let slots = relabel_gpus(&fresh(weight, slots_per_rank, lower, &greedy).1, prev, slots_per_rank, weight.len());
+        let logcnt = metrics::logcnt_of(&slots, weight.len());
+        let peak = metrics::gpu_loads(weight, &slots, &logcnt, slots_per_rank).into_iter().max().unwrap_or(0);
+        let moved = moved_copies(&slots, prev, slots_per_rank, weight.len()) as u64;
+        let cost = peak.saturating_add(per_copy.saturating_mul(moved));
+        if cost < best.0 {
+            best = (cost, slots);
+        }
     }
+    keep_slots(&best.1, prev, slots_per_rank)
+}
+
+/// A lower bound on the peak GPU load of any placement of `weight [num_local]` on `num_gpus`
+/// GPUs: the mean GPU load (less one unit a replica, which the rounding of per-replica loads can
+/// lose) and the largest replica under DeepSeek's counts `count [num_local]`, which minimise it.
+fn lower_bound(weight: &[u64], num_gpus: usize, count: &[usize]) -> Fixed {
+    let total: Fixed = weight.iter().map(|&w| from_tokens(w)).sum();
+    let slots: usize = count.iter().sum();
+    let mean = total.saturating_sub(slots as Fixed) / num_gpus as Fixed;
+    let largest = weight.iter().zip(count).map(|(&w, &c)| per_replica(w, c)).max().unwrap_or(0);
+    mean.max(largest)
+}
+
+/// The starts of the fresh candidate, in the order they are tried.
+#[derive(Debug, Clone, Copy)]
+enum Start {
+    /// DeepSeek's counts, balanced differencing.
+    Greedy,
+    /// Solo counts whose spare slots split the replicas below `lower / divisor`, differencing.
+    Solo { divisor: Fixed },
+    /// DeepSeek's counts and DeepSeek's greedy packing: DeepSeek's own plan of the node.
+    GreedyLpt,
+}
+
+/// The later starts run only with at most this many slots a GPU: with few slots the replica
+/// counts decide the balance; with more, the packing has room enough, and the searches would
+/// cost more time than the balance they gain (see BENCHMARKS.md).
+const MAX_SLOTS_FOR_MORE_STARTS: usize = 4;
+
+const STARTS: [Start; 4] = [Start::Greedy, Start::Solo { divisor: 2 }, Start::Solo { divisor: 3 }, Start::GreedyLpt];
+
+/// The fresh candidate: the best (lowest peak, the earlier start among equals) of the searches
+/// from [`STARTS`]. The later starts run only with at most [`MAX_SLOTS_FOR_MORE_STARTS`] slots a
+/// GPU and while the peak is above `lower + lower / 128`; DeepSeek's own plan of the node also
+/// whenever its peak is below the best so far, so that (the search never raising the peak) the
+/// fresh candidate is never worse than DeepSeek's. `greedy` is DeepSeek's `replicate` output
+/// for the node. Returns `(peak, slot_expert)`.
+fn fresh(
+    weight: &[u64],
+    slots_per_rank: usize,
+    lower: Fixed,
+    greedy: &(Vec<usize>, Vec<usize>, Vec<usize>),
+) -> (Fixed, Vec<usize>) {
+    let (phy2local, _, count) = greedy;
+    let num_slots = phy2local.len();
+    let num_gpus = num_slots / slots_per_rank;
+    let items = |replicas: &[usize], count: &[usize]| -> Vec<Fixed> {
+        replicas.iter().map(|&e| per_replica(weight[e], count[e])).collect()
+    };
+    let greedy_items = items(phy2local, count);
+    let (pack, greedy_peak) = differencing(&greedy_items, num_gpus);
+    let mut first = Some(layout(phy2local, &pack, num_gpus));
+    let mut best: Option<(Fixed, Vec<usize>)> = None;
+    for start in STARTS {
+        if let Some((peak, _)) = &best {
+            let more = slots_per_rank <= MAX_SLOTS_FOR_MORE_STARTS && *peak > lower.saturating_add(lower / 128);
+            // DeepSeek's packing also runs whenever it alone is better than the best so far.
+            if !(more || matches!(start, Start::GreedyLpt) && *peak > greedy_peak) {
+                continue;
+            }
+        }
+        let slots = match start {
+            Start::Greedy => first.take(),
+            Start::GreedyLpt => Some(layout(phy2local, &balanced_packing(&greedy_items, num_gpus).0, num_gpus)),
+            Start::Solo { divisor } => solo_counts(weight, num_slots, lower, divisor).map(|count| {
+                let replicas: Vec<usize> = (0..weight.len()).flat_map(|e| std::iter::repeat_n(e, count[e])).collect();
+                layout(&replicas, &differencing(&items(&replicas, &count), num_gpus).0, num_gpus)
+            }),
+        };
+        let Some(slots) = slots else { continue };
+        let mut search = Search::new(weight, slots_per_rank, slots, None, 0, lower);
+        if best.is_some() {
+            // The later starts get a smaller budget: a start that needs long to improve rarely wins.
+            search = search.with_budget(num_slots / 2 + 64);
+        }
+        let result = search.run();
+        if best.as_ref().is_none_or(|(peak, _)| result.0 < *peak) {
+            best = Some(result);
+        }
+    }
+    best.expect("the first start always runs")
+}
+
+/// Solo counts for `num_slots` slots: `ceil(w / lower)` replicas an expert (at least one), so
+/// one replica fits under the lower bound; then every spare slot goes to the expert with the
+/// largest replica below `lower / divisor` (ties: lower index), or, when there is none, to the
+/// lightest expert (ties: lower index). None when the counts need more than `num_slots` slots.
+fn solo_counts(weight: &[u64], num_slots: usize, lower: Fixed, divisor: Fixed) -> Option<Vec<usize>> {
+    let theta = lower.max(1);
+    let mut count: Vec<usize> = weight.iter().map(|&w| from_tokens(w).div_ceil(theta).max(1) as usize).collect();
+    let mut spare = num_slots.checked_sub(count.iter().sum())?;
+    // Max-heap on (replica load, lowest index first) over the experts below the cap.
+    let key = |e: usize, c: usize| ((per_replica(weight[e], c) as u128) << 64) | (u64::MAX - e as u64) as u128;
+    let cap = theta / divisor;
+    let mut heap: BinaryHeap<u128> =
+        (0..weight.len()).filter(|&e| per_replica(weight[e], count[e]) < cap).map(|e| key(e, count[e])).collect();
+    let lightest = (0..weight.len()).min_by_key(|&e| (weight[e], e))?;
+    while spare > 0 {
+        match heap.pop() {
+            Some(top) => {
+                let e = (u64::MAX - top as u64) as usize;
+                count[e] += 1;
+                heap.push(key(e, count[e]));
+            }
+            None => count[lightest] += 1,
+        }
+        spare -= 1;
+    }
+    Some(count)
+}
+
+/// `slot_expert [num_slots]` for the replicas `replicas [num_slots]` placed in packs
+/// `pack_of [num_slots]`: pack `p` is GPU `p`, its replicas in their order.
+fn layout(replicas: &[usize], pack_of: &[usize], num_gpus: usize) -> Vec<usize> {
+    let slots_per_rank = replicas.len() / num_gpus;
+    let mut fill = vec![0usize; num_gpus];
+    let mut slots = vec![0usize; replicas.len()];
+    for (&e, &p) in replicas.iter().zip(pack_of) {
+        slots[p * slots_per_rank + fill[p]] = e;
+        fill[p] += 1;
+    }
+    slots
 }
 
 /// Makes a previous node placement valid: fills the slots that held other nodes' experts and
-/// gives every expert at least one replica (taking slots from the experts that lose least).
+/// gives every expert at least one replica.
+///
+/// While there are fewer free slots than experts without a replica, the expert whose remaining
+/// replicas would carry least (`w / (c - 1)`, ties: lower index) gives up its last slot. Then the
+/// experts without a replica (heaviest first, ties: lower index), and after them the expert with
+/// the largest load per replica (ties: lower index), each take the free slot of the least loaded
+/// GPU (ties: the lowest slot).
 fn repair(weight: &[u64], prev: &[Option<usize>], slots_per_rank: usize) -> Vec<usize> {
-    let num_local = weight.len();
-    let mut count = vec![0usize; num_local];
+    let n = weight.len();
+    let mut count = vec![0usize; n];
     for e in prev.iter().flatten() {
         count[*e] += 1;
     }
     let mut slots: Vec<Option<usize>> = prev.to_vec();
-    // Missing experts need a slot: free one from the expert whose remaining replicas would carry
-    // the least, w / (c - 1), taking its last slot (ties: lower expert, later slot).
-    let missing = count.iter().filter(|&&c| c == 0).count();
+    let mut missing: Vec<usize> = (0..n).filter(|&e| count[e] == 0).collect();
     let mut free = slots.iter().filter(|s| s.is_none()).count();
-    while free < missing {
-        let x = (0..num_local)
+    if missing.is_empty() && free == 0 {
+        return slots.into_iter().flatten().collect();
+    }
+    while free < missing.len() {
+        let x = (0..n)
             .filter(|&e| count[e] >= 2)
             .min_by_key(|&e| (per_replica(weight[e], count[e] - 1), e))
             .expect("a node has at least as many slots as experts");
-        let s = (0..slots.len()).rev().find(|&s| slots[s] == Some(x)).expect("expert x has a slot");
+        let s = slots.iter().rposition(|&e| e == Some(x)).expect("expert x has a slot");
         slots[s] = None;
         count[x] -= 1;
         free += 1;
     }
-    // Fill free slots: missing experts first (heaviest first), then the expert with the largest
-    // per-replica load, each into the free slot of the least loaded GPU.
-    let mut order: Vec<usize> = (0..num_local).filter(|&e| count[e] == 0).collect();
-    order.sort_by_key(|&e| (std::cmp::Reverse(weight[e]), e));
-    let mut order = order.into_iter();
-    while let Some(_) = slots.iter().position(Option::is_none) {
-        let e = order.next().unwrap_or_else(|| {
-            (0..num_local).max_by_key(|&e| (per_replica(weight[e], count[e]), std::cmp::Reverse(e))).expect("experts")
+    missing.sort_by_key(|&e| (std::cmp::Reverse(weight[e]), e));
+    let mut missing = missing.into_iter();
+    while let Some(first_free) = slots.iter().position(Option::is_none) {
+        let e = missing.next().unwrap_or_else(|| {
+            (0..n).max_by_key(|&e| (per_replica(weight[e], count[e]), std::cmp::Reverse(e))).expect("experts")
         });
         let gpu_load = |g: usize| -> Fixed {
             slots[g * slots_per_rank..(g + 1) * slots_per_rank]
@@ -261,7 +397,7 @@ fn repair(weight: &[u64], prev: &[Option<usize>], slots_per_rank: usize) -> Vec<
                 .map(|&x| per_replica(weight[x], count[x].max(1)))
                 .sum()
         };
-        let s = (0..slots.len())
+        let s = (first_free..slots.len())
             .filter(|&s| slots[s].is_none())
             .min_by_key(|&s| (gpu_load(s / slots_per_rank), s))
             .expect("a free slot exists");
@@ -271,37 +407,51 @@ fn repair(weight: &[u64], prev: &[Option<usize>], slots_per_rank: usize) -> Vec<
     slots.into_iter().map(|s| s.expect("every slot is filled")).collect()
 }
 
-/// Renumbers the GPUs of `slot_expert` so that each lands on the previous GPU it shares most
-/// experts with (greedy matching by overlap, ties by lower indices).
-fn relabel_gpus(slot_expert: &[usize], prev: &[Option<usize>], slots_per_rank: usize) -> Vec<usize> {
+/// Renumbers the GPUs of `slot_expert [num_slots]` so that each lands on the previous GPU it
+/// shares most expert copies with: a greedy matching by (overlap descending, new GPU, old GPU).
+fn relabel_gpus(slot_expert: &[usize], prev: &[Option<usize>], slots_per_rank: usize, num_local: usize) -> Vec<usize> {
     let num_gpus = slot_expert.len() / slots_per_rank;
-    let overlap = |n: usize, o: usize| -> usize {
-        let mut have: Vec<usize> =
-            prev[o * slots_per_rank..(o + 1) * slots_per_rank].iter().flatten().copied().collect();
-        slot_expert[n * slots_per_rank..(n + 1) * slots_per_rank]
-            .iter()
-            .filter(|e| match have.iter().position(|h| h == *e) {
-                Some(i) => {
-                    have.swap_remove(i);
-                    true
-                }
-                None => false,
-            })
-            .count()
-    };
-    let mut pairs: Vec<(usize, usize, usize)> = Vec::new();
-    for n in 0..num_gpus {
-        for o in 0..num_gpus {
-            let k = overlap(n, o);
-            if k > 0 {
-                pairs.push((k, n, o));
+    // prev_hosts: (expert, old GPU, copies), sorted; first[e]..first[e + 1] are e's entries.
+    let mut pairs: Vec<(usize, usize)> =
+        prev.iter().enumerate().filter_map(|(s, e)| e.map(|e| (e, s / slots_per_rank))).collect();
+    pairs.sort_unstable();
+    let mut prev_hosts: Vec<(usize, usize, u32)> = Vec::with_capacity(pairs.len());
+    for (e, o) in pairs {
+        match prev_hosts.last_mut() {
+            Some(last) if last.0 == e && last.1 == o => last.2 += 1,
+            _ => prev_hosts.push((e, o, 1)),
+        }
+    }
+    let mut first = vec![0usize; num_local + 1];
+    for &(e, _, _) in &prev_hosts {
+        first[e + 1] += 1;
+    }
+    for e in 0..num_local {
+        first[e + 1] += first[e];
+    }
+    // overlap [num_gpus * num_gpus]: copies new GPU n shares with old GPU o.
+    let mut overlap = vec![0u32; num_gpus * num_gpus];
+    for (n, gpu) in slot_expert.chunks(slots_per_rank).enumerate() {
+        for (k, &e) in gpu.iter().enumerate() {
+            if gpu[..k].contains(&e) {
+                continue;
+            }
+            let copies = gpu.iter().filter(|&&x| x == e).count() as u32;
+            for &(_, o, c) in &prev_hosts[first[e]..first[e + 1]] {
+                overlap[n * num_gpus + o] += copies.min(c);
             }
         }
     }
-    pairs.sort_by_key(|&(k, n, o)| (std::cmp::Reverse(k), n, o));
+    let mut candidates: Vec<(std::cmp::Reverse<u32>, usize, usize)> = overlap
+        .iter()
+        .enumerate()
+        .filter(|(_, &k)| k > 0)
+        .map(|(i, &k)| (std::cmp::Reverse(k), i / num_gpus, i % num_gpus))
+        .collect();
+    candidates.sort_unstable();
     let mut target = vec![usize::MAX; num_gpus];
     let mut taken = vec![false; num_gpus];
-    for (_, n, o) in pairs {
+    for (_, n, o) in candidates {
         if target[n] == usize::MAX && !taken[o] {
             target[n] = o;
             taken[o] = true;
@@ -312,8 +462,7 @@ fn relabel_gpus(slot_expert: &[usize], prev: &[Option<usize>], slots_per_rank: u
         *t = free.next().expect("as many old GPUs as new");
     }
     let mut out = vec![0usize; slot_expert.len()];
-    for n in 0..num_gpus {
-        let o = target[n];
+    for (n, &o) in target.iter().enumerate() {
         out[o * slots_per_rank..(o + 1) * slots_per_rank]
             .copy_from_slice(&slot_expert[n * slots_per_rank..(n + 1) * slots_per_rank]);
     }
@@ -321,365 +470,141 @@ fn relabel_gpus(slot_expert: &[usize], prev: &[Option<usize>], slots_per_rank: u
 }
 
 /// Reorders the slots inside every GPU so that an expert that was already in a slot of that GPU
-/// stays in that very slot.
+/// stays in that very slot (the first free copy, in slot order); the other experts fill the
+/// remaining slots in their order.
 fn keep_slots(slot_expert: &[usize], prev: &[Option<usize>], slots_per_rank: usize) -> Vec<usize> {
-    let mut out = Vec::with_capacity(slot_expert.len());
-    for (new, old) in slot_expert.chunks(slots_per_rank).zip(prev.chunks(slots_per_rank)) {
-        let mut rest: Vec<usize> = new.to_vec();
-        let mut gpu: Vec<Option<usize>> = old
-            .iter()
-            .map(|o| {
-                let e = (*o)?;
-                let i = rest.iter().position(|&x| x == e)?;
-                rest.remove(i);
-                Some(e)
-            })
-            .collect();
-        let mut rest = rest.into_iter();
-        for s in gpu.iter_mut().filter(|s| s.is_none()) {
-            *s = rest.next();
+    let mut out = vec![usize::MAX; slot_expert.len()];
+    let mut used = vec![false; slots_per_rank];
+    for ((new, old), out) in
+        slot_expert.chunks(slots_per_rank).zip(prev.chunks(slots_per_rank)).zip(out.chunks_mut(slots_per_rank))
+    {
+        used.fill(false);
+        for (o, &e) in out.iter_mut().zip(old) {
+            if let Some(i) = (0..slots_per_rank).find(|&i| !used[i] && Some(new[i]) == e) {
+                used[i] = true;
+                *o = new[i];
+            }
         }
-        out.extend(gpu.into_iter().map(|s| s.expect("as many experts as slots")));
+        let mut rest = (0..slots_per_rank).filter(|&i| !used[i]).map(|i| new[i]);
+        for o in out.iter_mut().filter(|o| **o == usize::MAX) {
+            *o = rest.next().expect("as many experts as slots");
+        }
     }
     out
 }
 
-/// One local-search move.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Move {
-    /// Exchange the experts of two slots on different GPUs.
-    Swap { i: usize, j: usize },
-    /// Slot `j`'s expert (which has other replicas) gives the slot to a new replica of `expert`.
-    Recount { j: usize, expert: usize },
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::synthetic::DriftingZipf;
+    use crate::policy::metrics::{copies_moved, layer_balance};
+    use ndarray::ArrayView1;
 
-/// Local search over one node's slots.
-struct Search<'a> {
-    /// `[num_local]`
-    weight: &'a [u64],
-    slots_per_rank: usize,
-    num_gpus: usize,
-    /// `[num_slots]`: local expert of every slot.
-    slot_expert: Vec<usize>,
-    /// `[num_local]`: replicas per expert.
-    count: Vec<usize>,
-    /// `[num_local]`: the slots of every expert.
-    slots_of: Vec<Vec<usize>>,
-    /// `[num_gpus]`
-    load: Vec<Fixed>,
-    /// `[num_gpus * num_local]`: replicas of expert e on GPU g, now and in the previous placement.
-    on_gpu: Vec<u32>,
-    prev_on_gpu: Option<Vec<u32>>,
-    /// Copies that differ from the previous placement (per GPU, as a multiset).
-    moved: usize,
-    per_copy: Fixed,
-}
-
-impl<'a> Search<'a> {
-    fn new(
-        weight: &'a [u64],
-        slots_per_rank: usize,
-        slot_expert: Vec<usize>,
-        prev: Option<&[Option<usize>]>,
-        per_copy: Fixed,
-    ) -> Self {
-        let num_local = weight.len();
-        let num_gpus = slot_expert.len() / slots_per_rank;
-        let mut count = vec![0usize; num_local];
-        let mut slots_of = vec![Vec::new(); num_local];
-        let mut on_gpu = vec![0u32; num_gpus * num_local];
-        for (s, &e) in slot_expert.iter().enumerate() {
-            count[e] += 1;
-            slots_of[e].push(s);
-            on_gpu[(s / slots_per_rank) * num_local + e] += 1;
-        }
-        let prev_on_gpu = prev.map(|p| {
-            let mut v = vec![0u32; num_gpus * num_local];
-            for (s, e) in p.iter().enumerate() {
-                if let Some(e) = e {
-                    v[(s / slots_per_rank) * num_local + e] += 1;
-                }
-            }
-            v
-        });
-        let moved = match &prev_on_gpu {
-            Some(p) => on_gpu.iter().zip(p).map(|(&n, &o)| n.saturating_sub(o) as usize).sum(),
-            None => 0,
-        };
-        let mut s = Search {
-            weight,
-            slots_per_rank,
-            num_gpus,
-            slot_expert,
-            count,
-            slots_of,
-            load: vec![0; num_gpus],
-            on_gpu,
-            prev_on_gpu,
-            moved,
-            per_copy,
-        };
-        for g in 0..num_gpus {
-            s.load[g] = (g * slots_per_rank..(g + 1) * slots_per_rank).map(|x| s.rep(s.slot_expert[x])).sum();
-        }
-        s
+    fn shape(r: usize, g: usize, n: usize, k: usize) -> PlacementShape {
+        PlacementShape { num_replicas: r, num_gpus: g, num_nodes: n, num_groups: k }
     }
 
-    fn num_local(&self) -> usize {
-        self.weight.len()
+    /// Layers of a drifting zipf-like load at step `t` (rows of `[layers, experts]`).
+    fn zipf(layers: usize, experts: usize, t: usize) -> Vec<Vec<u64>> {
+        DriftingZipf::new(layers, experts, 3).step(t).outer_iter().map(|r| r.to_vec()).collect()
     }
 
-    /// Per-replica load of expert e now.
-    fn rep(&self, e: usize) -> Fixed {
-        per_replica(self.weight[e], self.count[e])
+    fn moved(old: &[usize], new: &[usize], spr: usize) -> usize {
+        copies_moved(ArrayView1::from(old), ArrayView1::from(new), spr)
     }
 
-    /// The most loaded GPU (lowest index among equals) and its load.
-    fn peak(&self) -> (usize, Fixed) {
-        let mut best = (0, self.load[0]);
-        for (g, &l) in self.load.iter().enumerate().skip(1) {
-            if l > best.1 {
-                best = (g, l);
+    const SHAPES: [PlacementShape; 4] = [
+        PlacementShape { num_replicas: 72, num_gpus: 8, num_nodes: 2, num_groups: 4 },
+        PlacementShape { num_replicas: 80, num_gpus: 16, num_nodes: 1, num_groups: 1 },
+        PlacementShape { num_replicas: 96, num_gpus: 32, num_nodes: 1, num_groups: 1 },
+        PlacementShape { num_replicas: 64, num_gpus: 4, num_nodes: 4, num_groups: 8 },
+    ];
+
+    #[test]
+    fn a_huge_move_cost_keeps_the_previous_placement_slot_for_slot() {
+        for s in SHAPES {
+            for (old, new) in zipf(3, 64, 0).iter().zip(zipf(3, 64, 9)) {
+                let prev = layer(old, &s, None, 0.0);
+                assert_eq!(layer(&new, &s, Some(&prev), 1e9), prev, "{s:?}");
             }
         }
-        best
     }
 
-    /// Change in copies moved when one replica of `e` leaves GPU `g` (-1 or 0).
-    fn moved_if_removed(&self, g: usize, e: usize) -> isize {
-        match &self.prev_on_gpu {
-            Some(p) if self.on_gpu[g * self.num_local() + e] > p[g * self.num_local() + e] => -1,
-            _ => 0,
-        }
-    }
-
-    /// Change in copies moved when one replica of `e` arrives on GPU `g` (+1 or 0).
-    fn moved_if_added(&self, g: usize, e: usize) -> isize {
-        match &self.prev_on_gpu {
-            Some(p) if self.on_gpu[g * self.num_local() + e] >= p[g * self.num_local() + e] => 1,
-            _ => 0,
-        }
-    }
-
-    /// Whether a move that lowers the touched GPUs' peak from `peak` to `new_max` while changing
-    /// copies moved by `dm` is worth taking.
-    fn pays(&self, peak: Fixed, new_max: Fixed, dm: isize) -> bool {
-        new_max < peak && (dm <= 0 || peak - new_max > self.per_copy.saturating_mul(dm as u64))
-    }
-
-    /// The loads after slot `j`'s expert x gives that slot to a new replica of `b`, for every GPU
-    /// it touches: `(gpu, new load)` pairs, appended to `out`.
-    fn recount_loads(&self, j: usize, b: usize, out: &mut Vec<(usize, Fixed)>) {
-        out.clear();
-        let x = self.slot_expert[j];
-        let (x_old, x_new) = (self.rep(x), per_replica(self.weight[x], self.count[x] - 1));
-        let (b_old, b_new) = (self.rep(b), per_replica(self.weight[b], self.count[b] + 1));
-        let gj = j / self.slots_per_rank;
-        let n = self.num_local();
-        let touch = |g: usize, out: &mut Vec<(usize, Fixed)>| {
-            if out.iter().any(|&(h, _)| h == g) {
-                return;
-            }
-            let (mut cx, mut cb) = (self.on_gpu[g * n + x] as u64, self.on_gpu[g * n + b] as u64);
-            let mut l = self.load[g] - cx * x_old - cb * b_old;
-            if g == gj {
-                cx -= 1;
-                cb += 1;
-            }
-            l += cx * x_new + cb * b_new;
-            out.push((g, l));
-        };
-        touch(gj, out);
-        for &s in self.slots_of[x].iter().chain(self.slots_of[b].iter()) {
-            touch(s / self.slots_per_rank, out);
-        }
-    }
-
-    /// The best move that lowers GPU `a` (the peak, at load `peak`), if any pays.
-    fn best_move(&self, a: usize, peak: Fixed) -> Option<Move> {
-        let spr = self.slots_per_rank;
-        let on_a = a * spr..(a + 1) * spr;
-        // (cost, dm, move): the lowest cost wins, then fewer copies moved, then the earlier move.
-        let mut best: Option<(Fixed, isize, Move)> = None;
-        let consider = |new_max: Fixed, dm: isize, mv: Move, best: &mut Option<(Fixed, isize, Move)>| {
-            if !self.pays(peak, new_max, dm) {
-                return;
-            }
-            let cost = new_max.saturating_add(self.per_copy.saturating_mul(dm.max(0) as u64));
-            if best.is_none_or(|(c, d, _)| (cost, dm) < (c, d)) {
-                *best = Some((cost, dm, mv));
-            }
-        };
-        // Swaps of a replica on `a` with a lighter one elsewhere.
-        for i in on_a.clone() {
-            let ea = self.slot_expert[i];
-            let ra = self.rep(ea);
-            for g in (0..self.num_gpus).filter(|&g| g != a) {
-                let lg = self.load[g];
-                if lg >= peak {
-                    continue;
-                }
-                for j in g * spr..(g + 1) * spr {
-                    let eb = self.slot_expert[j];
-                    let rb = self.rep(eb);
-                    if eb == ea || rb >= ra {
-                        continue;
-                    }
-                    let d = ra - rb;
-                    let new_max = (peak - d).max(lg + d);
-                    let dm = self.moved_if_removed(a, ea)
-                        + self.moved_if_added(g, eb)
-                        + self.moved_if_removed(g, eb)
-                        + self.moved_if_added(a, ea);
-                    consider(new_max, dm, Move::Swap { i, j }, &mut best);
+    #[test]
+    fn replanning_a_plan_moves_nothing_even_when_moves_are_free() {
+        for s in SHAPES {
+            for w in zipf(3, 64, 4) {
+                let first = layer(&w, &s, None, 0.0);
+                for cost in [0.0, DEFAULT_MOVE_COST] {
+                    assert_eq!(layer(&w, &s, Some(&first), cost), first, "{s:?} move cost {cost}");
                 }
             }
         }
-        // Recounts: a slot on `a` changes expert, or an expert on `a` gains a replica elsewhere.
-        let mut loads = Vec::new();
-        let mut eval = |j: usize, b: usize, best: &mut Option<(Fixed, isize, Move)>| {
-            let x = self.slot_expert[j];
-            if x == b || self.count[x] < 2 {
-                return;
-            }
-            self.recount_loads(j, b, &mut loads);
-            let new_max = loads.iter().map(|&(_, l)| l).max().unwrap_or(0);
-            let g = j / spr;
-            let dm = self.moved_if_removed(g, x) + self.moved_if_added(g, b);
-            consider(new_max, dm, Move::Recount { j, expert: b }, best);
-        };
-        // A slot on `a` changes expert: only the new expert's per-replica load matters to `a`
-        // (the old expert's other GPUs gain the same whatever replaces it), so the candidates
-        // are the expert with the least load per replica once it gains one, the experts already
-        // on `a`, and the expert that would come back home cheapest.
-        let n = self.num_local();
-        let lightest = |home_only: bool| {
-            (0..n)
-                .filter(|&b| {
-                    !home_only || self.prev_on_gpu.as_ref().is_some_and(|p| p[a * n + b] > self.on_gpu[a * n + b])
-                })
-                .min_by_key(|&b| (per_replica(self.weight[b], self.count[b] + 1), b))
-        };
-        let mut candidates: Vec<usize> = on_a.clone().map(|s| self.slot_expert[s]).collect();
-        candidates.extend(lightest(false));
-        candidates.extend(lightest(true));
-        candidates.sort_unstable();
-        candidates.dedup();
-        for j in on_a.clone() {
-            for &b in &candidates {
-                eval(j, b, &mut best);
-            }
-        }
-        // An expert on `a` gains a replica in a slot elsewhere, taken from an expert with several.
-        let mut experts_on_a: Vec<usize> = on_a.clone().map(|s| self.slot_expert[s]).collect();
-        experts_on_a.sort_unstable();
-        experts_on_a.dedup();
-        for &b in &experts_on_a {
-            // `a` itself ends at this load at best; skip `b` if that cannot beat the best so far.
-            let a_after =
-                peak - self.on_gpu[a * n + b] as u64 * (self.rep(b) - per_replica(self.weight[b], self.count[b] + 1));
-            if best.is_some_and(|(c, _, _)| a_after >= c) || a_after >= peak {
-                continue;
-            }
-            for x in (0..n).filter(|&x| self.count[x] >= 2 && x != b) {
-                for &j in &self.slots_of[x] {
-                    if !on_a.contains(&j) {
-                        eval(j, b, &mut best);
-                    }
-                }
-            }
-        }
-        best.map(|(_, _, mv)| mv)
     }
 
-    /// Moves one replica of `e` from slot bookkeeping: slot `s` now holds `to` instead of `from`.
-    fn set_slot(&mut self, s: usize, to: usize) {
-        let n = self.num_local();
-        let g = s / self.slots_per_rank;
-        let from = self.slot_expert[s];
-        self.moved = (self.moved as isize + self.moved_if_removed(g, from)) as usize;
-        self.on_gpu[g * n + from] -= 1;
-        self.moved = (self.moved as isize + self.moved_if_added(g, to)) as usize;
-        self.on_gpu[g * n + to] += 1;
-        self.slot_expert[s] = to;
-        let pos = self.slots_of[from].iter().position(|&x| x == s).expect("slot is listed");
-        self.slots_of[from].swap_remove(pos);
-        self.slots_of[to].push(s);
-    }
-
-    fn apply(&mut self, mv: Move) {
-        match mv {
-            Move::Swap { i, j } => {
-                let (ea, eb) = (self.slot_expert[i], self.slot_expert[j]);
-                let d = self.rep(ea) - self.rep(eb);
-                self.load[i / self.slots_per_rank] -= d;
-                self.load[j / self.slots_per_rank] += d;
-                self.set_slot(i, eb);
-                self.set_slot(j, ea);
-            }
-            Move::Recount { j, expert } => {
-                let mut loads = Vec::new();
-                self.recount_loads(j, expert, &mut loads);
-                for (g, l) in loads {
-                    self.load[g] = l;
+    #[test]
+    fn free_moves_balance_at_least_as_well_as_a_fresh_plan() {
+        // Global mode (in hierarchical mode the groups may sit on other nodes than fresh).
+        for s in SHAPES.into_iter().filter(|s| s.num_nodes == 1) {
+            let (spr, gpn) = (s.slots_per_rank(), s.gpus_per_node());
+            for (old, new) in zipf(3, 64, 0).iter().zip(zipf(3, 64, 12)) {
+                let fresh = layer_balance(&new, &layer(&new, &s, None, 0.0), spr, gpn).max_gpu_load;
+                let trivial: Vec<usize> = (0..s.num_replicas).map(|i| i % 64).collect();
+                for prev in [layer(old, &s, None, 0.0), trivial] {
+                    let p = layer(&new, &s, Some(&prev), 0.0);
+                    assert!(layer_balance(&new, &p, spr, gpn).max_gpu_load <= fresh, "{s:?}");
                 }
-                let x = self.slot_expert[j];
-                self.count[x] -= 1;
-                self.count[expert] += 1;
-                self.set_slot(j, expert);
             }
         }
     }
 
-    /// Applies the best paying move on the peak GPU until none is left.
-    fn run(&mut self) {
-        for _round in 0..ROUNDS {
-            let before = self.peak().1;
-            for _ in 0..MAX_MOVES_PER_GPU * self.num_gpus {
-                let (a, peak) = self.peak();
-                match self.best_move(a, peak) {
-                    Some(mv) => self.apply(mv),
-                    None => break,
-                }
-            }
-            if self.per_copy != 0 || !self.balance_pairs() || self.peak().1 >= before && _round > 0 {
-                // nothing
+    #[test]
+    fn every_move_is_paid_for_by_the_peak() {
+        // Global mode: the plan's peak plus the price of its moves never exceeds the previous
+        // placement's peak, and some prices do move copies.
+        let s = shape(80, 16, 1, 1);
+        let (spr, mean_of) = (s.slots_per_rank(), |w: &[u64]| w.iter().sum::<u64>() as f64 / 16.0);
+        let mut any_moved = false;
+        for (old, new) in zipf(4, 64, 0).iter().zip(zipf(4, 64, 6)) {
+            let prev = layer(old, &s, None, 0.0);
+            let before = layer_balance(&new, &prev, spr, 1).max_gpu_load;
+            for cost in [0.001, 0.003, 0.01, 0.03] {
+                let p = layer(&new, &s, Some(&prev), cost);
+                let k = moved(&prev, &p, spr);
+                let peak = layer_balance(&new, &p, spr, 1).max_gpu_load;
+                let price = cost * mean_of(&new) * k as f64;
+                assert!(peak + price <= before * (1.0 + 1e-9), "cost {cost}: {peak} + {k} copies > {before}");
+                any_moved |= k > 0;
             }
         }
+        assert!(any_moved, "the drift should make some moves pay");
     }
 
-    /// One pass of pairwise balancing: for every pair of GPUs, the swap that most lowers the
-    /// heavier of the two. Returns whether anything changed.
-    fn balance_pairs(&mut self) -> bool {
-        let spr = self.slots_per_rank;
-        let mut changed = false;
-        for a in 0..self.num_gpus {
-            for b in 0..self.num_gpus {
-                if self.load[a] <= self.load[b] {
-                    continue;
-                }
-                let (la, lb) = (self.load[a], self.load[b]);
-                let mut best: Option<(Fixed, usize, usize)> = None;
-                for i in a * spr..(a + 1) * spr {
-                    let ra = self.rep(self.slot_expert[i]);
-                    for j in b * spr..(b + 1) * spr {
-                        let rb = self.rep(self.slot_expert[j]);
-                        if rb >= ra || self.slot_expert[i] == self.slot_expert[j] {
-                            continue;
-                        }
-                        let d = ra - rb;
-                        let m = (la - d).max(lb + d);
-                        if m < la && best.is_none_or(|(bm, _, _)| m < bm) {
-                            best = Some((m, i, j));
-                        }
-                    }
-                }
-                if let Some((_, i, j)) = best {
-                    self.apply(Move::Swap { i, j });
-                    changed = true;
-                }
-            }
-        }
-        changed
+    #[test]
+    fn solo_counts_fit_one_replica_under_the_bound_and_fill_every_slot() {
+        // lower = 10 tokens: 25 -> 3 replicas, 10, 4 and 1 -> 1 each; the 2 spare slots split
+        // the largest replica below 10 / 2: the 4 (-> 2 x 2), then its halves again (2 > 1).
+        let w = [25u64, 10, 4, 1];
+        let count = solo_counts(&w, 8, from_tokens(10), 2).unwrap();
+        assert_eq!(count, vec![3, 1, 3, 1]);
+        assert_eq!(solo_counts(&w, 5, from_tokens(10), 2), None);
+        // No replica below the cap: the spares go to the lightest expert.
+        assert_eq!(solo_counts(&[9, 9], 4, from_tokens(9), 2).unwrap(), vec![3, 1]);
+    }
+
+    #[test]
+    fn groups_move_between_nodes_only_when_it_pays() {
+        // 4 groups of 2 experts on 2 nodes; node 0 holds the two heavy groups.
+        let s = shape(16, 4, 2, 4);
+        let w = [50u64, 50, 40, 40, 1, 1, 2, 2];
+        let prev: Vec<usize> = vec![0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 6, 7, 4, 5, 6, 7];
+        let group_node =
+            |p: &[usize]| -> Vec<usize> { (0..4).map(|g| p.iter().position(|&e| e / 2 == g).unwrap() / 8).collect() };
+        // Cheap moves: the groups are rebalanced over the nodes.
+        let p = layer(&w, &s, Some(&prev), 0.0);
+        let nodes = group_node(&p);
+        assert_ne!(nodes[0], nodes[1], "the two heavy groups should be split: {nodes:?}");
+        // Prohibitive moves: everything stays.
+        assert_eq!(layer(&w, &s, Some(&prev), 1e9), prev);
     }
 }

@@ -15,8 +15,10 @@ pub mod deepseek;
 pub mod fixed;
 pub mod incremental;
 pub mod metrics;
+mod packing;
 #[cfg(test)]
 mod proptests;
+mod search;
 
 use ndarray::{Array2, Array3, ArrayView1, ArrayView2, Axis};
 use thiserror::Error;
@@ -147,8 +149,9 @@ pub struct PolicyConfig {
     pub kind: PolicyKind,
     /// Worker threads over layers; 0 means one per available core. The result never depends on it.
     pub threads: usize,
-    /// Incremental policy only: a move must cut the layer's peak GPU load by more than this
-    /// fraction of the mean GPU load for every expert copy it sends. See [`incremental`].
+    /// Incremental policy only: the price of moving one expert copy, as a fraction of the layer's
+    /// mean GPU load: copies move only where the peak GPU load (of their node) falls by more than
+    /// this for every copy moved; 0 puts balance first. See [`incremental`].
     pub move_cost: f64,
 }
 

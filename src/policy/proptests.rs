@@ -97,6 +97,8 @@ fn invariants_and_determinism_over_random_cases() {
             let trivial = Placement::trivial(weight.nrows(), num_logical, shape.num_replicas);
             let other = weight.mapv(|w| w / 2 + 3);
             let planned = rebalance(other.view(), &shape, None, &config).unwrap();
+            // Free moves (every candidate is computed) on even cases, the default price on odd.
+            let config = PolicyConfig { move_cost: if i % 2 == 0 { 0.0 } else { config.move_cost }, ..config };
             for prev in [&trivial, &planned] {
                 let q = rebalance(weight.view(), &shape, Some(prev), &config).unwrap();
                 check_invariants(&q, &shape, num_logical, &format!("{ctx} with previous"));
@@ -119,5 +121,24 @@ fn incremental_keeps_a_placement_that_is_already_good() {
         let second = rebalance(weight.view(), &shape, Some(&first), &config).unwrap();
         let moved = metrics::copies_moved_all(first.phy2log.view(), second.phy2log.view(), shape.slots_per_rank());
         assert_eq!(moved, 0, "{shape:?}: re-planning the same load moved {moved} copies");
+    }
+}
+
+#[test]
+fn incremental_is_never_worse_than_deepseek() {
+    // Fresh plans: the peak GPU load of every layer is at most DeepSeek's.
+    let mut g = Gen(99);
+    let fresh = |kind| PolicyConfig { kind, threads: 1, ..PolicyConfig::default() };
+    for i in 0..600 {
+        let (weight, shape) = case(&mut g);
+        let ours = rebalance(weight.view(), &shape, None, &fresh(PolicyKind::Incremental)).unwrap();
+        let theirs = rebalance(weight.view(), &shape, None, &fresh(PolicyKind::Deepseek)).unwrap();
+        let (spr, gpn) = (shape.slots_per_rank(), shape.resolved().gpus_per_node());
+        for l in 0..weight.nrows() {
+            let w = weight.row(l).to_vec();
+            let a = metrics::layer_balance(&w, &ours.phy2log.row(l).to_vec(), spr, gpn);
+            let b = metrics::layer_balance(&w, &theirs.phy2log.row(l).to_vec(), spr, gpn);
+            assert!(a.max_gpu_load <= b.max_gpu_load, "case {i} {shape:?} layer {l}: {a:?} vs DeepSeek {b:?}");
+        }
     }
 }
