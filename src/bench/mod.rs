@@ -216,7 +216,17 @@ pub fn run_bench(args: &BenchArgs) -> Result<(), BenchError> {
         println!("#");
         println!(
             "# {:>10} {:>5} {:>6} {:>10} {:>9} {:>8} {:>9} {:>9} {:>9} {:>10} {:>7}",
-            "expert_MiB", "rank", "recv", "recv_MiB", "xfer_ms", "GB/s", "verify_ms", "stall_ms", "stall_max", "total_ms", "#wrong"
+            "expert_MiB",
+            "rank",
+            "recv",
+            "recv_MiB",
+            "xfer_ms",
+            "GB/s",
+            "verify_ms",
+            "stall_ms",
+            "stall_max",
+            "total_ms",
+            "#wrong"
         );
     }
     for &mib in &args.expert_mib {
@@ -267,7 +277,7 @@ pub fn run_bench(args: &BenchArgs) -> Result<(), BenchError> {
             }
         }
         // The live weights of every layer must verify after the last pass.
-        let last = if args.iters % 2 == 0 { &b } else { &a };
+        let last = if args.iters.is_multiple_of(2) { &b } else { &a };
         let mut live_wrong = 0;
         for l in 0..args.layers {
             live_wrong += store.verify_live(l, &last[rank * spr..(rank + 1) * spr])?;

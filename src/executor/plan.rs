@@ -73,7 +73,7 @@ impl LayerMigration {
     /// Derives the migration of one layer from `old` to `new` (`phy2log` rows `[num_replicas]`).
     pub fn derive(layer: usize, old: &[usize], new: &[usize], slots_per_rank: usize, ranks_per_node: usize) -> Self {
         assert_eq!(old.len(), new.len(), "old and new rows differ in length");
-        assert!(slots_per_rank > 0 && old.len() % slots_per_rank == 0, "slots do not divide over ranks");
+        assert!(slots_per_rank > 0 && old.len().is_multiple_of(slots_per_rank), "slots do not divide over ranks");
         let num_ranks = old.len() / slots_per_rank;
         let ranks_per_node = ranks_per_node.max(1);
         let num_logical = old.iter().chain(new).copied().max().map_or(0, |m| m + 1);

@@ -65,7 +65,7 @@ impl DeviceExpertStore {
         tuning: NcclTuning,
     ) -> Result<Self, GpuError> {
         let slots_per_rank = initial.first().map_or(0, Vec::len);
-        if expert_bytes % 8 != 0 || expert_bytes == 0 {
+        if !expert_bytes.is_multiple_of(8) || expert_bytes == 0 {
             return Err(GpuError::Cuda {
                 op: "DeviceExpertStore::new",
                 message: format!("expert bytes must be a positive multiple of 8, got {expert_bytes}"),

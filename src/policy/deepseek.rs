@@ -48,7 +48,7 @@ pub fn replicate(weight: &[u64], num_physical: usize) -> (Vec<usize>, Vec<usize>
 ///   `num_items / num_packs` items, heaviest item first, each into the lightest pack not yet full.
 pub fn balanced_packing(weight: &[Fixed], num_packs: usize) -> (Vec<usize>, Vec<usize>) {
     let num_items = weight.len();
-    assert!(num_packs > 0 && num_items % num_packs == 0, "balanced_packing: items do not divide into packs");
+    assert!(num_packs > 0 && num_items.is_multiple_of(num_packs), "balanced_packing: items do not divide into packs");
     let items_per_pack = num_items / num_packs;
     if items_per_pack == 1 {
         // As the reference: item i goes to pack i.

@@ -75,7 +75,7 @@ impl PlacementShape {
     /// Whether DeepSeek's hierarchical mode applies (`K % N == 0`); otherwise the global mode,
     /// which is the hierarchical code with one group and one node.
     pub fn is_hierarchical(&self) -> bool {
-        self.num_groups % self.num_nodes == 0
+        self.num_groups.is_multiple_of(self.num_nodes)
     }
 
     /// The shape the hierarchical code runs with: itself, or one group and one node (global mode).
@@ -100,7 +100,7 @@ impl PlacementShape {
             }
         }
         let next_multiple = |x: usize| x.div_ceil(self.num_gpus) * self.num_gpus;
-        if self.num_replicas % self.num_gpus != 0 {
+        if !self.num_replicas.is_multiple_of(self.num_gpus) {
             return Err(PolicyError::ReplicasNotMultipleOfGpus {
                 num_replicas: self.num_replicas,
                 num_gpus: self.num_gpus,
@@ -116,16 +116,18 @@ impl PlacementShape {
             });
         }
         // Groups matter only in hierarchical mode; the global mode treats all experts as one group.
-        if self.is_hierarchical() && num_logical % self.num_groups != 0 {
-            let divisors: Vec<String> =
-                (1..=num_logical).filter(|d| num_logical % d == 0 && *d <= 64).map(|d| d.to_string()).collect();
+        if self.is_hierarchical() && !num_logical.is_multiple_of(self.num_groups) {
+            let divisors: Vec<String> = (1..=num_logical)
+                .filter(|d| num_logical.is_multiple_of(*d) && *d <= 64)
+                .map(|d| d.to_string())
+                .collect();
             return Err(PolicyError::GroupsDoNotDivide {
                 num_groups: self.num_groups,
                 num_logical,
                 hint: format!("; divisors of {num_logical} are {}", divisors.join(", ")),
             });
         }
-        if self.num_gpus % self.num_nodes != 0 {
+        if !self.num_gpus.is_multiple_of(self.num_nodes) {
             return Err(PolicyError::GpusNotMultipleOfNodes { num_gpus: self.num_gpus, num_nodes: self.num_nodes });
         }
         Ok(())

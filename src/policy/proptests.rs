@@ -52,10 +52,10 @@ fn check_invariants(p: &Placement, shape: &PlacementShape, num_logical: usize, c
         assert!(logcnt.iter().all(|&c| c >= 1), "{ctx} layer {l}: an expert has no replica");
         assert_eq!(logcnt.iter().sum::<usize>(), shape.num_replicas, "{ctx}");
         assert_eq!(p.logcnt.row(l).to_vec(), logcnt, "{ctx}");
-        for e in 0..num_logical {
+        for (e, &count) in logcnt.iter().enumerate() {
             for k in 0..p.log2phy.dim().2 {
                 let s = p.log2phy[[l, e, k]];
-                if k < logcnt[e] {
+                if k < count {
                     assert_eq!(row[s as usize], e, "{ctx}: log2phy disagrees with phy2log");
                 } else {
                     assert_eq!(s, -1, "{ctx}");
