@@ -205,11 +205,7 @@ pub fn run_bench(args: &BenchArgs) -> Result<(), BenchError> {
         print!("{devices}");
     }
     let nccl = NcclComm::bootstrap(&world)?;
-    let tuning = NcclTuning {
-        group_bytes: (args.group_mib * (1 << 20) as f64) as usize,
-        chunk_bytes: (args.chunk_mib * (1 << 20) as f64) as usize,
-        register: args.register,
-    };
+    let tuning = NcclTuning::from_mib(args.group_mib, args.chunk_mib, args.register);
     let mut parts = Some((gpu, nccl));
     let mut results = Vec::new();
     if rank == 0 {

@@ -26,6 +26,14 @@ pub struct NcclTuning {
     pub register: bool,
 }
 
+impl NcclTuning {
+    /// From the command-line units: group and piece sizes in MiB (a piece of 0: whole experts).
+    pub fn from_mib(group_mib: f64, chunk_mib: f64, register: bool) -> Self {
+        let bytes = |mib: f64| (mib * (1u64 << 20) as f64) as usize;
+        NcclTuning { group_bytes: bytes(group_mib), chunk_bytes: bytes(chunk_mib), register }
+    }
+}
+
 impl Default for NcclTuning {
     fn default() -> Self {
         NcclTuning { group_bytes: 1 << 30, chunk_bytes: 0, register: true }

@@ -443,9 +443,10 @@ fn finish(path: &Path, grid: &Grid) -> Result<(Vec<Array2<u64>>, Option<u32>), L
 
 /// The shared data folder (`$EPLB_SHARED`, else `<crate>/../shared`), for tests that read the real
 /// traces. `None`, after printing `SKIPPED: <what>`, when it is absent, unless
-/// `EPLB_REQUIRE_SHARED=1`, which makes its absence a test failure.
-#[cfg(test)]
-pub(crate) fn shared_dir_or_skip(what: &str) -> Option<PathBuf> {
+/// `EPLB_REQUIRE_SHARED=1`, which makes its absence a test failure. Unit and integration tests
+/// (`tests/common`) both use it.
+#[doc(hidden)]
+pub fn shared_dir_or_skip(what: &str) -> Option<PathBuf> {
     let dir = std::env::var_os("EPLB_SHARED")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared")));

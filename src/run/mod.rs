@@ -240,11 +240,7 @@ fn finish_store(args: &RunArgs, setup: StoreSetup, rank: usize) -> Result<Box<dy
         StoreSetup::Ready(store) => Ok(store),
         StoreSetup::Gpu { gpu, comm, experts } => {
             let nccl = NcclComm::bootstrap(&comm)?;
-            let tuning = NcclTuning {
-                group_bytes: (args.nccl_group_mib * (1 << 20) as f64) as usize,
-                chunk_bytes: (args.nccl_chunk_mib * (1 << 20) as f64) as usize,
-                register: args.nccl_register,
-            };
+            let tuning = NcclTuning::from_mib(args.nccl_group_mib, args.nccl_chunk_mib, args.nccl_register);
             let mut store = DeviceExpertStore::new(gpu, nccl, &experts, args.expert_bytes, tuning)?;
             if args.fault.contains(&Fault::CorruptTransfer(rank)) {
                 store.corrupt_next_stage();
