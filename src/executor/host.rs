@@ -57,11 +57,6 @@ impl HostExpertStore {
         })
     }
 
-    /// Fault injection: the next [`ExpertStore::stage`] that changes a slot flips one of its bytes.
-    pub fn corrupt_next_stage(&mut self) {
-        self.corrupt_next_stage = true;
-    }
-
     /// Fault injection: flips one byte of a live slot.
     pub fn corrupt_live(&mut self, layer: usize, slot: usize) {
         if let Some(b) = self.live.get_mut(layer).and_then(|l| l.get_mut(slot * self.expert_bytes)) {
@@ -133,6 +128,11 @@ impl ExpertStore for HostExpertStore {
             self.live[m.layer][r.clone()].copy_from_slice(&self.staging[r]);
         }
         Ok(())
+    }
+
+    /// The next stage that changes a slot flips one of its bytes.
+    fn corrupt_next_stage(&mut self) {
+        self.corrupt_next_stage = true;
     }
 
     fn verify_live(&mut self, layer: usize, experts: &[usize]) -> Result<u64, ExecError> {

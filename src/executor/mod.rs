@@ -81,6 +81,9 @@ pub trait ExpertStore {
     /// Bytes of the live slots of `layer` that differ from the content of `experts`
     /// (`[slots_per_rank]`, the expert each local slot must hold).
     fn verify_live(&mut self, layer: usize, experts: &[usize]) -> Result<u64, ExecError>;
+    /// Test hook: the next [`ExpertStore::stage`] flips staged bytes, so that verification must
+    /// fail and nothing may be committed.
+    fn corrupt_next_stage(&mut self);
 }
 
 /// What one layer's migration did, over all ranks.

@@ -151,11 +151,6 @@ impl DeviceExpertStore {
         (gpu, nccl)
     }
 
-    /// Test hook: the next [`ExpertStore::stage`] flips one byte of its first staged slot.
-    pub fn corrupt_next_stage(&mut self) {
-        self.corrupt_next_stage = true;
-    }
-
     /// Transfers of the global list per NCCL group.
     fn transfers_per_round(&self) -> usize {
         (self.tuning.group_bytes / self.expert_bytes).max(1) * self.nccl.size
@@ -282,6 +277,11 @@ impl ExpertStore for DeviceExpertStore {
             self.gpu.copy(live.at(self.slot(k)), self.staging.at(self.slot(k)), self.expert_bytes)?;
         }
         Ok(self.gpu.synchronize()?)
+    }
+
+    /// The next stage flips 8 bytes of its first staged slot.
+    fn corrupt_next_stage(&mut self) {
+        self.corrupt_next_stage = true;
     }
 
     fn verify_live(&mut self, layer: usize, experts: &[usize]) -> Result<u64, ExecError> {

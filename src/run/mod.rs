@@ -225,29 +225,26 @@ pub fn make_store(
         return Ok(StoreSetup::Gpu { gpu, comm, experts: experts.to_vec() });
     }
     let transport = HostTransport::new(comm, args.chunk_bytes);
-    let mut store = HostExpertStore::new(transport, args.expert_bytes, experts)
+    let store = HostExpertStore::new(transport, args.expert_bytes, experts)
         .map_err(|e| RunError::Config(format!("the host store: {e}")))?;
-    if args.fault.contains(&Fault::CorruptTransfer(topo.world_rank)) {
-        store.corrupt_next_stage();
-    }
     Ok(StoreSetup::Ready(Box::new(store)))
 }
 
 /// The collective part of the store's set-up (every rank calls it): the NCCL communicator, then
 /// the device store with every live slot filled.
 fn finish_store(args: &RunArgs, setup: StoreSetup, rank: usize) -> Result<Box<dyn ExpertStore>, RunError> {
-    match setup {
-        StoreSetup::Ready(store) => Ok(store),
+    let mut store = match setup {
+        StoreSetup::Ready(store) => store,
         StoreSetup::Gpu { gpu, comm, experts } => {
             let nccl = NcclComm::bootstrap(&comm)?;
             let tuning = NcclTuning::from_mib(args.nccl_group_mib, args.nccl_chunk_mib, args.nccl_register);
-            let mut store = DeviceExpertStore::new(gpu, nccl, &experts, args.expert_bytes, tuning)?;
-            if args.fault.contains(&Fault::CorruptTransfer(rank)) {
-                store.corrupt_next_stage();
-            }
-            Ok(Box::new(store))
+            Box::new(DeviceExpertStore::new(gpu, nccl, &experts, args.expert_bytes, tuning)?)
         }
+    };
+    if args.fault.contains(&Fault::CorruptTransfer(rank)) {
+        store.corrupt_next_stage();
     }
+    Ok(store)
 }
 
 /// Runs `eplb-worker run` on this rank: starts MPI, runs the loop, stops MPI.
