@@ -630,7 +630,7 @@ def _check_existing(path: str) -> None:
     if len(head) < 128 or struct.unpack_from("<Q", head, 0)[0] != MAGIC:
         raise ContractError(f"{path} exists and is not an eplb region: remove it or choose another name")
     pid = struct.unpack_from("<Q", head, 120)[0]
-    if _pid_alive(pid) and pid != os.getpid():
+    if _pid_alive(pid):
         raise ContractError(f"{path} belongs to running engine pid {pid}: choose another name")
     log.warning("%s: replacing a region left by engine pid %d, which is gone", path, pid)
 

@@ -9,7 +9,7 @@ from a slot of any rank that holds the expert now, verifying every staged expert
 checksum of the bytes it sent, then posting "apply before step S" on every rank and waiting for
 the answers.
 
-Faults, to test the engine's invariants:
+Faults, to test the engine's invariants (on move --fault-at-move; the moves before it are healthy):
   --die-after-posting K     post on ranks < K only, then SIGKILL itself
   --die-mid-post            leave rank 0's cmd_seq odd (a post cut short), then SIGKILL itself
   --die-mid-stage           write half of a staged expert on rank 0, then SIGKILL itself
@@ -49,6 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--attach-timeout", type=float, default=60.0)
     p.add_argument("--engine-timeout", type=float, default=5.0)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--fault-at-move", type=int, default=1, help="the faults below hit this move (1: the first)")
     p.add_argument("--die-after-posting", type=int)
     p.add_argument("--die-mid-post", action="store_true")
     p.add_argument("--die-mid-stage", action="store_true")
@@ -90,6 +91,8 @@ class FakeSidecar:
         self.cmd_id = 0
         self.rng = np.random.default_rng(args.seed)
         self.commits = 0
+        self.moves = 0
+        self.faulty = False
 
     # -- helpers --
     def check_engines(self) -> None:
@@ -136,7 +139,7 @@ class FakeSidecar:
                 src = int(np.flatnonzero(old == e)[0])  # a slot that holds e now
                 sent = self.regions[src // S].raw_weights(layer)[src % S].copy()
                 digest = hashlib.blake2b(sent.tobytes(), digest_size=16).digest()
-                if self.args.die_mid_stage and r == 0:
+                if self.faulty and self.args.die_mid_stage and r == 0:
                     reg.staging[s][: len(sent) // 2] = sent[: len(sent) // 2]
                     die()
                 reg.staging[s][:] = sent
@@ -150,7 +153,7 @@ class FakeSidecar:
         h = reg._h
         seq = int(h[R._W_CMD_SEQ])
         h[R._W_CMD_SEQ] = seq + 1
-        if self.args.die_mid_post:
+        if self.faulty and self.args.die_mid_post:
             die()
         h[R._W_CMD_ID] = cmd_id
         h[R._W_CMD_LAYER] = layer
@@ -175,9 +178,11 @@ class FakeSidecar:
             time.sleep(0.0005)
 
     def move_layer(self, layer: int) -> None:
+        self.moves += 1
+        self.faulty = self.moves == self.args.fault_at_move
         row = self.new_row(layer)
         masks = self.stage(layer, row)
-        if self.args.write_live:
+        if self.faulty and self.args.write_live:
             self.regions[0].raw_weights(layer)[0][:64] ^= 0xFF
         lead = self.args.lead
         for _try in range(5):
@@ -185,7 +190,7 @@ class FakeSidecar:
             S_step = self.engine_step() + lead
             epoch = int(self.epoch[layer]) + 1
             for i, reg in enumerate(self.regions):
-                if self.args.die_after_posting is not None and i >= self.args.die_after_posting:
+                if self.faulty and self.args.die_after_posting is not None and i >= self.args.die_after_posting:
                     die()
                 self.post(reg, self.cmd_id, layer, S_step, epoch, row, masks[i])
             results = self.wait_acks(self.cmd_id)
@@ -219,7 +224,11 @@ class FakeSidecar:
                     layer = (layer + 1) % self.L
                 time.sleep(0.001)
         except EngineGone as e:
-            print(f"fake_sidecar: error: {e}; stopping", file=sys.stderr)
+            # Every region stays mapped here, also those their engines unlinked: one placement?
+            epochs = {tuple(reg.placement().epoch.tolist()) for reg in self.regions}
+            rows = {reg.placement().phy2log.tobytes() for reg in self.regions}
+            same = "the same on every rank" if len(epochs) == 1 and len(rows) == 1 else "DIFFERENT across ranks"
+            print(f"fake_sidecar: error: {e}; stopping; live placements {same}", file=sys.stderr)
             for reg in self.regions:
                 reg._h[R._W_SIDECAR_STATE] = R.SIDECAR_FAILED
             return 1
