@@ -7,6 +7,7 @@
 #   sbatch --wait --nodes=1 --ntasks=4 --overcommit scripts/eplb.sbatch --transport host
 #   scripts/slurm_local.sh status    # exit 0 when all three daemons run and the node is up
 #   scripts/slurm_local.sh stop      # cancels the jobs, stops the daemons; nothing is left running
+#   scripts/slurm_local.sh install   # only installs the packages (scripts/test.sh, for CI)
 #
 # Runs as root (the daemons, and the jobs as the submitting user). Everything lives in a private
 # directory, $EPLB_SLURM_DIR (default /tmp/eplb-slurm): its own slurm.conf, munge key and socket,
@@ -28,7 +29,7 @@ SOCKET=$DIR/munge/munge.socket
 export SLURM_CONF=$CONF
 
 usage() {
-  sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
 }
 
@@ -198,6 +199,10 @@ status() {
 }
 
 case "${1:-}" in
+  install)
+    [ "$(id -u)" -eq 0 ] || die "run as root to install slurm-wlm and munge"
+    install_packages
+    ;;
   start) start ;;
   stop) stop ;;
   status) status ;;
