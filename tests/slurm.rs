@@ -29,9 +29,12 @@ fn required() -> bool {
     std::env::var("EPLB_REQUIRE_SLURM").is_ok_and(|v| v == "1")
 }
 
-/// A free TCP port (released before the daemon binds it).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap()
+/// Two distinct free TCP ports (both held until both are known, released before the daemons bind).
+fn free_ports() -> (u16, u16) {
+    let bind = || TcpListener::bind("127.0.0.1:0").unwrap();
+    let (a, b) = (bind(), bind());
+    let port = |l: &TcpListener| l.local_addr().unwrap().port();
+    (port(&a), port(&b))
 }
 
 /// A running private Slurm; dropping it stops it.
@@ -47,15 +50,15 @@ impl LocalSlurm {
         if uid.as_deref().ok() != Some("0") {
             return Err("not root (slurm_local.sh runs the daemons as root)".into());
         }
-        let have = ["slurmctld", "slurmd", "sbatch", "munged"]
-            .iter()
-            .all(|b| Command::new("sh").args(["-c", &format!("command -v {b}")]).output().is_ok_and(|o| o.status.success()));
+        let have = ["slurmctld", "slurmd", "sbatch", "munged"].iter().all(|b| {
+            Command::new("sh").args(["-c", &format!("command -v {b}")]).output().is_ok_and(|o| o.status.success())
+        });
         if !have && !required() {
             return Err("slurm-wlm or munge not installed (scripts/slurm_local.sh install)".into());
         }
         // A short path: the munge socket's path must fit in a sockaddr_un.
         let dir = PathBuf::from(format!("/tmp/eplb-slurm-test-{}-{name}", std::process::id()));
-        let slurm = LocalSlurm { dir, ports: (free_port(), free_port()) };
+        let slurm = LocalSlurm { dir, ports: free_ports() };
         let log = slurm.dir.with_extension("start.log");
         let out = slurm.script("start", &log);
         if !out {
@@ -84,7 +87,15 @@ impl LocalSlurm {
     /// `timeout 600 sbatch --wait --time=8 ARGS` from `submit_dir`, with EPLB_WORKER set.
     fn sbatch(&self, submit_dir: &Path, args: &[&str]) -> Job {
         std::fs::create_dir_all(submit_dir).unwrap();
-        let out = Command::new("timeout")
+        let mut cmd = Command::new("timeout");
+        // A test run inside a Slurm job must not hand that job's settings to this Slurm.
+        for (k, _) in std::env::vars_os() {
+            let k = k.to_string_lossy();
+            if ["SLURM_", "SBATCH_", "SRUN_", "SALLOC_"].iter().any(|p| k.starts_with(p)) {
+                cmd.env_remove(&*k);
+            }
+        }
+        let out = cmd
             .args([SBATCH_TIMEOUT_S, "sbatch", "--wait", JOB_TIME_MIN])
             .args(args)
             .current_dir(submit_dir)
@@ -139,7 +150,8 @@ impl Job {
 
     fn report(&self) -> Value {
         let path = self.dir.join(format!("eplb-report-{}.json", self.job_id));
-        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}\n{}", path.display(), self.context()));
+        let text =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}\n{}", path.display(), self.context()));
         serde_json::from_str(&text).unwrap()
     }
 }
@@ -208,10 +220,8 @@ fn eplb_sbatch_fails_when_ep_size_does_not_match_the_tasks() {
     let Some(slurm) = local_slurm("mismatch") else { return };
     let dir = submit_dir("mismatch");
     let template = repo().join("scripts/eplb.sbatch");
-    let job = slurm.sbatch(
-        &dir,
-        &["--ntasks=2", "--overcommit", template.to_str().unwrap(), "--ep_size=3", "--steps", "5"],
-    );
+    let job =
+        slurm.sbatch(&dir, &["--ntasks=2", "--overcommit", template.to_str().unwrap(), "--ep_size=3", "--steps", "5"]);
     assert_eq!(job.code, 2, "{}", job.context());
     assert!(job.output.contains("--ep-size 3 must match the number of devices"), "{}", job.context());
     assert!(!job.output.contains("--ep-size 2"), "the template added its own --ep-size:\n{}", job.context());
