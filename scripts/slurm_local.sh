@@ -117,11 +117,12 @@ start_munge() {
     || die "munged did not start; see $DIR/log/munged.log"
 }
 
-# Waits up to $2 seconds for `$1` (a command) to succeed.
+# wait_for SECONDS COMMAND...: waits up to SECONDS for COMMAND to succeed.
 wait_for() {
-  local i
-  for ((i = 0; i < $2 * 2; i++)); do
-    eval "$1" >/dev/null 2>&1 && return 0
+  local i secs=$1
+  shift
+  for ((i = 0; i < secs * 2; i++)); do
+    "$@" >/dev/null 2>&1 && return 0
     sleep 0.5
   done
   return 1
@@ -129,6 +130,22 @@ wait_for() {
 
 node_state() {
   sinfo -h -N -n "$NODE" -o %T 2>/dev/null | head -1
+}
+
+node_up() {
+  [[ "$(node_state)" =~ ^(idle|mixed|allocated) ]]
+}
+
+ctld_up() {
+  scontrol ping | grep -q UP
+}
+
+no_jobs() {
+  [ -z "$(squeue -h -o %i)" ]
+}
+
+pid_gone() {
+  ! kill -0 "$1"
 }
 
 start() {
@@ -141,14 +158,14 @@ start() {
   if ! alive slurmctld >/dev/null; then
     slurmctld -f "$CONF" || die "slurmctld did not start; see $DIR/log/slurmctld.log"
   fi
-  wait_for "scontrol ping | grep -q UP" 30 || die "slurmctld does not answer; see $DIR/log/slurmctld.log"
+  wait_for 30 ctld_up || die "slurmctld does not answer; see $DIR/log/slurmctld.log"
   if ! alive slurmd >/dev/null; then
     slurmd -f "$CONF" -N "$NODE" || die "slurmd did not start; see $DIR/log/slurmd.log"
   fi
-  wait_for '[[ "$(node_state)" =~ ^(idle|mixed|allocated) ]]' 60 || {
+  wait_for 60 node_up || {
     # A node left down or drained by an earlier run: bring it back.
     scontrol update nodename="$NODE" state=resume >/dev/null 2>&1 || true
-    wait_for '[[ "$(node_state)" =~ ^(idle|mixed|allocated) ]]' 30 \
+    wait_for 30 node_up \
       || die "node $NODE is '$(node_state)', not idle; see $DIR/log/slurmd.log and $DIR/log/slurmctld.log"
   }
   echo "# slurm_local: up, node $NODE with $(nproc) CPUs, partition local; now run:"
@@ -160,7 +177,7 @@ stop_daemon() {
   local pid
   pid=$(alive "$1") || { rm -f "$DIR/run/$1.pid"; return 0; }
   kill "$pid" 2>/dev/null || true
-  wait_for "! kill -0 $pid" 15 || { kill -9 "$pid" 2>/dev/null || true; sleep 0.5; }
+  wait_for 15 pid_gone "$pid" || { kill -9 "$pid" 2>/dev/null || true; sleep 0.5; }
   rm -f "$DIR/run/$1.pid"
 }
 
@@ -168,7 +185,7 @@ stop() {
   [ -d "$DIR" ] || { echo "# slurm_local: nothing to stop ($DIR absent)"; return 0; }
   if alive slurmctld >/dev/null && [ -n "$(squeue -h -o %i 2>/dev/null)" ]; then
     squeue -h -o %i | xargs -r scancel --full >/dev/null 2>&1 || true
-    wait_for '[ -z "$(squeue -h -o %i)" ]' 30 || echo "slurm_local: jobs still listed after scancel" >&2
+    wait_for 30 no_jobs || echo "slurm_local: jobs still listed after scancel" >&2
   fi
   stop_daemon slurmd
   stop_daemon slurmctld
@@ -193,7 +210,7 @@ status() {
   if [ "$down" -eq 0 ]; then
     echo "node $NODE $(node_state)"
     echo "export SLURM_CONF=$CONF"
-    [[ "$(node_state)" =~ ^(idle|mixed|allocated) ]] && return 0
+    node_up && return 0
   fi
   return 3
 }
