@@ -23,7 +23,7 @@ if ! "$venv/bin/python" -c "from mpi4py import MPI; MPI.Get_library_version()" >
   echo "# mpi4py's wheel does not load the system MPI: building mpi4py from source"
   "$venv/bin/python" -m pip install -q --disable-pip-version-check --force-reinstall --no-binary mpi4py mpi4py
 fi
-echo "# $("$venv/bin/python" -c "from mpi4py import MPI; print('mpi4py', __import__('mpi4py').__version__, 'on', MPI.Get_library_version().splitlines()[0])")"
+echo "# $("$venv/bin/python" -c "from mpi4py import MPI; print('mpi4py', __import__('mpi4py').__version__, 'on', MPI.Get_library_version().strip(chr(0)).splitlines()[0])")"
 
 rc=0
 (cd python && timeout -k 10 2400 "../$venv/bin/python" -m pytest -q "$@") || rc=$?
