@@ -32,10 +32,15 @@ use crate::engine::{logical_from_slots, slot_loads, LoadSource};
 use crate::executor::{migrate_layer, ExecError, ExpertStore, HostExpertStore, LayerMigration};
 use crate::gpu::{self, device::Gpu, nccl::NcclComm, store::DeviceExpertStore, store::NcclTuning, GpuError};
 use crate::load::{self, LoadError, TraceSelect};
-use crate::manager::{Interval, Manager, ManagerConfig, Window};
+use crate::manager::{Interval, Manager, Mode, RoundDecision};
 use crate::plan::file::{self, PlacementFileError};
-use crate::policy::{self, metrics, Placement, PlacementShape, PolicyConfig, PolicyError};
+use crate::policy::{metrics, Placement, PlacementShape, PolicyConfig, PolicyError};
 use crate::rank::{Topology, TopologyError};
+
+/// The cost model's defaults in `run` (`--step-ms`, `--migration-gbps`): a decode step of a large
+/// MoE model, and NVLink-class migration (BENCHMARKS.md measures 200-265 GB/s a GPU with NCCL).
+pub const DEFAULT_STEP_MS: f64 = 20.0;
+pub const DEFAULT_MIGRATION_GBPS: f64 = 200.0;
 
 /// Default layers and experts of the built-in load.
 pub const DEFAULT_LAYERS: usize = 8;
@@ -416,7 +421,6 @@ struct Looper<'a> {
     report: Report,
     live: Placement,
     manager: Manager,
-    window: Window,
     /// Per-step manager time (all-reduce + window + decision), µs, and the all-reduce alone.
     step_us: Vec<f64>,
     allreduce_us: Vec<f64>,
@@ -430,18 +434,7 @@ struct Looper<'a> {
 impl<'a> Looper<'a> {
     fn new(world: &'a Comm, args: &'a RunArgs, st: &'a mut State) -> Self {
         let RunShape { num_layers, num_logical, shape } = st.run_shape.clone();
-        let interval = match args.eplb_update_interval_steps {
-            Some(n) => Interval::Steps(n as usize),
-            None => Interval::Seconds(args.eplb_update_interval),
-        };
-        let config = ManagerConfig {
-            enable: args.enable_eplb,
-            interval,
-            threshold: args.eplb_update_threshold,
-            layers_per_step: args.eplb_layers_per_step,
-            min_improvement: args.eplb_min_improvement,
-            window_steps: args.eplb_window_steps as usize,
-        };
+        let config = args.manager.config(num_layers, args.expert_bytes as u64, DEFAULT_STEP_MS, DEFAULT_MIGRATION_GBPS);
         let report = Report::new(&st.topo, &shape, num_layers, num_logical, args, &st.source, st.store.transport());
         Looper {
             world,
@@ -449,8 +442,7 @@ impl<'a> Looper<'a> {
             out: Out { on: world.rank() == 0 },
             report,
             live: st.initial.clone(),
-            manager: Manager::new(config, num_layers),
-            window: Window::new(config.window_steps, num_layers, num_logical),
+            manager: Manager::new(config, shape, num_layers, num_logical),
             st,
             step_us: Vec::new(),
             allreduce_us: Vec::new(),
@@ -465,10 +457,6 @@ impl<'a> Looper<'a> {
     fn header(&self, devices: &str) {
         let (a, rs, topo) = (self.args, &self.st.run_shape, &self.st.topo);
         let shape = rs.shape;
-        let interval = match self.manager.config.interval {
-            Interval::Steps(n) => format!("every {n} steps"),
-            Interval::Seconds(s) => format!("every {s} s (rank 0's clock)"),
-        };
         self.out.line(format!(
             "# eplb-worker run: {} ranks on {} node(s) of {}{}, engine synthetic: {}",
             topo.world_size,
@@ -487,14 +475,7 @@ impl<'a> Looper<'a> {
             a.steps,
             a.init_placement.as_ref().map_or("trivial".into(), |p| p.display().to_string())
         ));
-        self.out.line(format!(
-            "#  manager: enable_eplb {}, update {interval}, threshold {}, layers a step {}, min improvement {}, window {} steps",
-            a.enable_eplb,
-            a.eplb_update_threshold,
-            if a.eplb_layers_per_step == 0 { "all".into() } else { a.eplb_layers_per_step.to_string() },
-            a.eplb_min_improvement,
-            a.eplb_window_steps
-        ));
+        self.out.line(format!("#  manager: {}", self.manager.config.describe()));
         let mode = if shape.is_hierarchical() && (shape.num_groups > 1 || shape.num_nodes > 1) {
             format!("hierarchical mode: {} groups over {} nodes", shape.num_groups, shape.num_nodes)
         } else {
@@ -502,7 +483,7 @@ impl<'a> Looper<'a> {
         };
         self.out.line(format!(
             "#  policy {} ({mode}), transport {}, chunk {} B",
-            format!("{:?}", a.policy).to_lowercase(),
+            format!("{:?}", a.manager.policy).to_lowercase(),
             self.st.store.transport(),
             a.chunk_bytes
         ));
@@ -549,17 +530,19 @@ impl<'a> Looper<'a> {
         let (rank, spr, gpn) = (self.world.rank(), shape.slots_per_rank(), shape.gpus_per_node());
         let progress_every = (self.args.steps / 10).max(1);
         let mut last_round_at = Instant::now();
-        let policy_config =
-            PolicyConfig { kind: self.args.policy, threads: self.args.threads, move_cost: self.args.move_cost };
+        let policy_config = self.args.manager.policy_config();
         for step in 0..self.args.steps {
             // 1. The engine's counts on this rank's slots, summed per logical expert.
             let global_truth = self.st.source.global_step(step);
             let slots = slot_loads(global_truth.view(), &self.live, rank, spr);
             let local = logical_from_slots(slots.view(), &self.live, rank, num_logical);
             // 2. The all-reduce, with the time flag of rank 0's clock.
-            let time_flag = match self.manager.config.interval {
-                Interval::Seconds(s) => rank == 0 && last_round_at.elapsed().as_secs_f64() >= s,
-                Interval::Steps(_) => false,
+            let time_flag = match self.manager.config.mode {
+                Mode::Rounds(r) => match r.interval {
+                    Interval::Seconds(s) => rank == 0 && last_round_at.elapsed().as_secs_f64() >= s,
+                    Interval::Steps(_) => false,
+                },
+                Mode::Time => false,
             };
             let t0 = Instant::now();
             let (sum, flags) = self.world.allreduce_loads(&local.into_raw_vec_and_offset().0, &[time_flag])?;
@@ -572,11 +555,18 @@ impl<'a> Looper<'a> {
                 self.bal_static += bal(&self.st.initial);
                 self.bal_live += bal(&self.live);
             }
-            self.window.push(global);
-            // 3. A round: policy on the window, selection, agreement.
-            let due = self.manager.round_due(step, flags[0]);
+            // 3. The manager's decision (a round, or a step of the time mode), and agreement.
+            let mut observed = global;
+            if self.args.fault.contains(&Fault::CorruptLoad(rank)) {
+                // Fault injection: this rank's copy of the reduced load is wrong.
+                for mut row in observed.rows_mut() {
+                    let total: u64 = row.iter().fold(0u64, |a, &v| a.saturating_add(v));
+                    row[0] = row[0].saturating_add(total / 2 + 1);
+                }
+            }
+            self.manager.observe(observed);
+            let due = self.decide(step, flags[0], &policy_config)?;
             if due {
-                self.round(step, &policy_config, spr, gpn)?;
                 last_round_at = Instant::now();
             }
             let t_decided = t0.elapsed().as_secs_f64() * 1e6;
@@ -641,21 +631,16 @@ impl<'a> Looper<'a> {
         Ok(())
     }
 
-    /// One round: policy, selection, plan agreement, queueing.
-    fn round(&mut self, step: usize, config: &PolicyConfig, spr: usize, gpn: usize) -> Result<(), RunError> {
-        let rank = self.world.rank();
-        let mut load = self.window.sum().to_owned();
-        if self.args.fault.contains(&Fault::CorruptLoad(rank)) {
-            // Fault injection: this rank's copy of the reduced load is wrong.
-            for mut row in load.rows_mut() {
-                let total: u64 = row.iter().fold(0u64, |a, &v| a.saturating_add(v));
-                row[0] = row[0].saturating_add(total / 2 + 1);
-            }
-        }
-        let shape = self.st.run_shape.shape;
-        let proposal = policy::rebalance(load.view(), &shape, Some(&self.live), config)
-            .map(|p| self.manager.select(load.view(), &self.live, &p, spr, gpn));
-        let hash = proposal.as_ref().map_or(POLICY_FAILED_HASH, |d| d.hash());
+    /// The manager's decision at `step` (if it makes one), plan agreement, queueing. Returns
+    /// whether it was a round: a round of the rounds mode, or a step of the time mode that
+    /// switches layers.
+    fn decide(&mut self, step: usize, time_flag: bool, config: &PolicyConfig) -> Result<bool, RunError> {
+        let proposal = match self.manager.decide(step, time_flag, &self.live, config) {
+            Ok(None) => return Ok(false),
+            Ok(Some(d)) => Ok(d),
+            Err(e) => Err(e),
+        };
+        let hash = proposal.as_ref().map_or(POLICY_FAILED_HASH, RoundDecision::hash);
         let agreement = self.world.agree_hash(hash)?;
         if !agreement.agreed() {
             self.report.plans_agreed = false;
@@ -667,6 +652,10 @@ impl<'a> Looper<'a> {
         }
         let decision = proposal
             .map_err(|source| RunError::Policy { context: format!("step {step}: the policy failed"), source })?;
+        let rounds = matches!(self.manager.config.mode, Mode::Rounds(_));
+        if !rounds && decision.updates.is_empty() {
+            return Ok(false);
+        }
         self.out.line("#");
         self.out.line(format!(
             "# round {} at step {step}: {} layer(s) to migrate ({} changed, {} still similar, {} below min-improvement); plan {hash:016x} agreed by {} ranks",
@@ -689,8 +678,8 @@ impl<'a> Looper<'a> {
             selected: decision.updates.iter().map(|u| u.layer).collect(),
             plan_hash: format!("{hash:016x}"),
         });
-        self.manager.start_round(step, decision);
-        Ok(())
+        self.manager.accept(step, decision);
+        Ok(true)
     }
 
     fn row(&mut self, step: usize, s: &crate::executor::LayerStats) {

@@ -130,7 +130,7 @@ impl Report {
             slots_per_rank: shape.slots_per_rank(),
             num_groups: shape.num_groups,
             expert_bytes: args.expert_bytes,
-            policy: args.policy,
+            policy: args.manager.policy,
             transport,
             load: source.describe(),
             steps: 0,
