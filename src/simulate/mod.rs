@@ -491,9 +491,9 @@ mod tests {
         let load = [60u64, 20, 0, 40];
         let phy2log = [0, 1, 0, 2, 3, 1];
         let logcnt = [2, 2, 1, 1];
-        // GPU loads: 30+10, 30+1, 40+10 -> max 50, mean 131/3.
+        // GPU loads: 30+10, 30+1 (no token counts 1), 40+10 -> max 50, mean 121/3.
         let par = competition_par(&load, &phy2log, 2, &logcnt);
-        assert!((par - 50.0 / (131.0 / 3.0)).abs() < 1e-12, "{par}");
+        assert!((par - 50.0 / (121.0 / 3.0)).abs() < 1e-12, "{par}");
     }
 
     #[test]
