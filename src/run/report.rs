@@ -61,7 +61,7 @@ impl TimeStats {
 /// last, which did not wait for the others), then statistics over steps.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ManagerTimes {
-    /// Steps without a round: the load all-reduce plus window and decision.
+    /// Steps without a round (every step in the time mode): the load all-reduce plus estimate, decision and agreement.
     pub step: TimeStats,
     /// The load all-reduce alone, on the same steps.
     pub allreduce: TimeStats,
