@@ -8,7 +8,10 @@
 //! * [`collective`]: all-reduces, plan agreement and the host transport over MPI;
 //! * [`manager`]: when to rebalance and which layers to update;
 //! * [`executor`]: moving expert weights, staged and verified;
-//! * [`run`]: the `run` subcommand, the SPMD loop.
+//! * [`run`]: the `run` subcommand, the SPMD loop;
+//! * [`observe`]: what the loop reports: the report's per-step series, the Prometheus endpoint;
+//! * [`plot`]: `eplb-worker plot`, SVG charts of a report;
+//! * [`progress`]: progress bars on a terminal.
 
 pub mod bench;
 pub mod cli;
@@ -18,6 +21,7 @@ pub mod executor;
 pub mod gpu;
 pub mod load;
 pub mod manager;
+pub mod observe;
 pub mod plan;
 pub mod policy;
 pub mod rank;
