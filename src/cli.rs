@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 
 use crate::bench::BenchArgs;
 use crate::plan::PlanArgs;
+use crate::plot::PlotArgs;
 use crate::run::RunArgs;
 
 /// eplb: expert-parallel load balancer for Mixture-of-Experts inference.
@@ -27,4 +28,7 @@ pub enum Command {
     /// Benchmark the GPU executor: migrate layers between two placements and time every rank
     /// (run under mpirun, one rank per GPU).
     BenchMigrate(BenchArgs),
+    /// Draw SVG charts of a `run` or `simulate` report: balancedness over steps, per layer, and
+    /// the migrations per round.
+    Plot(PlotArgs),
 }

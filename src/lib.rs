@@ -23,6 +23,7 @@ pub mod load;
 pub mod manager;
 pub mod observe;
 pub mod plan;
+pub mod plot;
 pub mod policy;
 pub mod rank;
 pub mod run;
