@@ -25,5 +25,6 @@ pub mod observe;
 pub mod plan;
 pub mod plot;
 pub mod policy;
+pub mod progress;
 pub mod rank;
 pub mod run;
