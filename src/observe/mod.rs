@@ -60,8 +60,9 @@ pub trait RunObserver {
     fn layer(&mut self, _e: &LayerEvent) {}
 }
 
-/// Most samples a series keeps: longer runs are averaged over `stride` steps a sample, so that a
-/// report of a days-long run stays a few hundred kB (58 layers x 300 samples x 2 series).
+/// Most samples a series keeps: when a run reaches this many, pairs of samples merge (the stride
+/// doubles), so a days-long run's report stays a few hundred kB (58 layers x 300 samples x 2
+/// series) and needs no step count in advance (an engine may not know it).
 pub const MAX_SAMPLES: usize = 300;
 
 /// The report's per-step balancedness (`series` in the `run` report; `plot` reads it).
@@ -82,45 +83,60 @@ pub struct Series {
     pub layer_balancedness_live: Vec<Vec<f64>>,
 }
 
-/// Builds a [`Series`] from step events, averaging `stride` steps a sample.
-#[derive(Debug, Clone)]
-pub struct SeriesRecorder {
-    series: Series,
-    /// The sample being summed: its first step, the steps in it, and the sums.
+/// One sample being summed: its first step, its steps, and the sums (mean over layers, then
+/// per layer; static first, live second).
+#[derive(Debug, Clone, PartialEq)]
+struct Sample {
     first: usize,
     count: usize,
     sum: [f64; 2],
     layer_sum: [Vec<f64>; 2],
 }
 
-impl SeriesRecorder {
-    /// A recorder for a run of `total_steps` steps: at most [`MAX_SAMPLES`] samples.
-    pub fn new(total_steps: usize) -> SeriesRecorder {
-        SeriesRecorder::with_max(total_steps, MAX_SAMPLES)
-    }
-
-    fn with_max(total_steps: usize, max_samples: usize) -> SeriesRecorder {
-        let stride = total_steps.div_ceil(max_samples.max(1)).max(1);
-        SeriesRecorder {
-            series: Series { stride, ..Series::default() },
-            first: 0,
-            count: 0,
-            sum: [0.0; 2],
-            layer_sum: [Vec::new(), Vec::new()],
+impl Sample {
+    fn merge(mut self, next: &Sample) -> Sample {
+        self.count += next.count;
+        for which in 0..2 {
+            self.sum[which] += next.sum[which];
+            for (a, b) in self.layer_sum[which].iter_mut().zip(&next.layer_sum[which]) {
+                *a += b;
+            }
         }
+        self
+    }
+}
+
+/// Builds a [`Series`] from step events: full samples are kept as sums, and halved in number
+/// (pairs merged, stride doubled) whenever they reach `max_samples`.
+#[derive(Debug, Clone)]
+pub struct SeriesRecorder {
+    max_samples: usize,
+    stride: usize,
+    samples: Vec<Sample>,
+}
+
+impl Default for SeriesRecorder {
+    fn default() -> Self {
+        SeriesRecorder::with_max(MAX_SAMPLES)
+    }
+}
+
+impl SeriesRecorder {
+    fn with_max(max_samples: usize) -> SeriesRecorder {
+        SeriesRecorder { max_samples: max_samples.max(2), stride: 1, samples: Vec::new() }
     }
 
     /// The series so far, the partial last sample included.
     pub fn series(&self) -> Series {
-        let mut s = self.series.clone();
-        if self.count > 0 {
-            let n = self.count as f64;
+        let mut s = Series { stride: self.stride, ..Series::default() };
+        for sample in &self.samples {
+            let n = sample.count as f64;
             let mean = |v: &[f64]| v.iter().map(|x| round4(x / n)).collect::<Vec<_>>();
-            s.step.push(self.first);
-            s.balancedness_static.push(round4(self.sum[0] / n));
-            s.balancedness_live.push(round4(self.sum[1] / n));
-            s.layer_balancedness_static.push(mean(&self.layer_sum[0]));
-            s.layer_balancedness_live.push(mean(&self.layer_sum[1]));
+            s.step.push(sample.first);
+            s.balancedness_static.push(round4(sample.sum[0] / n));
+            s.balancedness_live.push(round4(sample.sum[1] / n));
+            s.layer_balancedness_static.push(mean(&sample.layer_sum[0]));
+            s.layer_balancedness_live.push(mean(&sample.layer_sum[1]));
         }
         s
     }
@@ -128,22 +144,28 @@ impl SeriesRecorder {
 
 impl RunObserver for SeriesRecorder {
     fn step(&mut self, e: &StepEvent) {
-        if self.count == 0 {
-            self.first = e.step;
-            self.layer_sum = [vec![0.0; e.layer_static.len()], vec![0.0; e.layer_live.len()]];
+        let full = self.samples.last().is_none_or(|s| s.count >= self.stride);
+        if full && self.samples.len() == self.max_samples {
+            let old = std::mem::take(&mut self.samples);
+            self.samples = old.chunks(2).map(|p| p[1..].iter().fold(p[0].clone(), |a, b| a.merge(b))).collect();
+            self.stride *= 2;
         }
-        self.count += 1;
-        self.sum[0] += e.balancedness_static;
-        self.sum[1] += e.balancedness_live;
+        if self.samples.last().is_none_or(|s| s.count >= self.stride) {
+            self.samples.push(Sample {
+                first: e.step,
+                count: 0,
+                sum: [0.0; 2],
+                layer_sum: [vec![0.0; e.layer_static.len()], vec![0.0; e.layer_live.len()]],
+            });
+        }
+        let Some(sample) = self.samples.last_mut() else { return };
+        sample.count += 1;
+        sample.sum[0] += e.balancedness_static;
+        sample.sum[1] += e.balancedness_live;
         for (which, layers) in [e.layer_static, e.layer_live].into_iter().enumerate() {
-            for (acc, v) in self.layer_sum[which].iter_mut().zip(layers) {
+            for (acc, v) in sample.layer_sum[which].iter_mut().zip(layers) {
                 *acc += v;
             }
-        }
-        if self.count == self.series.stride {
-            self.series = self.series();
-            self.count = 0;
-            self.sum = [0.0; 2];
         }
     }
 }
@@ -172,7 +194,7 @@ mod tests {
 
     #[test]
     fn short_runs_keep_every_step() {
-        let mut rec = SeriesRecorder::new(100);
+        let mut rec = SeriesRecorder::default();
         feed(&mut rec, 100);
         let s = rec.series();
         assert_eq!((s.stride, s.step.len()), (1, 100));
@@ -182,18 +204,24 @@ mod tests {
 
     #[test]
     fn long_runs_are_averaged_down_with_a_partial_last_sample() {
-        let mut rec = SeriesRecorder::with_max(10, 4);
+        let mut rec = SeriesRecorder::with_max(4);
         feed(&mut rec, 10);
         let s = rec.series();
-        // stride 3: samples of steps 0-2, 3-5, 6-8 and the partial 9.
-        assert_eq!(s.stride, 3);
-        assert_eq!(s.step, vec![0, 3, 6, 9]);
-        assert_eq!(s.balancedness_live, vec![0.01, 0.04, 0.07, 0.09]);
-        assert_eq!(s.layer_balancedness_static[1], vec![0.04, 0.02]);
+        // 4 samples of 1 step merge into 2 of 2, then 4 of 2 into 2 of 4: steps 0-3, 4-7, 8-9.
+        assert_eq!(s.stride, 4);
+        assert_eq!(s.step, vec![0, 4, 8]);
+        assert_eq!(s.balancedness_live, vec![0.015, 0.055, 0.085]);
+        assert_eq!(s.layer_balancedness_static[1], vec![0.055, 0.0275]);
         // A stopped run's series ends where it stopped.
-        let mut rec = SeriesRecorder::with_max(10, 4);
-        feed(&mut rec, 4);
-        assert_eq!(rec.series().step, vec![0, 3]);
-        assert_eq!(SeriesRecorder::new(0).series(), Series { stride: 1, ..Series::default() });
+        let mut rec = SeriesRecorder::with_max(4);
+        feed(&mut rec, 5);
+        assert_eq!((rec.series().step, rec.series().stride), (vec![0, 2, 4], 2));
+        assert_eq!(SeriesRecorder::default().series(), Series { stride: 1, ..Series::default() });
+        // A long run stays within the bound.
+        let mut rec = SeriesRecorder::default();
+        feed(&mut rec, 100_000);
+        let s = rec.series();
+        assert!(s.step.len() <= MAX_SAMPLES && s.step.len() > MAX_SAMPLES / 2 - 1, "{}", s.step.len());
+        assert_eq!(s.step[1], s.stride);
     }
 }
