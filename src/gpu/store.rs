@@ -12,7 +12,7 @@ use std::time::Instant;
 use super::device::{DeviceBuffer, Gpu};
 use super::nccl::{NcclComm, P2p};
 use super::GpuError;
-use crate::executor::{ExecError, ExpertStore, RankMigration, StageTiming};
+use crate::executor::{Commit, ExecError, ExpertStore, RankMigration, StageTiming};
 
 /// How transfers are grouped and split.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -271,12 +271,13 @@ impl ExpertStore for DeviceExpertStore {
         Ok(self.count_wrong(&self.staging, m.layer, slots)?)
     }
 
-    fn commit(&mut self, m: &RankMigration) -> Result<(), ExecError> {
+    fn commit(&mut self, m: &RankMigration) -> Result<Commit, ExecError> {
         let live = &self.live[m.layer];
         for &k in &m.changed_slots {
             self.gpu.copy(live.at(self.slot(k)), self.staging.at(self.slot(k)), self.expert_bytes)?;
         }
-        Ok(self.gpu.synchronize()?)
+        self.gpu.synchronize()?;
+        Ok(Commit::Next)
     }
 
     /// The next stage flips 8 bytes of its first staged slot.
