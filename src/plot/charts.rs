@@ -59,6 +59,17 @@ fn write_replacing(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     result
 }
 
+/// An axis tick: whole numbers on an axis that reaches 10, else as many decimals as it needs.
+fn tick_label(v: f64, axis_max: f64) -> String {
+    if axis_max >= 10.0 {
+        format!("{v:.0}")
+    } else if axis_max >= 1.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.3}")
+    }
+}
+
 /// Steps are whole numbers.
 fn step_label(x: &f64) -> String {
     format!("{x:.0}")
@@ -165,16 +176,14 @@ fn layers(root: &DrawingArea<SVGBackend, Shift>, input: &PlotInput) -> DrawResul
     .collect();
     let lo = y_floor(panels.iter().flat_map(|(_, m)| m.iter().flatten().copied()));
     let (body, bar) = root.split_horizontally(SIZE.0 - 110);
+    let body = body.titled(&format!("Balancedness per layer over steps: {}", input.title), (FONT, 18)).map_err(err)?;
     let rounds = if input.rebalance_steps.is_empty() { "" } else { " (white lines: rebalance rounds)" };
-    let body = body
-        .titled(&format!("Balancedness per layer over steps{rounds}: {}", input.title), (FONT, 18))
-        .map_err(err)?;
     let areas = body.split_evenly((1, panels.len()));
     let (x0, x1) = step_range(input);
     for ((name, m), area) in panels.iter().zip(areas.iter()) {
         let num_layers = m[0].len();
         let mut chart = ChartBuilder::on(area)
-            .caption(*name, (FONT, 15))
+            .caption(format!("{name}{rounds}"), (FONT, 15))
             .margin(8)
             .x_label_area_size(44)
             .y_label_area_size(52)
@@ -255,6 +264,7 @@ fn migrations(root: &DrawingArea<SVGBackend, Shift>, input: &PlotInput) -> DrawR
         .y_desc("moved (MiB)")
         .axis_desc_style((FONT, 14))
         .label_style((FONT, 12))
+        .y_label_formatter(&|v| tick_label(*v, max_mib))
         .x_label_formatter(&step_label)
         .light_line_style(WHITE.mix(0.0))
         .draw()
@@ -292,6 +302,7 @@ fn migrations(root: &DrawingArea<SVGBackend, Shift>, input: &PlotInput) -> DrawR
         .y_desc("migration time (ms)")
         .axis_desc_style((FONT, 14))
         .label_style((FONT, 12))
+        .y_label_formatter(&|v| tick_label(*v, max_ms))
         .x_label_formatter(&step_label)
         .light_line_style(WHITE.mix(0.0))
         .draw()

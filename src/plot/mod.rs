@@ -328,8 +328,9 @@ fn title(report: &Value) -> String {
         parts.push(format!("policy {p}"));
     }
     if let Some(load) = report.get("load").or_else(|| report.get("trace")).and_then(Value::as_str) {
-        // A trace's file name, not its whole path.
-        parts.push(load.rsplit('/').next().unwrap_or(load).to_string());
+        // A trace's file name, not its whole path; the built-in load without its parameters.
+        let load = load.rsplit('/').next().unwrap_or(load);
+        parts.push(load.split(" (").next().unwrap_or(load).to_string());
     }
     parts.join(", ")
 }

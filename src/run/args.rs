@@ -97,6 +97,22 @@ fn positive_seconds(s: &str) -> Result<f64, String> {
     }
 }
 
+/// Milliseconds, 0 or more.
+fn non_negative_ms(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v >= 0.0 && v.is_finite() => Ok(v),
+        _ => Err(format!("{s:?} is not a number of milliseconds (0 or more)")),
+    }
+}
+
+/// Seconds, 0 or more (at most a day).
+fn non_negative_seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.0..=86400.0).contains(&v) => Ok(v),
+        _ => Err(format!("{s:?} is not a number of seconds from 0 to 86400")),
+    }
+}
+
 /// Arguments of `eplb-worker run`.
 #[derive(Debug, Clone, Args)]
 #[command(after_help = "Example (4 ranks, the built-in drifting load, a rebalance every 10 steps):\n  \
@@ -128,6 +144,10 @@ pub struct RunArgs {
     /// Steps to run.
     #[arg(long, default_value_t = 100, help_heading = "Engine")]
     pub steps: usize,
+    /// Synthetic engine: every step lasts at least MS milliseconds (it sleeps the remainder), a
+    /// realistic step time, so that a run can be watched live (default: as fast as it goes).
+    #[arg(long, value_name = "MS", value_parser = non_negative_ms, help_heading = "Engine")]
+    pub step_ms: Option<f64>,
     /// Built-in load: steps for one set of hot experts to give way to the next.
     #[arg(long, value_name = "STEPS", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..), help_heading = "Engine")]
     pub drift_steps: u64,
@@ -227,6 +247,18 @@ pub struct RunArgs {
     /// Write a JSON report (rank 0).
     #[arg(long, value_name = "FILE", help_heading = "Output")]
     pub report: Option<PathBuf>,
+    /// Rank 0 serves Prometheus metrics at http://BIND:PORT/metrics while the run goes (0: any
+    /// free port; the header prints the address).
+    #[arg(long, value_name = "PORT", help_heading = "Output")]
+    pub metrics_port: Option<u16>,
+    /// The address the metrics listen on: loopback unless opened (e.g. 0.0.0.0 for a Prometheus
+    /// on another host).
+    #[arg(long, value_name = "IP", default_value = "127.0.0.1", requires = "metrics_port", help_heading = "Output")]
+    pub metrics_bind: std::net::IpAddr,
+    /// Keep serving the final metrics this many seconds after the run (a scrape of a short run).
+    #[arg(long, value_name = "SECONDS", default_value_t = 0.0, value_parser = non_negative_seconds,
+          requires = "metrics_port", help_heading = "Output")]
+    pub metrics_linger: f64,
     /// Fault injection for tests: corrupt-load-on-rank=R, corrupt-transfer-on-rank=R.
     #[arg(long, value_name = "KIND=RANK", value_parser = parse_fault, hide = true)]
     pub fault: Vec<Fault>,
@@ -284,6 +316,13 @@ mod tests {
         assert_eq!(parse(&["--fault", "corrupt-load-on-rank=3"]).unwrap().fault, vec![Fault::CorruptLoad(3)]);
         assert!(parse(&["--fault", "corrupt-everything=1"]).is_err());
         assert!(parse(&["--engine", "vllm"]).is_err());
+        assert!(parse(&["--step-ms", "-1"]).is_err() && parse(&["--step-ms", "nan"]).is_err());
+        assert_eq!(parse(&["--step-ms", "50"]).unwrap().step_ms, Some(50.0));
+        assert!(parse(&["--metrics-port", "70000"]).is_err());
+        assert!(parse(&["--metrics-bind", "0.0.0.0"]).is_err(), "a bind needs a port");
+        let m = parse(&["--metrics-port", "9400"]).unwrap();
+        assert_eq!((m.metrics_port, m.metrics_bind.to_string(), m.metrics_linger), (Some(9400), "127.0.0.1".into(), 0.0));
+        assert!(parse(&["--metrics-port", "0", "--metrics-linger", "-3"]).is_err());
         assert!(parse(&["--engine", "shm:"]).is_err());
         assert!(parse(&["--engine", "shm:../etc"]).is_err());
     }

@@ -13,6 +13,7 @@ use crate::collective::{Comm, MpiError, ReduceOp};
 use crate::engine::{logical_from_slots, Engine, StepCounts};
 use crate::executor::{stage_layer, ExecError, LayerMigration, LayerStats};
 use crate::manager::{Interval, LayerUpdate, Manager, ManagerConfig, Window};
+use crate::observe::{ManagerEvent, RunObserver, StepEvent};
 use crate::policy::{self, metrics, Placement, PolicyConfig};
 use crate::rank::Topology;
 
@@ -102,6 +103,11 @@ impl<'a> Looper<'a> {
             bal_static: 0.0,
             bal_live: 0.0,
         }
+    }
+
+    /// Adds an observer of the run (rank 0), e.g. the Prometheus metrics served at `addr`.
+    pub fn watch(&mut self, observer: Box<dyn RunObserver>, addr: Option<std::net::SocketAddr>) {
+        self.output.watch(observer, addr);
     }
 
     pub fn run(mut self, devices: String) -> Result<RunOutcome, RunError> {
@@ -215,14 +221,22 @@ impl<'a> Looper<'a> {
             if flags[FLAG_COUNTED] {
                 self.counted_steps += 1;
                 if rank == 0 {
-                    let bal =
-                        |p: &Placement| metrics::balance_report(global.view(), p.phy2log.view(), spr, gpn).balancedness;
-                    self.bal_static += bal(&self.initial);
+                    let bal = |p: &Placement| metrics::balance_report(global.view(), p.phy2log.view(), spr, gpn);
+                    let stat = bal(&self.initial);
                     let live = self.live.at(engine_step).map_err(|source| RunError::Policy {
                         context: format!("engine step {engine_step}: live placement"),
                         source,
                     })?;
-                    self.bal_live += bal(&live);
+                    let live = bal(&live);
+                    self.bal_static += stat.balancedness;
+                    self.bal_live += live.balancedness;
+                    self.output.step(&StepEvent {
+                        step,
+                        balancedness_static: stat.balancedness,
+                        balancedness_live: live.balancedness,
+                        layer_static: &stat.balancedness_per_layer,
+                        layer_live: &live.balancedness_per_layer,
+                    });
                 }
                 self.window.push(global);
             }
@@ -234,6 +248,7 @@ impl<'a> Looper<'a> {
                 last_round_at = Instant::now();
             }
             let t_decided = t0.elapsed().as_secs_f64() * 1e6;
+            self.output.manager(ManagerEvent { step, seconds: t_decided / 1e6, round: due });
             if due {
                 self.round_us.push(t_decided);
             } else {
@@ -338,8 +353,10 @@ impl<'a> Looper<'a> {
         }
         let shape = self.run_shape.shape;
         let live = self.live.placement();
+        let planning = Instant::now();
         let proposal = policy::rebalance(load.view(), &shape, Some(live), config)
             .map(|p| self.manager.select(load.view(), live, &p, spr, gpn));
+        let plan_seconds = planning.elapsed().as_secs_f64();
         let hash = proposal.as_ref().map_or(POLICY_FAILED_HASH, |d| d.hash());
         let agreement = self.world.agree_hash(hash)?;
         if !agreement.agreed() {
@@ -352,7 +369,7 @@ impl<'a> Looper<'a> {
         }
         let decision = proposal
             .map_err(|source| RunError::Policy { context: format!("step {step}: the policy failed"), source })?;
-        self.output.round(step, &decision, hash, self.world.size());
+        self.output.round(step, &decision, hash, self.world.size(), plan_seconds);
         self.manager.start_round(step, decision);
         Ok(())
     }
