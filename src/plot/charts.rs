@@ -18,6 +18,9 @@ const REFERENCES: [RGBColor; 4] =
     [RGBColor(44, 160, 44), RGBColor(148, 103, 189), RGBColor(140, 86, 75), RGBColor(127, 127, 127)];
 const ROUND: RGBColor = RGBColor(255, 127, 14);
 
+/// Most columns of a heatmap panel.
+const HEATMAP_COLUMNS: usize = 120;
+
 type DrawResult<T> = Result<T, String>;
 
 /// Draws every chart the input has data for; returns the files written.
@@ -201,12 +204,24 @@ fn layers(root: &DrawingArea<SVGBackend, Shift>, input: &PlotInput) -> DrawResul
             .y_label_formatter(&|y| if y.fract().abs() < 1e-9 { format!("{y:.0}") } else { String::new() })
             .draw()
             .map_err(err)?;
+        // At most HEATMAP_COLUMNS columns (means of neighbouring samples): the file stays small.
+        let per_column = m.len().div_ceil(HEATMAP_COLUMNS).max(1);
+        let columns: Vec<(f64, f64, Vec<f64>)> = (0..m.len())
+            .step_by(per_column)
+            .map(|i| {
+                let j = (i + per_column).min(m.len());
+                let end = if j < m.len() { input.step[j] as f64 } else { x1 };
+                let mean = (0..num_layers)
+                    .map(|l| m[i..j].iter().map(|r| r[l]).sum::<f64>() / (j - i) as f64)
+                    .collect();
+                (input.step[i] as f64, end, mean)
+            })
+            .collect();
         chart
-            .draw_series(m.iter().enumerate().flat_map(|(i, row)| {
-                let (s0, s1) = (input.step[i] as f64, input.step[i] as f64 + input.stride as f64);
-                row.iter().enumerate().map(move |(layer, &b)| {
+            .draw_series(columns.iter().flat_map(|(s0, s1, col)| {
+                col.iter().enumerate().map(move |(layer, &b)| {
                     let c = ViridisRGB::get_color_normalized(b, lo, 1.0);
-                    Rectangle::new([(s0, layer as f64 - 0.5), (s1, layer as f64 + 0.5)], c.filled())
+                    Rectangle::new([(*s0, layer as f64 - 0.5), (*s1, layer as f64 + 0.5)], c.filled())
                 })
             }))
             .map_err(err)?;
