@@ -24,7 +24,7 @@ pub enum Command {
     /// Compute a placement offline from a load file and write it as JSON.
     Plan(PlanArgs),
     /// Run the balancer under MPI, one rank per GPU: all-reduce the loads, decide, move weights.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Benchmark the GPU executor: migrate layers between two placements and time every rank
     /// (run under mpirun, one rank per GPU).
     BenchMigrate(BenchArgs),

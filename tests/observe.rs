@@ -22,7 +22,11 @@ fn plot_refuses_a_bad_report_with_exit_2_and_writes_nothing() {
         ("missing.json", None, "cannot read report"),
         ("broken.json", Some("{\"series\": "), "not valid JSON"),
         ("old.json", Some("{\"steps\": 100, \"rounds\": []}"), "no `series` object"),
-        ("ragged.json", Some(r#"{"series": {"step": [0, 1], "balancedness_static": [0.5], "balancedness_live": [0.6, 0.7]}}"#), "balancedness static has 1 values"),
+        (
+            "ragged.json",
+            Some(r#"{"series": {"step": [0, 1], "balancedness_static": [0.5], "balancedness_live": [0.6, 0.7]}}"#),
+            "balancedness static has 1 values",
+        ),
     ] {
         let report = d.join(name);
         if let Some(t) = text {
@@ -199,6 +203,9 @@ fn a_metrics_port_in_use_stops_every_rank_with_exit_2() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("--metrics-port: cannot listen on 127.0.0.1:") && stderr.contains("choose a free port"), "{stderr}");
+    assert!(
+        stderr.contains("--metrics-port: cannot listen on 127.0.0.1:") && stderr.contains("choose a free port"),
+        "{stderr}"
+    );
     drop(taken);
 }

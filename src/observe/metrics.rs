@@ -74,7 +74,10 @@ impl Metrics {
         registry.register(Box::new(info.clone()))?;
         info.with_label_values(&labels.iter().map(|(_, v)| v.as_str()).collect::<Vec<_>>()).set(1.0);
         let layer_balancedness = GaugeVec::new(
-            Opts::new("eplb_layer_balancedness", "Balancedness of one MoE layer's live placement on the last step's load"),
+            Opts::new(
+                "eplb_layer_balancedness",
+                "Balancedness of one MoE layer's live placement on the last step's load",
+            ),
             &["layer"],
         )?;
         registry.register(Box::new(layer_balancedness.clone()))?;
@@ -164,8 +167,8 @@ impl MetricsServer {
     /// Listens on `bind:port` (port 0: any free port; see [`MetricsServer::addr`]).
     pub fn start(metrics: Metrics, bind: IpAddr, port: u16) -> Result<MetricsServer, MetricsError> {
         let want = SocketAddr::new(bind, port);
-        let server = tiny_http::Server::http(want)
-            .map_err(|e| MetricsError::Bind { addr: want, reason: e.to_string() })?;
+        let server =
+            tiny_http::Server::http(want).map_err(|e| MetricsError::Bind { addr: want, reason: e.to_string() })?;
         let addr = server.server_addr().to_ip().unwrap_or(want);
         let server = Arc::new(server);
         let serving = Arc::clone(&server);

@@ -31,9 +31,10 @@ pub fn draw_all(input: &PlotInput, dir: &Path) -> Result<Vec<PathBuf>, PlotError
         let mut svg = String::new();
         {
             let root = SVGBackend::with_string(&mut svg, SIZE).into_drawing_area();
-            root.fill(&WHITE).map_err(|e| e.to_string()).and_then(|()| draw(&root)).and_then(|()| {
-                root.present().map_err(|e| e.to_string())
-            })
+            root.fill(&WHITE)
+                .map_err(|e| e.to_string())
+                .and_then(|()| draw(&root))
+                .and_then(|()| root.present().map_err(|e| e.to_string()))
         }
         .map_err(|reason| PlotError::Write { path: path.clone(), reason: format!("drawing failed: {reason}") })?;
         write_replacing(&path, svg.as_bytes())
@@ -133,9 +134,12 @@ fn balancedness(root: &DrawingArea<SVGBackend, Shift>, input: &PlotInput) -> Dra
         .map_err(err)?;
     if !input.rebalance_steps.is_empty() {
         chart
-            .draw_series(input.rebalance_steps.iter().map(|&s| {
-                PathElement::new(vec![(s as f64, y0), (s as f64, 1.0)], ROUND.mix(0.55).stroke_width(1))
-            }))
+            .draw_series(
+                input
+                    .rebalance_steps
+                    .iter()
+                    .map(|&s| PathElement::new(vec![(s as f64, y0), (s as f64, 1.0)], ROUND.mix(0.55).stroke_width(1))),
+            )
             .map_err(err)?
             .label(format!("rebalance round ({})", input.rebalance_steps.len()))
             .legend(|(x, y)| PathElement::new(vec![(x, y - 7), (x, y + 7)], ROUND.stroke_width(2)));
@@ -211,9 +215,8 @@ fn layers(root: &DrawingArea<SVGBackend, Shift>, input: &PlotInput) -> DrawResul
             .map(|i| {
                 let j = (i + per_column).min(m.len());
                 let end = if j < m.len() { input.step[j] as f64 } else { x1 };
-                let mean = (0..num_layers)
-                    .map(|l| m[i..j].iter().map(|r| r[l]).sum::<f64>() / (j - i) as f64)
-                    .collect();
+                let mean =
+                    (0..num_layers).map(|l| m[i..j].iter().map(|r| r[l]).sum::<f64>() / (j - i) as f64).collect();
                 (input.step[i] as f64, end, mean)
             })
             .collect();
@@ -242,13 +245,7 @@ fn layers(root: &DrawingArea<SVGBackend, Shift>, input: &PlotInput) -> DrawResul
         .caption("balancedness", (FONT, 13))
         .build_cartesian_2d(0f64..1.0, lo..1.0)
         .map_err(err)?;
-    scale
-        .configure_mesh()
-        .disable_mesh()
-        .disable_x_axis()
-        .label_style((FONT, 12))
-        .draw()
-        .map_err(err)?;
+    scale.configure_mesh().disable_mesh().disable_x_axis().label_style((FONT, 12)).draw().map_err(err)?;
     let steps = 100;
     scale
         .draw_series((0..steps).map(|k| {
@@ -287,9 +284,11 @@ fn migrations(root: &DrawingArea<SVGBackend, Shift>, input: &PlotInput) -> DrawR
     let total: f64 = mib.iter().sum();
     chart
         .draw_series(
-            input.moves.iter().zip(&mib).map(|(m, &v)| {
-                Rectangle::new([(m.step as f64, 0.0), (m.step as f64 + width, v)], LIVE.filled())
-            }),
+            input
+                .moves
+                .iter()
+                .zip(&mib)
+                .map(|(m, &v)| Rectangle::new([(m.step as f64, 0.0), (m.step as f64 + width, v)], LIVE.filled())),
         )
         .map_err(err)?
         .label(format!("bytes moved between ranks in the round (total {total:.1} MiB)"))
@@ -331,10 +330,7 @@ fn migrations(root: &DrawingArea<SVGBackend, Shift>, input: &PlotInput) -> DrawR
         .legend(|(x, y)| Rectangle::new([(x, y - 5), (x + 14, y + 5)], ROUND.mix(0.45).filled()));
     chart
         .draw_series(input.moves.iter().map(|m| {
-            Rectangle::new(
-                [(m.step as f64, 0.0), (m.step as f64 + width, ms(m.worst_step_seconds))],
-                ROUND.filled(),
-            )
+            Rectangle::new([(m.step as f64, 0.0), (m.step as f64 + width, ms(m.worst_step_seconds))], ROUND.filled())
         }))
         .map_err(err)?
         .label("the longest stall of one step")

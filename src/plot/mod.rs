@@ -19,7 +19,9 @@ use thiserror::Error;
 
 /// Arguments of `eplb-worker plot`.
 #[derive(Debug, Clone, Args)]
-#[command(after_help = "Example:\n  eplb-worker run ... --report report.json && eplb-worker plot report.json --output plots/")]
+#[command(
+    after_help = "Example:\n  eplb-worker run ... --report report.json && eplb-worker plot report.json --output plots/"
+)]
 pub struct PlotArgs {
     /// The JSON report of `run --report` or `simulate --report`.
     #[arg(value_name = "REPORT.json")]
@@ -90,8 +92,7 @@ pub fn run_plot(args: &PlotArgs) -> Result<Vec<PathBuf>, PlotError> {
         .map_err(|source| PlotError::Read { path: args.report.clone(), source })?;
     let report: Value =
         serde_json::from_str(&text).map_err(|source| PlotError::Json { path: args.report.clone(), source })?;
-    let input = PlotInput::from_report(&report)
-        .map_err(|what| PlotError::Bad { path: args.report.clone(), what })?;
+    let input = PlotInput::from_report(&report).map_err(|what| PlotError::Bad { path: args.report.clone(), what })?;
     std::fs::create_dir_all(&args.output)
         .map_err(|e| PlotError::Write { path: args.output.clone(), reason: e.to_string() })?;
     charts::draw_all(&input, &args.output)
@@ -261,9 +262,7 @@ fn cases_input(cases: &Value) -> Result<PlotInput, String> {
 
 fn float_list(v: &Value) -> Result<Vec<f64>, String> {
     let a = v.as_array().ok_or("not a list")?;
-    a.iter()
-        .map(|x| x.as_f64().filter(|f| f.is_finite()).ok_or_else(|| format!("{x} is not a number")))
-        .collect()
+    a.iter().map(|x| x.as_f64().filter(|f| f.is_finite()).ok_or_else(|| format!("{x} is not a number"))).collect()
 }
 
 /// Groups `run`'s migrated layers (`step`, `bytes`, `seconds`) by the round that queued them: the

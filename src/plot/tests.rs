@@ -91,7 +91,9 @@ fn bad_reports_say_what_is_wrong() {
     r["series"]["step"] = json!([]);
     assert!(PlotInput::from_report(&r).unwrap_err().contains("no step in the series"));
     assert!(PlotInput::from_report(&json!({"steps": 3})).unwrap_err().contains("no `series`"));
-    assert!(PlotInput::from_report(&json!({"cases": [{"name": "eplb"}]})).unwrap_err().contains("balancedness_per_step"));
+    assert!(PlotInput::from_report(&json!({"cases": [{"name": "eplb"}]}))
+        .unwrap_err()
+        .contains("balancedness_per_step"));
     let mut r = run_report();
     r["series"]["balancedness_static"][0] = json!("x");
     assert!(PlotInput::from_report(&r).unwrap_err().contains("is not a number"));
@@ -105,8 +107,7 @@ fn the_charts_are_well_formed_svg_with_axes_and_legends() {
     let report = dir.join("report.json");
     std::fs::write(&report, run_report().to_string()).unwrap();
     let written = run_plot(&PlotArgs { report, output: dir.join("plots") }).unwrap();
-    let names: Vec<String> =
-        written.iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
+    let names: Vec<String> = written.iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
     assert_eq!(names, ["balancedness.svg", "layers.svg", "migrations.svg"]);
     for path in &written {
         let text = std::fs::read_to_string(path).unwrap();
@@ -116,7 +117,8 @@ fn the_charts_are_well_formed_svg_with_axes_and_legends() {
         assert!(texts.iter().any(|t| t.contains("step")), "{}: no x axis title", path.display());
     }
     let bal = std::fs::read_to_string(dir.join("plots/balancedness.svg")).unwrap();
-    for want in ["static: the initial placement", "live: the placement eplb keeps", "rebalance round (1)", "mean 0.825"] {
+    for want in ["static: the initial placement", "live: the placement eplb keeps", "rebalance round (1)", "mean 0.825"]
+    {
         assert!(bal.contains(want), "balancedness.svg lacks {want:?}");
     }
     assert!(std::fs::read_to_string(dir.join("plots/migrations.svg")).unwrap().contains("total 5.0 MiB"));

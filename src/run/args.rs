@@ -321,7 +321,10 @@ mod tests {
         assert!(parse(&["--metrics-port", "70000"]).is_err());
         assert!(parse(&["--metrics-bind", "0.0.0.0"]).is_err(), "a bind needs a port");
         let m = parse(&["--metrics-port", "9400"]).unwrap();
-        assert_eq!((m.metrics_port, m.metrics_bind.to_string(), m.metrics_linger), (Some(9400), "127.0.0.1".into(), 0.0));
+        assert_eq!(
+            (m.metrics_port, m.metrics_bind.to_string(), m.metrics_linger),
+            (Some(9400), "127.0.0.1".into(), 0.0)
+        );
         assert!(parse(&["--metrics-port", "0", "--metrics-linger", "-3"]).is_err());
         assert!(parse(&["--engine", "shm:"]).is_err());
         assert!(parse(&["--engine", "shm:../etc"]).is_err());

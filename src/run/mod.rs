@@ -175,7 +175,11 @@ pub fn run_on(world: &Comm, args: &RunArgs) -> Result<RunOutcome, RunError> {
 }
 
 /// `--metrics-port` on rank 0: the metrics and their HTTP server (see [`crate::observe::metrics`]).
-fn serve_metrics(args: &RunArgs, rank: usize, ready: &setup::Ready) -> Result<Option<(Metrics, MetricsServer)>, RunError> {
+fn serve_metrics(
+    args: &RunArgs,
+    rank: usize,
+    ready: &setup::Ready,
+) -> Result<Option<(Metrics, MetricsServer)>, RunError> {
     let Some(port) = args.metrics_port.filter(|_| rank == 0) else { return Ok(None) };
     let metrics = Metrics::new(&[
         ("engine", ready.engine.name()),
