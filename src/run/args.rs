@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, ValueEnum};
 
 use crate::collective::host::DEFAULT_CHUNK_BYTES;
+use crate::engine::shm::BalancePhase;
 use crate::manager::ManagerArgs;
 
 /// The inference job the balancer runs beside: `synthetic` or `shm:NAME`.
@@ -77,6 +78,16 @@ pub fn parse_fault(s: &str) -> Result<Fault, String> {
     }
 }
 
+/// A positive, finite number of seconds (clap value parser).
+fn positive_seconds(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if v > 0.0 && v.is_finite() {
+        Ok(v)
+    } else {
+        Err(format!("{v} is not a positive number of seconds"))
+    }
+}
+
 /// Arguments of `eplb-worker run`.
 #[derive(Debug, Clone, Args)]
 #[command(after_help = "Example (4 ranks, the built-in drifting load, default manager: decisions in time):\n  \
@@ -89,6 +100,15 @@ pub struct RunArgs {
     #[arg(long, value_name = "synthetic|shm:NAME", default_value = "synthetic", value_parser = parse_engine,
           help_heading = "Engine")]
     pub engine: EngineKind,
+    /// shm engine: which steps the balancer plans on (mixed steps count for prefill and decode).
+    #[arg(long, value_enum, default_value_t = BalancePhase::All, help_heading = "Engine")]
+    pub balance_phase: BalancePhase,
+    /// shm engine: seconds to wait for the engine's region to appear.
+    #[arg(long, value_name = "SECONDS", default_value_t = 600.0, value_parser = positive_seconds, help_heading = "Engine")]
+    pub engine_wait: f64,
+    /// shm engine: an engine whose heartbeat is older than this is stopped or hung (exit 1).
+    #[arg(long, value_name = "SECONDS", default_value_t = 10.0, value_parser = positive_seconds, help_heading = "Engine")]
+    pub engine_timeout: f64,
     /// Replay this load file, one step per iteration, wrapping around (the `plan` formats and the
     /// per-iteration CSV). Default: the built-in drifting zipf-like load.
     #[arg(long, value_name = "FILE", help_heading = "Engine")]

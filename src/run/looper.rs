@@ -303,9 +303,9 @@ impl<'a> Looper<'a> {
             Err(source) => return Err(RunError::Exec { step, source }),
         };
         match self.live.commit(self.engine.store(), &mut self.manager, update, &staged) {
-            Ok(Committed::Applied { .. }) => {
+            Ok(Committed::Applied { at_step }) => {
                 let stats = LayerStats { seconds: staged.elapsed(), ..staged.stats };
-                self.output.committed(step, &stats);
+                self.output.committed(step, &stats, at_step);
                 Ok(())
             }
             Ok(Committed::Cancelled(reason)) => {

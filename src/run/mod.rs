@@ -105,7 +105,8 @@ impl RunError {
     /// An error only this rank saw: the others may wait for it forever, so the job is aborted.
     fn is_local(&self) -> bool {
         matches!(self, RunError::Mpi(_) | RunError::Topology(TopologyError::Mpi(_)))
-            || matches!(self, RunError::Exec { source: ExecError::Mpi(_), .. })
+            || matches!(self, RunError::Exec { source: ExecError::Mpi(_) | ExecError::Engine(_), .. })
+            || matches!(self, RunError::Engine { source: EngineError::Failed(_), .. })
     }
 
     /// Whether rank `rank` prints the error: rank 0 prints the errors every rank shares, a rank

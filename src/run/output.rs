@@ -125,7 +125,7 @@ impl Output {
     }
 
     /// A committed layer: its row and its totals.
-    pub fn committed(&mut self, step: usize, s: &LayerStats) {
+    pub fn committed(&mut self, step: usize, s: &LayerStats, apply_step: Option<u64>) {
         let gbps = if s.seconds > 0.0 { s.bytes_moved as f64 / s.seconds / 1e9 } else { 0.0 };
         self.line(table_row(step, s.layer, s.experts_moved, s.bytes_moved, s.local_copies, Some(s.seconds), 0));
         let r = &mut self.report;
@@ -142,6 +142,7 @@ impl Output {
             seconds: s.seconds,
             gbps,
             wrong_bytes: 0,
+            apply_step,
         });
     }
 

@@ -30,6 +30,9 @@ pub struct LayerRow {
     pub seconds: f64,
     pub gbps: f64,
     pub wrong_bytes: u64,
+    /// The engine step from which the engine uses the layer's new placement (shm engines; the
+    /// synthetic engine's commit is live from the next step).
+    pub apply_step: Option<u64>,
 }
 
 /// Median, 90th percentile and mean of per-step times, in µs.
