@@ -358,9 +358,9 @@ impl Manager {
             .map(|l| par_q32(&estimate.row(l).to_vec(), &live.phy2log.row(l).to_vec(), spr))
             .collect();
         let mut candidates: Vec<(u64, usize)> = Vec::new();
-        for l in 0..layers {
+        for (l, &par) in live_par.iter().enumerate() {
             let w = estimate.row(l).to_vec();
-            let gap = live_par[l].saturating_sub(par_lower_bound_q32(&w, shape.num_replicas, shape.num_gpus));
+            let gap = par.saturating_sub(par_lower_bound_q32(&w, shape.num_replicas, shape.num_gpus));
             // Even the best placement, moving one slot, would not pay.
             if gap <= price {
                 continue;
@@ -545,7 +545,7 @@ mod tests {
         assert!((cosine(&[1, 1], &[1, 0]) - 0.5f64.sqrt()).abs() < 1e-12);
         // Huge loads do not overflow, and scale does not matter.
         let big = [u64::MAX / 3, u64::MAX / 5, 7];
-        assert!((cosine(&big, &[3 << 20, 1 << 20 + 1, 0]) - cosine(&[5, 3, 0], &[3, 2, 0])).abs() < 1e-3);
+        assert!((cosine(&big, &[3 << 20, 2 << 20, 0]) - cosine(&[5, 3, 0], &[3, 2, 0])).abs() < 1e-3);
     }
 
     #[test]
