@@ -6,6 +6,7 @@ use crate::bench::BenchArgs;
 use crate::plan::PlanArgs;
 use crate::plot::PlotArgs;
 use crate::run::RunArgs;
+use crate::simulate::SimulateArgs;
 
 /// eplb: expert-parallel load balancer for Mixture-of-Experts inference.
 ///
@@ -28,6 +29,9 @@ pub enum Command {
     /// Benchmark the GPU executor: migrate layers between two placements and time every rank
     /// (run under mpirun, one rank per GPU).
     BenchMigrate(BenchArgs),
+    /// Replay a load trace through the Manager and Policy of `run` in one process (no MPI, no
+    /// weights), model the migration, and score it beside DeepSeek's cadences.
+    Simulate(SimulateArgs),
     /// Draw SVG charts of a `run` or `simulate` report: balancedness over steps, per layer, and
     /// the migrations per round.
     Plot(PlotArgs),

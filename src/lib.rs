@@ -11,7 +11,8 @@
 //! * [`run`]: the `run` subcommand, the SPMD loop;
 //! * [`observe`]: what the loop reports: the report's per-step series, the Prometheus endpoint;
 //! * [`plot`]: `eplb-worker plot`, SVG charts of a report;
-//! * [`progress`]: progress bars on a terminal.
+//! * [`progress`]: progress bars on a terminal;
+//! * [`simulate`]: the `simulate` subcommand: a trace through the same Manager and Policy, scored.
 
 pub mod bench;
 pub mod cli;
@@ -28,3 +29,4 @@ pub mod policy;
 pub mod progress;
 pub mod rank;
 pub mod run;
+pub mod simulate;

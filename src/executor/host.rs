@@ -1,15 +1,16 @@
 //! The host [`ExpertStore`]: three separate pieces, composed.
 //! * storage: a [`SlotMemory`] (this process's heap, [`HeapSlots`], or an engine's shared memory);
 //! * transport: the [`HostTransport`] (non-blocking MPI point-to-point, chunked);
-//! * verification: a [`Verification`] of the staged bytes.
+//! * verification: a [`Verification`] of the staged bytes: every sender computes a checksum
+//!   over the bytes it sends and sends it after them; the receiver checks what landed.
 
 use std::time::Instant;
 
 use super::memory::{HeapSlots, SlotMemory};
-use super::verify::Verification;
+use super::verify::{checksum, Verification};
 use super::{Commit, ExecError, ExpertStore, RankMigration, StageTiming};
 use crate::collective::host::{HostTransport, Message};
-use crate::engine::fill_expert;
+use crate::engine::{fill_expert, wrong_bytes};
 
 /// Expert weights in host memory `M`, moved with the host transport, checked with a
 /// [`Verification`].
@@ -17,6 +18,11 @@ pub struct HostStore<M: SlotMemory> {
     memory: M,
     transport: HostTransport,
     verification: Verification,
+    /// `[slots_per_rank]`: the checksum its sender computed for each staged slot.
+    sent: Vec<u64>,
+    /// `live_sums[layer][slot]`: checksums of the live slots, taken at the first
+    /// [`ExpertStore::verify_live`] and kept up to date by every commit (checksum-only stores).
+    live_sums: Vec<Option<Vec<u64>>>,
     /// Fault injection (tests): flip a byte of the next staged slot.
     corrupt_next_stage: bool,
 }
@@ -40,7 +46,7 @@ impl HostStore<HeapSlots> {
                 fill_expert(&mut live[slot * expert_bytes..(slot + 1) * expert_bytes], layer, e);
             }
         }
-        HostStore::with_memory(memory, transport, Verification::Pattern)
+        HostStore::with_memory(memory, transport, Verification::ChecksumAndPattern)
     }
 
     /// Fault injection: flips one byte of a live slot.
@@ -68,7 +74,15 @@ impl<M: SlotMemory> HostStore<M> {
                 HostTransport::MAX_TAG + 1
             )));
         }
-        Ok(HostStore { memory, transport, verification, corrupt_next_stage: false })
+        let (layers, spr) = (memory.num_layers(), memory.slots_per_rank());
+        Ok(HostStore {
+            memory,
+            transport,
+            verification,
+            sent: vec![0; spr],
+            live_sums: vec![None; layers],
+            corrupt_next_stage: false,
+        })
     }
 
     pub fn memory(&self) -> &M {
@@ -102,10 +116,24 @@ impl<M: SlotMemory> ExpertStore for HostStore<M> {
         let range = |slot: usize| slot * eb..(slot + 1) * eb;
         let (live, staging) = self.memory.live_and_staging(m.layer)?;
         self.transport.exchange(live, &sends, staging, &recvs)?;
+        // The checksums of the bytes sent, 8 bytes per transfer, after the bytes themselves: the
+        // same (peer, tag) pairs, and MPI delivers the messages of one pair in the order sent.
+        let sums: Vec<u8> = m.sends.iter().flat_map(|t| checksum(&live[range(t.src_slot)]).to_le_bytes()).collect();
+        let sum_msg = |i: usize, m: &Message| Message { offset: 8 * i, len: 8, ..*m };
+        let sum_sends: Vec<Message> = sends.iter().enumerate().map(|(i, m)| sum_msg(i, m)).collect();
+        let sum_recvs: Vec<Message> = recvs.iter().enumerate().map(|(i, m)| sum_msg(i, m)).collect();
+        let mut got = vec![0u8; 8 * recvs.len()];
+        self.transport.exchange(&sums, &sum_sends, &mut got, &sum_recvs)?;
+        for (t, sum) in m.recvs.iter().zip(crate::collective::le_words(&got)) {
+            self.sent[t.dst_slot] = sum;
+        }
         for c in &m.local_copies {
-            staging[range(c.dst_slot)].copy_from_slice(&live[range(c.src_slot)]);
+            let src = &live[range(c.src_slot)];
+            self.sent[c.dst_slot] = checksum(src);
+            staging[range(c.dst_slot)].copy_from_slice(src);
         }
         for c in &m.staged_copies {
+            self.sent[c.dst_slot] = self.sent[c.src_slot];
             staging.copy_within(range(c.src_slot), c.dst_slot * eb);
         }
         if self.corrupt_next_stage {
@@ -119,14 +147,21 @@ impl<M: SlotMemory> ExpertStore for HostStore<M> {
 
     fn verify_staged(&mut self, m: &RankMigration) -> Result<u64, ExecError> {
         let staging = self.memory.staging();
+        let v = self.verification;
         Ok(m.changed_slots
             .iter()
-            .map(|&k| self.verification.wrong_bytes(&staging[self.memory.range(k)], m.layer, m.new_experts[k]))
+            .map(|&k| v.staged_wrong(&staging[self.memory.range(k)], m.layer, m.new_experts[k], self.sent[k]))
             .sum())
     }
 
     fn commit(&mut self, m: &RankMigration) -> Result<Commit, ExecError> {
-        self.memory.commit(m.layer, &m.changed_slots)
+        let commit = self.memory.commit(m)?;
+        if let (Commit::Next | Commit::AtStep(_), Some(Some(sums))) = (&commit, self.live_sums.get_mut(m.layer)) {
+            for &k in &m.changed_slots {
+                sums[k] = self.sent[k];
+            }
+        }
+        Ok(commit)
     }
 
     /// The next stage that changes a slot flips one of its bytes.
@@ -134,13 +169,22 @@ impl<M: SlotMemory> ExpertStore for HostStore<M> {
         self.corrupt_next_stage = true;
     }
 
+    /// The pattern where the weights have one; otherwise the live slots must still have the
+    /// checksums they had at the first call, or that their last commit gave them.
     fn verify_live(&mut self, layer: usize, experts: &[usize]) -> Result<u64, ExecError> {
         let live = self.memory.live(layer)?;
-        Ok(experts
-            .iter()
-            .enumerate()
-            .take(self.memory.slots_per_rank())
-            .map(|(k, &e)| self.verification.wrong_bytes(&live[self.memory.range(k)], layer, e))
-            .sum())
+        let spr = self.memory.slots_per_rank();
+        let slot = |k: usize| &live[self.memory.range(k)];
+        match self.verification {
+            Verification::ChecksumAndPattern => {
+                Ok(experts.iter().enumerate().take(spr).map(|(k, &e)| wrong_bytes(slot(k), layer, e)).sum())
+            }
+            Verification::Checksum => {
+                let now: Vec<u64> = (0..spr).map(|k| checksum(slot(k))).collect();
+                let eb = self.memory.expert_bytes() as u64;
+                let known = self.live_sums[layer].get_or_insert_with(|| now.clone());
+                Ok(known.iter().zip(&now).filter(|(a, b)| a != b).count() as u64 * eb)
+            }
+        }
     }
 }
