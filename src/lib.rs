@@ -9,10 +9,10 @@
 //! * [`manager`]: when to rebalance and which layers to update;
 //! * [`executor`]: moving expert weights, staged and verified;
 //! * [`run`]: the `run` subcommand, the SPMD loop;
-//! * [`simulate`]: the `simulate` subcommand: a trace through the same Manager and Policy, scored.
 //! * [`observe`]: what the loop reports: the report's per-step series, the Prometheus endpoint;
 //! * [`plot`]: `eplb-worker plot`, SVG charts of a report;
-//! * [`progress`]: progress bars on a terminal.
+//! * [`progress`]: progress bars on a terminal;
+//! * [`simulate`]: the `simulate` subcommand: a trace through the same Manager and Policy, scored.
 
 pub mod bench;
 pub mod cli;

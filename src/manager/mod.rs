@@ -343,7 +343,12 @@ impl Manager {
     }
 
     /// The time mode's decision at `step` (see the module documentation).
-    fn decide_in_time(&mut self, step: usize, live: &Placement, policy: &PolicyConfig) -> Result<RoundDecision, PolicyError> {
+    fn decide_in_time(
+        &mut self,
+        step: usize,
+        live: &Placement,
+        policy: &PolicyConfig,
+    ) -> Result<RoundDecision, PolicyError> {
         let mut d = RoundDecision::empty();
         if !self.queue.is_empty() || self.estimator.steps() == 0 {
             return Ok(d);
@@ -354,9 +359,8 @@ impl Manager {
         let price = self.price_q32(lifetime);
         let estimate = self.estimator.estimate().to_owned();
         // gap [layers]: live PAR on the estimate over the PAR no placement can beat.
-        let live_par: Vec<u64> = (0..layers)
-            .map(|l| par_q32(&estimate.row(l).to_vec(), &live.phy2log.row(l).to_vec(), spr))
-            .collect();
+        let live_par: Vec<u64> =
+            (0..layers).map(|l| par_q32(&estimate.row(l).to_vec(), &live.phy2log.row(l).to_vec(), spr)).collect();
         let mut candidates: Vec<(u64, usize)> = Vec::new();
         for (l, &par) in live_par.iter().enumerate() {
             let w = estimate.row(l).to_vec();

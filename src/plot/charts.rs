@@ -260,81 +260,58 @@ fn layers(root: &DrawingArea<SVGBackend, Shift>, input: &PlotInput) -> DrawResul
 fn migrations(root: &DrawingArea<SVGBackend, Shift>, input: &PlotInput) -> DrawResult<()> {
     let root = root.titled(&format!("Migrations per round: {}", input.title), (FONT, 18)).map_err(err)?;
     let (top, bottom) = root.split_vertically(SIZE.1 / 2 - 10);
+    let bars = |f: &dyn Fn(&super::RoundMoves) -> f64| input.moves.iter().map(|m| (m.step, f(m))).collect::<Vec<_>>();
+    let mib = bars(&|m| m.bytes as f64 / (1 << 20) as f64);
+    let total: f64 = mib.iter().map(|b| b.1).sum();
+    let moved = format!("bytes moved between ranks in the round (total {total:.1} MiB)");
+    bar_panel(&top, input, "moved (MiB)", &[(moved, LIVE.filled(), mib)])?;
+    bar_panel(
+        &bottom,
+        input,
+        "migration time (ms)",
+        &[
+            ("all layers of the round".into(), ROUND.mix(0.45).filled(), bars(&|m| m.seconds * 1e3)),
+            ("the longest stall of one step".into(), ROUND.filled(), bars(&|m| m.worst_step_seconds * 1e3)),
+        ],
+    )
+}
+
+/// One panel of bars at the rounds' steps: `(legend, style, [(step, value)])`, drawn in order
+/// (later ones in front), the axis up to the largest value.
+fn bar_panel(
+    area: &DrawingArea<SVGBackend, Shift>,
+    input: &PlotInput,
+    y_desc: &str,
+    series: &[(String, ShapeStyle, Vec<(usize, f64)>)],
+) -> DrawResult<()> {
     let (x0, x1) = step_range(input);
     let width = ((x1 - x0) / 120.0).max(0.5);
-    let mib: Vec<f64> = input.moves.iter().map(|m| m.bytes as f64 / (1 << 20) as f64).collect();
-    let max_mib = mib.iter().copied().fold(0.0, f64::max).max(1e-9) * 1.15;
-    let mut chart = ChartBuilder::on(&top)
-        .margin(10)
-        .x_label_area_size(36)
-        .y_label_area_size(72)
-        .build_cartesian_2d(x0..x1, 0.0..max_mib)
-        .map_err(err)?;
-    chart
-        .configure_mesh()
-        .x_desc("step of the round")
-        .y_desc("moved (MiB)")
-        .axis_desc_style((FONT, 14))
-        .label_style((FONT, 12))
-        .y_label_formatter(&|v| tick_label(*v, max_mib))
-        .x_label_formatter(&step_label)
-        .light_line_style(WHITE.mix(0.0))
-        .draw()
-        .map_err(err)?;
-    let total: f64 = mib.iter().sum();
-    chart
-        .draw_series(
-            input
-                .moves
-                .iter()
-                .zip(&mib)
-                .map(|(m, &v)| Rectangle::new([(m.step as f64, 0.0), (m.step as f64 + width, v)], LIVE.filled())),
-        )
-        .map_err(err)?
-        .label(format!("bytes moved between ranks in the round (total {total:.1} MiB)"))
-        .legend(|(x, y)| Rectangle::new([(x, y - 5), (x + 14, y + 5)], LIVE.filled()));
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .label_font((FONT, 13))
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK.mix(0.4))
-        .draw()
-        .map_err(err)?;
-
-    let ms = |s: f64| s * 1e3;
-    let max_ms = input.moves.iter().map(|m| ms(m.seconds)).fold(0.0, f64::max).max(1e-9) * 1.15;
-    let mut chart = ChartBuilder::on(&bottom)
+    let max = series.iter().flat_map(|(_, _, b)| b.iter().map(|p| p.1)).fold(0.0, f64::max).max(1e-9) * 1.15;
+    let mut chart = ChartBuilder::on(area)
         .margin(10)
         .x_label_area_size(44)
         .y_label_area_size(72)
-        .build_cartesian_2d(x0..x1, 0.0..max_ms)
+        .build_cartesian_2d(x0..x1, 0.0..max)
         .map_err(err)?;
     chart
         .configure_mesh()
         .x_desc("step of the round")
-        .y_desc("migration time (ms)")
+        .y_desc(y_desc)
         .axis_desc_style((FONT, 14))
         .label_style((FONT, 12))
-        .y_label_formatter(&|v| tick_label(*v, max_ms))
+        .y_label_formatter(&|v| tick_label(*v, max))
         .x_label_formatter(&step_label)
         .light_line_style(WHITE.mix(0.0))
         .draw()
         .map_err(err)?;
-    chart
-        .draw_series(input.moves.iter().map(|m| {
-            Rectangle::new([(m.step as f64, 0.0), (m.step as f64 + width, ms(m.seconds))], ROUND.mix(0.45).filled())
-        }))
-        .map_err(err)?
-        .label("all layers of the round")
-        .legend(|(x, y)| Rectangle::new([(x, y - 5), (x + 14, y + 5)], ROUND.mix(0.45).filled()));
-    chart
-        .draw_series(input.moves.iter().map(|m| {
-            Rectangle::new([(m.step as f64, 0.0), (m.step as f64 + width, ms(m.worst_step_seconds))], ROUND.filled())
-        }))
-        .map_err(err)?
-        .label("the longest stall of one step")
-        .legend(|(x, y)| Rectangle::new([(x, y - 5), (x + 14, y + 5)], ROUND.filled()));
+    for (label, style, bars) in series {
+        let style = *style;
+        chart
+            .draw_series(bars.iter().map(|&(s, v)| Rectangle::new([(s as f64, 0.0), (s as f64 + width, v)], style)))
+            .map_err(err)?
+            .label(label)
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 14, y + 5)], style));
+    }
     chart
         .configure_series_labels()
         .position(SeriesLabelPosition::UpperRight)

@@ -277,7 +277,6 @@ mod tests {
         assert_eq!(parse(&["--fault", "corrupt-load-on-rank=3"]).unwrap().fault, vec![Fault::CorruptLoad(3)]);
         assert!(parse(&["--fault", "corrupt-everything=1"]).is_err());
         assert!(parse(&["--engine", "vllm"]).is_err());
-        assert!(parse(&["--step-ms", "-1"]).is_err() && parse(&["--step-ms", "nan"]).is_err());
         assert_eq!(parse(&["--step-ms", "50"]).unwrap().manager.step_ms, Some(50.0));
         assert!(parse(&["--metrics-port", "70000"]).is_err());
         assert!(parse(&["--metrics-bind", "0.0.0.0"]).is_err(), "a bind needs a port");

@@ -344,12 +344,13 @@ impl<'a> Looper<'a> {
     /// rounds mode, or a step of the time mode that switches layers.
     fn decide(&mut self, step: usize, time_flag: bool, config: &PolicyConfig) -> Result<bool, RunError> {
         let planning = Instant::now();
-        let proposal = match self.manager.decide(step, time_flag, self.live.placement(), config) {
+        let decided = self.manager.decide(step, time_flag, self.live.placement(), config);
+        let plan_seconds = planning.elapsed().as_secs_f64();
+        let proposal = match decided {
             Ok(None) => return Ok(false),
             Ok(Some(d)) => Ok(d),
             Err(e) => Err(e),
         };
-        let plan_seconds = planning.elapsed().as_secs_f64();
         let hash = proposal.as_ref().map_or(POLICY_FAILED_HASH, RoundDecision::hash);
         let agreement = self.world.agree_hash(hash)?;
         if !agreement.agreed() {

@@ -39,8 +39,8 @@ pub fn setup(world: &Comm, args: &RunArgs) -> Result<Ready, RunError> {
             let store_comm = world.dup()?;
             let prepared = agree_on_setup(world, prepare_synthetic(args, &topo, store_comm, transport))?;
             let store = agree_on_setup(world, finish_store(args, prepared.store, rank))?;
-            let engine =
-                SyntheticEngine::new(prepared.source, prepared.initial, store, args.steps, rank).paced(args.manager.step_ms);
+            let engine = SyntheticEngine::new(prepared.source, prepared.initial, store, args.steps, rank)
+                .paced(args.manager.step_ms);
             Ok(Ready { topo, run_shape: prepared.run_shape, engine: Box::new(engine) })
         }
         EngineKind::Shm(name) => {
