@@ -50,6 +50,9 @@ pub enum ExecError {
     /// Another rank failed to stage or verify its part: the layer was not committed anywhere.
     #[error("layer {layer}: {ranks} rank(s) failed to stage their part; nothing was committed")]
     PeerFailed { layer: usize, ranks: u64 },
+    /// The engine beside this rank died, stopped or failed: this rank stops (and the job with it).
+    #[error("{0}")]
+    Engine(String),
     /// The commit was cancelled on every rank: nothing changed anywhere.
     #[error("layer {layer}: the commit was cancelled on every rank ({reason}); nothing was changed")]
     Cancelled { layer: usize, reason: String },
