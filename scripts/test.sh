@@ -37,3 +37,9 @@ fi
 
 cargo build --release --locked
 cargo test --release --locked "$@"
+
+# The engine sidecar's Python side (python/: the client, the reference engine, the demo beside the
+# worker just built): a virtual environment under target/pyvenv, then pytest. Whole runs only.
+if [ $# -eq 0 ]; then
+  scripts/test_python.sh
+fi

@@ -8,7 +8,8 @@
 //! * [`collective`]: all-reduces, plan agreement and the host transport over MPI;
 //! * [`manager`]: when to rebalance and which layers to update;
 //! * [`executor`]: moving expert weights, staged and verified;
-//! * [`run`]: the `run` subcommand, the SPMD loop.
+//! * [`run`]: the `run` subcommand, the SPMD loop;
+//! * [`simulate`]: the `simulate` subcommand: a trace through the same Manager and Policy, scored.
 
 pub mod bench;
 pub mod cli;
@@ -22,3 +23,4 @@ pub mod plan;
 pub mod policy;
 pub mod rank;
 pub mod run;
+pub mod simulate;

@@ -33,6 +33,11 @@ pub use setup::{load_source, make_store, resolve_shape, resolve_transport, RunSh
 
 use thiserror::Error;
 
+/// The cost model's defaults in `run` (`--step-ms`, `--migration-gbps`): a decode step of a large
+/// MoE model, and NVLink-class migration (BENCHMARKS.md measures 200-265 GB/s a GPU with NCCL).
+pub const DEFAULT_STEP_MS: f64 = 20.0;
+pub const DEFAULT_MIGRATION_GBPS: f64 = 200.0;
+
 use crate::collective::{Comm, MpiError, MpiRuntime};
 use crate::engine::EngineError;
 use crate::executor::ExecError;

@@ -6,7 +6,7 @@ use super::setup::RunShape;
 use super::{RunArgs, RunError};
 use crate::engine::Engine;
 use crate::executor::LayerStats;
-use crate::manager::{Interval, ManagerConfig, RoundDecision};
+use crate::manager::{ManagerConfig, RoundDecision};
 use crate::plan::file;
 use crate::rank::Topology;
 
@@ -63,10 +63,6 @@ impl Output {
         devices: &str,
     ) {
         let shape = rs.shape;
-        let interval = match manager.interval {
-            Interval::Steps(n) => format!("every {n} steps"),
-            Interval::Seconds(s) => format!("every {s} s (rank 0's clock)"),
-        };
         self.line(format!(
             "# eplb-worker run: {} ranks on {} node(s) of {}{}, engine {}: {}",
             topo.world_size,
@@ -86,14 +82,7 @@ impl Output {
             engine.store_ref().expert_bytes(),
             args.init_placement.as_ref().map_or("trivial".into(), |p| p.display().to_string())
         ));
-        self.line(format!(
-            "#  manager: enable_eplb {}, update {interval}, threshold {}, layers a step {}, min improvement {}, window {} steps",
-            args.enable_eplb,
-            args.eplb_update_threshold,
-            if args.eplb_layers_per_step == 0 { "all".into() } else { args.eplb_layers_per_step.to_string() },
-            args.eplb_min_improvement,
-            args.eplb_window_steps
-        ));
+        self.line(format!("#  manager: {}", manager.describe()));
         let mode = if shape.is_hierarchical() && (shape.num_groups > 1 || shape.num_nodes > 1) {
             format!("hierarchical mode: {} groups over {} nodes", shape.num_groups, shape.num_nodes)
         } else {
@@ -101,7 +90,7 @@ impl Output {
         };
         self.line(format!(
             "#  policy {} ({mode}), transport {}, chunk {} B",
-            format!("{:?}", args.policy).to_lowercase(),
+            format!("{:?}", args.manager.policy).to_lowercase(),
             engine.store_ref().transport(),
             args.chunk_bytes
         ));
