@@ -109,7 +109,20 @@ impl<'a> Looper<'a> {
             &devices,
         );
         let result = self.steps();
-        // Every rank reaches here together (collective errors only), so the totals can be reduced.
+        if let Err(e) = result {
+            if e.is_local() {
+                // Only this rank failed: the others may be inside another collective, so none
+                // is started here; `super::run` prints the error and stops the job.
+                return Err(e);
+            }
+            return self.finish(Err(e));
+        }
+        self.finish(Ok(()))
+    }
+
+    /// The end of the run, on every rank together (collective errors only): the totals, the
+    /// summary and the report.
+    fn finish(mut self, result: Result<(), RunError>) -> Result<RunOutcome, RunError> {
         let totals = self.world.allreduce_u64(&[self.live_wrong, self.live_checked, self.lost_steps], ReduceOp::Sum)?;
         let r = &mut self.output.report;
         r.wrong_live_bytes = totals[0];
@@ -159,7 +172,7 @@ impl<'a> Looper<'a> {
         let policy_config = self.args.manager.policy_config();
         for step in 0.. {
             // 1. The engine's counts on this rank's slots, summed per logical expert.
-            let polled = match self.engine.next_step(self.live.placement()) {
+            let mut polled = match self.engine.next_step(self.live.placement()) {
                 Ok(Some(counts)) => match self.local_load(&counts) {
                     Ok(local) => Polled::Step {
                         local,
@@ -171,6 +184,14 @@ impl<'a> Looper<'a> {
                 Ok(None) => Polled::Finished,
                 Err(source) => Polled::Failed(RunError::Engine { rank, source }),
             };
+            if let Polled::Failed(e) = polled {
+                if e.is_local() {
+                    // The engine beside this rank died or stopped: the other ranks may be waiting
+                    // on theirs, blocked by it; this rank stops the job (see `super::run`).
+                    return Err(e);
+                }
+                polled = Polled::Failed(e);
+            }
             // 2. The all-reduce, with the time flag of rank 0's clock and the engine's state.
             let mut flags = [false; 4];
             flags[FLAG_TIME] = match self.manager.config.mode {

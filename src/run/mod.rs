@@ -82,7 +82,8 @@ pub enum RunError {
     #[error("rank(s) {ranks} failed during setup")]
     PeerSetup { ranks: String, code: i32 },
     /// This rank's engine failed or is not what the flags say; every rank stops.
-    #[error("engine rank {rank}: {source}")]
+    /// (The engine's messages name its rank, or the region's path, which holds it.)
+    #[error("{source}")]
     Engine { rank: usize, source: EngineError },
     /// The engines of these ranks failed (each of those ranks printed why); every rank stops.
     #[error("step {step}: the engine of rank(s) {ranks} failed (see their messages); nothing was half applied")]
@@ -107,7 +108,7 @@ impl RunError {
     }
 
     /// An error only this rank saw: the others may wait for it forever, so the job is aborted.
-    fn is_local(&self) -> bool {
+    pub(crate) fn is_local(&self) -> bool {
         matches!(self, RunError::Mpi(_) | RunError::Topology(TopologyError::Mpi(_)))
             || matches!(self, RunError::Exec { source: ExecError::Mpi(_) | ExecError::Engine(_), .. })
             || matches!(self, RunError::Engine { source: EngineError::Failed(_), .. })

@@ -58,10 +58,14 @@ pub fn setup(world: &Comm, args: &RunArgs) -> Result<Ready, RunError> {
                 Ok((attached, run_shape))
             });
             let (attached, run_shape) = agree_on_setup(world, attached)?;
-            let engine = ShmEngine::start(attached, world, comm, transport, args.chunk_bytes).map_err(|e| match e {
-                StartError::Mpi(e) => RunError::Mpi(e),
-                other => RunError::Exec { step: 0, source: ExecError::Other(other.to_string()) },
-            })?;
+            let mut engine =
+                ShmEngine::start(attached, world, comm, transport, args.chunk_bytes).map_err(|e| match e {
+                    StartError::Mpi(e) => RunError::Mpi(e),
+                    other => RunError::Exec { step: 0, source: ExecError::Other(other.to_string()) },
+                })?;
+            if args.fault.contains(&Fault::CorruptTransfer(rank)) {
+                engine.store().corrupt_next_stage();
+            }
             Ok(Ready { topo, run_shape, engine: Box::new(engine) })
         }
     }
