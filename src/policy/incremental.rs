@@ -599,6 +599,25 @@ mod tests {
     }
 
     #[test]
+    fn after_a_jump_the_default_price_comes_back_to_a_fresh_deepseek_plan() {
+        // The live placement was made for an unrelated load (other hot experts): with the default
+        // price the plan is within 0.01 of DeepSeek's fresh plan of the new load, or better.
+        for s in SHAPES.into_iter().filter(|s| s.num_nodes == 1) {
+            let (spr, gpn) = (s.slots_per_rank(), s.gpus_per_node());
+            let before = DriftingZipf::new(4, 64, 11).step(0);
+            for (l, new) in zipf(4, 64, 0).iter().enumerate() {
+                let prev = layer(&before.row(l).to_vec(), &s, None, 0.0);
+                let ours = layer(new, &s, Some(&prev), DEFAULT_MOVE_COST);
+                let ds = crate::policy::deepseek::hierarchical_layer(new, &s.resolved());
+                let (b_ours, b_ds) =
+                    (layer_balance(new, &ours, spr, gpn).balancedness, layer_balance(new, &ds, spr, gpn).balancedness);
+                let stayed = layer_balance(new, &prev, spr, gpn).balancedness;
+                assert!(b_ours >= b_ds - 0.01, "{s:?} layer {l}: {b_ours} vs DeepSeek {b_ds} (stayed {stayed})");
+            }
+        }
+    }
+
+    #[test]
     fn every_move_is_paid_for_by_the_peak() {
         // Global mode: the plan's peak plus the price of its moves never exceeds the previous
         // placement's peak, and some prices do move copies.
