@@ -302,6 +302,9 @@ fn migrations(root: &DrawingArea<SVGBackend, Shift>, input: &PlotInput) -> DrawR
     )
 }
 
+/// Bars of one legend entry: its label, its style, and `(step, value)` pairs.
+type Bars = (String, ShapeStyle, Vec<(usize, f64)>);
+
 /// One panel of bars at the rounds' steps: `(legend, style, [(step, value)])`, drawn in order
 /// (later ones in front), the axis up to the largest value.
 fn bar_panel(
@@ -309,7 +312,7 @@ fn bar_panel(
     input: &PlotInput,
     x_desc: &str,
     y_desc: &str,
-    series: &[(String, ShapeStyle, Vec<(usize, f64)>)],
+    series: &[Bars],
 ) -> DrawResult<()> {
     let (x0, x1) = step_range(input);
     let width = ((x1 - x0) / 120.0).max(0.5);

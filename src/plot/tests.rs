@@ -138,8 +138,12 @@ fn the_charts_are_well_formed_svg_with_axes_and_legends() {
         assert!(texts.iter().any(|t| t.contains("step")), "{}: no x axis title", path.display());
     }
     let bal = std::fs::read_to_string(dir.join("plots/balancedness.svg")).unwrap();
-    for want in ["static: the initial placement", "live: the placement eplb keeps", "a round or a layer switch (1)", "mean 0.825"]
-    {
+    for want in [
+        "static: the initial placement",
+        "live: the placement eplb keeps",
+        "a round or a layer switch (1)",
+        "mean 0.825",
+    ] {
         assert!(bal.contains(want), "balancedness.svg lacks {want:?}");
     }
     assert!(std::fs::read_to_string(dir.join("plots/migrations.svg")).unwrap().contains("total 5.0 MiB"));
