@@ -104,9 +104,12 @@ impl Metrics {
             )?,
             manager_step_seconds: histogram(
                 "eplb_manager_step_seconds",
-                "The manager's time on a step without a round: load all-reduce, window, decision",
+                "The manager's time on a step (all-reduce, estimate, decision), rounds of the round-based manager apart",
             )?,
-            plan_seconds: histogram("eplb_plan_seconds", "The policy and the layer selection of one round")?,
+            plan_seconds: histogram(
+                "eplb_plan_seconds",
+                "The manager's decision with the policy, of a round or a step that switched layers",
+            )?,
             registry,
         })
     }

@@ -22,8 +22,9 @@ pub struct StepEvent<'a> {
     pub layer_live: &'a [f64],
 }
 
-/// The manager's time on one step: all-reduce, window and decision; with `round`, the step also
-/// ran the policy, the selection and the plan agreement.
+/// The manager's time on one step: all-reduce, estimate and decision. `round`: a round of xLLM's
+/// round-based manager (policy, selection, agreement), timed apart as in the report; the time
+/// mode decides at every step, so its steps are never rounds.
 #[derive(Debug, Clone, Copy)]
 pub struct ManagerEvent {
     pub step: usize,

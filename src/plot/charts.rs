@@ -18,7 +18,10 @@ const REFERENCES: [RGBColor; 4] =
     [RGBColor(44, 160, 44), RGBColor(148, 103, 189), RGBColor(140, 86, 75), RGBColor(127, 127, 127)];
 const ROUND: RGBColor = RGBColor(255, 127, 14);
 
-/// Most columns of a heatmap panel.
+/// Most rebalances drawn as full-height lines (more become a rug along the bottom).
+const MAX_FULL_MARKS: usize = 30;
+
+/// Most columns of a heatmap panel, and most bars of a migration panel.
 const HEATMAP_COLUMNS: usize = 120;
 
 type DrawResult<T> = Result<T, String>;
@@ -116,7 +119,7 @@ fn balancedness(root: &DrawingArea<SVGBackend, Shift>, input: &PlotInput) -> Dra
         .margin(12)
         .x_label_area_size(48)
         .y_label_area_size(64)
-        .build_cartesian_2d(x0..x1, y0..1.0)
+        .build_cartesian_2d(x0..x1, y0..1.01)
         .map_err(err)?;
     chart
         .configure_mesh()
@@ -133,15 +136,19 @@ fn balancedness(root: &DrawingArea<SVGBackend, Shift>, input: &PlotInput) -> Dra
         .draw()
         .map_err(err)?;
     if !input.rebalance_steps.is_empty() {
+        // A few rebalances: full-height lines; many (a layer switch every few steps): a rug of
+        // short ticks along the bottom, which does not hide the lines.
+        let n = input.rebalance_steps.len();
+        let top = if n <= MAX_FULL_MARKS { 1.01 } else { y0 + (1.0 - y0) * 0.04 };
         chart
             .draw_series(
                 input
                     .rebalance_steps
                     .iter()
-                    .map(|&s| PathElement::new(vec![(s as f64, y0), (s as f64, 1.0)], ROUND.mix(0.55).stroke_width(1))),
+                    .map(|&s| PathElement::new(vec![(s as f64, y0), (s as f64, top)], ROUND.mix(0.55).stroke_width(1))),
             )
             .map_err(err)?
-            .label(format!("rebalance round ({})", input.rebalance_steps.len()))
+            .label(format!("rebalance: a round or a layer switch ({n})"))
             .legend(|(x, y)| PathElement::new(vec![(x, y - 7), (x, y + 7)], ROUND.stroke_width(2)));
     }
     let points = |v: &[f64]| (0..v.len()).map(|i| (sample_x(input, i), v[i])).collect::<Vec<_>>();
@@ -260,33 +267,57 @@ fn layers(root: &DrawingArea<SVGBackend, Shift>, input: &PlotInput) -> DrawResul
 fn migrations(root: &DrawingArea<SVGBackend, Shift>, input: &PlotInput) -> DrawResult<()> {
     let root = root.titled(&format!("Migrations per round: {}", input.title), (FONT, 18)).map_err(err)?;
     let (top, bottom) = root.split_vertically(SIZE.1 / 2 - 10);
-    let bars = |f: &dyn Fn(&super::RoundMoves) -> f64| input.moves.iter().map(|m| (m.step, f(m))).collect::<Vec<_>>();
+    // Many rounds (a layer switch every few steps) are summed into at most HEATMAP_COLUMNS bins.
+    let (x0, x1) = step_range(input);
+    let bin_steps = if input.moves.len() > HEATMAP_COLUMNS { ((x1 - x0) / HEATMAP_COLUMNS as f64).ceil() } else { 0.0 };
+    let mut bins: Vec<super::RoundMoves> = Vec::new();
+    for m in &input.moves {
+        let start =
+            if bin_steps > 0.0 { x0 + ((m.step as f64 - x0) / bin_steps).floor() * bin_steps } else { m.step as f64 };
+        match bins.last_mut().filter(|b| b.step as f64 == start) {
+            Some(b) => {
+                b.bytes += m.bytes;
+                b.seconds += m.seconds;
+                b.worst_step_seconds = b.worst_step_seconds.max(m.worst_step_seconds);
+            }
+            None => bins.push(super::RoundMoves { step: start as usize, ..m.clone() }),
+        }
+    }
+    let unit = if bin_steps > 0.0 { format!("{bin_steps:.0} steps") } else { "round".to_string() };
+    let bars = |f: &dyn Fn(&super::RoundMoves) -> f64| bins.iter().map(|m| (m.step, f(m))).collect::<Vec<_>>();
     let mib = bars(&|m| m.bytes as f64 / (1 << 20) as f64);
     let total: f64 = mib.iter().map(|b| b.1).sum();
-    let moved = format!("bytes moved between ranks in the round (total {total:.1} MiB)");
-    bar_panel(&top, input, "moved (MiB)", &[(moved, LIVE.filled(), mib)])?;
+    let moved = format!("bytes moved between ranks per {unit} (total {total:.1} MiB)");
+    let x_desc = if bin_steps > 0.0 { format!("step (bars of {unit})") } else { "step of the round".to_string() };
+    bar_panel(&top, input, &x_desc, "moved (MiB)", &[(moved, LIVE.filled(), mib)])?;
     bar_panel(
         &bottom,
         input,
+        &x_desc,
         "migration time (ms)",
         &[
-            ("all layers of the round".into(), ROUND.mix(0.45).filled(), bars(&|m| m.seconds * 1e3)),
+            (format!("all layers migrated per {unit}"), ROUND.mix(0.45).filled(), bars(&|m| m.seconds * 1e3)),
             ("the longest stall of one step".into(), ROUND.filled(), bars(&|m| m.worst_step_seconds * 1e3)),
         ],
     )
 }
+
+/// Bars of one legend entry: its label, its style, and `(step, value)` pairs.
+type Bars = (String, ShapeStyle, Vec<(usize, f64)>);
 
 /// One panel of bars at the rounds' steps: `(legend, style, [(step, value)])`, drawn in order
 /// (later ones in front), the axis up to the largest value.
 fn bar_panel(
     area: &DrawingArea<SVGBackend, Shift>,
     input: &PlotInput,
+    x_desc: &str,
     y_desc: &str,
-    series: &[(String, ShapeStyle, Vec<(usize, f64)>)],
+    series: &[Bars],
 ) -> DrawResult<()> {
     let (x0, x1) = step_range(input);
     let width = ((x1 - x0) / 120.0).max(0.5);
-    let max = series.iter().flat_map(|(_, _, b)| b.iter().map(|p| p.1)).fold(0.0, f64::max).max(1e-9) * 1.15;
+    // Headroom above the tallest bar for the legend.
+    let max = series.iter().flat_map(|(_, _, b)| b.iter().map(|p| p.1)).fold(0.0, f64::max).max(1e-9) * 1.45;
     let mut chart = ChartBuilder::on(area)
         .margin(10)
         .x_label_area_size(44)
@@ -295,7 +326,7 @@ fn bar_panel(
         .map_err(err)?;
     chart
         .configure_mesh()
-        .x_desc("step of the round")
+        .x_desc(x_desc)
         .y_desc(y_desc)
         .axis_desc_style((FONT, 14))
         .label_style((FONT, 12))

@@ -80,6 +80,27 @@ fn a_simulate_report_with_cases_long_series_averaged_down() {
 }
 
 #[test]
+fn many_rounds_are_summed_into_bins_and_drawn_as_a_rug() {
+    // A layer switch at every one of 600 steps, 1 MiB and 2 ms each.
+    let steps: Vec<usize> = (0..600).collect();
+    let r = json!({
+        "series": {"step": steps, "balancedness_static": vec![0.6; 600], "balancedness_live": vec![0.9; 600]},
+        "rounds": steps.iter().map(|&s| json!({"step": s, "selected": [0]})).collect::<Vec<_>>(),
+        "layers": steps.iter().map(|&s| json!({"step": s, "bytes": 1 << 20, "seconds": 0.002})).collect::<Vec<_>>(),
+    });
+    let p = PlotInput::from_report(&r).unwrap();
+    assert_eq!((p.moves.len(), p.rebalance_steps.len()), (600, 600));
+    let dir = std::env::temp_dir().join(format!("eplb-plot-bins-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    charts::draw_all(&p, &dir).unwrap();
+    let mig = std::fs::read_to_string(dir.join("migrations.svg")).unwrap();
+    // 600 steps in bins of 5: 120 bars of 5 MiB, 10 ms.
+    assert!(mig.contains("per 5 steps (total 600.0 MiB)") && mig.contains("bars of 5 steps"), "{}", &mig[..2000]);
+    let bal = std::fs::read_to_string(dir.join("balancedness.svg")).unwrap();
+    assert!(bal.contains("a round or a layer switch (600)"));
+}
+
+#[test]
 fn bad_reports_say_what_is_wrong() {
     let mut r = run_report();
     r["series"]["balancedness_live"] = json!([0.5]);
@@ -117,8 +138,12 @@ fn the_charts_are_well_formed_svg_with_axes_and_legends() {
         assert!(texts.iter().any(|t| t.contains("step")), "{}: no x axis title", path.display());
     }
     let bal = std::fs::read_to_string(dir.join("plots/balancedness.svg")).unwrap();
-    for want in ["static: the initial placement", "live: the placement eplb keeps", "rebalance round (1)", "mean 0.825"]
-    {
+    for want in [
+        "static: the initial placement",
+        "live: the placement eplb keeps",
+        "a round or a layer switch (1)",
+        "mean 0.825",
+    ] {
         assert!(bal.contains(want), "balancedness.svg lacks {want:?}");
     }
     assert!(std::fs::read_to_string(dir.join("plots/migrations.svg")).unwrap().contains("total 5.0 MiB"));

@@ -267,9 +267,10 @@ impl<'a> Looper<'a> {
                 last_round_at = Instant::now();
             }
             let t_decided = t0.elapsed().as_secs_f64() * 1e6;
-            self.output.manager(ManagerEvent { step, seconds: t_decided / 1e6, round: due });
             // The time mode decides at every step: every step is a step of the manager's.
-            if due && !matches!(self.manager.config.mode, Mode::Time) {
+            let round = due && !matches!(self.manager.config.mode, Mode::Time);
+            self.output.manager(ManagerEvent { step, seconds: t_decided / 1e6, round });
+            if round {
                 self.round_us.push(t_decided);
             } else {
                 self.step_us.push(t_decided);
