@@ -14,7 +14,7 @@ use std::sync::{Arc, Barrier, Mutex};
 use std::time::Duration;
 
 use clap::Parser;
-use eplb::engine::shm::region::{phase, Layout};
+use eplb::engine::shm::region::{off, phase, sidecar_state, Layout};
 use eplb::engine::shm::writer::{Decision, EngineRank};
 use eplb::engine::synthetic::DriftingZipf;
 use eplb::engine::{fill_expert, slot_loads};
@@ -53,6 +53,16 @@ struct Args {
     alternate_phases: bool,
     #[arg(long)]
     report: Option<std::path::PathBuf>,
+    /// Before the first step, wait up to this many seconds for a sidecar to attach to every
+    /// rank (tests; a real engine never waits for its sidecar).
+    #[arg(long, default_value_t = 0.0)]
+    wait_sidecar: f64,
+    /// Tests: SIGKILL this process at the boundary before this step (an engine that dies).
+    #[arg(long)]
+    kill_self_at_step: Option<u64>,
+    /// Tests: SIGSTOP this process at the boundary before this step (an engine that hangs).
+    #[arg(long)]
+    stop_self_at_step: Option<u64>,
 }
 
 /// The fake weights: not the synthetic engine's pattern (layer offset by 1000), so the sidecar
@@ -91,7 +101,25 @@ fn main() {
             std::thread::spawn(move || {
                 let mut applies = Vec::new();
                 let mut wrong = 0u64;
+                let deadline = std::time::Instant::now() + Duration::from_secs_f64(args.wait_sidecar);
+                while rank.region.get(off::SIDECAR_STATE) != sidecar_state::ATTACHED
+                    && std::time::Instant::now() < deadline
+                {
+                    rank.beat();
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                barrier.wait();
                 for t in 0..args.steps {
+                    if r == 0 {
+                        for (at, signal) in
+                            [(args.kill_self_at_step, libc::SIGKILL), (args.stop_self_at_step, libc::SIGSTOP)]
+                        {
+                            if at == Some(t) {
+                                // SAFETY: signals this very process.
+                                unsafe { libc::kill(libc::getpid(), signal) };
+                            }
+                        }
+                    }
                     let (have, cmd) = rank.have(t);
                     haves.lock().expect("lock")[r] = have;
                     barrier.wait();

@@ -177,6 +177,8 @@ pub struct ShmEngine {
     layers: usize,
     slots_per_rank: usize,
     finished: bool,
+    /// Steps lost so far (logged at powers of two).
+    lost: u64,
 }
 
 impl ShmEngine {
@@ -213,6 +215,7 @@ impl ShmEngine {
             layers: l.num_layers,
             slots_per_rank: l.slots_per_rank,
             finished: false,
+            lost: 0,
         })
     }
 
@@ -280,10 +283,14 @@ impl Engine for ShmEngine {
                 }
                 RingRead::Lost => {
                     self.next += 1;
-                    log::warn!(
-                        "engine rank {}: step {t} was overwritten before it was read: counted as zero",
-                        self.watch.rank
-                    );
+                    self.lost += 1;
+                    if self.lost.is_power_of_two() {
+                        log::warn!(
+                            "engine rank {}: step {t} was overwritten before it was read ({} so far): counted as zero; the sidecar falls behind the engine (a longer ring helps)",
+                            self.watch.rank,
+                            self.lost
+                        );
+                    }
                     let slots = Array2::zeros((self.layers, self.slots_per_rank));
                     return Ok(Some(StepCounts { engine_step: t, slots, balanced: false, lost: true }));
                 }
@@ -310,3 +317,6 @@ impl Engine for ShmEngine {
         self.store.as_ref()
     }
 }
+
+#[cfg(test)]
+mod tests;

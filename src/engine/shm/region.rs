@@ -752,7 +752,8 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-/// Whether process `pid` exists (`kill(pid, 0)`; a process we may not signal exists too).
+/// Whether process `pid` exists and has not exited (`kill(pid, 0)`, where a process we may not
+/// signal exists too; a zombie, dead but not yet reaped by its parent, counts as gone).
 pub fn pid_alive(pid: u64) -> bool {
     let Ok(pid) = libc::pid_t::try_from(pid) else { return false };
     if pid <= 0 {
@@ -760,5 +761,14 @@ pub fn pid_alive(pid: u64) -> bool {
     }
     // SAFETY: signal 0 only checks for existence and permission.
     let rc = unsafe { libc::kill(pid, 0) };
-    rc == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+    if rc != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH) {
+        return false;
+    }
+    // /proc/PID/stat: "pid (comm) S ...", the state after the last ')'.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            !matches!(stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next()), Some('Z' | 'X'))
+        }
+        Err(_) => true,
+    }
 }
