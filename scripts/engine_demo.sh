@@ -6,6 +6,7 @@
 #   scripts/engine_demo.sh [--ranks N] [--steps S] [--trace FILE [--trace-dataset D]]
 #                          [--kill-sidecar-at-step K] [--stop-sidecar-at-step K] [--kill-engine-at-step K]
 #                          [--report OUT.json] [--timeout SECONDS] [--interval-steps N] [--sidecar worker|fake]
+#                          [--name NAME]
 #                          [-- EXTRA eplb-worker run FLAGS]
 #
 # Exits 0 only if the engine finished every step and every step's output matched the reference
@@ -17,7 +18,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-ranks=4 steps=200 trace="" dataset="" kill_at="" stop_at="" engine_kill_at="" report="" limit=600 sidecar=worker interval=10
+name="demo-$$" ranks=4 steps=200 trace="" dataset="" kill_at="" stop_at="" engine_kill_at="" report="" limit=600 sidecar=worker interval=10
 extra=()
 while (($#)); do
   case "$1" in
@@ -32,14 +33,16 @@ while (($#)); do
     --timeout) limit=$2; shift 2 ;;
     --sidecar) sidecar=$2; shift 2 ;;
     --interval-steps) interval=$2; shift 2 ;;
+    --name) name=$2; shift 2 ;;
     --) shift; extra=("$@"); break ;;
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
     *) echo "engine_demo.sh: unknown flag $1 (see --help)" >&2; exit 2 ;;
   esac
 done
 for v in "$ranks" "$steps" $kill_at $stop_at $engine_kill_at "$limit" "$interval"; do
   [[ $v =~ ^[0-9]+$ ]] || { echo "engine_demo.sh: '$v' is not a number" >&2; exit 2; }
 done
+[[ $name =~ ^[A-Za-z0-9_.-]+$ ]] || { echo "engine_demo.sh: --name: only [A-Za-z0-9_.-]" >&2; exit 2; }
 [[ $sidecar == worker || $sidecar == fake ]] || { echo "engine_demo.sh: --sidecar worker|fake" >&2; exit 2; }
 [ -z "$trace" ] || [ -r "$trace" ] || { echo "engine_demo.sh: cannot read trace $trace" >&2; exit 2; }
 
@@ -56,7 +59,6 @@ fi
 if [ "$(id -u)" -eq 0 ]; then export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1; fi
 export OPENBLAS_NUM_THREADS=1
 
-name="demo-$$"
 work=$(mktemp -d "${TMPDIR:-/tmp}/eplb-demo.XXXXXX")
 # Open MPI's shared-memory segments of both jobs go here, not into /dev/shm, so that a killed
 # rank leaves nothing behind there.

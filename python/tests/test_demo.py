@@ -32,14 +32,15 @@ needs_trace = pytest.mark.skipif(not os.path.exists(QWEN), reason="shared/ trace
 
 def demo(tmp_path, *flags, sidecar_flags=()):
     report = tmp_path / "demo.json"
+    name = f"pytdemo{os.getpid()}-{tmp_path.name}"[:60]
     env = dict(os.environ, EPLB_PYTHON=sys.executable, EPLB_WORKER=WORKER)
-    cmd = [os.path.join(ROOT, "scripts", "engine_demo.sh"), "--report", str(report), "--timeout", "500", *flags]
+    cmd = [os.path.join(ROOT, "scripts", "engine_demo.sh"), "--name", name, "--report", str(report), "--timeout", "500",
+           *flags]
     if sidecar_flags:
         cmd += ["--", *sidecar_flags]
-    before = set(os.listdir("/dev/shm"))
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    name_files = [f for f in set(os.listdir("/dev/shm")) - before if f.startswith(("eplb-demo-", ".eplb-demo-"))]
-    assert not name_files, f"left in /dev/shm: {name_files}"
+    left = [f for f in os.listdir("/dev/shm") if f.startswith((f"eplb-{name}-", f".eplb-{name}-"))]
+    assert not left, f"left in /dev/shm: {left}"
     r = json.loads(report.read_text())
     for key in ("engine_steps", "outputs_match", "layers_committed", "commit_step_disagreements", "wrong_bytes",
                 "balancedness_static", "balancedness_live", "sidecar_exit_code", "engine_exit_code"):
