@@ -8,16 +8,21 @@
 //! * [`collective`]: all-reduces, plan agreement and the host transport over MPI;
 //! * [`manager`]: when to rebalance and which layers to update;
 //! * [`executor`]: moving expert weights, staged and verified;
-//! * [`run`]: the `run` subcommand, the SPMD loop.
+//! * [`run`]: the `run` subcommand, the SPMD loop;
+//! * [`output`]: output files that never destroy anything; [`limits`]: sizes and ranges checked
+//!   before any work; [`failure`]: the panic hook.
 
 pub mod bench;
 pub mod cli;
 pub mod collective;
 pub mod engine;
 pub mod executor;
+pub mod failure;
 pub mod gpu;
+pub mod limits;
 pub mod load;
 pub mod manager;
+pub mod output;
 pub mod plan;
 pub mod policy;
 pub mod rank;
