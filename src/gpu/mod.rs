@@ -43,6 +43,9 @@ pub enum GpuError {
     Nccl { op: &'static str, code: i32, message: String },
     #[error("{0}")]
     Mpi(String),
+    /// A wait past `--timeout` (the watchdog's error, naming the ranks that did not answer).
+    #[error(transparent)]
+    Watchdog(#[from] crate::collective::MpiError),
 }
 
 impl GpuError {
@@ -60,6 +63,7 @@ impl From<GpuError> for ExecError {
         match e {
             GpuError::Cuda { op, message } => ExecError::Cuda { op, message },
             GpuError::Nccl { op, code, message } => ExecError::Nccl { op, code, message },
+            GpuError::Watchdog(e) => ExecError::Mpi(e),
             other => ExecError::Other(other.to_string()),
         }
     }

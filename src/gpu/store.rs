@@ -10,7 +10,7 @@
 use std::time::Instant;
 
 use super::device::{DeviceBuffer, Gpu};
-use super::nccl::{NcclComm, P2p};
+use super::nccl::{NcclComm, P2p, MAX_OPS_PER_GROUP};
 use super::GpuError;
 use crate::executor::{ExecError, ExpertStore, RankMigration, StageTiming};
 
@@ -140,7 +140,7 @@ impl DeviceExpertStore {
             ];
             self.nccl.group(&ops, self.gpu.stream())?;
         }
-        self.gpu.synchronize()
+        self.nccl.synchronize(&self.gpu)
     }
 
     /// Frees the weights and gives back the GPU and the communicator.
@@ -151,9 +151,12 @@ impl DeviceExpertStore {
         (gpu, nccl)
     }
 
-    /// Transfers of the global list per NCCL group.
+    /// Transfers of the global list per NCCL group: `--nccl-group-mib` worth a rank, but never so
+    /// many that one rank could post more than [`MAX_OPS_PER_GROUP`] operations in a group (a
+    /// transfer is one send or one receive of each piece, for a rank that takes part in it).
     fn transfers_per_round(&self) -> usize {
-        (self.tuning.group_bytes / self.expert_bytes).max(1) * self.nccl.size
+        let wanted = (self.tuning.group_bytes / self.expert_bytes).max(1) * self.nccl.size;
+        wanted.min((MAX_OPS_PER_GROUP / self.pieces().len().max(1)).max(1))
     }
 
     /// The pieces of one transfer: `(offset, bytes)`.
@@ -223,7 +226,7 @@ impl DeviceExpertStore {
                 self.expert_bytes,
             )?;
         }
-        self.gpu.synchronize()?;
+        self.nccl.synchronize(&self.gpu)?;
         if std::mem::take(&mut self.corrupt_next_stage) {
             if let Some(&k) = m.changed_slots.first() {
                 // Overwrite the first 8 bytes with their complement: 8 wrong bytes.
