@@ -220,6 +220,62 @@ pub fn write_json(flag: &'static str, path: &Path, value: &serde_json::Value) ->
     write_output(flag, path, &bytes)
 }
 
+/// A JSON report that cannot lie: [`StatusReport::start`] replaces whatever is at the path with
+/// `{"status": "running"}` (a regular file only: a device or FIFO receives the final report
+/// alone), so that an older report never stands for this run; [`StatusReport::finish`] writes
+/// the final document with `"status": "ok"`, or `"failed"` and its `error`. A run that dies
+/// between the two leaves `"running"`, never a success.
+#[derive(Debug, Clone)]
+pub struct StatusReport {
+    flag: &'static str,
+    path: PathBuf,
+}
+
+/// `status` of a report.
+pub const STATUS_RUNNING: &str = "running";
+pub const STATUS_OK: &str = "ok";
+pub const STATUS_FAILED: &str = "failed";
+
+impl StatusReport {
+    /// Writes `{"status": "running", ...extra}` to `flag path` when it is (or will be) a regular
+    /// file. Check the path first with [`check_outputs`].
+    pub fn start(flag: &'static str, path: &Path, extra: serde_json::Value) -> Result<StatusReport, OutputError> {
+        let report = StatusReport { flag, path: path.to_path_buf() };
+        let special = resolve_symlinks(path).ok().and_then(|t| std::fs::metadata(t).ok()).is_some_and(|m| is_special(&m));
+        if !special {
+            let mut doc = serde_json::json!({ "status": STATUS_RUNNING });
+            if let (Some(d), serde_json::Value::Object(e)) = (doc.as_object_mut(), extra) {
+                d.extend(e);
+            }
+            write_json(flag, path, &doc)?;
+        }
+        Ok(report)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Writes the final report: `doc` (an object) with `status` `ok` when `error` is `None`, else
+    /// `failed` and `error`.
+    pub fn finish(&self, doc: serde_json::Value, error: Option<&str>) -> Result<(), OutputError> {
+        write_json(self.flag, &self.path, &with_status(doc, error))
+    }
+}
+
+/// `doc` with `status` (`ok`, or `failed` with `error`) in front of its keys.
+pub fn with_status(doc: serde_json::Value, error: Option<&str>) -> serde_json::Value {
+    let mut out = serde_json::Map::new();
+    out.insert("status".into(), (if error.is_some() { STATUS_FAILED } else { STATUS_OK }).into());
+    if let serde_json::Value::Object(m) = doc {
+        out.extend(m.into_iter().filter(|(k, _)| k != "status"));
+    }
+    if let Some(e) = error {
+        out.insert("error".into(), e.into());
+    }
+    serde_json::Value::Object(out)
+}
+
 /// Opens a FIFO for writing once a reader has it open (`None` after [`FIFO_READER_WAIT`]): a
 /// non-blocking open fails with `ENXIO` while nobody reads, so this never blocks forever.
 fn open_fifo(path: &Path) -> std::io::Result<Option<File>> {
@@ -324,6 +380,25 @@ mod tests {
         assert_eq!(std::fs::metadata(&target).unwrap().permissions().mode() & 0o777, 0o640);
         let left: Vec<_> = std::fs::read_dir(&d).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(left.len(), 4, "{left:?}");
+    }
+
+    #[test]
+    fn a_status_report_says_running_then_ok_or_failed() {
+        let d = dir("status");
+        let path = d.join("report.json");
+        std::fs::write(&path, r#"{"status": "ok", "steps": 100}"#).unwrap();
+        let r = StatusReport::start("--report", &path, serde_json::json!({"world_size": 4})).unwrap();
+        let read = || serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        assert_eq!(read(), serde_json::json!({"status": "running", "world_size": 4}), "the old success is gone");
+        r.finish(serde_json::json!({"steps": 7, "error": null}), Some("rank 2 did not answer")).unwrap();
+        let doc = read();
+        assert_eq!((doc["status"].as_str(), doc["error"].as_str()), (Some("failed"), Some("rank 2 did not answer")));
+        assert_eq!(doc["steps"], 7);
+        r.finish(serde_json::json!({"steps": 9}), None).unwrap();
+        assert_eq!(read()["status"], "ok");
+        // /dev/null gets no "running" placeholder and stays a device.
+        StatusReport::start("--report", Path::new("/dev/null"), serde_json::json!({})).unwrap();
+        assert!(std::fs::metadata("/dev/null").unwrap().file_type().is_char_device());
     }
 
     #[test]

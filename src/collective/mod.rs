@@ -6,6 +6,7 @@
 //! `MPI_Error_string` (rsmpi's safe wrappers ignore return codes).
 
 pub mod host;
+pub mod settings;
 pub mod watchdog;
 
 use std::ffi::{c_int, c_void};
