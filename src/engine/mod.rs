@@ -1,11 +1,81 @@
-//! The synthetic engine: it stands in for the inference job. It produces per-expert loads
-//! ([`synthetic`]) and holds expert weights whose bytes are a pure function of
-//! (layer, logical expert, byte offset) ([`pattern_word`]), so any receiver can verify them.
+//! The engine seam: what the balancer needs from the inference job it runs beside ([`Engine`]).
+//!
+//! * [`synthetic`]: the synthetic engine, which stands in for an inference job: it replays a load
+//!   ([`source`]) and holds expert weights whose bytes are a pure function of
+//!   (layer, logical expert, byte offset) ([`pattern_word`]), so any receiver can verify them;
+//! * a real engine attaches through shared memory (`--engine shm:NAME`, docs/engine-contract.md).
 
 pub mod source;
 pub mod synthetic;
 
 pub use source::{logical_from_slots, slot_loads, LoadSource};
+pub use synthetic::SyntheticEngine;
+
+use ndarray::Array2;
+use thiserror::Error;
+
+use crate::executor::ExpertStore;
+use crate::policy::Placement;
+
+/// Errors of an engine.
+#[derive(Debug, Error)]
+pub enum EngineError {
+    /// The engine is not what the flags and the MPI job say (shape, version, rank): fix the input.
+    #[error("{0}")]
+    BadInput(String),
+    /// The engine failed at run time (it died, stopped, or broke the contract).
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl EngineError {
+    /// 2 for bad input, 1 for a runtime failure.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            EngineError::BadInput(_) => 2,
+            EngineError::Failed(_) => 1,
+        }
+    }
+}
+
+/// One engine step as this rank's engine counted it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepCounts {
+    /// The engine's own step number (the synthetic engine: the loop's step).
+    pub engine_step: u64,
+    /// `[layers, slots_per_rank]`: tokens this rank's engine routed to each of its own slots
+    /// (an engine knows only its own slots; the all-reduce builds the global logical load).
+    pub slots: Array2<u64>,
+    /// False when the step is not of the phase being balanced: it counts as zero tokens.
+    pub balanced: bool,
+    /// True when the step's counts were lost (overwritten before they were read): zero tokens.
+    pub lost: bool,
+}
+
+/// The inference job one rank runs beside, as the balancing loop sees it.
+///
+/// Every rank has its own engine (engine rank r beside balancer rank r). The loop asks for the
+/// next step's counts, converts them to logical loads with the placement that was live at that
+/// step, all-reduces them, and moves weights through the engine's [`ExpertStore`], whose commit
+/// makes the engine use a layer's new placement.
+pub trait Engine {
+    /// For the header and the report: `synthetic`, `shm:NAME`.
+    fn name(&self) -> String;
+    /// What drives the engine, one line.
+    fn describe(&self) -> String;
+    /// The placement the engine started with: `phy2log [layers, num_physical]`.
+    fn initial_placement(&self) -> &Placement;
+    /// Steps the run lasts, when known in advance (the synthetic engine's `--steps`).
+    fn planned_steps(&self) -> Option<usize>;
+    /// The counts of the next step, or `None` when the engine has finished. `live` is the newest
+    /// committed placement (the synthetic engine routes its load on it; a real engine routes on
+    /// its own copy).
+    fn next_step(&mut self, live: &Placement) -> Result<Option<StepCounts>, EngineError>;
+    /// The engine's expert weights, as the executor moves them.
+    fn store(&mut self) -> &mut dyn ExpertStore;
+    /// The same, read-only.
+    fn store_ref(&self) -> &dyn ExpertStore;
+}
 
 /// SplitMix64's finaliser: a bijective 64-bit mix (Steele, Lea and Flood, 2014).
 #[inline]

@@ -1,4 +1,5 @@
-//! The built-in load: zipf-like hot experts that drift over time.
+//! The synthetic engine ([`SyntheticEngine`]) and its built-in load, zipf-like hot experts that
+//! drift over time ([`DriftingZipf`]).
 //!
 //! Each layer has its own ranking of experts; the expert of rank k gets a share proportional to
 //! `1 / (k + 1)^exponent`. Every `drift_steps` steps a new ranking (a fresh pseudo-random
@@ -8,7 +9,69 @@
 
 use ndarray::Array2;
 
-use super::splitmix64;
+use super::{slot_loads, splitmix64, Engine, EngineError, LoadSource, StepCounts};
+use crate::executor::ExpertStore;
+use crate::policy::Placement;
+
+/// The synthetic engine: every rank replays the same global load (`source`), routes it on the
+/// live placement and counts its own slots ([`slot_loads`]); its weights are the pattern of
+/// [`super::pattern_word`], in host or GPU memory (`store`).
+pub struct SyntheticEngine {
+    source: LoadSource,
+    initial: Placement,
+    store: Box<dyn ExpertStore>,
+    steps: usize,
+    next: usize,
+    rank: usize,
+}
+
+impl SyntheticEngine {
+    /// `steps` steps of `source`, on rank `rank`, starting from `initial`, weights in `store`.
+    pub fn new(source: LoadSource, initial: Placement, store: Box<dyn ExpertStore>, steps: usize, rank: usize) -> Self {
+        SyntheticEngine { source, initial, store, steps, next: 0, rank }
+    }
+
+    pub fn source(&self) -> &LoadSource {
+        &self.source
+    }
+}
+
+impl Engine for SyntheticEngine {
+    fn name(&self) -> String {
+        "synthetic".into()
+    }
+
+    fn describe(&self) -> String {
+        self.source.describe()
+    }
+
+    fn initial_placement(&self) -> &Placement {
+        &self.initial
+    }
+
+    fn planned_steps(&self) -> Option<usize> {
+        Some(self.steps)
+    }
+
+    fn next_step(&mut self, live: &Placement) -> Result<Option<StepCounts>, EngineError> {
+        if self.next >= self.steps {
+            return Ok(None);
+        }
+        let step = self.next;
+        self.next += 1;
+        let global = self.source.global_step(step);
+        let slots = slot_loads(global.view(), live, self.rank, self.store.slots_per_rank());
+        Ok(Some(StepCounts { engine_step: step as u64, slots, balanced: true, lost: false }))
+    }
+
+    fn store(&mut self) -> &mut dyn ExpertStore {
+        self.store.as_mut()
+    }
+
+    fn store_ref(&self) -> &dyn ExpertStore {
+        self.store.as_ref()
+    }
+}
 
 /// Parameters of the drifting zipf-like load.
 #[derive(Debug, Clone, PartialEq)]

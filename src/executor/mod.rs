@@ -9,14 +9,23 @@
 //! 5. **commits** the staged slots into the live ones ([`ExpertStore::commit`]), or, if any rank
 //!    saw a wrong byte, commits nothing and stops with an error.
 //!
-//! Steps 2, 3 and 5 belong to the store, which knows where the weights live (host memory and MPI,
-//! or GPU memory and NCCL); steps 1 and 4 are the same for every store.
+//! Steps 1-4 are [`stage_layer`]; step 5 is the caller's, which owns the live placement
+//! (`crate::run::live`); [`migrate_layer`] does all five for callers without one.
+//!
+//! Steps 2, 3 and 5 belong to the store, which knows where the weights live. The host store is
+//! three separate pieces: storage ([`memory::SlotMemory`]), transport
+//! ([`crate::collective::host::HostTransport`]) and verification ([`verify::Verification`]); the
+//! GPU store (`crate::gpu::store`) is GPU memory, NCCL and a checksum kernel.
 
 pub mod host;
+pub mod memory;
 pub mod plan;
+pub mod verify;
 
-pub use host::HostExpertStore;
+pub use host::{HostExpertStore, HostStore};
+pub use memory::{HeapSlots, SlotMemory};
 pub use plan::{LayerMigration, LocalCopy, RankMigration, Transfer};
+pub use verify::Verification;
 
 use std::time::Instant;
 
@@ -41,8 +50,22 @@ pub enum ExecError {
     /// Another rank failed to stage or verify its part: the layer was not committed anywhere.
     #[error("layer {layer}: {ranks} rank(s) failed to stage their part; nothing was committed")]
     PeerFailed { layer: usize, ranks: u64 },
+    /// The commit was cancelled on every rank: nothing changed anywhere.
+    #[error("layer {layer}: the commit was cancelled on every rank ({reason}); nothing was changed")]
+    Cancelled { layer: usize, reason: String },
     #[error("{0}")]
     Other(String),
+}
+
+/// What a commit did, the same on every rank.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Commit {
+    /// The staged slots are live from the caller's next step (memory the executor writes).
+    Next,
+    /// The engine switched the layer at the boundary before its step `.0`, on every rank.
+    AtStep(u64),
+    /// Cancelled on every rank (`reason`): nothing changed; the layer may be staged again.
+    Cancelled(String),
 }
 
 /// Time spent in the stages of one layer's migration on this rank, in seconds.
@@ -57,8 +80,9 @@ pub struct StageTiming {
 /// One rank's expert weights: `num_layers` layers of `slots_per_rank` live slots of
 /// `expert_bytes` bytes each, plus a staging buffer of one layer's local slots.
 ///
-/// The content of logical expert `e` of layer `l` is [`crate::engine::pattern_word`]`(l, e, i)`
-/// for its 8-byte word `i`, so any rank verifies what it holds without more messages.
+/// The synthetic engine's content of logical expert `e` of layer `l` is
+/// [`crate::engine::pattern_word`]`(l, e, i)` for its 8-byte word `i`, so any rank verifies what it
+/// holds without more messages.
 pub trait ExpertStore {
     /// What the `# Using devices` block shows for this rank (`cpu` for host memory; a device store
     /// names its GPU).
@@ -76,8 +100,10 @@ pub trait ExpertStore {
     fn stage(&mut self, m: &RankMigration) -> Result<StageTiming, ExecError>;
     /// Bytes of the staged slots (`m.changed_slots`) that differ from the expected content.
     fn verify_staged(&mut self, m: &RankMigration) -> Result<u64, ExecError>;
-    /// Copies the staged slots into the live slots of the layer.
-    fn commit(&mut self, m: &RankMigration) -> Result<(), ExecError>;
+    /// Makes the staged slots (`m.changed_slots`) live. Called on every rank for the same layer
+    /// once every rank verified its part; a store whose commit needs an agreement (an engine that
+    /// switches at a step boundary) makes it here, so that every rank returns the same [`Commit`].
+    fn commit(&mut self, m: &RankMigration) -> Result<Commit, ExecError>;
     /// Bytes of the live slots of `layer` that differ from the content of `experts`
     /// (`[slots_per_rank]`, the expert each local slot must hold).
     fn verify_live(&mut self, layer: usize, experts: &[usize]) -> Result<u64, ExecError>;
@@ -103,17 +129,34 @@ pub struct LayerStats {
     pub timing: StageTiming,
 }
 
-/// Migrates one layer on this rank: stage, verify the staged bytes, agree with every rank (an
-/// all-reduce of the wrong-byte and failure counts over `comm`), then commit, or, when any rank
-/// saw a wrong byte or failed, commit nothing and return [`ExecError::Verification`] or
-/// [`ExecError::PeerFailed`] on every rank alike. Collective over `comm`: every rank calls it
-/// with the same `migration`.
-pub fn migrate_layer(
+/// A layer staged and verified on every rank, ready for [`ExpertStore::commit`].
+#[derive(Debug)]
+pub struct Staged {
+    /// This rank's part of the migration.
+    pub part: RankMigration,
+    /// Over all ranks; `seconds` counts up to the agreement, the caller adds the commit.
+    pub stats: LayerStats,
+    start: Instant,
+}
+
+impl Staged {
+    /// Wall time since staging started.
+    pub fn elapsed(&self) -> f64 {
+        self.start.elapsed().as_secs_f64()
+    }
+}
+
+/// Stages one layer on this rank, verifies the staged bytes, and agrees with every rank (an
+/// all-reduce of the wrong-byte and failure counts over `comm`) that every byte arrived right.
+/// When any rank saw a wrong byte or failed, every rank returns [`ExecError::Verification`] or
+/// [`ExecError::PeerFailed`] alike, and nothing may be committed. Collective over `comm`: every
+/// rank calls it with the same `migration`.
+pub fn stage_layer(
     store: &mut dyn ExpertStore,
     comm: &Comm,
     migration: &LayerMigration,
     rank: usize,
-) -> Result<LayerStats, ExecError> {
+) -> Result<Staged, ExecError> {
     let start = Instant::now();
     let m = migration.for_rank(rank);
     let staged = store.stage(&m).and_then(|mut timing| {
@@ -135,14 +178,30 @@ pub fn migrate_layer(
     if totals[0] > 0 {
         return Err(ExecError::Verification { layer: m.layer, wrong_bytes: totals[0] });
     }
-    store.commit(&m)?;
     let experts_moved = migration.transfers.len();
-    Ok(LayerStats {
+    let stats = LayerStats {
         layer: m.layer,
         experts_moved,
         local_copies: migration.local_copies.iter().chain(&migration.staged_copies).map(Vec::len).sum(),
         bytes_moved: (experts_moved * store.expert_bytes()) as u64,
         seconds: start.elapsed().as_secs_f64(),
         timing,
-    })
+    };
+    Ok(Staged { part: m, stats, start })
+}
+
+/// Migrates one layer on this rank: [`stage_layer`], then [`ExpertStore::commit`]; a cancelled
+/// commit is [`ExecError::Cancelled`]. Collective over `comm`: every rank calls it with the same
+/// `migration`.
+pub fn migrate_layer(
+    store: &mut dyn ExpertStore,
+    comm: &Comm,
+    migration: &LayerMigration,
+    rank: usize,
+) -> Result<LayerStats, ExecError> {
+    let staged = stage_layer(store, comm, migration, rank)?;
+    match store.commit(&staged.part)? {
+        Commit::Cancelled(reason) => Err(ExecError::Cancelled { layer: migration.layer, reason }),
+        Commit::Next | Commit::AtStep(_) => Ok(LayerStats { seconds: staged.elapsed(), ..staged.stats }),
+    }
 }

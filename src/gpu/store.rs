@@ -6,13 +6,24 @@
 //! cut on every rank), and each rank posts its sends and receives of a round as one NCCL group,
 //! so no single group is huge and no rank waits on a peer's later group. Each transfer may also
 //! be split into pieces of at most `chunk_bytes`, posted in order inside its group.
+//!
+//! Verification: this store checks staged slots against the synthetic engine's pattern with the
+//! `count_wrong` kernel. Real weights (a GPU engine, next issue) need the sender's checksum, as
+//! the host store does ([`crate::executor::verify`]). The design, not yet built nor run on a GPU:
+//! a `checksum` kernel computes, for every expert a rank sends and for the source of every local
+//! copy, an order-independent 64-bit sum `sum_i splitmix64(word_i ^ i)` (word-parallel, reduced
+//! with one atomic add per block, so the result does not depend on the launch shape); the
+//! sender's sums go to their receivers as one NCCL message of 8 bytes per transfer after the
+//! layer's groups, the receiver runs the same kernel over its staging slots and compares, and the
+//! all-ranks agreement and the commit stay as they are. XXH3 (the host checksum) is sequential
+//! within a stripe and would not run well on a GPU; the two paths never check each other's sums.
 
 use std::time::Instant;
 
 use super::device::{DeviceBuffer, Gpu};
 use super::nccl::{NcclComm, P2p, MAX_OPS_PER_GROUP};
 use super::GpuError;
-use crate::executor::{ExecError, ExpertStore, RankMigration, StageTiming};
+use crate::executor::{Commit, ExecError, ExpertStore, RankMigration, StageTiming};
 
 /// How transfers are grouped and split.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -274,12 +285,13 @@ impl ExpertStore for DeviceExpertStore {
         Ok(self.count_wrong(&self.staging, m.layer, slots)?)
     }
 
-    fn commit(&mut self, m: &RankMigration) -> Result<(), ExecError> {
+    fn commit(&mut self, m: &RankMigration) -> Result<Commit, ExecError> {
         let live = &self.live[m.layer];
         for &k in &m.changed_slots {
             self.gpu.copy(live.at(self.slot(k)), self.staging.at(self.slot(k)), self.expert_bytes)?;
         }
-        Ok(self.gpu.synchronize()?)
+        self.gpu.synchronize()?;
+        Ok(Commit::Next)
     }
 
     /// The next stage flips 8 bytes of its first staged slot.

@@ -7,12 +7,43 @@ use clap::{ArgAction, Args, ValueEnum};
 use crate::collective::host::DEFAULT_CHUNK_BYTES;
 use crate::policy::PolicyKind;
 
-/// The inference job the balancer runs beside.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+/// The inference job the balancer runs beside: `synthetic` or `shm:NAME`.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EngineKind {
-    /// Host-memory expert weights whose bytes are a pure function of (layer, expert, offset), and
-    /// per-slot token counts from --trace or the built-in drifting zipf-like load.
+    /// Expert weights whose bytes are a pure function of (layer, expert, offset), and per-slot
+    /// token counts from --trace or the built-in drifting zipf-like load.
     Synthetic,
+    /// A real engine's shared-memory regions named NAME (docs/engine-contract.md): rank r attaches
+    /// to engine rank r's region.
+    Shm(String),
+}
+
+impl std::fmt::Display for EngineKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EngineKind::Synthetic => write!(f, "synthetic"),
+            EngineKind::Shm(name) => write!(f, "shm:{name}"),
+        }
+    }
+}
+
+/// Parses `synthetic` or `shm:NAME` (NAME: letters, digits, `_`, `-`, `.`).
+pub fn parse_engine(s: &str) -> Result<EngineKind, String> {
+    match s.split_once(':') {
+        None if s == "synthetic" => Ok(EngineKind::Synthetic),
+        Some(("shm", name))
+            if !name.is_empty()
+                && name.len() <= 200
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
+                && !name.starts_with('.') =>
+        {
+            Ok(EngineKind::Shm(name.to_string()))
+        }
+        Some(("shm", name)) => {
+            Err(format!("{name:?} is not a region name: use letters, digits, '_', '-' and '.' (not first)"))
+        }
+        _ => Err(format!("unknown engine {s:?}; known: synthetic, shm:NAME")),
+    }
 }
 
 /// How expert weights move between ranks.
@@ -73,8 +104,10 @@ fn positive_seconds(s: &str) -> Result<f64, String> {
     xLLM's gflags are accepted as they are, e.g. --enable_eplb=true --ep_size=16 \
     --eplb_update_interval=2000 --eplb_update_threshold=0.9 --redundant_experts_num=1")]
 pub struct RunArgs {
-    /// The inference job: only the synthetic engine for now.
-    #[arg(long, value_enum, default_value_t = EngineKind::Synthetic, help_heading = "Engine")]
+    /// The inference job: `synthetic` (built-in), or `shm:NAME`, a real engine's shared-memory
+    /// regions (docs/engine-contract.md).
+    #[arg(long, value_name = "synthetic|shm:NAME", default_value = "synthetic", value_parser = parse_engine,
+          help_heading = "Engine")]
     pub engine: EngineKind,
     /// Replay this load file, one step per iteration, wrapping around (the `plan` formats and the
     /// per-iteration CSV). Default: the built-in drifting zipf-like load.
@@ -250,5 +283,16 @@ mod tests {
         assert!(parse(&["--trace-dataset", "wikitext"]).is_err(), "a dataset needs a trace");
         assert_eq!(parse(&["--fault", "corrupt-load-on-rank=3"]).unwrap().fault, vec![Fault::CorruptLoad(3)]);
         assert!(parse(&["--fault", "corrupt-everything=1"]).is_err());
+        assert!(parse(&["--engine", "vllm"]).is_err());
+        assert!(parse(&["--engine", "shm:"]).is_err());
+        assert!(parse(&["--engine", "shm:../etc"]).is_err());
+    }
+
+    #[test]
+    fn engines_parse() {
+        assert_eq!(parse(&[]).unwrap().engine, EngineKind::Synthetic);
+        assert_eq!(parse(&["--engine", "synthetic"]).unwrap().engine, EngineKind::Synthetic);
+        let shm = parse(&["--engine", "shm:demo-1"]).unwrap().engine;
+        assert_eq!((shm.clone(), shm.to_string()), (EngineKind::Shm("demo-1".into()), "shm:demo-1".into()));
     }
 }

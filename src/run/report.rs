@@ -3,7 +3,7 @@
 use serde::Serialize;
 
 use super::RunArgs;
-use crate::engine::LoadSource;
+use crate::engine::Engine;
 use crate::policy::PlacementShape;
 use crate::rank::Topology;
 
@@ -83,6 +83,9 @@ pub struct Report {
     pub expert_bytes: usize,
     pub policy: crate::policy::PolicyKind,
     pub transport: &'static str,
+    /// The engine: `synthetic` or `shm:NAME`.
+    pub engine: String,
+    /// What drives the engine (the synthetic engine's load).
     pub load: String,
     /// Steps completed.
     pub steps: usize,
@@ -103,6 +106,10 @@ pub struct Report {
     /// Live bytes checked with --verify-live-every-step (all ranks, all steps), and the wrong ones.
     pub live_verified_bytes: u64,
     pub wrong_live_bytes: u64,
+    /// Engine steps whose counts were lost before they were read (counted as zero), over all ranks.
+    pub lost_steps: u64,
+    /// Layer applies an engine cancelled on every rank (nothing changed; re-planned later).
+    pub cancelled_applies: u64,
     pub manager: ManagerTimes,
     pub final_placement_hash: String,
     pub rounds: Vec<RoundRow>,
@@ -117,8 +124,7 @@ impl Report {
         num_layers: usize,
         num_logical: usize,
         args: &RunArgs,
-        source: &LoadSource,
-        transport: &'static str,
+        engine: &dyn Engine,
     ) -> Report {
         Report {
             world_size: topo.world_size,
@@ -129,10 +135,11 @@ impl Report {
             num_replicas: shape.num_replicas,
             slots_per_rank: shape.slots_per_rank(),
             num_groups: shape.num_groups,
-            expert_bytes: args.expert_bytes,
+            expert_bytes: engine.store_ref().expert_bytes(),
             policy: args.policy,
-            transport,
-            load: source.describe(),
+            transport: engine.store_ref().transport(),
+            engine: engine.name(),
+            load: engine.describe(),
             steps: 0,
             rebalances: 0,
             layers_updated: 0,
@@ -146,6 +153,8 @@ impl Report {
             migration_gbps: 0.0,
             live_verified_bytes: 0,
             wrong_live_bytes: 0,
+            lost_steps: 0,
+            cancelled_applies: 0,
             manager: ManagerTimes::default(),
             final_placement_hash: String::new(),
             rounds: Vec::new(),

@@ -1,0 +1,351 @@
+"""The reference MoE engine: N processes, one per expert-parallel rank, in lock-step (mpi4py).
+
+    mpirun -n 4 python -m eplb_engine --name demo --steps 200 \\
+        --trace expert_freq_qwen_policy_datasets.csv --trace-dataset wikitext --report engine.json
+
+Every step, every rank:
+
+1. ``at_step_boundary``: the client reads the mailbox, the ranks agree (one MPI_Allreduce of 2
+   integers), a command is applied in place or not at all, and the router gets the placement;
+2. makes the step's tokens (every rank owns a contiguous share of the global batch) and, layer by
+   layer: routes its tokens (top-k, following the load), sends each (token, expert) pair to the
+   slot the placement and the replica rule choose (MPI_Alltoallv), computes the pairs that arrive
+   for its own slots with the weights in the shared-memory region, sends the results back,
+   combines them in fixed top-k order, and checks the combined output bit for bit against the
+   reference forward pass (every expert held once, weights generated from (seed, layer, expert));
+3. records its per-slot counts in the load ring.
+
+Rank 0 writes the report: steps, whether every output matched, the layer switches and whether
+every rank switched each at the same step, bytes of applied weights that were not the expert the
+placement names, and the balancedness from the engine's own counts (live: the placements in
+force; static: the initial placement on the same tokens).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+from eplb_client import EngineRegion, TensorSpec, derive_log2phy
+
+from . import loads, model
+
+log = logging.getLogger("eplb_engine")
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m eplb_engine", description=__doc__.split("\n\n")[0])
+    p.add_argument("--name", default="demo", help="region name: /dev/shm/eplb-NAME-RANK")
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--trace", help="load file: .npy [steps][layers][experts] or the per-iteration CSV")
+    p.add_argument("--trace-dataset", help="dataset of the per-iteration CSV (default: its first)")
+    p.add_argument("--num-layers", type=int, default=8, help="built-in load: layers")
+    p.add_argument("--num-experts", type=int, default=64, help="built-in load: experts")
+    p.add_argument("--drift-steps", type=int, default=100, help="built-in load: steps of a full drift")
+    p.add_argument("--slots-per-rank", type=int, help="default: one redundant slot a rank, ceil((E + N) / N)")
+    p.add_argument("--tokens", type=int, default=1024, help="tokens a step, over all ranks")
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--ffn", type=int, default=64)
+    p.add_argument("--router-noise", type=float, default=1.0,
+                   help="std of the router's learned logit part around log(load); larger: flatter")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--phase", choices=["decode", "prefill", "mixed"], default="decode", help="phase the ring marks")
+    p.add_argument("--ring-len", type=int, default=64)
+    p.add_argument("--wait-sidecar", type=float, default=0.0,
+                   help="before step 0, wait up to this many seconds for a sidecar on every rank")
+    p.add_argument("--step-delay-ms", type=float, default=0.0, help="sleep after every step (slower engine)")
+    p.add_argument("--die-at-step", type=int, help="rank --die-rank SIGKILLs itself at this step's boundary")
+    p.add_argument("--die-rank", type=int, default=0)
+    p.add_argument("--report", help="JSON report from rank 0")
+    p.add_argument("--log-every", type=int, default=0, help="progress line every N steps (rank 0)")
+    return p.parse_args(argv)
+
+
+class Engine:
+    """One rank of the reference engine."""
+
+    def __init__(self, comm, args: argparse.Namespace):
+        from mpi4py import MPI
+
+        self.MPI = MPI
+        self.comm = comm
+        self.args = args
+        self.rank, self.world = comm.Get_rank(), comm.Get_size()
+        if args.trace:
+            self.load = loads.read_trace(args.trace, args.trace_dataset)
+        else:
+            self.load = loads.drifting_load(args.num_layers, args.num_experts, max(1, args.steps), args.drift_steps, args.seed)
+        self.log_p = loads.log_probs(self.load)  # [iterations, L, E]
+        _, L, E = self.load.shape
+        self.shape = model.ModelShape(L, E, args.hidden, args.ffn, args.top_k)
+        N = self.world
+        self.S = args.slots_per_rank or -(-(E + N) // N)
+        if self.S * N < E:
+            raise SystemExit(f"error: {self.S} slots a rank x {N} ranks < {E} experts: raise --slots-per-rank")
+        P = self.S * N
+        self.phy2log0 = np.tile(np.arange(P, dtype=np.int32) % E, (L, 1))  # [L, P] trivial
+        self.log2phy0, self.logcnt0 = derive_log2phy(self.phy2log0, E)
+        self.gate_scale = self.shape.gate_scale
+        self.noise = model.noise_scale_for(self.shape, args.router_noise)
+        H, F = self.shape.hidden, self.shape.ffn
+        # The reference holds every expert once: [L, E, H, 2F] and [L, E, F, H].
+        self.w13 = np.empty((L, E, H, 2 * F), np.float32)
+        self.w2 = np.empty((L, E, F, H), np.float32)
+        for layer in range(L):
+            for e in range(E):
+                self.w13[layer, e], self.w2[layer, e] = model.expert_weights(args.seed, layer, e, self.shape)
+        self.w_router = np.stack([model.router_weights(args.seed, layer, self.shape) for layer in range(L)])
+        T = args.tokens
+        self.tok_lo, self.tok_hi = T * self.rank // N, T * (self.rank + 1) // N
+        self.region = EngineRegion.create(
+            args.name, self.rank, N, L, self.S, E,
+            tensors=[TensorSpec("w13", "f32", (H, 2 * F)), TensorSpec("w2", "f32", (F, H))],
+            phy2log=self.phy2log0, ring_len=args.ring_len)
+        for layer in range(L):
+            w = self.region.weights(layer)
+            experts = self.phy2log0[layer, self.rank * self.S : (self.rank + 1) * self.S]
+            w["w13"][:] = self.w13[layer, experts]
+            w["w2"][:] = self.w2[layer, experts]
+        self.region.publish()
+        self.region.start_heartbeat()
+
+    # ---- collectives -----------------------------------------------------------------------
+
+    def agree(self, have: int) -> Tuple[int, int]:
+        """(min, max) of ``have`` over the engine ranks: one MPI_Allreduce of 2 integers."""
+        t0 = time.perf_counter_ns()
+        buf = np.array([have, -have], dtype=np.int64)
+        out = np.empty_like(buf)
+        self.comm.Allreduce(buf, out, op=self.MPI.MIN)
+        self._agree_ns = time.perf_counter_ns() - t0
+        return int(out[0]), int(-out[1])
+
+    def _alltoallv(self, send: np.ndarray, scounts: np.ndarray, rcounts: np.ndarray, row: int) -> np.ndarray:
+        """Rows of ``row`` elements, ``scounts[r]`` of them to rank r, in rank order."""
+        MPI = self.MPI
+        mpitype = {np.dtype(np.float32): MPI.FLOAT, np.dtype(np.int32): MPI.INT}[send.dtype]
+        recv = np.empty((int(rcounts.sum()),) + send.shape[1:], send.dtype)
+        sc, rc = scounts * row, rcounts * row
+        sd = np.concatenate(([0], np.cumsum(sc)[:-1]))
+        rd = np.concatenate(([0], np.cumsum(rc)[:-1]))
+        self.comm.Alltoallv([np.ascontiguousarray(send), (sc, sd), mpitype], [recv, (rc, rd), mpitype])
+        return recv
+
+    # ---- one layer -------------------------------------------------------------------------
+
+    def moe_layer(self, layer: int, x: np.ndarray, placement, log_p: np.ndarray, counts: np.ndarray,
+                  static_load: np.ndarray) -> Tuple[np.ndarray, bool]:
+        """The EP forward pass of one layer on this rank's tokens x [n, H]: returns (the combined
+        output, whether it equals the reference bit for bit). Adds this rank's computed pairs to
+        counts[slot] and the initial placement's per-rank pairs to static_load[rank]."""
+        n, K, S, N = x.shape[0], self.shape.top_k, self.S, self.world
+        ids, w = model.route(x, self.w_router[layer], log_p, self.noise, K)
+        tok = np.arange(self.tok_lo, self.tok_hi)[:, None]
+        slots = placement.replica_slot(layer, ids, tok)  # [n, K] physical slots
+        if np.any(slots < 0):
+            raise RuntimeError(f"layer {layer}: an expert without a slot in the placement")
+        static_slots = self.log2phy0[layer, ids, (tok + layer) % self.logcnt0[layer, ids]]
+        static_load += np.bincount((static_slots // S).ravel(), minlength=N)
+        dest = (slots // S).ravel()
+        order = np.argsort(dest, kind="stable")  # pairs grouped by destination rank
+        scounts = np.bincount(dest, minlength=N).astype(np.int64)
+        rcounts = np.empty_like(scounts)
+        self.comm.Alltoall(scounts, rcounts)
+        xr = self._alltoallv(x[order // K], scounts, rcounts, x.shape[1])
+        sr = self._alltoallv((slots.ravel()[order] % S).astype(np.int32), scounts, rcounts, 1)
+        # Compute the pairs that arrived, slot by slot, with the live weights in the region.
+        yr = np.empty_like(xr)
+        live = self.region.weights(layer)
+        by_slot = np.argsort(sr, kind="stable")
+        present, starts = np.unique(sr[by_slot], return_index=True)
+        ends = np.append(starts[1:], len(by_slot))
+        for s, a, b in zip(present, starts, ends):
+            rows = by_slot[a:b]
+            yr[rows] = model.expert_forward(xr[rows], live["w13"][s], live["w2"][s], self.gate_scale)
+            counts[s] += b - a
+        back = self._alltoallv(yr, rcounts, scounts, x.shape[1])
+        y = np.empty((n * K, x.shape[1]), np.float32)
+        y[order] = back
+        out = model.combine(y.reshape(n, K, -1), w)
+        ref = model.reference_layer(x, ids, w, self.w13[layer], self.w2[layer], self.gate_scale)
+        return out, bool(np.array_equal(out.view(np.uint32), ref.view(np.uint32)))
+
+    # ---- the run ---------------------------------------------------------------------------
+
+    def wait_for_sidecar(self) -> bool:
+        deadline = time.monotonic() + self.args.wait_sidecar
+        while self.region.sidecar_pid == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        attached = np.array([1 if self.region.sidecar_pid else 0], np.int64)
+        every = np.empty_like(attached)
+        self.comm.Allreduce(attached, every, op=self.MPI.MIN)
+        return bool(every[0])
+
+    def wrong_bytes(self, layer: int) -> int:
+        """Bytes of ``layer``'s local live slots that differ from the experts phy2log names."""
+        experts = self.region.placement().phy2log[layer, self.rank * self.S : (self.rank + 1) * self.S]
+        live = self.region.weights(layer)
+        wrong = 0
+        for name, ref in (("w13", self.w13), ("w2", self.w2)):
+            a = live[name].view(np.uint8).reshape(self.S, -1)
+            b = ref[layer, experts].view(np.uint8).reshape(self.S, -1)
+            wrong += int(np.count_nonzero(a != b))
+        return wrong
+
+    def run(self) -> Dict:
+        args, L, S, N = self.args, self.shape.num_layers, self.S, self.world
+        steps = args.steps
+        sidecar = self.wait_for_sidecar() if args.wait_sidecar > 0 else None
+        iters = self.log_p.shape[0]
+        live_counts = np.zeros((steps, L, S), np.int64)
+        static_load = np.zeros((steps, L, N), np.int64)
+        mismatched = np.zeros(steps, np.int64)
+        boundary_ns = np.zeros(steps, np.int64)  # the client's part of the boundary (no collective)
+        record_ns = np.zeros(steps, np.int64)
+        apply_ns: List[int] = []
+        commits: List[List[int]] = []  # [step, layer, epoch]
+        wrong = 0
+        for t in range(steps):
+            if args.die_at_step is not None and t == args.die_at_step and self.rank == args.die_rank:
+                os.kill(os.getpid(), signal.SIGKILL)
+            self._agree_ns = 0
+            t0 = time.perf_counter_ns()
+            placement = self.region.at_step_boundary(t, agree=self.agree)
+            boundary_ns[t] = time.perf_counter_ns() - t0 - self._agree_ns
+            if placement.applied:
+                apply_ns.append(int(boundary_ns[t]))
+            for layer in placement.applied:
+                commits.append([t, layer, int(placement.epoch[layer])])
+                wrong += self.wrong_bytes(layer)
+            x = model.tokens(args.seed, t, args.tokens, self.shape)[self.tok_lo : self.tok_hi]
+            for layer in range(L):
+                out, ok = self.moe_layer(layer, x, placement, self.log_p[t % iters, layer], live_counts[t, layer],
+                                         static_load[t, layer])
+                mismatched[t] += 0 if ok else 1
+                x = model.residual(x, out)
+            t1 = time.perf_counter_ns()
+            self.region.record(t, live_counts[t], phase=args.phase, tokens=(self.tok_hi - self.tok_lo) * self.shape.top_k)
+            record_ns[t] = time.perf_counter_ns() - t1
+            if args.log_every and self.rank == 0 and (t + 1) % args.log_every == 0:
+                log.info("step %d/%d, %d layer switches so far", t + 1, steps, len(commits))
+            if args.step_delay_ms:
+                time.sleep(args.step_delay_ms / 1000.0)
+        return self._report(sidecar, live_counts, static_load, mismatched, boundary_ns, record_ns, apply_ns, commits, wrong)
+
+    def _report(self, sidecar, live_counts, static_load, mismatched, boundary_ns, record_ns, apply_ns, commits, wrong) -> Dict:
+        comm, steps = self.comm, self.args.steps
+        live_rank = live_counts.sum(axis=2)  # [steps, L] this rank's pairs
+        all_live = comm.gather(live_rank, root=0)
+        static_sum = np.zeros_like(static_load) if self.rank == 0 else None
+        comm.Reduce(static_load, static_sum, op=self.MPI.SUM, root=0)
+        gathered = comm.gather(dict(mismatched=mismatched, commits=commits, wrong=wrong, boundary_ns=boundary_ns,
+                                    record_ns=record_ns, apply_ns=apply_ns,
+                                    phy2log=self.region.placement().phy2log.copy()), root=0)
+        if self.rank != 0:
+            return {}
+        live = np.stack(all_live, axis=2)  # [steps, L, N]
+        per_rank_commits = [{(c[1], c[2]): c[0] for c in g["commits"]} for g in gathered]
+        keys = set().union(*per_rank_commits)
+        disagreements = sum(1 for k in keys if len({d.get(k) for d in per_rank_commits}) != 1)
+        client_us = (np.concatenate([g["boundary_ns"] + g["record_ns"] for g in gathered]) / 1000.0)
+        boundary_us = np.concatenate([g["boundary_ns"] for g in gathered]) / 1000.0
+        applied = np.concatenate([np.isin(np.arange(steps), [c[0] for c in g["commits"]]) for g in gathered])
+        apply_us = np.array([a for g in gathered for a in g["apply_ns"]], dtype=np.float64) / 1000.0
+        mism = np.sum([g["mismatched"] for g in gathered], axis=0)
+        return {
+            "engine_steps": steps,
+            "world_size": self.world,
+            "num_layers": self.shape.num_layers,
+            "num_experts": self.shape.num_experts,
+            "slots_per_rank": self.S,
+            "tokens_per_step": self.args.tokens,
+            "top_k": self.shape.top_k,
+            "trace": self.args.trace,
+            "trace_dataset": self.args.trace_dataset,
+            "sidecar_attached": sidecar,
+            "outputs_match": bool(mism.sum() == 0),
+            "mismatched_steps": [int(t) for t in np.flatnonzero(mism)],
+            "layers_committed": len(keys),
+            "commits": sorted([[int(d[k]), int(k[0]), int(k[1])] for k in keys for d in per_rank_commits[:1] if k in d]),
+            "commit_step_disagreements": disagreements,
+            "placements_agree": all(np.array_equal(g["phy2log"], gathered[0]["phy2log"]) for g in gathered),
+            "wrong_bytes": int(sum(g["wrong"] for g in gathered)),
+            "balancedness_static": _balancedness(static_sum),
+            "balancedness_live": _balancedness(live),
+            "client_us_median": float(np.median(client_us)) if len(client_us) else 0.0,
+            "boundary_us": _stats(boundary_us),
+            "boundary_us_no_apply": _stats(boundary_us[~applied]),
+            "apply_us": _stats(apply_us),
+            "record_us": _stats(np.concatenate([g["record_ns"] for g in gathered]) / 1000.0),
+        }
+
+    def close(self, ok: bool) -> None:
+        if ok:
+            self.region.finish()
+        else:
+            self.region.fail()
+
+
+def _stats(a: np.ndarray) -> Dict[str, float]:
+    if len(a) == 0:
+        return {"count": 0}
+    return {"count": int(len(a)), "median": float(np.median(a)), "p99": float(np.percentile(a, 99)), "max": float(a.max())}
+
+
+def _balancedness(rank_load: np.ndarray) -> float:
+    """Mean over steps and layers of (mean rank load / max rank load): rank_load [steps, L, N]."""
+    mx = rank_load.max(axis=2)
+    b = np.where(mx > 0, rank_load.mean(axis=2) / np.maximum(mx, 1), 1.0)
+    return float(b.mean()) if b.size else 1.0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="# %(message)s")
+    # mpirun ends the other ranks with SIGTERM when one dies: exit through Python, so that the
+    # region is marked failed and unlinked.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    try:
+        engine = Engine(comm, args)
+    except (loads.LoadError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    ok = False
+    try:
+        report = engine.run()
+        ok = True
+    finally:
+        engine.close(ok)
+    if comm.Get_rank() == 0:
+        _print_summary(report)
+        if args.report:
+            with open(args.report, "w") as f:
+                json.dump(report, f, indent=1)
+        code = 0 if report["outputs_match"] and report["commit_step_disagreements"] == 0 and report["wrong_bytes"] == 0 else 1
+    else:
+        code = 0
+    return int(comm.bcast(code, root=0))
+
+
+def _print_summary(r: Dict) -> None:
+    print(f"# eplb_engine: {r['world_size']} ranks, {r['num_layers']} layers x {r['num_experts']} experts, "
+          f"{r['slots_per_rank']} slots a rank, {r['tokens_per_step']} tokens a step, top-{r['top_k']}")
+    print(f"# steps {r['engine_steps']} | outputs match {r['outputs_match']} | layers committed {r['layers_committed']} "
+          f"| commit step disagreements {r['commit_step_disagreements']} | wrong bytes {r['wrong_bytes']}")
+    print(f"# balancedness (mean over steps): static {r['balancedness_static']:.4f}, live {r['balancedness_live']:.4f}")
+    b, a = r["boundary_us"], r["apply_us"]
+    print(f"# client a step: median {r['client_us_median']:.1f} us | boundary max {b.get('max', 0):.1f} us "
+          f"| apply of a layer: {a.get('count', 0)} times, max {a.get('max', 0):.1f} us")
+    sys.stdout.flush()

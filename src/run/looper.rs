@@ -1,0 +1,367 @@
+//! The loop of `run`: Manager -> Policy -> Executor, every step, on every rank.
+
+use std::time::Instant;
+
+use ndarray::Array2;
+
+use super::live::{CommitError, Committed, Live};
+use super::output::Output;
+use super::report::Report;
+use super::setup::{local_slots, Ready, RunShape};
+use super::{Fault, RunArgs, RunError, RunOutcome};
+use crate::collective::{Comm, MpiError, ReduceOp};
+use crate::engine::{logical_from_slots, Engine, StepCounts};
+use crate::executor::{stage_layer, ExecError, LayerMigration, LayerStats};
+use crate::manager::{Interval, LayerUpdate, Manager, ManagerConfig, Window};
+use crate::policy::{self, metrics, Placement, PolicyConfig};
+use crate::rank::Topology;
+
+/// The hash a rank offers when its policy failed: never equal to a real plan's by design of the
+/// all-reduce (if every rank failed alike they agree, and all stop with the policy's error).
+const POLICY_FAILED_HASH: u64 = 0x6661_696c_6564_2121;
+
+/// The flags piggybacked on the load all-reduce (set on the result when any rank set them).
+const FLAG_TIME: usize = 0;
+const FLAG_FINISHED: usize = 1;
+const FLAG_FAILED: usize = 2;
+const FLAG_COUNTED: usize = 3;
+
+/// What this rank's engine gave for one step.
+enum Polled {
+    /// The step's logical load from this rank's slots; `counted`: of the balanced phase, not lost.
+    Step { local: Array2<u64>, engine_step: u64, counted: bool },
+    /// The engine has finished.
+    Finished,
+    /// The engine failed (this rank's error).
+    Failed(RunError),
+}
+
+/// The loop's state: the engine, the live placement, the manager and its window, the output.
+pub(super) struct Looper<'a> {
+    world: &'a Comm,
+    args: &'a RunArgs,
+    topo: Topology,
+    run_shape: RunShape,
+    engine: Box<dyn Engine>,
+    /// What the static balancedness is measured on.
+    initial: Placement,
+    live: Live,
+    manager: Manager,
+    window: Window,
+    output: Output,
+    /// Per-step manager time (all-reduce + window + decision), µs, and the all-reduce alone.
+    step_us: Vec<f64>,
+    allreduce_us: Vec<f64>,
+    round_us: Vec<f64>,
+    live_wrong: u64,
+    live_checked: u64,
+    /// Steps whose counts this rank lost (counted as zero).
+    lost_steps: u64,
+    /// Steps with counts of the balanced phase (rank 0: the balancedness is their mean).
+    counted_steps: u64,
+    bal_static: f64,
+    bal_live: f64,
+}
+
+impl<'a> Looper<'a> {
+    pub fn new(world: &'a Comm, args: &'a RunArgs, ready: Ready) -> Self {
+        let Ready { topo, run_shape, engine } = ready;
+        let RunShape { num_layers, num_logical, shape } = run_shape.clone();
+        let interval = match args.eplb_update_interval_steps {
+            Some(n) => Interval::Steps(n as usize),
+            None => Interval::Seconds(args.eplb_update_interval),
+        };
+        let config = ManagerConfig {
+            enable: args.enable_eplb,
+            interval,
+            threshold: args.eplb_update_threshold,
+            layers_per_step: args.eplb_layers_per_step,
+            min_improvement: args.eplb_min_improvement,
+            window_steps: args.eplb_window_steps as usize,
+        };
+        let report = Report::new(&topo, &shape, num_layers, num_logical, args, engine.as_ref());
+        let initial = engine.initial_placement().clone();
+        Looper {
+            world,
+            args,
+            output: Output::new(world.rank(), report),
+            live: Live::new(initial.clone()),
+            initial,
+            manager: Manager::new(config, num_layers),
+            window: Window::new(config.window_steps, num_layers, num_logical),
+            topo,
+            run_shape,
+            engine,
+            step_us: Vec::new(),
+            allreduce_us: Vec::new(),
+            round_us: Vec::new(),
+            live_wrong: 0,
+            live_checked: 0,
+            lost_steps: 0,
+            counted_steps: 0,
+            bal_static: 0.0,
+            bal_live: 0.0,
+        }
+    }
+
+    pub fn run(mut self, devices: String) -> Result<RunOutcome, RunError> {
+        self.output.header(
+            self.args,
+            &self.topo,
+            &self.run_shape,
+            self.engine.as_ref(),
+            &self.manager.config,
+            &devices,
+        );
+        let result = self.steps();
+        // Every rank reaches here together (collective errors only), so the totals can be reduced.
+        let totals = self.world.allreduce_u64(&[self.live_wrong, self.live_checked, self.lost_steps], ReduceOp::Sum)?;
+        let r = &mut self.output.report;
+        r.wrong_live_bytes = totals[0];
+        r.live_verified_bytes = totals[1];
+        r.lost_steps = totals[2];
+        let n = self.counted_steps.max(1) as f64;
+        r.balancedness_static = self.bal_static / n;
+        r.balancedness_live = self.bal_live / n;
+        r.final_placement_hash = format!("{:016x}", self.live.placement().hash());
+        let step_us = fastest_rank(self.world, &self.step_us)?;
+        let allreduce_us = fastest_rank(self.world, &self.allreduce_us)?;
+        let round_us = fastest_rank(self.world, &self.round_us)?;
+        self.output.report.set_manager_times(&step_us, &allreduce_us, &round_us);
+        let result = result.and_then(|()| {
+            if totals[0] > 0 {
+                Err(RunError::LiveVerification { wrong_bytes: totals[0] })
+            } else {
+                Ok(())
+            }
+        });
+        self.output.finish(self.args, &result)?;
+        result.map(|()| RunOutcome { rank: self.world.rank(), report: self.output.report })
+    }
+
+    /// This rank's contribution to the global load of one engine step, `[layers, num_logical]`:
+    /// its slots' counts summed per logical expert on the placement live at that step.
+    fn local_load(&mut self, counts: &StepCounts) -> Result<Array2<u64>, RunError> {
+        let RunShape { num_layers, num_logical, .. } = self.run_shape;
+        if counts.lost {
+            self.lost_steps += 1;
+        }
+        if counts.lost || !counts.balanced {
+            return Ok(Array2::zeros((num_layers, num_logical)));
+        }
+        let placement = self.live.at(counts.engine_step).map_err(|source| RunError::Policy {
+            context: format!("engine step {}: live placement", counts.engine_step),
+            source,
+        })?;
+        Ok(logical_from_slots(counts.slots.view(), &placement, self.world.rank(), num_logical))
+    }
+
+    fn steps(&mut self) -> Result<(), RunError> {
+        let RunShape { num_layers, num_logical, shape } = self.run_shape.clone();
+        let (rank, spr, gpn) = (self.world.rank(), shape.slots_per_rank(), shape.gpus_per_node());
+        let progress_every = self.engine.planned_steps().map_or(100, |s| (s / 10).max(1));
+        let mut last_round_at = Instant::now();
+        let policy_config =
+            PolicyConfig { kind: self.args.policy, threads: self.args.threads, move_cost: self.args.move_cost };
+        for step in 0.. {
+            // 1. The engine's counts on this rank's slots, summed per logical expert.
+            let polled = match self.engine.next_step(self.live.placement()) {
+                Ok(Some(counts)) => match self.local_load(&counts) {
+                    Ok(local) => Polled::Step {
+                        local,
+                        engine_step: counts.engine_step,
+                        counted: counts.balanced && !counts.lost,
+                    },
+                    Err(e) => Polled::Failed(e),
+                },
+                Ok(None) => Polled::Finished,
+                Err(source) => Polled::Failed(RunError::Engine { rank, source }),
+            };
+            // 2. The all-reduce, with the time flag of rank 0's clock and the engine's state.
+            let mut flags = [false; 4];
+            flags[FLAG_TIME] = match self.manager.config.interval {
+                Interval::Seconds(s) => rank == 0 && last_round_at.elapsed().as_secs_f64() >= s,
+                Interval::Steps(_) => false,
+            };
+            let zeros;
+            let (loads, engine_step) = match &polled {
+                Polled::Step { local, engine_step, counted } => {
+                    flags[FLAG_COUNTED] = *counted;
+                    (local, *engine_step)
+                }
+                other => {
+                    flags[FLAG_FINISHED] = matches!(other, Polled::Finished);
+                    flags[FLAG_FAILED] = matches!(other, Polled::Failed(_));
+                    zeros = Array2::zeros((num_layers, num_logical));
+                    (&zeros, 0)
+                }
+            };
+            let t0 = Instant::now();
+            let (sum, flags) = self.world.allreduce_loads(loads.as_slice().unwrap_or(&[]), &flags)?;
+            let t_reduced = Instant::now();
+            if flags[FLAG_FAILED] {
+                let mine = match polled {
+                    Polled::Failed(e) => Some(e),
+                    _ => None,
+                };
+                return Err(self.engine_failed(step, mine)?);
+            }
+            if flags[FLAG_FINISHED] {
+                // Any engine that finished ends the run on every rank, at the same step.
+                break;
+            }
+            let global = Array2::from_shape_vec((num_layers, num_logical), sum)
+                .map_err(|e| RunError::Config(format!("load all-reduce: {e}")))?;
+            if flags[FLAG_COUNTED] {
+                self.counted_steps += 1;
+                if rank == 0 {
+                    let bal =
+                        |p: &Placement| metrics::balance_report(global.view(), p.phy2log.view(), spr, gpn).balancedness;
+                    self.bal_static += bal(&self.initial);
+                    let live = self.live.at(engine_step).map_err(|source| RunError::Policy {
+                        context: format!("engine step {engine_step}: live placement"),
+                        source,
+                    })?;
+                    self.bal_live += bal(&live);
+                }
+                self.window.push(global);
+            }
+            self.live.passed(engine_step);
+            // 3. A round: policy on the window, selection, agreement.
+            let due = self.manager.round_due(step, flags[FLAG_TIME]);
+            if due {
+                self.round(step, &policy_config, spr, gpn)?;
+                last_round_at = Instant::now();
+            }
+            let t_decided = t0.elapsed().as_secs_f64() * 1e6;
+            if due {
+                self.round_us.push(t_decided);
+            } else {
+                self.step_us.push(t_decided);
+                self.allreduce_us.push((t_reduced - t0).as_secs_f64() * 1e6);
+            }
+            // 4. Migrate the next queued layers.
+            for update in self.manager.next_layers() {
+                self.migrate(step, &update)?;
+            }
+            if self.args.verify_live_every_step {
+                for layer in 0..num_layers {
+                    let experts = local_slots(self.live.placement(), layer, rank, spr);
+                    let store = self.engine.store();
+                    self.live_wrong +=
+                        store.verify_live(layer, &experts).map_err(|source| RunError::Exec { step, source })?;
+                    self.live_checked += (spr * store.expert_bytes()) as u64;
+                }
+            }
+            self.output.report.steps = step + 1;
+            if rank == 0 && (step + 1) % progress_every == 0 {
+                let r = &self.output.report;
+                let n = self.counted_steps.max(1) as f64;
+                log::info!(
+                    "step {}/{}: {} rebalances, {} layers updated, {} experts moved, balancedness live {:.4} static {:.4}",
+                    step + 1,
+                    self.engine.planned_steps().map_or("?".to_string(), |s| s.to_string()),
+                    r.rebalances,
+                    r.layers_updated,
+                    r.experts_moved,
+                    self.bal_live / n,
+                    self.bal_static / n
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Some rank's engine failed: that rank returns its own error (and prints it); the others
+    /// learn which ranks failed.
+    fn engine_failed(&self, step: usize, mine: Option<RunError>) -> Result<RunError, MpiError> {
+        let failed: Vec<usize> = self
+            .world
+            .allgather_u64(&[u64::from(mine.is_some())])?
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| f[0] != 0)
+            .map(|(r, _)| r)
+            .collect();
+        Ok(mine.unwrap_or(RunError::PeerEngine { step, ranks: format!("{failed:?}") }))
+    }
+
+    /// One layer: derive, stage and verify on every rank, then commit through [`Live`].
+    fn migrate(&mut self, step: usize, update: &LayerUpdate) -> Result<(), RunError> {
+        let shape = self.run_shape.shape;
+        let (rank, spr, gpn) = (self.world.rank(), shape.slots_per_rank(), shape.gpus_per_node());
+        let old = self.live.placement().phy2log.row(update.layer).to_vec();
+        let migration = LayerMigration::derive(update.layer, &old, &update.new_row, spr, gpn);
+        let staged = match stage_layer(self.engine.store(), self.world, &migration, rank) {
+            Ok(staged) => staged,
+            Err(ExecError::Verification { layer, wrong_bytes }) => {
+                // The row of the layer that was staged but not committed.
+                let staged = migration.transfers.len();
+                let bytes = (staged * self.engine.store_ref().expert_bytes()) as u64;
+                self.output.failed(step, layer, staged, bytes, wrong_bytes);
+                return Err(RunError::Exec { step, source: ExecError::Verification { layer, wrong_bytes } });
+            }
+            Err(source) => return Err(RunError::Exec { step, source }),
+        };
+        match self.live.commit(self.engine.store(), &mut self.manager, update, &staged) {
+            Ok(Committed::Applied { .. }) => {
+                let stats = LayerStats { seconds: staged.elapsed(), ..staged.stats };
+                self.output.committed(step, &stats);
+                Ok(())
+            }
+            Ok(Committed::Cancelled(reason)) => {
+                // Nothing changed anywhere; the next round plans the layer again.
+                self.output.line(format!(
+                    "# step {step} layer {}: the apply was cancelled on every rank ({reason}); the placement is unchanged",
+                    update.layer
+                ));
+                self.output.report.cancelled_applies += 1;
+                Ok(())
+            }
+            Err(CommitError::Exec(source)) => Err(RunError::Exec { step, source }),
+            Err(CommitError::Placement(source)) => {
+                Err(RunError::Policy { context: format!("step {step}: live placement"), source })
+            }
+        }
+    }
+
+    /// One round: policy, selection, plan agreement, queueing.
+    fn round(&mut self, step: usize, config: &PolicyConfig, spr: usize, gpn: usize) -> Result<(), RunError> {
+        let rank = self.world.rank();
+        let mut load = self.window.sum().to_owned();
+        if self.args.fault.contains(&Fault::CorruptLoad(rank)) {
+            // Fault injection: this rank's copy of the reduced load is wrong.
+            for mut row in load.rows_mut() {
+                let total: u64 = row.iter().fold(0u64, |a, &v| a.saturating_add(v));
+                row[0] = row[0].saturating_add(total / 2 + 1);
+            }
+        }
+        let shape = self.run_shape.shape;
+        let live = self.live.placement();
+        let proposal = policy::rebalance(load.view(), &shape, Some(live), config)
+            .map(|p| self.manager.select(load.view(), live, &p, spr, gpn));
+        let hash = proposal.as_ref().map_or(POLICY_FAILED_HASH, |d| d.hash());
+        let agreement = self.world.agree_hash(hash)?;
+        if !agreement.agreed() {
+            self.output.report.plans_agreed = false;
+            self.output.line(format!(
+                "# round at step {step}: plan hashes differ over the ranks (min {:016x}, max {:016x}): nothing moves",
+                agreement.min, agreement.max
+            ));
+            return Err(RunError::PlanDisagreement { step, min: agreement.min, max: agreement.max });
+        }
+        let decision = proposal
+            .map_err(|source| RunError::Policy { context: format!("step {step}: the policy failed"), source })?;
+        self.output.round(step, &decision, hash, self.world.size());
+        self.manager.start_round(step, decision);
+        Ok(())
+    }
+}
+
+/// The element-wise minimum over ranks of per-step times (µs): the rank that arrives last at a
+/// collective does not wait in it, so the minimum is the cost of the step's own work, free of the
+/// wait for slower ranks. Every rank holds as many samples (decisions are the same everywhere).
+fn fastest_rank(world: &Comm, us: &[f64]) -> Result<Vec<f64>, MpiError> {
+    let ns: Vec<u64> = us.iter().map(|&t| (t * 1e3) as u64).collect();
+    Ok(world.allreduce_u64(&ns, ReduceOp::Min)?.into_iter().map(|t| t as f64 / 1e3).collect())
+}

@@ -1,0 +1,265 @@
+//! Set-up of `run`: from the flags to a ready state (topology, shape, the engine with its initial
+//! placement and its expert store), agreed by every rank before the loop starts.
+
+use crate::collective::host::HostTransport;
+use crate::collective::{Comm, ReduceOp};
+use crate::engine::synthetic::DriftingZipf;
+use crate::engine::{Engine, LoadSource, SyntheticEngine};
+use crate::executor::{ExpertStore, HostExpertStore};
+use crate::gpu::{self, device::Gpu, nccl::NcclComm, store::DeviceExpertStore, store::NcclTuning};
+use crate::load::{self, TraceSelect};
+use crate::plan::file;
+use crate::policy::{Placement, PlacementShape};
+use crate::rank::Topology;
+
+use super::{EngineKind, Fault, RunArgs, RunError, TransportKind, DEFAULT_EXPERTS, DEFAULT_LAYERS};
+
+/// A rank ready for the loop.
+pub struct Ready {
+    pub topo: Topology,
+    pub run_shape: RunShape,
+    /// The engine, holding its initial placement and its expert store.
+    pub engine: Box<dyn Engine>,
+}
+
+/// Sets up this rank: topology, transport, the engine and its store. Collective over `world`:
+/// every rank learns whether every rank's set-up succeeded, so that none goes on alone.
+pub fn setup(world: &Comm, args: &RunArgs) -> Result<Ready, RunError> {
+    let rank = world.rank();
+    // Collective calls first, so that a rank whose local setup fails does not leave the others
+    // waiting in one of them.
+    let topo = Topology::discover(world, args.ranks_per_node)?;
+    match &args.engine {
+        EngineKind::Synthetic => {
+            let transport = resolve_transport(args.transport, &topo, world)?;
+            let store_comm = world.dup()?;
+            let prepared = agree_on_setup(world, prepare_synthetic(args, &topo, store_comm, transport))?;
+            let store = agree_on_setup(world, finish_store(args, prepared.store, rank))?;
+            let engine = SyntheticEngine::new(prepared.source, prepared.initial, store, args.steps, rank);
+            Ok(Ready { topo, run_shape: prepared.run_shape, engine: Box::new(engine) })
+        }
+        EngineKind::Shm(name) => {
+            let local: Result<Ready, RunError> = Err(RunError::Config(format!(
+                "--engine shm:{name}: the shared-memory engine is not available in this build yet; use --engine synthetic"
+            )));
+            agree_on_setup(world, local)
+        }
+    }
+}
+
+/// The resolved sizes of a run.
+#[derive(Debug, Clone)]
+pub struct RunShape {
+    pub num_layers: usize,
+    pub num_logical: usize,
+    pub shape: PlacementShape,
+}
+
+/// Checks the flags against the world and the load: `--ep-size`, the redundant slots, the groups.
+pub fn resolve_shape(args: &RunArgs, topo: &Topology, source: &LoadSource) -> Result<RunShape, RunError> {
+    resolve_shape_of(args, topo, source.num_layers(), source.num_logical())
+}
+
+/// [`resolve_shape`] for an engine of `layers` MoE layers of `num_logical` experts.
+pub fn resolve_shape_of(
+    args: &RunArgs,
+    topo: &Topology,
+    layers: usize,
+    num_logical: usize,
+) -> Result<RunShape, RunError> {
+    let world = topo.world_size;
+    if let Some(ep) = args.ep_size {
+        if ep != world {
+            return Err(RunError::Config(format!(
+                "--ep-size {ep} must match the number of devices: this job has {world} ranks (start one rank per GPU)"
+            )));
+        }
+    }
+    let num_replicas = match (args.num_redundant_experts, args.redundant_experts_num) {
+        (Some(n), _) => num_logical + n,
+        (None, Some(per_rank)) => num_logical + per_rank * world,
+        (None, None) => (num_logical + world).div_ceil(world) * world,
+    };
+    if num_replicas % world != 0 {
+        let next = num_replicas.div_ceil(world) * world;
+        return Err(RunError::Config(format!(
+            "{num_logical} experts + {} redundant = {num_replicas} slots do not divide over {world} ranks; use --num-redundant-experts {}",
+            num_replicas - num_logical,
+            next - num_logical
+        )));
+    }
+    let shape =
+        PlacementShape { num_replicas, num_gpus: world, num_nodes: topo.num_nodes, num_groups: args.num_groups };
+    shape
+        .validate(num_logical)
+        .map_err(|source| RunError::Policy { context: "--num-groups/--num-redundant-experts".into(), source })?;
+    Ok(RunShape { num_layers: layers, num_logical, shape })
+}
+
+/// The load the synthetic engine replays: `--trace` or the built-in generator.
+pub fn load_source(args: &RunArgs) -> Result<LoadSource, RunError> {
+    match &args.trace {
+        Some(path) => {
+            let trace = load::read_trace(path, &TraceSelect { dataset: args.trace_dataset.clone() })?;
+            for (flag, given, have) in [
+                ("--num-layers", args.num_layers, trace.num_layers()),
+                ("--num-experts", args.num_experts, trace.num_logical()),
+            ] {
+                if given.is_some_and(|g| g != have) {
+                    return Err(RunError::Config(format!(
+                        "{flag} {} disagrees with {}: it has {have}",
+                        given.unwrap_or(0),
+                        path.display()
+                    )));
+                }
+            }
+            // Every step must fit the policy's arithmetic; check them once here.
+            for s in 0..trace.num_steps() {
+                trace.step(s)?;
+            }
+            Ok(LoadSource::Trace(trace))
+        }
+        None => {
+            let (l, e) = (args.num_layers.unwrap_or(DEFAULT_LAYERS), args.num_experts.unwrap_or(DEFAULT_EXPERTS));
+            if l == 0 || e == 0 {
+                return Err(RunError::Config("--num-layers and --num-experts must be at least 1".into()));
+            }
+            Ok(LoadSource::Zipf(DriftingZipf {
+                drift_steps: args.drift_steps as usize,
+                ..DriftingZipf::new(l, e, args.seed)
+            }))
+        }
+    }
+}
+
+/// The expert store `--transport` selects, before the collective part of its set-up.
+pub enum StoreSetup {
+    Ready(Box<dyn ExpertStore>),
+    /// The GPU is open; the NCCL communicator and the device store come once every rank is here.
+    Gpu {
+        gpu: Gpu,
+        comm: Comm,
+        experts: Vec<Vec<usize>>,
+    },
+}
+
+/// The transport every rank uses: `auto` becomes `nccl` only when every rank can use a GPU
+/// (collective over `world` for `auto`).
+pub fn resolve_transport(kind: TransportKind, topo: &Topology, world: &Comm) -> Result<TransportKind, RunError> {
+    Ok(match kind {
+        TransportKind::Auto => {
+            let usable = u64::from(gpu::gpu_usable(topo.local_rank));
+            if world.allreduce_u64(&[usable], ReduceOp::Min)?[0] == 1 {
+                TransportKind::Nccl
+            } else {
+                TransportKind::Host
+            }
+        }
+        other => other,
+    })
+}
+
+/// The local part of the store's set-up, holding `experts[layer][slot]` (this rank's slots):
+/// the host store, or this rank's GPU. `comm` is a communicator of the store's own.
+pub fn make_store(
+    args: &RunArgs,
+    transport: TransportKind,
+    comm: Comm,
+    experts: &[Vec<usize>],
+    topo: &Topology,
+) -> Result<StoreSetup, RunError> {
+    if transport == TransportKind::Nccl {
+        let gpu = gpu::open_local_gpu(topo.local_rank)?;
+        return Ok(StoreSetup::Gpu { gpu, comm, experts: experts.to_vec() });
+    }
+    let transport = HostTransport::new(comm, args.chunk_bytes);
+    let store = HostExpertStore::new(transport, args.expert_bytes, experts)
+        .map_err(|e| RunError::Config(format!("the host store: {e}")))?;
+    Ok(StoreSetup::Ready(Box::new(store)))
+}
+
+/// The collective part of the store's set-up (every rank calls it): the NCCL communicator, then
+/// the device store with every live slot filled.
+pub fn finish_store(args: &RunArgs, setup: StoreSetup, rank: usize) -> Result<Box<dyn ExpertStore>, RunError> {
+    let mut store = match setup {
+        StoreSetup::Ready(store) => store,
+        StoreSetup::Gpu { gpu, comm, experts } => {
+            let nccl = NcclComm::bootstrap(&comm)?;
+            let tuning = NcclTuning::from_mib(args.nccl_group_mib, args.nccl_chunk_mib, args.nccl_register);
+            Box::new(DeviceExpertStore::new(gpu, nccl, &experts, args.expert_bytes, tuning)?)
+        }
+    };
+    if args.fault.contains(&Fault::CorruptTransfer(rank)) {
+        store.corrupt_next_stage();
+    }
+    Ok(store)
+}
+
+/// Every rank learns whether every rank's local set-up succeeded (one all-gather of exit codes),
+/// so that no rank goes on into a collective call that a failed rank will never make.
+fn agree_on_setup<T>(world: &Comm, local: Result<T, RunError>) -> Result<T, RunError> {
+    let rank = world.rank();
+    let code = match &local {
+        Ok(_) => 0u64,
+        Err(e) => e.exit_code().max(1) as u64,
+    };
+    let codes: Vec<u64> = world.allgather_u64(&[code])?.iter().map(|c| c[0]).collect();
+    let failed: Vec<usize> = (0..codes.len()).filter(|&r| codes[r] != 0).collect();
+    match local {
+        Err(e) if failed.len() < codes.len() => {
+            // Only some ranks failed (a file missing on one node): each says why.
+            eprintln!("eplb-worker run: rank {rank}: error: {e}");
+            Err(RunError::PeerSetup { ranks: format!("{failed:?}"), code: e.exit_code() })
+        }
+        Err(e) => Err(e),
+        Ok(_) if !failed.is_empty() => {
+            let code = codes.iter().copied().max().unwrap_or(1) as i32;
+            Err(RunError::PeerSetup { ranks: format!("{failed:?}"), code })
+        }
+        Ok(s) => Ok(s),
+    }
+}
+
+/// The synthetic engine's state before the collective part of its store's set-up.
+struct PreparedSynthetic {
+    run_shape: RunShape,
+    source: LoadSource,
+    initial: Placement,
+    store: StoreSetup,
+}
+
+/// The local part of the synthetic engine's set-up: its load, the shape, the initial placement
+/// (`--init-placement` or trivial) and the local part of its store.
+fn prepare_synthetic(
+    args: &RunArgs,
+    topo: &Topology,
+    store_comm: Comm,
+    transport: TransportKind,
+) -> Result<PreparedSynthetic, RunError> {
+    if let Some(d) = args.expert_parallel_degree {
+        log::info!("--expert_parallel_degree={d} is accepted for xLLM compatibility and ignored");
+    }
+    let source = load_source(args)?;
+    let run_shape = resolve_shape(args, topo, &source)?;
+    let (layers, num_logical, shape) = (run_shape.num_layers, run_shape.num_logical, run_shape.shape);
+    let initial = match &args.init_placement {
+        Some(path) => {
+            let p = file::read_placement(path, num_logical)?;
+            p.check_shape(layers, &shape).map_err(|source| RunError::Policy {
+                context: format!("--init-placement {}", path.display()),
+                source,
+            })?;
+            p
+        }
+        None => Placement::trivial(layers, num_logical, shape.num_replicas),
+    };
+    let spr = shape.slots_per_rank();
+    let experts: Vec<Vec<usize>> = (0..layers).map(|l| local_slots(&initial, l, topo.world_rank, spr)).collect();
+    let store = make_store(args, transport, store_comm, &experts, topo)?;
+    Ok(PreparedSynthetic { run_shape, source, initial, store })
+}
+
+/// The experts of rank `rank`'s slots in `layer` of `placement` (`[slots_per_rank]`).
+pub fn local_slots(placement: &Placement, layer: usize, rank: usize, slots_per_rank: usize) -> Vec<usize> {
+    placement.phy2log.row(layer).iter().skip(rank * slots_per_rank).take(slots_per_rank).copied().collect()
+}
