@@ -252,6 +252,12 @@ impl StatusReport {
         Ok(report)
     }
 
+    /// The report at `flag path`, without writing anything (the final [`StatusReport::finish`]
+    /// of a report that [`StatusReport::start`] began elsewhere).
+    pub fn at(flag: &'static str, path: &Path) -> StatusReport {
+        StatusReport { flag, path: path.to_path_buf() }
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

@@ -19,7 +19,7 @@ pub use watchdog::Watchdog;
 
 /// An MPI call that failed, with the code MPI returned and its `MPI_Error_string`.
 #[derive(Debug, Error)]
-#[error("MPI error {code} in {op}: {message}")]
+#[error("{}", self.describe())]
 pub struct MpiError {
     /// The MPI function, e.g. `MPI_Allreduce`.
     pub op: &'static str,
@@ -28,6 +28,14 @@ pub struct MpiError {
 }
 
 impl MpiError {
+    fn describe(&self) -> String {
+        if self.is_timeout() {
+            format!("{} timed out: {}", self.op, self.message)
+        } else {
+            format!("MPI error {} in {}: {}", self.code, self.op, self.message)
+        }
+    }
+
     /// An error that MPI did not return (a count too large for an `int`, MPI already started, ...).
     pub fn usage(op: &'static str, message: impl Into<String>) -> Self {
         MpiError { op, code: -1, message: message.into() }
@@ -270,6 +278,25 @@ impl Comm {
     pub fn allgather_u64(&self, mine: &[u64]) -> Result<Vec<Vec<u64>>, MpiError> {
         let bytes: Vec<u8> = mine.iter().flat_map(|v| v.to_le_bytes()).collect();
         Ok(self.allgather_bytes(&bytes)?.iter().map(|r| le_words(r)).collect())
+    }
+
+    /// Gathers one text from every rank, in rank order, each cut to `max_bytes` (at a character
+    /// boundary). Collective: one all-gather of `max_bytes` a rank.
+    pub fn allgather_text(&self, text: &str, max_bytes: usize) -> Result<Vec<String>, MpiError> {
+        let mut end = text.len().min(max_bytes);
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        let mut mine = vec![0u8; max_bytes];
+        mine[..end].copy_from_slice(&text.as_bytes()[..end]);
+        Ok(self
+            .allgather_bytes(&mine)?
+            .iter()
+            .map(|raw| {
+                let len = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
+                String::from_utf8_lossy(&raw[..len]).into_owned()
+            })
+            .collect())
     }
 
     /// `MPI_Barrier`.

@@ -69,33 +69,19 @@ pub fn agree_on_settings(comm: &Comm, settings: &[Setting]) -> Result<(), Settin
     let gathered = comm.allgather_u64(&hashes)?;
     let differing: Vec<usize> =
         (0..settings.len()).filter(|&i| gathered.iter().any(|h| h.get(i) != gathered[0].get(i))).collect();
-    let mut mine = vec![0u8; differing.len() * VALUE_BYTES];
-    for (k, &i) in differing.iter().enumerate() {
-        let bytes = settings[i].value.as_bytes();
-        let n = bytes.len().min(VALUE_BYTES);
-        mine[k * VALUE_BYTES..k * VALUE_BYTES + n].copy_from_slice(&bytes[..n]);
-    }
-    let values = comm.allgather_bytes(&mine)?;
-    let lines = differing
-        .iter()
-        .enumerate()
-        .map(|(k, &i)| {
-            let value_of = |r: usize| {
-                let raw = &values[r][k * VALUE_BYTES..(k + 1) * VALUE_BYTES];
-                let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
-                String::from_utf8_lossy(&raw[..end]).into_owned()
-            };
-            let mut seen: Vec<(usize, String)> = Vec::new();
-            for r in 0..values.len() {
-                let v = value_of(r);
-                if !seen.iter().any(|(_, s)| *s == v) {
-                    seen.push((r, v));
-                }
+    let mut lines = Vec::with_capacity(differing.len());
+    for &i in &differing {
+        let values = comm.allgather_text(&settings[i].value, VALUE_BYTES)?;
+        // The first rank with each distinct value, in rank order.
+        let mut seen: Vec<(usize, &String)> = Vec::new();
+        for (r, v) in values.iter().enumerate() {
+            if !seen.iter().any(|(_, s)| *s == v) {
+                seen.push((r, v));
             }
-            let has: Vec<String> = seen.iter().map(|(r, v)| format!("rank {r} has {v}")).collect();
-            format!("{} differs: {}", settings[i].name, has.join(", "))
-        })
-        .collect();
+        }
+        let has: Vec<String> = seen.iter().map(|(r, v)| format!("rank {r} has {v}")).collect();
+        lines.push(format!("{} differs: {}", settings[i].name, has.join(", ")));
+    }
     Err(SettingsError::Differ { lines })
 }
 

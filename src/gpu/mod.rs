@@ -43,6 +43,9 @@ pub enum GpuError {
     Nccl { op: &'static str, code: i32, message: String },
     #[error("{0}")]
     Mpi(String),
+    /// The request does not fit the GPU (bad input: exit 2).
+    #[error("{0}")]
+    TooBig(String),
     /// A wait past `--timeout` (the watchdog's error, naming the ranks that did not answer).
     #[error(transparent)]
     Watchdog(#[from] crate::collective::MpiError),
@@ -52,7 +55,7 @@ impl GpuError {
     /// 2 when the machine lacks what was asked for (no driver, NCCL or GPU), 1 for a failure.
     pub fn exit_code(&self) -> i32 {
         match self {
-            GpuError::NoDriver(_) | GpuError::NoNccl | GpuError::NoGpu { .. } => 2,
+            GpuError::NoDriver(_) | GpuError::NoNccl | GpuError::NoGpu { .. } | GpuError::TooBig(_) => 2,
             _ => 1,
         }
     }

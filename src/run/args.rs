@@ -77,26 +77,6 @@ pub fn parse_fault(s: &str) -> Result<Fault, String> {
     }
 }
 
-/// A fraction in [0, 1].
-fn unit_interval(s: &str) -> Result<f64, String> {
-    let v: f64 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
-    if (0.0..=1.0).contains(&v) {
-        Ok(v)
-    } else {
-        Err(format!("{v} is outside 0..=1"))
-    }
-}
-
-/// Seconds, positive.
-fn positive_seconds(s: &str) -> Result<f64, String> {
-    let v: f64 = s.parse().map_err(|_| format!("{s:?} is not a number of seconds"))?;
-    if v > 0.0 && v.is_finite() {
-        Ok(v)
-    } else {
-        Err(format!("{v} is not a positive number of seconds"))
-    }
-}
-
 /// Arguments of `eplb-worker run`.
 #[derive(Debug, Clone, Args)]
 #[command(after_help = "Example (4 ranks, the built-in drifting load, a rebalance every 10 steps):\n  \
@@ -168,7 +148,8 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value_t = PolicyKind::Incremental, help_heading = "Placement")]
     pub policy: PolicyKind,
     /// Incremental policy: the price of moving one expert copy, as a fraction of the mean GPU load.
-    #[arg(long, value_name = "FRACTION", default_value_t = crate::policy::incremental::DEFAULT_MOVE_COST, help_heading = "Placement")]
+    #[arg(long, value_name = "FRACTION", default_value_t = crate::policy::incremental::DEFAULT_MOVE_COST,
+          value_parser = crate::limits::non_negative, help_heading = "Placement")]
     pub move_cost: f64,
     /// Policy threads over layers on every rank (0: one per core).
     #[arg(long, default_value_t = 1, help_heading = "Placement")]
@@ -180,7 +161,7 @@ pub struct RunArgs {
     pub enable_eplb: bool,
     /// Seconds between rebalances (rank 0's clock, acted on by every rank at the same step).
     #[arg(long, value_name = "SECONDS", alias = "eplb_update_interval", default_value_t = 1000.0,
-          value_parser = positive_seconds, help_heading = "Manager")]
+          value_parser = crate::limits::positive, help_heading = "Manager")]
     pub eplb_update_interval: f64,
     /// Steps between rebalances instead of seconds (deterministic runs and tests).
     #[arg(long, value_name = "N", alias = "eplb_update_interval_steps",
@@ -189,14 +170,14 @@ pub struct RunArgs {
     /// Update a layer only when the cosine similarity of its load with the load of its last
     /// update is below T (0..=1).
     #[arg(long, value_name = "T", alias = "eplb_update_threshold", default_value_t = 0.8,
-          value_parser = unit_interval, help_heading = "Manager")]
+          value_parser = crate::limits::unit_interval, help_heading = "Manager")]
     pub eplb_update_threshold: f64,
     /// Layers migrated per step, so that no step stalls long (0: all at once).
     #[arg(long, value_name = "L", alias = "eplb_layers_per_step", default_value_t = 1, help_heading = "Manager")]
     pub eplb_layers_per_step: usize,
     /// Skip a layer whose predicted peak GPU load drops by less than this fraction (0..=1).
     #[arg(long, value_name = "X", aliases = ["eplb_min_improvement", "eplb_min_peak_load_improvement"],
-          default_value_t = 0.05, value_parser = unit_interval, help_heading = "Manager")]
+          default_value_t = 0.05, value_parser = crate::limits::unit_interval, help_heading = "Manager")]
     pub eplb_min_improvement: f64,
     /// Steps of load summed in the sliding window the policy plans on.
     #[arg(long, value_name = "W", alias = "eplb_window_steps", default_value_t = 10,
@@ -212,10 +193,12 @@ pub struct RunArgs {
     pub chunk_bytes: usize,
     /// NCCL transport: average bytes one rank moves per NCCL group (the layer's transfers are cut
     /// into groups, the same cut on every rank).
-    #[arg(long, value_name = "MIB", default_value_t = 1024.0, help_heading = "Executor")]
+    #[arg(long, value_name = "MIB", default_value_t = 1024.0, value_parser = crate::limits::positive,
+          help_heading = "Executor")]
     pub nccl_group_mib: f64,
     /// NCCL transport: largest piece of one expert inside a group (0: whole experts).
-    #[arg(long, value_name = "MIB", default_value_t = 0.0, help_heading = "Executor")]
+    #[arg(long, value_name = "MIB", default_value_t = 0.0, value_parser = crate::limits::non_negative,
+          help_heading = "Executor")]
     pub nccl_chunk_mib: f64,
     /// NCCL transport: register the weight buffers with NCCL (zero-copy send/recv on NVLink).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL", help_heading = "Executor")]
@@ -224,7 +207,14 @@ pub struct RunArgs {
     #[arg(long, help_heading = "Executor")]
     pub verify_live_every_step: bool,
 
-    /// Write a JSON report (rank 0).
+    /// The longest a rank waits for the others in a collective, a transfer or a commit; past it,
+    /// the rank names the ranks that did not answer and ends the job (exit 1).
+    #[arg(long, value_name = "SECONDS", default_value_t = crate::collective::watchdog::DEFAULT_TIMEOUT_SECONDS,
+          value_parser = crate::limits::positive, help_heading = "Executor")]
+    pub timeout: f64,
+
+    /// Write a JSON report (rank 0): "status" is "running" from the start, then "ok", or
+    /// "failed" with "error".
     #[arg(long, value_name = "FILE", help_heading = "Output")]
     pub report: Option<PathBuf>,
     /// Fault injection for tests: corrupt-load-on-rank=R, corrupt-transfer-on-rank=R.

@@ -113,17 +113,33 @@ impl<'a> Looper<'a> {
             &self.manager.config,
             &devices,
         );
-        let result = self.steps();
+        let mut result = self.steps();
+        // Only measured figures: the balancedness is the mean over the steps it was measured on.
+        let n = self.counted_steps.max(1) as f64;
+        let r = &mut self.output.report;
+        r.balancedness_static = self.bal_static / n;
+        r.balancedness_live = self.bal_live / n;
+        r.final_placement_hash = format!("{:016x}", self.live.placement().hash());
+        if let Err(e) = result {
+            if e.is_local() {
+                // A peer may never answer (a timeout, a failed MPI call): no more collectives.
+                // The report holds this rank's own figures, and says so through its error.
+                r.wrong_live_bytes = self.live_wrong;
+                r.live_verified_bytes = self.live_checked;
+                r.lost_steps = self.lost_steps;
+                self.output.report.set_manager_times(&self.step_us, &self.allreduce_us, &self.round_us);
+                let failed: Result<(), RunError> = Err(e);
+                self.output.finish(self.args, &failed)?;
+                return failed.map(|()| RunOutcome { rank: self.world.rank(), report: self.output.report });
+            }
+            result = Err(e);
+        }
         // Every rank reaches here together (collective errors only), so the totals can be reduced.
         let totals = self.world.allreduce_u64(&[self.live_wrong, self.live_checked, self.lost_steps], ReduceOp::Sum)?;
         let r = &mut self.output.report;
         r.wrong_live_bytes = totals[0];
         r.live_verified_bytes = totals[1];
         r.lost_steps = totals[2];
-        let n = self.counted_steps.max(1) as f64;
-        r.balancedness_static = self.bal_static / n;
-        r.balancedness_live = self.bal_live / n;
-        r.final_placement_hash = format!("{:016x}", self.live.placement().hash());
         let step_us = fastest_rank(self.world, &self.step_us)?;
         let allreduce_us = fastest_rank(self.world, &self.allreduce_us)?;
         let round_us = fastest_rank(self.world, &self.round_us)?;
@@ -245,13 +261,7 @@ impl<'a> Looper<'a> {
                 self.migrate(step, &update)?;
             }
             if self.args.verify_live_every_step {
-                for layer in 0..num_layers {
-                    let experts = local_slots(self.live.placement(), layer, rank, spr);
-                    let store = self.engine.store();
-                    self.live_wrong +=
-                        store.verify_live(layer, &experts).map_err(|source| RunError::Exec { step, source })?;
-                    self.live_checked += (spr * store.expert_bytes()) as u64;
-                }
+                self.verify_all_live(step)?;
             }
             self.output.report.steps = step + 1;
             if rank == 0 && (step + 1) % progress_every == 0 {
@@ -268,6 +278,18 @@ impl<'a> Looper<'a> {
                     self.bal_static / n
                 );
             }
+        }
+        Ok(())
+    }
+
+    /// Checks every live slot of every layer on this rank against the live placement.
+    fn verify_all_live(&mut self, step: usize) -> Result<(), RunError> {
+        let (rank, spr) = (self.world.rank(), self.run_shape.shape.slots_per_rank());
+        for layer in 0..self.run_shape.num_layers {
+            let experts = local_slots(self.live.placement(), layer, rank, spr);
+            let store = self.engine.store();
+            self.live_wrong += store.verify_live(layer, &experts).map_err(|source| RunError::Exec { step, source })?;
+            self.live_checked += (spr * store.expert_bytes()) as u64;
         }
         Ok(())
     }
@@ -299,6 +321,8 @@ impl<'a> Looper<'a> {
                 let staged = migration.transfers.len();
                 let bytes = (staged * self.engine.store_ref().expert_bytes()) as u64;
                 self.output.failed(step, layer, staged, bytes, wrong_bytes);
+                // Nothing was committed anywhere: every rank proves it on its live weights.
+                self.verify_all_live(step)?;
                 return Err(RunError::Exec { step, source: ExecError::Verification { layer, wrong_bytes } });
             }
             Err(source) => return Err(RunError::Exec { step, source }),

@@ -34,6 +34,9 @@ pub fn setup(world: &Comm, args: &RunArgs) -> Result<Ready, RunError> {
             let transport = resolve_transport(args.transport, &topo, world)?;
             let store_comm = world.dup()?;
             let prepared = agree_on_setup(world, prepare_synthetic(args, &topo, store_comm, transport))?;
+            // What the flags resolved to must agree too, before the store's collective set-up.
+            let load = super::safety::load_identity(&prepared.source);
+            super::safety::agree_on_shapes(world, &prepared.run_shape, &load, &prepared.initial, transport)?;
             let store = agree_on_setup(world, finish_store(args, prepared.store, rank))?;
             let engine = SyntheticEngine::new(prepared.source, prepared.initial, store, args.steps, rank);
             Ok(Ready { topo, run_shape: prepared.run_shape, engine: Box::new(engine) })
@@ -168,10 +171,21 @@ pub fn make_store(
     experts: &[Vec<usize>],
     topo: &Topology,
 ) -> Result<StoreSetup, RunError> {
+    let (layers, spr) = (experts.len(), experts.first().map_or(0, Vec::len));
     if transport == TransportKind::Nccl {
         let gpu = gpu::open_local_gpu(topo.local_rank)?;
+        // Before the NCCL set-up that every peer joins: a store that cannot fit fails here, agreed.
+        DeviceExpertStore::check_fits(&gpu, layers, spr, args.expert_bytes)?;
         return Ok(StoreSetup::Gpu { gpu, comm, experts: experts.to_vec() });
     }
+    // The ranks of one host share its memory (all of them when the nodes are faked).
+    let on_host = if topo.faked { topo.world_size } else { topo.local_size };
+    crate::limits::check_host_memory(
+        "the expert weights",
+        crate::limits::product(&[layers + 1, spr, args.expert_bytes, on_host]),
+        &format!("{on_host} rank(s) on this host x ({layers} layers + staging) x {spr} slots x {} B", args.expert_bytes),
+        "lower --expert-bytes or the layers, or use fewer ranks a host",
+    )?;
     let transport = HostTransport::new(comm, args.chunk_bytes);
     let store = HostExpertStore::new(transport, args.expert_bytes, experts)
         .map_err(|e| RunError::Config(format!("the host store: {e}")))?;
@@ -197,7 +211,7 @@ pub fn finish_store(args: &RunArgs, setup: StoreSetup, rank: usize) -> Result<Bo
 
 /// Every rank learns whether every rank's local set-up succeeded (one all-gather of exit codes),
 /// so that no rank goes on into a collective call that a failed rank will never make.
-fn agree_on_setup<T>(world: &Comm, local: Result<T, RunError>) -> Result<T, RunError> {
+pub(super) fn agree_on_setup<T>(world: &Comm, local: Result<T, RunError>) -> Result<T, RunError> {
     let rank = world.rank();
     let code = match &local {
         Ok(_) => 0u64,
