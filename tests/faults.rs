@@ -418,3 +418,17 @@ fn a_corrupted_transfer_commits_nothing_and_the_live_weights_verify() {
     assert_eq!(doc["live_verified_bytes"].as_u64(), Some(per_run), "{doc}");
     assert_eq!(doc["wrong_live_bytes"].as_u64(), Some(0));
 }
+
+// ------------------------------------------------------------------ a bug: a panic on one rank
+
+#[test]
+fn a_panic_on_one_rank_exits_1_and_ends_the_job() {
+    let d = tmpdir("panic");
+    let path = d.join("report.json");
+    let args = ["--eplb-update-interval-steps", "5", "--expert-bytes", "8192", "--fault", "panic-on-rank=1", "--report", &s(&path)];
+    let r = mpirun(4, &args);
+    assert_ne!(r.code, 124, "hung:\n{}", r.stderr);
+    assert_eq!(r.code, 1, "exit 1, never 101 or 134: {}", r.stderr);
+    assert!(r.stderr.contains("rank 1: internal error") && r.stderr.contains("panic-on-rank=1"), "{}", r.stderr);
+    assert_ne!(report(&path)["status"], "ok");
+}

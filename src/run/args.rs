@@ -57,13 +57,17 @@ pub enum TransportKind {
     Auto,
 }
 
-/// A fault to inject, for tests: `corrupt-load-on-rank=R` or `corrupt-transfer-on-rank=R`.
+/// A fault to inject, for tests: `corrupt-load-on-rank=R`, `corrupt-transfer-on-rank=R` or
+/// `panic-on-rank=R`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
     /// Rank R perturbs its copy of the all-reduced load: the plan hashes differ.
     CorruptLoad(usize),
     /// Rank R flips a byte of its first staged slot: the verification fails.
     CorruptTransfer(usize),
+    /// Rank R panics in its first rebalance round (a bug): the panic hook must end the job with
+    /// exit code 1, never 101 or a hang.
+    Panic(usize),
 }
 
 /// Parses `corrupt-load-on-rank=R` / `corrupt-transfer-on-rank=R`.
@@ -73,7 +77,8 @@ pub fn parse_fault(s: &str) -> Result<Fault, String> {
     match kind {
         "corrupt-load-on-rank" => Ok(Fault::CorruptLoad(rank)),
         "corrupt-transfer-on-rank" => Ok(Fault::CorruptTransfer(rank)),
-        _ => Err(format!("unknown fault {kind:?}; known: corrupt-load-on-rank, corrupt-transfer-on-rank")),
+        "panic-on-rank" => Ok(Fault::Panic(rank)),
+        _ => Err(format!("unknown fault {kind:?}; known: corrupt-load-on-rank, corrupt-transfer-on-rank, panic-on-rank")),
     }
 }
 
@@ -217,7 +222,7 @@ pub struct RunArgs {
     /// "failed" with "error".
     #[arg(long, value_name = "FILE", help_heading = "Output")]
     pub report: Option<PathBuf>,
-    /// Fault injection for tests: corrupt-load-on-rank=R, corrupt-transfer-on-rank=R.
+    /// Fault injection for tests: corrupt-load-on-rank=R, corrupt-transfer-on-rank=R, panic-on-rank=R.
     #[arg(long, value_name = "KIND=RANK", value_parser = parse_fault, hide = true)]
     pub fault: Vec<Fault>,
 }
@@ -273,6 +278,23 @@ mod tests {
         assert!(parse(&["--trace-dataset", "wikitext"]).is_err(), "a dataset needs a trace");
         assert_eq!(parse(&["--fault", "corrupt-load-on-rank=3"]).unwrap().fault, vec![Fault::CorruptLoad(3)]);
         assert!(parse(&["--fault", "corrupt-everything=1"]).is_err());
+        // Every float flag is finite and in its range (issue 12): nan/inf never act as a default.
+        for bad in [
+            &["--move-cost", "nan"][..],
+            &["--move-cost", "inf"],
+            &["--move-cost=-1"],
+            &["--nccl-group-mib", "inf"],
+            &["--nccl-chunk-mib", "nan"],
+            &["--eplb-update-interval", "inf"],
+            &["--eplb-update-threshold", "nan"],
+            &["--timeout", "0"],
+            &["--timeout", "nan"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(parse(&[]).unwrap().timeout, 120.0);
+        assert_eq!(parse(&["--timeout", "2.5"]).unwrap().timeout, 2.5);
+        assert_eq!(parse(&["--fault", "panic-on-rank=1"]).unwrap().fault, vec![Fault::Panic(1)]);
         assert!(parse(&["--engine", "vllm"]).is_err());
         assert!(parse(&["--engine", "shm:"]).is_err());
         assert!(parse(&["--engine", "shm:../etc"]).is_err());

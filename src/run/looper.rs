@@ -353,6 +353,9 @@ impl<'a> Looper<'a> {
     fn round(&mut self, step: usize, config: &PolicyConfig, spr: usize, gpn: usize) -> Result<(), RunError> {
         let rank = self.world.rank();
         let mut load = self.window.sum().to_owned();
+        if self.args.fault.contains(&Fault::Panic(rank)) {
+            panic!("fault injection: --fault panic-on-rank={rank}");
+        }
         if self.args.fault.contains(&Fault::CorruptLoad(rank)) {
             // Fault injection: this rank's copy of the reduced load is wrong.
             for mut row in load.rows_mut() {

@@ -79,10 +79,13 @@ pub fn resolve_shape_of(
         }
     }
     let num_replicas = match (args.num_redundant_experts, args.redundant_experts_num) {
-        (Some(n), _) => num_logical + n,
-        (None, Some(per_rank)) => num_logical + per_rank * world,
-        (None, None) => (num_logical + world).div_ceil(world) * world,
-    };
+        (Some(n), _) => num_logical.checked_add(n),
+        (None, Some(per_rank)) => per_rank.checked_mul(world).and_then(|n| n.checked_add(num_logical)),
+        (None, None) => num_logical.checked_add(world).map(|n| n.div_ceil(world) * world),
+    }
+    .unwrap_or(usize::MAX);
+    // Sizes the policy can plan in bounded time and memory, before anything is allocated.
+    crate::limits::check_shape(num_replicas, world, ("the slots (experts + --num-redundant-experts)", "the ranks"))?;
     if num_replicas % world != 0 {
         let next = num_replicas.div_ceil(world) * world;
         return Err(RunError::Config(format!(
@@ -133,6 +136,18 @@ pub fn load_source(args: &RunArgs) -> Result<LoadSource, RunError> {
             }))
         }
     }
+}
+
+/// Checks that the load of a step and the window of steps the policy plans on (u64 each) fit in
+/// host memory, before either is allocated.
+fn check_load_memory(args: &RunArgs, layers: usize, experts: usize) -> Result<(), RunError> {
+    let steps = (args.eplb_window_steps as usize).saturating_add(4);
+    Ok(crate::limits::check_host_memory(
+        "the load window",
+        crate::limits::product(&[layers, experts, steps, 8]),
+        &format!("{layers} layers x {experts} experts x {} steps of window", args.eplb_window_steps),
+        "lower --num-layers, --num-experts or --eplb-window-steps",
+    )?)
 }
 
 /// The expert store `--transport` selects, before the collective part of its set-up.
@@ -254,6 +269,7 @@ fn prepare_synthetic(
         log::info!("--expert_parallel_degree={d} is accepted for xLLM compatibility and ignored");
     }
     let source = load_source(args)?;
+    check_load_memory(args, source.num_layers(), source.num_logical())?;
     let run_shape = resolve_shape(args, topo, &source)?;
     let (layers, num_logical, shape) = (run_shape.num_layers, run_shape.num_logical, run_shape.shape);
     let initial = match &args.init_placement {
