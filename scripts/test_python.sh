@@ -6,27 +6,15 @@
 #
 #   scripts/test_python.sh [PYTEST ARGS]
 #
-# mpi4py: its binary wheel (seconds) loads the system Open MPI's libmpi at run time; where that
-# import fails, mpi4py is built from source against the system Open MPI (about 8 minutes on the
-# 2-vCPU dev machine).
+# The virtual environment and mpi4py: scripts/pyvenv.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if [ "$(id -u)" -eq 0 ]; then export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1; fi
-venv=target/pyvenv
-PY=${PYTHON:-python3}
-if [ ! -x "$venv/bin/python" ]; then
-  "$PY" -m venv "$venv"
-fi
-"$venv/bin/python" -m pip install -q --disable-pip-version-check -e 'python[test]'
-if ! "$venv/bin/python" -c "from mpi4py import MPI; MPI.Get_library_version()" >/dev/null 2>&1; then
-  echo "# mpi4py's wheel does not load the system MPI: building mpi4py from source"
-  "$venv/bin/python" -m pip install -q --disable-pip-version-check --force-reinstall --no-binary mpi4py mpi4py
-fi
-echo "# $("$venv/bin/python" -c "from mpi4py import MPI; print('mpi4py', __import__('mpi4py').__version__, 'on', MPI.Get_library_version().splitlines()[0])")"
+py=$(scripts/pyvenv.sh)
 
 rc=0
-(cd python && timeout -k 10 2400 "../$venv/bin/python" -m pytest -q "$@") || rc=$?
+(cd python && timeout -k 10 2400 "$py" -m pytest -q "$@") || rc=$?
 if [ "$rc" -eq 5 ]; then
   echo "error: pytest collected no tests in python/" >&2
   exit 1

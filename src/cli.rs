@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 use crate::bench::BenchArgs;
 use crate::plan::PlanArgs;
 use crate::run::RunArgs;
+use crate::simulate::SimulateArgs;
 
 /// eplb: expert-parallel load balancer for Mixture-of-Experts inference.
 ///
@@ -27,4 +28,7 @@ pub enum Command {
     /// Benchmark the GPU executor: migrate layers between two placements and time every rank
     /// (run under mpirun, one rank per GPU).
     BenchMigrate(BenchArgs),
+    /// Replay a load trace through the Manager and Policy of `run` in one process (no MPI, no
+    /// weights), model the migration, and score it beside DeepSeek's cadences.
+    Simulate(SimulateArgs),
 }

@@ -9,6 +9,7 @@
 //! * [`manager`]: when to rebalance and which layers to update;
 //! * [`executor`]: moving expert weights, staged and verified;
 //! * [`run`]: the `run` subcommand, the SPMD loop;
+//! * [`simulate`]: the `simulate` subcommand: a trace through the same Manager and Policy, scored.
 //! * [`output`]: output files that never destroy anything; [`limits`]: sizes and ranges checked
 //!   before any work; [`failure`]: the panic hook.
 
@@ -27,3 +28,4 @@ pub mod plan;
 pub mod policy;
 pub mod rank;
 pub mod run;
+pub mod simulate;

@@ -23,6 +23,13 @@ fn main() {
             // `run` printed the error already, before MPI stopped (see its documentation).
             Err(e) => e.exit_code(),
         },
+        Command::Simulate(args) => match eplb::simulate::run_simulate(args) {
+            Ok(_) => 0,
+            Err(e) => {
+                eprintln!("eplb-worker simulate: error: {e}");
+                e.exit_code()
+            }
+        },
         Command::BenchMigrate(args) => match eplb::bench::run_bench(args) {
             Ok(()) => 0,
             Err(e) => {

@@ -106,6 +106,22 @@ fn readme_demo_on_4_ranks_with_the_builtin_load() {
 }
 
 #[test]
+fn default_manager_decides_in_time_and_balances_the_demo() {
+    // The README demo with default flags: the time-based manager, one layer a step at most.
+    let r = mpirun(4, "demo-default", &[]);
+    r.assert_healthy();
+    assert!(r.stdout.contains("decisions in time"), "{}", r.stdout);
+    let live = r.f("balancedness_live");
+    assert!(live >= 0.94, "balancedness live {live}:\n{}", r.stdout);
+    // At most one layer switches a step, and every switch was agreed by every rank.
+    let layers = r.report()["layers"].as_array().unwrap();
+    let mut steps: Vec<u64> = layers.iter().map(|l| l["step"].as_u64().unwrap()).collect();
+    steps.dedup();
+    assert_eq!(steps.len(), layers.len(), "one layer a step");
+    assert!(r.report()["plans_agreed"].as_bool().unwrap());
+}
+
+#[test]
 fn qwen_trace_on_2_and_4_ranks() {
     let Some(shared) = common::shared_dir() else { return };
     let trace = qwen_trace(&shared);

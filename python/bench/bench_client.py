@@ -41,6 +41,15 @@ def main():
         reg.record(t, counts, phase="decode", tokens=256)
         t2 = time.perf_counter_ns()
         bnd.append(t1 - t0), rec.append(t2 - t1), both.append(t2 - t0)
+    # Baseline: the least an engine does to hand its counts to anyone (a copy into a buffer and a
+    # clock read), without the ring's sequence lock or the mailbox.
+    buf = np.zeros((64, a.layers, a.slots), np.uint64)
+    base = []
+    for t in range(a.steps):
+        t0 = time.perf_counter_ns()
+        np.copyto(buf[t % 64], counts, casting="unsafe")
+        time.monotonic_ns()
+        base.append(time.perf_counter_ns() - t0)
     # Applies: a command for the next boundary that swaps the experts of two local slots and
     # re-copies every local slot (the worst case: the whole layer's local slots staged).
     h = reg._h
@@ -65,7 +74,8 @@ def main():
     reg.finish()
     us = lambda v: np.array(v) / 1000.0  # noqa: E731
     print(f"# client cost, {a.layers} layers x {a.slots} slots, world {a.world}, {a.steps} steps")
-    for label, v in (("record + boundary", both), ("boundary (no command)", bnd), ("record", rec)):
+    for label, v in (("record + boundary", both), ("boundary (no command)", bnd), ("record", rec),
+                     ("baseline: copy + clock", base)):
         v = us(v)
         print(f"{label:>24}: median {np.median(v):7.2f} us  p99 {np.percentile(v, 99):8.2f} us  max {v.max():9.2f} us")
     v = us(apply_ns)

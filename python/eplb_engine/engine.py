@@ -7,12 +7,12 @@ Every step, every rank:
 
 1. ``at_step_boundary``: the client reads the mailbox, the ranks agree (one MPI_Allreduce of 2
    integers), a command is applied in place or not at all, and the router gets the placement;
-2. makes the step's tokens (every rank owns a contiguous share of the global batch) and, layer by
-   layer: routes its tokens (top-k, following the load), sends each (token, expert) pair to the
-   slot the placement and the replica rule choose (MPI_Alltoallv), computes the pairs that arrive
-   for its own slots with the weights in the shared-memory region, sends the results back,
-   combines them in fixed top-k order, and checks the combined output bit for bit against the
-   reference forward pass (every expert held once, weights generated from (seed, layer, expert));
+2. makes the step's tokens and, layer by layer: routes every token (top-k, following the load),
+   maps each (token, expert) pair to the slot the placement and the replica rule choose, computes
+   only the pairs of its own slots with the weights in the shared-memory region, all-gathers the
+   pair results (MPI_Allgatherv), combines them in fixed top-k order, and checks the combined
+   output of its share of the tokens bit for bit against the reference forward pass (every expert
+   held once, weights generated from (seed, layer, expert));
 3. records its per-slot counts in the load ring.
 
 Rank 0 writes the report: steps, whether every output matched, the layer switches and whether
@@ -84,7 +84,8 @@ class Engine:
             self.load = loads.read_trace(args.trace, args.trace_dataset)
         else:
             self.load = loads.drifting_load(args.num_layers, args.num_experts, max(1, args.steps), args.drift_steps, args.seed)
-        self.log_p = loads.log_probs(self.load)  # [iterations, L, E]
+        # Rank 0's log (np.log's last bit may differ between CPUs): every rank routes alike.
+        self.log_p = comm.bcast(loads.log_probs(self.load) if self.rank == 0 else None, root=0)  # [iterations, L, E]
         _, L, E = self.load.shape
         self.shape = model.ModelShape(L, E, args.hidden, args.ffn, args.top_k)
         N = self.world
@@ -129,55 +130,54 @@ class Engine:
         self._agree_ns = time.perf_counter_ns() - t0
         return int(out[0]), int(-out[1])
 
-    def _alltoallv(self, send: np.ndarray, scounts: np.ndarray, rcounts: np.ndarray, row: int) -> np.ndarray:
-        """Rows of ``row`` elements, ``scounts[r]`` of them to rank r, in rank order."""
-        MPI = self.MPI
-        mpitype = {np.dtype(np.float32): MPI.FLOAT, np.dtype(np.int32): MPI.INT}[send.dtype]
-        recv = np.empty((int(rcounts.sum()),) + send.shape[1:], send.dtype)
-        sc, rc = scounts * row, rcounts * row
-        sd = np.concatenate(([0], np.cumsum(sc)[:-1]))
-        rd = np.concatenate(([0], np.cumsum(rc)[:-1]))
-        self.comm.Alltoallv([np.ascontiguousarray(send), (sc, sd), mpitype], [recv, (rc, rd), mpitype])
-        return recv
-
     # ---- one layer -------------------------------------------------------------------------
 
     def moe_layer(self, layer: int, x: np.ndarray, placement, log_p: np.ndarray, counts: np.ndarray,
                   static_load: np.ndarray) -> Tuple[np.ndarray, bool]:
-        """The EP forward pass of one layer on this rank's tokens x [n, H]: returns (the combined
-        output, whether it equals the reference bit for bit). Adds this rank's computed pairs to
-        counts[slot] and the initial placement's per-rank pairs to static_load[rank]."""
-        n, K, S, N = x.shape[0], self.shape.top_k, self.S, self.world
+        """The EP forward pass of one layer, x [T, H] the whole batch (the same on every rank).
+
+        Every rank routes every token (the same bits everywhere), picks each pair's physical slot
+        with the placement and the replica rule, computes only the pairs of its own slots with the
+        weights in the shared-memory region, and all-gathers the pair results (vLLM's
+        allgather/reduce-scatter EP scheme, with the reduction done by every rank in the fixed
+        top-k order, so it is exact). Returns (the combined output [T, H], whether this rank's
+        tokens equal the reference forward pass bit for bit). Adds this rank's computed pairs to
+        counts[slot] and the initial placement's per-rank pairs of this rank's tokens to
+        static_load[rank]."""
+        T, K, S, N, H = x.shape[0], self.shape.top_k, self.S, self.world, x.shape[1]
         ids, w = model.route(x, self.w_router[layer], log_p, self.noise, K)
-        tok = np.arange(self.tok_lo, self.tok_hi)[:, None]
-        slots = placement.replica_slot(layer, ids, tok)  # [n, K] physical slots
+        tok = np.arange(T)[:, None]
+        slots = placement.replica_slot(layer, ids, tok).ravel()  # [T * K] physical slots
         if np.any(slots < 0):
             raise RuntimeError(f"layer {layer}: an expert without a slot in the placement")
-        static_slots = self.log2phy0[layer, ids, (tok + layer) % self.logcnt0[layer, ids]]
-        static_load += np.bincount((static_slots // S).ravel(), minlength=N)
-        dest = (slots // S).ravel()
-        order = np.argsort(dest, kind="stable")  # pairs grouped by destination rank
-        scounts = np.bincount(dest, minlength=N).astype(np.int64)
-        rcounts = np.empty_like(scounts)
-        self.comm.Alltoall(scounts, rcounts)
-        xr = self._alltoallv(x[order // K], scounts, rcounts, x.shape[1])
-        sr = self._alltoallv((slots.ravel()[order] % S).astype(np.int32), scounts, rcounts, 1)
-        # Compute the pairs that arrived, slot by slot, with the live weights in the region.
-        yr = np.empty_like(xr)
+        lo, hi = self.tok_lo, self.tok_hi
+        sl = self.log2phy0[layer, ids[lo:hi], (tok[lo:hi] + layer) % self.logcnt0[layer, ids[lo:hi]]]
+        static_load += np.bincount((sl // S).ravel(), minlength=N)
+        dest = slots // S
+        order = np.argsort(dest, kind="stable")  # pairs grouped by the rank that computes them
+        per_rank = np.bincount(dest, minlength=N)
+        first = int(per_rank[: self.rank].sum())
+        mine = order[first : first + int(per_rank[self.rank])]
+        # Compute this rank's pairs, slot by slot, with the live weights in the region.
+        y_mine = np.empty((len(mine), H), np.float32)
+        local = slots[mine] % S
         live = self.region.weights(layer)
-        by_slot = np.argsort(sr, kind="stable")
-        present, starts = np.unique(sr[by_slot], return_index=True)
+        by_slot = np.argsort(local, kind="stable")
+        present, starts = np.unique(local[by_slot], return_index=True)
         ends = np.append(starts[1:], len(by_slot))
-        for s, a, b in zip(present, starts, ends):
+        for s_, a, b in zip(present, starts, ends):
             rows = by_slot[a:b]
-            yr[rows] = model.expert_forward(xr[rows], live["w13"][s], live["w2"][s], self.gate_scale)
-            counts[s] += b - a
-        back = self._alltoallv(yr, rcounts, scounts, x.shape[1])
-        y = np.empty((n * K, x.shape[1]), np.float32)
-        y[order] = back
-        out = model.combine(y.reshape(n, K, -1), w)
-        ref = model.reference_layer(x, ids, w, self.w13[layer], self.w2[layer], self.gate_scale)
-        return out, bool(np.array_equal(out.view(np.uint32), ref.view(np.uint32)))
+            y_mine[rows] = model.expert_forward(x[mine[rows] // K], live["w13"][s_], live["w2"][s_], self.gate_scale)
+            counts[s_] += b - a
+        gathered = np.empty((T * K, H), np.float32)
+        sizes = per_rank * H
+        displs = np.concatenate(([0], np.cumsum(sizes)[:-1]))
+        self.comm.Allgatherv(y_mine, [gathered, (sizes, displs), self.MPI.FLOAT])
+        y = np.empty_like(gathered)
+        y[order] = gathered
+        out = model.combine(y.reshape(T, K, H), w)
+        ref = model.reference_layer(x[lo:hi], ids[lo:hi], w[lo:hi], self.w13[layer], self.w2[layer], self.gate_scale)
+        return out, bool(np.array_equal(out[lo:hi].view(np.uint32), ref.view(np.uint32)))
 
     # ---- the run ---------------------------------------------------------------------------
 
@@ -226,7 +226,7 @@ class Engine:
             for layer in placement.applied:
                 commits.append([t, layer, int(placement.epoch[layer])])
                 wrong += self.wrong_bytes(layer)
-            x = model.tokens(args.seed, t, args.tokens, self.shape)[self.tok_lo : self.tok_hi]
+            x = model.tokens(args.seed, t, args.tokens, self.shape)  # the whole batch, on every rank
             for layer in range(L):
                 out, ok = self.moe_layer(layer, x, placement, self.log_p[t % iters, layer], live_counts[t, layer],
                                          static_load[t, layer])

@@ -11,8 +11,9 @@ tolerance. The nonlinearity is integer too:
   ``y = h @ w2``, with ``hswish(g) = g * clip(g + 3s, 0, 6s) // 6s``, the integer hard-swish
   (the usual piecewise stand-in for SiLU);
 * router: ``logits = (x @ w_router) * c + log(p_t)``, where ``p_t`` is the load the trace wants at
-  step t, so the top-k choices follow the trace; combine weights are the top-k softmax in
-  integer 64ths; the combine sums the k results in a fixed order (k = 0, 1, ...);
+  step t, so the top-k choices follow the trace; combine weights in integer 64ths from IEEE basic
+  operations only, so every rank computes the same routing; the combine sums the k results in a
+  fixed order (k = 0, 1, ...);
 * residual: ``x_next = clip(x + rshift(out), -15, 15)``.
 
 Weights are generated deterministically from (seed, layer, expert).
@@ -90,21 +91,38 @@ def expert_forward(x: np.ndarray, w13: np.ndarray, w2: np.ndarray, gate_scale: i
     gu = (x @ w13).astype(np.int64)
     g, u = gu[:, :ffn], gu[:, ffn:]
     s3 = 3 * gate_scale
-    act = g * np.clip(g + s3, 0, 2 * s3) // (2 * s3)
-    h = np.clip(_rshift(act * u, H_SHIFT), -XMAX, XMAX).astype(np.float32)
-    return h @ w2
+    t = g + s3  # hswish(g) = g * clip(g + 3s, 0, 6s) // 6s, in place
+    np.maximum(t, 0, out=t)
+    np.minimum(t, 2 * s3, out=t)
+    t *= g
+    t //= 2 * s3
+    t *= u  # h = clip(rshift(hswish(g) * u), -15, 15)
+    t += 1 << (H_SHIFT - 1)
+    t >>= H_SHIFT
+    np.maximum(t, -XMAX, out=t)
+    np.minimum(t, XMAX, out=t)
+    return t.astype(np.float32) @ w2
 
 
 def route(x: np.ndarray, w_router: np.ndarray, log_p: np.ndarray, noise_scale: float, top_k: int) -> Tuple[np.ndarray, np.ndarray]:
     """Top-k router: (expert ids [n, k] int64, combine weights [n, k] float32 integer 64ths).
 
     ``logits = (x @ w_router) * noise_scale + log_p``: the learned part acts as noise around the
-    load the trace wants (``log_p`` [num_experts]); ties go to the lower expert id."""
+    load the trace wants (``log_p`` [num_experts]); ties go to the lower expert id. Only IEEE
+    basic operations (no exp: its last bit may differ between CPUs), so every rank that routes a
+    token gets the same bits: weight_k is proportional to 1 / (1 + logit_0 - logit_k)."""
     logits = (x @ w_router).astype(np.float64) * noise_scale + log_p
-    ids = np.argsort(-logits, axis=1, kind="stable")[:, :top_k]
-    top = np.take_along_axis(logits, ids, axis=1)
-    e = np.exp(top - top[:, :1])
-    w = np.floor(GATE_UNITS * e / e.sum(axis=1, keepdims=True) + 0.5).astype(np.float32)
+    n = logits.shape[0]
+    rows = np.arange(n)
+    ids = np.empty((n, top_k), np.int64)
+    top = np.empty((n, top_k), np.float64)
+    work = logits.copy()
+    for k in range(top_k):  # argmax takes the first (lowest) id on ties
+        ids[:, k] = np.argmax(work, axis=1)
+        top[:, k] = work[rows, ids[:, k]]
+        work[rows, ids[:, k]] = -np.inf
+    r = 1.0 / (1.0 + (top[:, :1] - top))
+    w = np.floor(GATE_UNITS * r / r.sum(axis=1, keepdims=True) + 0.5).astype(np.float32)
     return ids, w
 
 
@@ -123,7 +141,8 @@ def combine(y: np.ndarray, w: np.ndarray) -> np.ndarray:
 
 def residual(x: np.ndarray, out: np.ndarray) -> np.ndarray:
     """The next layer's input: clip(x + rshift(out), -15, 15)."""
-    return np.clip(x + _rshift(out.astype(np.int64), OUT_SHIFT).astype(np.float32), -XMAX, XMAX)
+    y = x + _rshift(out.astype(np.int64), OUT_SHIFT).astype(np.float32)
+    return np.minimum(np.maximum(y, -XMAX), XMAX)
 
 
 def reference_layer(x: np.ndarray, ids: np.ndarray, w: np.ndarray, w13: np.ndarray, w2: np.ndarray, gate_scale: int) -> np.ndarray:

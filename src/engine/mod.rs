@@ -5,6 +5,7 @@
 //!   (layer, logical expert, byte offset) ([`pattern_word`]), so any receiver can verify them;
 //! * a real engine attaches through shared memory (`--engine shm:NAME`, docs/engine-contract.md).
 
+pub mod shm;
 pub mod source;
 pub mod synthetic;
 

@@ -155,7 +155,7 @@ impl<M: SlotMemory> ExpertStore for HostStore<M> {
     }
 
     fn commit(&mut self, m: &RankMigration) -> Result<Commit, ExecError> {
-        let commit = self.memory.commit(m.layer, &m.changed_slots)?;
+        let commit = self.memory.commit(m)?;
         if let (Commit::Next | Commit::AtStep(_), Some(Some(sums))) = (&commit, self.live_sums.get_mut(m.layer)) {
             for &k in &m.changed_slots {
                 sums[k] = self.sent[k];

@@ -6,7 +6,7 @@
 //! [`HeapSlots`] (memory this process owns) copies them itself, an engine's shared memory asks the
 //! engine to apply them at a step boundary (`crate::engine::shm`).
 
-use super::{Commit, ExecError};
+use super::{Commit, ExecError, RankMigration};
 
 /// Host-addressable expert weights: live slots per layer and one staging area.
 pub trait SlotMemory {
@@ -19,9 +19,9 @@ pub trait SlotMemory {
     fn live_and_staging(&mut self, layer: usize) -> Result<(&[u8], &mut [u8]), ExecError>;
     /// The staging area: `slots_per_rank * expert_bytes` bytes.
     fn staging(&self) -> &[u8];
-    /// Makes the staged `slots` of `layer` live (collective over the ranks for memories whose
-    /// commit needs an agreement); every rank calls it with its own slots of the same layer.
-    fn commit(&mut self, layer: usize, slots: &[usize]) -> Result<Commit, ExecError>;
+    /// Makes the staged slots of `m` (`m.changed_slots` of `m.layer`) live, collective over the
+    /// ranks for memories whose commit needs an agreement; every rank calls it for the same layer.
+    fn commit(&mut self, m: &RankMigration) -> Result<Commit, ExecError>;
 
     /// The byte range of local slot `slot` inside a layer or the staging area.
     fn range(&self, slot: usize) -> std::ops::Range<usize> {
@@ -88,11 +88,11 @@ impl SlotMemory for HeapSlots {
     }
 
     /// Copies the staged slots into the live ones: live from the next step.
-    fn commit(&mut self, layer: usize, slots: &[usize]) -> Result<Commit, ExecError> {
+    fn commit(&mut self, m: &RankMigration) -> Result<Commit, ExecError> {
         let eb = self.expert_bytes;
         let layers = self.live.len();
-        let live = self.live.get_mut(layer).ok_or_else(|| out_of_range(layer, layers))?;
-        for &k in slots {
+        let live = self.live.get_mut(m.layer).ok_or_else(|| out_of_range(m.layer, layers))?;
+        for &k in &m.changed_slots {
             let r = k * eb..(k + 1) * eb;
             live[r.clone()].copy_from_slice(&self.staging[r]);
         }

@@ -51,6 +51,9 @@ pub enum ExecError {
     /// committed anywhere. `errors`: `rank R: <its error>` for each.
     #[error("layer {layer}: {} rank(s) failed to stage their part ({}); nothing was committed", .errors.len(), .errors.join("; "))]
     PeerFailed { layer: usize, errors: Vec<String> },
+    /// The engine beside this rank died, stopped or failed: this rank stops (and the job with it).
+    #[error("{0}")]
+    Engine(String),
     /// The commit was cancelled on every rank: nothing changed anywhere.
     #[error("layer {layer}: the commit was cancelled on every rank ({reason}); nothing was changed")]
     Cancelled { layer: usize, reason: String },

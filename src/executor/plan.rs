@@ -67,6 +67,8 @@ pub struct RankMigration {
     pub new_experts: Vec<usize>,
     /// Local slots whose content changes (to verify and commit), ascending.
     pub changed_slots: Vec<usize>,
+    /// The layer's whole new `phy2log` row `[num_physical]` (an engine applies it with the slots).
+    pub new_row: Vec<usize>,
 }
 
 impl LayerMigration {
@@ -153,6 +155,7 @@ impl LayerMigration {
             staged_copies,
             new_experts: self.new_experts[rank].clone(),
             changed_slots,
+            new_row: self.new_experts.concat(),
         }
     }
 }

@@ -1,9 +1,9 @@
 // Expert-weight kernels for eplb's GPU executor. The pattern is the same pure function of
 // (layer, logical expert, 8-byte word) as the CPU path's `engine::pattern_word`.
 //
-// This file is compiled to PTX by `cargo run --example gen_ptx` (NVRTC, arch compute_90) into
-// src/gpu/kernels.ptx, which the binary embeds and the CUDA driver JIT-compiles at start-up, so
-// the GPU machines need no NVRTC library.
+// This file is compiled to PTX by `cargo run --example gen_ptx` (NVRTC 12.0, arch compute_70:
+// Volta and every later GPU JIT-compiles it) into src/gpu/kernels.ptx, which the binary embeds
+// and the CUDA driver JIT-compiles at start-up, so the GPU machines need no NVRTC library.
 
 typedef unsigned long long u64;
 

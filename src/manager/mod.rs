@@ -1,21 +1,44 @@
-//! The Manager (xLLM's EPLB Manager): when to rebalance, and which layers to update.
+//! The Manager (xLLM's EPLB Manager): when to rebalance, which layers, and how much to move.
 //!
-//! Pure functions of all-reduced data, so every rank reaches the same decisions:
-//! * a sliding [`Window`] sums the global loads of the last `window_steps` steps;
-//! * a round is due every `--eplb-update-interval-steps` steps, or, with the time-based interval,
-//!   when the flag that rank 0 sets from its clock comes back set from the all-reduce;
-//! * in a round, the policy proposes a placement for the window load, and [`Manager::select`]
-//!   keeps the layers that changed, whose load drifted (cosine similarity with the load of the
-//!   layer's last update below `threshold`; every layer passes on its first update), and whose
-//!   predicted peak GPU load drops by at least `min_improvement`;
-//! * the selected layers are queued, best gain first, and at most `layers_per_step` of them are
-//!   migrated per step; no new round starts before the queue is empty.
+//! Pure functions of all-reduced data and flags, so every rank reaches the same decisions at the
+//! same step. Two modes:
+//!
+//! * **Time** (the default): decisions in units of time ([`cost`]). Every step the load goes into
+//!   a bank of moving averages and the one that has predicted the next step best is the estimate
+//!   of the coming load ([`estimate`]). Layers are ranked by how far their live PAR (peak over
+//!   mean GPU load) on the estimate is above what any placement could reach; the top ones are
+//!   planned by the policy, whose price of a moved copy is the copy's time over the change's
+//!   expected lifetime; a plan is applied when the time it saves over that lifetime exceeds the
+//!   time its changed slots cost. At most `layers_per_step` layers switch a step; a plan decided
+//!   with the loads of steps up to t serves step t + 1.
+//! * **Rounds** (xLLM's, when any of its round flags is given): a sliding [`Window`] sums the last
+//!   `window_steps` loads; a round is due every `--eplb-update-interval-steps` steps, or when the
+//!   flag rank 0 sets from its clock comes back set from the all-reduce; in a round the policy
+//!   proposes a placement for the window load, and [`Manager::select`] keeps the layers that
+//!   changed, whose load drifted (cosine similarity with the load of the layer's last update below
+//!   `threshold`; every layer passes on its first update), and whose predicted peak GPU load drops
+//!   by at least `min_improvement`; the layers are queued, best gain first, and at most
+//!   `layers_per_step` of them migrate a step; no new round starts before the queue is empty.
+//!
+//! Determinism: loads, estimates, PAR and gains are integers (PAR and gains in Q32). The one
+//! floating-point step left is the rounds mode's cosine similarity: its sums are exact integers,
+//! then one correctly rounded IEEE-754 division and square root (Rust never contracts or
+//! reorders them), so the same all-reduced loads give the same bits on every rank.
+
+pub mod args;
+pub mod cost;
+pub mod estimate;
 
 use std::collections::VecDeque;
 
 use ndarray::{Array2, ArrayView2};
 
-use crate::policy::{hash_phy2log, metrics, Placement};
+pub use args::ManagerArgs;
+pub use cost::CostModel;
+use cost::{changed_slots, par_lower_bound_q32, par_q32, PAR_ONE};
+use estimate::Estimator;
+
+use crate::policy::{self, hash_phy2log, metrics, Placement, PlacementShape, PolicyConfig, PolicyError, PolicyKind};
 
 /// When rounds are due.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -26,21 +49,66 @@ pub enum Interval {
     Seconds(f64),
 }
 
-/// The manager's knobs (xLLM's flags).
+/// xLLM's round-based manager.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct ManagerConfig {
-    /// `--enable-eplb`: false observes only.
-    pub enable: bool,
+pub struct Rounds {
     pub interval: Interval,
     /// `--eplb-update-threshold`: update a layer only when the cosine similarity of its load with
     /// the load of its last update is below this.
     pub threshold: f64,
-    /// `--eplb-layers-per-step`: layers migrated per step; 0 means all at once.
-    pub layers_per_step: usize,
     /// `--eplb-min-improvement`: the least relative drop of the layer's peak GPU load.
     pub min_improvement: f64,
     /// `--eplb-window-steps`.
     pub window_steps: usize,
+}
+
+/// How the manager decides.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Mode {
+    /// Decisions in units of time, every step (the default).
+    Time,
+    /// xLLM's rounds.
+    Rounds(Rounds),
+}
+
+/// The manager's configuration.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ManagerConfig {
+    /// `--enable-eplb`: false observes only.
+    pub enable: bool,
+    /// `--eplb-layers-per-step`: layers switched per step; 0 means all at once.
+    pub layers_per_step: usize,
+    pub mode: Mode,
+    /// `--step-ms`, `--expert-bytes`, `--migration-gbps`.
+    pub cost: CostModel,
+    /// `--move-cost`: a fixed price per copy instead of the cost model's.
+    pub move_cost: Option<f64>,
+}
+
+impl ManagerConfig {
+    /// One line for headers: the mode and its settings.
+    pub fn describe(&self) -> String {
+        let lps = if self.layers_per_step == 0 { "all".to_string() } else { self.layers_per_step.to_string() };
+        let price = self.move_cost.map_or(String::new(), |m| format!(", move cost {m}"));
+        match self.mode {
+            Mode::Time => format!(
+                "enable_eplb {}, decisions in time (step {:.3} ms a layer, {:.3} us a changed slot), layers a step {lps}{price}",
+                self.enable,
+                self.cost.layer_step_ps as f64 / 1e9,
+                self.cost.copy_ps as f64 / 1e6
+            ),
+            Mode::Rounds(r) => {
+                let interval = match r.interval {
+                    Interval::Steps(n) => format!("every {n} steps"),
+                    Interval::Seconds(s) => format!("every {s} s (rank 0's clock)"),
+                };
+                format!(
+                    "enable_eplb {}, update {interval}, threshold {}, layers a step {lps}, min improvement {}, window {} steps{price}",
+                    self.enable, r.threshold, r.min_improvement, r.window_steps
+                )
+            }
+        }
+    }
 }
 
 /// The sum of the last `steps` global loads, `[layers, num_logical]`.
@@ -84,17 +152,23 @@ impl Window {
 }
 
 /// Cosine similarity of two load vectors (1 when both are zero, 0 when one is).
+///
+/// Each vector is first right-shifted by the same amount for all of its entries, just enough that
+/// every entry is below 2^26; the dot product and the norms are then exact `u128` sums (so the
+/// order of summation cannot matter), and the result is one IEEE division of one square root.
 pub fn cosine(a: &[u64], b: &[u64]) -> f64 {
-    let (mut dot, mut na, mut nb) = (0.0f64, 0.0f64, 0.0f64);
+    let shift = |v: &[u64]| (64 - v.iter().copied().max().unwrap_or(0).leading_zeros()).saturating_sub(26);
+    let (sa, sb) = (shift(a), shift(b));
+    let (mut dot, mut na, mut nb) = (0u128, 0u128, 0u128);
     for (&x, &y) in a.iter().zip(b) {
-        let (x, y) = (x as f64, y as f64);
+        let (x, y) = ((x >> sa) as u128, (y >> sb) as u128);
         dot += x * y;
         na += x * x;
         nb += y * y;
     }
-    match (na > 0.0, nb > 0.0) {
+    match (na > 0, nb > 0) {
         (false, false) => 1.0,
-        (true, true) => dot / (na.sqrt() * nb.sqrt()),
+        (true, true) => dot as f64 / ((na as f64) * (nb as f64)).sqrt(),
         _ => 0.0,
     }
 }
@@ -104,28 +178,36 @@ pub fn cosine(a: &[u64], b: &[u64]) -> f64 {
 pub struct LayerUpdate {
     pub layer: usize,
     pub new_row: Vec<usize>,
-    /// The window load the decision was made on; it becomes the layer's reference once committed.
+    /// The load the decision was made on; in rounds it becomes the layer's reference once committed.
     pub load: Vec<u64>,
-    /// Predicted relative drop of the layer's peak GPU load on `load`.
+    /// Predicted relative drop of the layer's peak GPU load on `load` (reports only).
     pub gain: f64,
-    /// Cosine similarity with the reference load (None on the layer's first update).
+    /// Cosine similarity with the reference load (rounds; None on the layer's first update).
     pub similarity: Option<f64>,
+    /// What the decision is ranked by: rounds, the relative peak drop in Q32; time, the net
+    /// picoseconds saved.
+    pub rank: i128,
 }
 
-/// The outcome of one round.
+/// The outcome of one decision (a round, or a step of the time mode).
 #[derive(Debug, Clone, PartialEq)]
 pub struct RoundDecision {
-    /// The layers to update, best gain first.
+    /// The layers to update, best first.
     pub updates: Vec<LayerUpdate>,
     /// Layers whose proposed row differs from the live one.
     pub changed: usize,
-    /// Changed layers skipped because their load is still similar to their reference.
+    /// Changed layers skipped because their load is still similar to their reference (rounds).
     pub similar: usize,
-    /// Changed, drifted layers skipped because the predicted gain is below `min_improvement`.
+    /// Changed layers skipped because the gain does not pay (below `min_improvement`, or, in
+    /// time, less time saved than the move costs).
     pub small_gain: usize,
 }
 
 impl RoundDecision {
+    fn empty() -> RoundDecision {
+        RoundDecision { updates: Vec::new(), changed: 0, similar: 0, small_gain: 0 }
+    }
+
     /// The hash every rank agrees on before anything moves: the selected layers and their new rows.
     pub fn hash(&self) -> u64 {
         let width = self.updates.first().map_or(0, |u| u.new_row.len()) + 1;
@@ -141,44 +223,205 @@ impl RoundDecision {
     }
 }
 
-/// The manager's state: reference loads and the queue of layers still to migrate.
+/// A layer whose last plan did not pay: it is planned again once its gap grew or it waited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Rejected {
+    gap: u64,
+    step: usize,
+}
+
+/// The manager's state.
 #[derive(Debug, Clone)]
 pub struct Manager {
     pub config: ManagerConfig,
-    /// `reference[layer]`: the window load when the layer was last updated.
+    shape: PlacementShape,
+    /// Rounds: the window; time: the estimator.
+    window: Window,
+    estimator: Estimator,
+    /// `reference[layer]`: the window load when the layer was last updated (rounds).
     reference: Vec<Option<Vec<u64>>>,
     queue: VecDeque<LayerUpdate>,
     last_round: Option<usize>,
+    /// Time: layers whose last plan did not pay.
+    rejected: Vec<Option<Rejected>>,
 }
 
 impl Manager {
-    pub fn new(config: ManagerConfig, layers: usize) -> Manager {
-        Manager { config, reference: vec![None; layers], queue: VecDeque::new(), last_round: None }
+    /// A manager for `layers` layers of `num_logical` experts on `shape`.
+    pub fn new(config: ManagerConfig, shape: PlacementShape, layers: usize, num_logical: usize) -> Manager {
+        let window_steps = match config.mode {
+            Mode::Rounds(r) => r.window_steps,
+            Mode::Time => 1,
+        };
+        let (wl, el) = if matches!(config.mode, Mode::Time) { (0, 0) } else { (layers, num_logical) };
+        let (tl, te) = if matches!(config.mode, Mode::Time) { (layers, num_logical) } else { (0, 0) };
+        Manager {
+            config,
+            shape,
+            window: Window::new(window_steps, wl, el),
+            estimator: Estimator::new(tl, te),
+            reference: vec![None; layers],
+            queue: VecDeque::new(),
+            last_round: None,
+            rejected: vec![None; layers],
+        }
     }
 
-    /// Whether a round starts at `step` (0-based, after its load was all-reduced); `time_flag` is
-    /// the time-interval flag as it came back from the all-reduce.
-    pub fn round_due(&self, step: usize, time_flag: bool) -> bool {
-        if !self.config.enable || !self.queue.is_empty() {
+    /// Takes one step's global load `[layers, num_logical]` (all-reduced: the same on every rank).
+    pub fn observe(&mut self, load: Array2<u64>) {
+        match self.config.mode {
+            Mode::Time => self.estimator.push(load.view()),
+            Mode::Rounds(_) => self.window.push(load),
+        }
+    }
+
+    /// The decision at `step`, after its load was observed: None when there is none this step
+    /// (observe only, a round not due, migrations still queued); otherwise the decision every rank
+    /// agrees on (by its hash) before [`Manager::accept`]. In time mode there is one every step,
+    /// often without updates, so that the ranks' agreement is a collective call at every step.
+    /// `time_flag`: the time-interval flag as it came back from the all-reduce.
+    pub fn decide(
+        &mut self,
+        step: usize,
+        time_flag: bool,
+        live: &Placement,
+        policy: &PolicyConfig,
+    ) -> Result<Option<RoundDecision>, PolicyError> {
+        if !self.config.enable {
+            return Ok(None);
+        }
+        match self.config.mode {
+            Mode::Rounds(r) => {
+                if !self.round_due(step, time_flag, &r) {
+                    return Ok(None);
+                }
+                let load = self.window.sum().to_owned();
+                let config = PolicyConfig { move_cost: self.config.move_cost.unwrap_or(policy.move_cost), ..*policy };
+                let proposed = policy::rebalance(load.view(), &self.shape, Some(live), &config)?;
+                Ok(Some(self.select(load.view(), live, &proposed)))
+            }
+            Mode::Time => self.decide_in_time(step, live, policy).map(Some),
+        }
+    }
+
+    fn round_due(&self, step: usize, time_flag: bool, r: &Rounds) -> bool {
+        if !self.queue.is_empty() {
             return false;
         }
-        match self.config.interval {
+        match r.interval {
             Interval::Steps(n) => step + 1 - self.last_round.map_or(0, |r| r + 1) >= n.max(1),
             Interval::Seconds(_) => time_flag,
         }
     }
 
-    /// Picks the layers of `proposed` to apply, judged on the window load `load` with `live`
-    /// the placement now live. Pure: the same inputs give the same decision on every rank.
-    pub fn select(
-        &self,
-        load: ArrayView2<u64>,
-        live: &Placement,
-        proposed: &Placement,
-        slots_per_rank: usize,
-        gpus_per_node: usize,
-    ) -> RoundDecision {
-        let mut d = RoundDecision { updates: Vec::new(), changed: 0, similar: 0, small_gain: 0 };
+    /// Layers switched a step, at least 1 (0 means all of them).
+    fn per_step(&self) -> usize {
+        match self.config.layers_per_step {
+            0 => self.reference.len().max(1),
+            n => n,
+        }
+    }
+
+    /// The expected lifetime of a change, in steps: four times the memory of the average that
+    /// predicts the load best (the load has been steady over about that long), at least the
+    /// steps it takes to switch every layer once, at most 1024.
+    pub fn lifetime(&self) -> u64 {
+        let sweep = self.reference.len().div_ceil(self.per_step()) as u64;
+        (4u64 << self.estimator.best()).clamp(sweep.max(1), 1024.max(sweep))
+    }
+
+    /// The price of one moved copy in Q32 PAR units: `--move-cost`, or the cost model's.
+    fn price_q32(&self, lifetime: u64) -> u64 {
+        match self.config.move_cost {
+            Some(m) => (m * PAR_ONE as f64).round().min(u64::MAX as f64) as u64,
+            None => {
+                let c = &self.config.cost;
+                u64::try_from(((c.copy_ps as u128) << 32) / (lifetime as u128 * c.layer_step_ps as u128).max(1))
+                    .unwrap_or(u64::MAX)
+            }
+        }
+    }
+
+    /// The time mode's decision at `step` (see the module documentation).
+    fn decide_in_time(&mut self, step: usize, live: &Placement, policy: &PolicyConfig) -> Result<RoundDecision, PolicyError> {
+        let mut d = RoundDecision::empty();
+        if !self.queue.is_empty() || self.estimator.steps() == 0 {
+            return Ok(d);
+        }
+        let layers = live.num_layers();
+        let (spr, shape) = (self.shape.slots_per_rank(), self.shape);
+        let lifetime = self.lifetime();
+        let price = self.price_q32(lifetime);
+        let estimate = self.estimator.estimate().to_owned();
+        // gap [layers]: live PAR on the estimate over the PAR no placement can beat.
+        let live_par: Vec<u64> = (0..layers)
+            .map(|l| par_q32(&estimate.row(l).to_vec(), &live.phy2log.row(l).to_vec(), spr))
+            .collect();
+        let mut candidates: Vec<(u64, usize)> = Vec::new();
+        for l in 0..layers {
+            let w = estimate.row(l).to_vec();
+            let gap = live_par[l].saturating_sub(par_lower_bound_q32(&w, shape.num_replicas, shape.num_gpus));
+            // Even the best placement, moving one slot, would not pay.
+            if gap <= price {
+                continue;
+            }
+            if let Some(r) = self.rejected[l] {
+                let waited = step.saturating_sub(r.step) >= 2 * lifetime.min(layers as u64 * 4) as usize;
+                if gap <= r.gap + r.gap / 8 + (PAR_ONE >> 10) && !waited {
+                    continue;
+                }
+            }
+            candidates.push((gap, l));
+        }
+        // Largest gap first (ties: lower layer); plan twice as many as can switch.
+        candidates.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        candidates.truncate(2 * self.per_step());
+        let config = PolicyConfig { move_cost: price as f64 / PAR_ONE as f64, ..*policy };
+        let rows = policy::map_layers(candidates.len(), policy.threads, |i| {
+            let l = candidates[i].1;
+            let w = estimate.row(l).to_vec();
+            let resolved = shape.resolved();
+            match config.kind {
+                PolicyKind::Deepseek => policy::deepseek::hierarchical_layer(&w, &resolved),
+                PolicyKind::Incremental => {
+                    let prev = live.phy2log.row(l).to_vec();
+                    policy::incremental::layer(&w, &resolved, Some(&prev), config.move_cost)
+                }
+            }
+        });
+        for (&(gap, l), new_row) in candidates.iter().zip(rows) {
+            let old = live.phy2log.row(l).to_vec();
+            if new_row == old {
+                self.rejected[l] = Some(Rejected { gap, step });
+                continue;
+            }
+            d.changed += 1;
+            let w = estimate.row(l).to_vec();
+            let after = par_q32(&w, &new_row, spr);
+            let drop = live_par[l] as i128 - after as i128;
+            let changed = changed_slots(&old, &new_row);
+            let net = drop - price as i128 * changed as i128;
+            if net <= 0 {
+                d.small_gain += 1;
+                self.rejected[l] = Some(Rejected { gap, step });
+                continue;
+            }
+            let net_ps = (net * lifetime as i128 * self.config.cost.layer_step_ps as i128) >> 32;
+            let gain = drop as f64 / live_par[l] as f64;
+            d.updates.push(LayerUpdate { layer: l, new_row, load: w, gain, similarity: None, rank: net_ps });
+        }
+        d.updates.sort_by(|a, b| b.rank.cmp(&a.rank).then(a.layer.cmp(&b.layer)));
+        d.updates.truncate(self.per_step());
+        Ok(d)
+    }
+
+    /// Rounds: picks the layers of `proposed` to apply, judged on the window load `load` with
+    /// `live` the placement now live. Pure: the same inputs give the same decision on every rank.
+    pub fn select(&self, load: ArrayView2<u64>, live: &Placement, proposed: &Placement) -> RoundDecision {
+        let Mode::Rounds(r) = self.config.mode else { return RoundDecision::empty() };
+        let spr = self.shape.slots_per_rank();
+        let min_q32 = (r.min_improvement * PAR_ONE as f64).round() as u128;
+        let mut d = RoundDecision::empty();
         for layer in 0..live.num_layers() {
             let (old, new) = (live.phy2log.row(layer), proposed.phy2log.row(layer));
             if old == new {
@@ -187,28 +430,43 @@ impl Manager {
             d.changed += 1;
             let w = load.row(layer).to_vec();
             let similarity = self.reference[layer].as_ref().map(|r| cosine(&w, r));
-            if similarity.is_some_and(|s| s >= self.config.threshold) {
+            if similarity.is_some_and(|s| s >= r.threshold) {
                 d.similar += 1;
                 continue;
             }
+            // The relative drop of the peak GPU load, exact: (before - after) / before in Q32.
             let peak = |row: ndarray::ArrayView1<usize>| {
-                metrics::layer_balance(&w, &row.to_vec(), slots_per_rank, gpus_per_node).max_gpu_load
+                let w = policy::fixed::normalized(&w).into_owned();
+                let row = row.to_vec();
+                let logcnt = metrics::logcnt_of(&row, w.len());
+                metrics::gpu_loads(&w, &row, &logcnt, spr).into_iter().max().unwrap_or(0) as u128
             };
             let (before, after) = (peak(old), peak(new));
-            let gain = if before > 0.0 { (before - after) / before } else { 0.0 };
-            if gain < self.config.min_improvement {
+            let drop_q32 = if before > 0 && after < before { ((before - after) << 32) / before } else { 0 };
+            // A negative min-improvement applies every changed layer (DeepSeek's cadence baselines).
+            if r.min_improvement >= 0.0 && (drop_q32 < min_q32 || (min_q32 == 0 && after > before)) {
                 d.small_gain += 1;
                 continue;
             }
-            d.updates.push(LayerUpdate { layer, new_row: new.to_vec(), load: w, gain, similarity });
+            let gain = drop_q32 as f64 / PAR_ONE as f64;
+            d.updates.push(LayerUpdate {
+                layer,
+                new_row: new.to_vec(),
+                load: w,
+                gain,
+                similarity,
+                rank: drop_q32 as i128,
+            });
         }
-        d.updates.sort_by(|a, b| b.gain.total_cmp(&a.gain).then(a.layer.cmp(&b.layer)));
+        d.updates.sort_by(|a, b| b.rank.cmp(&a.rank).then(a.layer.cmp(&b.layer)));
         d
     }
 
-    /// Starts the round agreed at `step`: queues its updates.
-    pub fn start_round(&mut self, step: usize, decision: RoundDecision) {
-        self.last_round = Some(step);
+    /// Accepts the decision agreed at `step`: queues its updates.
+    pub fn accept(&mut self, step: usize, decision: RoundDecision) {
+        if matches!(self.config.mode, Mode::Rounds(_)) {
+            self.last_round = Some(step);
+        }
         self.queue.extend(decision.updates);
     }
 
@@ -219,14 +477,20 @@ impl Manager {
         self.queue.drain(..n).collect()
     }
 
-    /// Records that `update` was committed: its load becomes the layer's reference.
+    /// Records that `update` was committed.
     pub fn committed(&mut self, update: &LayerUpdate) {
         self.reference[update.layer] = Some(update.load.clone());
+        self.rejected[update.layer] = None;
     }
 
     /// Layers still queued.
     pub fn pending(&self) -> usize {
         self.queue.len()
+    }
+
+    /// The memory (2^k steps) of the load estimate now used (time mode).
+    pub fn estimate_memory(&self) -> usize {
+        1 << self.estimator.best()
     }
 }
 
@@ -235,14 +499,29 @@ mod tests {
     use super::*;
     use crate::policy::{self, PlacementShape, PolicyConfig};
 
+    fn shape() -> PlacementShape {
+        PlacementShape { num_replicas: 8, num_gpus: 4, num_nodes: 1, num_groups: 1 }
+    }
+
     fn config() -> ManagerConfig {
         ManagerConfig {
             enable: true,
-            interval: Interval::Steps(3),
-            threshold: 0.8,
             layers_per_step: 1,
-            min_improvement: 0.05,
-            window_steps: 2,
+            mode: Mode::Rounds(Rounds {
+                interval: Interval::Steps(3),
+                threshold: 0.8,
+                min_improvement: 0.05,
+                window_steps: 2,
+            }),
+            cost: CostModel::new(14.6484375, 2, 88_080_384, 900.0),
+            move_cost: None,
+        }
+    }
+
+    fn rounds(c: &ManagerConfig) -> Rounds {
+        match c.mode {
+            Mode::Rounds(r) => r,
+            Mode::Time => unreachable!(),
         }
     }
 
@@ -264,50 +543,125 @@ mod tests {
         assert_eq!(cosine(&[0, 0], &[0, 0]), 1.0);
         assert_eq!(cosine(&[0, 0], &[1, 0]), 0.0);
         assert!((cosine(&[1, 1], &[1, 0]) - 0.5f64.sqrt()).abs() < 1e-12);
+        // Huge loads do not overflow, and scale does not matter.
+        let big = [u64::MAX / 3, u64::MAX / 5, 7];
+        assert!((cosine(&big, &[3 << 20, 1 << 20 + 1, 0]) - cosine(&[5, 3, 0], &[3, 2, 0])).abs() < 1e-3);
     }
 
     #[test]
     fn rounds_are_due_every_n_steps_and_wait_for_the_queue() {
-        let mut m = Manager::new(config(), 2);
-        assert!(!m.round_due(0, false) && !m.round_due(1, false) && m.round_due(2, false));
-        let u = |layer| LayerUpdate { layer, new_row: vec![0], load: vec![1], gain: 0.5, similarity: None };
-        m.start_round(2, RoundDecision { updates: vec![u(0), u(1)], changed: 2, similar: 0, small_gain: 0 });
-        assert!(!m.round_due(5, false), "the queue is not empty");
+        let c = config();
+        let mut m = Manager::new(c, shape(), 2, 4);
+        let r = rounds(&c);
+        assert!(!m.round_due(0, false, &r) && !m.round_due(1, false, &r) && m.round_due(2, false, &r));
+        let u = |layer| LayerUpdate { layer, new_row: vec![0], load: vec![1], gain: 0.5, similarity: None, rank: 1 };
+        m.accept(2, RoundDecision { updates: vec![u(0), u(1)], changed: 2, similar: 0, small_gain: 0 });
+        assert!(!m.round_due(5, false, &r), "the queue is not empty");
         assert_eq!(m.next_layers().len(), 1);
         assert_eq!(m.next_layers().len(), 1);
         assert!(m.next_layers().is_empty());
-        assert!(!m.round_due(4, false) && m.round_due(5, false));
-        let timed = Manager::new(ManagerConfig { interval: Interval::Seconds(1.0), ..config() }, 1);
-        assert!(!timed.round_due(100, false) && timed.round_due(0, true));
-        let off = Manager::new(ManagerConfig { enable: false, ..config() }, 1);
-        assert!(!off.round_due(2, true));
+        assert!(!m.round_due(4, false, &r) && m.round_due(5, false, &r));
+        let timed = Rounds { interval: Interval::Seconds(1.0), ..r };
+        let t = Manager::new(ManagerConfig { mode: Mode::Rounds(timed), ..c }, shape(), 1, 4);
+        assert!(!t.round_due(100, false, &timed) && t.round_due(0, true, &timed));
+        let mut off = Manager::new(ManagerConfig { enable: false, ..c }, shape(), 1, 4);
+        off.observe(ndarray::arr2(&[[1, 2, 3, 4]]));
+        let live = Placement::trivial(1, 4, 8);
+        assert_eq!(off.decide(2, true, &live, &PolicyConfig::default()).unwrap(), None);
     }
 
     #[test]
     fn select_applies_threshold_and_min_improvement() {
         // 2 layers x 4 experts, 8 slots on 4 GPUs: a hot expert 0 wants replicas.
-        let shape = PlacementShape { num_replicas: 8, num_gpus: 4, num_nodes: 1, num_groups: 1 };
         let load = ndarray::arr2(&[[100u64, 10, 10, 10], [100, 10, 10, 10]]);
         let live = Placement::trivial(2, 4, 8);
-        let proposed = policy::rebalance(load.view(), &shape, Some(&live), &PolicyConfig::default()).unwrap();
-        let mut m = Manager::new(config(), 2);
-        let d = m.select(load.view(), &live, &proposed, 2, 4);
+        let proposed = policy::rebalance(load.view(), &shape(), Some(&live), &PolicyConfig::default()).unwrap();
+        let mut m = Manager::new(config(), shape(), 2, 4);
+        let d = m.select(load.view(), &live, &proposed);
         assert_eq!((d.changed, d.updates.len()), (2, 2), "first round: every changed layer updates");
         assert!(d.updates.iter().all(|u| u.gain >= 0.05 && u.similarity.is_none()));
         let h = d.hash();
         assert_eq!(h, d.clone().hash());
         // Once layer 0 was updated on this load, the same load is similar: only layer 1 is left.
         m.committed(&d.updates.iter().find(|u| u.layer == 0).unwrap().clone());
-        let d2 = m.select(load.view(), &live, &proposed, 2, 4);
+        let d2 = m.select(load.view(), &live, &proposed);
         assert_eq!((d2.similar, d2.updates.len(), d2.updates[0].layer), (1, 1, 1));
         assert_ne!(d2.hash(), h);
         // A drifted load passes the threshold again.
         let drifted = ndarray::arr2(&[[10u64, 10, 10, 100], [100, 10, 10, 10]]);
-        let d3 = m.select(drifted.view(), &live, &proposed, 2, 4);
+        let d3 = m.select(drifted.view(), &live, &proposed);
         assert_eq!(d3.similar, 0);
         // With a huge min-improvement nothing is worth moving.
-        let strict = Manager::new(ManagerConfig { min_improvement: 0.99, ..config() }, 2);
-        let d4 = strict.select(load.view(), &live, &proposed, 2, 4);
+        let strict_rounds = Rounds { min_improvement: 0.99, ..rounds(&config()) };
+        let strict = Manager::new(ManagerConfig { mode: Mode::Rounds(strict_rounds), ..config() }, shape(), 2, 4);
+        let d4 = strict.select(load.view(), &live, &proposed);
         assert_eq!((d4.updates.len(), d4.small_gain), (0, 2));
+    }
+
+    fn time_config(move_cost: Option<f64>) -> ManagerConfig {
+        ManagerConfig { mode: Mode::Time, move_cost, ..config() }
+    }
+
+    /// Feeds `load` for `steps` steps through a time-mode manager, applying its decisions.
+    fn drive(m: &mut Manager, live: &mut Placement, load: &Array2<u64>, steps: std::ops::Range<usize>) -> usize {
+        let mut switched = 0;
+        for step in steps {
+            m.observe(load.clone());
+            let d = m.decide(step, false, live, &PolicyConfig { threads: 1, ..Default::default() }).unwrap().unwrap();
+            m.accept(step, d);
+            for u in m.next_layers() {
+                live.phy2log.row_mut(u.layer).assign(&ndarray::ArrayView1::from(&u.new_row));
+                m.committed(&u);
+                switched += 1;
+            }
+            *live = Placement::from_phy2log(live.phy2log.clone(), live.num_logical()).unwrap();
+        }
+        switched
+    }
+
+    #[test]
+    fn time_mode_balances_one_layer_a_step_then_rests() {
+        let load = ndarray::arr2(&[[100u64, 10, 10, 10], [10, 10, 100, 10]]);
+        let mut live = Placement::trivial(2, 4, 8);
+        let mut m = Manager::new(time_config(None), shape(), 2, 4);
+        assert_eq!(drive(&mut m, &mut live, &load, 0..1), 1, "one layer a step");
+        assert_eq!(drive(&mut m, &mut live, &load, 1..2), 1);
+        for l in 0..2 {
+            let par = par_q32(&load.row(l).to_vec(), &live.phy2log.row(l).to_vec(), 2);
+            assert!(par < PAR_ONE + PAR_ONE / 5, "layer {l}: PAR {}", par as f64 / PAR_ONE as f64);
+        }
+        // Balanced on a steady load: nothing more moves.
+        assert_eq!(drive(&mut m, &mut live, &load, 2..40), 0);
+    }
+
+    #[test]
+    fn time_mode_does_not_move_what_does_not_pay() {
+        // A price per copy above any possible gain: nothing moves.
+        let load = ndarray::arr2(&[[100u64, 10, 10, 10], [10, 10, 100, 10]]);
+        let mut live = Placement::trivial(2, 4, 8);
+        let mut m = Manager::new(time_config(Some(10.0)), shape(), 2, 4);
+        assert_eq!(drive(&mut m, &mut live, &load, 0..20), 0);
+        // The cost model: a copy that costs more than a whole life of imbalance does not move.
+        let slow = ManagerConfig { cost: CostModel::new(0.001, 2, 1 << 30, 0.001), ..time_config(None) };
+        let mut m = Manager::new(slow, shape(), 2, 4);
+        let mut live = Placement::trivial(2, 4, 8);
+        assert_eq!(drive(&mut m, &mut live, &load, 0..20), 0);
+    }
+
+    #[test]
+    fn time_mode_follows_a_jump() {
+        let a = ndarray::arr2(&[[100u64, 10, 10, 10], [100, 10, 10, 10]]);
+        let b = ndarray::arr2(&[[10u64, 10, 10, 100], [10, 100, 10, 10]]);
+        let mut live = Placement::trivial(2, 4, 8);
+        let mut m = Manager::new(time_config(None), shape(), 2, 4);
+        drive(&mut m, &mut live, &a, 0..300);
+        let long = m.estimate_memory();
+        assert!(long >= 16, "a steady load wants a long memory: {long}");
+        drive(&mut m, &mut live, &b, 300..320);
+        assert!(m.estimate_memory() < long, "after the jump a shorter memory");
+        for l in 0..2 {
+            let par = par_q32(&b.row(l).to_vec(), &live.phy2log.row(l).to_vec(), 2);
+            assert!(par < PAR_ONE + PAR_ONE / 5, "layer {l} not rebalanced after the jump");
+        }
     }
 }

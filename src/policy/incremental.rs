@@ -53,14 +53,18 @@ use super::search::{moved_copies, Search};
 use super::{metrics, PlacementShape};
 
 /// Default price of moving one expert copy, as a fraction of the layer's mean GPU load: the peak
-/// GPU load must fall by at least this much for every copy a plan moves.
-pub const DEFAULT_MOVE_COST: f64 = 0.01;
+/// GPU load must fall by at least this much for every copy a plan moves. It is a time ratio (see
+/// `crate::manager::cost`): one changed slot of DeepSeek-V3 (88,080,384 B at 900 GB/s, 98 us)
+/// against the PAR it buys over a lifetime of 1024 steps of one layer (60 s / 4096 steps / 58
+/// layers = 253 us a layer-step): 98 / (253 x 1024) = 0.00038. The manager of `run` and
+/// `simulate` computes its own price from `--step-ms`, `--expert-bytes` and `--migration-gbps`.
+pub const DEFAULT_MOVE_COST: f64 = 0.0004;
 
-/// `move_cost` as parts per million, so the threshold is exact integer arithmetic (0 for
+/// `move_cost` as parts per billion, so the threshold is exact integer arithmetic (0 for
 /// negative or non-finite values).
-fn move_cost_ppm(move_cost: f64) -> u128 {
+fn move_cost_ppb(move_cost: f64) -> u128 {
     if move_cost.is_finite() && move_cost > 0.0 {
-        (move_cost * 1e6).round() as u128
+        (move_cost * 1e9).round().min(1e30) as u128
     } else {
         0
     }
@@ -83,7 +87,7 @@ pub fn layer(weight: &[u64], shape: &PlacementShape, previous: Option<&[usize]>,
     let total: u64 = weight.iter().sum();
     // What one copy moved must buy, in Fixed units: move_cost x mean GPU load.
     let per_copy: Fixed = u64::try_from(
-        (from_tokens(total) as u128 / shape.num_gpus as u128).saturating_mul(move_cost_ppm(move_cost)) / 1_000_000,
+        (from_tokens(total) as u128 / shape.num_gpus as u128).saturating_mul(move_cost_ppb(move_cost)) / 1_000_000_000,
     )
     .unwrap_or(Fixed::MAX);
 
@@ -215,20 +219,47 @@ fn solve_node(
     let greedy = replicate(weight, num_slots);
     let lower = lower_bound(weight, num_gpus, &greedy.2);
     let Some(prev) = prev else {
-        return fresh(weight, slots_per_rank, lower, &greedy).1;
+        return fresh(weight, slots_per_rank, lower, &greedy, false).1;
     };
     let start = repair(weight, prev, slots_per_rank);
-    let mut best = Search::new(weight, slots_per_rank, start, Some(prev), per_copy, lower).run();
-    if best.0 > lower.saturating_add(per_copy.saturating_mul((num_slots / 2).max(1) as u64)) {
-        let slots = relabel_gpus(&fresh(weight, slots_per_rank, lower, &greedy).1, prev, slots_per_rank, weight.len());
-        let logcnt = metrics::logcnt_of(&slots, weight.len());
+    let num_local = weight.len();
+    // The fresh candidate first, relabelled onto the previous GPUs (its cost bounds the stay
+    // search), when it might win: a fresh plan keeps at most about half of the copies in place,
+    // so it is skipped when the previous placement, unchanged, is within
+    // `per_copy x num_slots / 2` of the lower bound.
+    let start_peak = {
+        let logcnt = metrics::logcnt_of(&start, num_local);
+        metrics::gpu_loads(weight, &start, &logcnt, slots_per_rank).into_iter().max().unwrap_or(0)
+    };
+    let mut best: Option<(Fixed, Vec<usize>)> = None;
+    if start_peak > lower.saturating_add(per_copy.saturating_mul((num_slots / 2).max(1) as u64)) {
+        // With free moves the previous placement offers nothing to keep: the full fresh search.
+        let quick = per_copy > 0;
+        let slots =
+            relabel_gpus(&fresh(weight, slots_per_rank, lower, &greedy, quick).1, prev, slots_per_rank, num_local);
+        let logcnt = metrics::logcnt_of(&slots, num_local);
         let peak = metrics::gpu_loads(weight, &slots, &logcnt, slots_per_rank).into_iter().max().unwrap_or(0);
-        let moved = moved_copies(&slots, prev, slots_per_rank, weight.len()) as u64;
-        let cost = peak.saturating_add(per_copy.saturating_mul(moved));
-        if cost < best.0 {
-            best = (cost, slots);
+        let moved = moved_copies(&slots, prev, slots_per_rank, num_local) as u64;
+        best = Some((peak.saturating_add(per_copy.saturating_mul(moved)), slots));
+    }
+    // After a jump of the hot experts (the previous placement's peak is more than 1.5 times the
+    // fresh candidate's whole cost) the stay search would spend its budget walking toward what
+    // the fresh plan gives at once: skip it. Otherwise it gets an eighth of the slots as its
+    // budget (the manager plans again at the next steps, so small steps add up).
+    let rival = best.as_ref().map_or(Fixed::MAX, |b| b.0);
+    if rival.saturating_add(rival / 2) < start_peak {
+        if let Some((_, slots)) = best {
+            return keep_slots(&slots, prev, slots_per_rank);
         }
     }
+    let budget = num_slots / 8 + 32;
+    let stay =
+        Search::new(weight, slots_per_rank, start, Some(prev), per_copy, lower).with_budget(budget).with_rival(rival).run();
+    // Ties go to the stay candidate (it moves fewer copies for the same cost).
+    let best = match best {
+        Some(f) if f.0 < stay.0 => f,
+        _ => stay,
+    };
     keep_slots(&best.1, prev, slots_per_rank)
 }
 
@@ -266,12 +297,15 @@ const STARTS: [Start; 4] = [Start::Greedy, Start::Solo { divisor: 2 }, Start::So
 /// GPU and while the peak is above `lower + lower / 128`; DeepSeek's own plan of the node also
 /// whenever its peak is below the best so far, so that (the search never raising the peak) the
 /// fresh candidate is never worse than DeepSeek's. `greedy` is DeepSeek's `replicate` output
-/// for the node. Returns `(peak, slot_expert)`.
+/// for the node. `quick` (with a previous placement, where the time goes to the comparison with
+/// it): the first start gets the stay search's budget and the solo starts are skipped (the
+/// result is still never worse than DeepSeek's plan of the node). Returns `(peak, slot_expert)`.
 fn fresh(
     weight: &[u64],
     slots_per_rank: usize,
     lower: Fixed,
     greedy: &(Vec<usize>, Vec<usize>, Vec<usize>),
+    quick: bool,
 ) -> (Fixed, Vec<usize>) {
     let (phy2local, _, count) = greedy;
     let num_slots = phy2local.len();
@@ -285,7 +319,8 @@ fn fresh(
     let mut best: Option<(Fixed, Vec<usize>)> = None;
     for start in STARTS {
         if let Some((peak, _)) = &best {
-            let more = slots_per_rank <= MAX_SLOTS_FOR_MORE_STARTS && *peak > lower.saturating_add(lower / 128);
+            let more =
+                !quick && slots_per_rank <= MAX_SLOTS_FOR_MORE_STARTS && *peak > lower.saturating_add(lower / 128);
             // DeepSeek's packing also runs whenever it alone is better than the best so far.
             if !(more || matches!(start, Start::GreedyLpt) && *peak > greedy_peak) {
                 continue;
@@ -301,7 +336,10 @@ fn fresh(
         };
         let Some(slots) = slots else { continue };
         let mut search = Search::new(weight, slots_per_rank, slots, None, 0, lower);
-        if best.is_some() {
+        if quick {
+            // Beside a previous placement: the budget of the stay search.
+            search = search.with_budget(num_slots / 8 + 32);
+        } else if best.is_some() {
             // The later starts get a smaller budget: a start that needs long to improve rarely wins.
             search = search.with_budget(num_slots / 2 + 64);
         }

@@ -146,6 +146,9 @@ pub(super) struct Search<'a> {
     /// Scratch: the peak GPU's slots as `per-replica load << 64 | slot`, ascending.
     mine: Vec<u128>,
     moves_left: usize,
+    /// The cost of another candidate (a fresh plan): the search stops once even a perfect
+    /// balance could not beat it with the copies already moved.
+    rival: Fixed,
 }
 
 impl<'a> Search<'a> {
@@ -211,6 +214,7 @@ impl<'a> Search<'a> {
             gainer: Tally::new(num_gpus),
             mine: Vec::with_capacity(slots_per_rank),
             moves_left: 4 * m + 64,
+            rival: Fixed::MAX,
         };
         for e in 0..n {
             s.set_rep(e);
@@ -226,6 +230,13 @@ impl<'a> Search<'a> {
     /// Caps the moves the search may still make (a budget that depends on the shape only).
     pub(super) fn with_budget(mut self, moves: usize) -> Self {
         self.moves_left = self.moves_left.min(moves);
+        self
+    }
+
+    /// Stops the search once `lower + per_copy x moved` reaches `cost`, the cost of a rival
+    /// candidate: no later state could beat it.
+    pub(super) fn with_rival(mut self, cost: Fixed) -> Self {
+        self.rival = cost;
         self
     }
 
@@ -597,7 +608,7 @@ impl<'a> Search<'a> {
             if now < best_score {
                 (best_score, best_len) = (now, log.len());
             }
-            if self.lower.saturating_add(self.per_copy.saturating_mul(self.moved as u64)) >= best_score {
+            if self.lower.saturating_add(self.per_copy.saturating_mul(self.moved as u64)) >= best_score.min(self.rival) {
                 break;
             }
         }

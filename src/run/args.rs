@@ -2,10 +2,11 @@
 
 use std::path::PathBuf;
 
-use clap::{ArgAction, Args, ValueEnum};
+use clap::{Args, ValueEnum};
 
 use crate::collective::host::DEFAULT_CHUNK_BYTES;
-use crate::policy::PolicyKind;
+use crate::engine::shm::BalancePhase;
+use crate::manager::ManagerArgs;
 
 /// The inference job the balancer runs beside: `synthetic` or `shm:NAME`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,8 +85,8 @@ pub fn parse_fault(s: &str) -> Result<Fault, String> {
 
 /// Arguments of `eplb-worker run`.
 #[derive(Debug, Clone, Args)]
-#[command(after_help = "Example (4 ranks, the built-in drifting load, a rebalance every 10 steps):\n  \
-    mpirun -n 4 --oversubscribe eplb-worker run --eplb-update-interval-steps 10\n\n\
+#[command(after_help = "Example (4 ranks, the built-in drifting load, default manager: decisions in time):\n  \
+    mpirun -n 4 --oversubscribe eplb-worker run\n\n\
     xLLM's gflags are accepted as they are, e.g. --enable_eplb=true --ep_size=16 \
     --eplb_update_interval=2000 --eplb_update_threshold=0.9 --redundant_experts_num=1")]
 pub struct RunArgs {
@@ -94,6 +95,15 @@ pub struct RunArgs {
     #[arg(long, value_name = "synthetic|shm:NAME", default_value = "synthetic", value_parser = parse_engine,
           help_heading = "Engine")]
     pub engine: EngineKind,
+    /// shm engine: which steps the balancer plans on (mixed steps count for prefill and decode).
+    #[arg(long, value_enum, default_value_t = BalancePhase::All, help_heading = "Engine")]
+    pub balance_phase: BalancePhase,
+    /// shm engine: seconds to wait for the engine's region to appear.
+    #[arg(long, value_name = "SECONDS", default_value_t = 600.0, value_parser = crate::limits::positive, help_heading = "Engine")]
+    pub engine_wait: f64,
+    /// shm engine: an engine whose heartbeat is older than this is stopped or hung (exit 1).
+    #[arg(long, value_name = "SECONDS", default_value_t = 10.0, value_parser = crate::limits::positive, help_heading = "Engine")]
+    pub engine_timeout: f64,
     /// Replay this load file, one step per iteration, wrapping around (the `plan` formats and the
     /// per-iteration CSV). Default: the built-in drifting zipf-like load.
     #[arg(long, value_name = "FILE", help_heading = "Engine")]
@@ -149,45 +159,9 @@ pub struct RunArgs {
     /// JSON). Default: the trivial placement, slot s holds expert s mod E.
     #[arg(long, value_name = "FILE", help_heading = "Placement")]
     pub init_placement: Option<PathBuf>,
-    /// Placement algorithm.
-    #[arg(long, value_enum, default_value_t = PolicyKind::Incremental, help_heading = "Placement")]
-    pub policy: PolicyKind,
-    /// Incremental policy: the price of moving one expert copy, as a fraction of the mean GPU load.
-    #[arg(long, value_name = "FRACTION", default_value_t = crate::policy::incremental::DEFAULT_MOVE_COST,
-          value_parser = crate::limits::non_negative, help_heading = "Placement")]
-    pub move_cost: f64,
-    /// Policy threads over layers on every rank (0: one per core).
-    #[arg(long, default_value_t = 1, help_heading = "Placement")]
-    pub threads: usize,
-
-    /// Rebalance (true) or only observe (false).
-    #[arg(long, alias = "enable_eplb", action = ArgAction::Set, num_args = 0..=1, default_value_t = true,
-          default_missing_value = "true", value_name = "BOOL", help_heading = "Manager")]
-    pub enable_eplb: bool,
-    /// Seconds between rebalances (rank 0's clock, acted on by every rank at the same step).
-    #[arg(long, value_name = "SECONDS", alias = "eplb_update_interval", default_value_t = 1000.0,
-          value_parser = crate::limits::positive, help_heading = "Manager")]
-    pub eplb_update_interval: f64,
-    /// Steps between rebalances instead of seconds (deterministic runs and tests).
-    #[arg(long, value_name = "N", alias = "eplb_update_interval_steps",
-          value_parser = clap::value_parser!(u64).range(1..), help_heading = "Manager")]
-    pub eplb_update_interval_steps: Option<u64>,
-    /// Update a layer only when the cosine similarity of its load with the load of its last
-    /// update is below T (0..=1).
-    #[arg(long, value_name = "T", alias = "eplb_update_threshold", default_value_t = 0.8,
-          value_parser = crate::limits::unit_interval, help_heading = "Manager")]
-    pub eplb_update_threshold: f64,
-    /// Layers migrated per step, so that no step stalls long (0: all at once).
-    #[arg(long, value_name = "L", alias = "eplb_layers_per_step", default_value_t = 1, help_heading = "Manager")]
-    pub eplb_layers_per_step: usize,
-    /// Skip a layer whose predicted peak GPU load drops by less than this fraction (0..=1).
-    #[arg(long, value_name = "X", aliases = ["eplb_min_improvement", "eplb_min_peak_load_improvement"],
-          default_value_t = 0.05, value_parser = crate::limits::unit_interval, help_heading = "Manager")]
-    pub eplb_min_improvement: f64,
-    /// Steps of load summed in the sliding window the policy plans on.
-    #[arg(long, value_name = "W", alias = "eplb_window_steps", default_value_t = 10,
-          value_parser = clap::value_parser!(u64).range(1..), help_heading = "Manager")]
-    pub eplb_window_steps: u64,
+    /// The manager's and the policy's flags (shared with `simulate`).
+    #[command(flatten)]
+    pub manager: ManagerArgs,
 
     /// How expert weights move.
     #[arg(long, value_enum, default_value_t = TransportKind::Auto, help_heading = "Executor")]
@@ -258,14 +232,22 @@ mod tests {
             "--redundant_experts_num=1",
         ])
         .unwrap();
-        assert!(a.enable_eplb);
-        assert_eq!((a.ep_size, a.eplb_update_interval, a.eplb_update_threshold), (Some(16), 2000.0, 0.9));
+        let m = &a.manager;
+        assert!(m.enable_eplb);
+        assert_eq!((a.ep_size, m.eplb_update_interval, m.eplb_update_threshold), (Some(16), Some(2000.0), Some(0.9)));
         assert_eq!(a.redundant_experts_num, Some(1));
-        assert!(!parse(&["--enable_eplb=false"]).unwrap().enable_eplb);
-        assert!(parse(&["--enable-eplb"]).unwrap().enable_eplb);
+        assert!(!parse(&["--enable_eplb=false"]).unwrap().manager.enable_eplb);
+        assert!(parse(&["--enable-eplb"]).unwrap().manager.enable_eplb);
+        // xLLM's flags select its rounds, with xLLM's defaults for the ones not given.
+        let c = m.config(2, 1 << 20, 20.0, 200.0);
+        let crate::manager::Mode::Rounds(r) = c.mode else { panic!("xLLM flags select rounds") };
+        assert_eq!((r.interval, r.threshold), (crate::manager::Interval::Seconds(2000.0), 0.9));
+        let only_interval = parse(&["--eplb_update_interval=5"]).unwrap().manager.config(2, 1 << 20, 20.0, 200.0);
+        let crate::manager::Mode::Rounds(r) = only_interval.mode else { panic!("rounds") };
+        assert_eq!((r.threshold, r.min_improvement, r.window_steps), (1.0, 0.05, 10));
         let d = parse(&[]).unwrap();
-        assert!(d.enable_eplb && d.eplb_update_interval == 1000.0 && d.eplb_update_threshold == 0.8);
-        assert_eq!((d.eplb_min_improvement, d.transport), (0.05, TransportKind::Auto));
+        assert!(d.manager.enable_eplb && !d.manager.rounds() && d.transport == TransportKind::Auto);
+        assert_eq!(d.manager.config(2, 1 << 20, 20.0, 200.0).mode, crate::manager::Mode::Time);
     }
 
     #[test]

@@ -12,8 +12,8 @@ use super::{Fault, RunArgs, RunError, RunOutcome};
 use crate::collective::{Comm, MpiError, ReduceOp};
 use crate::engine::{logical_from_slots, Engine, StepCounts};
 use crate::executor::{stage_layer, ExecError, LayerMigration, LayerStats};
-use crate::manager::{Interval, LayerUpdate, Manager, ManagerConfig, Window};
-use crate::policy::{self, metrics, Placement, PolicyConfig};
+use crate::manager::{Interval, LayerUpdate, Manager, Mode, RoundDecision};
+use crate::policy::{metrics, Placement, PolicyConfig};
 use crate::rank::Topology;
 
 /// The hash a rank offers when its policy failed: never equal to a real plan's by design of the
@@ -36,7 +36,7 @@ enum Polled {
     Failed(RunError),
 }
 
-/// The loop's state: the engine, the live placement, the manager and its window, the output.
+/// The loop's state: the engine, the live placement, the manager, the output.
 pub(super) struct Looper<'a> {
     world: &'a Comm,
     args: &'a RunArgs,
@@ -47,7 +47,6 @@ pub(super) struct Looper<'a> {
     initial: Placement,
     live: Live,
     manager: Manager,
-    window: Window,
     output: Output,
     /// Per-step manager time (all-reduce + window + decision), µs, and the all-reduce alone.
     step_us: Vec<f64>,
@@ -67,18 +66,9 @@ impl<'a> Looper<'a> {
     pub fn new(world: &'a Comm, args: &'a RunArgs, ready: Ready) -> Self {
         let Ready { topo, run_shape, engine } = ready;
         let RunShape { num_layers, num_logical, shape } = run_shape.clone();
-        let interval = match args.eplb_update_interval_steps {
-            Some(n) => Interval::Steps(n as usize),
-            None => Interval::Seconds(args.eplb_update_interval),
-        };
-        let config = ManagerConfig {
-            enable: args.enable_eplb,
-            interval,
-            threshold: args.eplb_update_threshold,
-            layers_per_step: args.eplb_layers_per_step,
-            min_improvement: args.eplb_min_improvement,
-            window_steps: args.eplb_window_steps as usize,
-        };
+        let expert_bytes = engine.store_ref().expert_bytes() as u64;
+        let config =
+            args.manager.config(num_layers, expert_bytes, super::DEFAULT_STEP_MS, super::DEFAULT_MIGRATION_GBPS);
         let report = Report::new(&topo, &shape, num_layers, num_logical, args, engine.as_ref());
         let initial = engine.initial_placement().clone();
         Looper {
@@ -87,8 +77,7 @@ impl<'a> Looper<'a> {
             output: Output::new(world.rank(), report),
             live: Live::new(initial.clone()),
             initial,
-            manager: Manager::new(config, num_layers),
-            window: Window::new(config.window_steps, num_layers, num_logical),
+            manager: Manager::new(config, shape, num_layers, num_logical),
             topo,
             run_shape,
             engine,
@@ -177,8 +166,7 @@ impl<'a> Looper<'a> {
         let (rank, spr, gpn) = (self.world.rank(), shape.slots_per_rank(), shape.gpus_per_node());
         let progress_every = self.engine.planned_steps().map_or(100, |s| (s / 10).max(1));
         let mut last_round_at = Instant::now();
-        let policy_config =
-            PolicyConfig { kind: self.args.policy, threads: self.args.threads, move_cost: self.args.move_cost };
+        let policy_config = self.args.manager.policy_config();
         for step in 0.. {
             // 1. The engine's counts on this rank's slots, summed per logical expert.
             let polled = match self.engine.next_step(self.live.placement()) {
@@ -195,9 +183,12 @@ impl<'a> Looper<'a> {
             };
             // 2. The all-reduce, with the time flag of rank 0's clock and the engine's state.
             let mut flags = [false; 4];
-            flags[FLAG_TIME] = match self.manager.config.interval {
-                Interval::Seconds(s) => rank == 0 && last_round_at.elapsed().as_secs_f64() >= s,
-                Interval::Steps(_) => false,
+            flags[FLAG_TIME] = match self.manager.config.mode {
+                Mode::Rounds(r) => match r.interval {
+                    Interval::Seconds(s) => rank == 0 && last_round_at.elapsed().as_secs_f64() >= s,
+                    Interval::Steps(_) => false,
+                },
+                Mode::Time => false,
             };
             let zeros;
             let (loads, engine_step) = match &polled {
@@ -240,17 +231,25 @@ impl<'a> Looper<'a> {
                     })?;
                     self.bal_live += bal(&live);
                 }
-                self.window.push(global);
+                let mut observed = global;
+                if self.args.fault.contains(&Fault::CorruptLoad(rank)) {
+                    // Fault injection: this rank's copy of the reduced load is wrong.
+                    for mut row in observed.rows_mut() {
+                        let total: u64 = row.iter().fold(0u64, |a, &v| a.saturating_add(v));
+                        row[0] = row[0].saturating_add(total / 2 + 1);
+                    }
+                }
+                self.manager.observe(observed);
             }
             self.live.passed(engine_step);
-            // 3. A round: policy on the window, selection, agreement.
-            let due = self.manager.round_due(step, flags[FLAG_TIME]);
+            // 3. The manager's decision (a round, or a step of the time mode), and agreement.
+            let due = self.decide(step, flags[FLAG_TIME], &policy_config)?;
             if due {
-                self.round(step, &policy_config, spr, gpn)?;
                 last_round_at = Instant::now();
             }
             let t_decided = t0.elapsed().as_secs_f64() * 1e6;
-            if due {
+            // The time mode decides at every step: every step is a step of the manager's.
+            if due && !matches!(self.manager.config.mode, Mode::Time) {
                 self.round_us.push(t_decided);
             } else {
                 self.step_us.push(t_decided);
@@ -328,9 +327,9 @@ impl<'a> Looper<'a> {
             Err(source) => return Err(RunError::Exec { step, source }),
         };
         match self.live.commit(self.engine.store(), &mut self.manager, update, &staged) {
-            Ok(Committed::Applied { .. }) => {
+            Ok(Committed::Applied { at_step }) => {
                 let stats = LayerStats { seconds: staged.elapsed(), ..staged.stats };
-                self.output.committed(step, &stats);
+                self.output.committed(step, &stats, at_step);
                 Ok(())
             }
             Ok(Committed::Cancelled(reason)) => {
@@ -349,25 +348,20 @@ impl<'a> Looper<'a> {
         }
     }
 
-    /// One round: policy, selection, plan agreement, queueing.
-    fn round(&mut self, step: usize, config: &PolicyConfig, spr: usize, gpn: usize) -> Result<(), RunError> {
+    /// The manager's decision at `step` (when it makes one: a round is due, or every step of
+    /// the time mode), the plan agreement, queueing. Returns whether it was a round: one of the
+    /// rounds mode, or a step of the time mode that switches layers.
+    fn decide(&mut self, step: usize, time_flag: bool, config: &PolicyConfig) -> Result<bool, RunError> {
+        let proposal = match self.manager.decide(step, time_flag, self.live.placement(), config) {
+            Ok(None) => return Ok(false),
+            Ok(Some(d)) => Ok(d),
+            Err(e) => Err(e),
+        };
         let rank = self.world.rank();
-        let mut load = self.window.sum().to_owned();
         if self.args.fault.contains(&Fault::Panic(rank)) {
             panic!("fault injection: --fault panic-on-rank={rank}");
         }
-        if self.args.fault.contains(&Fault::CorruptLoad(rank)) {
-            // Fault injection: this rank's copy of the reduced load is wrong.
-            for mut row in load.rows_mut() {
-                let total: u64 = row.iter().fold(0u64, |a, &v| a.saturating_add(v));
-                row[0] = row[0].saturating_add(total / 2 + 1);
-            }
-        }
-        let shape = self.run_shape.shape;
-        let live = self.live.placement();
-        let proposal = policy::rebalance(load.view(), &shape, Some(live), config)
-            .map(|p| self.manager.select(load.view(), live, &p, spr, gpn));
-        let hash = proposal.as_ref().map_or(POLICY_FAILED_HASH, |d| d.hash());
+        let hash = proposal.as_ref().map_or(POLICY_FAILED_HASH, RoundDecision::hash);
         let agreement = self.world.agree_hash(hash)?;
         if !agreement.agreed() {
             self.output.report.plans_agreed = false;
@@ -379,9 +373,12 @@ impl<'a> Looper<'a> {
         }
         let decision = proposal
             .map_err(|source| RunError::Policy { context: format!("step {step}: the policy failed"), source })?;
+        if matches!(self.manager.config.mode, Mode::Time) && decision.updates.is_empty() {
+            return Ok(false);
+        }
         self.output.round(step, &decision, hash, self.world.size());
-        self.manager.start_round(step, decision);
-        Ok(())
+        self.manager.accept(step, decision);
+        Ok(true)
     }
 }
 

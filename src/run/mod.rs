@@ -34,6 +34,11 @@ pub use setup::{load_source, make_store, resolve_shape, resolve_transport, RunSh
 
 use thiserror::Error;
 
+/// The cost model's defaults in `run` (`--step-ms`, `--migration-gbps`): a decode step of a large
+/// MoE model, and NVLink-class migration (BENCHMARKS.md measures 200-265 GB/s a GPU with NCCL).
+pub const DEFAULT_STEP_MS: f64 = 20.0;
+pub const DEFAULT_MIGRATION_GBPS: f64 = 200.0;
+
 use crate::collective::{Comm, MpiError, MpiRuntime};
 use crate::engine::EngineError;
 use crate::executor::ExecError;
@@ -107,6 +112,8 @@ impl RunError {
     /// An error only this rank saw: the others may wait for it forever, so the job is aborted.
     pub(crate) fn is_local(&self) -> bool {
         self.mpi().is_some()
+            || matches!(self, RunError::Exec { source: ExecError::Engine(_), .. })
+            || matches!(self, RunError::Engine { source: EngineError::Failed(_), .. })
     }
 
     /// The MPI failure (or watchdog timeout) behind this error, if that is what it is.

@@ -6,7 +6,7 @@ use super::setup::RunShape;
 use super::{RunArgs, RunError};
 use crate::engine::Engine;
 use crate::executor::LayerStats;
-use crate::manager::{Interval, ManagerConfig, RoundDecision};
+use crate::manager::{ManagerConfig, RoundDecision};
 use crate::rank::Topology;
 
 pub(super) const TABLE_HEADER: &str = "#   step  layer  experts        bytes  copies    time(us)  algbw(GB/s)  #wrong";
@@ -62,10 +62,6 @@ impl Output {
         devices: &str,
     ) {
         let shape = rs.shape;
-        let interval = match manager.interval {
-            Interval::Steps(n) => format!("every {n} steps"),
-            Interval::Seconds(s) => format!("every {s} s (rank 0's clock)"),
-        };
         self.line(format!(
             "# eplb-worker run: {} ranks on {} node(s) of {}{}, engine {}: {}",
             topo.world_size,
@@ -85,14 +81,7 @@ impl Output {
             engine.store_ref().expert_bytes(),
             args.init_placement.as_ref().map_or("trivial".into(), |p| p.display().to_string())
         ));
-        self.line(format!(
-            "#  manager: enable_eplb {}, update {interval}, threshold {}, layers a step {}, min improvement {}, window {} steps",
-            args.enable_eplb,
-            args.eplb_update_threshold,
-            if args.eplb_layers_per_step == 0 { "all".into() } else { args.eplb_layers_per_step.to_string() },
-            args.eplb_min_improvement,
-            args.eplb_window_steps
-        ));
+        self.line(format!("#  manager: {}", manager.describe()));
         let mode = if shape.is_hierarchical() && (shape.num_groups > 1 || shape.num_nodes > 1) {
             format!("hierarchical mode: {} groups over {} nodes", shape.num_groups, shape.num_nodes)
         } else {
@@ -100,7 +89,7 @@ impl Output {
         };
         self.line(format!(
             "#  policy {} ({mode}), transport {}, chunk {} B",
-            format!("{:?}", args.policy).to_lowercase(),
+            format!("{:?}", args.manager.policy).to_lowercase(),
             engine.store_ref().transport(),
             args.chunk_bytes
         ));
@@ -135,7 +124,7 @@ impl Output {
     }
 
     /// A committed layer: its row and its totals.
-    pub fn committed(&mut self, step: usize, s: &LayerStats) {
+    pub fn committed(&mut self, step: usize, s: &LayerStats, apply_step: Option<u64>) {
         let gbps = if s.seconds > 0.0 { s.bytes_moved as f64 / s.seconds / 1e9 } else { 0.0 };
         self.line(table_row(step, s.layer, s.experts_moved, s.bytes_moved, s.local_copies, Some(s.seconds), 0));
         let r = &mut self.report;
@@ -152,6 +141,7 @@ impl Output {
             seconds: s.seconds,
             gbps,
             wrong_bytes: 0,
+            apply_step,
         });
     }
 

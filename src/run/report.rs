@@ -30,6 +30,9 @@ pub struct LayerRow {
     pub seconds: f64,
     pub gbps: f64,
     pub wrong_bytes: u64,
+    /// The engine step from which the engine uses the layer's new placement (shm engines; the
+    /// synthetic engine's commit is live from the next step).
+    pub apply_step: Option<u64>,
 }
 
 /// Median, 90th percentile and mean of per-step times, in µs.
@@ -61,7 +64,7 @@ impl TimeStats {
 /// last, which did not wait for the others), then statistics over steps.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ManagerTimes {
-    /// Steps without a round: the load all-reduce plus window and decision.
+    /// Steps without a round (every step in the time mode): the load all-reduce plus estimate, decision and agreement.
     pub step: TimeStats,
     /// The load all-reduce alone, on the same steps.
     pub allreduce: TimeStats,
@@ -136,7 +139,7 @@ impl Report {
             slots_per_rank: shape.slots_per_rank(),
             num_groups: shape.num_groups,
             expert_bytes: engine.store_ref().expert_bytes(),
-            policy: args.policy,
+            policy: args.manager.policy,
             transport: engine.store_ref().transport(),
             engine: engine.name(),
             load: engine.describe(),

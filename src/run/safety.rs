@@ -89,6 +89,7 @@ fn opt<T: ToString>(v: &Option<T>) -> String {
 /// at different places on different nodes); their content is compared by [`agree_on_shapes`].
 pub fn flag_settings(a: &RunArgs) -> Vec<Setting> {
     let given = |p: &Option<std::path::PathBuf>| if p.is_some() { "given" } else { "(not given)" };
+    let m = &a.manager;
     vec![
         Setting::new("--engine", format!("{:?}", a.engine)),
         Setting::new("--trace", given(&a.trace)),
@@ -105,15 +106,18 @@ pub fn flag_settings(a: &RunArgs) -> Vec<Setting> {
         Setting::new("--ep-size", opt(&a.ep_size)),
         Setting::new("--ranks-per-node", opt(&a.ranks_per_node)),
         Setting::new("--init-placement", given(&a.init_placement)),
-        Setting::new("--policy", format!("{:?}", a.policy).to_lowercase()),
-        Setting::new("--move-cost", a.move_cost),
-        Setting::new("--enable-eplb", a.enable_eplb),
-        Setting::new("--eplb-update-interval", a.eplb_update_interval),
-        Setting::new("--eplb-update-interval-steps", opt(&a.eplb_update_interval_steps)),
-        Setting::new("--eplb-update-threshold", a.eplb_update_threshold),
-        Setting::new("--eplb-layers-per-step", a.eplb_layers_per_step),
-        Setting::new("--eplb-min-improvement", a.eplb_min_improvement),
-        Setting::new("--eplb-window-steps", a.eplb_window_steps),
+        Setting::new("--balance-phase", format!("{:?}", a.balance_phase)),
+        Setting::new("--enable-eplb", m.enable_eplb),
+        Setting::new("--step-ms", opt(&m.step_ms)),
+        Setting::new("--migration-gbps", opt(&m.migration_gbps)),
+        Setting::new("--eplb-layers-per-step", m.eplb_layers_per_step),
+        Setting::new("--eplb-update-interval", opt(&m.eplb_update_interval)),
+        Setting::new("--eplb-update-interval-steps", opt(&m.eplb_update_interval_steps)),
+        Setting::new("--eplb-update-threshold", opt(&m.eplb_update_threshold)),
+        Setting::new("--eplb-min-improvement", opt(&m.eplb_min_improvement)),
+        Setting::new("--eplb-window-steps", opt(&m.eplb_window_steps)),
+        Setting::new("--policy", format!("{:?}", m.policy).to_lowercase()),
+        Setting::new("--move-cost", opt(&m.move_cost)),
         Setting::new("--transport", format!("{:?}", a.transport).to_lowercase()),
         Setting::new("--chunk-bytes", a.chunk_bytes),
         Setting::new("--nccl-group-mib", a.nccl_group_mib),

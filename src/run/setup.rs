@@ -1,11 +1,15 @@
 //! Set-up of `run`: from the flags to a ready state (topology, shape, the engine with its initial
 //! placement and its expert store), agreed by every rank before the loop starts.
 
+use std::time::Duration;
+
 use crate::collective::host::HostTransport;
 use crate::collective::{Comm, ReduceOp};
+use crate::engine::shm::region::Layout;
+use crate::engine::shm::{self, ShmEngine, ShmOptions, StartError};
 use crate::engine::synthetic::DriftingZipf;
 use crate::engine::{Engine, LoadSource, SyntheticEngine};
-use crate::executor::{ExpertStore, HostExpertStore};
+use crate::executor::{ExecError, ExpertStore, HostExpertStore};
 use crate::gpu::{self, device::Gpu, nccl::NcclComm, store::DeviceExpertStore, store::NcclTuning};
 use crate::load::{self, TraceSelect};
 use crate::plan::file;
@@ -42,12 +46,83 @@ pub fn setup(world: &Comm, args: &RunArgs) -> Result<Ready, RunError> {
             Ok(Ready { topo, run_shape: prepared.run_shape, engine: Box::new(engine) })
         }
         EngineKind::Shm(name) => {
-            let local: Result<Ready, RunError> = Err(RunError::Config(format!(
-                "--engine shm:{name}: the shared-memory engine is not available in this build yet; use --engine synthetic"
-            )));
-            agree_on_setup(world, local)
+            let opts = ShmOptions {
+                name: name.clone(),
+                wait: Duration::from_secs_f64(args.engine_wait),
+                timeout: Duration::from_secs_f64(args.engine_timeout),
+                phase: args.balance_phase,
+            };
+            let (comm, transport) = (world.dup()?, world.dup()?);
+            let attached = shm_flags(args).and_then(|()| {
+                let attached =
+                    shm::attach(&opts, rank, world.size()).map_err(|source| RunError::Engine { rank, source })?;
+                let run_shape = shm_shape(args, &topo, attached.layout())?;
+                Ok((attached, run_shape))
+            });
+            let (attached, run_shape) = agree_on_setup(world, attached)?;
+            let engine = ShmEngine::start(attached, world, comm, transport, args.chunk_bytes).map_err(|e| match e {
+                StartError::Mpi(e) => RunError::Mpi(e),
+                other => RunError::Exec { step: 0, source: ExecError::Other(other.to_string()) },
+            })?;
+            Ok(Ready { topo, run_shape, engine: Box::new(engine) })
         }
     }
+}
+
+/// Flags that drive the synthetic engine only, refused with an shm engine.
+fn shm_flags(args: &RunArgs) -> Result<(), RunError> {
+    let given = [
+        ("--trace", args.trace.is_some()),
+        ("--init-placement", args.init_placement.is_some()),
+        ("--transport nccl", args.transport == TransportKind::Nccl),
+        ("--fault corrupt-load-on-rank", args.fault.iter().any(|f| matches!(f, Fault::CorruptLoad(_)))),
+    ];
+    match given.iter().find(|(_, on)| *on) {
+        Some((flag, _)) => Err(RunError::Config(format!(
+            "{flag} does not apply to --engine shm: the engine brings its own load, placement and host weights"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// The shape of an shm engine: the region's, checked against the flags that name it.
+fn shm_shape(args: &RunArgs, topo: &Topology, l: &Layout) -> Result<RunShape, RunError> {
+    for (flag, given, have) in [
+        ("--num-layers", args.num_layers, l.num_layers),
+        ("--num-experts", args.num_experts, l.num_logical),
+        ("--num-redundant-experts", args.num_redundant_experts, l.num_physical() - l.num_logical),
+        (
+            "--redundant_experts_num",
+            args.redundant_experts_num.map(|n| n * topo.world_size),
+            l.num_physical() - l.num_logical,
+        ),
+    ] {
+        if given.is_some_and(|g| g != have) {
+            return Err(RunError::Config(format!(
+                "{flag} disagrees with the engine: it has {have} ({} layers x {} experts in {} slots over {} ranks)",
+                l.num_layers,
+                l.num_logical,
+                l.num_physical(),
+                l.world_size
+            )));
+        }
+    }
+    if let Some(ep) = args.ep_size.filter(|&ep| ep != topo.world_size) {
+        return Err(RunError::Config(format!(
+            "--ep-size {ep} must match the number of devices: this job has {} ranks (start one rank per GPU)",
+            topo.world_size
+        )));
+    }
+    let shape = PlacementShape {
+        num_replicas: l.num_physical(),
+        num_gpus: topo.world_size,
+        num_nodes: topo.num_nodes,
+        num_groups: args.num_groups,
+    };
+    shape
+        .validate(l.num_logical)
+        .map_err(|source| RunError::Policy { context: "the engine's shape with --num-groups".into(), source })?;
+    Ok(RunShape { num_layers: l.num_layers, num_logical: l.num_logical, shape })
 }
 
 /// The resolved sizes of a run.
@@ -141,11 +216,12 @@ pub fn load_source(args: &RunArgs) -> Result<LoadSource, RunError> {
 /// Checks that the load of a step and the window of steps the policy plans on (u64 each) fit in
 /// host memory, before either is allocated.
 fn check_load_memory(args: &RunArgs, layers: usize, experts: usize) -> Result<(), RunError> {
-    let steps = (args.eplb_window_steps as usize).saturating_add(4);
+    let window = args.manager.eplb_window_steps.unwrap_or(crate::manager::args::ROUNDS_WINDOW_STEPS);
+    let steps = (window as usize).saturating_add(4);
     Ok(crate::limits::check_host_memory(
         "the load window",
         crate::limits::product(&[layers, experts, steps, 8]),
-        &format!("{layers} layers x {experts} experts x {} steps of window", args.eplb_window_steps),
+        &format!("{layers} layers x {experts} experts x {window} steps of window"),
         "lower --num-layers, --num-experts or --eplb-window-steps",
     )?)
 }

@@ -1,0 +1,170 @@
+//! `eplb-fake-engine`: a minimal engine that follows docs/engine-contract.md, for the sidecar's
+//! end-to-end tests on CPU. One process, one thread per engine rank, in lock-step (a barrier
+//! stands in for the engine's collective). Every step, every rank: the boundary (read the
+//! command, agree with the other ranks on min/max of `have`, apply in place or cancel, answer),
+//! then a "forward pass" that routes the built-in drifting load on its own `phy2log` and records
+//! its slots' counts. Its expert weights are bytes eplb cannot predict; after every apply and at
+//! the end each rank checks that every live slot holds the expert its `phy2log` names.
+//!
+//! The report (`--report FILE`) holds `engine_steps`, `applies` per rank (layer, step, epoch),
+//! `layers_committed`, `commit_step_disagreements`, `wrong_bytes`, `outputs_match`,
+//! `placements_agree`.
+
+use std::sync::{Arc, Barrier, Mutex};
+use std::time::Duration;
+
+use clap::Parser;
+use eplb::engine::shm::region::{phase, Layout};
+use eplb::engine::shm::writer::{Decision, EngineRank};
+use eplb::engine::synthetic::DriftingZipf;
+use eplb::engine::{fill_expert, slot_loads};
+use eplb::policy::Placement;
+use ndarray::Array2;
+use serde_json::json;
+
+#[derive(Debug, Parser)]
+#[command(name = "eplb-fake-engine")]
+struct Args {
+    /// Region name: /dev/shm/eplb-NAME-RANK.
+    #[arg(long)]
+    name: String,
+    #[arg(long, default_value_t = 4)]
+    ranks: usize,
+    #[arg(long, default_value_t = 200)]
+    steps: u64,
+    #[arg(long, default_value_t = 4)]
+    layers: usize,
+    #[arg(long, default_value_t = 12)]
+    experts: usize,
+    #[arg(long, default_value_t = 4)]
+    slots_per_rank: usize,
+    /// f32 elements of an expert's one tensor.
+    #[arg(long, default_value_t = 1024)]
+    expert_floats: u32,
+    #[arg(long, default_value_t = 16)]
+    ring_len: usize,
+    /// Milliseconds of "compute" per step.
+    #[arg(long, default_value_t = 2)]
+    step_ms: u64,
+    #[arg(long, default_value_t = 20)]
+    drift_steps: usize,
+    /// Every other step is a prefill step (phase 1), the others decode (2); default: all decode.
+    #[arg(long)]
+    alternate_phases: bool,
+    #[arg(long)]
+    report: Option<std::path::PathBuf>,
+}
+
+/// The fake weights: not the synthetic engine's pattern (layer offset by 1000), so the sidecar
+/// can only check them by the sender's checksum.
+fn fill(layer: usize, expert: usize, buf: &mut [u8]) {
+    fill_expert(buf, layer + 1000, expert);
+}
+
+fn main() {
+    let args = Args::parse();
+    let (n, spr, layers, experts) = (args.ranks, args.slots_per_rank, args.layers, args.experts);
+    let p = n * spr;
+    if p < experts || n == 0 {
+        eprintln!("eplb-fake-engine: {p} slots cannot hold {experts} experts");
+        std::process::exit(2);
+    }
+    let initial: Vec<i32> = (0..layers * p).map(|i| ((i % p) % experts) as i32).collect();
+    let haves = Arc::new(Mutex::new(vec![0u64; n]));
+    let barrier = Arc::new(Barrier::new(n));
+    let load = DriftingZipf { drift_steps: args.drift_steps, ..DriftingZipf::new(layers, experts, 7) };
+    let args = Arc::new(args);
+    let mut ranks = Vec::new();
+    for r in 0..n {
+        let layout = Layout::packed(layers, spr, experts, n, r, args.ring_len, &[("w", "f32", &[args.expert_floats])]);
+        let rank = EngineRank::create(&args.name, &layout, &initial, fill).unwrap_or_else(|e| {
+            eprintln!("eplb-fake-engine: rank {r}: {e}");
+            std::process::exit(2)
+        });
+        ranks.push(rank);
+    }
+    let handles: Vec<_> = ranks
+        .into_iter()
+        .enumerate()
+        .map(|(r, mut rank)| {
+            let (haves, barrier, load, args) = (haves.clone(), barrier.clone(), load.clone(), args.clone());
+            std::thread::spawn(move || {
+                let mut applies = Vec::new();
+                let mut wrong = 0u64;
+                for t in 0..args.steps {
+                    let (have, cmd) = rank.have(t);
+                    haves.lock().expect("lock")[r] = have;
+                    barrier.wait();
+                    let (min, max) = {
+                        let h = haves.lock().expect("lock");
+                        (*h.iter().min().unwrap_or(&0), *h.iter().max().unwrap_or(&0))
+                    };
+                    barrier.wait();
+                    if let Decision::Applied { layer, epoch, .. } = rank.decide(t, cmd, min, max) {
+                        applies.push(json!({"layer": layer, "step": t, "epoch": epoch}));
+                        wrong += check(&rank, layer, r, spr);
+                    }
+                    // The forward pass: the load routed on this rank's own placement.
+                    let phy2log =
+                        Array2::from_shape_vec((layers, p), rank.phy2log().iter().map(|&e| e as usize).collect())
+                            .expect("shape");
+                    let placement = Placement::from_phy2log(phy2log, experts).expect("a valid placement");
+                    let counts = slot_loads(load.step(t as usize).view(), &placement, r, spr);
+                    let ph = if args.alternate_phases && t % 2 == 0 { phase::PREFILL } else { phase::DECODE };
+                    std::thread::sleep(Duration::from_millis(args.step_ms));
+                    rank.record(t, ph, counts.as_slice().expect("contiguous"));
+                }
+                for layer in 0..layers {
+                    wrong += check(&rank, layer, r, spr);
+                }
+                barrier.wait();
+                rank.finish();
+                (applies, wrong, rank.phy2log().to_vec())
+            })
+        })
+        .collect();
+    let results: Vec<_> = handles.into_iter().map(|h| h.join().expect("an engine rank panicked")).collect();
+    let applies: Vec<&Vec<serde_json::Value>> = results.iter().map(|r| &r.0).collect();
+    let wrong: u64 = results.iter().map(|r| r.1).sum();
+    // A layer switch (layer, epoch) whose step differs between ranks, or that some rank lacks.
+    let mut disagreements = 0;
+    for a in applies[0].iter() {
+        let same = |b: &&serde_json::Value| b["layer"] == a["layer"] && b["epoch"] == a["epoch"];
+        if applies.iter().any(|other| other.iter().find(same).is_none_or(|b| b["step"] != a["step"])) {
+            disagreements += 1;
+        }
+    }
+    disagreements += applies.iter().map(|a| a.len().abs_diff(applies[0].len())).max().unwrap_or(0);
+    let report = json!({
+        "engine_steps": args.steps,
+        "ranks": n,
+        "applies": applies,
+        "layers_committed": applies[0].len(),
+        "commit_step_disagreements": disagreements,
+        "wrong_bytes": wrong,
+        "outputs_match": wrong == 0,
+        "placements_agree": results.iter().all(|r| r.2 == results[0].2),
+    });
+    if let Some(path) = &args.report {
+        if let Err(e) = std::fs::write(path, serde_json::to_string_pretty(&report).unwrap_or_default()) {
+            eprintln!("eplb-fake-engine: {}: {e}", path.display());
+            std::process::exit(1);
+        }
+    }
+    println!("{report}");
+    std::process::exit(if wrong == 0 && disagreements == 0 { 0 } else { 1 });
+}
+
+/// Bytes of `layer`'s live slots on rank `r` that are not the expert its placement names.
+fn check(rank: &EngineRank, layer: usize, r: usize, spr: usize) -> u64 {
+    let p = rank.region.layout.num_physical();
+    let eb = rank.region.layout.expert_bytes;
+    let mut want = vec![0u8; eb];
+    (0..spr)
+        .map(|k| {
+            let e = rank.phy2log()[layer * p + r * spr + k] as usize;
+            fill(layer, e, &mut want);
+            rank.live(layer, k).iter().zip(&want).filter(|(a, b)| a != b).count() as u64
+        })
+        .sum()
+}

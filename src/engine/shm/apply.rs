@@ -1,0 +1,235 @@
+//! The shm engine's expert storage: the live slots are the engine's weights in its region
+//! (read-only for the sidecar), the staging area is the region's, and a commit is the contract's
+//! switch protocol: agree on an apply step through MPI, post the command, wait (bounded) for the
+//! engine's answer, agree on the outcome.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::region::{ack, engine_state, off, pid_alive, Command, Region};
+use crate::collective::{Comm, ReduceOp};
+use crate::executor::{Commit, ExecError, RankMigration, SlotMemory};
+
+/// Tries of one layer's apply before it is dropped (the contract: at most 5).
+pub const MAX_TRIES: usize = 5;
+/// The first apply step's lead over the furthest engine rank, in steps (doubled per retry).
+pub const FIRST_LEAD: u64 = 2;
+/// The outcome a rank reports when its engine finished without answering (never in the region).
+const FINISHED_UNANSWERED: u64 = 5;
+
+/// Whether the engine beside this rank is alive: its state, its pid, its heartbeat.
+#[derive(Debug, Clone)]
+pub struct Watch {
+    /// This engine rank.
+    pub rank: usize,
+    pub pid: u64,
+    /// False when the engine's pid was not visible at attach (another pid namespace).
+    pub pid_check: bool,
+    pub timeout: Duration,
+    /// When the sidecar attached (a heartbeat older than this counts from here).
+    pub attached_ns: u64,
+}
+
+/// What [`Watch::check`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Liveness {
+    Alive,
+    Finished,
+}
+
+impl Watch {
+    pub fn new(region: &Region, rank: usize, timeout: Duration) -> Watch {
+        let pid = region.read_u64(off::ENGINE_PID);
+        let pid_check = pid_alive(pid);
+        if !pid_check {
+            log::warn!(
+                "engine rank {rank}: its pid {pid} is not visible here (another pid namespace?): only its heartbeat is watched"
+            );
+        }
+        Watch { rank, pid, pid_check, timeout, attached_ns: super::region::monotonic_ns() }
+    }
+
+    /// Alive or finished, or why the engine rank is dead, stopped or failed. Also beats the
+    /// sidecar's own heartbeat.
+    pub fn check(&self, region: &Region) -> Result<Liveness, String> {
+        let now = super::region::monotonic_ns();
+        region.set(off::SIDECAR_HEARTBEAT_NS, now);
+        let (rank, pid) = (self.rank, self.pid);
+        match region.get(off::ENGINE_STATE) {
+            engine_state::FINISHED => return Ok(Liveness::Finished),
+            engine_state::FAILED => {
+                return Err(format!("engine rank {rank} (pid {pid}) reported a failure (engine_state 3)"))
+            }
+            _ => {}
+        }
+        if self.pid_check && !pid_alive(pid) {
+            return Err(format!("engine rank {rank} (pid {pid}) is gone: the engine process died"));
+        }
+        let beat = region.get(off::ENGINE_HEARTBEAT_NS).max(self.attached_ns);
+        let silent = Duration::from_nanos(now.saturating_sub(beat));
+        if silent > self.timeout {
+            return Err(format!(
+                "engine rank {rank} (pid {pid}) has not beaten its heartbeat for {:.1} s (--engine-timeout {:.1} s): it is stopped or hung",
+                silent.as_secs_f64(),
+                self.timeout.as_secs_f64()
+            ));
+        }
+        Ok(Liveness::Alive)
+    }
+}
+
+/// Sleeps a little longer each time, up to 1 ms: polling an engine that steps in milliseconds.
+pub(crate) struct Backoff(u64);
+
+impl Backoff {
+    pub fn new() -> Backoff {
+        Backoff(10)
+    }
+
+    pub fn wait(&mut self) {
+        std::thread::sleep(Duration::from_micros(self.0));
+        self.0 = (self.0 * 2).min(1000);
+    }
+}
+
+/// The engine's weights and staging area, and the switch protocol.
+pub struct ShmSlots {
+    region: Arc<Region>,
+    /// A communicator of its own, for the apply step and the outcome.
+    comm: Comm,
+    watch: Watch,
+    /// The next command id, the same on every rank (agreed at attach, one per try).
+    next_id: u64,
+}
+
+impl ShmSlots {
+    pub fn new(region: Arc<Region>, comm: Comm, watch: Watch, next_id: u64) -> ShmSlots {
+        ShmSlots { region, comm, watch, next_id }
+    }
+
+    /// Waits for command `id`'s answer: `(ack_result, ack_step)`, or [`FINISHED_UNANSWERED`]
+    /// when the engine finished without answering. An engine that dies or stops is an error.
+    fn wait_answer(&self, id: u64) -> Result<(u64, u64), ExecError> {
+        let mut backoff = Backoff::new();
+        loop {
+            let (got, result, step) = self.region.ack();
+            if got == id {
+                return Ok((result, step));
+            }
+            match self.watch.check(&self.region).map_err(ExecError::Engine)? {
+                Liveness::Finished => {
+                    // It may have answered just before it finished.
+                    let (got, result, step) = self.region.ack();
+                    return Ok(if got == id { (result, step) } else { (FINISHED_UNANSWERED, 0) });
+                }
+                Liveness::Alive => backoff.wait(),
+            }
+        }
+    }
+
+    /// The ranks whose outcome was `result`, for a message.
+    fn ranks_with(&self, result: u64) -> Result<Vec<usize>, ExecError> {
+        Ok(self
+            .comm
+            .allgather_u64(&[result])?
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r[0] == result)
+            .map(|(i, _)| i)
+            .collect())
+    }
+}
+
+impl SlotMemory for ShmSlots {
+    fn num_layers(&self) -> usize {
+        self.region.layout.num_layers
+    }
+
+    fn slots_per_rank(&self) -> usize {
+        self.region.layout.slots_per_rank
+    }
+
+    fn expert_bytes(&self) -> usize {
+        self.region.layout.expert_bytes
+    }
+
+    fn live(&self, layer: usize) -> Result<&[u8], ExecError> {
+        if layer >= self.num_layers() {
+            return Err(crate::executor::memory::out_of_range(layer, self.num_layers()));
+        }
+        Ok(self.region.bytes(self.region.live_offset(layer), self.region.staging_len()))
+    }
+
+    fn live_and_staging(&mut self, layer: usize) -> Result<(&[u8], &mut [u8]), ExecError> {
+        let live = self.live(layer)?;
+        // SAFETY: the staging area is the sidecar's between the engine's answer to the previous
+        // command (every commit waits for it; attach waits for a pending one) and the next post,
+        // and `&mut self` makes this the only slice of it in this process.
+        let staging = unsafe { self.region.bytes_mut(self.region.layout.staging_offset, self.region.staging_len()) };
+        Ok((live, staging))
+    }
+
+    fn staging(&self) -> &[u8] {
+        self.region.bytes(self.region.layout.staging_offset, self.region.staging_len())
+    }
+
+    /// The switch protocol (docs/engine-contract.md), on every rank for the same layer.
+    fn commit(&mut self, m: &RankMigration) -> Result<Commit, ExecError> {
+        let spr = self.slots_per_rank();
+        let new_row: Vec<i32> = m.new_row.iter().map(|&e| e as i32).collect();
+        let copy_mask: Vec<bool> = (0..spr).map(|k| m.changed_slots.binary_search(&k).is_ok()).collect();
+        let epoch = self.region.epoch(m.layer).load(std::sync::atomic::Ordering::Acquire) + 1;
+        let mut lead = FIRST_LEAD;
+        for _ in 0..MAX_TRIES {
+            // Agree on the step: ahead of every engine rank's next step.
+            let here = self.region.get(off::ENGINE_STEP);
+            let apply_step = self.comm.allreduce_u64(&[here], ReduceOp::Max)?[0] + lead;
+            let id = self.next_id;
+            self.next_id += 1;
+            let cmd = Command {
+                id,
+                layer: m.layer,
+                apply_step,
+                epoch,
+                new_row: new_row.clone(),
+                copy_mask: copy_mask.clone(),
+            };
+            self.region.post(&cmd);
+            let (result, step) = self.wait_answer(id)?;
+            // Agree on the outcome: min and max of the result and of the step, in one all-reduce.
+            let r = self.comm.allreduce_u64(&[result, !result, step, !step], ReduceOp::Max)?;
+            let (max, min, step_max, step_min) = (r[0], !r[1], r[2], !r[3]);
+            if min == ack::APPLIED && max == ack::APPLIED {
+                if step_min != step_max {
+                    return Err(ExecError::Other(format!(
+                        "layer {}: the engine ranks applied at different steps ({step_min} to {step_max}): the engine breaks the contract",
+                        m.layer
+                    )));
+                }
+                return Ok(Commit::AtStep(step_max));
+            }
+            if max == ack::APPLIED || min == ack::APPLIED {
+                let applied = self.ranks_with(ack::APPLIED)?;
+                return Err(ExecError::Other(format!(
+                    "layer {}: engine ranks {applied:?} applied command {id} and the others did not: the engine breaks the contract's agreement rule",
+                    m.layer
+                )));
+            }
+            if max == FINISHED_UNANSWERED {
+                return Ok(Commit::Cancelled(format!("the engine finished before step {apply_step}")));
+            }
+            if max == ack::REJECTED {
+                let rejected = self.ranks_with(ack::REJECTED)?;
+                return Ok(Commit::Cancelled(format!("engine rank(s) {rejected:?} rejected command {id}")));
+            }
+            // Cancelled or missed everywhere: nothing changed; try again further ahead.
+            log::info!(
+                "layer {}: apply at step {apply_step} cancelled or missed; retrying with a lead of {}",
+                m.layer,
+                lead * 2
+            );
+            lead *= 2;
+        }
+        Ok(Commit::Cancelled(format!("{MAX_TRIES} tries were cancelled or missed")))
+    }
+}

@@ -1,0 +1,312 @@
+//! The shared-memory engine (`run --engine shm:NAME`): a real inference engine beside the
+//! balancer, through the regions of docs/engine-contract.md. Sidecar rank r attaches to engine
+//! rank r's region.
+//!
+//! * [`region`]: the byte layout, the header check, the ring's sequence lock, the mailbox;
+//! * [`apply`]: the expert storage (the engine's weights, read-only here, and the region's
+//!   staging area) and the switch protocol as the storage's commit;
+//! * [`writer`]: the engine side in Rust, for tests and the fake engine (`eplb-fake-engine`).
+//!
+//! [`ShmEngine`] gives the loop one engine step at a time, in order: the counts of its slots,
+//! whether the step is of the phase being balanced (`--balance-phase`), or that its entry was
+//! lost; it ends the run when the engine has finished and every recorded step was read, and
+//! fails (naming the rank) when the engine dies, stops or fails.
+
+pub mod apply;
+pub mod region;
+pub mod writer;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::ValueEnum;
+use ndarray::Array2;
+
+use self::apply::{Backoff, Liveness, ShmSlots, Watch};
+use self::region::{off, phase, region_path, sidecar_state, Layout, Region, RingRead};
+use super::{Engine, EngineError, StepCounts};
+use crate::collective::host::HostTransport;
+use crate::collective::{Comm, MpiError, ReduceOp};
+use crate::executor::{ExpertStore, HostStore, Verification};
+use crate::policy::Placement;
+
+/// Which engine steps the balancer plans on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BalancePhase {
+    /// Every step.
+    All,
+    /// Prefill steps (and mixed ones).
+    Prefill,
+    /// Decode steps (and mixed ones).
+    Decode,
+}
+
+impl BalancePhase {
+    /// Whether a step of ring phase `p` counts.
+    pub fn counts(self, p: u64) -> bool {
+        match self {
+            BalancePhase::All => true,
+            BalancePhase::Prefill => p == phase::PREFILL || p == phase::MIXED,
+            BalancePhase::Decode => p == phase::DECODE || p == phase::MIXED,
+        }
+    }
+}
+
+/// How to attach.
+#[derive(Debug, Clone)]
+pub struct ShmOptions {
+    pub name: String,
+    /// How long to wait for the region to appear.
+    pub wait: Duration,
+    /// An engine silent for longer is stopped or hung.
+    pub timeout: Duration,
+    pub phase: BalancePhase,
+}
+
+/// A region attached by this rank, before the collective part of the set-up.
+pub struct Attached {
+    region: Arc<Region>,
+    watch: Watch,
+    opts: ShmOptions,
+    /// `phy2log` as the region holds it, checked.
+    initial: Placement,
+}
+
+impl Attached {
+    pub fn layout(&self) -> &Layout {
+        &self.region.layout
+    }
+}
+
+fn bad(path: &std::path::Path, what: impl std::fmt::Display) -> EngineError {
+    EngineError::BadInput(format!("{}: {what}", path.display()))
+}
+
+/// The local part of the set-up on sidecar rank `rank` of `world_size`: waits (bounded) for
+/// engine rank `rank`'s region, maps it, checks it against the MPI job, waits until no command
+/// of an earlier sidecar is pending, and reads the live placement.
+pub fn attach(opts: &ShmOptions, rank: usize, world_size: usize) -> Result<Attached, EngineError> {
+    let path = region_path(&opts.name, rank);
+    let start = Instant::now();
+    let mut backoff = Backoff::new();
+    while !path.exists() {
+        if start.elapsed() > opts.wait {
+            return Err(bad(
+                &path,
+                format!(
+                    "no engine region after {:.0} s (--engine-wait): start the engine with the same NAME first, on this host, one engine rank per sidecar rank",
+                    opts.wait.as_secs_f64()
+                ),
+            ));
+        }
+        backoff.wait();
+    }
+    let region = Region::open(&path).map_err(|e| EngineError::BadInput(e.to_string()))?;
+    let l = &region.layout;
+    if l.rank != rank {
+        return Err(bad(&path, format!("holds engine rank {}, but this is sidecar rank {rank}", l.rank)));
+    }
+    if l.world_size != world_size {
+        return Err(bad(
+            &path,
+            format!(
+                "the engine has {} ranks, but this sidecar job has {world_size}: start one sidecar rank per engine rank",
+                l.world_size
+            ),
+        ));
+    }
+    let watch = Watch::new(&region, rank, opts.timeout);
+    region.set(off::SIDECAR_PID, std::process::id() as u64);
+    region.set(off::SIDECAR_STATE, sidecar_state::ATTACHED);
+    // A command of an earlier sidecar may be pending: the staging area is not ours before it
+    // is answered, and the placement may still change.
+    let mut backoff = Backoff::new();
+    while region.ack().0 != region.read_u64(off::CMD_ID) {
+        match watch.check(&region).map_err(EngineError::Failed)? {
+            Liveness::Finished => break,
+            Liveness::Alive => backoff.wait(),
+        }
+    }
+    let initial = read_placement(&region)?;
+    Ok(Attached { region: Arc::new(region), watch, opts: opts.clone(), initial })
+}
+
+/// The region's `phy2log`, checked: every value an expert, every expert somewhere.
+fn read_placement(region: &Region) -> Result<Placement, EngineError> {
+    let l = &region.layout;
+    let raw = region.phy2log();
+    if let Some((i, &v)) = raw.iter().enumerate().find(|(_, &v)| v < 0 || v as usize >= l.num_logical) {
+        return Err(bad(
+            &region.path,
+            format!(
+                "phy2log[{}][{}] = {v} is not an expert of 0..{}",
+                i / l.num_physical(),
+                i % l.num_physical(),
+                l.num_logical
+            ),
+        ));
+    }
+    let phy2log =
+        Array2::from_shape_vec((l.num_layers, l.num_physical()), raw.into_iter().map(|v| v as usize).collect())
+            .map_err(|e| bad(&region.path, e))?;
+    Placement::from_phy2log(phy2log, l.num_logical).map_err(|e| bad(&region.path, format!("phy2log: {e}")))
+}
+
+/// Errors of the collective part of the set-up.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Mpi(#[from] MpiError),
+    #[error("the engine ranks hold different placements (hash min {min:016x}, max {max:016x}): the engine's ranks disagree; nothing was moved")]
+    Placements { min: u64, max: u64 },
+    #[error("{0}")]
+    Store(String),
+}
+
+/// The engine attached on every rank.
+pub struct ShmEngine {
+    name: String,
+    region: Arc<Region>,
+    watch: Watch,
+    initial: Placement,
+    store: Box<dyn ExpertStore>,
+    phase: BalancePhase,
+    /// The next engine step to read.
+    next: u64,
+    layers: usize,
+    slots_per_rank: usize,
+    finished: bool,
+}
+
+impl ShmEngine {
+    /// The collective part of the set-up (every rank, after every rank attached): the ranks agree
+    /// that they hold the same placement, on the first step they read (the furthest engine rank's
+    /// next step), and on the first command id; `comm` and `transport` are communicators of the
+    /// switch protocol and of the host transport.
+    pub fn start(
+        attached: Attached,
+        world: &Comm,
+        comm: Comm,
+        transport: Comm,
+        chunk_bytes: usize,
+    ) -> Result<ShmEngine, StartError> {
+        let Attached { region, watch, opts, initial } = attached;
+        let agreement = world.agree_hash(initial.hash())?;
+        let here = [region.get(off::ENGINE_STEP), region.read_u64(off::CMD_ID).max(region.ack().0)];
+        let max = world.allreduce_u64(&here, ReduceOp::Max)?;
+        if !agreement.agreed() {
+            return Err(StartError::Placements { min: agreement.min, max: agreement.max });
+        }
+        let memory = ShmSlots::new(region.clone(), comm, watch.clone(), max[1] + 1);
+        let store = HostStore::with_memory(memory, HostTransport::new(transport, chunk_bytes), Verification::Checksum)
+            .map_err(|e| StartError::Store(e.to_string()))?;
+        let l = region.layout.clone();
+        Ok(ShmEngine {
+            name: opts.name,
+            region,
+            watch,
+            initial,
+            store: Box::new(store),
+            phase: opts.phase,
+            next: max[0],
+            layers: l.num_layers,
+            slots_per_rank: l.slots_per_rank,
+            finished: false,
+        })
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.region.path.clone()
+    }
+
+    /// Marks the region: the sidecar failed (the engine never waits on it; informational).
+    pub fn mark_failed(&self) {
+        self.region.set(off::SIDECAR_STATE, sidecar_state::FAILED);
+    }
+}
+
+impl Drop for ShmEngine {
+    fn drop(&mut self) {
+        if self.region.get(off::SIDECAR_STATE) == sidecar_state::ATTACHED {
+            let state = if self.finished { sidecar_state::EXITED_OK } else { sidecar_state::FAILED };
+            self.region.set(off::SIDECAR_STATE, state);
+        }
+    }
+}
+
+impl Engine for ShmEngine {
+    fn name(&self) -> String {
+        format!("shm:{}", self.name)
+    }
+
+    fn describe(&self) -> String {
+        let l = &self.region.layout;
+        let tensors: Vec<String> = l.tensors.iter().map(|t| format!("{} {} {:?}", t.name, t.dtype, t.dims)).collect();
+        format!(
+            "{} (pid {}, ring {}, expert = {}), balancing {} steps from step {}",
+            self.region.path.display(),
+            self.watch.pid,
+            l.ring_len,
+            tensors.join(" + "),
+            format!("{:?}", self.phase).to_lowercase(),
+            self.next
+        )
+    }
+
+    fn initial_placement(&self) -> &Placement {
+        &self.initial
+    }
+
+    fn planned_steps(&self) -> Option<usize> {
+        None
+    }
+
+    fn next_step(&mut self, _live: &Placement) -> Result<Option<StepCounts>, EngineError> {
+        let t = self.next;
+        let mut backoff = Backoff::new();
+        loop {
+            match self.region.read_step(t) {
+                RingRead::Step { phase, counts, .. } => {
+                    self.next += 1;
+                    let slots = Array2::from_shape_vec((self.layers, self.slots_per_rank), counts)
+                        .map_err(|e| EngineError::Failed(format!("step {t}: {e}")))?;
+                    return Ok(Some(StepCounts {
+                        engine_step: t,
+                        slots,
+                        balanced: self.phase.counts(phase),
+                        lost: false,
+                    }));
+                }
+                RingRead::Lost => {
+                    self.next += 1;
+                    log::warn!(
+                        "engine rank {}: step {t} was overwritten before it was read: counted as zero",
+                        self.watch.rank
+                    );
+                    let slots = Array2::zeros((self.layers, self.slots_per_rank));
+                    return Ok(Some(StepCounts { engine_step: t, slots, balanced: false, lost: true }));
+                }
+                RingRead::NotYet => match self.watch.check(&self.region).map_err(EngineError::Failed)? {
+                    Liveness::Finished => {
+                        // Every step it recorded before finishing is in the ring: read them all.
+                        if !matches!(self.region.read_step(t), RingRead::NotYet) {
+                            continue;
+                        }
+                        self.finished = true;
+                        return Ok(None);
+                    }
+                    Liveness::Alive => backoff.wait(),
+                },
+            }
+        }
+    }
+
+    fn store(&mut self) -> &mut dyn ExpertStore {
+        self.store.as_mut()
+    }
+
+    fn store_ref(&self) -> &dyn ExpertStore {
+        self.store.as_ref()
+    }
+}

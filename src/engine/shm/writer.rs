@@ -1,0 +1,128 @@
+//! The engine side of the contract, in Rust: what an engine rank does with its region. The
+//! sidecar never uses it; the unit tests and the fake engine (`eplb-fake-engine`, an end-to-end
+//! test helper) do. The reference engine side is the Python client in `python/`.
+
+use std::sync::atomic::Ordering;
+
+use super::region::{ack, engine_state, monotonic_ns, off, region_path, Command, Layout, Region, RegionError};
+
+/// One engine rank's region, from the engine's side.
+pub struct EngineRank {
+    pub region: Region,
+    /// Its own copy of `phy2log [num_layers * num_physical]`, what its router uses.
+    phy2log: Vec<i32>,
+}
+
+/// What the boundary decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Nothing was pending for this step (or it was answered missed).
+    Nothing,
+    /// Applied command `id` to `layer` (epoch `epoch`).
+    Applied { id: u64, layer: usize, epoch: u64 },
+    /// Answered cancelled: the ranks did not all have it.
+    Cancelled { id: u64 },
+}
+
+impl EngineRank {
+    /// Creates engine rank `layout.rank`'s region named `name`: header, placement `phy2log`
+    /// (`[num_layers * num_physical]`), the live weights of its slots filled by
+    /// `fill(layer, expert, bytes)`, then renames it into place.
+    pub fn create(
+        name: &str,
+        layout: &Layout,
+        phy2log: &[i32],
+        fill: impl Fn(usize, usize, &mut [u8]),
+    ) -> Result<EngineRank, RegionError> {
+        let path = region_path(name, layout.rank);
+        let mut region = Region::create(&path, layout, std::process::id() as u64)?;
+        let p = layout.num_physical();
+        for layer in 0..layout.num_layers {
+            region.write_phy2log_row(layer, &phy2log[layer * p..(layer + 1) * p]);
+        }
+        let (spr, eb) = (layout.slots_per_rank, layout.expert_bytes);
+        for layer in 0..layout.num_layers {
+            // SAFETY: nobody else has the region before it is published.
+            let live = unsafe { region.bytes_mut(region.live_offset(layer), spr * eb) };
+            for k in 0..spr {
+                let e = phy2log[layer * p + layout.rank * spr + k] as usize;
+                fill(layer, e, &mut live[k * eb..(k + 1) * eb]);
+            }
+        }
+        region.set(off::ENGINE_HEARTBEAT_NS, monotonic_ns());
+        region.set(off::ENGINE_STATE, engine_state::RUNNING);
+        region.publish(&path)?;
+        Ok(EngineRank { region, phy2log: phy2log.to_vec() })
+    }
+
+    pub fn phy2log(&self) -> &[i32] {
+        &self.phy2log
+    }
+
+    pub fn beat(&self) {
+        self.region.set(off::ENGINE_HEARTBEAT_NS, monotonic_ns());
+    }
+
+    /// Step 1 of the boundary before step `t`: the id of the command to apply at `t` (`have`,
+    /// 0 for none), answering a command whose step has passed as missed.
+    pub fn have(&self, t: u64) -> (u64, Option<Command>) {
+        self.beat();
+        let Some(cmd) = self.region.read_command() else { return (0, None) };
+        if cmd.id == self.region.ack().0 {
+            return (0, None);
+        }
+        if cmd.apply_step < t {
+            self.region.answer(cmd.id, ack::MISSED, t);
+            return (0, None);
+        }
+        if cmd.apply_step == t {
+            (cmd.id, Some(cmd))
+        } else {
+            (0, None)
+        }
+    }
+
+    /// Step 3: with `min` and `max` of `have` over every engine rank, applies `cmd` in place
+    /// (staging into the live slots of its layer, the row, the epoch) or answers cancelled.
+    pub fn decide(&mut self, t: u64, cmd: Option<Command>, min: u64, max: u64) -> Decision {
+        let Some(cmd) = cmd else { return Decision::Nothing };
+        if !(min == max && max == cmd.id) {
+            self.region.answer(cmd.id, ack::CANCELLED, t);
+            return Decision::Cancelled { id: cmd.id };
+        }
+        let l = &self.region.layout;
+        let (spr, eb, p) = (l.slots_per_rank, l.expert_bytes, l.num_physical());
+        let live_at = self.region.live_offset(cmd.layer);
+        for (k, _) in cmd.copy_mask.iter().enumerate().filter(|(_, &m)| m) {
+            let staged = self.region.bytes(l.staging_offset + k * eb, eb).to_vec();
+            // SAFETY: the engine writes its live weights only here, between two forward passes.
+            unsafe { self.region.bytes_mut(live_at + k * eb, eb) }.copy_from_slice(&staged);
+        }
+        debug_assert!(cmd.copy_mask.len() == spr);
+        self.region.write_phy2log_row(cmd.layer, &cmd.new_row);
+        self.phy2log[cmd.layer * p..(cmd.layer + 1) * p].copy_from_slice(&cmd.new_row);
+        self.region.epoch(cmd.layer).store(cmd.epoch, Ordering::Release);
+        self.region.answer(cmd.id, ack::APPLIED, t);
+        Decision::Applied { id: cmd.id, layer: cmd.layer, epoch: cmd.epoch }
+    }
+
+    /// Records step `t`'s per-slot counts (`[num_layers * slots_per_rank]`) and publishes it.
+    pub fn record(&self, t: u64, phase: u64, counts: &[u64]) {
+        let tokens = counts.iter().take(self.region.layout.slots_per_rank).sum();
+        self.region.write_step(t, phase, tokens, counts);
+    }
+
+    /// Every step done: `engine_state = 2`, and the region's name is removed (a sidecar that has
+    /// it mapped keeps reading it).
+    pub fn finish(&self) {
+        self.beat();
+        self.region.set(off::ENGINE_STATE, engine_state::FINISHED);
+        let _ = std::fs::remove_file(&self.region.path);
+    }
+
+    /// The live weights of `layer`, local slot `slot`.
+    pub fn live(&self, layer: usize, slot: usize) -> &[u8] {
+        let eb = self.region.layout.expert_bytes;
+        self.region.bytes(self.region.live_offset(layer) + slot * eb, eb)
+    }
+}

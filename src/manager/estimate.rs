@@ -1,0 +1,137 @@
+//! The coming load, estimated by measurement: a bank of exponential moving averages, and the one
+//! that has recently predicted the next step best.
+//!
+//! Every average `k` (memory about `2^k` steps) is kept per layer and expert in fixed point with
+//! [`EMA_FRAC_BITS`] fractional bits, updated by shifts: `s += (x - s) / 2^k`, in exact integer
+//! arithmetic, so every rank holds the same bits. Before each update, every average is scored on
+//! how well it predicted the step that just came: the squared error of the expert *shares*
+//! (`load / layer total`, in Q32), summed over layers and experts, itself averaged over the last
+//! about `2^ERROR_MEMORY_BITS` steps. The estimate is the average with the lowest score (ties: the
+//! longer memory). Under steady traffic with sampling noise the long memories win (they average the
+//! noise away); right after a jump of the hot experts the short ones win within a few steps, so the
+//! plans follow the new load without waiting for a window to flush.
+
+use ndarray::{Array2, Array3, ArrayView2};
+
+/// Fractional bits of the averages.
+pub const EMA_FRAC_BITS: u32 = 16;
+
+/// Memories `2^k` steps, `k = 0..NUM_EMAS` (1 step to about 256 steps).
+pub const NUM_EMAS: usize = 9;
+
+/// The prediction scores are averaged over about `2^ERROR_MEMORY_BITS` steps.
+const ERROR_MEMORY_BITS: u32 = 5;
+
+/// The bank of averages. `ema [NUM_EMAS, layers, num_logical]`.
+#[derive(Debug, Clone)]
+pub struct Estimator {
+    ema: Array3<u64>,
+    /// Recent prediction error of every average (Q64 shares squared, averaged by shifts).
+    score: [u128; NUM_EMAS],
+    steps: usize,
+}
+
+impl Estimator {
+    pub fn new(layers: usize, num_logical: usize) -> Estimator {
+        Estimator { ema: Array3::zeros((NUM_EMAS, layers, num_logical)), score: [0; NUM_EMAS], steps: 0 }
+    }
+
+    /// Adds one step's global load `[layers, num_logical]`.
+    pub fn push(&mut self, load: ArrayView2<u64>) {
+        let to_fixed = |x: u64| x.saturating_mul(1 << EMA_FRAC_BITS);
+        if self.steps == 0 {
+            for mut bank in self.ema.outer_iter_mut() {
+                bank.zip_mut_with(&load, |s, &x| *s = to_fixed(x));
+            }
+            self.steps = 1;
+            return;
+        }
+        for k in 0..NUM_EMAS {
+            let err = prediction_error(self.ema.index_axis(ndarray::Axis(0), k), load);
+            self.score[k] = self.score[k] - (self.score[k] >> ERROR_MEMORY_BITS) + err;
+            let mut bank = self.ema.index_axis_mut(ndarray::Axis(0), k);
+            bank.zip_mut_with(&load, |s, &x| {
+                let x = to_fixed(x);
+                // s += (x - s) / 2^k, rounding toward s (exact and identical everywhere).
+                *s = if x >= *s { *s + ((x - *s) >> k) } else { *s - ((*s - x) >> k) };
+            });
+        }
+        self.steps += 1;
+    }
+
+    /// Steps pushed so far.
+    pub fn steps(&self) -> usize {
+        self.steps
+    }
+
+    /// The memory `k` of the average that predicts best now (ties: the longer memory).
+    pub fn best(&self) -> usize {
+        (0..NUM_EMAS).rev().min_by_key(|&k| self.score[k]).unwrap_or(0)
+    }
+
+    /// The estimate of the coming load, `[layers, num_logical]`, in tokens with
+    /// [`EMA_FRAC_BITS`] fractional bits (what the policy plans on; only ratios matter to it).
+    pub fn estimate(&self) -> ArrayView2<'_, u64> {
+        self.ema.index_axis(ndarray::Axis(0), self.best())
+    }
+
+    /// The estimate with memory `k` (for tests and reports).
+    pub fn average(&self, k: usize) -> Array2<u64> {
+        self.ema.index_axis(ndarray::Axis(0), k).to_owned()
+    }
+}
+
+/// Sum over layers and experts of the squared difference of the Q32 shares of `predicted` and
+/// `actual` (a layer with no load on either side counts 0).
+fn prediction_error(predicted: ArrayView2<u64>, actual: ArrayView2<u64>) -> u128 {
+    let mut err: u128 = 0;
+    for (p, a) in predicted.outer_iter().zip(actual.outer_iter()) {
+        let (tp, ta) = (p.iter().map(|&v| v as u128).sum::<u128>(), a.iter().map(|&v| v as u128).sum::<u128>());
+        if tp == 0 || ta == 0 {
+            continue;
+        }
+        for (&x, &y) in p.iter().zip(a.iter()) {
+            let sx = ((x as u128) << 32) / tp;
+            let sy = ((y as u128) << 32) / ta;
+            let d = sx.abs_diff(sy);
+            err += d * d;
+        }
+    }
+    err
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn averages_converge_and_the_best_follows_the_traffic() {
+        let mut e = Estimator::new(1, 4);
+        // Steady traffic with alternating noise: the long memories predict best.
+        for t in 0..200u64 {
+            let n = if t % 2 == 0 { 10 } else { 0 };
+            e.push(ndarray::arr2(&[[100 + n, 50, 50 - n, 20]]).view());
+        }
+        let steady = e.best();
+        assert!(steady >= 4, "steady noisy traffic wants a long memory, got 2^{steady}");
+        // An abrupt shift: expert 3 becomes the hot one. Within a few steps a short memory wins.
+        for _ in 0..6 {
+            e.push(ndarray::arr2(&[[20, 50, 50, 105]]).view());
+        }
+        let shifted = e.best();
+        assert!(shifted < steady, "after a jump a shorter memory must win ({shifted} vs {steady})");
+        let est = e.estimate();
+        assert!(est[[0, 3]] > est[[0, 0]], "the estimate follows the new hot expert: {est:?}");
+        // The last-step average is exactly the last load, in fixed point.
+        assert_eq!(e.average(0), ndarray::arr2(&[[20u64 << 16, 50 << 16, 50 << 16, 105 << 16]]));
+    }
+
+    #[test]
+    fn prediction_error_is_zero_for_proportional_loads() {
+        let a = ndarray::arr2(&[[2u64, 4, 6]]);
+        let b = ndarray::arr2(&[[1u64, 2, 3]]);
+        assert_eq!(prediction_error(a.view(), b.view()), 0);
+        assert!(prediction_error(a.view(), ndarray::arr2(&[[3u64, 2, 1]]).view()) > 0);
+        assert_eq!(prediction_error(ndarray::arr2(&[[0u64, 0]]).view(), ndarray::arr2(&[[1u64, 1]]).view()), 0);
+    }
+}
