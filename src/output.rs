@@ -62,6 +62,11 @@ impl<'a> Named<'a> {
     }
 }
 
+/// The files of `pairs` that were given: `(flag, Some(path))` becomes a [`Named`].
+pub fn named<'a>(pairs: impl IntoIterator<Item = (&'static str, Option<&'a Path>)>) -> Vec<Named<'a>> {
+    pairs.into_iter().filter_map(|(flag, p)| p.map(|p| Named::new(flag, p))).collect()
+}
+
 /// `path` with every symlink followed (also a dangling one: the place its target would be created).
 pub fn resolve_symlinks(path: &Path) -> std::io::Result<PathBuf> {
     let mut p = path.to_path_buf();
@@ -170,43 +175,85 @@ fn temp_name(target: &Path, what: &str) -> PathBuf {
     PathBuf::from(tmp)
 }
 
-/// Writes `bytes` to the output `flag path` without destroying anything: a regular file (or a
-/// new one) is replaced atomically, keeping the permissions of the file it replaces; a symlink
-/// is followed and its target written, so the link stays; a device node or a FIFO is written
-/// straight into (a FIFO waits at most [`FIFO_READER_WAIT`] for a reader); a folder is refused.
-pub fn write_output(flag: &'static str, path: &Path, bytes: &[u8]) -> Result<(), OutputError> {
+/// An output being written (see [`create_output`]): a temporary file beside a regular target,
+/// renamed over it by [`OutputFile::commit`]; or the device node or FIFO itself.
+pub struct OutputFile {
+    flag: &'static str,
+    path: PathBuf,
+    /// `(temporary, target)` for a regular file; `None` for a device or FIFO.
+    rename: Option<(PathBuf, PathBuf)>,
+    file: std::io::BufWriter<File>,
+}
+
+/// Opens the output `flag path` for writing without destroying anything: a regular file (or a
+/// new one) is written to a temporary file beside it, keeping the permissions of the file it
+/// will replace, and renamed over it by [`OutputFile::commit`]; a symlink is followed, so the link
+/// stays; a device node or a FIFO is written straight into (a FIFO waits at most
+/// [`FIFO_READER_WAIT`] for a reader); a folder is refused. Dropped without a commit, the
+/// temporary file is removed and the target left as it was.
+pub fn create_output(flag: &'static str, path: &Path) -> Result<OutputFile, OutputError> {
     let write_err = |source| OutputError::Write { flag, path: path.to_path_buf(), source };
     let target = resolve_symlinks(path).map_err(write_err)?;
     let meta = std::fs::metadata(&target).ok();
-    match &meta {
+    let (file, rename) = match &meta {
         Some(m) if m.is_dir() => return Err(OutputError::IsDirectory { flag, path: path.to_path_buf() }),
         Some(m) if m.file_type().is_fifo() => {
-            let mut f = open_fifo(&target).map_err(write_err)?.ok_or_else(|| OutputError::NoReader {
-                flag,
-                path: path.to_path_buf(),
-            })?;
-            return f.write_all(bytes).map_err(write_err);
+            let f = open_fifo(&target).map_err(write_err)?;
+            (f.ok_or_else(|| OutputError::NoReader { flag, path: path.to_path_buf() })?, None)
         }
-        Some(m) if is_special(m) => {
-            let mut f = OpenOptions::new().write(true).open(&target).map_err(write_err)?;
-            return f.write_all(bytes).and_then(|()| f.flush()).map_err(write_err);
+        Some(m) if is_special(m) => (OpenOptions::new().write(true).open(&target).map_err(write_err)?, None),
+        _ => {
+            let tmp = temp_name(&target, "tmp");
+            let f = OpenOptions::new().write(true).create_new(true).open(&tmp).map_err(write_err)?;
+            if let Some(m) = &meta {
+                if let Err(e) = f.set_permissions(m.permissions()) {
+                    let _ = std::fs::remove_file(&tmp);
+                    return Err(write_err(e));
+                }
+            }
+            (f, Some((tmp, target)))
         }
-        _ => {}
+    };
+    Ok(OutputFile { flag, path: path.to_path_buf(), rename, file: std::io::BufWriter::new(file) })
+}
+
+impl Write for OutputFile {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.file.write(buf)
     }
-    let tmp = temp_name(&target, "tmp");
-    let result = (|| {
-        let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
-        if let Some(m) = &meta {
-            f.set_permissions(m.permissions())?;
-        }
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &target)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
     }
-    result.map_err(write_err)
+}
+
+impl OutputFile {
+    /// Finishes the output: flushes it and, for a regular file, syncs it and renames it over
+    /// the target in one step.
+    pub fn commit(mut self) -> Result<(), OutputError> {
+        let result = self.file.flush().and_then(|()| match &self.rename {
+            Some((tmp, target)) => self.file.get_ref().sync_all().and_then(|()| std::fs::rename(tmp, target)),
+            None => Ok(()),
+        });
+        if result.is_ok() {
+            self.rename = None;
+        }
+        result.map_err(|source| OutputError::Write { flag: self.flag, path: self.path.clone(), source })
+    }
+}
+
+impl Drop for OutputFile {
+    fn drop(&mut self) {
+        if let Some((tmp, _)) = &self.rename {
+            let _ = std::fs::remove_file(tmp);
+        }
+    }
+}
+
+/// Writes `bytes` to the output `flag path` without destroying anything (see [`create_output`]).
+pub fn write_output(flag: &'static str, path: &Path, bytes: &[u8]) -> Result<(), OutputError> {
+    let mut out = create_output(flag, path)?;
+    out.write_all(bytes).map_err(|source| OutputError::Write { flag, path: path.to_path_buf(), source })?;
+    out.commit()
 }
 
 /// Writes `value` as JSON (and a newline) with [`write_output`].

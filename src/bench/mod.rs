@@ -22,7 +22,7 @@ use crate::gpu::nccl::NcclComm;
 use crate::gpu::store::{DeviceExpertStore, NcclTuning};
 use crate::gpu::{open_local_gpu, GpuError};
 use crate::load::{self, TraceSelect};
-use crate::output::Named;
+use crate::output::named;
 use crate::policy::{self, Placement, PlacementShape, PolicyConfig, PolicyKind};
 use crate::rank::{Topology, TopologyError};
 
@@ -175,12 +175,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// Runs the benchmark on every rank; rank 0 prints the tables.
 pub fn run_bench(args: &BenchArgs) -> Result<(), BenchError> {
-    let outputs: Vec<Named> = [("--pattern-out", &args.pattern_out), ("--report", &args.report)]
-        .into_iter()
-        .filter_map(|(flag, p)| p.as_deref().map(|p| Named::new(flag, p)))
-        .collect();
-    let inputs: Vec<Named> = args.load.as_deref().map(|p| Named::new("--load", p)).into_iter().collect();
-    crate::output::check_outputs(&outputs, &inputs)?;
+    let outputs = named([("--pattern-out", args.pattern_out.as_deref()), ("--report", args.report.as_deref())]);
+    crate::output::check_outputs(&outputs, &named([("--load", args.load.as_deref())]))?;
     let _runtime = MpiRuntime::init()?;
     let world = Comm::world()?;
     let (rank, size) = (world.rank(), world.size());

@@ -13,7 +13,7 @@ use thiserror::Error;
 use crate::engine::synthetic::DriftingZipf;
 use crate::limits::{self, LimitError};
 use crate::load::{self, LoadError, LoadTrace, TraceSelect};
-use crate::output::{self, Named, OutputError};
+use crate::output::{self, OutputError};
 use crate::policy::{self, metrics, Placement, PlacementShape, PolicyConfig, PolicyError, PolicyKind};
 use file::PlacementFileError;
 
@@ -164,12 +164,8 @@ fn select_step(trace: &LoadTrace, step: Option<usize>, flag: &'static str) -> Re
 /// Runs `plan`: reads the load, computes the placement, writes the output files.
 pub fn run_plan(args: &PlanArgs) -> Result<PlanOutcome, PlanError> {
     // Before any work: the outputs can be written and destroy no input, and the shape is sane.
-    let mut outputs = vec![Named::new("--output", &args.output)];
-    outputs.extend(args.sglang_output.as_deref().map(|p| Named::new("--sglang-output", p)));
-    let inputs: Vec<Named> = [("--load", &args.load), ("--previous", &args.previous)]
-        .into_iter()
-        .filter_map(|(flag, p)| p.as_deref().map(|p| Named::new(flag, p)))
-        .collect();
+    let outputs = output::named([("--output", Some(args.output.as_path())), ("--sglang-output", args.sglang_output.as_deref())]);
+    let inputs = output::named([("--load", args.load.as_deref()), ("--previous", args.previous.as_deref())]);
     output::check_outputs(&outputs, &inputs)?;
     limits::check_shape(args.num_replicas, args.num_gpus, ("--num-replicas", "--num-gpus"))?;
     if let Some((layers, experts)) = args.synthetic {

@@ -43,10 +43,7 @@ fn status_report(args: &RunArgs, rank: usize) -> Option<StatusReport> {
 
 /// The inputs of `run` that an output must never be.
 fn inputs(args: &RunArgs) -> Vec<Named<'_>> {
-    [("--trace", &args.trace), ("--init-placement", &args.init_placement)]
-        .into_iter()
-        .filter_map(|(flag, p)| p.as_deref().map(|p| Named::new(flag, p)))
-        .collect()
+    output::named([("--trace", args.trace.as_deref()), ("--init-placement", args.init_placement.as_deref())])
 }
 
 /// The start of every run, on every rank, before any other collective: the watchdog, the
