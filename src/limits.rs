@@ -83,7 +83,11 @@ pub fn unit_interval(s: &str) -> Result<f64, String> {
 
 /// Checks a placement shape against [`MAX_REPLICAS`], [`MAX_GPUS`] and [`MAX_SLOTS_PER_GPU`]
 /// (`flags`: the names of the replicas and GPUs flags of the command, for the message).
-pub fn check_shape(num_replicas: usize, num_gpus: usize, flags: (&'static str, &'static str)) -> Result<(), LimitError> {
+pub fn check_shape(
+    num_replicas: usize,
+    num_gpus: usize,
+    flags: (&'static str, &'static str),
+) -> Result<(), LimitError> {
     let range = |flag, value: usize, why: String| Err(LimitError::Range { flag, value: value.to_string(), why });
     if num_replicas > MAX_REPLICAS {
         return range(flags.0, num_replicas, format!("more than {MAX_REPLICAS} slots a layer is not supported"));

@@ -135,7 +135,8 @@ pub fn check_outputs(outputs: &[Named], inputs: &[Named]) -> Result<(), OutputEr
                 });
             }
         }
-        let not_writable = |what: &str, source| OutputError::NotWritable { flag, path: path.clone(), what: what.into(), source };
+        let not_writable =
+            |what: &str, source| OutputError::NotWritable { flag, path: path.clone(), what: what.into(), source };
         let target = resolve_symlinks(out.path).map_err(|e| not_writable("its symlinks do not resolve", e))?;
         match std::fs::metadata(&target) {
             Ok(m) if m.is_dir() => return Err(OutputError::IsDirectory { flag, path }),
@@ -288,7 +289,8 @@ impl StatusReport {
     /// file. Check the path first with [`check_outputs`].
     pub fn start(flag: &'static str, path: &Path, extra: serde_json::Value) -> Result<StatusReport, OutputError> {
         let report = StatusReport { flag, path: path.to_path_buf() };
-        let special = resolve_symlinks(path).ok().and_then(|t| std::fs::metadata(t).ok()).is_some_and(|m| is_special(&m));
+        let special =
+            resolve_symlinks(path).ok().and_then(|t| std::fs::metadata(t).ok()).is_some_and(|m| is_special(&m));
         if !special {
             let mut doc = serde_json::json!({ "status": STATUS_RUNNING });
             if let (Some(d), serde_json::Value::Object(e)) = (doc.as_object_mut(), extra) {

@@ -110,12 +110,33 @@ fn plan_refuses_an_output_that_is_its_input() {
     let p = d.join("p.json");
     plan(&["--load", &s(&load), "--num-replicas", "4", "--num-gpus", "2", "--output", &s(&p)]).assert_code(0, "plan");
     let prev = std::fs::read(&p).unwrap();
-    let r = plan(&["--load", &s(&load), "--num-replicas", "4", "--num-gpus", "2", "--previous", &s(&p), "--output", &s(&p)]);
+    let r = plan(&[
+        "--load",
+        &s(&load),
+        "--num-replicas",
+        "4",
+        "--num-gpus",
+        "2",
+        "--previous",
+        &s(&p),
+        "--output",
+        &s(&p),
+    ]);
     r.assert_code(2, "output = previous");
     assert_eq!(std::fs::read(&p).unwrap(), prev);
     let q = d.join("q.json");
-    let r =
-        plan(&["--load", &s(&load), "--num-replicas", "4", "--num-gpus", "2", "--output", &s(&q), "--sglang-output", &s(&q)]);
+    let r = plan(&[
+        "--load",
+        &s(&load),
+        "--num-replicas",
+        "4",
+        "--num-gpus",
+        "2",
+        "--output",
+        &s(&q),
+        "--sglang-output",
+        &s(&q),
+    ]);
     r.assert_code(2, "two outputs on one path");
 }
 
@@ -204,7 +225,18 @@ fn bad_inputs_and_absurd_sizes_exit_2_at_once() {
         r.assert_code(2, replicas);
         assert!(r.seconds < 30.0, "{replicas}: refused at once, not after minutes of work");
     }
-    let r = plan(&["--synthetic", "2x4", "--num-replicas", "8", "--num-gpus", "4", "--iteration", "100000000000", "--output", &out]);
+    let r = plan(&[
+        "--synthetic",
+        "2x4",
+        "--num-replicas",
+        "8",
+        "--num-gpus",
+        "4",
+        "--iteration",
+        "100000000000",
+        "--output",
+        &out,
+    ]);
     r.assert_code(2, "a synthetic load of 1e11 steps");
     assert!(r.stderr.contains("host memory"), "{}", r.stderr);
     assert!(!Path::new(&out).exists(), "nothing written");
@@ -354,8 +386,16 @@ fn a_stopped_rank_ends_the_job_within_the_timeout() {
     let path = d.join("report.json");
     let timeout_s = 3.0;
     let args = [
-        "--steps", "100000000", "--eplb-update-interval-steps", "20", "--expert-bytes", "8192", "--timeout", "3",
-        "--report", &s(&path),
+        "--steps",
+        "100000000",
+        "--eplb-update-interval-steps",
+        "20",
+        "--expert-bytes",
+        "8192",
+        "--timeout",
+        "3",
+        "--report",
+        &s(&path),
     ];
     let (r, pid) = run_and_signal(4, &args, 2, "-STOP");
     assert_ne!(r.code, 124, "hung:\n{}", r.stderr);
@@ -380,8 +420,18 @@ fn a_killed_rank_during_migration_leaves_no_success_and_nothing_half_committed()
     std::fs::write(&path, r#"{"status": "ok"}"#).unwrap();
     // Large experts and every layer at once, so that the kill lands in a migration.
     let args = [
-        "--steps", "100000000", "--eplb-update-interval-steps", "20", "--eplb-layers-per-step", "0",
-        "--expert-bytes", "1048576", "--timeout", "5", "--report", &s(&path),
+        "--steps",
+        "100000000",
+        "--eplb-update-interval-steps",
+        "20",
+        "--eplb-layers-per-step",
+        "0",
+        "--expert-bytes",
+        "1048576",
+        "--timeout",
+        "5",
+        "--report",
+        &s(&path),
     ];
     let (r, _) = run_and_signal(4, &args, 1, "-KILL");
     assert_ne!(r.code, 124, "hung:\n{}", r.stderr);
@@ -404,8 +454,16 @@ fn a_corrupted_transfer_commits_nothing_and_the_live_weights_verify() {
     let d = tmpdir("corrupt");
     let path = d.join("report.json");
     let args = [
-        "--eplb-update-interval-steps", "5", "--eplb-layers-per-step", "0", "--expert-bytes", "65536", "--fault",
-        "corrupt-transfer-on-rank=1", "--report", &s(&path),
+        "--eplb-update-interval-steps",
+        "5",
+        "--eplb-layers-per-step",
+        "0",
+        "--expert-bytes",
+        "65536",
+        "--fault",
+        "corrupt-transfer-on-rank=1",
+        "--report",
+        &s(&path),
     ];
     let r = mpirun(4, &args);
     r.assert_code(1, "corrupted transfer");
@@ -425,7 +483,16 @@ fn a_corrupted_transfer_commits_nothing_and_the_live_weights_verify() {
 fn a_panic_on_one_rank_exits_1_and_ends_the_job() {
     let d = tmpdir("panic");
     let path = d.join("report.json");
-    let args = ["--eplb-update-interval-steps", "5", "--expert-bytes", "8192", "--fault", "panic-on-rank=1", "--report", &s(&path)];
+    let args = [
+        "--eplb-update-interval-steps",
+        "5",
+        "--expert-bytes",
+        "8192",
+        "--fault",
+        "panic-on-rank=1",
+        "--report",
+        &s(&path),
+    ];
     let r = mpirun(4, &args);
     assert_ne!(r.code, 124, "hung:\n{}", r.stderr);
     assert_eq!(r.code, 1, "exit 1, never 101 or 134: {}", r.stderr);

@@ -52,7 +52,8 @@ fn setting_hash(s: &Setting) -> u64 {
 /// 64, rank 2 has 32` (the first rank with each distinct value).
 pub fn agree_on_settings(comm: &Comm, settings: &[Setting]) -> Result<(), SettingsError> {
     let hashes: Vec<u64> = settings.iter().map(setting_hash).collect();
-    let all = hashes.iter().fold(fnv(FNV_START, &(settings.len() as u64).to_le_bytes()), |h, s| fnv(h, &s.to_le_bytes()));
+    let all =
+        hashes.iter().fold(fnv(FNV_START, &(settings.len() as u64).to_le_bytes()), |h, s| fnv(h, &s.to_le_bytes()));
     if comm.agree_hash(all)?.agreed() {
         return Ok(());
     }

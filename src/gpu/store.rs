@@ -81,7 +81,12 @@ impl DeviceExpertStore {
 
     /// Checks, before anything is allocated or any peer is waited for, that the store fits in
     /// the free memory of `gpu` ([`GpuError::TooBig`], exit 2, otherwise).
-    pub fn check_fits(gpu: &Gpu, num_layers: usize, slots_per_rank: usize, expert_bytes: usize) -> Result<(), GpuError> {
+    pub fn check_fits(
+        gpu: &Gpu,
+        num_layers: usize,
+        slots_per_rank: usize,
+        expert_bytes: usize,
+    ) -> Result<(), GpuError> {
         let need = Self::bytes_needed(num_layers, slots_per_rank, expert_bytes);
         let (free, total) = gpu.mem_info()?;
         if need > free {

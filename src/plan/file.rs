@@ -72,7 +72,12 @@ pub fn placement_json(placement: &Placement, metrics: Value) -> Value {
 /// Writes a placement file with its metrics (`flag`: the option that named `path`), through
 /// [`crate::output::write_json`]: atomic for a regular file, never replacing a symlink, a device
 /// or a FIFO.
-pub fn write_placement(flag: &'static str, path: &Path, placement: &Placement, metrics: Value) -> Result<(), OutputError> {
+pub fn write_placement(
+    flag: &'static str,
+    path: &Path,
+    placement: &Placement,
+    metrics: Value,
+) -> Result<(), OutputError> {
     output::write_json(flag, path, &placement_json(placement, metrics))
 }
 

@@ -140,7 +140,12 @@ pub struct PlanOutcome {
 /// Checks that a plan of `layers x num_logical` experts on `num_replicas` slots fits in host
 /// memory: `load_steps` steps of load, `phy2log` and the policy's per-slot tables (about 64 bytes
 /// a slot and 32 an expert, per layer).
-fn check_plan_memory(layers: usize, num_logical: usize, num_replicas: usize, load_steps: usize) -> Result<(), LimitError> {
+fn check_plan_memory(
+    layers: usize,
+    num_logical: usize,
+    num_replicas: usize,
+    load_steps: usize,
+) -> Result<(), LimitError> {
     let need = limits::product(&[layers, num_replicas, 64])
         .zip(limits::product(&[layers, num_logical, 32 + 8 * load_steps.min(usize::MAX / 8 - 4)]))
         .and_then(|(a, b)| a.checked_add(b));
@@ -164,7 +169,8 @@ fn select_step(trace: &LoadTrace, step: Option<usize>, flag: &'static str) -> Re
 /// Runs `plan`: reads the load, computes the placement, writes the output files.
 pub fn run_plan(args: &PlanArgs) -> Result<PlanOutcome, PlanError> {
     // Before any work: the outputs can be written and destroy no input, and the shape is sane.
-    let outputs = output::named([("--output", Some(args.output.as_path())), ("--sglang-output", args.sglang_output.as_deref())]);
+    let outputs =
+        output::named([("--output", Some(args.output.as_path())), ("--sglang-output", args.sglang_output.as_deref())]);
     let inputs = output::named([("--load", args.load.as_deref()), ("--previous", args.previous.as_deref())]);
     output::check_outputs(&outputs, &inputs)?;
     limits::check_shape(args.num_replicas, args.num_gpus, ("--num-replicas", "--num-gpus"))?;

@@ -79,7 +79,9 @@ pub fn parse_fault(s: &str) -> Result<Fault, String> {
         "corrupt-load-on-rank" => Ok(Fault::CorruptLoad(rank)),
         "corrupt-transfer-on-rank" => Ok(Fault::CorruptTransfer(rank)),
         "panic-on-rank" => Ok(Fault::Panic(rank)),
-        _ => Err(format!("unknown fault {kind:?}; known: corrupt-load-on-rank, corrupt-transfer-on-rank, panic-on-rank")),
+        _ => {
+            Err(format!("unknown fault {kind:?}; known: corrupt-load-on-rank, corrupt-transfer-on-rank, panic-on-rank"))
+        }
     }
 }
 

@@ -138,7 +138,9 @@ impl RunError {
         match self {
             // Each failing rank says why; rank 0 names them unless it is one of them.
             RunError::Engine { .. } => true,
-            RunError::Exec { source: ExecError::Nccl { .. } | ExecError::Cuda { .. } | ExecError::Other(_), .. } => true,
+            RunError::Exec {
+                source: ExecError::Nccl { .. } | ExecError::Cuda { .. } | ExecError::Other(_), ..
+            } => true,
             _ => rank == 0 || self.is_local(),
         }
     }

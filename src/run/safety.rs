@@ -18,9 +18,9 @@ use serde_json::json;
 
 use super::setup::RunShape;
 use super::{RunArgs, RunError, TransportKind};
-use crate::engine::LoadSource;
 use crate::collective::settings::{agree_on_settings, Setting, SettingsError};
 use crate::collective::{self, Comm, Watchdog};
+use crate::engine::LoadSource;
 use crate::output::{self, Named, StatusReport};
 use crate::policy::Placement;
 
@@ -135,7 +135,10 @@ pub fn agree_on_shapes(
 ) -> Result<(), RunError> {
     let s = &run_shape.shape;
     let settings = vec![
-        Setting::new("the load's shape (layers x experts)", format!("{} x {}", run_shape.num_layers, run_shape.num_logical)),
+        Setting::new(
+            "the load's shape (layers x experts)",
+            format!("{} x {}", run_shape.num_layers, run_shape.num_logical),
+        ),
         Setting::new("the load", load),
         Setting::new("the slots (--num-redundant-experts)", s.num_replicas),
         Setting::new("the nodes (--ranks-per-node)", s.num_nodes),
@@ -150,7 +153,12 @@ pub fn agree_on_shapes(
 pub fn load_identity(source: &LoadSource) -> String {
     match source {
         LoadSource::Trace(t) => {
-            format!("{} steps of {}{}", t.num_steps(), t.format, t.dataset.as_ref().map(|d| format!(", dataset {d}")).unwrap_or_default())
+            format!(
+                "{} steps of {}{}",
+                t.num_steps(),
+                t.format,
+                t.dataset.as_ref().map(|d| format!(", dataset {d}")).unwrap_or_default()
+            )
         }
         other => other.describe(),
     }

@@ -274,7 +274,10 @@ pub fn make_store(
     crate::limits::check_host_memory(
         "the expert weights",
         crate::limits::product(&[layers + 1, spr, args.expert_bytes, on_host]),
-        &format!("{on_host} rank(s) on this host x ({layers} layers + staging) x {spr} slots x {} B", args.expert_bytes),
+        &format!(
+            "{on_host} rank(s) on this host x ({layers} layers + staging) x {spr} slots x {} B",
+            args.expert_bytes
+        ),
         "lower --expert-bytes or the layers, or use fewer ranks a host",
     )?;
     let transport = HostTransport::new(comm, args.chunk_bytes);

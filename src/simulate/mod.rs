@@ -419,8 +419,11 @@ pub fn run_simulate(args: &SimulateArgs) -> Result<SimulateOutcome, SimulateErro
     println!("#");
     let policy = args.manager.policy_config();
     let mut cases = Vec::new();
-    let mut placements =
-        args.placements_out.as_deref().map(|path| crate::output::create_output("--placements-out", path)).transpose()?;
+    let mut placements = args
+        .placements_out
+        .as_deref()
+        .map(|path| crate::output::create_output("--placements-out", path))
+        .transpose()?;
     let (score, _) = replay(&setup, config, &policy, "eplb", placements.as_mut().map(|w| w as &mut dyn Write))?;
     if let Some(w) = placements {
         w.commit()?;
@@ -458,7 +461,6 @@ pub fn run_simulate(args: &SimulateArgs) -> Result<SimulateOutcome, SimulateErro
     Ok(SimulateOutcome { cases })
 }
 
-
 /// The results table (nccl-tests style): one row a case; `vs first` is the modeled time of the
 /// first baseline over the case's (above 1: faster).
 pub fn table(cases: &[CaseResult]) -> String {
@@ -470,7 +472,15 @@ pub fn table(cases: &[CaseResult]) -> String {
         let vs = base.map_or("-".to_string(), |b| format!("{:.4}", b / c.modeled_seconds));
         s.push_str(&format!(
             "{:>15} {:>10.5} {:>13.5} {:>14} {:>9} {:>12.4} {:>11.4} {:>8} {:>7}\n",
-            c.name, c.mean_par, c.balancedness, c.changed_slots, c.layer_switches, c.transfer_seconds, c.modeled_seconds, vs, 0
+            c.name,
+            c.mean_par,
+            c.balancedness,
+            c.changed_slots,
+            c.layer_switches,
+            c.transfer_seconds,
+            c.modeled_seconds,
+            vs,
+            0
         ));
     }
     s
