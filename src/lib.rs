@@ -13,16 +13,21 @@
 //! * [`plot`]: `eplb-worker plot`, SVG charts of a report;
 //! * [`progress`]: progress bars on a terminal;
 //! * [`simulate`]: the `simulate` subcommand: a trace through the same Manager and Policy, scored.
+//! * [`output`]: output files that never destroy anything; [`limits`]: sizes and ranges checked
+//!   before any work; [`failure`]: the panic hook.
 
 pub mod bench;
 pub mod cli;
 pub mod collective;
 pub mod engine;
 pub mod executor;
+pub mod failure;
 pub mod gpu;
+pub mod limits;
 pub mod load;
 pub mod manager;
 pub mod observe;
+pub mod output;
 pub mod plan;
 pub mod plot;
 pub mod policy;

@@ -4,6 +4,7 @@ use clap::Parser;
 use eplb::cli::{Cli, Command};
 
 fn main() {
+    eplb::failure::install_panic_hook();
     let cli = Cli::parse();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).format_target(false).init();
     let code = match &cli.command {

@@ -22,6 +22,7 @@ use crate::gpu::nccl::NcclComm;
 use crate::gpu::store::{DeviceExpertStore, NcclTuning};
 use crate::gpu::{open_local_gpu, GpuError};
 use crate::load::{self, TraceSelect};
+use crate::output::named;
 use crate::policy::{self, Placement, PlacementShape, PolicyConfig, PolicyKind};
 use crate::rank::{Topology, TopologyError};
 
@@ -29,7 +30,7 @@ use crate::rank::{Topology, TopologyError};
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
     /// Expert sizes to sweep, in MiB (44 MiB is a DeepSeek-V3 expert in fp8: 3 x 7168 x 2048 bytes).
-    #[arg(long, value_delimiter = ',', default_values_t = [4.0, 16.0, 44.0, 64.0])]
+    #[arg(long, value_delimiter = ',', default_values_t = [4.0, 16.0, 44.0, 64.0], value_parser = crate::limits::positive)]
     pub expert_mib: Vec<f64>,
     /// Slots per GPU (experts per GPU plus one redundant slot).
     #[arg(long, default_value_t = 9)]
@@ -47,10 +48,10 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 0)]
     pub load_layer: usize,
     /// Average bytes one rank moves per NCCL group, in MiB.
-    #[arg(long, default_value_t = 1024.0)]
+    #[arg(long, default_value_t = 1024.0, value_parser = crate::limits::positive)]
     pub group_mib: f64,
     /// Largest piece of one transfer in a group, in MiB (0: whole experts).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = crate::limits::non_negative)]
     pub chunk_mib: f64,
     /// Register the buffers with NCCL (zero-copy send/recv on NVLink).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
@@ -87,12 +88,15 @@ pub enum BenchError {
     Topology(#[from] TopologyError),
     #[error("{0}")]
     Input(String),
+    #[error(transparent)]
+    Output(#[from] crate::output::OutputError),
 }
 
 impl BenchError {
     pub fn exit_code(&self) -> i32 {
         match self {
             BenchError::Input(_) => 2,
+            BenchError::Output(e) => e.exit_code(),
             BenchError::Gpu(e) => e.exit_code(),
             _ => 1,
         }
@@ -171,6 +175,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// Runs the benchmark on every rank; rank 0 prints the tables.
 pub fn run_bench(args: &BenchArgs) -> Result<(), BenchError> {
+    let outputs = named([("--pattern-out", args.pattern_out.as_deref()), ("--report", args.report.as_deref())]);
+    crate::output::check_outputs(&outputs, &named([("--load", args.load.as_deref())]))?;
     let _runtime = MpiRuntime::init()?;
     let world = Comm::world()?;
     let (rank, size) = (world.rank(), world.size());
@@ -186,7 +192,7 @@ pub fn run_bench(args: &BenchArgs) -> Result<(), BenchError> {
             };
             let doc =
                 json!({ "num_ranks": size, "slots_per_rank": spr, "forward": t(&forward), "backward": t(&backward) });
-            crate::plan::file::write_json_atomic(path, &doc).map_err(|e| BenchError::Input(e.to_string()))?;
+            crate::output::write_json("--pattern-out", path, &doc)?;
         }
     }
     let gpu = open_local_gpu(topo.local_rank)?;
@@ -332,7 +338,7 @@ pub fn run_bench(args: &BenchArgs) -> Result<(), BenchError> {
     if rank == 0 {
         if let Some(path) = &args.report {
             let doc = json!({ "world_size": size, "slots_per_rank": spr, "layers": args.layers, "results": results });
-            crate::plan::file::write_json_atomic(path, &doc).map_err(|e| BenchError::Input(e.to_string()))?;
+            crate::output::write_json("--report", path, &doc)?;
         }
     }
     Ok(())

@@ -74,7 +74,7 @@ impl HostTransport {
             // The send buffer is only read; MPI_Isend takes a const pointer.
             self.post(send_buf.as_ptr().cast_mut(), sends, false, &mut requests)
         });
-        let waited = self.wait_all(&mut requests);
+        let waited = self.comm.wait_all(&mut requests, "MPI_Waitall");
         posted.and(waited)
     }
 
@@ -108,14 +108,5 @@ impl HostTransport {
             }
         }
         Ok(())
-    }
-
-    fn wait_all(&self, requests: &mut [ffi::MPI_Request]) -> Result<(), MpiError> {
-        if requests.is_empty() {
-            return Ok(());
-        }
-        let count = mpi_count(requests.len(), "MPI_Waitall")?;
-        // SAFETY: every request was returned by MPI_Isend/MPI_Irecv; statuses are ignored.
-        check(unsafe { ffi::MPI_Waitall(count, requests.as_mut_ptr(), ffi::RSMPI_STATUSES_IGNORE) }, "MPI_Waitall")
     }
 }

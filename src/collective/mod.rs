@@ -6,15 +6,20 @@
 //! `MPI_Error_string` (rsmpi's safe wrappers ignore return codes).
 
 pub mod host;
+pub mod settings;
+pub mod watchdog;
 
 use std::ffi::{c_int, c_void};
+use std::rc::Rc;
 
 use mpi::ffi;
 use thiserror::Error;
 
+pub use watchdog::Watchdog;
+
 /// An MPI call that failed, with the code MPI returned and its `MPI_Error_string`.
 #[derive(Debug, Error)]
-#[error("MPI error {code} in {op}: {message}")]
+#[error("{}", self.describe())]
 pub struct MpiError {
     /// The MPI function, e.g. `MPI_Allreduce`.
     pub op: &'static str,
@@ -23,6 +28,14 @@ pub struct MpiError {
 }
 
 impl MpiError {
+    fn describe(&self) -> String {
+        if self.is_timeout() {
+            format!("{} timed out: {}", self.op, self.message)
+        } else {
+            format!("MPI error {} in {}: {}", self.code, self.op, self.message)
+        }
+    }
+
     /// An error that MPI did not return (a count too large for an `int`, MPI already started, ...).
     pub fn usage(op: &'static str, message: impl Into<String>) -> Self {
         MpiError { op, code: -1, message: message.into() }
@@ -71,6 +84,20 @@ impl MpiRuntime {
     }
 }
 
+/// `(rank, timeout)` of the guards of blocking collective calls, once a run set its timeout.
+static BLOCKING_TIMEOUT: std::sync::Mutex<Option<(usize, std::time::Duration)>> = std::sync::Mutex::new(None);
+
+/// Bounds every later blocking collective call of this process (`MPI_Comm_dup`,
+/// `MPI_Comm_split_type`) by `timeout` (see [`watchdog::Guard`]).
+pub fn set_blocking_timeout(rank: usize, timeout: std::time::Duration) {
+    *BLOCKING_TIMEOUT.lock().unwrap_or_else(|e| e.into_inner()) = Some((rank, timeout));
+}
+
+fn blocking_guard(op: &'static str) -> Option<watchdog::Guard> {
+    let armed = *BLOCKING_TIMEOUT.lock().unwrap_or_else(|e| e.into_inner());
+    armed.map(|(rank, timeout)| watchdog::guard(op, rank, timeout))
+}
+
 /// The reduction of an all-reduce.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReduceOp {
@@ -79,11 +106,13 @@ pub enum ReduceOp {
     Max,
 }
 
-/// A communicator with `MPI_ERRORS_RETURN`, freed on drop.
+/// A communicator with `MPI_ERRORS_RETURN`, freed on drop. With a [`Watchdog`] attached
+/// ([`Comm::set_watchdog`]), no wait on it lasts longer than the watchdog's timeout.
 pub struct Comm {
     raw: ffi::MPI_Comm,
     rank: usize,
     size: usize,
+    watchdog: Option<Rc<Watchdog>>,
 }
 
 impl Comm {
@@ -93,13 +122,53 @@ impl Comm {
         Comm::adopt_dup(unsafe { ffi::RSMPI_COMM_WORLD })
     }
 
-    /// A duplicate of this communicator (its own tag space), also with `MPI_ERRORS_RETURN`.
+    /// A duplicate of this communicator (its own tag space), also with `MPI_ERRORS_RETURN`, and
+    /// the same watchdog.
     pub fn dup(&self) -> Result<Comm, MpiError> {
+        let mut c = Comm::adopt_dup(self.raw)?;
+        c.watchdog = self.watchdog.clone();
+        Ok(c)
+    }
+
+    /// A duplicate without the watchdog.
+    fn dup_plain(&self) -> Result<Comm, MpiError> {
         Comm::adopt_dup(self.raw)
+    }
+
+    /// Bounds every wait on this communicator (and its later duplicates) by `watchdog`.
+    pub fn set_watchdog(&mut self, watchdog: Rc<Watchdog>) {
+        self.watchdog = Some(watchdog);
+    }
+
+    /// The watchdog attached, if any.
+    pub fn watchdog(&self) -> Option<&Rc<Watchdog>> {
+        self.watchdog.as_ref()
+    }
+
+    /// Waits for `requests` of `op`: through the watchdog when one is attached (a timeout error
+    /// past its timeout), else `MPI_Waitall`.
+    pub fn wait_all(&self, requests: &mut [ffi::MPI_Request], op: &'static str) -> Result<(), MpiError> {
+        if requests.is_empty() {
+            return Ok(());
+        }
+        if let Some(w) = &self.watchdog {
+            return w.wait(requests, op);
+        }
+        let count = mpi_count(requests.len(), "MPI_Waitall")?;
+        // SAFETY: every request was returned by MPI; statuses are ignored.
+        check(unsafe { ffi::MPI_Waitall(count, requests.as_mut_ptr(), ffi::RSMPI_STATUSES_IGNORE) }, op)
+    }
+
+    /// Waits for one request of `op` (see [`Comm::wait_all`]).
+    fn wait_one(&self, rc: c_int, req: ffi::MPI_Request, op: &'static str) -> Result<(), MpiError> {
+        check(rc, op)?;
+        self.wait_all(&mut [req], op)
     }
 
     fn adopt_dup(parent: ffi::MPI_Comm) -> Result<Comm, MpiError> {
         let mut raw: ffi::MPI_Comm = unsafe { ffi::RSMPI_COMM_NULL };
+        // MPI_Comm_dup is collective and blocking: bounded by the process-wide guard, if armed.
+        let _guard = blocking_guard("MPI_Comm_dup");
         // SAFETY: `parent` is a valid communicator and `raw` a valid out-pointer.
         check(unsafe { ffi::MPI_Comm_dup(parent, &mut raw) }, "MPI_Comm_dup")?;
         Comm::adopt(raw)
@@ -107,7 +176,7 @@ impl Comm {
 
     /// Takes ownership of a new communicator: sets `MPI_ERRORS_RETURN` and reads rank and size.
     fn adopt(raw: ffi::MPI_Comm) -> Result<Comm, MpiError> {
-        let mut comm = Comm { raw, rank: 0, size: 0 };
+        let mut comm = Comm { raw, rank: 0, size: 0, watchdog: None };
         // SAFETY: `raw` is a valid communicator that we own.
         unsafe {
             check(ffi::MPI_Comm_set_errhandler(raw, ffi::RSMPI_ERRORS_RETURN), "MPI_Comm_set_errhandler")?;
@@ -123,6 +192,7 @@ impl Comm {
     /// The ranks that share memory with this one (one node): `MPI_Comm_split_type(SHARED)`.
     pub fn split_shared(&self) -> Result<Comm, MpiError> {
         let mut raw: ffi::MPI_Comm = unsafe { ffi::RSMPI_COMM_NULL };
+        let _guard = blocking_guard("MPI_Comm_split_type");
         // SAFETY: valid communicator, key = world rank keeps the order, valid out-pointer.
         check(
             unsafe {
@@ -136,7 +206,9 @@ impl Comm {
             },
             "MPI_Comm_split_type",
         )?;
-        Comm::adopt(raw)
+        let mut c = Comm::adopt(raw)?;
+        c.watchdog = self.watchdog.clone();
+        Ok(c)
     }
 
     pub fn rank(&self) -> usize {
@@ -156,23 +228,26 @@ impl Comm {
     pub fn allreduce_u64(&self, send: &[u64], op: ReduceOp) -> Result<Vec<u64>, MpiError> {
         let mut recv = vec![0u64; send.len()];
         let count = mpi_count(send.len(), "MPI_Allreduce")?;
-        // SAFETY: both buffers hold `count` u64 values; the handles are valid.
+        let mut req = unsafe { ffi::RSMPI_REQUEST_NULL };
+        // SAFETY: both buffers hold `count` u64 values and outlive the request (waited for
+        // below); the handles are valid.
         let rc = unsafe {
             let op = match op {
                 ReduceOp::Sum => ffi::RSMPI_SUM,
                 ReduceOp::Min => ffi::RSMPI_MIN,
                 ReduceOp::Max => ffi::RSMPI_MAX,
             };
-            ffi::MPI_Allreduce(
+            ffi::MPI_Iallreduce(
                 send.as_ptr().cast::<c_void>(),
                 recv.as_mut_ptr().cast::<c_void>(),
                 count,
                 ffi::RSMPI_UINT64_T,
                 op,
                 self.raw,
+                &mut req,
             )
         };
-        check(rc, "MPI_Allreduce")?;
+        self.wait_one(rc, req, "MPI_Allreduce")?;
         Ok(recv)
     }
 
@@ -181,9 +256,10 @@ impl Comm {
         let n = mine.len();
         let mut all = vec![0u8; n * self.size];
         let count = mpi_count(n, "MPI_Allgather")?;
-        // SAFETY: `all` holds size * n bytes; the handles are valid.
+        let mut req = unsafe { ffi::RSMPI_REQUEST_NULL };
+        // SAFETY: `all` holds size * n bytes; both buffers outlive the request (waited for below).
         let rc = unsafe {
-            ffi::MPI_Allgather(
+            ffi::MPI_Iallgather(
                 mine.as_ptr().cast::<c_void>(),
                 count,
                 ffi::RSMPI_UINT8_T,
@@ -191,9 +267,10 @@ impl Comm {
                 count,
                 ffi::RSMPI_UINT8_T,
                 self.raw,
+                &mut req,
             )
         };
-        check(rc, "MPI_Allgather")?;
+        self.wait_one(rc, req, "MPI_Allgather")?;
         Ok(all.chunks(n.max(1)).take(self.size).map(<[u8]>::to_vec).collect())
     }
 
@@ -203,10 +280,31 @@ impl Comm {
         Ok(self.allgather_bytes(&bytes)?.iter().map(|r| le_words(r)).collect())
     }
 
+    /// Gathers one text from every rank, in rank order, each cut to `max_bytes` (at a character
+    /// boundary). Collective: one all-gather of `max_bytes` a rank.
+    pub fn allgather_text(&self, text: &str, max_bytes: usize) -> Result<Vec<String>, MpiError> {
+        let mut end = text.len().min(max_bytes);
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        let mut mine = vec![0u8; max_bytes];
+        mine[..end].copy_from_slice(&text.as_bytes()[..end]);
+        Ok(self
+            .allgather_bytes(&mine)?
+            .iter()
+            .map(|raw| {
+                let len = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
+                String::from_utf8_lossy(&raw[..len]).into_owned()
+            })
+            .collect())
+    }
+
     /// `MPI_Barrier`.
     pub fn barrier(&self) -> Result<(), MpiError> {
+        let mut req = unsafe { ffi::RSMPI_REQUEST_NULL };
         // SAFETY: valid communicator.
-        check(unsafe { ffi::MPI_Barrier(self.raw) }, "MPI_Barrier")
+        let rc = unsafe { ffi::MPI_Ibarrier(self.raw, &mut req) };
+        self.wait_one(rc, req, "MPI_Barrier")
     }
 
     /// Ends every rank of the job (`MPI_Abort`): for a failure that the other ranks cannot see and

@@ -47,9 +47,10 @@ pub enum ExecError {
     /// Staged bytes failed verification on some rank: the layer was not committed anywhere.
     #[error("layer {layer}: {wrong_bytes} staged bytes failed verification over all ranks; nothing was committed")]
     Verification { layer: usize, wrong_bytes: u64 },
-    /// Another rank failed to stage or verify its part: the layer was not committed anywhere.
-    #[error("layer {layer}: {ranks} rank(s) failed to stage their part; nothing was committed")]
-    PeerFailed { layer: usize, ranks: u64 },
+    /// Ranks failed to stage or verify their part (each printed its error): the layer was not
+    /// committed anywhere. `errors`: `rank R: <its error>` for each.
+    #[error("layer {layer}: {} rank(s) failed to stage their part ({}); nothing was committed", .errors.len(), .errors.join("; "))]
+    PeerFailed { layer: usize, errors: Vec<String> },
     /// The engine beside this rank died, stopped or failed: this rank stops (and the job with it).
     #[error("{0}")]
     Engine(String),
@@ -168,16 +169,31 @@ pub fn stage_layer(
         timing.verify_seconds = t.elapsed().as_secs_f64();
         Ok((timing, wrong))
     });
+    // A rank whose peers did not answer within --timeout goes no further: it ends the job.
+    let staged = match staged {
+        Err(ExecError::Mpi(e)) if e.is_timeout() => return Err(ExecError::Mpi(e)),
+        other => other,
+    };
     // A rank that failed locally still joins the agreement, so that no other rank commits.
     let (wrong, failed) = match &staged {
         Ok((_, wrong)) => (*wrong, 0),
         Err(_) => (0, 1),
     };
     let totals = comm.allreduce_u64(&[wrong, failed], ReduceOp::Sum)?;
-    let (timing, _) = staged?;
     if totals[1] > 0 {
-        return Err(ExecError::PeerFailed { layer: m.layer, ranks: totals[1] });
+        // Which ranks failed, and why: every rank learns it (one more all-gather, on failure only).
+        let mine = staged.as_ref().err().map(ToString::to_string).unwrap_or_default();
+        let errors: Vec<String> = comm
+            .allgather_text(&mine, 512)?
+            .into_iter()
+            .enumerate()
+            .filter(|(_, e)| !e.is_empty())
+            .map(|(r, e)| format!("rank {r}: {e}"))
+            .collect();
+        staged?;
+        return Err(ExecError::PeerFailed { layer: m.layer, errors });
     }
+    let (timing, _) = staged?;
     if totals[0] > 0 {
         return Err(ExecError::Verification { layer: m.layer, wrong_bytes: totals[0] });
     }

@@ -43,13 +43,19 @@ pub enum GpuError {
     Nccl { op: &'static str, code: i32, message: String },
     #[error("{0}")]
     Mpi(String),
+    /// The request does not fit the GPU (bad input: exit 2).
+    #[error("{0}")]
+    TooBig(String),
+    /// A wait past `--timeout` (the watchdog's error, naming the ranks that did not answer).
+    #[error(transparent)]
+    Watchdog(#[from] crate::collective::MpiError),
 }
 
 impl GpuError {
     /// 2 when the machine lacks what was asked for (no driver, NCCL or GPU), 1 for a failure.
     pub fn exit_code(&self) -> i32 {
         match self {
-            GpuError::NoDriver(_) | GpuError::NoNccl | GpuError::NoGpu { .. } => 2,
+            GpuError::NoDriver(_) | GpuError::NoNccl | GpuError::NoGpu { .. } | GpuError::TooBig(_) => 2,
             _ => 1,
         }
     }
@@ -60,6 +66,7 @@ impl From<GpuError> for ExecError {
         match e {
             GpuError::Cuda { op, message } => ExecError::Cuda { op, message },
             GpuError::Nccl { op, code, message } => ExecError::Nccl { op, code, message },
+            GpuError::Watchdog(e) => ExecError::Mpi(e),
             other => ExecError::Other(other.to_string()),
         }
     }

@@ -1,12 +1,21 @@
 //! The NCCL communicator of the ranks, bootstrapped through MPI, and grouped send/recv.
 
+use std::cell::Cell;
 use std::ffi::CStr;
+use std::rc::Rc;
 
 use cudarc::driver::sys as cu;
 use cudarc::nccl::{result, sys};
 
+use super::device::Gpu;
 use super::GpuError;
-use crate::collective::Comm;
+use crate::collective::{Comm, Watchdog};
+
+/// Most point-to-point operations one rank may post in one NCCL group: groups with thousands of
+/// operations have hung in NCCL (pytorch #174288). The executor cuts a layer's global transfer
+/// list into rounds small enough that no rank exceeds it, the same cut on every rank, so that the
+/// groups of every pair of ranks match (asymmetric op lists hang too, nccl #2130).
+pub const MAX_OPS_PER_GROUP: usize = 1024;
 
 /// Formats an NCCL failure: its code, `ncclGetErrorString`, and `ncclGetLastError` when a
 /// communicator exists.
@@ -40,6 +49,10 @@ pub struct NcclComm {
     pub size: usize,
     /// Buffers registered with `ncclCommRegister`, deregistered before the communicator goes.
     registered: Vec<*mut std::ffi::c_void>,
+    /// The watchdog of the MPI communicator it was bootstrapped on: bounds [`NcclComm::synchronize`].
+    watchdog: Option<Rc<Watchdog>>,
+    /// Set once `ncclCommAbort` ran: the communicator is gone.
+    aborted: Cell<bool>,
 }
 
 impl NcclComm {
@@ -47,6 +60,7 @@ impl NcclComm {
     /// joins. Collective over `comm`. The calling thread must have the rank's GPU context current.
     pub fn bootstrap(comm: &Comm) -> Result<NcclComm, GpuError> {
         let (rank, size) = (comm.rank(), comm.size());
+        let comm_watchdog = comm.watchdog().cloned();
         let mut id = [0u8; 128];
         // Rank 0's id; a failure there still joins the exchange, with zeros, and every rank sees it.
         let created =
@@ -73,9 +87,12 @@ impl NcclComm {
         }
         let mut comm: sys::ncclComm_t = std::ptr::null_mut();
         // SAFETY: `comm` receives the new communicator; every rank calls this with the same id.
+        // A blocking call that cannot be polled: the watchdog's guard bounds it.
+        let guard = comm_watchdog.as_ref().map(|w| w.guard("ncclCommInitRank"));
         unsafe { result::comm_init_rank(&mut comm, size as i32, uid, rank as i32) }
             .map_err(nccl_err("ncclCommInitRank", None))?;
-        Ok(NcclComm { comm, rank, size, registered: Vec::new() })
+        drop(guard);
+        Ok(NcclComm { comm, rank, size, registered: Vec::new(), watchdog: comm_watchdog, aborted: Cell::new(false) })
     }
 
     /// Registers a device buffer with the communicator (`ncclCommRegister`), so that NCCL moves
@@ -96,6 +113,49 @@ impl NcclComm {
         for handle in self.registered.drain(..) {
             // SAFETY: a handle from ncclCommRegister on this communicator, deregistered once.
             let _ = unsafe { sys::ncclCommDeregister(self.comm, handle) };
+        }
+    }
+
+    /// Waits for everything queued on `gpu`'s stream (NCCL groups included), polling the stream
+    /// and NCCL's asynchronous error, at most the watchdog's timeout. On an NCCL error or a
+    /// timeout the communicator is aborted (`ncclCommAbort`), so that no kernel waits forever
+    /// for a peer, and the error (with its code, or the ranks that did not answer) is returned.
+    pub fn synchronize(&self, gpu: &Gpu) -> Result<(), GpuError> {
+        let stream = gpu.stream();
+        let poll = || -> Result<bool, GpuError> {
+            // SAFETY: a valid stream of the current context.
+            match unsafe { cu::cuStreamQuery(stream) } {
+                cu::CUresult::CUDA_SUCCESS => return Ok(true),
+                cu::CUresult::CUDA_ERROR_NOT_READY => {}
+                e => return Err(super::cuda_err("cuStreamQuery")(cudarc::driver::DriverError(e))),
+            }
+            let mut state = sys::ncclResult_t::ncclSuccess;
+            // SAFETY: a live communicator and a valid out-pointer.
+            let rc = unsafe { sys::ncclCommGetAsyncError(self.comm, &mut state) };
+            for r in [rc, state] {
+                if r != sys::ncclResult_t::ncclSuccess && r != sys::ncclResult_t::ncclInProgress {
+                    return Err(nccl_err("ncclCommGetAsyncError", Some(self.comm))(result::NcclError(r)));
+                }
+            }
+            Ok(false)
+        };
+        let waited = match &self.watchdog {
+            Some(w) => w.poll_until("NCCL send/recv (stream)", poll),
+            None => gpu.synchronize(),
+        };
+        if waited.is_err() {
+            self.abort();
+        }
+        waited
+    }
+
+    /// `ncclCommAbort`: ends every operation of the communicator, once.
+    pub fn abort(&self) {
+        if !self.aborted.replace(true) {
+            // SAFETY: a live communicator; it is not used afterwards (Drop checks `aborted`).
+            unsafe {
+                let _ = result::comm_abort(self.comm);
+            }
         }
     }
 
@@ -146,6 +206,9 @@ impl NcclComm {
 
 impl Drop for NcclComm {
     fn drop(&mut self) {
+        if self.aborted.get() {
+            return;
+        }
         self.deregister_all();
         // SAFETY: created by ncclCommInitRank, destroyed once, after the stream was drained.
         unsafe {

@@ -21,7 +21,7 @@
 use std::time::Instant;
 
 use super::device::{DeviceBuffer, Gpu};
-use super::nccl::{NcclComm, P2p};
+use super::nccl::{NcclComm, P2p, MAX_OPS_PER_GROUP};
 use super::GpuError;
 use crate::executor::{Commit, ExecError, ExpertStore, RankMigration, StageTiming};
 
@@ -68,9 +68,38 @@ pub struct DeviceExpertStore {
 }
 
 impl DeviceExpertStore {
-    /// Device bytes the store needs: the layers, the staging buffer and the counter.
+    /// Device bytes the store needs: the layers, the staging buffer and the counter (`usize::MAX`
+    /// when that overflows).
     pub fn bytes_needed(num_layers: usize, slots_per_rank: usize, expert_bytes: usize) -> usize {
-        (num_layers + 1) * slots_per_rank * expert_bytes + 8
+        num_layers
+            .checked_add(1)
+            .and_then(|l| l.checked_mul(slots_per_rank))
+            .and_then(|b| b.checked_mul(expert_bytes))
+            .and_then(|b| b.checked_add(8))
+            .unwrap_or(usize::MAX)
+    }
+
+    /// Checks, before anything is allocated or any peer is waited for, that the store fits in
+    /// the free memory of `gpu` ([`GpuError::TooBig`], exit 2, otherwise).
+    pub fn check_fits(
+        gpu: &Gpu,
+        num_layers: usize,
+        slots_per_rank: usize,
+        expert_bytes: usize,
+    ) -> Result<(), GpuError> {
+        let need = Self::bytes_needed(num_layers, slots_per_rank, expert_bytes);
+        let (free, total) = gpu.mem_info()?;
+        if need > free {
+            return Err(GpuError::TooBig(format!(
+                "the expert weights need {:.2} GiB of GPU memory ({num_layers} layers + staging, {slots_per_rank} slots \
+                 of {expert_bytes} B), {:.2} GiB free of {:.2} GiB on GPU {}; lower --expert-bytes or the layers",
+                gib(need),
+                gib(free),
+                gib(total),
+                gpu.ordinal
+            )));
+        }
+        Ok(())
     }
 
     /// Allocates the store and fills every live slot with its expert's pattern.
@@ -90,20 +119,7 @@ impl DeviceExpertStore {
                 message: format!("expert bytes must be a positive multiple of 8, got {expert_bytes}"),
             });
         }
-        let need = Self::bytes_needed(initial.len(), slots_per_rank, expert_bytes);
-        let (free, total) = gpu.mem_info()?;
-        if need > free {
-            return Err(GpuError::Cuda {
-                op: "DeviceExpertStore::new",
-                message: format!(
-                    "needs {:.2} GiB of GPU memory, {:.2} GiB free of {:.2} GiB on GPU {}",
-                    gib(need),
-                    gib(free),
-                    gib(total),
-                    gpu.ordinal
-                ),
-            });
-        }
+        Self::check_fits(&gpu, initial.len(), slots_per_rank, expert_bytes)?;
         let layer_bytes = slots_per_rank * expert_bytes;
         let mut live = Vec::with_capacity(initial.len());
         for (layer, experts) in initial.iter().enumerate() {
@@ -151,7 +167,7 @@ impl DeviceExpertStore {
             ];
             self.nccl.group(&ops, self.gpu.stream())?;
         }
-        self.gpu.synchronize()
+        self.nccl.synchronize(&self.gpu)
     }
 
     /// Frees the weights and gives back the GPU and the communicator.
@@ -162,9 +178,12 @@ impl DeviceExpertStore {
         (gpu, nccl)
     }
 
-    /// Transfers of the global list per NCCL group.
+    /// Transfers of the global list per NCCL group: `--nccl-group-mib` worth a rank, but never so
+    /// many that one rank could post more than [`MAX_OPS_PER_GROUP`] operations in a group (a
+    /// transfer is one send or one receive of each piece, for a rank that takes part in it).
     fn transfers_per_round(&self) -> usize {
-        (self.tuning.group_bytes / self.expert_bytes).max(1) * self.nccl.size
+        let wanted = (self.tuning.group_bytes / self.expert_bytes).max(1) * self.nccl.size;
+        wanted.min((MAX_OPS_PER_GROUP / self.pieces().len().max(1)).max(1))
     }
 
     /// The pieces of one transfer: `(offset, bytes)`.
@@ -234,7 +253,7 @@ impl DeviceExpertStore {
                 self.expert_bytes,
             )?;
         }
-        self.gpu.synchronize()?;
+        self.nccl.synchronize(&self.gpu)?;
         if std::mem::take(&mut self.corrupt_next_stage) {
             if let Some(&k) = m.changed_slots.first() {
                 // Overwrite the first 8 bytes with their complement: 8 wrong bytes.

@@ -53,25 +53,34 @@ pub(super) fn parse(path: &Path, bytes: &[u8], select: &TraceSelect) -> Result<P
         return Err(LoadError::Empty { path: path.to_path_buf(), what: "the file is empty".into() });
     };
     let header = fields(first);
-    let is_header = header.first().is_none_or(|f| number(f).is_none());
-    if is_header {
-        let present: Vec<&str> = ITERATION_COLUMNS.iter().copied().filter(|c| header.contains(c)).collect();
-        if present.len() == ITERATION_COLUMNS.len() {
-            return parse_iterations(path, &lines, select);
-        }
-        if !present.is_empty() {
-            let missing: Vec<&str> = ITERATION_COLUMNS.iter().copied().filter(|c| !header.contains(c)).collect();
-            return Err(LoadError::Structure {
-                path: path.to_path_buf(),
-                location: format!("line {first_no} (header)"),
-                detail: format!(
-                    "has the column(s) {} but not {}; a per-iteration CSV needs all of {}",
-                    present.join(", "),
-                    missing.join(", "),
-                    ITERATION_COLUMNS.join(", ")
-                ),
-            });
-        }
+    let present: Vec<&str> = ITERATION_COLUMNS.iter().copied().filter(|c| header.contains(c)).collect();
+    if present.len() == ITERATION_COLUMNS.len() {
+        return parse_iterations(path, &lines, select);
+    }
+    // A header is a row with no number in it; a row with some numbers is data, and anything
+    // non-numeric in it is an error below (`0x10`, `1O`), never a silently dropped row.
+    let is_header = header.iter().all(|f| number(f).is_none());
+    if !present.is_empty() {
+        let missing: Vec<&str> = ITERATION_COLUMNS.iter().copied().filter(|c| !header.contains(c)).collect();
+        return Err(LoadError::Structure {
+            path: path.to_path_buf(),
+            location: format!("line {first_no} (header)"),
+            detail: format!(
+                "has the column(s) {} but not {}; a per-iteration CSV needs all of {}",
+                present.join(", "),
+                missing.join(", "),
+                ITERATION_COLUMNS.join(", ")
+            ),
+        });
+    }
+    if header.len() > 1 && header.first().is_some_and(|f| f.is_empty()) {
+        return Err(LoadError::Structure {
+            path: path.to_path_buf(),
+            location: format!("line {first_no}, column 1"),
+            detail: "the first field of the first row is empty, as pandas writes for its index column, which \
+                     would be read as an expert; save with to_csv(index=False), or drop the first column"
+                .into(),
+        });
     }
     parse_rows(path, if is_header { lines.get(1..).unwrap_or_default() } else { &lines })
 }

@@ -1,8 +1,10 @@
 //! JSON load files: `{"weight" | "counts" | "logical_count": [layers][experts] or [steps][layers][experts]}`.
 
+use std::fmt;
 use std::path::Path;
 
-use serde_json::Value;
+use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde_json::{Map, Value};
 
 use super::{Grid, LoadError, LoadFormat, Locator, Parsed, Raw, JSON_KEYS};
 
@@ -18,9 +20,80 @@ fn kind(v: &Value) -> &'static str {
     }
 }
 
+/// A JSON value read strictly: an object with the same key twice is an error (serde_json keeps
+/// the last one without a word, so `{"counts": A, "counts": B}` would silently lose A).
+struct Strict(Value);
+
+impl<'de> Deserialize<'de> for Strict {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Strict, D::Error> {
+        d.deserialize_any(StrictVisitor)
+    }
+}
+
+struct StrictVisitor;
+
+impl<'de> Visitor<'de> for StrictVisitor {
+    type Value = Strict;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Strict, E> {
+        Ok(Strict(Value::Bool(v)))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Strict, E> {
+        Ok(Strict(Value::from(v)))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Strict, E> {
+        Ok(Strict(Value::from(v)))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Strict, E> {
+        Ok(Strict(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number)))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Strict, E> {
+        Ok(Strict(Value::String(v.to_string())))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Strict, E> {
+        Ok(Strict(Value::String(v)))
+    }
+    fn visit_unit<E>(self) -> Result<Strict, E> {
+        Ok(Strict(Value::Null))
+    }
+    fn visit_none<E>(self) -> Result<Strict, E> {
+        Ok(Strict(Value::Null))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Strict, A::Error> {
+        let mut v = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 16));
+        while let Some(Strict(x)) = seq.next_element()? {
+            v.push(x);
+        }
+        Ok(Strict(Value::Array(v)))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Strict, A::Error> {
+        let mut m = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if m.contains_key(&key) {
+                return Err(de::Error::custom(format!(
+                    "the key {key:?} appears twice in one object; keep one of them"
+                )));
+            }
+            let Strict(v) = map.next_value()?;
+            m.insert(key, v);
+        }
+        Ok(Strict(Value::Object(m)))
+    }
+}
+
+/// Parses JSON strictly: a duplicate key in any object is an error, with its line and column.
+pub fn from_slice_strict(bytes: &[u8]) -> Result<Value, serde_json::Error> {
+    serde_json::from_slice::<Strict>(bytes).map(|s| s.0)
+}
+
+/// The keys that mark a placement file (`plan --output`, SGLang's --init-expert-location).
+const PLACEMENT_KEYS: [&str; 2] = ["physical_to_logical_map", "logical_to_physical_map"];
+
 pub(super) fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed, LoadError> {
-    let doc: Value =
-        serde_json::from_slice(bytes).map_err(|source| LoadError::Json { path: path.to_path_buf(), source })?;
+    let doc: Value = from_slice_strict(bytes).map_err(|source| LoadError::Json { path: path.to_path_buf(), source })?;
     let structure =
         |location: String, detail: String| LoadError::Structure { path: path.to_path_buf(), location, detail };
     let Value::Object(obj) = &doc else {
@@ -29,6 +102,9 @@ pub(super) fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed, LoadError> {
             format!("{} where an object with one of the keys {} was expected", kind(&doc), JSON_KEYS.join(", ")),
         ));
     };
+    if let Some(key) = PLACEMENT_KEYS.iter().find(|k| obj.contains_key(**k)) {
+        return Err(LoadError::PlacementNotLoad { path: path.to_path_buf(), key });
+    }
     let Some((key, value)) = JSON_KEYS.iter().find_map(|k| obj.get(*k).map(|v| (*k, v))) else {
         let mut found: Vec<&str> = obj.keys().map(String::as_str).collect();
         found.sort_unstable();

@@ -20,7 +20,7 @@
 //! place in it and the offending value.
 
 mod csv;
-mod json;
+pub(crate) mod json;
 mod npy;
 #[cfg(test)]
 mod tests;
@@ -70,6 +70,8 @@ pub enum LoadError {
         #[source]
         source: serde_json::Error,
     },
+    #[error("{}: is a placement file (it has {key}; `eplb-worker plan --output` writes these), not a load: its logical_count is a replica count, not tokens; give a file of token counts (keys {})", .path.display(), JSON_KEYS.join(", "))]
+    PlacementNotLoad { path: PathBuf, key: &'static str },
     #[error("{}: the JSON object has none of the keys {}; its keys are: {found}", .path.display(), JSON_KEYS.join(", "))]
     JsonMissingKey { path: PathBuf, found: String },
     #[error("{}: {location}: {detail}", .path.display())]

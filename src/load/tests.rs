@@ -559,3 +559,45 @@ fn corrupted_files_never_panic() {
         }
     }
 }
+
+// ---------------------------------------------------------------- strictness (issue 12)
+
+#[test]
+fn a_first_row_with_numbers_is_data_and_its_bad_fields_are_errors() {
+    // `0x10` and `1O` once made the first row a "header" that was dropped without a word.
+    for (name, text, bad) in [("hex.csv", "0x10,2,3\n4,5,6\n", "0x10"), ("letter_o.csv", "1O,2,3\n4,5,6\n", "1O")] {
+        let (e, msg) = err_of(name, text);
+        assert!(matches!(e, LoadError::NotANumber { .. }), "{e:?}");
+        assert!(msg.contains("line 1, column 1") && msg.contains(bad), "{msg}");
+    }
+    // A header is a row with no number in it, wherever the words are.
+    let t = read(&write("words.csv", "layer0_e0,e1,e2\n1,2,3\n"));
+    assert_eq!(t.steps, vec![arr2(&[[1, 2, 3]])]);
+}
+
+#[test]
+fn a_pandas_index_column_is_refused() {
+    for (name, text) in [("pandas.csv", ",e0,e1\n0,5,6\n1,3,4\n"), ("pandas_int.csv", ",0,1\n0,5,6\n1,3,4\n")] {
+        let (e, msg) = err_of(name, text);
+        assert!(matches!(e, LoadError::Structure { .. }), "{e:?}");
+        assert!(msg.contains("index=False"), "{msg}");
+    }
+}
+
+#[test]
+fn duplicate_json_keys_are_errors_at_any_depth() {
+    let (e, msg) = err_of("dup.json", r#"{"counts": [[1, 2]], "counts": [[3, 4]]}"#);
+    assert!(matches!(e, LoadError::Json { .. }), "{e:?}");
+    assert!(msg.contains("\"counts\" appears twice"), "{msg}");
+    let (_, msg) = err_of("dup_inner.json", r#"{"weight": [[1]], "meta": {"a": 1, "a": 2}}"#);
+    assert!(msg.contains("\"a\" appears twice"), "{msg}");
+}
+
+#[test]
+fn a_placement_file_is_not_a_load() {
+    let text = r#"{"physical_to_logical_map": [[0, 1, 0]], "logical_to_physical_map": [[[0, 2], [1, -1]]],
+                  "logical_count": [[2, 1]], "metrics": {}}"#;
+    let (e, msg) = err_of("placement.json", text);
+    assert!(matches!(e, LoadError::PlacementNotLoad { .. }), "{e:?}");
+    assert!(msg.contains("placement file") && msg.contains("physical_to_logical_map"), "{msg}");
+}

@@ -4,37 +4,8 @@
 use clap::{ArgAction, Args};
 
 use super::{CostModel, Interval, ManagerConfig, Mode, Rounds};
+use crate::limits::{non_negative, positive, unit_interval};
 use crate::policy::{PolicyConfig, PolicyKind};
-
-/// A fraction in [0, 1].
-fn unit_interval(s: &str) -> Result<f64, String> {
-    let v: f64 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
-    if (0.0..=1.0).contains(&v) {
-        Ok(v)
-    } else {
-        Err(format!("{v} is outside 0..=1"))
-    }
-}
-
-/// A positive finite number.
-fn positive(s: &str) -> Result<f64, String> {
-    let v: f64 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
-    if v > 0.0 && v.is_finite() {
-        Ok(v)
-    } else {
-        Err(format!("{v} is not a positive number"))
-    }
-}
-
-/// A non-negative finite number.
-fn non_negative(s: &str) -> Result<f64, String> {
-    let v: f64 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
-    if v >= 0.0 && v.is_finite() {
-        Ok(v)
-    } else {
-        Err(format!("{v} is not a non-negative number"))
-    }
-}
 
 /// xLLM's round-based manager: its defaults when any of its flags is given.
 pub const XLLM_INTERVAL_SECONDS: f64 = 1000.0;

@@ -8,21 +8,21 @@
 //! `ExpertLocationMetadata.init_by_mapping(**data)`, which takes `physical_to_logical_map` alone;
 //! [`write_sglang`] writes a file with that key only, which SGLang reads as it is.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use ndarray::Array2;
 use serde_json::{json, Value};
 use thiserror::Error;
 
+use crate::output::{self, OutputError};
 use crate::policy::{Placement, PolicyError};
 
 #[derive(Debug, Error)]
 pub enum PlacementFileError {
     #[error("{path}: cannot read: {source}")]
     Read { path: PathBuf, source: std::io::Error },
-    #[error("{path}: cannot write: {source}")]
-    Write { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Write(#[from] OutputError),
     #[error("{path}: not valid JSON: {source}")]
     Json { path: PathBuf, source: serde_json::Error },
     #[error("{path}: no \"physical_to_logical_map\" key; is this a placement file written by `eplb-worker plan`?")]
@@ -35,10 +35,9 @@ pub enum PlacementFileError {
 
 /// Reads a placement file's `physical_to_logical_map` for `num_logical` experts and checks it.
 pub fn read_placement(path: &Path, num_logical: usize) -> Result<Placement, PlacementFileError> {
-    let text =
-        std::fs::read_to_string(path).map_err(|source| PlacementFileError::Read { path: path.into(), source })?;
-    let doc: Value =
-        serde_json::from_str(&text).map_err(|source| PlacementFileError::Json { path: path.into(), source })?;
+    let bytes = std::fs::read(path).map_err(|source| PlacementFileError::Read { path: path.into(), source })?;
+    let doc: Value = crate::load::json::from_slice_strict(&bytes)
+        .map_err(|source| PlacementFileError::Json { path: path.into(), source })?;
     let map = doc.get("physical_to_logical_map").ok_or_else(|| PlacementFileError::NoMap { path: path.into() })?;
     let bad = |what: String| PlacementFileError::BadMap { path: path.into(), what };
     let rows = map.as_array().ok_or_else(|| bad("is not a list of layers".into()))?;
@@ -70,35 +69,27 @@ pub fn placement_json(placement: &Placement, metrics: Value) -> Value {
     })
 }
 
-/// Writes a placement file with its metrics (atomically: a temporary file, then a rename).
-pub fn write_placement(path: &Path, placement: &Placement, metrics: Value) -> Result<(), PlacementFileError> {
-    write_json_atomic(path, &placement_json(placement, metrics))
+/// Writes a placement file with its metrics (`flag`: the option that named `path`), through
+/// [`crate::output::write_json`]: atomic for a regular file, never replacing a symlink, a device
+/// or a FIFO.
+pub fn write_placement(
+    flag: &'static str,
+    path: &Path,
+    placement: &Placement,
+    metrics: Value,
+) -> Result<(), OutputError> {
+    output::write_json(flag, path, &placement_json(placement, metrics))
 }
 
 /// Writes the file SGLang's `--init-expert-location` reads as it is: `physical_to_logical_map` only.
-pub fn write_sglang(path: &Path, placement: &Placement) -> Result<(), PlacementFileError> {
+pub fn write_sglang(flag: &'static str, path: &Path, placement: &Placement) -> Result<(), OutputError> {
     let map: Vec<Vec<usize>> = placement.phy2log.outer_iter().map(|r| r.to_vec()).collect();
-    write_json_atomic(path, &json!({ "physical_to_logical_map": map }))
+    output::write_json(flag, path, &json!({ "physical_to_logical_map": map }))
 }
 
-/// Writes `value` as JSON to `path` through a temporary file in the same folder and a rename, so
-/// that a reader never sees a half-written file.
+/// Writes `value` as JSON to `path` (see [`crate::output::write_json`]).
 pub fn write_json_atomic(path: &Path, value: &Value) -> Result<(), PlacementFileError> {
-    let err = |source| PlacementFileError::Write { path: path.into(), source };
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(format!(".{}.tmp", std::process::id()));
-    let tmp = PathBuf::from(tmp);
-    let result = (|| {
-        let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
-        serde_json::to_writer(&mut f, value).map_err(std::io::Error::other)?;
-        f.write_all(b"\n")?;
-        f.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result.map_err(err)
+    Ok(output::write_json("--report", path, value)?)
 }
 
 #[cfg(test)]
@@ -115,13 +106,13 @@ mod tests {
     fn round_trip_and_sglang_file() {
         let p = Placement::from_phy2log(ndarray::arr2(&[[0, 1, 2, 0], [2, 1, 0, 1]]), 3).unwrap();
         let path = tmp("p.json");
-        write_placement(&path, &p, json!({"x": 1})).unwrap();
+        write_placement("--output", &path, &p, json!({"x": 1})).unwrap();
         assert_eq!(read_placement(&path, 3).unwrap(), p);
         let doc: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
         assert_eq!(doc["logical_count"], json!([[2, 1, 1], [1, 2, 1]]));
         assert_eq!(doc["logical_to_physical_map"][0][0], json!([0, 3]));
         let sg = tmp("sg.json");
-        write_sglang(&sg, &p).unwrap();
+        write_sglang("--sglang-output", &sg, &p).unwrap();
         let doc: Value = serde_json::from_str(&std::fs::read_to_string(&sg).unwrap()).unwrap();
         assert_eq!(doc.as_object().unwrap().keys().collect::<Vec<_>>(), vec!["physical_to_logical_map"]);
     }
@@ -135,6 +126,7 @@ mod tests {
             ("{\"physical_to_logical_map\": [[0, 1], [0]]}", "layer 1 has 1 slots"),
             ("{\"physical_to_logical_map\": [[0, -1]]}", "slot 1 is -1"),
             ("{\"physical_to_logical_map\": [[0, 0]]}", "expert 1 has no replica"),
+            ("{\"physical_to_logical_map\": [[0, 1]], \"physical_to_logical_map\": [[1, 0]]}", "appears twice"),
         ] {
             std::fs::write(&path, text).unwrap();
             let e = read_placement(&path, 2).unwrap_err().to_string();

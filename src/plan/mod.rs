@@ -11,7 +11,9 @@ use serde_json::{json, Value};
 use thiserror::Error;
 
 use crate::engine::synthetic::DriftingZipf;
+use crate::limits::{self, LimitError};
 use crate::load::{self, LoadError, LoadTrace, TraceSelect};
+use crate::output::{self, OutputError};
 use crate::policy::{self, metrics, Placement, PlacementShape, PolicyConfig, PolicyError, PolicyKind};
 use file::PlacementFileError;
 
@@ -57,7 +59,8 @@ pub struct PlanArgs {
     pub policy: PolicyKind,
     /// Incremental policy: the price of moving one expert copy, as a fraction of the mean GPU
     /// load; a change must cut the peak GPU load by more than this per copy it moves.
-    #[arg(long, value_name = "FRACTION", default_value_t = crate::policy::incremental::DEFAULT_MOVE_COST)]
+    #[arg(long, value_name = "FRACTION", default_value_t = crate::policy::incremental::DEFAULT_MOVE_COST,
+          value_parser = crate::limits::non_negative)]
     pub move_cost: f64,
     /// The placement now live (a file written by `plan`); its moves are counted in the metrics.
     #[arg(long, value_name = "PLACEMENT.json")]
@@ -98,6 +101,10 @@ pub enum PlanError {
     StepOutOfRange { path: PathBuf, flag: &'static str, step: usize, steps: usize },
     #[error("--previous {path}: {source}")]
     Previous { path: PathBuf, source: PolicyError },
+    #[error(transparent)]
+    Output(#[from] OutputError),
+    #[error(transparent)]
+    Limit(#[from] LimitError),
 }
 
 /// The `plan` flag that fixes a policy error, where one does.
@@ -113,10 +120,10 @@ fn flag_hint(e: &PolicyError) -> String {
 }
 
 impl PlanError {
-    /// Every plan error is bad input.
+    /// Bad input is 2; a write that failed at the end is 1.
     pub fn exit_code(&self) -> i32 {
         match self {
-            PlanError::PlacementFile(PlacementFileError::Write { .. }) => 1,
+            PlanError::PlacementFile(PlacementFileError::Write(e)) | PlanError::Output(e) => e.exit_code(),
             _ => 2,
         }
     }
@@ -128,6 +135,26 @@ pub struct PlanOutcome {
     pub placement: Placement,
     pub metrics: Value,
     pub summary: String,
+}
+
+/// Checks that a plan of `layers x num_logical` experts on `num_replicas` slots fits in host
+/// memory: `load_steps` steps of load, `phy2log` and the policy's per-slot tables (about 64 bytes
+/// a slot and 32 an expert, per layer).
+fn check_plan_memory(
+    layers: usize,
+    num_logical: usize,
+    num_replicas: usize,
+    load_steps: usize,
+) -> Result<(), LimitError> {
+    let need = limits::product(&[layers, num_replicas, 64])
+        .zip(limits::product(&[layers, num_logical, 32 + 8 * load_steps.min(usize::MAX / 8 - 4)]))
+        .and_then(|(a, b)| a.checked_add(b));
+    limits::check_host_memory(
+        "the plan",
+        need,
+        &format!("{layers} layers x {num_replicas} slots, {num_logical} experts, {load_steps} step(s) of load"),
+        "plan fewer layers or slots",
+    )
 }
 
 /// Picks `--iteration` (or the sum of all steps) from a trace.
@@ -144,6 +171,17 @@ const PROGRESS_MIN_SLOTS: usize = 10_000;
 
 /// Runs `plan`: reads the load, computes the placement, writes the output files.
 pub fn run_plan(args: &PlanArgs) -> Result<PlanOutcome, PlanError> {
+    // Before any work: the outputs can be written and destroy no input, and the shape is sane.
+    let outputs =
+        output::named([("--output", Some(args.output.as_path())), ("--sglang-output", args.sglang_output.as_deref())]);
+    let inputs = output::named([("--load", args.load.as_deref()), ("--previous", args.previous.as_deref())]);
+    output::check_outputs(&outputs, &inputs)?;
+    limits::check_shape(args.num_replicas, args.num_gpus, ("--num-replicas", "--num-gpus"))?;
+    if let Some((layers, experts)) = args.synthetic {
+        // The built-in load is generated for every step up to the last one asked for.
+        let steps = args.iteration.unwrap_or(0).max(args.eval_iteration.unwrap_or(0)).saturating_add(1);
+        check_plan_memory(layers, experts, args.num_replicas, steps)?;
+    }
     let trace = match (&args.load, args.synthetic) {
         (Some(path), _) => load::read_trace(path, &TraceSelect { dataset: args.dataset.clone() })?,
         (None, Some((layers, experts))) => {
@@ -173,6 +211,7 @@ pub fn run_plan(args: &PlanArgs) -> Result<PlanOutcome, PlanError> {
     };
     let policy_err = |e| PlanError::Policy { path: source.clone(), source: e };
     shape.validate(num_logical).map_err(policy_err)?;
+    check_plan_memory(layers, num_logical, shape.num_replicas, 1)?;
     let previous = args.previous.as_ref().map(|p| file::read_placement(p, num_logical)).transpose()?;
     if let (Some(prev), Some(path)) = (&previous, &args.previous) {
         prev.check_shape(layers, &shape).map_err(|source| PlanError::Previous { path: path.clone(), source })?;
@@ -252,10 +291,10 @@ pub fn run_plan(args: &PlanArgs) -> Result<PlanOutcome, PlanError> {
     if let Some(bits) = trace.scale_bits {
         m["load_scale_bits"] = json!(bits);
     }
-    file::write_placement(&args.output, &placement, m.clone())?;
+    file::write_placement("--output", &args.output, &placement, m.clone())?;
     summary += &format!("# wrote {}\n", args.output.display());
     if let Some(path) = &args.sglang_output {
-        file::write_sglang(path, &placement)?;
+        file::write_sglang("--sglang-output", path, &placement)?;
         summary += &format!("# wrote {} (SGLang --init-expert-location)\n", path.display());
     }
     Ok(PlanOutcome { placement, metrics: m, summary })

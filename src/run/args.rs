@@ -58,13 +58,17 @@ pub enum TransportKind {
     Auto,
 }
 
-/// A fault to inject, for tests: `corrupt-load-on-rank=R` or `corrupt-transfer-on-rank=R`.
+/// A fault to inject, for tests: `corrupt-load-on-rank=R`, `corrupt-transfer-on-rank=R` or
+/// `panic-on-rank=R`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
     /// Rank R perturbs its copy of the all-reduced load: the plan hashes differ.
     CorruptLoad(usize),
     /// Rank R flips a byte of its first staged slot: the verification fails.
     CorruptTransfer(usize),
+    /// Rank R panics in its first rebalance round (a bug): the panic hook must end the job with
+    /// exit code 1, never 101 or a hang.
+    Panic(usize),
 }
 
 /// Parses `corrupt-load-on-rank=R` / `corrupt-transfer-on-rank=R`.
@@ -74,17 +78,10 @@ pub fn parse_fault(s: &str) -> Result<Fault, String> {
     match kind {
         "corrupt-load-on-rank" => Ok(Fault::CorruptLoad(rank)),
         "corrupt-transfer-on-rank" => Ok(Fault::CorruptTransfer(rank)),
-        _ => Err(format!("unknown fault {kind:?}; known: corrupt-load-on-rank, corrupt-transfer-on-rank")),
-    }
-}
-
-/// A positive, finite number of seconds (clap value parser).
-fn positive_seconds(s: &str) -> Result<f64, String> {
-    let v: f64 = s.parse().map_err(|_| format!("{s:?} is not a number of seconds"))?;
-    if v > 0.0 && v.is_finite() {
-        Ok(v)
-    } else {
-        Err(format!("{v} is not a positive number of seconds"))
+        "panic-on-rank" => Ok(Fault::Panic(rank)),
+        _ => {
+            Err(format!("unknown fault {kind:?}; known: corrupt-load-on-rank, corrupt-transfer-on-rank, panic-on-rank"))
+        }
     }
 }
 
@@ -112,10 +109,10 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value_t = BalancePhase::All, help_heading = "Engine")]
     pub balance_phase: BalancePhase,
     /// shm engine: seconds to wait for the engine's region to appear.
-    #[arg(long, value_name = "SECONDS", default_value_t = 600.0, value_parser = positive_seconds, help_heading = "Engine")]
+    #[arg(long, value_name = "SECONDS", default_value_t = 600.0, value_parser = crate::limits::positive, help_heading = "Engine")]
     pub engine_wait: f64,
     /// shm engine: an engine whose heartbeat is older than this is stopped or hung (exit 1).
-    #[arg(long, value_name = "SECONDS", default_value_t = 10.0, value_parser = positive_seconds, help_heading = "Engine")]
+    #[arg(long, value_name = "SECONDS", default_value_t = 10.0, value_parser = crate::limits::positive, help_heading = "Engine")]
     pub engine_timeout: f64,
     /// Replay this load file, one step per iteration, wrapping around (the `plan` formats and the
     /// per-iteration CSV). Default: the built-in drifting zipf-like load.
@@ -185,10 +182,12 @@ pub struct RunArgs {
     pub chunk_bytes: usize,
     /// NCCL transport: average bytes one rank moves per NCCL group (the layer's transfers are cut
     /// into groups, the same cut on every rank).
-    #[arg(long, value_name = "MIB", default_value_t = 1024.0, help_heading = "Executor")]
+    #[arg(long, value_name = "MIB", default_value_t = 1024.0, value_parser = crate::limits::positive,
+          help_heading = "Executor")]
     pub nccl_group_mib: f64,
     /// NCCL transport: largest piece of one expert inside a group (0: whole experts).
-    #[arg(long, value_name = "MIB", default_value_t = 0.0, help_heading = "Executor")]
+    #[arg(long, value_name = "MIB", default_value_t = 0.0, value_parser = crate::limits::non_negative,
+          help_heading = "Executor")]
     pub nccl_chunk_mib: f64,
     /// NCCL transport: register the weight buffers with NCCL (zero-copy send/recv on NVLink).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL", help_heading = "Executor")]
@@ -197,7 +196,14 @@ pub struct RunArgs {
     #[arg(long, help_heading = "Executor")]
     pub verify_live_every_step: bool,
 
-    /// Write a JSON report (rank 0).
+    /// The longest a rank waits for the others in a collective, a transfer or a commit; past it,
+    /// the rank names the ranks that did not answer and ends the job (exit 1).
+    #[arg(long, value_name = "SECONDS", default_value_t = crate::collective::watchdog::DEFAULT_TIMEOUT_SECONDS,
+          value_parser = crate::limits::positive, help_heading = "Executor")]
+    pub timeout: f64,
+
+    /// Write a JSON report (rank 0): "status" is "running" from the start, then "ok", or
+    /// "failed" with "error".
     #[arg(long, value_name = "FILE", help_heading = "Output")]
     pub report: Option<PathBuf>,
     /// Rank 0 serves Prometheus metrics at http://BIND:PORT/metrics while the run goes (0: any
@@ -212,7 +218,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "SECONDS", default_value_t = 0.0, value_parser = non_negative_seconds,
           requires = "metrics_port", help_heading = "Output")]
     pub metrics_linger: f64,
-    /// Fault injection for tests: corrupt-load-on-rank=R, corrupt-transfer-on-rank=R.
+    /// Fault injection for tests: corrupt-load-on-rank=R, corrupt-transfer-on-rank=R, panic-on-rank=R.
     #[arg(long, value_name = "KIND=RANK", value_parser = parse_fault, hide = true)]
     pub fault: Vec<Fault>,
 }
@@ -276,6 +282,23 @@ mod tests {
         assert!(parse(&["--trace-dataset", "wikitext"]).is_err(), "a dataset needs a trace");
         assert_eq!(parse(&["--fault", "corrupt-load-on-rank=3"]).unwrap().fault, vec![Fault::CorruptLoad(3)]);
         assert!(parse(&["--fault", "corrupt-everything=1"]).is_err());
+        // Every float flag is finite and in its range (issue 12): nan/inf never act as a default.
+        for bad in [
+            &["--move-cost", "nan"][..],
+            &["--move-cost", "inf"],
+            &["--move-cost=-1"],
+            &["--nccl-group-mib", "inf"],
+            &["--nccl-chunk-mib", "nan"],
+            &["--eplb-update-interval", "inf"],
+            &["--eplb-update-threshold", "nan"],
+            &["--timeout", "0"],
+            &["--timeout", "nan"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(parse(&[]).unwrap().timeout, 120.0);
+        assert_eq!(parse(&["--timeout", "2.5"]).unwrap().timeout, 2.5);
+        assert_eq!(parse(&["--fault", "panic-on-rank=1"]).unwrap().fault, vec![Fault::Panic(1)]);
         assert!(parse(&["--engine", "vllm"]).is_err());
         assert_eq!(parse(&["--step-ms", "50"]).unwrap().manager.step_ms, Some(50.0));
         assert!(parse(&["--metrics-port", "70000"]).is_err());

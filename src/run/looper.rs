@@ -109,11 +109,24 @@ impl<'a> Looper<'a> {
             &devices,
         );
         let result = self.steps();
+        // Only measured figures: the balancedness is the mean over the steps it was measured on.
+        let n = self.counted_steps.max(1) as f64;
+        let r = &mut self.output.report;
+        r.balancedness_static = self.bal_static / n;
+        r.balancedness_live = self.bal_live / n;
+        r.final_placement_hash = format!("{:016x}", self.live.placement().hash());
         if let Err(e) = result {
             if e.is_local() {
-                // Only this rank failed: the others may be inside another collective, so none
-                // is started here; `super::run` prints the error and stops the job.
-                return Err(e);
+                // Only this rank failed, or a peer may never answer (a timeout, a failed MPI
+                // call): no more collectives. The report holds this rank's own figures, and says
+                // so through its error; `super::run` prints the error and stops the job.
+                r.wrong_live_bytes = self.live_wrong;
+                r.live_verified_bytes = self.live_checked;
+                r.lost_steps = self.lost_steps;
+                self.output.report.set_manager_times(&self.step_us, &self.allreduce_us, &self.round_us);
+                let failed: Result<(), RunError> = Err(e);
+                self.output.finish(self.args, &failed)?;
+                return failed.map(|()| RunOutcome { rank: self.world.rank(), report: self.output.report });
             }
             return self.finish(Err(e));
         }
@@ -128,10 +141,6 @@ impl<'a> Looper<'a> {
         r.wrong_live_bytes = totals[0];
         r.live_verified_bytes = totals[1];
         r.lost_steps = totals[2];
-        let n = self.counted_steps.max(1) as f64;
-        r.balancedness_static = self.bal_static / n;
-        r.balancedness_live = self.bal_live / n;
-        r.final_placement_hash = format!("{:016x}", self.live.placement().hash());
         let step_us = fastest_rank(self.world, &self.step_us)?;
         let allreduce_us = fastest_rank(self.world, &self.allreduce_us)?;
         let round_us = fastest_rank(self.world, &self.round_us)?;
@@ -281,13 +290,7 @@ impl<'a> Looper<'a> {
                 self.migrate(step, &update)?;
             }
             if self.args.verify_live_every_step {
-                for layer in 0..num_layers {
-                    let experts = local_slots(self.live.placement(), layer, rank, spr);
-                    let store = self.engine.store();
-                    self.live_wrong +=
-                        store.verify_live(layer, &experts).map_err(|source| RunError::Exec { step, source })?;
-                    self.live_checked += (spr * store.expert_bytes()) as u64;
-                }
+                self.verify_all_live(step)?;
             }
             self.output.report.steps = step + 1;
             if rank == 0 && (step + 1) % progress_every == 0 {
@@ -304,6 +307,18 @@ impl<'a> Looper<'a> {
                     self.bal_static / n
                 );
             }
+        }
+        Ok(())
+    }
+
+    /// Checks every live slot of every layer on this rank against the live placement.
+    fn verify_all_live(&mut self, step: usize) -> Result<(), RunError> {
+        let (rank, spr) = (self.world.rank(), self.run_shape.shape.slots_per_rank());
+        for layer in 0..self.run_shape.num_layers {
+            let experts = local_slots(self.live.placement(), layer, rank, spr);
+            let store = self.engine.store();
+            self.live_wrong += store.verify_live(layer, &experts).map_err(|source| RunError::Exec { step, source })?;
+            self.live_checked += (spr * store.expert_bytes()) as u64;
         }
         Ok(())
     }
@@ -335,6 +350,8 @@ impl<'a> Looper<'a> {
                 let staged = migration.transfers.len();
                 let bytes = (staged * self.engine.store_ref().expert_bytes()) as u64;
                 self.output.failed(step, layer, staged, bytes, wrong_bytes);
+                // Nothing was committed anywhere: every rank proves it on its live weights.
+                self.verify_all_live(step)?;
                 return Err(RunError::Exec { step, source: ExecError::Verification { layer, wrong_bytes } });
             }
             Err(source) => return Err(RunError::Exec { step, source }),
@@ -373,6 +390,10 @@ impl<'a> Looper<'a> {
             Ok(Some(d)) => Ok(d),
             Err(e) => Err(e),
         };
+        let rank = self.world.rank();
+        if self.args.fault.contains(&Fault::Panic(rank)) {
+            panic!("fault injection: --fault panic-on-rank={rank}");
+        }
         let hash = proposal.as_ref().map_or(POLICY_FAILED_HASH, RoundDecision::hash);
         let agreement = self.world.agree_hash(hash)?;
         if !agreement.agreed() {

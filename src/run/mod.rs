@@ -25,6 +25,7 @@ pub mod live;
 mod looper;
 mod output;
 mod report;
+pub mod safety;
 pub mod setup;
 
 pub use args::{EngineKind, Fault, RunArgs, TransportKind};
@@ -76,8 +77,13 @@ pub enum RunError {
     Gpu(#[from] GpuError),
     #[error(transparent)]
     Metrics(#[from] crate::observe::metrics::MetricsError),
-    #[error("--report: {0}")]
-    Report(PlacementFileError),
+    #[error(transparent)]
+    Output(#[from] crate::output::OutputError),
+    #[error(transparent)]
+    Limit(#[from] crate::limits::LimitError),
+    /// The ranks were started with different settings (see [`safety::begin`]).
+    #[error("{0}")]
+    Settings(String),
     /// Another rank failed during setup and printed why.
     #[error("rank(s) {ranks} failed during setup")]
     PeerSetup { ranks: String, code: i32 },
@@ -94,9 +100,10 @@ impl RunError {
     /// 2 for bad input, 1 for a runtime failure.
     pub fn exit_code(&self) -> i32 {
         match self {
-            RunError::Topology(TopologyError::Mpi(_)) | RunError::Mpi(_) | RunError::Report(_) => 1,
+            RunError::Topology(TopologyError::Mpi(_)) | RunError::Mpi(_) => 1,
             RunError::Topology(_) | RunError::Load(_) | RunError::Config(_) | RunError::Policy { .. } => 2,
-            RunError::PlacementFile(PlacementFileError::Write { .. }) => 1,
+            RunError::Limit(_) | RunError::Settings(_) => 2,
+            RunError::Output(e) | RunError::PlacementFile(PlacementFileError::Write(e)) => e.exit_code(),
             RunError::PlacementFile(_) => 2,
             RunError::PlanDisagreement { .. } | RunError::Exec { .. } | RunError::LiveVerification { .. } => 1,
             RunError::PeerSetup { code, .. } => *code,
@@ -109,17 +116,36 @@ impl RunError {
 
     /// An error only this rank saw: the others may wait for it forever, so the job is aborted.
     pub(crate) fn is_local(&self) -> bool {
-        matches!(self, RunError::Mpi(_) | RunError::Topology(TopologyError::Mpi(_)))
-            || matches!(self, RunError::Exec { source: ExecError::Mpi(_) | ExecError::Engine(_), .. })
+        self.mpi().is_some()
+            || matches!(self, RunError::Exec { source: ExecError::Engine(_), .. })
             || matches!(self, RunError::Engine { source: EngineError::Failed(_), .. })
     }
 
+    /// The MPI failure (or watchdog timeout) behind this error, if that is what it is.
+    fn mpi(&self) -> Option<&MpiError> {
+        match self {
+            RunError::Mpi(e) | RunError::Topology(TopologyError::Mpi(e)) => Some(e),
+            RunError::Exec { source: ExecError::Mpi(e), .. } => Some(e),
+            RunError::Gpu(GpuError::Watchdog(e)) => Some(e),
+            _ => None,
+        }
+    }
+
+    /// Whether this is the watchdog's timeout (`--timeout`).
+    pub(crate) fn is_timeout(&self) -> bool {
+        self.mpi().is_some_and(MpiError::is_timeout)
+    }
+
     /// Whether rank `rank` prints the error: rank 0 prints the errors every rank shares, a rank
-    /// whose own setup failed prints its own (see [`run_on`]).
-    fn printed_by(&self, rank: usize) -> bool {
+    /// prints its own failure (an engine, an NCCL, CUDA or MPI call of its own), which rank 0
+    /// then names (see [`run_on`]).
+    pub(crate) fn printed_by(&self, rank: usize) -> bool {
         match self {
             // Each failing rank says why; rank 0 names them unless it is one of them.
             RunError::Engine { .. } => true,
+            RunError::Exec {
+                source: ExecError::Nccl { .. } | ExecError::Cuda { .. } | ExecError::Other(_), ..
+            } => true,
             _ => rank == 0 || self.is_local(),
         }
     }
@@ -140,24 +166,17 @@ pub struct RunOutcome {
 /// the message is out. An error only one rank saw (a failed MPI call) is printed by that rank,
 /// which then aborts the job, since the others may be waiting for it.
 pub fn run(args: &RunArgs) -> Result<RunOutcome, RunError> {
-    let (_runtime, world) = match MpiRuntime::init().and_then(|rt| Ok((rt, Comm::world()?))) {
+    let (_runtime, mut world) = match MpiRuntime::init().and_then(|rt| Ok((rt, Comm::world()?))) {
         Ok(x) => x,
         Err(e) => {
             eprintln!("eplb-worker run: error: {e}");
             return Err(e.into());
         }
     };
-    let rank = world.rank();
-    let result = run_on(&world, args);
+    crate::failure::set_rank(world.rank());
+    let result = safety::begin(&mut world, args).and_then(|()| run_on(&world, args));
     if let Err(e) = &result {
-        if e.is_local() && world.size() > 1 {
-            eprintln!("eplb-worker run: rank {rank}: error: {e}");
-            world.abort(e.exit_code())
-        }
-        if e.printed_by(rank) {
-            eprintln!("eplb-worker run: error: {e}");
-        }
-        let _ = world.barrier();
+        safety::fail(&world, args, e);
     }
     result
 }

@@ -8,7 +8,6 @@ use crate::engine::Engine;
 use crate::executor::LayerStats;
 use crate::manager::{ManagerConfig, RoundDecision};
 use crate::observe::{LayerEvent, ManagerEvent, RoundEvent, RunObserver, SeriesRecorder, StepEvent};
-use crate::plan::file;
 use crate::rank::Topology;
 
 pub(super) const TABLE_HEADER: &str = "#   step  layer  experts        bytes  copies    time(us)  algbw(GB/s)  #wrong";
@@ -202,16 +201,16 @@ impl Output {
         self.report.wrong_bytes += wrong;
     }
 
-    /// The closing lines, and the report (rank 0) with the run's error, if any.
+    /// The closing lines, and the report (rank 0): `"status": "ok"`, or `"failed"` with the
+    /// run's error.
     pub fn finish(&mut self, args: &RunArgs, result: &Result<(), RunError>) -> Result<(), RunError> {
-        if let Err(e) = result {
-            self.report.error = Some(e.to_string());
-        }
+        let error = result.as_ref().err().map(ToString::to_string);
+        self.report.error = error.clone();
         self.report.series = self.series.series();
         self.line(self.report.summary());
-        if let (Some(path), true) = (&args.report, self.on) {
-            file::write_json_atomic(path, &serde_json::to_value(&self.report).unwrap_or_default())
-                .map_err(RunError::Report)?;
+        if self.on {
+            let doc = serde_json::to_value(&self.report).unwrap_or_default();
+            super::safety::finish_report(args, 0, doc, error.as_deref())?;
         }
         Ok(())
     }

@@ -38,6 +38,9 @@ pub fn setup(world: &Comm, args: &RunArgs) -> Result<Ready, RunError> {
             let transport = resolve_transport(args.transport, &topo, world)?;
             let store_comm = world.dup()?;
             let prepared = agree_on_setup(world, prepare_synthetic(args, &topo, store_comm, transport))?;
+            // What the flags resolved to must agree too, before the store's collective set-up.
+            let load = super::safety::load_identity(&prepared.source);
+            super::safety::agree_on_shapes(world, &prepared.run_shape, &load, &prepared.initial, transport)?;
             let store = agree_on_setup(world, finish_store(args, prepared.store, rank))?;
             let engine = SyntheticEngine::new(prepared.source, prepared.initial, store, args.steps, rank)
                 .paced(args.manager.step_ms);
@@ -156,10 +159,13 @@ pub fn resolve_shape_of(
         }
     }
     let num_replicas = match (args.num_redundant_experts, args.redundant_experts_num) {
-        (Some(n), _) => num_logical + n,
-        (None, Some(per_rank)) => num_logical + per_rank * world,
-        (None, None) => (num_logical + world).div_ceil(world) * world,
-    };
+        (Some(n), _) => num_logical.checked_add(n),
+        (None, Some(per_rank)) => per_rank.checked_mul(world).and_then(|n| n.checked_add(num_logical)),
+        (None, None) => num_logical.checked_add(world).map(|n| n.div_ceil(world) * world),
+    }
+    .unwrap_or(usize::MAX);
+    // Sizes the policy can plan in bounded time and memory, before anything is allocated.
+    crate::limits::check_shape(num_replicas, world, ("the slots (experts + --num-redundant-experts)", "the ranks"))?;
     if num_replicas % world != 0 {
         let next = num_replicas.div_ceil(world) * world;
         return Err(RunError::Config(format!(
@@ -212,6 +218,19 @@ pub fn load_source(args: &RunArgs) -> Result<LoadSource, RunError> {
     }
 }
 
+/// Checks that the load of a step and the window of steps the policy plans on (u64 each) fit in
+/// host memory, before either is allocated.
+fn check_load_memory(args: &RunArgs, layers: usize, experts: usize) -> Result<(), RunError> {
+    let window = args.manager.eplb_window_steps.unwrap_or(crate::manager::args::ROUNDS_WINDOW_STEPS);
+    let steps = (window as usize).saturating_add(4);
+    Ok(crate::limits::check_host_memory(
+        "the load window",
+        crate::limits::product(&[layers, experts, steps, 8]),
+        &format!("{layers} layers x {experts} experts x {window} steps of window"),
+        "lower --num-layers, --num-experts or --eplb-window-steps",
+    )?)
+}
+
 /// The expert store `--transport` selects, before the collective part of its set-up.
 pub enum StoreSetup {
     Ready(Box<dyn ExpertStore>),
@@ -248,10 +267,24 @@ pub fn make_store(
     experts: &[Vec<usize>],
     topo: &Topology,
 ) -> Result<StoreSetup, RunError> {
+    let (layers, spr) = (experts.len(), experts.first().map_or(0, Vec::len));
     if transport == TransportKind::Nccl {
         let gpu = gpu::open_local_gpu(topo.local_rank)?;
+        // Before the NCCL set-up that every peer joins: a store that cannot fit fails here, agreed.
+        DeviceExpertStore::check_fits(&gpu, layers, spr, args.expert_bytes)?;
         return Ok(StoreSetup::Gpu { gpu, comm, experts: experts.to_vec() });
     }
+    // The ranks of one host share its memory (all of them when the nodes are faked).
+    let on_host = if topo.faked { topo.world_size } else { topo.local_size };
+    crate::limits::check_host_memory(
+        "the expert weights",
+        crate::limits::product(&[layers + 1, spr, args.expert_bytes, on_host]),
+        &format!(
+            "{on_host} rank(s) on this host x ({layers} layers + staging) x {spr} slots x {} B",
+            args.expert_bytes
+        ),
+        "lower --expert-bytes or the layers, or use fewer ranks a host",
+    )?;
     let transport = HostTransport::new(comm, args.chunk_bytes);
     let store = HostExpertStore::new(transport, args.expert_bytes, experts)
         .map_err(|e| RunError::Config(format!("the host store: {e}")))?;
@@ -320,6 +353,7 @@ fn prepare_synthetic(
         log::info!("--expert_parallel_degree={d} is accepted for xLLM compatibility and ignored");
     }
     let source = load_source(args)?;
+    check_load_memory(args, source.num_layers(), source.num_logical())?;
     let run_shape = resolve_shape(args, topo, &source)?;
     let (layers, num_logical, shape) = (run_shape.num_layers, run_shape.num_logical, run_shape.shape);
     let initial = match &args.init_placement {

@@ -50,13 +50,16 @@ pub enum SimulateError {
     PlacementFile(#[from] PlacementFileError),
     #[error("{path}: {source}")]
     Write { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Output(#[from] crate::output::OutputError),
 }
 
 impl SimulateError {
     /// 2 for bad input, 1 for a failure to write.
     pub fn exit_code(&self) -> i32 {
         match self {
-            SimulateError::Write { .. } | SimulateError::PlacementFile(PlacementFileError::Write { .. }) => 1,
+            SimulateError::Write { .. } => 1,
+            SimulateError::Output(e) | SimulateError::PlacementFile(PlacementFileError::Write(e)) => e.exit_code(),
             _ => 2,
         }
     }
@@ -372,6 +375,12 @@ pub struct SimulateOutcome {
 
 /// Runs `simulate`: prints the table on stdout and writes the report.
 pub fn run_simulate(args: &SimulateArgs) -> Result<SimulateOutcome, SimulateError> {
+    // Before any work: the outputs can be written and destroy no input.
+    use crate::output::named;
+    crate::output::check_outputs(
+        &named([("--report", args.report.as_deref()), ("--placements-out", args.placements_out.as_deref())]),
+        &named([("--trace", Some(args.trace.as_path())), ("--init-placement", args.init_placement.as_deref())]),
+    )?;
     let setup = setup(args)?;
     let trace = &setup.trace;
     let (layers, num_logical, steps) = (trace.num_layers(), trace.num_logical(), trace.num_steps());
@@ -410,19 +419,14 @@ pub fn run_simulate(args: &SimulateArgs) -> Result<SimulateOutcome, SimulateErro
     println!("#");
     let policy = args.manager.policy_config();
     let mut cases = Vec::new();
-    let mut placements = match &args.placements_out {
-        Some(path) => {
-            let tmp = tmp_path(path);
-            let f = std::fs::File::create(&tmp).map_err(|source| SimulateError::Write { path: tmp.clone(), source })?;
-            Some((path.clone(), tmp, std::io::BufWriter::new(f)))
-        }
-        None => None,
-    };
-    let (score, _) = replay(&setup, config, &policy, "eplb", placements.as_mut().map(|(_, _, w)| w as &mut dyn Write))?;
-    if let Some((path, tmp, mut w)) = placements {
-        w.flush().map_err(|source| SimulateError::Write { path: tmp.clone(), source })?;
-        drop(w);
-        std::fs::rename(&tmp, &path).map_err(|source| SimulateError::Write { path: path.clone(), source })?;
+    let mut placements = args
+        .placements_out
+        .as_deref()
+        .map(|path| crate::output::create_output("--placements-out", path))
+        .transpose()?;
+    let (score, _) = replay(&setup, config, &policy, "eplb", placements.as_mut().map(|w| w as &mut dyn Write))?;
+    if let Some(w) = placements {
+        w.commit()?;
     }
     cases.push(score.finish("eplb".into(), steps, layers, &costs));
     for &b in &args.baseline {
@@ -455,12 +459,6 @@ pub fn run_simulate(args: &SimulateArgs) -> Result<SimulateOutcome, SimulateErro
         file::write_json_atomic(path, &value)?;
     }
     Ok(SimulateOutcome { cases })
-}
-
-fn tmp_path(path: &std::path::Path) -> PathBuf {
-    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-    name.push(format!(".tmp.{}", std::process::id()));
-    path.with_file_name(name)
 }
 
 /// The results table (nccl-tests style): one row a case; `vs first` is the modeled time of the

@@ -1,0 +1,198 @@
+//! Never hang, never corrupt, never lie: the run's side of issue 12, in one place.
+//!
+//! * [`begin`] (collective, before anything else): arms the watchdog (`--timeout`), has rank 0
+//!   check that the report can be written without destroying an input and replace any old report
+//!   with `"status": "running"`, then has every rank agree on the flags that the collectives and
+//!   the plan depend on ([`flag_settings`]); [`agree_on_shapes`] does the same for what the flags
+//!   resolved to (the load's shape, the slots, the initial placement), before the store's
+//!   collective set-up;
+//! * [`finish_report`]: the one way the final report is written (`ok`, or `failed` and `error`);
+//!   [`fail`]: the end of a failed run on one rank (print, report, abort when a peer may wait).
+
+use std::cell::Cell;
+use std::path::Path;
+use std::rc::Rc;
+use std::time::Duration;
+
+use serde_json::json;
+
+use super::setup::RunShape;
+use super::{RunArgs, RunError, TransportKind};
+use crate::collective::settings::{agree_on_settings, Setting, SettingsError};
+use crate::collective::{self, Comm, Watchdog};
+use crate::engine::LoadSource;
+use crate::output::{self, Named, StatusReport};
+use crate::policy::Placement;
+
+thread_local! {
+    /// Whether this rank started the report (`running`): only a started report is finished, so
+    /// that a path refused by the checks (an input, a folder) is never written.
+    static REPORT_STARTED: Cell<bool> = const { Cell::new(false) };
+    /// Whether this rank wrote the final report already.
+    static REPORT_FINISHED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// How long a rank other than 0 that timed out waits before ending the job, so that rank 0
+/// (which timed out too, unless it is the silent one) writes the failed report first.
+const REPORT_GRACE: Duration = Duration::from_secs(3);
+
+/// The report of this run, when `--report` was given: only rank 0 writes it.
+fn status_report(args: &RunArgs, rank: usize) -> Option<StatusReport> {
+    args.report.as_deref().filter(|_| rank == 0).map(|p| StatusReport::at("--report", p))
+}
+
+/// The inputs of `run` that an output must never be.
+fn inputs(args: &RunArgs) -> Vec<Named<'_>> {
+    output::named([("--trace", args.trace.as_deref()), ("--init-placement", args.init_placement.as_deref())])
+}
+
+/// The start of every run, on every rank, before any other collective: the watchdog, the
+/// report (rank 0: checked, then `running`), and the agreement on the flags. A failure of any
+/// rank is every rank's: all return the same error (exit 2), none goes on.
+pub fn begin(world: &mut Comm, args: &RunArgs) -> Result<(), RunError> {
+    let timeout = Duration::from_secs_f64(args.timeout);
+    world.set_watchdog(Rc::new(Watchdog::new(world, timeout)?));
+    collective::set_blocking_timeout(world.rank(), timeout);
+    let rank = world.rank();
+    let local = match (&args.report, rank) {
+        (Some(path), 0) => start_report(path, args, world.size()),
+        _ => Ok(()),
+    };
+    super::setup::agree_on_setup(world, local)?;
+    agree_on_settings(world, &flag_settings(args)).map_err(settings_error)
+}
+
+fn start_report(path: &Path, args: &RunArgs, world_size: usize) -> Result<(), RunError> {
+    output::check_outputs(&[Named::new("--report", path)], &inputs(args))?;
+    StatusReport::start("--report", path, json!({ "world_size": world_size }))?;
+    REPORT_STARTED.with(|s| s.set(true));
+    Ok(())
+}
+
+fn settings_error(e: SettingsError) -> RunError {
+    match e {
+        SettingsError::Mpi(e) => RunError::Mpi(e),
+        SettingsError::Differ { .. } => RunError::Settings(e.to_string()),
+    }
+}
+
+/// `Some(v)` as `v`, `None` as `(not given)`.
+fn opt<T: ToString>(v: &Option<T>) -> String {
+    v.as_ref().map_or_else(|| "(not given)".to_string(), T::to_string)
+}
+
+/// Every flag that the sizes of the collectives, the transfers or the plan depend on, as the
+/// command line spelled it. Paths are compared by presence only (the same file may be mounted
+/// at different places on different nodes); their content is compared by [`agree_on_shapes`].
+pub fn flag_settings(a: &RunArgs) -> Vec<Setting> {
+    let given = |p: &Option<std::path::PathBuf>| if p.is_some() { "given" } else { "(not given)" };
+    let m = &a.manager;
+    vec![
+        Setting::new("--engine", format!("{:?}", a.engine)),
+        Setting::new("--trace", given(&a.trace)),
+        Setting::new("--trace-dataset", opt(&a.trace_dataset)),
+        Setting::new("--num-layers", opt(&a.num_layers)),
+        Setting::new("--num-experts", opt(&a.num_experts)),
+        Setting::new("--expert-bytes", a.expert_bytes),
+        Setting::new("--steps", a.steps),
+        Setting::new("--drift-steps", a.drift_steps),
+        Setting::new("--seed", a.seed),
+        Setting::new("--num-redundant-experts", opt(&a.num_redundant_experts)),
+        Setting::new("--redundant_experts_num", opt(&a.redundant_experts_num)),
+        Setting::new("--num-groups", a.num_groups),
+        Setting::new("--ep-size", opt(&a.ep_size)),
+        Setting::new("--ranks-per-node", opt(&a.ranks_per_node)),
+        Setting::new("--init-placement", given(&a.init_placement)),
+        Setting::new("--balance-phase", format!("{:?}", a.balance_phase)),
+        Setting::new("--enable-eplb", m.enable_eplb),
+        Setting::new("--step-ms", opt(&m.step_ms)),
+        Setting::new("--migration-gbps", opt(&m.migration_gbps)),
+        Setting::new("--eplb-layers-per-step", m.eplb_layers_per_step),
+        Setting::new("--eplb-update-interval", opt(&m.eplb_update_interval)),
+        Setting::new("--eplb-update-interval-steps", opt(&m.eplb_update_interval_steps)),
+        Setting::new("--eplb-update-threshold", opt(&m.eplb_update_threshold)),
+        Setting::new("--eplb-min-improvement", opt(&m.eplb_min_improvement)),
+        Setting::new("--eplb-window-steps", opt(&m.eplb_window_steps)),
+        Setting::new("--policy", format!("{:?}", m.policy).to_lowercase()),
+        Setting::new("--move-cost", opt(&m.move_cost)),
+        Setting::new("--transport", format!("{:?}", a.transport).to_lowercase()),
+        Setting::new("--chunk-bytes", a.chunk_bytes),
+        Setting::new("--nccl-group-mib", a.nccl_group_mib),
+        Setting::new("--nccl-chunk-mib", a.nccl_chunk_mib),
+        Setting::new("--nccl-register", a.nccl_register),
+        Setting::new("--verify-live-every-step", a.verify_live_every_step),
+    ]
+}
+
+/// Agrees on what the flags resolved to on each rank: the load's shape (a trace file may differ
+/// between nodes), the slots, the initial placement and the transport. Collective over `world`.
+pub fn agree_on_shapes(
+    world: &Comm,
+    run_shape: &RunShape,
+    load: &str,
+    initial: &Placement,
+    transport: TransportKind,
+) -> Result<(), RunError> {
+    let s = &run_shape.shape;
+    let settings = vec![
+        Setting::new(
+            "the load's shape (layers x experts)",
+            format!("{} x {}", run_shape.num_layers, run_shape.num_logical),
+        ),
+        Setting::new("the load", load),
+        Setting::new("the slots (--num-redundant-experts)", s.num_replicas),
+        Setting::new("the nodes (--ranks-per-node)", s.num_nodes),
+        Setting::new("the initial placement (--init-placement)", format!("hash {:016x}", initial.hash())),
+        Setting::new("the transport (--transport)", format!("{transport:?}").to_lowercase()),
+    ];
+    agree_on_settings(world, &settings).map_err(settings_error)
+}
+
+/// What identifies the load on every rank, without its path (a file may be mounted at different
+/// places): the trace's format, dataset and steps, or the built-in load's parameters.
+pub fn load_identity(source: &LoadSource) -> String {
+    match source {
+        LoadSource::Trace(t) => {
+            format!(
+                "{} steps of {}{}",
+                t.num_steps(),
+                t.format,
+                t.dataset.as_ref().map(|d| format!(", dataset {d}")).unwrap_or_default()
+            )
+        }
+        other => other.describe(),
+    }
+}
+
+/// Writes the final report (rank 0, with `--report`): `doc` with `status` `ok`, or `failed` and
+/// `error`. Every exit path of a run that started its report goes through here or [`fail`].
+pub fn finish_report(args: &RunArgs, rank: usize, doc: serde_json::Value, error: Option<&str>) -> Result<(), RunError> {
+    let Some(report) = status_report(args, rank).filter(|_| REPORT_STARTED.with(Cell::get)) else { return Ok(()) };
+    REPORT_FINISHED.with(|f| f.set(true));
+    report.finish(doc, error).map_err(RunError::from)
+}
+
+/// The end of a failed run on this rank: the message (rank 0 prints the errors every rank
+/// shares, a rank prints its own local error), the failed report if the loop did not write it
+/// (rank 0), then, for an error only this rank saw (a failed MPI call, a timeout), `MPI_Abort`
+/// of the whole job, since the others may be waiting for this rank. Other errors are shared by
+/// every rank: all meet in a barrier, so that no rank exits before rank 0 printed the message.
+pub fn fail(world: &Comm, args: &RunArgs, e: &RunError) {
+    let rank = world.rank();
+    let local = e.is_local() && world.size() > 1;
+    if local || (rank != 0 && e.printed_by(rank)) {
+        eprintln!("eplb-worker run: rank {rank}: error: {e}");
+    } else if e.printed_by(rank) {
+        eprintln!("eplb-worker run: error: {e}");
+    }
+    if !REPORT_FINISHED.with(Cell::get) {
+        let _ = finish_report(args, rank, json!({ "world_size": world.size() }), Some(&e.to_string()));
+    }
+    if local {
+        if rank != 0 && e.is_timeout() {
+            std::thread::sleep(REPORT_GRACE);
+        }
+        world.abort(e.exit_code())
+    }
+    let _ = world.barrier();
+}
