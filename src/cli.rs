@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 
 use crate::bench::BenchArgs;
 use crate::plan::PlanArgs;
+use crate::plot::PlotArgs;
 use crate::run::RunArgs;
 use crate::simulate::SimulateArgs;
 
@@ -24,11 +25,14 @@ pub enum Command {
     /// Compute a placement offline from a load file and write it as JSON.
     Plan(PlanArgs),
     /// Run the balancer under MPI, one rank per GPU: all-reduce the loads, decide, move weights.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Benchmark the GPU executor: migrate layers between two placements and time every rank
     /// (run under mpirun, one rank per GPU).
     BenchMigrate(BenchArgs),
     /// Replay a load trace through the Manager and Policy of `run` in one process (no MPI, no
     /// weights), model the migration, and score it beside DeepSeek's cadences.
     Simulate(SimulateArgs),
+    /// Draw SVG charts of a `run` or `simulate` report: balancedness over steps, per layer, and
+    /// the migrations per round.
+    Plot(PlotArgs),
 }

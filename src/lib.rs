@@ -9,6 +9,9 @@
 //! * [`manager`]: when to rebalance and which layers to update;
 //! * [`executor`]: moving expert weights, staged and verified;
 //! * [`run`]: the `run` subcommand, the SPMD loop;
+//! * [`observe`]: what the loop reports: the report's per-step series, the Prometheus endpoint;
+//! * [`plot`]: `eplb-worker plot`, SVG charts of a report;
+//! * [`progress`]: progress bars on a terminal;
 //! * [`simulate`]: the `simulate` subcommand: a trace through the same Manager and Policy, scored.
 
 pub mod bench;
@@ -19,8 +22,11 @@ pub mod executor;
 pub mod gpu;
 pub mod load;
 pub mod manager;
+pub mod observe;
 pub mod plan;
+pub mod plot;
 pub mod policy;
+pub mod progress;
 pub mod rank;
 pub mod run;
 pub mod simulate;

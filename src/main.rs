@@ -36,6 +36,18 @@ fn main() {
                 e.exit_code()
             }
         },
+        Command::Plot(args) => match eplb::plot::run_plot(args) {
+            Ok(files) => {
+                for f in files {
+                    eprintln!("eplb-worker plot: wrote {}", f.display());
+                }
+                0
+            }
+            Err(e) => {
+                eprintln!("eplb-worker plot: error: {e}");
+                e.exit_code()
+            }
+        },
     };
     std::process::exit(code);
 }

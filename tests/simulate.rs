@@ -60,7 +60,15 @@ fn trace() -> Vec<Array2<u64>> {
             let p = shares(t);
             let mut a = Array2::<u64>::zeros((LAYERS, EXPERTS));
             for l in 0..LAYERS {
-                let cdf: Vec<f64> = p[l].iter().scan(0.0, |c, x| Some({ *c += x; *c })).collect();
+                let cdf: Vec<f64> = p[l]
+                    .iter()
+                    .scan(0.0, |c, x| {
+                        Some({
+                            *c += x;
+                            *c
+                        })
+                    })
+                    .collect();
                 for _ in 0..TOKENS {
                     state = splitmix64(state);
                     let u = (state >> 11) as f64 / (1u64 << 53) as f64;
@@ -75,12 +83,8 @@ fn trace() -> Vec<Array2<u64>> {
 
 /// Writes `steps` as a little-endian u64 `.npy` `[steps, layers, experts]`.
 fn write_npy(path: &Path, steps: &[Array2<u64>]) {
-    let mut header = format!(
-        "{{'descr': '<u8', 'fortran_order': False, 'shape': ({}, {}, {}), }}",
-        steps.len(),
-        LAYERS,
-        EXPERTS
-    );
+    let mut header =
+        format!("{{'descr': '<u8', 'fortran_order': False, 'shape': ({}, {}, {}), }}", steps.len(), LAYERS, EXPERTS);
     while (10 + header.len() + 1) % 64 != 0 {
         header.push(' ');
     }
@@ -121,7 +125,12 @@ fn default_manager_beats_deepseek_cadences_and_recovers_after_a_jump() {
     let ours = case(&r, "eplb");
     let modeled = |c: &Value| c["modeled_seconds"].as_f64().unwrap();
     for b in ["deepseek@32", "deepseek@128", "deepseek@256"] {
-        assert!(modeled(ours) < modeled(case(&r, b)), "eplb {} vs {b} {}:\n{stdout}", modeled(ours), modeled(case(&r, b)));
+        assert!(
+            modeled(ours) < modeled(case(&r, b)),
+            "eplb {} vs {b} {}:\n{stdout}",
+            modeled(ours),
+            modeled(case(&r, b))
+        );
     }
 
     // Recovery: a fresh DeepSeek plan of the new load (its expected shares), scored on the same

@@ -84,8 +84,8 @@ impl LocalSlurm {
             .is_ok_and(|s| s.success())
     }
 
-    /// `timeout 600 sbatch --wait --time=8 ARGS` from `submit_dir`, with EPLB_WORKER set.
-    fn sbatch(&self, submit_dir: &Path, args: &[&str]) -> Job {
+    /// `timeout 600 sbatch --wait --time=8 ARGS` from `submit_dir`, with EPLB_WORKER and `envs` set.
+    fn sbatch(&self, submit_dir: &Path, args: &[&str], envs: &[(&str, &str)]) -> Job {
         std::fs::create_dir_all(submit_dir).unwrap();
         let mut cmd = Command::new("timeout");
         // A test run inside a Slurm job must not hand that job's settings to this Slurm.
@@ -101,6 +101,7 @@ impl LocalSlurm {
             .current_dir(submit_dir)
             .env("SLURM_CONF", self.dir.join("etc/slurm.conf"))
             .env("EPLB_WORKER", env!("CARGO_BIN_EXE_eplb-worker"))
+            .envs(envs.iter().copied())
             .stdin(Stdio::null())
             .output()
             .expect("sbatch runs");
@@ -148,8 +149,9 @@ impl Job {
         format!("sbatch exit {}; sbatch stderr:\n{}\njob output:\n{}", self.code, self.stderr, self.output)
     }
 
-    fn report(&self) -> Value {
-        let path = self.dir.join(format!("eplb-report-{}.json", self.job_id));
+    /// The JSON file `PREFIX-<jobid>.json` the job wrote in its submit directory.
+    fn json(&self, prefix: &str) -> Value {
+        let path = self.dir.join(format!("{prefix}-{}.json", self.job_id));
         let text =
             std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}\n{}", path.display(), self.context()));
         serde_json::from_str(&text).unwrap()
@@ -196,9 +198,10 @@ fn eplb_sbatch_runs_on_a_cpu_node_from_any_directory() {
             "--eplb-update-interval-steps",
             "10",
         ],
+        &[],
     );
     assert_eq!(job.code, 0, "{}", job.context());
-    let r = job.report();
+    let r = job.json("eplb-report");
     assert_eq!(r["world_size"], 4, "{}", job.context());
     assert_eq!(r["steps"], 40);
     assert!(r["error"].is_null(), "{}", job.context());
@@ -220,10 +223,74 @@ fn eplb_sbatch_fails_when_ep_size_does_not_match_the_tasks() {
     let Some(slurm) = local_slurm("mismatch") else { return };
     let dir = submit_dir("mismatch");
     let template = repo().join("scripts/eplb.sbatch");
-    let job =
-        slurm.sbatch(&dir, &["--ntasks=2", "--overcommit", template.to_str().unwrap(), "--ep_size=3", "--steps", "5"]);
+    let job = slurm.sbatch(
+        &dir,
+        &["--ntasks=2", "--overcommit", template.to_str().unwrap(), "--ep_size=3", "--steps", "5"],
+        &[],
+    );
     assert_eq!(job.code, 2, "{}", job.context());
     assert!(job.output.contains("--ep-size 3 must match the number of devices"), "{}", job.context());
     assert!(!job.output.contains("--ep-size 2"), "the template added its own --ep-size:\n{}", job.context());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The Python of the engine sidecar's tests (scripts/pyvenv.sh), or why not.
+fn pyvenv() -> Result<String, String> {
+    let out = Command::new(repo().join("scripts/pyvenv.sh"))
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("scripts/pyvenv.sh: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("scripts/pyvenv.sh failed:\n{}", String::from_utf8_lossy(&out.stderr)));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// The sidecar layout: one allocation, the reference engine (4 EP ranks, real MoE math) as one
+/// job step and `eplb-worker run --engine shm:NAME` as a second step beside it, rank for rank on
+/// the same node. The engine finishes every step with outputs matching its reference forward pass,
+/// eplb moves layers, every engine rank switches each layer at the same step, and nothing is left
+/// in /dev/shm.
+#[test]
+fn eplb_sidecar_sbatch_balances_the_reference_engine() {
+    let _one = SLURM.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(slurm) = local_slurm("sidecar") else { return };
+    let py = match pyvenv() {
+        Ok(py) => py,
+        Err(why) if required() => panic!("EPLB_REQUIRE_SLURM=1 but no Python for the reference engine: {why}"),
+        Err(why) => return eprintln!("skipped: no Python for the reference engine: {why}"),
+    };
+    let dir = submit_dir("sidecar");
+    let template = repo().join("scripts/eplb_sidecar.sbatch");
+    let steps = "40";
+    // Unique on this host, also among concurrent runs of this test (each Slurm starts at job 1).
+    let name = format!("slurmtest{}", std::process::id());
+    let job = slurm.sbatch(
+        &dir,
+        &["--nodes=1", "--ntasks=4", "--overcommit", template.to_str().unwrap(), "--eplb-update-interval-steps", "10"],
+        &[("EPLB_PYTHON", &py), ("EPLB_ENGINE_STEPS", steps), ("EPLB_SHM_NAME", &name)],
+    );
+    assert_eq!(job.code, 0, "{}", job.context());
+    let engine = job.json("eplb-engine");
+    assert_eq!(engine["world_size"], 4, "{}", job.context());
+    assert_eq!(engine["engine_steps"].to_string(), steps, "{}", job.context());
+    assert_eq!(engine["outputs_match"], true, "{engine}");
+    assert_eq!(engine["commit_step_disagreements"], 0, "{engine}");
+    assert_eq!(engine["placements_agree"], true, "{engine}");
+    assert_eq!(engine["wrong_bytes"], 0, "{engine}");
+    assert!(engine["layers_committed"].as_u64().unwrap() >= 1, "no layer switched:\n{engine}\n{}", job.context());
+    let sidecar = job.json("eplb-report");
+    assert_eq!(sidecar["world_size"], 4, "{}", job.context());
+    assert!(sidecar["error"].is_null(), "{}", job.context());
+    assert_eq!(sidecar["wrong_bytes"], 0);
+    assert!(sidecar["layers_updated"].as_u64().unwrap() >= 1, "{sidecar}");
+    let prefix = format!("eplb-{name}-");
+    let left: Vec<_> = std::fs::read_dir("/dev/shm")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|f| f.trim_start_matches('.').starts_with(&prefix))
+        .collect();
+    assert!(left.is_empty(), "regions left in /dev/shm: {left:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }

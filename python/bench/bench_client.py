@@ -2,7 +2,7 @@
 and the boundary that applies one layer in place, on one process (agree is the identity here: the
 engine's own collective is not the client's cost).
 
-    python python/bench/bench_client.py [--steps 20000] [--layers 12] [--slots 16] [--experts 60]
+    python python/bench/bench_client.py [--steps 20000] [--cold] [--layers 12] [--slots 16] [--experts 60]
                                         [--expert-bytes 49152] [--world 4]
 """
 
@@ -25,6 +25,8 @@ def main():
     p.add_argument("--expert-bytes", type=int, default=49152)
     p.add_argument("--world", type=int, default=4)
     p.add_argument("--applies", type=int, default=200)
+    p.add_argument("--cold", action="store_true",
+                   help="before each step, stream 64 MiB and sleep 2 ms, as a forward pass would: cold caches")
     a = p.parse_args()
     P = a.world * a.slots
     phy2log = np.tile(np.arange(P, dtype=np.int32) % a.experts, (a.layers, 1))
@@ -34,7 +36,11 @@ def main():
     counts = np.random.default_rng(0).integers(0, 500, (a.layers, a.slots))
     agree = lambda have: (have, have)  # noqa: E731
     rec, bnd, both = [], [], []
+    flush = np.ones(8 << 20) if a.cold else None
     for t in range(a.steps):
+        if flush is not None:
+            flush *= 1.0
+            time.sleep(0.002)
         t0 = time.perf_counter_ns()
         reg.at_step_boundary(t, agree)
         t1 = time.perf_counter_ns()
@@ -46,6 +52,9 @@ def main():
     buf = np.zeros((64, a.layers, a.slots), np.uint64)
     base = []
     for t in range(a.steps):
+        if flush is not None:
+            flush *= 1.0
+            time.sleep(0.002)
         t0 = time.perf_counter_ns()
         np.copyto(buf[t % 64], counts, casting="unsafe")
         time.monotonic_ns()
@@ -73,7 +82,8 @@ def main():
         reg.record(t, counts)
     reg.finish()
     us = lambda v: np.array(v) / 1000.0  # noqa: E731
-    print(f"# client cost, {a.layers} layers x {a.slots} slots, world {a.world}, {a.steps} steps")
+    print(f"# client cost, {a.layers} layers x {a.slots} slots, world {a.world}, {a.steps} steps"
+          f"{', cold caches' if a.cold else ''}")
     for label, v in (("record + boundary", both), ("boundary (no command)", bnd), ("record", rec),
                      ("baseline: copy + clock", base)):
         v = us(v)

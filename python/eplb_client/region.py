@@ -258,7 +258,13 @@ class EngineRegion:
         self.num_physical = self.world_size * self.slots_per_rank
         self.tensors = _read_tensor_table(mm, num_tensors)
         L, S, P, E = self.num_layers, self.slots_per_rank, self.num_physical, self.num_logical
-        self._h = np.frombuffer(mm, dtype="<u8", count=HEADER_BYTES // 8, offset=0)
+        # Header and ring words through a memoryview: a plain C load or store of 8 bytes per access,
+        # with far less code on the path than numpy scalar indexing (it matters when the engine's
+        # forward pass has just flushed the caches: see BENCHMARKS.md).
+        self._mv = memoryview(mm)
+        self._h = self._mv.cast("Q")  # the whole region as u64 words; the header is words 0..511
+        self._ring_word = ring_offset // 8
+        self._entry_words = self.ring_entry_bytes // 8
         self._ring = np.frombuffer(mm, dtype="<u8", count=self.ring_len * self.ring_entry_bytes // 8,
                                    offset=ring_offset).reshape(self.ring_len, self.ring_entry_bytes // 8)
         self._ring_counts = self._ring[:, 8 : 8 + L * S].reshape(self.ring_len, L, S)
@@ -372,16 +378,17 @@ class EngineRegion:
         (seqlock), then ``engine_step = step + 1``. Call after the forward pass."""
         if step != int(self._h[_W_ENGINE_STEP]):
             raise ContractError(f"record({step}) but engine_step is {int(self._h[_W_ENGINE_STEP])}")
-        entry = self._ring[step % self.ring_len]
-        seq = int(entry[0])
-        entry[0] = seq + 1  # odd: being written
-        entry[1] = step
-        entry[2] = PHASES[phase]
-        entry[3] = tokens
-        np.copyto(self._ring_counts[step % self.ring_len], counts, casting="unsafe")
-        entry[0] = seq + 2  # even: stable
-        self._h[_W_ENGINE_STEP] = step + 1
-        self._heartbeat()
+        q, i = self._h, step % self.ring_len
+        w = self._ring_word + i * self._entry_words
+        seq = q[w]
+        q[w] = seq + 1  # odd: being written
+        q[w + 1] = step
+        q[w + 2] = PHASES[phase]
+        q[w + 3] = tokens
+        np.copyto(self._ring_counts[i], counts, casting="unsafe")
+        q[w] = seq + 2  # even: stable
+        q[_W_ENGINE_STEP] = step + 1
+        q[_W_ENGINE_HEARTBEAT] = time.monotonic_ns()
 
     def read_step(self, step: int) -> Optional[Tuple[int, int, np.ndarray]]:
         """A reader's copy of step ``step``'s entry as (phase, tokens, counts), or None when it was
@@ -463,7 +470,9 @@ class EngineRegion:
                         os.unlink(p)
                     except FileNotFoundError:
                         pass
-        for attr in ("_h", "_ring", "_ring_counts", "_phy2log", "_epoch", "_cmd_row", "_cmd_mask", "_live",
+        self._h.release()
+        self._mv.release()
+        for attr in ("_h", "_mv", "_ring", "_ring_counts", "_phy2log", "_epoch", "_cmd_row", "_cmd_mask", "_live",
                      "_staging", "_ro_phy2log", "_ro_epoch"):
             setattr(self, attr, None)
         try:

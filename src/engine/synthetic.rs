@@ -7,6 +7,8 @@
 //! moves smoothly; a little multiplicative noise makes every step different. Everything is a pure
 //! function of (seed, layer, step), so every rank can compute the same load.
 
+use std::time::{Duration, Instant};
+
 use ndarray::Array2;
 
 use super::{slot_loads, splitmix64, Engine, EngineError, LoadSource, StepCounts};
@@ -23,12 +25,22 @@ pub struct SyntheticEngine {
     steps: usize,
     next: usize,
     rank: usize,
+    /// `--step-ms`: the least time between two steps, and when the last one started.
+    pace: Option<Duration>,
+    last_step_at: Option<Instant>,
 }
 
 impl SyntheticEngine {
     /// `steps` steps of `source`, on rank `rank`, starting from `initial`, weights in `store`.
     pub fn new(source: LoadSource, initial: Placement, store: Box<dyn ExpertStore>, steps: usize, rank: usize) -> Self {
-        SyntheticEngine { source, initial, store, steps, next: 0, rank }
+        SyntheticEngine { source, initial, store, steps, next: 0, rank, pace: None, last_step_at: None }
+    }
+
+    /// Paces the engine: each step starts at least `step_ms` milliseconds after the previous one
+    /// (it sleeps the remainder), as a real engine's steps would.
+    pub fn paced(mut self, step_ms: Option<f64>) -> Self {
+        self.pace = step_ms.filter(|&ms| ms > 0.0).map(|ms| Duration::from_secs_f64(ms / 1e3));
+        self
     }
 
     pub fn source(&self) -> &LoadSource {
@@ -57,6 +69,10 @@ impl Engine for SyntheticEngine {
         if self.next >= self.steps {
             return Ok(None);
         }
+        if let (Some(pace), Some(last)) = (self.pace, self.last_step_at) {
+            std::thread::sleep(pace.saturating_sub(last.elapsed()));
+        }
+        self.last_step_at = Some(Instant::now());
         let step = self.next;
         self.next += 1;
         let global = self.source.global_step(step);

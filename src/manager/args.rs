@@ -50,7 +50,8 @@ pub struct ManagerArgs {
           default_missing_value = "true", value_name = "BOOL", help_heading = "Manager")]
     pub enable_eplb: bool,
     /// Balanced MoE time of one step, all layers, in ms (the cost model; default: run 20, simulate
-    /// 60 s over the trace's steps, the competition's).
+    /// 60 s over the trace's steps, the competition's). When given to `run`, it also paces the
+    /// synthetic engine: each step lasts at least this long.
     #[arg(long, value_name = "MS", value_parser = positive, help_heading = "Manager")]
     pub step_ms: Option<f64>,
     /// Migration bandwidth per GPU in GB/s (10^9 bytes/s), the cost of a changed slot (default:

@@ -80,12 +80,8 @@ pub fn par_lower_bound_q32(weight: &[u64], num_replicas: usize, num_gpus: usize)
         return PAR_ONE;
     }
     let (_, _, logcnt) = crate::policy::deepseek::replicate(weight, num_replicas);
-    let largest = weight
-        .iter()
-        .zip(&logcnt)
-        .map(|(&w, &c)| crate::policy::fixed::per_replica(w, c) as u128)
-        .max()
-        .unwrap_or(0);
+    let largest =
+        weight.iter().zip(&logcnt).map(|(&w, &c)| crate::policy::fixed::per_replica(w, c) as u128).max().unwrap_or(0);
     let lb = ((largest * num_gpus as u128) << 32) / total;
     u64::try_from(lb).unwrap_or(u64::MAX).max(PAR_ONE)
 }

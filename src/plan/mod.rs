@@ -139,6 +139,9 @@ fn select_step(trace: &LoadTrace, step: Option<usize>, flag: &'static str) -> Re
     }
 }
 
+/// Layers x slots from which `plan` shows a progress bar (DeepSeek-V3: 58 x 288 = 16,704).
+const PROGRESS_MIN_SLOTS: usize = 10_000;
+
 /// Runs `plan`: reads the load, computes the placement, writes the output files.
 pub fn run_plan(args: &PlanArgs) -> Result<PlanOutcome, PlanError> {
     let trace = match (&args.load, args.synthetic) {
@@ -177,7 +180,14 @@ pub fn run_plan(args: &PlanArgs) -> Result<PlanOutcome, PlanError> {
 
     let config = PolicyConfig { kind: args.policy, threads: args.threads, move_cost: args.move_cost };
     let start = Instant::now();
-    let placement = policy::rebalance(weight.view(), &shape, previous.as_ref(), &config).map_err(policy_err)?;
+    // A bar on a terminal for large inputs (DeepSeek-V3 scale and above), quiet otherwise.
+    let bar = crate::progress::bar(layers as u64, "plan", "layers");
+    if layers * shape.num_replicas < PROGRESS_MIN_SLOTS {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let placement = policy::rebalance_observed(weight.view(), &shape, previous.as_ref(), &config, &|| bar.inc(1))
+        .map_err(policy_err)?;
+    bar.finish_and_clear();
     let plan_seconds = start.elapsed().as_secs_f64();
 
     let (spr, gpn) = (shape.slots_per_rank(), shape.gpus_per_node());

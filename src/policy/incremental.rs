@@ -253,8 +253,10 @@ fn solve_node(
         }
     }
     let budget = num_slots / 8 + 32;
-    let stay =
-        Search::new(weight, slots_per_rank, start, Some(prev), per_copy, lower).with_budget(budget).with_rival(rival).run();
+    let stay = Search::new(weight, slots_per_rank, start, Some(prev), per_copy, lower)
+        .with_budget(budget)
+        .with_rival(rival)
+        .run();
     // Ties go to the stay candidate (it moves fewer copies for the same cost).
     let best = match best {
         Some(f) if f.0 < stay.0 => f,

@@ -278,6 +278,18 @@ pub fn rebalance(
     previous: Option<&Placement>,
     config: &PolicyConfig,
 ) -> Result<Placement, PolicyError> {
+    rebalance_observed(weight, shape, previous, config, &|| {})
+}
+
+/// [`rebalance`], calling `layer_done` after each layer (from the worker threads, in any order):
+/// a progress bar's hook. The placement does not depend on it.
+pub fn rebalance_observed(
+    weight: ArrayView2<u64>,
+    shape: &PlacementShape,
+    previous: Option<&Placement>,
+    config: &PolicyConfig,
+    layer_done: &(dyn Fn() + Sync),
+) -> Result<Placement, PolicyError> {
     check_load(weight)?;
     let (layers, num_logical) = weight.dim();
     shape.validate(num_logical)?;
@@ -287,13 +299,15 @@ pub fn rebalance(
     let resolved = shape.resolved();
     let rows = map_layers(layers, config.threads, |layer| {
         let w = weight.row(layer).to_vec();
-        match config.kind {
+        let row = match config.kind {
             PolicyKind::Deepseek => deepseek::hierarchical_layer(&w, &resolved),
             PolicyKind::Incremental => {
                 let prev = previous.map(|p| p.phy2log.row(layer).to_vec());
                 incremental::layer(&w, &resolved, prev.as_deref(), config.move_cost)
             }
-        }
+        };
+        layer_done();
+        row
     });
     let mut phy2log = Array2::<usize>::zeros((layers, shape.num_replicas));
     for (layer, row) in rows.into_iter().enumerate() {

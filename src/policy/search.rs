@@ -608,7 +608,8 @@ impl<'a> Search<'a> {
             if now < best_score {
                 (best_score, best_len) = (now, log.len());
             }
-            if self.lower.saturating_add(self.per_copy.saturating_mul(self.moved as u64)) >= best_score.min(self.rival) {
+            if self.lower.saturating_add(self.per_copy.saturating_mul(self.moved as u64)) >= best_score.min(self.rival)
+            {
                 break;
             }
         }

@@ -88,6 +88,14 @@ fn positive_seconds(s: &str) -> Result<f64, String> {
     }
 }
 
+/// Seconds, 0 or more (at most a day).
+fn non_negative_seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.0..=86400.0).contains(&v) => Ok(v),
+        _ => Err(format!("{s:?} is not a number of seconds from 0 to 86400")),
+    }
+}
+
 /// Arguments of `eplb-worker run`.
 #[derive(Debug, Clone, Args)]
 #[command(after_help = "Example (4 ranks, the built-in drifting load, default manager: decisions in time):\n  \
@@ -192,6 +200,18 @@ pub struct RunArgs {
     /// Write a JSON report (rank 0).
     #[arg(long, value_name = "FILE", help_heading = "Output")]
     pub report: Option<PathBuf>,
+    /// Rank 0 serves Prometheus metrics at http://BIND:PORT/metrics while the run goes (0: any
+    /// free port; the header prints the address).
+    #[arg(long, value_name = "PORT", help_heading = "Output")]
+    pub metrics_port: Option<u16>,
+    /// The address the metrics listen on: loopback unless opened (e.g. 0.0.0.0 for a Prometheus
+    /// on another host).
+    #[arg(long, value_name = "IP", default_value = "127.0.0.1", requires = "metrics_port", help_heading = "Output")]
+    pub metrics_bind: std::net::IpAddr,
+    /// Keep serving the final metrics this many seconds after the run (a scrape of a short run).
+    #[arg(long, value_name = "SECONDS", default_value_t = 0.0, value_parser = non_negative_seconds,
+          requires = "metrics_port", help_heading = "Output")]
+    pub metrics_linger: f64,
     /// Fault injection for tests: corrupt-load-on-rank=R, corrupt-transfer-on-rank=R.
     #[arg(long, value_name = "KIND=RANK", value_parser = parse_fault, hide = true)]
     pub fault: Vec<Fault>,
@@ -257,6 +277,15 @@ mod tests {
         assert_eq!(parse(&["--fault", "corrupt-load-on-rank=3"]).unwrap().fault, vec![Fault::CorruptLoad(3)]);
         assert!(parse(&["--fault", "corrupt-everything=1"]).is_err());
         assert!(parse(&["--engine", "vllm"]).is_err());
+        assert_eq!(parse(&["--step-ms", "50"]).unwrap().manager.step_ms, Some(50.0));
+        assert!(parse(&["--metrics-port", "70000"]).is_err());
+        assert!(parse(&["--metrics-bind", "0.0.0.0"]).is_err(), "a bind needs a port");
+        let m = parse(&["--metrics-port", "9400"]).unwrap();
+        assert_eq!(
+            (m.metrics_port, m.metrics_bind.to_string(), m.metrics_linger),
+            (Some(9400), "127.0.0.1".into(), 0.0)
+        );
+        assert!(parse(&["--metrics-port", "0", "--metrics-linger", "-3"]).is_err());
         assert!(parse(&["--engine", "shm:"]).is_err());
         assert!(parse(&["--engine", "shm:../etc"]).is_err());
     }

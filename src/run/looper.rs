@@ -13,6 +13,7 @@ use crate::collective::{Comm, MpiError, ReduceOp};
 use crate::engine::{logical_from_slots, Engine, StepCounts};
 use crate::executor::{stage_layer, ExecError, LayerMigration, LayerStats};
 use crate::manager::{Interval, LayerUpdate, Manager, Mode, RoundDecision};
+use crate::observe::{ManagerEvent, RunObserver, StepEvent};
 use crate::policy::{metrics, Placement, PolicyConfig};
 use crate::rank::Topology;
 
@@ -91,6 +92,11 @@ impl<'a> Looper<'a> {
             bal_static: 0.0,
             bal_live: 0.0,
         }
+    }
+
+    /// Adds an observer of the run (rank 0), e.g. the Prometheus metrics served at `addr`.
+    pub fn watch(&mut self, observer: Box<dyn RunObserver>, addr: Option<std::net::SocketAddr>) {
+        self.output.watch(observer, addr);
     }
 
     pub fn run(mut self, devices: String) -> Result<RunOutcome, RunError> {
@@ -227,14 +233,22 @@ impl<'a> Looper<'a> {
             if flags[FLAG_COUNTED] {
                 self.counted_steps += 1;
                 if rank == 0 {
-                    let bal =
-                        |p: &Placement| metrics::balance_report(global.view(), p.phy2log.view(), spr, gpn).balancedness;
-                    self.bal_static += bal(&self.initial);
+                    let bal = |p: &Placement| metrics::balance_report(global.view(), p.phy2log.view(), spr, gpn);
+                    let stat = bal(&self.initial);
                     let live = self.live.at(engine_step).map_err(|source| RunError::Policy {
                         context: format!("engine step {engine_step}: live placement"),
                         source,
                     })?;
-                    self.bal_live += bal(&live);
+                    let live = bal(&live);
+                    self.bal_static += stat.balancedness;
+                    self.bal_live += live.balancedness;
+                    self.output.step(&StepEvent {
+                        step,
+                        balancedness_static: stat.balancedness,
+                        balancedness_live: live.balancedness,
+                        layer_static: &stat.balancedness_per_layer,
+                        layer_live: &live.balancedness_per_layer,
+                    });
                 }
                 let mut observed = global;
                 if self.args.fault.contains(&Fault::CorruptLoad(rank)) {
@@ -253,6 +267,7 @@ impl<'a> Looper<'a> {
                 last_round_at = Instant::now();
             }
             let t_decided = t0.elapsed().as_secs_f64() * 1e6;
+            self.output.manager(ManagerEvent { step, seconds: t_decided / 1e6, round: due });
             // The time mode decides at every step: every step is a step of the manager's.
             if due && !matches!(self.manager.config.mode, Mode::Time) {
                 self.round_us.push(t_decided);
@@ -349,7 +364,10 @@ impl<'a> Looper<'a> {
     /// the time mode), the plan agreement, queueing. Returns whether it was a round: one of the
     /// rounds mode, or a step of the time mode that switches layers.
     fn decide(&mut self, step: usize, time_flag: bool, config: &PolicyConfig) -> Result<bool, RunError> {
-        let proposal = match self.manager.decide(step, time_flag, self.live.placement(), config) {
+        let planning = Instant::now();
+        let decided = self.manager.decide(step, time_flag, self.live.placement(), config);
+        let plan_seconds = planning.elapsed().as_secs_f64();
+        let proposal = match decided {
             Ok(None) => return Ok(false),
             Ok(Some(d)) => Ok(d),
             Err(e) => Err(e),
@@ -369,7 +387,7 @@ impl<'a> Looper<'a> {
         if matches!(self.manager.config.mode, Mode::Time) && decision.updates.is_empty() {
             return Ok(false);
         }
-        self.output.round(step, &decision, hash, self.world.size());
+        self.output.round(step, &decision, hash, self.world.size(), plan_seconds);
         self.manager.accept(step, decision);
         Ok(true)
     }

@@ -43,6 +43,7 @@ use crate::engine::EngineError;
 use crate::executor::ExecError;
 use crate::gpu::GpuError;
 use crate::load::LoadError;
+use crate::observe::metrics::{Metrics, MetricsServer};
 use crate::plan::file::PlacementFileError;
 use crate::policy::PolicyError;
 use crate::rank::TopologyError;
@@ -73,6 +74,8 @@ pub enum RunError {
     LiveVerification { wrong_bytes: u64 },
     #[error(transparent)]
     Gpu(#[from] GpuError),
+    #[error(transparent)]
+    Metrics(#[from] crate::observe::metrics::MetricsError),
     #[error("--report: {0}")]
     Report(PlacementFileError),
     /// Another rank failed during setup and printed why.
@@ -98,6 +101,7 @@ impl RunError {
             RunError::PlanDisagreement { .. } | RunError::Exec { .. } | RunError::LiveVerification { .. } => 1,
             RunError::PeerSetup { code, .. } => *code,
             RunError::Gpu(e) => e.exit_code(),
+            RunError::Metrics(_) => 2,
             RunError::Engine { source, .. } => source.exit_code(),
             RunError::PeerEngine { .. } => 1,
         }
@@ -161,8 +165,37 @@ pub fn run(args: &RunArgs) -> Result<RunOutcome, RunError> {
 /// The run on `world` (MPI started): set up, then the loop.
 pub fn run_on(world: &Comm, args: &RunArgs) -> Result<RunOutcome, RunError> {
     let ready = setup::setup(world, args)?;
+    // Rank 0's endpoint, agreed like the rest of the set-up (a port in use stops every rank).
+    let served = setup::agree_on_setup(world, serve_metrics(args, world.rank(), &ready))?;
     let devices = ready.topo.devices_block(world, &ready.engine.store_ref().device())?;
-    looper::Looper::new(world, args, ready).run(devices)
+    let mut looper = looper::Looper::new(world, args, ready);
+    if let Some((metrics, server)) = &served {
+        looper.watch(Box::new(metrics.clone()), Some(server.addr()));
+    }
+    let result = looper.run(devices);
+    if let Some((_, server)) = served {
+        // The final values stay up for a last scrape, then the server stops.
+        std::thread::sleep(std::time::Duration::from_secs_f64(args.metrics_linger));
+        drop(server);
+    }
+    result
+}
+
+/// `--metrics-port` on rank 0: the metrics and their HTTP server (see [`crate::observe::metrics`]).
+fn serve_metrics(
+    args: &RunArgs,
+    rank: usize,
+    ready: &setup::Ready,
+) -> Result<Option<(Metrics, MetricsServer)>, RunError> {
+    let Some(port) = args.metrics_port.filter(|_| rank == 0) else { return Ok(None) };
+    let metrics = Metrics::new(&[
+        ("engine", ready.engine.name()),
+        ("policy", format!("{:?}", args.manager.policy).to_lowercase()),
+        ("transport", ready.engine.store_ref().transport().to_string()),
+        ("world_size", ready.topo.world_size.to_string()),
+    ])?;
+    let server = MetricsServer::start(metrics.clone(), args.metrics_bind, port)?;
+    Ok(Some((metrics, server)))
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@ use super::{RunArgs, RunError};
 use crate::engine::Engine;
 use crate::executor::LayerStats;
 use crate::manager::{ManagerConfig, RoundDecision};
+use crate::observe::{LayerEvent, ManagerEvent, RoundEvent, RunObserver, SeriesRecorder, StepEvent};
 use crate::plan::file;
 use crate::rank::Topology;
 
@@ -30,15 +31,46 @@ pub(super) fn table_row(
 }
 
 /// What rank 0 prints and the report it writes; the other ranks keep the same report silently.
+/// Rank 0 also tells its observers (the report's series, the metrics when served) what happened.
 pub(super) struct Output {
     /// Whether this rank prints (rank 0).
     on: bool,
     pub report: Report,
+    series: SeriesRecorder,
+    watchers: Vec<Box<dyn RunObserver>>,
+    /// Where the metrics are served, for the header.
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 impl Output {
     pub fn new(rank: usize, report: Report) -> Output {
-        Output { on: rank == 0, report }
+        Output { on: rank == 0, report, series: SeriesRecorder::default(), watchers: Vec::new(), metrics_addr: None }
+    }
+
+    /// Adds an observer (rank 0 only: the others' are never called); `addr`: where it serves.
+    pub fn watch(&mut self, observer: Box<dyn RunObserver>, addr: Option<std::net::SocketAddr>) {
+        self.watchers.push(observer);
+        self.metrics_addr = self.metrics_addr.or(addr);
+    }
+
+    /// Tells every observer (rank 0).
+    fn notify(&mut self, f: impl Fn(&mut dyn RunObserver)) {
+        if self.on {
+            f(&mut self.series);
+            for w in &mut self.watchers {
+                f(w.as_mut());
+            }
+        }
+    }
+
+    /// A step's balancedness (rank 0, steps of the balanced phase).
+    pub fn step(&mut self, e: &StepEvent) {
+        self.notify(|o| o.step(e));
+    }
+
+    /// The manager's time on a step.
+    pub fn manager(&mut self, e: ManagerEvent) {
+        self.notify(|o| o.manager(&e));
     }
 
     /// Prints on rank 0 only, flushing each line (progress shows as it happens under mpirun).
@@ -94,13 +126,19 @@ impl Output {
             engine.store_ref().transport(),
             args.chunk_bytes
         ));
+        if let Some(addr) = self.metrics_addr {
+            self.line(format!("#  metrics: http://{addr}/metrics"));
+        }
         self.line("#");
         self.line(devices.trim_end());
     }
 
     /// A round agreed by every rank: its line, the table header when it moves anything, and its
     /// entry in the report.
-    pub fn round(&mut self, step: usize, decision: &RoundDecision, hash: u64, world_size: usize) {
+    /// `plan_seconds`: the policy and the selection on this rank.
+    pub fn round(&mut self, step: usize, decision: &RoundDecision, hash: u64, world_size: usize, plan_seconds: f64) {
+        let layers_selected = decision.updates.len();
+        self.notify(|o| o.round(&RoundEvent { step, layers_selected, plan_seconds }));
         self.line("#");
         self.line(format!(
             "# round {} at step {step}: {} layer(s) to migrate ({} changed, {} still similar, {} below min-improvement); plan {hash:016x} agreed by {world_size} ranks",
@@ -126,6 +164,16 @@ impl Output {
 
     /// A committed layer: its row and its totals.
     pub fn committed(&mut self, step: usize, s: &LayerStats, apply_step: Option<u64>) {
+        self.notify(|o| {
+            o.layer(&LayerEvent {
+                step,
+                layer: s.layer,
+                experts_moved: s.experts_moved,
+                bytes: s.bytes_moved,
+                seconds: s.seconds,
+                wrong_bytes: 0,
+            })
+        });
         let gbps = if s.seconds > 0.0 { s.bytes_moved as f64 / s.seconds / 1e9 } else { 0.0 };
         self.line(table_row(step, s.layer, s.experts_moved, s.bytes_moved, s.local_copies, Some(s.seconds), 0));
         let r = &mut self.report;
@@ -148,6 +196,8 @@ impl Output {
 
     /// A layer staged but not committed because `wrong` bytes failed verification.
     pub fn failed(&mut self, step: usize, layer: usize, experts: usize, bytes: u64, wrong: u64) {
+        let e = LayerEvent { step, layer, experts_moved: experts, bytes, seconds: 0.0, wrong_bytes: wrong };
+        self.notify(|o| o.layer(&e));
         self.line(table_row(step, layer, experts, bytes, 0, None, wrong));
         self.report.wrong_bytes += wrong;
     }
@@ -157,6 +207,7 @@ impl Output {
         if let Err(e) = result {
             self.report.error = Some(e.to_string());
         }
+        self.report.series = self.series.series();
         self.line(self.report.summary());
         if let (Some(path), true) = (&args.report, self.on) {
             file::write_json_atomic(path, &serde_json::to_value(&self.report).unwrap_or_default())

@@ -117,6 +117,8 @@ pub struct Report {
     pub final_placement_hash: String,
     pub rounds: Vec<RoundRow>,
     pub layers: Vec<LayerRow>,
+    /// Balancedness per step (downsampled on long runs), for `plot`.
+    pub series: crate::observe::Series,
     pub error: Option<String>,
 }
 
@@ -162,6 +164,7 @@ impl Report {
             final_placement_hash: String::new(),
             rounds: Vec::new(),
             layers: Vec::new(),
+            series: crate::observe::Series::default(),
             error: None,
         }
     }

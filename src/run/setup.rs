@@ -39,7 +39,8 @@ pub fn setup(world: &Comm, args: &RunArgs) -> Result<Ready, RunError> {
             let store_comm = world.dup()?;
             let prepared = agree_on_setup(world, prepare_synthetic(args, &topo, store_comm, transport))?;
             let store = agree_on_setup(world, finish_store(args, prepared.store, rank))?;
-            let engine = SyntheticEngine::new(prepared.source, prepared.initial, store, args.steps, rank);
+            let engine = SyntheticEngine::new(prepared.source, prepared.initial, store, args.steps, rank)
+                .paced(args.manager.step_ms);
             Ok(Ready { topo, run_shape: prepared.run_shape, engine: Box::new(engine) })
         }
         EngineKind::Shm(name) => {
@@ -276,7 +277,7 @@ pub fn finish_store(args: &RunArgs, setup: StoreSetup, rank: usize) -> Result<Bo
 
 /// Every rank learns whether every rank's local set-up succeeded (one all-gather of exit codes),
 /// so that no rank goes on into a collective call that a failed rank will never make.
-fn agree_on_setup<T>(world: &Comm, local: Result<T, RunError>) -> Result<T, RunError> {
+pub(super) fn agree_on_setup<T>(world: &Comm, local: Result<T, RunError>) -> Result<T, RunError> {
     let rank = world.rank();
     let code = match &local {
         Ok(_) => 0u64,

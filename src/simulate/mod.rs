@@ -418,8 +418,7 @@ pub fn run_simulate(args: &SimulateArgs) -> Result<SimulateOutcome, SimulateErro
         }
         None => None,
     };
-    let (score, _) =
-        replay(&setup, config, &policy, "eplb", placements.as_mut().map(|(_, _, w)| w as &mut dyn Write))?;
+    let (score, _) = replay(&setup, config, &policy, "eplb", placements.as_mut().map(|(_, _, w)| w as &mut dyn Write))?;
     if let Some((path, tmp, mut w)) = placements {
         w.flush().map_err(|source| SimulateError::Write { path: tmp.clone(), source })?;
         drop(w);
@@ -475,7 +474,15 @@ pub fn table(cases: &[CaseResult]) -> String {
         let vs = base.map_or("-".to_string(), |b| format!("{:.4}", b / c.modeled_seconds));
         s.push_str(&format!(
             "{:>15} {:>10.5} {:>13.5} {:>14} {:>9} {:>12.4} {:>11.4} {:>8} {:>7}\n",
-            c.name, c.mean_par, c.balancedness, c.changed_slots, c.layer_switches, c.transfer_seconds, c.modeled_seconds, vs, 0
+            c.name,
+            c.mean_par,
+            c.balancedness,
+            c.changed_slots,
+            c.layer_switches,
+            c.transfer_seconds,
+            c.modeled_seconds,
+            vs,
+            0
         ));
     }
     s
