@@ -196,8 +196,10 @@ impl SlotMemory for ShmSlots {
             };
             self.region.post(&cmd);
             let (result, step) = self.wait_answer(id)?;
-            // Agree on the outcome: min and max of the result and of the step, in one all-reduce.
-            let r = self.comm.allreduce_u64(&[result, !result, step, !step], ReduceOp::Max)?;
+            let finished = u64::from(self.region.get(off::ENGINE_STATE) == engine_state::FINISHED);
+            // Agree on the outcome: min and max of the result and of the step, and whether any
+            // engine rank has finished, in one all-reduce.
+            let r = self.comm.allreduce_u64(&[result, !result, step, !step, finished], ReduceOp::Max)?;
             let (max, min, step_max, step_min) = (r[0], !r[1], r[2], !r[3]);
             if min == ack::APPLIED && max == ack::APPLIED {
                 if step_min != step_max {
@@ -215,7 +217,7 @@ impl SlotMemory for ShmSlots {
                     m.layer
                 )));
             }
-            if max == FINISHED_UNANSWERED {
+            if max == FINISHED_UNANSWERED || r[4] == 1 {
                 return Ok(Commit::Cancelled(format!("the engine finished before step {apply_step}")));
             }
             if max == ack::REJECTED {

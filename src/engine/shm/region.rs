@@ -682,14 +682,15 @@ impl Region {
         seq.store(s + 2, Ordering::Release);
     }
 
-    /// Reads the command under `cmd_seq` (the engine side); None when there is none.
+    /// Reads the command under `cmd_seq` (the engine side), never waiting: None when there is
+    /// none, when a post is under way (`cmd_seq` odd: a sidecar stopped in the middle of one would
+    /// otherwise hang the engine), or when the read was disturbed 4 times.
     pub fn read_command(&self) -> Option<Command> {
         let seq = self.atomic(off::CMD_SEQ);
-        loop {
+        for _ in 0..4 {
             let s1 = seq.load(Ordering::Acquire);
             if s1 % 2 == 1 {
-                std::thread::yield_now();
-                continue;
+                return None;
             }
             let id = self.read_u64(off::CMD_ID);
             let layer = self.read_u64(off::CMD_LAYER) as usize;
@@ -704,6 +705,7 @@ impl Region {
                 return (id != 0).then_some(Command { id, layer, apply_step, epoch, new_row, copy_mask });
             }
         }
+        None
     }
 
     /// The last answer: (`ack_id`, `ack_result`, `ack_step`); `ack_id` is read first (acquire),

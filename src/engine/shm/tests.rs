@@ -160,7 +160,20 @@ fn commands_and_the_boundary_rules() {
     assert_eq!(sidecar.phy2log(), vec![0, 1, 2, 0, 0, 2, 2, 1]);
     assert_eq!(sidecar.epoch(1).load(Ordering::Acquire), 1);
     assert_eq!(engine.have(7), (0, None), "answered: nothing pending");
+    // An invalid command (a stale epoch) is rejected, and takes no part as `have`.
+    sidecar.post(&Command { id: 4, apply_step: 8, ..cmd.clone() });
+    let (have, got) = engine.have(8);
+    assert_eq!(have, 0);
+    assert_eq!(engine.decide(8, got, 0, 0), Decision::Rejected { id: 4 });
+    assert_eq!(sidecar.ack(), (4, ack::REJECTED, 8));
+    // A post under way (a sidecar stopped in the middle of one): no command, and no waiting.
+    sidecar.atomic(off::CMD_SEQ).fetch_add(1, Ordering::AcqRel);
+    assert_eq!(engine.have(9), (0, None));
+    sidecar.atomic(off::CMD_SEQ).fetch_add(1, Ordering::AcqRel);
+    // A command still pending when the engine finishes is answered cancelled.
+    sidecar.post(&Command { id: 5, apply_step: 20, epoch: 2, ..cmd.clone() });
     engine.finish();
+    assert_eq!(sidecar.ack(), (5, ack::CANCELLED, 0));
     assert!(!region_path(&name, 0).exists());
     assert_eq!(sidecar.get(off::ENGINE_STATE), engine_state::FINISHED);
 }

@@ -22,6 +22,8 @@ pub enum Decision {
     Applied { id: u64, layer: usize, epoch: u64 },
     /// Answered cancelled: the ranks did not all have it.
     Cancelled { id: u64 },
+    /// Answered rejected: the command broke the validity rule.
+    Rejected { id: u64 },
 }
 
 impl EngineRank {
@@ -64,7 +66,8 @@ impl EngineRank {
     }
 
     /// Step 1 of the boundary before step `t`: the id of the command to apply at `t` (`have`,
-    /// 0 for none), answering a command whose step has passed as missed.
+    /// 0 for none), answering a command whose step has passed as missed. An invalid command for
+    /// `t` gives `have = 0` and is returned so that [`EngineRank::decide`] answers it rejected.
     pub fn have(&self, t: u64) -> (u64, Option<Command>) {
         self.beat();
         let Some(cmd) = self.region.read_command() else { return (0, None) };
@@ -75,17 +78,40 @@ impl EngineRank {
             self.region.answer(cmd.id, ack::MISSED, t);
             return (0, None);
         }
-        if cmd.apply_step == t {
-            (cmd.id, Some(cmd))
-        } else {
-            (0, None)
+        if cmd.apply_step != t {
+            return (0, None);
         }
+        (if self.valid(&cmd) { cmd.id } else { 0 }, Some(cmd))
+    }
+
+    /// The contract's validity rule: a layer, the next epoch, a row that holds every expert and
+    /// nothing else, and a copy for every local slot whose expert changes.
+    fn valid(&self, cmd: &Command) -> bool {
+        let l = &self.region.layout;
+        let (p, spr) = (l.num_physical(), l.slots_per_rank);
+        if cmd.layer >= l.num_layers || cmd.epoch != self.region.epoch(cmd.layer).load(Ordering::Acquire) + 1 {
+            return false;
+        }
+        let mut seen = vec![false; l.num_logical];
+        for &e in &cmd.new_row {
+            match usize::try_from(e).ok().and_then(|e| seen.get_mut(e)) {
+                Some(s) => *s = true,
+                None => return false,
+            }
+        }
+        let old = &self.phy2log[cmd.layer * p + l.rank * spr..cmd.layer * p + (l.rank + 1) * spr];
+        let new = &cmd.new_row[l.rank * spr..(l.rank + 1) * spr];
+        seen.iter().all(|&s| s) && (0..spr).all(|k| old[k] == new[k] || cmd.copy_mask[k])
     }
 
     /// Step 3: with `min` and `max` of `have` over every engine rank, applies `cmd` in place
     /// (staging into the live slots of its layer, the row, the epoch) or answers cancelled.
     pub fn decide(&mut self, t: u64, cmd: Option<Command>, min: u64, max: u64) -> Decision {
         let Some(cmd) = cmd else { return Decision::Nothing };
+        if !self.valid(&cmd) {
+            self.region.answer(cmd.id, ack::REJECTED, t);
+            return Decision::Rejected { id: cmd.id };
+        }
         if !(min == max && max == cmd.id) {
             self.region.answer(cmd.id, ack::CANCELLED, t);
             return Decision::Cancelled { id: cmd.id };
@@ -112,10 +138,13 @@ impl EngineRank {
         self.region.write_step(t, phase, tokens, counts);
     }
 
-    /// Every step done: `engine_state = 2`, and the region's name is removed (a sidecar that has
-    /// it mapped keeps reading it).
+    /// Every step done: a command still pending is answered cancelled, `engine_state = 2`, and
+    /// the region's name is removed (a sidecar that has it mapped keeps reading it).
     pub fn finish(&self) {
         self.beat();
+        if let Some(cmd) = self.region.read_command().filter(|c| c.id != self.region.ack().0) {
+            self.region.answer(cmd.id, ack::CANCELLED, self.region.get(off::ENGINE_STEP));
+        }
         self.region.set(off::ENGINE_STATE, engine_state::FINISHED);
         let _ = std::fs::remove_file(&self.region.path);
     }
