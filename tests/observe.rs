@@ -139,13 +139,17 @@ fn metrics_answer_while_a_paced_run_is_in_flight_and_every_counter_matches_the_r
         std::thread::sleep(Duration::from_millis(50));
     };
     let done = sample(&in_flight, "eplb_steps_total");
-    assert!(done < steps as f64 && !report.exists(), "the scrape came after the run: {done} steps");
+    assert!(
+        done < steps as f64 && report_status(&report).as_deref() != Some("ok"),
+        "the scrape came after the run: {done} steps"
+    );
     let live = sample(&in_flight, "eplb_balancedness");
     assert!(live > 0.0 && live <= 1.0, "{live}");
     assert_eq!(in_flight.matches("eplb_layer_balancedness{layer=").count(), 8, "one series a layer");
 
-    // Finished: the report is out, the endpoint still serves the final values (--metrics-linger).
-    while !report.exists() {
+    // Finished: the report says ok (it says "running" from the start), and the endpoint still
+    // serves the final values (--metrics-linger).
+    while report_status(&report).as_deref() != Some("ok") {
         assert!(Instant::now() < deadline && job.0.try_wait().unwrap().is_none(), "the run ended without a report");
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -208,4 +212,11 @@ fn a_metrics_port_in_use_stops_every_rank_with_exit_2() {
         "{stderr}"
     );
     drop(taken);
+}
+
+/// The report's `status` (`running` from the start, then `ok` or `failed`), if it is readable.
+fn report_status(path: &std::path::Path) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let doc: serde_json::Value = serde_json::from_str(&text).ok()?;
+    doc["status"].as_str().map(str::to_string)
 }
