@@ -261,16 +261,6 @@ pub fn setup(args: &SimulateArgs) -> Result<Setup, SimulateError> {
     Ok(Setup { trace, shape, initial, step_ms, gbps })
 }
 
-/// A progress bar on a terminal (hidden when stderr is not one).
-fn progress(steps: usize, what: &str) -> indicatif::ProgressBar {
-    let bar = indicatif::ProgressBar::new(steps as u64);
-    if let Ok(style) = indicatif::ProgressStyle::with_template("{prefix:>16} [{bar:40}] {pos}/{len} steps ({eta})") {
-        bar.set_style(style.progress_chars("=> "));
-    }
-    bar.set_prefix(what.to_string());
-    bar
-}
-
 /// Replays the trace through a manager (`config`, `policy`), as `run` does. Returns the score
 /// and, if asked, writes every placement change to `out`.
 fn replay(
@@ -295,7 +285,7 @@ fn replay(
     }
     // The time-based interval of xLLM's rounds, on the simulated clock.
     let mut since_round_ms = 0.0;
-    let bar = progress(steps, name);
+    let bar = crate::progress::bar(steps as u64, name, "steps");
     for (t, load) in trace.steps.iter().enumerate() {
         score.step(load.view(), &live, spr);
         manager.observe(load.clone());
@@ -340,7 +330,7 @@ fn floor(setup: &Setup, kind: PolicyKind) -> Result<Score, SimulateError> {
     let spr = setup.shape.slots_per_rank();
     let config = PolicyConfig { kind, threads: 0, move_cost: 0.0 };
     let mut score = Score::new(trace.num_steps());
-    let bar = progress(trace.num_steps(), "floor");
+    let bar = crate::progress::bar(trace.num_steps() as u64, "floor", "steps");
     for (t, load) in trace.steps.iter().enumerate() {
         let p = policy::rebalance(load.view(), &setup.shape, None, &config)
             .map_err(|source| SimulateError::Policy { context: format!("floor: step {t}"), source })?;
