@@ -10,6 +10,10 @@
 //! longer memory). Under steady traffic with sampling noise the long memories win (they average the
 //! noise away); right after a jump of the hot experts the short ones win within a few steps, so the
 //! plans follow the new load without waiting for a window to flush.
+//!
+//! Two more banks hold the same averages over the even steps only and over the odd steps only
+//! ([`Estimator::half`]): two estimates of the same load from disjoint samples, so that a plan
+//! made on one can be judged on the other (its gain there is not inflated by the noise it fit).
 
 use ndarray::{Array2, Array3, ArrayView2};
 
@@ -26,6 +30,9 @@ const ERROR_MEMORY_BITS: u32 = 5;
 #[derive(Debug, Clone)]
 pub struct Estimator {
     ema: Array3<u64>,
+    /// `half[p] [NUM_EMAS, layers, num_logical]`: the averages over the steps of parity `p` only
+    /// (memory `2^k` of those steps).
+    half: [Array3<u64>; 2],
     /// Recent prediction error of every average (Q64 shares squared, averaged by shifts).
     score: [u128; NUM_EMAS],
     steps: usize,
@@ -33,29 +40,24 @@ pub struct Estimator {
 
 impl Estimator {
     pub fn new(layers: usize, num_logical: usize) -> Estimator {
-        Estimator { ema: Array3::zeros((NUM_EMAS, layers, num_logical)), score: [0; NUM_EMAS], steps: 0 }
+        let bank = || Array3::zeros((NUM_EMAS, layers, num_logical));
+        Estimator { ema: bank(), half: [bank(), bank()], score: [0; NUM_EMAS], steps: 0 }
     }
 
     /// Adds one step's global load `[layers, num_logical]`.
     pub fn push(&mut self, load: ArrayView2<u64>) {
-        let to_fixed = |x: u64| x.saturating_mul(1 << EMA_FRAC_BITS);
+        // The step's half bank: its first step sets every average, later ones update them.
+        update(&mut self.half[self.steps % 2], load, self.steps < 2);
         if self.steps == 0 {
-            for mut bank in self.ema.outer_iter_mut() {
-                bank.zip_mut_with(&load, |s, &x| *s = to_fixed(x));
-            }
+            update(&mut self.ema, load, true);
             self.steps = 1;
             return;
         }
         for k in 0..NUM_EMAS {
             let err = prediction_error(self.ema.index_axis(ndarray::Axis(0), k), load);
             self.score[k] = self.score[k] - (self.score[k] >> ERROR_MEMORY_BITS) + err;
-            let mut bank = self.ema.index_axis_mut(ndarray::Axis(0), k);
-            bank.zip_mut_with(&load, |s, &x| {
-                let x = to_fixed(x);
-                // s += (x - s) / 2^k, rounding toward s (exact and identical everywhere).
-                *s = if x >= *s { *s + ((x - *s) >> k) } else { *s - ((*s - x) >> k) };
-            });
         }
+        update(&mut self.ema, load, false);
         self.steps += 1;
     }
 
@@ -75,9 +77,32 @@ impl Estimator {
         self.ema.index_axis(ndarray::Axis(0), self.best())
     }
 
+    /// The average with memory `k` over the steps of parity `parity` only (`2^k` of those steps),
+    /// `[layers, num_logical]`, fixed point as [`Estimator::estimate`]; zero before its first step.
+    pub fn half(&self, parity: usize, k: usize) -> ArrayView2<'_, u64> {
+        self.half[parity % 2].index_axis(ndarray::Axis(0), k.min(NUM_EMAS - 1))
+    }
+
     /// The estimate with memory `k` (for tests and reports).
     pub fn average(&self, k: usize) -> Array2<u64> {
         self.ema.index_axis(ndarray::Axis(0), k).to_owned()
+    }
+}
+
+/// Adds `load [layers, num_logical]` to every average of `bank [NUM_EMAS, layers, num_logical]`:
+/// `s += (x - s) / 2^k` in fixed point, rounding toward `s` (exact, identical everywhere); `first`
+/// sets every average to the load.
+fn update(bank: &mut Array3<u64>, load: ArrayView2<u64>, first: bool) {
+    let to_fixed = |x: u64| x.saturating_mul(1 << EMA_FRAC_BITS);
+    for (k, mut avg) in bank.outer_iter_mut().enumerate() {
+        if first {
+            avg.zip_mut_with(&load, |s, &x| *s = to_fixed(x));
+        } else {
+            avg.zip_mut_with(&load, |s, &x| {
+                let x = to_fixed(x);
+                *s = if x >= *s { *s + ((x - *s) >> k) } else { *s - ((*s - x) >> k) };
+            });
+        }
     }
 }
 
@@ -124,6 +149,23 @@ mod tests {
         assert!(est[[0, 3]] > est[[0, 0]], "the estimate follows the new hot expert: {est:?}");
         // The last-step average is exactly the last load, in fixed point.
         assert_eq!(e.average(0), ndarray::arr2(&[[20u64 << 16, 50 << 16, 50 << 16, 105 << 16]]));
+    }
+
+    #[test]
+    fn the_halves_see_disjoint_steps() {
+        let mut e = Estimator::new(1, 2);
+        assert_eq!(e.half(1, 0), ndarray::arr2(&[[0u64, 0]]), "no odd step yet");
+        // Even steps carry [8, 0], odd steps [0, 8].
+        for t in 0..10u64 {
+            let x = if t % 2 == 0 { [[8, 0]] } else { [[0, 8]] };
+            e.push(ndarray::arr2(&x).view());
+        }
+        for k in 0..NUM_EMAS {
+            assert_eq!(e.half(0, k), ndarray::arr2(&[[8u64 << 16, 0]]), "memory 2^{k}");
+            assert_eq!(e.half(1, k), ndarray::arr2(&[[0, 8u64 << 16]]));
+        }
+        // The whole bank mixes both.
+        assert!(e.average(3)[[0, 0]] > 0 && e.average(3)[[0, 1]] > 0);
     }
 
     #[test]
