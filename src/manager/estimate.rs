@@ -46,18 +46,28 @@ impl Estimator {
 
     /// Adds one step's global load `[layers, num_logical]`.
     pub fn push(&mut self, load: ArrayView2<u64>) {
+        // x [layers * num_logical]: the load in fixed point, row-major (the banks' layout).
+        let x: Vec<u64> = load.iter().map(|&v| v.saturating_mul(1 << EMA_FRAC_BITS)).collect();
         // The step's half bank: its first step sets every average, later ones update them.
-        update(&mut self.half[self.steps % 2], load, self.steps < 2);
+        update(&mut self.half[self.steps % 2], &x, self.steps < 2);
         if self.steps == 0 {
-            update(&mut self.ema, load, true);
+            update(&mut self.ema, &x, true);
             self.steps = 1;
             return;
         }
-        for k in 0..NUM_EMAS {
-            let err = prediction_error(self.ema.index_axis(ndarray::Axis(0), k), load);
+        // Each average is scored on the step, then updated with it, one row at a time (the row
+        // is still in cache for the update).
+        let actual = shares(load);
+        let n = x.len() / actual.len().max(1);
+        let Some(all) = self.ema.as_slice_mut() else { return };
+        for (k, bank) in all.chunks_exact_mut(x.len().max(1)).enumerate() {
+            let mut err: u128 = 0;
+            for ((avg, x), a) in bank.chunks_exact_mut(n.max(1)).zip(x.chunks_exact(n.max(1))).zip(&actual) {
+                err += row_error(avg, a);
+                update_row(avg, x, k);
+            }
             self.score[k] = self.score[k] - (self.score[k] >> ERROR_MEMORY_BITS) + err;
         }
-        update(&mut self.ema, load, false);
         self.steps += 1;
     }
 
@@ -89,40 +99,94 @@ impl Estimator {
     }
 }
 
-/// Adds `load [layers, num_logical]` to every average of `bank [NUM_EMAS, layers, num_logical]`:
-/// `s += (x - s) / 2^k` in fixed point, rounding toward `s` (exact, identical everywhere); `first`
-/// sets every average to the load.
-fn update(bank: &mut Array3<u64>, load: ArrayView2<u64>, first: bool) {
-    let to_fixed = |x: u64| x.saturating_mul(1 << EMA_FRAC_BITS);
-    for (k, mut avg) in bank.outer_iter_mut().enumerate() {
+/// Adds `x [layers * num_logical]` (fixed point, row-major) to every average of
+/// `bank [NUM_EMAS, layers, num_logical]`: `s += (x - s) / 2^k`, rounding toward `s` (exact,
+/// identical everywhere); `first` sets every average to `x`. Branch-free over contiguous rows,
+/// so that it vectorizes.
+fn update(bank: &mut Array3<u64>, x: &[u64], first: bool) {
+    let Some(all) = bank.as_slice_mut() else { return };
+    for (k, avg) in all.chunks_exact_mut(x.len().max(1)).enumerate() {
         if first {
-            avg.zip_mut_with(&load, |s, &x| *s = to_fixed(x));
+            avg.copy_from_slice(x);
+            continue;
+        }
+        update_row(avg, x, k);
+    }
+}
+
+/// `s += (x - s) / 2^k` for every average of one row, rounding toward `s`.
+///
+/// Written with 64-bit adds, bitwise operations and logical shifts only (no compare), which
+/// SSE2 has for vectors: `down` (all ones when `x < s`) is the borrow of `x - s`, `|x - s|` and
+/// the signed step are conditional negations by it.
+fn update_row(avg: &mut [u64], x: &[u64], k: usize) {
+    for (s, &x) in avg.iter_mut().zip(x) {
+        let d = x.wrapping_sub(*s);
+        let down = 0u64.wrapping_sub(((!x & *s) | (!(x ^ *s) & d)) >> 63);
+        let step = ((d ^ down).wrapping_sub(down)) >> k;
+        *s = s.wrapping_add((step ^ down).wrapping_sub(down));
+    }
+}
+
+/// `floor(x * 2^32 / total)` for `0 <= x <= total` (a Q32 share), exact, with a multiplication
+/// by a reciprocal instead of a division per element.
+#[derive(Debug, Clone, Copy)]
+struct Share {
+    total: u128,
+    /// `floor(2^96 / total)`, or 0 when `total >= 2^64` (then a division).
+    inv: u128,
+}
+
+impl Share {
+    fn new(total: u128) -> Share {
+        Share { total, inv: if total > 0 && total < 1 << 64 { (1u128 << 96) / total } else { 0 } }
+    }
+
+    fn of(&self, x: u64) -> u128 {
+        let scaled = (x as u128) << 32;
+        if self.inv == 0 {
+            return scaled.checked_div(self.total).unwrap_or(0);
+        }
+        // x * inv <= 2^96 (x <= total): no overflow; q is the floor or one below it.
+        let q = (x as u128 * self.inv) >> 64;
+        if (q + 1) * self.total <= scaled {
+            q + 1
         } else {
-            avg.zip_mut_with(&load, |s, &x| {
-                let x = to_fixed(x);
-                *s = if x >= *s { *s + ((x - *s) >> k) } else { *s - ((*s - x) >> k) };
-            });
+            q
         }
     }
 }
 
+/// The Q32 shares of every layer of `load [layers, num_logical]`; None for a layer without load.
+fn shares(load: ArrayView2<u64>) -> Vec<Option<Vec<u128>>> {
+    load.outer_iter()
+        .map(|row| {
+            let total = row.iter().map(|&v| v as u128).sum::<u128>();
+            (total > 0).then(|| {
+                let share = Share::new(total);
+                row.iter().map(|&v| share.of(v)).collect()
+            })
+        })
+        .collect()
+}
+
+/// The squared difference of the Q32 shares of one predicted row and of the `actual` shares of
+/// that layer, summed over its experts (0 when either side has no load).
+fn row_error(predicted: &[u64], actual: &Option<Vec<u128>>) -> u128 {
+    let Some(a) = actual else { return 0 };
+    let total = predicted.iter().map(|&v| v as u128).sum::<u128>();
+    if total == 0 {
+        return 0;
+    }
+    let share = Share::new(total);
+    predicted.iter().zip(a).map(|(&x, &sy)| share.of(x).abs_diff(sy).pow(2)).sum()
+}
+
 /// Sum over layers and experts of the squared difference of the Q32 shares of `predicted` and
 /// `actual` (a layer with no load on either side counts 0).
+#[cfg(test)]
 fn prediction_error(predicted: ArrayView2<u64>, actual: ArrayView2<u64>) -> u128 {
-    let mut err: u128 = 0;
-    for (p, a) in predicted.outer_iter().zip(actual.outer_iter()) {
-        let (tp, ta) = (p.iter().map(|&v| v as u128).sum::<u128>(), a.iter().map(|&v| v as u128).sum::<u128>());
-        if tp == 0 || ta == 0 {
-            continue;
-        }
-        for (&x, &y) in p.iter().zip(a.iter()) {
-            let sx = ((x as u128) << 32) / tp;
-            let sy = ((y as u128) << 32) / ta;
-            let d = sx.abs_diff(sy);
-            err += d * d;
-        }
-    }
-    err
+    predicted.outer_iter().zip(&shares(actual)).map(|(p, a)| row_error(&p.to_vec(), a)).sum()
 }
 
 #[cfg(test)]
@@ -149,6 +213,45 @@ mod tests {
         assert!(est[[0, 3]] > est[[0, 0]], "the estimate follows the new hot expert: {est:?}");
         // The last-step average is exactly the last load, in fixed point.
         assert_eq!(e.average(0), ndarray::arr2(&[[20u64 << 16, 50 << 16, 50 << 16, 105 << 16]]));
+    }
+
+    #[test]
+    fn the_branch_free_update_is_the_rounded_average() {
+        let mut seed = 3u64;
+        let mut next = || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            seed
+        };
+        let edges = [0, 1, 2, u64::MAX - 1, u64::MAX, 1 << 63, (1 << 63) - 1];
+        for k in 0..NUM_EMAS {
+            let pairs: Vec<(u64, u64)> = (0..2000)
+                .map(|i| match i % 4 {
+                    0 => (next(), next()),
+                    1 => (next() >> 20, next() >> 20),
+                    _ => (edges[i % edges.len()], edges[(i / 7) % edges.len()]),
+                })
+                .collect();
+            let (mut avg, x): (Vec<u64>, Vec<u64>) = pairs.iter().copied().unzip();
+            let expected: Vec<u64> =
+                pairs.iter().map(|&(s, x)| if x >= s { s + ((x - s) >> k) } else { s - ((s - x) >> k) }).collect();
+            update_row(&mut avg, &x, k);
+            assert_eq!(avg, expected, "memory 2^{k}");
+        }
+    }
+
+    #[test]
+    fn shares_are_exact_floors() {
+        let mut seed = 1u64;
+        for total in [1u128, 3, 7, 1 << 20, (1 << 40) + 12345, (1 << 64) - 1, 1 << 64, (1 << 70) + 3] {
+            let share = Share::new(total);
+            for _ in 0..1000 {
+                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                let x = if total > u64::MAX as u128 { seed } else { (seed as u128 % (total + 1)) as u64 };
+                assert_eq!(share.of(x), ((x as u128) << 32) / total, "{x} / {total}");
+            }
+            let x = total.min(u64::MAX as u128) as u64;
+            assert_eq!(share.of(x), ((x as u128) << 32) / total);
+        }
     }
 
     #[test]
