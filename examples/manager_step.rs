@@ -3,8 +3,9 @@
 //!
 //!   cargo run --release --example manager_step [STEPS]
 //!
-//! 58 layers x 256 experts on 64 GPUs, 320 slots; every step 65,536 (token, expert) assignments a
-//! layer drawn from a zipf-like distribution whose hot experts are relabelled every 100 steps.
+//! 58 layers x 256 experts on 64 GPUs, 320 slots; every step about 65,536 (token, expert)
+//! assignments a layer, zipf-like with noise of a sampled count's size, the hot experts
+//! relabelled every 100 steps.
 //! The decided layers are applied as `run` does (one a step).
 
 use std::time::Instant;
@@ -27,39 +28,40 @@ fn main() {
     let policy = PolicyConfig { threads: 1, ..Default::default() };
     let mut manager = Manager::new(config, shape, layers, experts);
     let mut live = Placement::trivial(layers, experts, shape.num_replicas);
-    // Cumulative zipf weights (s = 0.8), in parts of 2^32.
+    // Zipf weights (s = 0.8) as expected tokens of the 65,536 a layer draws a step.
     let w: Vec<f64> = (1..=experts).map(|i| (i as f64).powf(-0.8)).collect();
     let total: f64 = w.iter().sum();
-    let mut cum = Vec::with_capacity(experts);
-    let mut acc = 0.0;
-    for x in &w {
-        acc += x / total;
-        cum.push((acc * 4294967296.0) as u64);
-    }
+    let expected: Vec<f64> = w.iter().map(|x| 65_536.0 * x / total).collect();
     let mut seed = 7u64;
     let mut next = || {
         seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         seed >> 32
     };
     let mut perm: Vec<Vec<usize>> = (0..layers).map(|_| (0..experts).collect()).collect();
-    let (mut observe_ns, mut decide_ns) = (Vec::new(), Vec::new());
-    let mut switched = 0;
-    for step in 0..steps {
-        if step % 100 == 0 {
-            for p in perm.iter_mut() {
-                for i in (1..experts).rev() {
-                    p.swap(i, next() as usize % (i + 1));
+    // The loads first, so that a profile of this program shows the manager.
+    let loads: Vec<Array2<u64>> = (0..steps)
+        .map(|step| {
+            if step % 100 == 0 {
+                for p in perm.iter_mut() {
+                    for i in (1..experts).rev() {
+                        p.swap(i, next() as usize % (i + 1));
+                    }
                 }
             }
-        }
-        let mut load = Array2::<u64>::zeros((layers, experts));
-        for (l, p) in perm.iter().enumerate() {
-            for _ in 0..65_536 {
-                let r = next();
-                let e = cum.partition_point(|&c| c <= r).min(experts - 1);
-                load[[l, p[e]]] += 1;
+            let mut load = Array2::<u64>::zeros((layers, experts));
+            // Sampling noise of about a Poisson count's size: uniform within +-sqrt(3 x mean).
+            for (l, p) in perm.iter().enumerate() {
+                for (e, &m) in expected.iter().enumerate() {
+                    let u = next() as f64 / 4294967296.0 - 0.5;
+                    load[[l, p[e]]] = (m + u * 2.0 * (3.0 * m).sqrt()).round().max(0.0) as u64;
+                }
             }
-        }
+            load
+        })
+        .collect();
+    let (mut observe_ns, mut decide_ns) = (Vec::new(), Vec::new());
+    let mut switched = 0;
+    for (step, load) in loads.into_iter().enumerate() {
         let t0 = Instant::now();
         manager.observe(load);
         let t1 = Instant::now();

@@ -132,10 +132,6 @@ pub(super) struct Search<'a> {
     /// another node), and the copies moved relative to it.
     prev: Option<&'a [Option<usize>]>,
     moved: usize,
-    /// `[num_gpus * num_local]`: copies of every expert on every GPU, now and in the previous
-    /// placement (empty without one).
-    copies_now: Vec<u32>,
-    copies_prev: Vec<u32>,
     per_copy: Fixed,
     /// A lower bound on the peak of any placement of this node.
     lower: Fixed,
@@ -145,6 +141,8 @@ pub(super) struct Search<'a> {
     gainer: Tally,
     /// Scratch: the peak GPU's slots as `per-replica load << 64 | slot`, ascending.
     mine: Vec<u128>,
+    /// Scratch of a recount: the GPUs it touches and their loads before.
+    touched: Vec<(usize, Fixed)>,
     moves_left: usize,
     /// The cost of another candidate (a fresh plan): the search stops once even a perfect
     /// balance could not beat it with the copies already moved.
@@ -177,19 +175,8 @@ impl<'a> Search<'a> {
             }
             head[e] = s;
         }
-        let (mut copies_now, mut copies_prev) = (Vec::new(), Vec::new());
-        if let Some(p) = prev {
-            (copies_now, copies_prev) = (vec![0u32; num_gpus * n], vec![0u32; num_gpus * n]);
-            for (s, (&e, &before)) in slot_expert.iter().zip(p).enumerate() {
-                copies_now[(s / slots_per_rank) * n + e] += 1;
-                if let Some(b) = before {
-                    copies_prev[(s / slots_per_rank) * n + b] += 1;
-                }
-            }
-        }
         // Copies moved: those of `now` beyond `prev`, per GPU and expert.
-        let moved =
-            copies_now.iter().zip(&copies_prev).map(|(&now, &before)| now.saturating_sub(before) as usize).sum();
+        let moved = prev.map_or(0, |p| moved_copies(&slot_expert, p, slots_per_rank, n));
         let mut s = Search {
             weight,
             spr: slots_per_rank,
@@ -206,13 +193,12 @@ impl<'a> Search<'a> {
             back,
             prev,
             moved,
-            copies_now,
-            copies_prev,
             per_copy,
             lower,
             loser: Tally::new(num_gpus),
             gainer: Tally::new(num_gpus),
             mine: Vec::with_capacity(slots_per_rank),
+            touched: Vec::new(),
             moves_left: 4 * m + 64,
             rival: Fixed::MAX,
         };
@@ -278,11 +264,14 @@ impl<'a> Search<'a> {
         }
     }
 
-    /// Copies of expert `e` on GPU `g`, now and in the previous placement (with one).
+    /// Copies of expert `e` on GPU `g`, now and in the previous placement (with one): a count
+    /// over the GPU's few slots, cheaper than keeping a `[num_gpus * num_local]` table.
     #[inline]
     fn copies(&self, g: usize, e: usize) -> (u32, u32) {
-        let k = g * self.weight.len() + e;
-        (self.copies_now[k], self.copies_prev[k])
+        let gpu = g * self.spr..(g + 1) * self.spr;
+        let now = self.slot_expert[gpu.clone()].iter().filter(|&&x| x == e).count() as u32;
+        let before = self.prev.map_or(0, |p| p[gpu].iter().filter(|&&x| x == Some(e)).count() as u32);
+        (now, before)
     }
 
     /// Change in copies moved when one copy of `e` leaves GPU `g` (-1 or 0).
@@ -500,9 +489,6 @@ impl<'a> Search<'a> {
         let g = s / self.spr;
         if self.prev.is_some() {
             self.moved = (self.moved as i64 + self.dm(g, old, g, e)) as usize;
-            let n = self.weight.len();
-            self.copies_now[g * n + old] -= 1;
-            self.copies_now[g * n + e] += 1;
         }
         let (nx, bk) = (self.next[s], self.back[s]);
         if bk == NIL {
@@ -542,11 +528,18 @@ impl<'a> Search<'a> {
             }
             Move::Recount { j, expert: y } => {
                 let x = self.slot_expert[j];
-                // Take every replica of x and y out of the loads, change the counts, put back.
+                // Take every replica of x and y out of the loads, change the counts, put back;
+                // then move the touched GPUs' keys in the order (their loads before: `touched`).
+                let mut touched = std::mem::take(&mut self.touched);
+                touched.clear();
                 for e in [x, y] {
                     let mut s = self.head[e];
                     while s != NIL {
-                        self.load[s / spr] -= self.slot_rep[s];
+                        let g = s / spr;
+                        if !touched.iter().any(|&(h, _)| h == g) {
+                            touched.push((g, self.load[g]));
+                        }
+                        self.load[g] -= self.slot_rep[s];
                         s = self.next[s];
                     }
                 }
@@ -563,7 +556,10 @@ impl<'a> Search<'a> {
                         s = self.next[s];
                     }
                 }
-                self.sort_order();
+                for &(g, before) in &touched {
+                    self.reorder(g, before);
+                }
+                self.touched = touched;
             }
         }
     }
@@ -654,8 +650,6 @@ impl<'a> Search<'a> {
         assert_eq!(order, self.order);
         if let Some(p) = self.prev {
             assert_eq!(self.moved, moved_copies(&self.slot_expert, p, self.spr, n));
-            let fresh = Search::new(self.weight, self.spr, self.slot_expert.clone(), Some(p), 0, 0);
-            assert_eq!(fresh.copies_now, self.copies_now);
         }
     }
 }
