@@ -451,44 +451,60 @@ fn repair(weight: &[u64], prev: &[Option<usize>], slots_per_rank: usize) -> Vec<
 /// shares most expert copies with: a greedy matching by (overlap descending, new GPU, old GPU).
 fn relabel_gpus(slot_expert: &[usize], prev: &[Option<usize>], slots_per_rank: usize, num_local: usize) -> Vec<usize> {
     let num_gpus = slot_expert.len() / slots_per_rank;
-    // prev_hosts: (expert, old GPU, copies), sorted; first[e]..first[e + 1] are e's entries.
-    let mut pairs: Vec<(usize, usize)> =
-        prev.iter().enumerate().filter_map(|(s, e)| e.map(|e| (e, s / slots_per_rank))).collect();
-    pairs.sort_unstable();
-    let mut prev_hosts: Vec<(usize, usize, u32)> = Vec::with_capacity(pairs.len());
-    for (e, o) in pairs {
-        match prev_hosts.last_mut() {
-            Some(last) if last.0 == e && last.1 == o => last.2 += 1,
-            _ => prev_hosts.push((e, o, 1)),
-        }
-    }
+    // prev_hosts: (expert, old GPU, copies) by (expert, old GPU); first[e]..first[e + 1] are e's
+    // entries. A counting sort by expert: the slots come in GPU order already.
     let mut first = vec![0usize; num_local + 1];
-    for &(e, _, _) in &prev_hosts {
+    for &e in prev.iter().flatten() {
         first[e + 1] += 1;
     }
     for e in 0..num_local {
         first[e + 1] += first[e];
     }
-    // overlap [num_gpus * num_gpus]: copies new GPU n shares with old GPU o.
-    let mut overlap = vec![0u32; num_gpus * num_gpus];
+    let mut fill = first.clone();
+    let mut hosts = vec![0usize; first[num_local]];
+    for (s, e) in prev.iter().enumerate() {
+        if let Some(e) = *e {
+            hosts[fill[e]] = s / slots_per_rank;
+            fill[e] += 1;
+        }
+    }
+    let mut prev_hosts: Vec<(usize, usize, u32)> = Vec::with_capacity(hosts.len());
+    for e in 0..num_local {
+        let start = prev_hosts.len();
+        for &o in &hosts[first[e]..first[e + 1]] {
+            let fresh = prev_hosts.len() == start;
+            match prev_hosts.last_mut() {
+                Some(last) if !fresh && last.1 == o => last.2 += 1,
+                _ => prev_hosts.push((e, o, 1)),
+            }
+        }
+        first[e] = start;
+    }
+    first[num_local] = prev_hosts.len();
+    // candidates: (overlap, new GPU n, old GPU o) for every pair sharing copies, by (overlap
+    // descending, n, o). Each new GPU's overlaps are gathered in a short list (a GPU holds few
+    // slots), so no [num_gpus x num_gpus] table is needed.
+    let mut candidates: Vec<(std::cmp::Reverse<u32>, usize, usize)> = Vec::new();
+    let mut row: Vec<(usize, u32)> = Vec::new();
     for (n, gpu) in slot_expert.chunks(slots_per_rank).enumerate() {
+        row.clear();
         for (k, &e) in gpu.iter().enumerate() {
             if gpu[..k].contains(&e) {
                 continue;
             }
             let copies = gpu.iter().filter(|&&x| x == e).count() as u32;
             for &(_, o, c) in &prev_hosts[first[e]..first[e + 1]] {
-                overlap[n * num_gpus + o] += copies.min(c);
+                match row.iter_mut().find(|(p, _)| *p == o) {
+                    Some((_, v)) => *v += copies.min(c),
+                    None => row.push((o, copies.min(c))),
+                }
             }
         }
+        row.sort_unstable();
+        candidates.extend(row.iter().map(|&(o, k)| (std::cmp::Reverse(k), n, o)));
     }
-    let mut candidates: Vec<(std::cmp::Reverse<u32>, usize, usize)> = overlap
-        .iter()
-        .enumerate()
-        .filter(|(_, &k)| k > 0)
-        .map(|(i, &k)| (std::cmp::Reverse(k), i / num_gpus, i % num_gpus))
-        .collect();
-    candidates.sort_unstable();
+    // Already by (n, o): a stable sort by overlap gives the whole order.
+    candidates.sort_by_key(|c| c.0);
     let mut target = vec![usize::MAX; num_gpus];
     let mut taken = vec![false; num_gpus];
     for (_, n, o) in candidates {
