@@ -226,11 +226,14 @@ impl RoundDecision {
     }
 }
 
-/// A layer whose last plan moved nothing: it is planned again once its gap grew or it waited.
+/// A layer whose last plan moved nothing or did not pay: it is planned again once its gap grew
+/// or it waited, or at the next step when `retry` (its plan on one half of the steps did not pay
+/// on the other: the other half gets its turn).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Rejected {
     gap: u64,
     step: usize,
+    retry: bool,
 }
 
 /// The manager's state.
@@ -245,7 +248,7 @@ pub struct Manager {
     reference: Vec<Option<Vec<u64>>>,
     queue: VecDeque<LayerUpdate>,
     last_round: Option<usize>,
-    /// Time: layers whose last plan moved nothing.
+    /// Time: layers whose last plan moved nothing or did not pay.
     rejected: Vec<Option<Rejected>>,
 }
 
@@ -378,15 +381,18 @@ impl Manager {
             }
             if let Some(r) = self.rejected[l] {
                 let waited = step.saturating_sub(r.step) >= 2 * lifetime.min(layers as u64 * 4) as usize;
-                if gap <= r.gap + r.gap / 8 + (PAR_ONE >> 10) && !waited {
+                let retry = r.retry && step == r.step + 1;
+                if gap <= r.gap + r.gap / 8 + (PAR_ONE >> 10) && !waited && !retry {
                     continue;
                 }
             }
             candidates.push((gap, l));
         }
-        // Largest gap first (ties: lower layer); plan twice as many as can switch.
+        // Largest gap first (ties: lower layer); plan as many as can switch. A plan that does not
+        // pay is made again on the other half at the next step; after that the layer waits (see
+        // `Rejected`) and leaves its place to the next.
         candidates.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
-        candidates.truncate(2 * self.per_step());
+        candidates.truncate(self.per_step());
         let config = PolicyConfig { move_cost: price as f64 / PAR_ONE as f64, ..*policy };
         let rows = policy::map_layers(candidates.len(), policy.threads, |i| {
             let l = candidates[i].1;
@@ -403,7 +409,7 @@ impl Manager {
         for (&(gap, l), new_row) in candidates.iter().zip(rows) {
             let old = live.phy2log.row(l).to_vec();
             if new_row == old {
-                self.rejected[l] = Some(Rejected { gap, step });
+                self.rejected[l] = Some(Rejected { gap, step, retry: false });
                 continue;
             }
             d.changed += 1;
@@ -414,7 +420,9 @@ impl Manager {
             let changed = changed_slots(&old, &new_row);
             let net = drop - price as i128 * changed as i128;
             if net <= 0 {
-                // Not held against the layer: next step the other half plans it.
+                // Next step the other half plans it; after two misses in a row it waits.
+                let first_miss = self.rejected[l].is_none_or(|r| !(r.retry && step == r.step + 1));
+                self.rejected[l] = Some(Rejected { gap, step, retry: first_miss });
                 d.small_gain += 1;
                 continue;
             }
@@ -688,8 +696,8 @@ mod tests {
             }
         }
         // Judging each plan on the loads it was made on switches 125 times here; on the other
-        // half of the steps, 38 (a plan still passes when the two halves' noise happens to agree).
-        assert!(settled <= 60, "{settled} layer switches in 500 steps of a steady load");
+        // half of the steps, 19 (a plan still passes when the two halves' noise happens to agree).
+        assert!(settled <= 40, "{settled} layer switches in 500 steps of a steady load");
     }
 
     #[test]
