@@ -363,19 +363,22 @@ impl Manager {
         let (spr, shape) = (self.shape.slots_per_rank(), self.shape);
         let lifetime = self.lifetime();
         let price = self.price_q32(lifetime);
-        let estimate = self.estimator.estimate().to_owned();
+        let estimate = self.estimator.estimate();
         // plan_on, judge_on [layers, num_logical]: the two halves of the steps, same memory.
         let k = self.estimator.best();
-        let plan_on = self.estimator.half(step % 2, k).to_owned();
+        let plan_on = self.estimator.half(step % 2, k);
         let judge_on = self.estimator.half(step % 2 + 1, k);
         // gap [layers]: live PAR on the estimate over the PAR no placement can beat.
         let live_par: Vec<u64> =
             (0..layers).map(|l| par_q32(&estimate.row(l).to_vec(), &live.phy2log.row(l).to_vec(), spr)).collect();
         let mut candidates: Vec<(u64, usize)> = Vec::new();
         for (l, &par) in live_par.iter().enumerate() {
+            // Even the best placement, moving one slot, would not pay (the bound is at least 1).
+            if par.saturating_sub(PAR_ONE) <= price {
+                continue;
+            }
             let w = estimate.row(l).to_vec();
             let gap = par.saturating_sub(par_lower_bound_q32(&w, shape.num_replicas, shape.num_gpus));
-            // Even the best placement, moving one slot, would not pay.
             if gap <= price {
                 continue;
             }
