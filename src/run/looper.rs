@@ -126,6 +126,12 @@ impl<'a> Looper<'a> {
                 self.output.report.set_manager_times(&self.step_us, &self.allreduce_us, &self.round_us);
                 let failed: Result<(), RunError> = Err(e);
                 self.output.finish(self.args, &failed)?;
+                if let Err(e) = &failed {
+                    // The job ends here, while the loop's communicators and GPU memory are alive:
+                    // dropping them (`ncclCommDestroy`, `cuMemFree`) can wait forever for the
+                    // peer that is stopped or dead.
+                    super::safety::end_if_local(self.world, self.args, e);
+                }
                 return failed.map(|()| RunOutcome { rank: self.world.rank(), report: self.output.report });
             }
             return self.finish(Err(e));
