@@ -1,24 +1,27 @@
 #!/usr/bin/env bash
-# GPU fault probe (2 GPUs, kept out of CI): rank STOP_RANK (default 1) stopped with SIGSTOP during
-# `run --transport nccl --timeout 5` (TRANSPORT=host: the same on the CPU path). Prints every process's threads (state, wait channel, kernel
-# stack, and gdb backtraces when gdb is there) while the job should be ending, then continues the
-# stopped rank and kills what is left.
-#   OUT=DIR [STOP_RANK=1] scripts/gpu_fault_probe.sh [BINARY]
+# GPU fault probe (2 GPUs, kept out of CI): rank STOP_RANK (default 1) sent SIGNAL (default STOP)
+# 6 s into `run --transport nccl --timeout 5 RUN_ARGS` (TRANSPORT=host: the same on the CPU path).
+# Prints every process's threads (state, wait channel, kernel stack, and gdb backtraces when gdb is
+# there) while the job should be ending, then continues the stopped rank and kills what is left.
+#   OUT=DIR [STOP_RANK=1] [SIGNAL=STOP|KILL] [RUN_ARGS="--steps 100000 --step-ms 5"] \
+#     scripts/gpu_fault_probe.sh [BINARY]
 set -u
 B=${1:-target/release/eplb-worker}
 OUT=${OUT:-$(mktemp -d)}
 STOP_RANK=${STOP_RANK:-1}
 TRANSPORT=${TRANSPORT:-nccl}
+SIGNAL=${SIGNAL:-STOP}
+RUN_ARGS=${RUN_ARGS:---steps 100000 --step-ms 5}
 export NCCL_NVLS_ENABLE=0 RUST_LOG=${RUST_LOG:-warn,eplb::failure=debug}
 start=$(date +%s.%N)
 mpirun --allow-run-as-root --oversubscribe --bind-to none -x NCCL_NVLS_ENABLE -x RUST_LOG -n 2 "$B" run \
-    --transport "$TRANSPORT" --steps 100000 --step-ms 5 --timeout 5 --report "$OUT/stop.json" > "$OUT/stop.out" 2>&1 &
+    --transport "$TRANSPORT" $RUN_ARGS --timeout 5 --report "$OUT/stop.json" > "$OUT/stop.out" 2>&1 &
 mp=$!
 sleep 6
 rank_pid() { for p in $(pgrep -f "eplb-worker run --transport"); do
     tr '\0' '\n' < /proc/$p/environ 2>/dev/null | grep -qx "OMPI_COMM_WORLD_RANK=$1" && echo "$p"; done; }
 pid=$(rank_pid "$STOP_RANK")
-kill -STOP "$pid"; echo "stopped rank $STOP_RANK (pid $pid) at +$(awk -v s="$start" -v n="$(date +%s.%N)" "BEGIN{printf \"%.1f\", n-s}") s"
+kill -"$SIGNAL" "$pid"; echo "SIG$SIGNAL to rank $STOP_RANK (pid $pid) at +$(awk -v s="$start" -v n="$(date +%s.%N)" "BEGIN{printf \"%.1f\", n-s}") s"
 threads() {
     for p in $(pgrep -f "eplb-worker run --transport"); do
         echo "== pid $p rank $(tr '\0' '\n' < /proc/$p/environ | sed -n 's/^OMPI_COMM_WORLD_RANK=//p') $(cut -d' ' -f3 /proc/$p/stat)"

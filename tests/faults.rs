@@ -477,6 +477,34 @@ fn a_corrupted_transfer_commits_nothing_and_the_live_weights_verify() {
     assert_eq!(doc["wrong_live_bytes"].as_u64(), Some(0));
 }
 
+#[test]
+fn a_rank_hung_at_its_migration_ends_the_job_within_the_timeout_with_nothing_committed() {
+    let d = tmpdir("hang");
+    let path = d.join("report.json");
+    let timeout_s = 3.0;
+    let args = [
+        "--eplb-update-interval-steps",
+        "5",
+        "--expert-bytes",
+        "65536",
+        "--timeout",
+        "3",
+        "--fault",
+        "hang-transfer-on-rank=1",
+        "--report",
+        &s(&path),
+    ];
+    let r = mpirun(4, &args);
+    assert_ne!(r.code, 124, "hung:\n{}", r.stderr);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.seconds < timeout_s + 30.0 + 10.0, "took {} s", r.seconds);
+    assert!(r.stderr.contains("timed out") && r.stderr.contains("rank(s) 1 did not answer"), "{}", r.stderr);
+    let doc = report(&path);
+    assert_eq!(doc["status"], "failed", "{doc}");
+    // The hang came at the first migration: no layer was committed anywhere.
+    assert_eq!((doc["layers_updated"].as_u64(), doc["experts_moved"].as_u64()), (Some(0), Some(0)), "{doc}");
+}
+
 // ------------------------------------------------------------------ a bug: a panic on one rank
 
 #[test]

@@ -349,6 +349,12 @@ impl<'a> Looper<'a> {
         let (rank, spr, gpn) = (self.world.rank(), shape.slots_per_rank(), shape.gpus_per_node());
         let old = self.live.placement().phy2log.row(update.layer).to_vec();
         let migration = LayerMigration::derive(update.layer, &old, &update.new_row, spr, gpn);
+        if self.args.fault.contains(&Fault::HangTransfer(rank)) {
+            log::warn!("rank {rank}: fault injection: --fault hang-transfer-on-rank={rank}: hanging");
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+            }
+        }
         let staged = match stage_layer(self.engine.store(), self.world, &migration, rank) {
             Ok(staged) => staged,
             Err(ExecError::Verification { layer, wrong_bytes }) => {
