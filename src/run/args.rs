@@ -114,10 +114,10 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value_t = BalancePhase::All, help_heading = "Engine")]
     pub balance_phase: BalancePhase,
     /// shm engine: seconds to wait for the engine's region to appear.
-    #[arg(long, value_name = "SECONDS", default_value_t = 600.0, value_parser = crate::limits::positive, help_heading = "Engine")]
+    #[arg(long, value_name = "SECONDS", default_value_t = 600.0, value_parser = crate::limits::seconds, help_heading = "Engine")]
     pub engine_wait: f64,
     /// shm engine: an engine whose heartbeat is older than this is stopped or hung (exit 1).
-    #[arg(long, value_name = "SECONDS", default_value_t = 10.0, value_parser = crate::limits::positive, help_heading = "Engine")]
+    #[arg(long, value_name = "SECONDS", default_value_t = 10.0, value_parser = crate::limits::seconds, help_heading = "Engine")]
     pub engine_timeout: f64,
     /// Replay this load file, one step per iteration, wrapping around (the `plan` formats and the
     /// per-iteration CSV). Default: the built-in drifting zipf-like load.
@@ -204,7 +204,7 @@ pub struct RunArgs {
     /// The longest a rank waits for the others in a collective, a transfer or a commit; past it,
     /// the rank names the ranks that did not answer and ends the job (exit 1).
     #[arg(long, value_name = "SECONDS", default_value_t = crate::collective::watchdog::DEFAULT_TIMEOUT_SECONDS,
-          value_parser = crate::limits::positive, help_heading = "Executor")]
+          value_parser = crate::limits::seconds, help_heading = "Executor")]
     pub timeout: f64,
 
     /// Write a JSON report (rank 0): "status" is "running" from the start, then "ok", or
