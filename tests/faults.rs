@@ -249,10 +249,28 @@ fn run_refuses_absurd_sizes_and_bad_float_flags() {
         (vec!["--move-cost", "nan"], "not a finite number"),
         (vec!["--nccl-group-mib", "inf"], "not a finite number"),
         (vec!["--timeout", "0"], "greater than 0"),
+        (vec!["--timeout", "1e300"], "longer than a week"),
+        (vec!["--step-ms", "1e300"], "longer than a week"),
     ] {
         let r = mpirun(2, &args);
         r.assert_code(2, &format!("{args:?}"));
         assert!(r.stderr.contains(want), "{args:?}: {}", r.stderr);
+    }
+}
+
+#[test]
+fn simulate_refuses_absurd_sizes_at_once() {
+    let d = tmpdir("simulate-sizes");
+    let trace = d.join("trace.json");
+    std::fs::write(&trace, "[[[1, 2, 3, 4]], [[4, 3, 2, 1]]]").unwrap();
+    for redundant in ["100000000000", "18446744073709551615"] {
+        let r = bounded(
+            BIN,
+            &["simulate", "--trace", &s(&trace), "--num-gpus", "2", "--num-redundant-experts", redundant],
+            &[],
+        );
+        r.assert_code(2, redundant);
+        assert!(r.stderr.contains("slots a layer is not supported"), "{redundant}: {}", r.stderr);
     }
 }
 
