@@ -4,11 +4,12 @@
 # beside DeepSeek re-planned every 32/128/256/1024 steps and the hindsight floor.
 #
 #   scripts/bench_simulate.sh [OUT_DIR]      # needs numpy (pip install numpy) and a release build
+#   EPLB_BIN=/path/to/eplb-worker scripts/bench_simulate.sh   # another build (e.g. an older commit)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-/tmp/eplb-bench-simulate}
 mkdir -p "$out"
-bin=target/release/eplb-worker
+bin=${EPLB_BIN:-target/release/eplb-worker}
 steps=4096
 cost=(--expert-bytes 88080384 --migration-gbps 900 --step-ms 14.6484375)
 base=(--baseline deepseek@32 --baseline deepseek@128 --baseline deepseek@256 --baseline deepseek@1024 --floor)
@@ -22,6 +23,14 @@ cases=(
   "olmoe 1 8192 8 16"
   "olmoe 2 65536 8"
   "qwen3 1 8192 32"
+  # Held out: seeds and token counts no setting was tuned on.
+  "switch128 11 4096 16"
+  "qwen15 12 4096 4"
+  "qwen15 13 2048 6"
+  "olmoe 14 8192 8"
+  "olmoe 15 16384 16"
+  "olmoe 16 4096 8"
+  "qwen3 17 16384 32"
 )
 echo "| trace | EP | DeepSeek@32 | @128 | @256 | @1024 | eplb (default) | floor | gap closed | eplb changed slots |"
 echo "|---|---|---|---|---|---|---|---|---|---|"
