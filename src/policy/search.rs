@@ -57,6 +57,9 @@ struct Best {
     mv: Move,
 }
 
+/// The most entries (`num_gpus * num_local`) for which a search keeps per-GPU copy tables.
+const DENSE_COPIES: usize = 4096;
+
 /// A GPU's key in the load order: `load << 64 | gpu`, so keys sort by (load, index).
 #[inline]
 fn key(load: Fixed, gpu: usize) -> u128 {
@@ -132,6 +135,11 @@ pub(super) struct Search<'a> {
     /// another node), and the copies moved relative to it.
     prev: Option<&'a [Option<usize>]>,
     moved: usize,
+    /// `[num_gpus * num_local]`: copies of every expert on every GPU, now and in the previous
+    /// placement, kept only for small nodes (at most [`DENSE_COPIES`] entries; empty otherwise,
+    /// where counting over a GPU's few slots is cheaper than zeroing the tables every search).
+    copies_now: Vec<u32>,
+    copies_prev: Vec<u32>,
     per_copy: Fixed,
     /// A lower bound on the peak of any placement of this node.
     lower: Fixed,
@@ -177,6 +185,16 @@ impl<'a> Search<'a> {
         }
         // Copies moved: those of `now` beyond `prev`, per GPU and expert.
         let moved = prev.map_or(0, |p| moved_copies(&slot_expert, p, slots_per_rank, n));
+        let (mut copies_now, mut copies_prev) = (Vec::new(), Vec::new());
+        if let Some(p) = prev.filter(|_| num_gpus * n <= DENSE_COPIES) {
+            (copies_now, copies_prev) = (vec![0u32; num_gpus * n], vec![0u32; num_gpus * n]);
+            for (s, (&e, &before)) in slot_expert.iter().zip(p).enumerate() {
+                copies_now[(s / slots_per_rank) * n + e] += 1;
+                if let Some(b) = before {
+                    copies_prev[(s / slots_per_rank) * n + b] += 1;
+                }
+            }
+        }
         let mut s = Search {
             weight,
             spr: slots_per_rank,
@@ -193,6 +211,8 @@ impl<'a> Search<'a> {
             back,
             prev,
             moved,
+            copies_now,
+            copies_prev,
             per_copy,
             lower,
             loser: Tally::new(num_gpus),
@@ -264,10 +284,14 @@ impl<'a> Search<'a> {
         }
     }
 
-    /// Copies of expert `e` on GPU `g`, now and in the previous placement (with one): a count
-    /// over the GPU's few slots, cheaper than keeping a `[num_gpus * num_local]` table.
-    #[inline]
+    /// Copies of expert `e` on GPU `g`, now and in the previous placement (with one): from the
+    /// tables of a small node, else a count over the GPU's slots.
+    #[inline(always)]
     fn copies(&self, g: usize, e: usize) -> (u32, u32) {
+        if !self.copies_now.is_empty() {
+            let k = g * self.weight.len() + e;
+            return (self.copies_now[k], self.copies_prev[k]);
+        }
         let gpu = g * self.spr..(g + 1) * self.spr;
         let now = self.slot_expert[gpu.clone()].iter().filter(|&&x| x == e).count() as u32;
         let before = self.prev.map_or(0, |p| p[gpu].iter().filter(|&&x| x == Some(e)).count() as u32);
@@ -275,18 +299,21 @@ impl<'a> Search<'a> {
     }
 
     /// Change in copies moved when one copy of `e` leaves GPU `g` (-1 or 0).
+    #[inline(always)]
     fn dm_leave(&self, g: usize, e: usize) -> i64 {
         let (now, before) = self.copies(g, e);
         -((now > before) as i64)
     }
 
     /// Change in copies moved when one copy of `e` arrives on GPU `g` (0 or +1).
+    #[inline(always)]
     fn dm_arrive(&self, g: usize, e: usize) -> i64 {
         let (now, before) = self.copies(g, e);
         (now >= before) as i64
     }
 
     /// Change in copies moved when one copy of `e` leaves GPU `g` and one of `f` arrives on `h`.
+    #[inline(always)]
     fn dm(&self, g: usize, e: usize, h: usize, f: usize) -> i64 {
         if self.prev.is_none() {
             return 0;
@@ -489,6 +516,11 @@ impl<'a> Search<'a> {
         let g = s / self.spr;
         if self.prev.is_some() {
             self.moved = (self.moved as i64 + self.dm(g, old, g, e)) as usize;
+            if !self.copies_now.is_empty() {
+                let n = self.weight.len();
+                self.copies_now[g * n + old] -= 1;
+                self.copies_now[g * n + e] += 1;
+            }
         }
         let (nx, bk) = (self.next[s], self.back[s]);
         if bk == NIL {
@@ -650,6 +682,8 @@ impl<'a> Search<'a> {
         assert_eq!(order, self.order);
         if let Some(p) = self.prev {
             assert_eq!(self.moved, moved_copies(&self.slot_expert, p, self.spr, n));
+            let fresh = Search::new(self.weight, self.spr, self.slot_expert.clone(), Some(p), 0, 0);
+            assert_eq!(fresh.copies_now, self.copies_now);
         }
     }
 }
