@@ -23,7 +23,7 @@ cases=(
   "olmoe 1 8192 8 16"
   "olmoe 2 65536 8"
   "qwen3 1 8192 32"
-  # Held out: seeds and token counts no setting was tuned on.
+  # New seeds and token counts (the half-judging change was compared on them too).
   "switch128 11 4096 16"
   "qwen15 12 4096 4"
   "qwen15 13 2048 6"
@@ -31,6 +31,12 @@ cases=(
   "olmoe 15 16384 16"
   "olmoe 16 4096 8"
   "qwen3 17 16384 32"
+  # Held out: measured once, after the change was fixed.
+  "switch128 21 8192 32"
+  "qwen15 22 4096 6"
+  "olmoe 23 8192 16"
+  "olmoe 24 32768 8"
+  "qwen3 25 8192 32"
 )
 echo "| trace | EP | DeepSeek@32 | @128 | @256 | @1024 | eplb (default) | floor | gap closed | eplb changed slots |"
 echo "|---|---|---|---|---|---|---|---|---|---|"
