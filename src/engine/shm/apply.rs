@@ -26,8 +26,10 @@ pub struct Watch {
     /// False when the engine's pid was not visible at attach (another pid namespace).
     pub pid_check: bool,
     pub timeout: Duration,
-    /// When the sidecar attached (a heartbeat older than this counts from here).
-    pub attached_ns: u64,
+    /// The engine's heartbeat as last read, and when (this process's clock) it last changed:
+    /// liveness is a heartbeat that moves, whatever its value (a corrupt or foreign clock value,
+    /// even one in the future, cannot pass for a live engine).
+    last_beat: std::cell::Cell<(u64, u64)>,
 }
 
 /// What [`Watch::check`] found.
@@ -46,7 +48,8 @@ impl Watch {
                 "engine rank {rank}: its pid {pid} is not visible here (another pid namespace?): only its heartbeat is watched"
             );
         }
-        Watch { rank, pid, pid_check, timeout, attached_ns: super::region::monotonic_ns() }
+        let beat = region.get(off::ENGINE_HEARTBEAT_NS);
+        Watch { rank, pid, pid_check, timeout, last_beat: std::cell::Cell::new((beat, super::region::monotonic_ns())) }
     }
 
     /// Alive or finished, or why the engine rank is dead, stopped or failed. Also beats the
@@ -65,8 +68,11 @@ impl Watch {
         if self.pid_check && !pid_alive(pid) {
             return Err(format!("engine rank {rank} (pid {pid}) is gone: the engine process died"));
         }
-        let beat = region.get(off::ENGINE_HEARTBEAT_NS).max(self.attached_ns);
-        let silent = Duration::from_nanos(now.saturating_sub(beat));
+        let beat = region.get(off::ENGINE_HEARTBEAT_NS);
+        let (last, changed_at) = self.last_beat.get();
+        let changed_at = if beat == last { changed_at } else { now };
+        self.last_beat.set((beat, changed_at));
+        let silent = Duration::from_nanos(now.saturating_sub(changed_at));
         if silent > self.timeout {
             return Err(format!(
                 "engine rank {rank} (pid {pid}) has not beaten its heartbeat for {:.1} s (--engine-timeout {:.1} s): it is stopped or hung",
