@@ -180,9 +180,26 @@ pub struct ShmEngine {
     next: u64,
     layers: usize,
     slots_per_rank: usize,
-    finished: bool,
     /// Steps lost so far (logged at powers of two).
     lost: u64,
+    /// Last field: marks the region when the sidecar leaves, after the store (and with it any
+    /// mapping of the engine's GPU memory) is gone, so the engine may free its weights then.
+    detach: Detach,
+}
+
+/// Sets `sidecar_state` on drop: exited ok after a finished run, failed otherwise.
+struct Detach {
+    region: Arc<Region>,
+    finished: bool,
+}
+
+impl Drop for Detach {
+    fn drop(&mut self) {
+        if self.region.get(off::SIDECAR_STATE) == sidecar_state::ATTACHED {
+            let state = if self.finished { sidecar_state::EXITED_OK } else { sidecar_state::FAILED };
+            self.region.set(off::SIDECAR_STATE, state);
+        }
+    }
 }
 
 impl ShmEngine {
@@ -221,7 +238,6 @@ impl ShmEngine {
         };
         Ok(ShmEngine {
             name: opts.name,
-            region,
             watch,
             initial,
             store,
@@ -229,8 +245,9 @@ impl ShmEngine {
             next: max[0],
             layers: l.num_layers,
             slots_per_rank: l.slots_per_rank,
-            finished: false,
             lost: 0,
+            detach: Detach { region: region.clone(), finished: false },
+            region,
         })
     }
 
@@ -290,15 +307,6 @@ fn gpu_store(
         l.expert_bytes,
         tuning,
     )?)
-}
-
-impl Drop for ShmEngine {
-    fn drop(&mut self) {
-        if self.region.get(off::SIDECAR_STATE) == sidecar_state::ATTACHED {
-            let state = if self.finished { sidecar_state::EXITED_OK } else { sidecar_state::FAILED };
-            self.region.set(off::SIDECAR_STATE, state);
-        }
-    }
 }
 
 impl Engine for ShmEngine {
@@ -363,7 +371,7 @@ impl Engine for ShmEngine {
                         if !matches!(self.region.read_step(t), RingRead::NotYet) {
                             continue;
                         }
-                        self.finished = true;
+                        self.detach.finished = true;
                         return Ok(None);
                     }
                     Liveness::Alive => backoff.wait(),
