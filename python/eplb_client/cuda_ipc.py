@@ -86,11 +86,12 @@ def export(ptr: int, nbytes: int) -> Tuple[bytes, int]:
     return bytes(handle), offset
 
 
-def device_ids(ordinal: int) -> Tuple[str, bytes]:
-    """(PCI bus id, 16-byte UUID) of device ``ordinal`` as this process numbers them."""
+def device_ids() -> Tuple[str, bytes]:
+    """(PCI bus id, 16-byte UUID) of the device of the calling thread's current context (the one
+    torch made current), whatever ``CUDA_VISIBLE_DEVICES`` and ``CUDA_DEVICE_ORDER`` say."""
     cuda = _cuda()
     dev = ctypes.c_int()
-    _check(cuda.cuDeviceGet(ctypes.byref(dev), ordinal), "cuDeviceGet")
+    _check(cuda.cuCtxGetDevice(ctypes.byref(dev)), "cuCtxGetDevice (no current CUDA context: allocate on the GPU first)")
     bus = ctypes.create_string_buffer(32)
     _check(cuda.cuDeviceGetPCIBusId(bus, 32, dev), "cuDeviceGetPCIBusId")
     uuid = (ctypes.c_char * 16)()
@@ -98,11 +99,12 @@ def device_ids(ordinal: int) -> Tuple[str, bytes]:
     return bus.value.decode(), bytes(uuid)
 
 
-def export_weights(ordinal: int, live_ptr: int, live_bytes: int, staging_ptr: int, staging_bytes: int) -> IpcWeights:
+def export_weights(live_ptr: int, live_bytes: int, staging_ptr: int, staging_bytes: int) -> IpcWeights:
     """The IPC section for live slots ``[layers][slots][expert_bytes]`` (one contiguous tensor at
-    ``live_ptr``) and the staging area (``[slots][expert_bytes]`` at ``staging_ptr``): two handles."""
+    ``live_ptr``) and the staging area (``[slots][expert_bytes]`` at ``staging_ptr``): two handles.
+    Call on the thread whose current context is the weights' GPU."""
     check_alloc_conf()
-    bus, uuid = device_ids(ordinal)
+    bus, uuid = device_ids()
     h_live, off_live = export(live_ptr, live_bytes)
     h_stage, off_stage = export(staging_ptr, staging_bytes)
     return IpcWeights(bus, uuid, [IpcHandle(h_live, IPC_ROLE_LIVE, 0, off_live, live_bytes),
