@@ -6,7 +6,9 @@
 # 1. bench-migrate moves experts with NCCL between all GPUs, and every staged and live byte verifies;
 # 2. a flipped staged byte on one rank is caught: nothing is committed, the live weights still
 #    verify, and the run exits nonzero;
-# 3. `run --transport nccl` end to end, with 0 wrong bytes; with BIG=1 also at DeepSeek-V3 size
+# 3. a store larger than the GPU exits 2 before the NCCL set-up; a rank hung at its migration ends
+#    the job within --timeout, named, with nothing committed;
+# 4. `run --transport nccl` end to end, with 0 wrong bytes; with BIG=1 also at DeepSeek-V3 size
 #    (58 layers, 8 experts + 1 redundant slot per GPU, 44 MiB experts: 22.4 GiB per GPU).
 set -euo pipefail
 bin=${1:-target/release/eplb-worker}
@@ -30,6 +32,28 @@ cat "$tmp/out2"
 check "a corrupted staged byte fails the run" "[ $rc -ne 0 ]"
 check "it is reported as a verification failure" "grep -q 'failed verification' '$tmp/out2'"
 check "the live weights still verify after the abort" "grep -q 'verify with 0 wrong bytes' '$tmp/out2'"
+
+set +e
+timeout -k 5 120 "${mpi[@]}" -n "$gpus" "$bin" run --transport nccl --num-layers 200 --expert-bytes $((1 << 30)) \
+  --steps 2 >"$tmp/out3" 2>&1
+rc=$?
+set -e
+grep -i "error" "$tmp/out3" | head -n 3
+check "a store larger than the GPU exits 2 before the NCCL set-up" "[ $rc -eq 2 ] && grep -q 'GPU memory' '$tmp/out3'"
+
+# A rank that hangs where its first migration starts: its peers wait in NCCL (the stream and
+# ncclCommGetAsyncError) or MPI, time out, name it and end the job; nothing is committed.
+set +e
+t0=$(date +%s)
+timeout -k 5 120 "${mpi[@]}" -n "$gpus" "$bin" run --transport nccl --eplb-update-interval-steps 5 --timeout 5 \
+  --fault hang-transfer-on-rank=1 --report "$tmp/hang.json" >"$tmp/out4" 2>&1
+rc=$?
+secs=$(($(date +%s) - t0))
+set -e
+grep -E "error|did not" "$tmp/out4" | head -n 4
+check "a rank hung at its migration: exit 1 within --timeout + 30 s (took $secs s)" "[ $rc -eq 1 ] && [ $secs -le 35 ]"
+check "it is named, the report says failed, nothing was committed" \
+  "grep -q 'rank(s) 1 did not answer' '$tmp/out4' && python3 -c \"import json,sys; r=json.load(open('$tmp/hang.json')); sys.exit(0 if r['status']=='failed' and r['layers_updated']==0 else 1)\""
 
 run_e2e() {
   local name=$1

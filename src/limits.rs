@@ -57,7 +57,7 @@ pub fn non_negative(s: &str) -> Result<f64, String> {
     if v >= 0.0 {
         Ok(v)
     } else {
-        Err(format!("{v} is negative; it must be >= 0"))
+        Err(format!("{s} is negative; it must be >= 0"))
     }
 }
 
@@ -67,7 +67,31 @@ pub fn positive(s: &str) -> Result<f64, String> {
     if v > 0.0 {
         Ok(v)
     } else {
-        Err(format!("{v} must be greater than 0"))
+        Err(format!("{s} must be greater than 0"))
+    }
+}
+
+/// The longest duration a flag may give: a week (also keeps every conversion to a `Duration`
+/// far from its limits).
+pub const MAX_SECONDS: f64 = 7.0 * 86400.0;
+
+/// A clap value parser: a number of seconds > 0, at most [`MAX_SECONDS`].
+pub fn seconds(s: &str) -> Result<f64, String> {
+    let v = positive(s)?;
+    if v <= MAX_SECONDS {
+        Ok(v)
+    } else {
+        Err(format!("{s} s is longer than a week ({MAX_SECONDS} s), the longest supported"))
+    }
+}
+
+/// A clap value parser: a number of milliseconds > 0, at most [`MAX_SECONDS`].
+pub fn milliseconds(s: &str) -> Result<f64, String> {
+    let v = positive(s)?;
+    if v <= MAX_SECONDS * 1e3 {
+        Ok(v)
+    } else {
+        Err(format!("{s} ms is longer than a week ({} ms), the longest supported", MAX_SECONDS * 1e3))
     }
 }
 
@@ -77,7 +101,7 @@ pub fn unit_interval(s: &str) -> Result<f64, String> {
     if (0.0..=1.0).contains(&v) {
         Ok(v)
     } else {
-        Err(format!("{v} is outside 0..=1"))
+        Err(format!("{s} is outside 0..=1"))
     }
 }
 

@@ -249,10 +249,28 @@ fn run_refuses_absurd_sizes_and_bad_float_flags() {
         (vec!["--move-cost", "nan"], "not a finite number"),
         (vec!["--nccl-group-mib", "inf"], "not a finite number"),
         (vec!["--timeout", "0"], "greater than 0"),
+        (vec!["--timeout", "1e300"], "longer than a week"),
+        (vec!["--step-ms", "1e300"], "longer than a week"),
     ] {
         let r = mpirun(2, &args);
         r.assert_code(2, &format!("{args:?}"));
         assert!(r.stderr.contains(want), "{args:?}: {}", r.stderr);
+    }
+}
+
+#[test]
+fn simulate_refuses_absurd_sizes_at_once() {
+    let d = tmpdir("simulate-sizes");
+    let trace = d.join("trace.json");
+    std::fs::write(&trace, "[[[1, 2, 3, 4]], [[4, 3, 2, 1]]]").unwrap();
+    for redundant in ["100000000000", "18446744073709551615"] {
+        let r = bounded(
+            BIN,
+            &["simulate", "--trace", &s(&trace), "--num-gpus", "2", "--num-redundant-experts", redundant],
+            &[],
+        );
+        r.assert_code(2, redundant);
+        assert!(r.stderr.contains("slots a layer is not supported"), "{redundant}: {}", r.stderr);
     }
 }
 
@@ -475,6 +493,34 @@ fn a_corrupted_transfer_commits_nothing_and_the_live_weights_verify() {
     let per_run = doc["num_replicas"].as_u64().unwrap() * doc["num_layers"].as_u64().unwrap() * 65536;
     assert_eq!(doc["live_verified_bytes"].as_u64(), Some(per_run), "{doc}");
     assert_eq!(doc["wrong_live_bytes"].as_u64(), Some(0));
+}
+
+#[test]
+fn a_rank_hung_at_its_migration_ends_the_job_within_the_timeout_with_nothing_committed() {
+    let d = tmpdir("hang");
+    let path = d.join("report.json");
+    let timeout_s = 3.0;
+    let args = [
+        "--eplb-update-interval-steps",
+        "5",
+        "--expert-bytes",
+        "65536",
+        "--timeout",
+        "3",
+        "--fault",
+        "hang-transfer-on-rank=1",
+        "--report",
+        &s(&path),
+    ];
+    let r = mpirun(4, &args);
+    assert_ne!(r.code, 124, "hung:\n{}", r.stderr);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.seconds < timeout_s + 30.0 + 10.0, "took {} s", r.seconds);
+    assert!(r.stderr.contains("timed out") && r.stderr.contains("rank(s) 1 did not answer"), "{}", r.stderr);
+    let doc = report(&path);
+    assert_eq!(doc["status"], "failed", "{doc}");
+    // The hang came at the first migration: no layer was committed anywhere.
+    assert_eq!((doc["layers_updated"].as_u64(), doc["experts_moved"].as_u64()), (Some(0), Some(0)), "{doc}");
 }
 
 // ------------------------------------------------------------------ a bug: a panic on one rank

@@ -309,10 +309,9 @@ impl Comm {
 
     /// Ends every rank of the job (`MPI_Abort`): for a failure that the other ranks cannot see and
     /// would wait on forever.
+    /// It ends the whole job, whichever communicator it is called on ([`crate::failure::abort_job`]).
     pub fn abort(&self, code: i32) -> ! {
-        // SAFETY: valid communicator; MPI_Abort does not return on success.
-        unsafe { ffi::MPI_Abort(self.raw, code) };
-        std::process::exit(code)
+        crate::failure::abort_job(code)
     }
 
     /// The load all-reduce, with the decision bits piggybacked: one `MPI_Allreduce` (sum) of

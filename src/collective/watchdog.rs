@@ -210,6 +210,8 @@ impl Watchdog {
                 ffi::MPI_Wait(&mut req, ffi::RSMPI_STATUS_IGNORE);
             }
         }
+        // This rank gives up on its peers: whatever it waits for from now on is bounded.
+        crate::failure::arm_end_guard(rank);
         let silent: Vec<usize> = (0..size).filter(|&r| !answered[r]).collect();
         let who = if silent.is_empty() {
             "every rank answered a ping, so they are all waiting: a collective call was posted in a different \
@@ -246,23 +248,34 @@ impl Watchdog {
 
 /// A [`Guard`] of `op` on `rank`, which ends the process after `timeout`.
 pub fn guard(op: &'static str, rank: usize, timeout: Duration) -> Guard {
-    let state = std::sync::Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
-    let shared = state.clone();
-    let thread = std::thread::spawn(move || {
-        let (lock, cv) = &*shared;
-        let done = lock.lock().unwrap_or_else(|e| e.into_inner());
-        let (done, _) = cv.wait_timeout_while(done, timeout, |d| !*d).unwrap_or_else(|e| e.into_inner());
-        if !*done {
-            eprintln!(
-                "eplb-worker run: rank {rank}: error: {op} did not return within {:.0} s (--timeout): a peer is \
-                 stopped, killed or stuck; ending the job",
-                timeout.as_secs_f64()
-            );
-            // SAFETY: ends the process at once; the launcher ends the other ranks.
-            unsafe { libc::_exit(1) }
-        }
-    });
-    Guard { state, thread: Some(thread) }
+    Guard::new(
+        format!(
+            "eplb-worker run: rank {rank}: error: {op} did not return within {:.0} s (--timeout): a peer is stopped, \
+             killed or stuck; ending the job",
+            timeout.as_secs_f64()
+        ),
+        timeout,
+    )
+}
+
+impl Guard {
+    /// A guard that, unless dropped within `timeout`, prints `message` and ends the process with
+    /// exit code 1 (the launcher then ends the other ranks).
+    pub fn new(message: String, timeout: Duration) -> Guard {
+        let state = std::sync::Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+        let shared = state.clone();
+        let thread = std::thread::spawn(move || {
+            let (lock, cv) = &*shared;
+            let done = lock.lock().unwrap_or_else(|e| e.into_inner());
+            let (done, _) = cv.wait_timeout_while(done, timeout, |d| !*d).unwrap_or_else(|e| e.into_inner());
+            if !*done {
+                eprintln!("{message}");
+                // SAFETY: ends the process at once; the launcher ends the other ranks.
+                unsafe { libc::_exit(1) }
+            }
+        });
+        Guard { state, thread: Some(thread) }
+    }
 }
 
 impl Drop for Guard {

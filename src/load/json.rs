@@ -96,22 +96,32 @@ pub(super) fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed, LoadError> {
     let doc: Value = from_slice_strict(bytes).map_err(|source| LoadError::Json { path: path.to_path_buf(), source })?;
     let structure =
         |location: String, detail: String| LoadError::Structure { path: path.to_path_buf(), location, detail };
-    let Value::Object(obj) = &doc else {
-        return Err(structure(
-            "top level".into(),
-            format!("{} where an object with one of the keys {} was expected", kind(&doc), JSON_KEYS.join(", ")),
-        ));
+    // A bare array is the counts themselves; an object holds them under one of JSON_KEYS.
+    let (name, value) = match &doc {
+        Value::Array(_) => ("the top-level array".to_string(), &doc),
+        Value::Object(obj) => {
+            if let Some(key) = PLACEMENT_KEYS.iter().find(|k| obj.contains_key(**k)) {
+                return Err(LoadError::PlacementNotLoad { path: path.to_path_buf(), key });
+            }
+            let Some((key, value)) = JSON_KEYS.iter().find_map(|k| obj.get(*k).map(|v| (*k, v))) else {
+                let mut found: Vec<&str> = obj.keys().map(String::as_str).collect();
+                found.sort_unstable();
+                let found = if found.is_empty() { "(none)".to_string() } else { found.join(", ") };
+                return Err(LoadError::JsonMissingKey { path: path.to_path_buf(), found });
+            };
+            (format!("`{key}`"), value)
+        }
+        other => {
+            return Err(structure(
+                "top level".into(),
+                format!(
+                    "{} where an array [layers][experts] or an object with one of the keys {} was expected",
+                    kind(other),
+                    JSON_KEYS.join(", ")
+                ),
+            ))
+        }
     };
-    if let Some(key) = PLACEMENT_KEYS.iter().find(|k| obj.contains_key(**k)) {
-        return Err(LoadError::PlacementNotLoad { path: path.to_path_buf(), key });
-    }
-    let Some((key, value)) = JSON_KEYS.iter().find_map(|k| obj.get(*k).map(|v| (*k, v))) else {
-        let mut found: Vec<&str> = obj.keys().map(String::as_str).collect();
-        found.sort_unstable();
-        let found = if found.is_empty() { "(none)".to_string() } else { found.join(", ") };
-        return Err(LoadError::JsonMissingKey { path: path.to_path_buf(), found });
-    };
-    let name = format!("`{key}`");
     let Value::Array(outer) = value else {
         return Err(structure(
             name,

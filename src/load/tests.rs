@@ -83,6 +83,16 @@ fn json_2d_each_key() {
 }
 
 #[test]
+fn json_a_bare_array_is_the_counts() {
+    let t = read(&write("bare2d.json", "[[1, 2, 3], [4, 5, 6]]"));
+    assert_eq!((t.num_steps(), t.num_layers(), t.num_logical()), (1, 2, 3));
+    assert_eq!(t.steps[0], arr2(&[[1, 2, 3], [4, 5, 6]]));
+    let t = read(&write("bare3d.json", "[[[1, 2]], [[3, 4]]]"));
+    assert_eq!((t.num_steps(), t.num_layers(), t.num_logical()), (2, 1, 2));
+    assert_eq!(t.summed().unwrap(), arr2(&[[4, 6]]));
+}
+
+#[test]
 fn json_3d_steps_sum_and_step() {
     let t =
         read(&write("steps.json", r#"{"logical_count": [[[1, 2], [3, 4], [5, 6]], [[10, 20], [30, 40], [50, 60]]]}"#));
@@ -120,8 +130,9 @@ fn json_errors() {
     assert!(matches!(e, LoadError::JsonMissingKey { .. }), "{e:?}");
     assert!(msg.contains("bar, foo") && msg.contains("weight, counts, logical_count"), "{msg}");
 
-    let (e, _) = err_of("notobj.json", "[[1, 2]]");
+    let (e, msg) = err_of("notobj.json", "\"1, 2\"");
     assert!(matches!(e, LoadError::Structure { .. }), "{e:?}");
+    assert!(msg.contains("a string where an array"), "{msg}");
 
     let (e, _) = err_of("syntax.json", r#"{"counts": [[1, 2]"#);
     assert!(matches!(e, LoadError::Json { .. }), "{e:?}");

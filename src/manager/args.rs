@@ -23,7 +23,7 @@ pub struct ManagerArgs {
     /// Balanced MoE time of one step, all layers, in ms (the cost model; default: run 20, simulate
     /// 60 s over the trace's steps, the competition's). When given to `run`, it also paces the
     /// synthetic engine: each step lasts at least this long.
-    #[arg(long, value_name = "MS", value_parser = positive, help_heading = "Manager")]
+    #[arg(long, value_name = "MS", value_parser = crate::limits::milliseconds, help_heading = "Manager")]
     pub step_ms: Option<f64>,
     /// Migration bandwidth per GPU in GB/s (10^9 bytes/s), the cost of a changed slot (default:
     /// run 200, simulate 900, the competition's).
@@ -34,7 +34,7 @@ pub struct ManagerArgs {
     pub eplb_layers_per_step: usize,
     /// xLLM rounds: seconds between rounds (rank 0's clock, acted on by every rank at the same
     /// step). Giving any xLLM round flag selects the round-based manager.
-    #[arg(long, value_name = "SECONDS", alias = "eplb_update_interval", value_parser = positive,
+    #[arg(long, value_name = "SECONDS", alias = "eplb_update_interval", value_parser = crate::limits::seconds,
           help_heading = "Manager (xLLM rounds)")]
     pub eplb_update_interval: Option<f64>,
     /// xLLM rounds: steps between rounds instead of seconds (deterministic runs and tests).

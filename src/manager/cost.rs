@@ -30,7 +30,8 @@ impl CostModel {
     /// (at least 1); IEEE division and rounding are exact operations, so every rank gets the
     /// same integers from the same flags.
     pub fn new(step_ms: f64, layers: usize, expert_bytes: u64, migration_gbps: f64) -> CostModel {
-        let ps = |x: f64| if x.is_finite() && x >= 1.0 { x.round().min(u64::MAX as f64) as u64 } else { 1 };
+        // At least 1 ps; a cost too large for u64 (or infinite) saturates, never wraps to cheap.
+        let ps = |x: f64| if x >= 1.0 { x.round().min(u64::MAX as f64) as u64 } else { 1 };
         CostModel {
             layer_step_ps: ps(step_ms * 1e9 / layers.max(1) as f64),
             copy_ps: ps(expert_bytes as f64 * 1e3 / migration_gbps),
@@ -94,6 +95,13 @@ pub fn changed_slots(old: &[usize], new: &[usize]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_absurd_cost_saturates_and_never_becomes_cheap() {
+        let c = CostModel::new(1e-300, 58, u64::MAX, 1e-300);
+        assert_eq!((c.layer_step_ps, c.copy_ps), (1, u64::MAX));
+        assert!(c.net_gain_ps(1 << 32, 1024, 1) < 0, "a copy that costs forever never pays");
+    }
 
     #[test]
     fn the_competition_model_in_picoseconds() {

@@ -23,7 +23,7 @@ use file::PlacementFileError;
     after_help = "Example:\n  eplb-worker plan --load load.csv --num-replicas 16 --num-gpus 4 --output placement.json"
 )]
 pub struct PlanArgs {
-    /// Token counts per layer and logical expert: JSON (key weight, counts or logical_count;
+    /// Token counts per layer and logical expert: JSON (an array, or under key weight, counts or logical_count;
     /// [layers][experts] or [steps][layers][experts]), CSV (one row per layer, or the
     /// per-iteration format with dataset,iteration,layer_idx columns) or .npy (2 or 3 dims).
     /// Steps are summed unless --iteration picks one.

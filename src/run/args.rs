@@ -58,14 +58,17 @@ pub enum TransportKind {
     Auto,
 }
 
-/// A fault to inject, for tests: `corrupt-load-on-rank=R`, `corrupt-transfer-on-rank=R` or
-/// `panic-on-rank=R`.
+/// A fault to inject, for tests: `corrupt-load-on-rank=R`, `corrupt-transfer-on-rank=R`,
+/// `hang-transfer-on-rank=R` or `panic-on-rank=R`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
     /// Rank R perturbs its copy of the all-reduced load: the plan hashes differ.
     CorruptLoad(usize),
     /// Rank R flips a byte of its first staged slot: the verification fails.
     CorruptTransfer(usize),
+    /// Rank R hangs (sleeps for good, as a stuck or descheduled process would) where its first
+    /// migration starts: its peers' transfer waits must time out (`--timeout`) and end the job.
+    HangTransfer(usize),
     /// Rank R panics in its first rebalance round (a bug): the panic hook must end the job with
     /// exit code 1, never 101 or a hang.
     Panic(usize),
@@ -78,10 +81,12 @@ pub fn parse_fault(s: &str) -> Result<Fault, String> {
     match kind {
         "corrupt-load-on-rank" => Ok(Fault::CorruptLoad(rank)),
         "corrupt-transfer-on-rank" => Ok(Fault::CorruptTransfer(rank)),
+        "hang-transfer-on-rank" => Ok(Fault::HangTransfer(rank)),
         "panic-on-rank" => Ok(Fault::Panic(rank)),
-        _ => {
-            Err(format!("unknown fault {kind:?}; known: corrupt-load-on-rank, corrupt-transfer-on-rank, panic-on-rank"))
-        }
+        _ => Err(format!(
+            "unknown fault {kind:?}; known: corrupt-load-on-rank, corrupt-transfer-on-rank, hang-transfer-on-rank, \
+             panic-on-rank"
+        )),
     }
 }
 
@@ -109,10 +114,10 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value_t = BalancePhase::All, help_heading = "Engine")]
     pub balance_phase: BalancePhase,
     /// shm engine: seconds to wait for the engine's region to appear.
-    #[arg(long, value_name = "SECONDS", default_value_t = 600.0, value_parser = crate::limits::positive, help_heading = "Engine")]
+    #[arg(long, value_name = "SECONDS", default_value_t = 600.0, value_parser = crate::limits::seconds, help_heading = "Engine")]
     pub engine_wait: f64,
     /// shm engine: an engine whose heartbeat is older than this is stopped or hung (exit 1).
-    #[arg(long, value_name = "SECONDS", default_value_t = 10.0, value_parser = crate::limits::positive, help_heading = "Engine")]
+    #[arg(long, value_name = "SECONDS", default_value_t = 10.0, value_parser = crate::limits::seconds, help_heading = "Engine")]
     pub engine_timeout: f64,
     /// Replay this load file, one step per iteration, wrapping around (the `plan` formats and the
     /// per-iteration CSV). Default: the built-in drifting zipf-like load.
@@ -199,7 +204,7 @@ pub struct RunArgs {
     /// The longest a rank waits for the others in a collective, a transfer or a commit; past it,
     /// the rank names the ranks that did not answer and ends the job (exit 1).
     #[arg(long, value_name = "SECONDS", default_value_t = crate::collective::watchdog::DEFAULT_TIMEOUT_SECONDS,
-          value_parser = crate::limits::positive, help_heading = "Executor")]
+          value_parser = crate::limits::seconds, help_heading = "Executor")]
     pub timeout: f64,
 
     /// Write a JSON report (rank 0): "status" is "running" from the start, then "ok", or
@@ -218,7 +223,8 @@ pub struct RunArgs {
     #[arg(long, value_name = "SECONDS", default_value_t = 0.0, value_parser = non_negative_seconds,
           requires = "metrics_port", help_heading = "Output")]
     pub metrics_linger: f64,
-    /// Fault injection for tests: corrupt-load-on-rank=R, corrupt-transfer-on-rank=R, panic-on-rank=R.
+    /// Fault injection for tests: corrupt-load-on-rank=R, corrupt-transfer-on-rank=R,
+    /// hang-transfer-on-rank=R, panic-on-rank=R.
     #[arg(long, value_name = "KIND=RANK", value_parser = parse_fault, hide = true)]
     pub fault: Vec<Fault>,
 }
@@ -299,6 +305,7 @@ mod tests {
         assert_eq!(parse(&[]).unwrap().timeout, 120.0);
         assert_eq!(parse(&["--timeout", "2.5"]).unwrap().timeout, 2.5);
         assert_eq!(parse(&["--fault", "panic-on-rank=1"]).unwrap().fault, vec![Fault::Panic(1)]);
+        assert_eq!(parse(&["--fault", "hang-transfer-on-rank=2"]).unwrap().fault, vec![Fault::HangTransfer(2)]);
         assert!(parse(&["--engine", "vllm"]).is_err());
         assert_eq!(parse(&["--step-ms", "50"]).unwrap().manager.step_ms, Some(50.0));
         assert!(parse(&["--metrics-port", "70000"]).is_err());

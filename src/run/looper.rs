@@ -126,6 +126,12 @@ impl<'a> Looper<'a> {
                 self.output.report.set_manager_times(&self.step_us, &self.allreduce_us, &self.round_us);
                 let failed: Result<(), RunError> = Err(e);
                 self.output.finish(self.args, &failed)?;
+                if let Err(e) = &failed {
+                    // The job ends here, while the loop's communicators and GPU memory are alive:
+                    // dropping them (`ncclCommDestroy`, `cuMemFree`) can wait forever for the
+                    // peer that is stopped or dead.
+                    super::safety::end_if_local(self.world, self.args, e);
+                }
                 return failed.map(|()| RunOutcome { rank: self.world.rank(), report: self.output.report });
             }
             return self.finish(Err(e));
@@ -343,6 +349,12 @@ impl<'a> Looper<'a> {
         let (rank, spr, gpn) = (self.world.rank(), shape.slots_per_rank(), shape.gpus_per_node());
         let old = self.live.placement().phy2log.row(update.layer).to_vec();
         let migration = LayerMigration::derive(update.layer, &old, &update.new_row, spr, gpn);
+        if self.args.fault.contains(&Fault::HangTransfer(rank)) {
+            log::warn!("rank {rank}: fault injection: --fault hang-transfer-on-rank={rank}: hanging");
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+            }
+        }
         let staged = match stage_layer(self.engine.store(), self.world, &migration, rank) {
             Ok(staged) => staged,
             Err(ExecError::Verification { layer, wrong_bytes }) => {

@@ -172,6 +172,14 @@ pub fn finish_report(args: &RunArgs, rank: usize, doc: serde_json::Value, error:
     report.finish(doc, error).map_err(RunError::from)
 }
 
+/// [`fail`] for an error only this rank saw (it ends the job and does not return); other errors
+/// return, to be failed by every rank together.
+pub fn end_if_local(world: &Comm, args: &RunArgs, e: &RunError) {
+    if e.is_local() && world.size() > 1 {
+        fail(world, args, e);
+    }
+}
+
 /// The end of a failed run on this rank: the message (rank 0 prints the errors every rank
 /// shares, a rank prints its own local error), the failed report if the loop did not write it
 /// (rank 0), then, for an error only this rank saw (a failed MPI call, a timeout), `MPI_Abort`

@@ -52,6 +52,8 @@ pub enum SimulateError {
     Write { path: PathBuf, source: std::io::Error },
     #[error(transparent)]
     Output(#[from] crate::output::OutputError),
+    #[error(transparent)]
+    Limit(#[from] crate::limits::LimitError),
 }
 
 impl SimulateError {
@@ -237,9 +239,10 @@ pub fn setup(args: &SimulateArgs) -> Result<Setup, SimulateError> {
         return Err(SimulateError::Config("--num-gpus must be at least 1".into()));
     }
     let num_replicas = match args.num_redundant_experts {
-        Some(n) => num_logical + n,
+        Some(n) => num_logical.saturating_add(n),
         None => (num_logical + g).div_ceil(g) * g,
     };
+    crate::limits::check_shape(num_replicas, g, ("--num-redundant-experts", "--num-gpus"))?;
     let shape = PlacementShape { num_replicas, num_gpus: g, num_nodes: args.num_nodes, num_groups: args.num_groups };
     shape.validate(num_logical).map_err(|source| SimulateError::Policy {
         context: "--num-gpus/--num-redundant-experts/--num-nodes/--num-groups".into(),
