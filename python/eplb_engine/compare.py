@@ -26,10 +26,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-
-def _bal(rank_load: np.ndarray) -> float:
-    mx = rank_load.max(axis=2)
-    return float(np.where(mx > 0, rank_load.mean(axis=2) / np.maximum(mx, 1), 1.0).mean())
+from .loads import balancedness
 
 
 def _stats(a) -> Dict[str, float]:
@@ -52,8 +49,8 @@ def compare(static: Dict, live: Dict, busy: Optional[Dict] = None, warmup: int =
     sr_static = np.array(static["moe_ms_slowest_rank"][win])
     sr_live = np.array(live["moe_ms_slowest_rank"][win])
     pairs_static, pairs_live = np.array(static["pairs_static"])[win], np.array(live["pairs_live"])[win]
-    bal_static = _bal(np.array(static["pairs_static"])[win])
-    bal_live = _bal(np.array(live["pairs_live"])[win])
+    bal_static = balancedness(np.array(static["pairs_static"])[win])
+    bal_live = balancedness(np.array(live["pairs_live"])[win])
     ideal = 1.0 / bal_static
     speedup = float(np.median(ms_static) / np.median(ms_live))
     speedup_sr = float(np.median(sr_static) / np.median(sr_live))

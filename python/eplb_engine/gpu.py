@@ -37,7 +37,6 @@ import json
 import logging
 import math
 import os
-import signal
 import socket
 import sys
 import time
@@ -56,30 +55,15 @@ GATE_UNITS = 64
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    from .engine import add_common_args
+
     p = argparse.ArgumentParser(prog="python -m eplb_engine.gpu", description=__doc__.split("\n\n")[0])
-    p.add_argument("--name", default="gpu", help="region name: /dev/shm/eplb-NAME-RANK")
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--trace", help="load file (.npy, the per-iteration CSV, or the Qwen3 recorder JSON)")
-    p.add_argument("--trace-dataset", help="dataset of the per-iteration CSV (default: its first)")
+    add_common_args(p, "gpu", 200, dict(num_layers=4, num_experts=64, tokens=4096, top_k=8, hidden=4096, ffn=1536))
     p.add_argument("--layers", type=int, default=0, help="the first N layers of the trace (0: all)")
-    p.add_argument("--num-experts", type=int, default=64, help="built-in load (no --trace): experts")
-    p.add_argument("--num-layers", type=int, default=4, help="built-in load (no --trace): layers")
-    p.add_argument("--hidden", type=int, default=4096)
-    p.add_argument("--ffn", type=int, default=1536, help="the expert's intermediate size")
-    p.add_argument("--tokens", type=int, default=4096, help="tokens a step, over all ranks")
-    p.add_argument("--top-k", type=int, default=8)
-    p.add_argument("--slots-per-rank", type=int, help="default: one redundant slot a rank, ceil((E + N) / N)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--phase", choices=["decode", "prefill", "mixed"], default="decode")
-    p.add_argument("--ring-len", type=int, default=64)
-    p.add_argument("--wait-sidecar", type=float, default=0.0,
-                   help="before step 0, wait up to this many seconds for a sidecar on every rank")
     p.add_argument("--detach-wait", type=float, default=30.0,
                    help="at the end, wait up to this long for the sidecar to close its IPC mappings")
     p.add_argument("--no-check-applied", action="store_true",
                    help="skip regenerating every applied expert to count its wrong bytes")
-    p.add_argument("--report", help="JSON report from rank 0")
-    p.add_argument("--log-every", type=int, default=0)
     p.add_argument("--xcheck", action="store_true",
                    help="only cross-check the expert math against transformers' Qwen3-MoE block (one GPU)")
     return p.parse_args(argv)
@@ -155,7 +139,7 @@ class GpuEngine:
         cuda_ipc.check_alloc_conf()
         ndev = torch.cuda.device_count()
         if ndev == 0:
-            raise SystemExit("error: no GPU visible to this engine rank")
+            raise ValueError("no GPU visible to this engine rank")
         self.local = self.rank % ndev
         torch.cuda.set_device(self.local)
         self.dev = torch.device("cuda", self.local)
@@ -174,14 +158,14 @@ class GpuEngine:
         self.iters, L, E = self.log_p.shape
         N, H, F, K, T = self.world, args.hidden, args.ffn, args.top_k, args.tokens
         if T % N:
-            raise SystemExit(f"error: --tokens {T} must divide over {N} ranks")
+            raise ValueError(f"--tokens {T} must divide over {N} ranks")
         if max(H, F) * XMAX * WMAX >= 1 << 24:
-            raise SystemExit("error: hidden/ffn too large for exact fp32 accumulation of the integer weights")
+            raise ValueError("hidden/ffn too large for exact fp32 accumulation of the integer weights")
         self.L, self.E, self.N, self.H, self.F, self.K, self.T = L, E, N, H, F, K, T
         self.S = args.slots_per_rank or -(-(E + N) // N)
         S = self.S
         if S * N < E:
-            raise SystemExit(f"error: {S} slots a rank x {N} ranks < {E} experts")
+            raise ValueError(f"{S} slots a rank x {N} ranks < {E} experts")
         self.P = S * N
         self.gate_scale = max(1, round(math.sqrt(H) * uniform_std(XMAX) * uniform_std(WMAX)))
         self.h_shift = max(1, round(math.log2(self.gate_scale**2 / 10.0)))
@@ -195,7 +179,7 @@ class GpuEngine:
         need = (L + 1) * S * self.eb
         free, _ = torch.cuda.mem_get_info(self.dev)
         if need > free * 0.9:
-            raise SystemExit(f"error: the weights need {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free: lower --layers")
+            raise ValueError(f"the weights need {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free: lower --layers")
         self.live = torch.empty((L, S, self.eb), dtype=torch.uint8, device=self.dev)
         self.staging = torch.zeros((S, self.eb), dtype=torch.uint8, device=self.dev)
         for layer in range(L):
@@ -403,13 +387,9 @@ class GpuEngine:
         return self._report(sidecar, moe_ms, step_ms, pairs_live, pairs_static, fingerprints, commits, wrong)
 
     def wait_for_sidecar(self) -> bool:
-        deadline = time.monotonic() + self.args.wait_sidecar
-        while self.region.sidecar_pid == 0 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        attached = np.array([1 if self.region.sidecar_pid else 0], np.int64)
-        every = np.empty_like(attached)
-        self.comm.Allreduce(attached, every, op=self.MPI.MIN)
-        return bool(every[0])
+        from .engine import wait_for_sidecar
+
+        return wait_for_sidecar(self.region, self.comm, self.args.wait_sidecar)
 
     def _report(self, sidecar, moe_ms, step_ms, pairs_live, pairs_static, fingerprints, commits, wrong) -> Dict:
         comm = self.comm
@@ -436,7 +416,8 @@ class GpuEngine:
             "moe_ms_per_rank_layer": np.round(moe, 4).tolist(),  # [N, steps, L]
             "step_ms_rank0": g[0]["step_ms"].tolist(),
             "pairs_live": pairs_live.tolist(), "pairs_static": pairs_static.tolist(),
-            "balancedness_live": _balancedness(pairs_live), "balancedness_static": _balancedness(pairs_static),
+            "balancedness_live": loads.balancedness(pairs_live),
+            "balancedness_static": loads.balancedness(pairs_static),
             "fingerprints": [x["fingerprints"] for x in g],  # [N][steps]
             "layers_committed": len(keys),
             "commits": sorted([[int(keyed[0][k]), int(k[0]), int(k[1])] for k in keys if k in keyed[0]]),
@@ -460,13 +441,6 @@ class GpuEngine:
 
 def step_key(t: int) -> int:
     return (t + 1) * 7 + (1 << 40)
-
-
-def _balancedness(rank_load: np.ndarray) -> float:
-    """Mean over steps and layers of mean/max rank load: rank_load [steps, L, N]."""
-    mx = rank_load.max(axis=2)
-    b = np.where(mx > 0, rank_load.mean(axis=2) / np.maximum(mx, 1), 1.0)
-    return float(b.mean()) if b.size else 1.0
 
 
 def _free_port() -> int:
@@ -563,29 +537,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             with open(args.report, "w") as f:
                 json.dump(r, f, indent=1)
         return 0 if r["ok"] else 1
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    from mpi4py import MPI
+    from .engine import run_ranks
 
-    comm = MPI.COMM_WORLD
-    try:
-        engine = GpuEngine(comm, args)
-    except (loads.LoadError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    ok = False
-    try:
-        report = engine.run()
-        ok = True
-    finally:
-        engine.close(ok)
-    code = 0
-    if comm.Get_rank() == 0:
-        summary(report)
-        if args.report:
-            with open(args.report, "w") as f:
-                json.dump(report, f)
-        code = 0 if report["wrong_bytes"] == 0 and report["commit_step_disagreements"] == 0 else 1
-    return int(comm.bcast(code, root=0))
+    return run_ranks(args, GpuEngine, summary,
+                     lambda r: 0 if r["wrong_bytes"] == 0 and r["commit_step_disagreements"] == 0 else 1, indent=None)
 
 
 def summary(r: Dict) -> None:

@@ -73,3 +73,11 @@ def log_probs(load: np.ndarray) -> np.ndarray:
     """log of the normalised load (+0.5 a count, so that no expert is impossible)."""
     p = load + 0.5
     return np.log(p / p.sum(axis=-1, keepdims=True))
+
+
+def balancedness(rank_load: np.ndarray) -> float:
+    """Mean over steps and layers of (mean rank load / max rank load): rank_load [steps, L, N]
+    (1.0 for a step and layer without load)."""
+    mx = rank_load.max(axis=2)
+    b = np.where(mx > 0, rank_load.mean(axis=2) / np.maximum(mx, 1), 1.0)
+    return float(b.mean()) if b.size else 1.0
