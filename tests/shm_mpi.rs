@@ -225,8 +225,7 @@ fn a_gpu_weights_region_needs_the_gpu_path() {
     let region = EngineRank::create(&name, &layout, &phy2log, |_, _, _| unreachable!("GPU weights are not filled"))
         .expect("create the region");
     // The host transport cannot move GPU weights: a flag error.
-    let (code, _, err) =
-        finish(sidecar(1, &name, &report, &["--transport", "host"]), Duration::from_secs(60));
+    let (code, _, err) = finish(sidecar(1, &name, &report, &["--transport", "host"]), Duration::from_secs(60));
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("keeps its weights on its GPU") && err.contains("--transport nccl"), "{err}");
     // The GPU path: without CUDA a clear refusal (exit 2); with CUDA, this fake GPU is not there.

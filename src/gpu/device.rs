@@ -172,11 +172,8 @@ impl Gpu {
     /// sum of mixed words, so sender and receiver agree whatever the launch shape).
     pub fn checksum(&self, src: sys::CUdeviceptr, bytes: usize, sum: sys::CUdeviceptr) -> Result<(), GpuError> {
         let (mut src, mut words, mut sum) = (src, (bytes / 8) as u64, sum);
-        let mut params = [
-            &mut src as *mut _ as *mut c_void,
-            &mut words as *mut _ as *mut c_void,
-            &mut sum as *mut _ as *mut c_void,
-        ];
+        let mut params =
+            [&mut src as *mut _ as *mut c_void, &mut words as *mut _ as *mut c_void, &mut sum as *mut _ as *mut c_void];
         self.launch(self.checksum, words, &mut params)
     }
 

@@ -100,7 +100,7 @@ impl IpcMapping {
         if r != sys::CUresult::CUDA_SUCCESS {
             return Err(GpuError::Cuda { op: "cuMemGetAddressRange", message: format!("IPC handle {index}: {r:?}") });
         }
-        let end = h.offset.checked_add(h.bytes).unwrap_or(u64::MAX);
+        let end = h.offset.saturating_add(h.bytes);
         if end > mapping.size as u64 {
             return Err(GpuError::Cuda {
                 op: "cuIpcOpenMemHandle",
@@ -133,7 +133,8 @@ pub struct IpcMemory {
 impl IpcMemory {
     /// Opens every handle (the engine's GPU context must be current).
     pub fn open(w: &IpcWeights, num_layers: usize, layer_bytes: u64) -> Result<IpcMemory, GpuError> {
-        let mappings = w.handles.iter().enumerate().map(|(i, h)| IpcMapping::open(h, i)).collect::<Result<Vec<_>, _>>()?;
+        let mappings =
+            w.handles.iter().enumerate().map(|(i, h)| IpcMapping::open(h, i)).collect::<Result<Vec<_>, _>>()?;
         let at = |(i, off): (usize, u64)| mappings[i].base + off;
         let missing = |what: String| GpuError::Cuda { op: "IPC table", message: format!("{what} has no IPC handle") };
         let live = (0..num_layers)

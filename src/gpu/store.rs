@@ -173,7 +173,15 @@ impl DeviceExpertStore {
                 nccl.register(buf.ptr, buf.bytes)?;
             }
         }
-        Self::assemble(gpu, nccl, Memory::Owned { live, staging }, slots_per_rank, expert_bytes, tuning, GpuCheck::Pattern)
+        Self::assemble(
+            gpu,
+            nccl,
+            Memory::Owned { live, staging },
+            slots_per_rank,
+            expert_bytes,
+            tuning,
+            GpuCheck::Pattern,
+        )
     }
 
     /// A store over an engine's GPU memory (opened from its IPC handles, on `gpu`, the engine's
@@ -338,11 +346,19 @@ impl DeviceExpertStore {
             sent.dedup();
             self.checksums(self.live[layer], 2, &sent)?;
             for c in &m.local_copies {
-                self.gpu.checksum(self.live_at(layer, self.slot(c.src_slot)), self.expert_bytes, self.sum_at(0, c.dst_slot))?;
+                self.gpu.checksum(
+                    self.live_at(layer, self.slot(c.src_slot)),
+                    self.expert_bytes,
+                    self.sum_at(0, c.dst_slot),
+                )?;
             }
         }
         for c in &m.local_copies {
-            self.gpu.copy(self.staging_at(self.slot(c.dst_slot)), self.live_at(layer, self.slot(c.src_slot)), self.expert_bytes)?;
+            self.gpu.copy(
+                self.staging_at(self.slot(c.dst_slot)),
+                self.live_at(layer, self.slot(c.src_slot)),
+                self.expert_bytes,
+            )?;
         }
         // Sends and receives merged in the global order, cut into rounds.
         let per_round = self.transfers_per_round();
@@ -383,7 +399,11 @@ impl DeviceExpertStore {
             self.nccl.group(&group, self.gpu.stream())?;
         }
         for c in &m.staged_copies {
-            self.gpu.copy(self.staging_at(self.slot(c.dst_slot)), self.staging_at(self.slot(c.src_slot)), self.expert_bytes)?;
+            self.gpu.copy(
+                self.staging_at(self.slot(c.dst_slot)),
+                self.staging_at(self.slot(c.src_slot)),
+                self.expert_bytes,
+            )?;
             if checksum {
                 self.gpu.copy(self.sum_at(0, c.dst_slot), self.sum_at(0, c.src_slot), 8)?;
             }
@@ -452,7 +472,11 @@ impl ExpertStore for DeviceExpertStore {
         let commit = match &mut self.memory {
             Memory::Owned { .. } => {
                 for &k in &m.changed_slots {
-                    self.gpu.copy(self.live_at(m.layer, self.slot(k)), self.staging_at(self.slot(k)), self.expert_bytes)?;
+                    self.gpu.copy(
+                        self.live_at(m.layer, self.slot(k)),
+                        self.staging_at(self.slot(k)),
+                        self.expert_bytes,
+                    )?;
                 }
                 self.gpu.synchronize()?;
                 Commit::Next

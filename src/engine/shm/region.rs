@@ -82,7 +82,7 @@ impl IpcWeights {
     /// `(handle index, byte offset inside its allocation)` of `layer`'s live slots.
     pub fn live(&self, layer: usize, layer_bytes: u64) -> Option<(usize, u64)> {
         self.handles.iter().enumerate().find_map(|(i, h)| {
-            let n = if layer_bytes == 0 { 0 } else { h.bytes / layer_bytes };
+            let n = h.bytes.checked_div(layer_bytes).unwrap_or(0);
             let first = h.first_layer as usize;
             (h.role == ipc::ROLE_LIVE && layer >= first && ((layer - first) as u64) < n)
                 .then(|| (i, h.offset + (layer - first) as u64 * layer_bytes))
@@ -111,7 +111,10 @@ impl IpcWeights {
                     let n = (h.bytes / layer_bytes) as usize;
                     let first = h.first_layer as usize;
                     if first + n > num_layers {
-                        return Err(format!("IPC handle {i}: layers {first}..{} past num_layers {num_layers}", first + n));
+                        return Err(format!(
+                            "IPC handle {i}: layers {first}..{} past num_layers {num_layers}",
+                            first + n
+                        ));
                     }
                     covered[first..first + n].iter_mut().for_each(|c| *c += 1);
                 }
