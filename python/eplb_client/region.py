@@ -484,6 +484,12 @@ class EngineRegion:
         return int(self._h[_W_SIDECAR_PID])
 
     @property
+    def sidecar_heartbeat_ns(self) -> int:
+        """The sidecar's last heartbeat (0 until its loop runs; informational, never waited on by
+        the contract)."""
+        return int(self._h[_W_SIDECAR_HEARTBEAT])
+
+    @property
     def sidecar_state(self) -> int:
         return int(self._h[_W_SIDECAR_STATE])
 

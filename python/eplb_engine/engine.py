@@ -305,15 +305,18 @@ def _stats(a: np.ndarray) -> Dict[str, float]:
 _balancedness = loads.balancedness
 
 
-def wait_for_sidecar(region: EngineRegion, comm, seconds: float) -> bool:
-    """Waits up to ``seconds`` for a sidecar to attach to this rank's region; whether one did on
-    every engine rank (collective)."""
+def wait_for_sidecar(region: EngineRegion, comm, seconds: float, running: bool = False) -> bool:
+    """Waits up to ``seconds`` for a sidecar to attach to this rank's region (``running``: and
+    to beat its heartbeat, which it does once its set-up, NCCL included, is done and its loop
+    reads the ring); whether one did on every engine rank (collective). Demos and tests only: an
+    engine never waits for its sidecar."""
     from mpi4py import MPI
 
+    ready = lambda: region.sidecar_pid != 0 and (not running or region.sidecar_heartbeat_ns != 0)  # noqa: E731
     deadline = time.monotonic() + seconds
-    while region.sidecar_pid == 0 and time.monotonic() < deadline:
+    while not ready() and time.monotonic() < deadline:
         time.sleep(0.01)
-    attached = np.array([1 if region.sidecar_pid else 0], np.int64)
+    attached = np.array([1 if ready() else 0], np.int64)
     every = np.empty_like(attached)
     comm.Allreduce(attached, every, op=MPI.MIN)
     return bool(every[0])

@@ -231,8 +231,8 @@ class GpuEngine:
         t0 = time.perf_counter_ns()
         e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         e0.record()
-        for s in slots:
-            self.live[layer, int(s)].copy_(self.staging[int(s)])
+        for a, b in slot_runs(slots):  # one device copy a run of consecutive slots
+            self.live[layer, a:b].copy_(self.staging[a:b])
         e1.record()
         e1.synchronize()
         self.apply_log.append(dict(layer=int(layer), slots=[int(s) for s in slots], stall_us=(time.perf_counter_ns() - t0) / 1e3,
@@ -389,7 +389,8 @@ class GpuEngine:
     def wait_for_sidecar(self) -> bool:
         from .engine import wait_for_sidecar
 
-        return wait_for_sidecar(self.region, self.comm, self.args.wait_sidecar)
+        # Until its loop runs: its NCCL set-up takes seconds, a whole small run here.
+        return wait_for_sidecar(self.region, self.comm, self.args.wait_sidecar, running=True)
 
     def _report(self, sidecar, moe_ms, step_ms, pairs_live, pairs_static, fingerprints, commits, wrong) -> Dict:
         comm = self.comm
@@ -437,6 +438,17 @@ class GpuEngine:
             self.dist.destroy_process_group()
         except Exception:  # noqa: BLE001 - best effort at exit
             pass
+
+
+def slot_runs(slots) -> List[Tuple[int, int]]:
+    """[a, b) runs of consecutive slots of the ascending ``slots``: [0, 1, 2, 5] -> [(0, 3), (5, 6)]."""
+    runs: List[Tuple[int, int]] = []
+    for s in map(int, slots):
+        if runs and runs[-1][1] == s:
+            runs[-1] = (runs[-1][0], s + 1)
+        else:
+            runs.append((s, s + 1))
+    return runs
 
 
 def step_key(t: int) -> int:

@@ -65,6 +65,13 @@ def test_the_qwen3_recorder_json_is_one_iteration(tmp_path):
         loads.read_trace(str(p))
 
 
+def test_an_apply_copies_runs_of_consecutive_slots():
+    from eplb_engine.gpu import slot_runs
+
+    assert slot_runs(np.array([0, 1, 2, 5, 7, 8])) == [(0, 3), (5, 6), (7, 9)]
+    assert slot_runs([]) == [] and slot_runs([4]) == [(4, 5)]
+
+
 def test_the_expert_path_is_exact_on_integers_whatever_the_grouping():
     torch = pytest.importorskip("torch")
     from eplb_engine import gpu
