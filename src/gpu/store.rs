@@ -288,10 +288,13 @@ impl DeviceExpertStore {
 
     /// Transfers of the global list per NCCL group: `--nccl-group-mib` worth a rank, but never so
     /// many that one rank could post more than [`MAX_OPS_PER_GROUP`] operations in a group (a
-    /// transfer is one send or one receive of each piece, for a rank that takes part in it).
+    /// transfer is one send or one receive of each piece, and of its checksum, for a rank that
+    /// takes part in it).
     fn transfers_per_round(&self) -> usize {
         let wanted = (self.tuning.group_bytes / self.expert_bytes).max(1) * self.nccl.size;
-        wanted.min((MAX_OPS_PER_GROUP / self.pieces().len().max(1)).max(1))
+        // A checksum store adds one 8-byte message after each transfer.
+        let ops_per_transfer = self.pieces().len().max(1) + usize::from(self.check == GpuCheck::Checksum);
+        wanted.min((MAX_OPS_PER_GROUP / ops_per_transfer).max(1))
     }
 
     /// The pieces of one transfer: `(offset, bytes)`.
