@@ -15,8 +15,11 @@
 # Python with the package (pip install -e 'python[engine]'; or EPLB_PYTHON=path).
 # --sidecar fake runs the Python fake sidecar of python/tests instead of eplb-worker (one process
 # for all ranks; for the client's tests).
+# --gpu: the PyTorch engine on every visible GPU with CUDA IPC weights and `--transport nccl`
+# (scripts/engine_demo_gpu.sh; its --help lists its flags).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+for a in "$@"; do [ "$a" != --gpu ] || exec scripts/engine_demo_gpu.sh "$@"; done
 
 name="demo-$$" ranks=4 steps=200 trace="" dataset="" kill_at="" stop_at="" engine_kill_at="" report="" limit=600 sidecar=worker interval=10
 extra=()

@@ -9,7 +9,11 @@
 # 3. a store larger than the GPU exits 2 before the NCCL set-up; a rank hung at its migration ends
 #    the job within --timeout, named, with nothing committed;
 # 4. `run --transport nccl` end to end, with 0 wrong bytes; with BIG=1 also at DeepSeek-V3 size
-#    (58 layers, 8 experts + 1 redundant slot per GPU, 44 MiB experts: 22.4 GiB per GPU).
+#    (58 layers, 8 experts + 1 redundant slot per GPU, 44 MiB experts: 22.4 GiB per GPU);
+# 4. where python3 has torch and mpi4py: the PyTorch engine with CUDA IPC weights beside
+#    `run --engine shm --transport nccl` (scripts/engine_demo.sh --gpu): layers switched, outputs
+#    bitwise identical to the same engine without a sidecar, 0 wrong bytes; the transformers
+#    cross-check where transformers is installed.
 set -euo pipefail
 bin=${1:-target/release/eplb-worker}
 gpus=${GPUS:-$(nvidia-smi -L | wc -l)}
@@ -72,5 +76,25 @@ run_e2e small --steps 40 --eplb-update-interval-steps 10 --verify-live-every-ste
 if [ "${BIG:-0}" = 1 ]; then
   run_e2e big --num-layers 58 --num-experts $((8 * gpus)) --num-redundant-experts "$gpus" \
     --expert-bytes $((44 * 1024 * 1024)) --steps 120 --eplb-update-interval-steps 30 --eplb-layers-per-step 4
+fi
+if python3 -c "import torch, mpi4py" 2>/dev/null; then
+  xcheck=()
+  if python3 -c "import transformers" 2>/dev/null; then xcheck=(--xcheck); fi
+  set +e
+  EPLB_WORKER="$bin" scripts/engine_demo.sh --gpu --steps 80 --layers 4 --hidden 1024 --ffn 512 --tokens 2048 \
+    --interval-steps 10 --baseline "${xcheck[@]}" --out "$tmp/gpuengine" --timeout 200 -- --eplb-min-improvement 0.01 \
+    >"$tmp/gpuengine.out" 2>&1
+  rc=$?
+  set -e
+  grep '^#' "$tmp/gpuengine.out" | tail -n 12
+  check "engine_demo.sh --gpu exits 0" "[ $rc -eq 0 ]"
+  check "GPU engine: layers switched through CUDA IPC, outputs bitwise identical, 0 wrong bytes" \
+    "python3 -c \"import json,sys; r=json.load(open('$tmp/gpuengine/compare.json')); sys.exit(0 if r['outputs_bitwise_identical'] and r['layers_committed']>0 and r['wrong_bytes_live']==0 else 1)\""
+  if [ ${#xcheck[@]} -gt 0 ]; then
+    check "GPU engine: expert math within tolerance of transformers' Qwen3-MoE block" \
+      "python3 -c \"import json,sys; sys.exit(0 if json.load(open('$tmp/gpuengine/xcheck.json'))['ok'] else 1)\""
+  fi
+else
+  echo "skip the GPU engine: python3 lacks torch or mpi4py"
 fi
 exit $fail

@@ -205,3 +205,36 @@ fn a_bad_or_missing_region_exits_2() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("bad magic") && err.contains(&path), "{err}");
 }
+
+#[test]
+fn a_gpu_weights_region_needs_the_gpu_path() {
+    use eplb::engine::shm::region::{ipc, IpcHandle, IpcWeights, Layout};
+    use eplb::engine::shm::writer::EngineRank;
+    let name = region_name("ipc");
+    let d = tmpdir("ipc");
+    let report = d.join("r.json");
+    let host = Layout::packed(2, 4, 3, 1, 0, 16, &[("w", "bf16", &[4, 32])]);
+    let lb = host.layer_bytes();
+    let handle = |role, bytes| IpcHandle { handle: [3; 64], role, first_layer: 0, offset: 0, bytes };
+    let layout = host.with_ipc(IpcWeights {
+        pci_bus_id: "0000:ff:1f.0".into(),
+        uuid: [0; 16],
+        handles: vec![handle(ipc::ROLE_LIVE, 2 * lb), handle(ipc::ROLE_STAGING, lb)],
+    });
+    let phy2log: Vec<i32> = (0..2).flat_map(|_| [0, 1, 2, 0]).collect();
+    let region = EngineRank::create(&name, &layout, &phy2log, |_, _, _| unreachable!("GPU weights are not filled"))
+        .expect("create the region");
+    // The host transport cannot move GPU weights: a flag error.
+    let (code, _, err) = finish(sidecar(1, &name, &report, &["--transport", "host"]), Duration::from_secs(60));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("keeps its weights on its GPU") && err.contains("--transport nccl"), "{err}");
+    // The GPU path: without CUDA a clear refusal (exit 2); with CUDA, this fake GPU is not there.
+    let (code, _, err) = finish(sidecar(1, &name, &report, &[]), Duration::from_secs(60));
+    drop(region);
+    let _ = std::fs::remove_file(format!("/dev/shm/eplb-{name}-0"));
+    assert_ne!(code, 0, "{err}");
+    assert!(
+        (code == 2 && err.contains("no CUDA driver")) || err.contains("0000:ff:1f.0"),
+        "want a refusal naming what is missing: {err}"
+    );
+}

@@ -36,6 +36,13 @@ log = logging.getLogger("eplb_client")
 
 MAGIC = 0x314D4853424C5045  # the bytes "EPLBSHM1"
 VERSION = 1
+MINOR_VERSION = 1  # 1: CUDA IPC weights (weights_kind 1)
+WEIGHTS_HOST, WEIGHTS_CUDA_IPC = 0, 1
+IPC_OFFSET = 2048  # the IPC section: pci_bus_id[16], uuid[16], num_handles u32, then the table at 2112
+IPC_TABLE = 2112
+IPC_ENTRY_BYTES = 128
+IPC_MAX_HANDLES = 15
+IPC_ROLE_LIVE, IPC_ROLE_STAGING = 1, 2
 HEADER_BYTES = 4096
 TENSOR_TABLE_OFFSET = 1024
 TENSOR_ENTRY_BYTES = 64
@@ -92,6 +99,28 @@ class TensorSpec(NamedTuple):
     name: str
     dtype: str
     shape: Tuple[int, ...]
+
+
+class IpcHandle(NamedTuple):
+    """One CUDA IPC handle: the 64-byte ``cudaIpcMemHandle_t`` of a whole allocation, the role
+    (IPC_ROLE_LIVE: live slots ``[layers][slots_per_rank][expert_bytes]`` of layers
+    ``first_layer..``; IPC_ROLE_STAGING: ``[slots_per_rank][expert_bytes]``), and the tensor's byte
+    offset and size inside the allocation."""
+
+    handle: bytes
+    role: int
+    first_layer: int
+    offset: int
+    nbytes: int
+
+
+class IpcWeights(NamedTuple):
+    """The engine's GPU (PCI bus id as ``cuDeviceGetPCIBusId`` writes it, 16-byte UUID) and the
+    handles of its expert weights (weights_kind 1). See ``eplb_client.cuda_ipc.export_weights``."""
+
+    pci_bus_id: str
+    uuid: bytes
+    handles: Sequence[IpcHandle]
 
 
 def _round_up(n: int, m: int) -> int:
@@ -181,10 +210,18 @@ class EngineRegion:
         tensors: Sequence[TensorSpec],
         phy2log: np.ndarray,
         ring_len: int = 64,
+        ipc: Optional[IpcWeights] = None,
+        apply: Optional[Callable[[int, np.ndarray], None]] = None,
     ) -> "EngineRegion":
         """Creates the region under a temporary name with the header, the placement (``phy2log``
         [num_layers, world_size * slots_per_rank]) and zeroed weights. Fill the weights through
-        :meth:`weights`, then :meth:`publish` renames it into place."""
+        :meth:`weights`, then :meth:`publish` renames it into place.
+
+        GPU weights (weights_kind 1): ``ipc`` names the engine's GPU and the CUDA IPC handles of
+        its live slots and staging area (the region then holds no weights), and
+        ``apply(layer, slots)`` copies staging slot s into live slot s of ``layer`` for every s in
+        ``slots`` on the GPU and returns once the copy has completed (the sidecar may write the
+        staging area again as soon as the command is answered)."""
         path = region_path(name, rank)
         if not (0 <= rank < world_size):
             raise ContractError(f"rank {rank} is outside world_size {world_size}")
@@ -203,7 +240,10 @@ class EngineRegion:
             if why:
                 raise ContractError(f"phy2log layer {layer}: {why}")
 
+        if (ipc is None) != (apply is None):
+            raise ContractError("GPU weights need both ipc (the handles) and apply (the engine's copy)")
         table, expert_bytes = _tensor_table(tensors)
+        ipc_section = _ipc_section(ipc, num_layers, slots_per_rank * expert_bytes) if ipc is not None else b""
         ring_entry_bytes = 64 + _round_up(8 * num_layers * slots_per_rank, 64)
         ring_offset = HEADER_BYTES
         placement_offset = ring_offset + ring_len * ring_entry_bytes
@@ -213,6 +253,9 @@ class EngineRegion:
         weights_offset = _round_up(mask_offset + slots_per_rank, 4096)
         staging_offset = weights_offset + num_layers * slots_per_rank * expert_bytes
         total_bytes = _round_up(staging_offset + slots_per_rank * expert_bytes, 4096)
+        kind = WEIGHTS_HOST
+        if ipc is not None:  # the weights are on the GPU: the region ends before them
+            kind, total_bytes, weights_offset, staging_offset = WEIGHTS_CUDA_IPC, weights_offset, 0, 0
 
         _check_existing(path)
         tmp = os.path.join(SHM_DIR, f".eplb-{name}-{rank}.{os.getpid()}.tmp")
@@ -229,13 +272,16 @@ class EngineRegion:
         header = struct.pack(
             "<QIIIIIIIIQIIQQQQQQQQQQ",
             MAGIC, VERSION, HEADER_BYTES, num_layers, slots_per_rank, num_logical, world_size, rank,
-            ring_len, expert_bytes, len(tensors), 0, total_bytes, ring_offset, ring_entry_bytes,
+            ring_len, expert_bytes, len(tensors), kind, total_bytes, ring_offset, ring_entry_bytes,
             placement_offset, epochs_offset, command_offset, weights_offset, staging_offset,
             os.getpid(), 0,
         )
         mm[0 : len(header)] = header
+        struct.pack_into("<I", mm, 176, MINOR_VERSION)
         mm[TENSOR_TABLE_OFFSET : TENSOR_TABLE_OFFSET + len(table)] = table
+        mm[IPC_OFFSET : IPC_OFFSET + len(ipc_section)] = ipc_section
         region = cls(mm, path, tmp, owner=True)
+        region._gpu_apply = apply
         _LIVE_REGIONS.add(region)
         region._phy2log[:] = phy2log
         region._derive_all()
@@ -272,10 +318,14 @@ class EngineRegion:
         self._epoch = np.frombuffer(mm, dtype="<u8", count=L, offset=epochs_offset)
         self._cmd_row = np.frombuffer(mm, dtype="<i4", count=P, offset=command_offset)
         self._cmd_mask = np.frombuffer(mm, dtype="u1", count=S, offset=command_offset + _round_up(4 * P, 64))
-        self._live = np.frombuffer(mm, dtype="u1", count=L * S * self.expert_bytes, offset=weights_offset).reshape(
-            L, S, self.expert_bytes)
-        self._staging = np.frombuffer(mm, dtype="u1", count=S * self.expert_bytes, offset=staging_offset).reshape(
-            S, self.expert_bytes)
+        self._gpu_apply: Optional[Callable[[int, np.ndarray], None]] = None
+        if self.weights_kind == WEIGHTS_HOST:
+            self._live = np.frombuffer(mm, dtype="u1", count=L * S * self.expert_bytes,
+                                       offset=weights_offset).reshape(L, S, self.expert_bytes)
+            self._staging = np.frombuffer(mm, dtype="u1", count=S * self.expert_bytes,
+                                          offset=staging_offset).reshape(S, self.expert_bytes)
+        else:  # on the engine's GPU (weights_kind 1)
+            self._live = self._staging = None
         self._log2phy = np.full((L, E, max(1, P - E + 1)), -1, dtype=np.int32)
         self._logcnt = np.zeros((L, E), dtype=np.int32)
         self._published = False
@@ -315,6 +365,7 @@ class EngineRegion:
     def weights(self, layer: int, staging: bool = False) -> Dict[str, np.ndarray]:
         """numpy views of each tensor of ``layer``'s local slots: ``name -> [slots_per_rank, *shape]``
         (bf16 and f8e4m3 as raw uint16 / uint8). ``staging=True``: the staging area instead."""
+        self._host_weights()
         raw = self._staging if staging else self._live[layer]
         out = {}
         for t in self.tensors:
@@ -325,12 +376,18 @@ class EngineRegion:
 
     def raw_weights(self, layer: int) -> np.ndarray:
         """The bytes of ``layer``'s local slots: uint8 ``[slots_per_rank, expert_bytes]``."""
+        self._host_weights()
         return self._live[layer]
 
     @property
     def staging(self) -> np.ndarray:
         """The staging area: uint8 ``[slots_per_rank, expert_bytes]`` (the sidecar writes it)."""
+        self._host_weights()
         return self._staging
+
+    def _host_weights(self) -> None:
+        if self._live is None:
+            raise ContractError("this region's weights are on the engine's GPU (weights_kind 1): use the engine's tensors")
 
     # ---- the step loop ---------------------------------------------------------------------
 
@@ -427,6 +484,12 @@ class EngineRegion:
         return int(self._h[_W_SIDECAR_PID])
 
     @property
+    def sidecar_heartbeat_ns(self) -> int:
+        """The sidecar's last heartbeat (0 until its loop runs; informational, never waited on by
+        the contract)."""
+        return int(self._h[_W_SIDECAR_HEARTBEAT])
+
+    @property
     def sidecar_state(self) -> int:
         return int(self._h[_W_SIDECAR_STATE])
 
@@ -434,9 +497,11 @@ class EngineRegion:
     def engine_state(self) -> int:
         return int(self._h[_W_ENGINE_STATE])
 
-    def finish(self) -> None:
+    def finish(self, wait_detach_s: float = 0.0) -> None:
         """Every step done: answers a command still pending as cancelled (no boundary is left
-        for it on any rank), ``engine_state = 2``, then closes and unlinks."""
+        for it on any rank), ``engine_state = 2``, then closes and unlinks. ``wait_detach_s``: first
+        wait up to that long for an attached sidecar to leave (GPU weights: it has closed its IPC
+        mappings, so the engine may free the memory)."""
         if self._closed:
             return
         pending = int(self._h[_W_CMD_ID])
@@ -445,6 +510,10 @@ class EngineRegion:
             self._answer(pending, ACK_CANCELLED, self.engine_step)
         self._h[_W_ENGINE_STATE] = ENGINE_FINISHED
         self._heartbeat()
+        deadline = time.monotonic() + wait_detach_s
+        while int(self._h[_W_SIDECAR_STATE]) == SIDECAR_ATTACHED and time.monotonic() < deadline:
+            time.sleep(0.005)
+            self._heartbeat()
         self.close()
 
     def fail(self) -> None:
@@ -544,7 +613,10 @@ class EngineRegion:
         h = self._h
         layer, cmd_id, epoch = int(h[_W_CMD_LAYER]), int(h[_W_CMD_ID]), int(h[_W_CMD_EPOCH])
         mask = self._cmd_mask.astype(bool)
-        self._live[layer][mask] = self._staging[mask]
+        if self._gpu_apply is not None:
+            self._gpu_apply(layer, np.flatnonzero(mask))  # returns once the device copy is done
+        else:
+            self._live[layer][mask] = self._staging[mask]
         self._phy2log[layer] = self._cmd_row
         self._epoch[layer] = epoch
         _fill_log2phy_layer(self._phy2log[layer], self._log2phy[layer])
@@ -606,6 +678,40 @@ def _tensor_table(tensors: Sequence[TensorSpec]) -> Tuple[bytes, int]:
         out += struct.pack("<24s8sQQII2I", name, t.dtype.encode(), offset, nbytes, len(shape), 0, *dims)
         offset = _round_up(offset + nbytes, 64)
     return bytes(out), offset
+
+
+def _ipc_section(ipc: IpcWeights, num_layers: int, layer_bytes: int) -> bytes:
+    """The IPC section (at IPC_OFFSET) for ``ipc``, checked like the sidecar checks it: every layer
+    in exactly one live handle, one staging handle of one layer's slots."""
+    bus = ipc.pci_bus_id.encode()
+    if not 0 < len(bus) < 16 or any(c not in b"0123456789abcdefABCDEF:." for c in bus):
+        raise ContractError(f"pci_bus_id {ipc.pci_bus_id!r} is not a PCI bus id like 0000:19:00.0")
+    if len(ipc.uuid) != 16:
+        raise ContractError("the GPU uuid must be 16 bytes")
+    if not 1 <= len(ipc.handles) <= IPC_MAX_HANDLES:
+        raise ContractError(f"{len(ipc.handles)} IPC handles: 1 to {IPC_MAX_HANDLES}")
+    covered = np.zeros(num_layers, np.int64)
+    staging = 0
+    table = bytearray()
+    for i, h in enumerate(ipc.handles):
+        if len(h.handle) != 64:
+            raise ContractError(f"IPC handle {i}: {len(h.handle)} bytes, want 64 (a legacy cudaIpcMemHandle_t)")
+        if h.role == IPC_ROLE_LIVE:
+            if h.nbytes <= 0 or h.nbytes % layer_bytes or h.first_layer + h.nbytes // layer_bytes > num_layers:
+                raise ContractError(f"IPC handle {i}: {h.nbytes} bytes from layer {h.first_layer} are not whole layers "
+                                    f"of {layer_bytes} bytes inside {num_layers} layers")
+            covered[h.first_layer : h.first_layer + h.nbytes // layer_bytes] += 1
+        elif h.role == IPC_ROLE_STAGING:
+            if h.nbytes != layer_bytes:
+                raise ContractError(f"IPC handle {i}: staging of {h.nbytes} bytes, want {layer_bytes}")
+            staging += 1
+        else:
+            raise ContractError(f"IPC handle {i}: unknown role {h.role}")
+        table += struct.pack("<64sIIQQ40x", h.handle, h.role, h.first_layer, h.offset, h.nbytes)
+    if np.any(covered != 1) or staging != 1:
+        raise ContractError("the IPC handles must hold every layer exactly once and one staging area")
+    head = struct.pack("<16s16sI28x", bus, bytes(ipc.uuid), len(ipc.handles))
+    return head + bytes(table)
 
 
 def _read_tensor_table(mm: mmap.mmap, n: int) -> List[_TensorEntry]:

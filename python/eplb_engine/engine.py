@@ -30,7 +30,7 @@ import os
 import signal
 import sys
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -41,32 +41,39 @@ from . import loads, model
 log = logging.getLogger("eplb_engine")
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m eplb_engine", description=__doc__.split("\n\n")[0])
-    p.add_argument("--name", default="demo", help="region name: /dev/shm/eplb-NAME-RANK")
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--trace", help="load file: .npy [steps][layers][experts] or the per-iteration CSV")
+def add_common_args(p: argparse.ArgumentParser, name: str, steps: int, shape: Dict[str, int]) -> None:
+    """The flags both reference engines take (the CPU one here, the GPU one in ``gpu.py``);
+    ``shape``: the defaults of num_layers, num_experts, tokens, top_k, hidden and ffn."""
+    p.add_argument("--name", default=name, help="region name: /dev/shm/eplb-NAME-RANK")
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--trace", help="load file: .npy [steps][layers][experts], the per-iteration CSV, or the Qwen3 "
+                                   "recorder's JSON counts")
     p.add_argument("--trace-dataset", help="dataset of the per-iteration CSV (default: its first)")
-    p.add_argument("--num-layers", type=int, default=8, help="built-in load: layers")
-    p.add_argument("--num-experts", type=int, default=64, help="built-in load: experts")
-    p.add_argument("--drift-steps", type=int, default=100, help="built-in load: steps of a full drift")
+    p.add_argument("--num-layers", type=int, default=shape["num_layers"], help="built-in load: layers")
+    p.add_argument("--num-experts", type=int, default=shape["num_experts"], help="built-in load: experts")
     p.add_argument("--slots-per-rank", type=int, help="default: one redundant slot a rank, ceil((E + N) / N)")
-    p.add_argument("--tokens", type=int, default=1024, help="tokens a step, over all ranks")
-    p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--hidden", type=int, default=64)
-    p.add_argument("--ffn", type=int, default=64)
-    p.add_argument("--router-noise", type=float, default=1.0,
-                   help="std of the router's learned logit part around log(load); larger: flatter")
+    p.add_argument("--tokens", type=int, default=shape["tokens"], help="tokens a step, over all ranks")
+    p.add_argument("--top-k", type=int, default=shape["top_k"])
+    p.add_argument("--hidden", type=int, default=shape["hidden"])
+    p.add_argument("--ffn", type=int, default=shape["ffn"], help="the expert's intermediate size")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--phase", choices=["decode", "prefill", "mixed"], default="decode", help="phase the ring marks")
     p.add_argument("--ring-len", type=int, default=64)
     p.add_argument("--wait-sidecar", type=float, default=0.0,
                    help="before step 0, wait up to this many seconds for a sidecar on every rank")
+    p.add_argument("--report", help="JSON report from rank 0")
+    p.add_argument("--log-every", type=int, default=0, help="progress line every N steps (rank 0)")
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m eplb_engine", description=__doc__.split("\n\n")[0])
+    add_common_args(p, "demo", 100, dict(num_layers=8, num_experts=64, tokens=1024, top_k=2, hidden=64, ffn=64))
+    p.add_argument("--drift-steps", type=int, default=100, help="built-in load: steps of a full drift")
+    p.add_argument("--router-noise", type=float, default=1.0,
+                   help="std of the router's learned logit part around log(load); larger: flatter")
     p.add_argument("--step-delay-ms", type=float, default=0.0, help="sleep after every step (slower engine)")
     p.add_argument("--die-at-step", type=int, help="rank --die-rank SIGKILLs itself at this step's boundary")
     p.add_argument("--die-rank", type=int, default=0)
-    p.add_argument("--report", help="JSON report from rank 0")
-    p.add_argument("--log-every", type=int, default=0, help="progress line every N steps (rank 0)")
     return p.parse_args(argv)
 
 
@@ -182,13 +189,7 @@ class Engine:
     # ---- the run ---------------------------------------------------------------------------
 
     def wait_for_sidecar(self) -> bool:
-        deadline = time.monotonic() + self.args.wait_sidecar
-        while self.region.sidecar_pid == 0 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        attached = np.array([1 if self.region.sidecar_pid else 0], np.int64)
-        every = np.empty_like(attached)
-        self.comm.Allreduce(attached, every, op=self.MPI.MIN)
-        return bool(every[0])
+        return wait_for_sidecar(self.region, self.comm, self.args.wait_sidecar)
 
     def wrong_bytes(self, layer: int) -> int:
         """Bytes of ``layer``'s local live slots that differ from the experts phy2log names."""
@@ -301,16 +302,31 @@ def _stats(a: np.ndarray) -> Dict[str, float]:
     return {"count": int(len(a)), "median": float(np.median(a)), "p99": float(np.percentile(a, 99)), "max": float(a.max())}
 
 
-def _balancedness(rank_load: np.ndarray) -> float:
-    """Mean over steps and layers of (mean rank load / max rank load): rank_load [steps, L, N]."""
-    mx = rank_load.max(axis=2)
-    b = np.where(mx > 0, rank_load.mean(axis=2) / np.maximum(mx, 1), 1.0)
-    return float(b.mean()) if b.size else 1.0
+_balancedness = loads.balancedness
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="# %(message)s")
+def wait_for_sidecar(region: EngineRegion, comm, seconds: float, running: bool = False) -> bool:
+    """Waits up to ``seconds`` for a sidecar to attach to this rank's region (``running``: and
+    to beat its heartbeat, which it does once its set-up, NCCL included, is done and its loop
+    reads the ring); whether one did on every engine rank (collective). Demos and tests only: an
+    engine never waits for its sidecar."""
+    from mpi4py import MPI
+
+    ready = lambda: region.sidecar_pid != 0 and (not running or region.sidecar_heartbeat_ns != 0)  # noqa: E731
+    deadline = time.monotonic() + seconds
+    while not ready() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    attached = np.array([1 if ready() else 0], np.int64)
+    every = np.empty_like(attached)
+    comm.Allreduce(attached, every, op=MPI.MIN)
+    return bool(every[0])
+
+
+def run_ranks(args: argparse.Namespace, make_engine: Callable, summarize: Callable[[Dict], None],
+              exit_code: Callable[[Dict], int], indent: Optional[int] = 1) -> int:
+    """The main of a reference engine rank: builds it (``make_engine(comm, args)``), runs it,
+    marks its region finished or failed, and on rank 0 prints the summary and writes the report;
+    every rank returns rank 0's exit code (2: bad input)."""
     # mpirun ends the other ranks with SIGTERM when one dies: exit through Python, so that the
     # region is marked failed and unlinked.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -318,7 +334,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     comm = MPI.COMM_WORLD
     try:
-        engine = Engine(comm, args)
+        engine = make_engine(comm, args)
     except (loads.LoadError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -328,15 +344,21 @@ def main(argv: Optional[List[str]] = None) -> int:
         ok = True
     finally:
         engine.close(ok)
+    code = 0
     if comm.Get_rank() == 0:
-        _print_summary(report)
+        summarize(report)
         if args.report:
             with open(args.report, "w") as f:
-                json.dump(report, f, indent=1)
-        code = 0 if report["outputs_match"] and report["commit_step_disagreements"] == 0 and report["wrong_bytes"] == 0 else 1
-    else:
-        code = 0
+                json.dump(report, f, indent=indent)
+        code = exit_code(report)
     return int(comm.bcast(code, root=0))
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="# %(message)s")
+    return run_ranks(args, Engine, _print_summary, lambda r: 0 if r["outputs_match"] and r["commit_step_disagreements"] == 0
+                     and r["wrong_bytes"] == 0 else 1)
 
 
 def _print_summary(r: Dict) -> None:

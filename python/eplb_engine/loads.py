@@ -17,7 +17,8 @@ class LoadError(ValueError):
 
 
 def read_trace(path: str, dataset: Optional[str] = None) -> np.ndarray:
-    """``.npy`` [steps][layers][experts], or the per-iteration CSV of
+    """``.npy`` [steps][layers][experts], the JSON counts of shared/traces/qwen3_sglang_recorder
+    ([layers][experts], one iteration), or the per-iteration CSV of
     shared/traces/harmoeny_qwen15moe_switch (columns: index, dataset, iteration, layer_idx,
     then one per expert; ``dataset`` picks the rows, default the first dataset in the file)."""
     if path.endswith(".npy"):
@@ -25,6 +26,17 @@ def read_trace(path: str, dataset: Optional[str] = None) -> np.ndarray:
         if a.ndim != 3:
             raise LoadError(f"{path}: shape {a.shape}, want [steps][layers][experts]")
         return a.astype(np.float64)
+    if path.endswith(".json"):
+        # shared/traces/qwen3_sglang_recorder: {"counts": [layers][experts]}, summed over the
+        # recording (no time axis): one iteration, every step follows it.
+        import json
+
+        with open(path) as f:
+            doc = json.load(f)
+        a = np.asarray(doc.get("counts") if isinstance(doc, dict) else None, dtype=np.float64)
+        if a.ndim != 2 or a.size == 0:
+            raise LoadError(f"{path}: want a JSON object with \"counts\": [layers][experts]")
+        return a[None]
     with open(path, newline="") as f:
         rows = list(csv.reader(f))
     if len(rows) < 2 or rows[0][1:4] != ["dataset", "iteration", "layer_idx"]:
@@ -61,3 +73,11 @@ def log_probs(load: np.ndarray) -> np.ndarray:
     """log of the normalised load (+0.5 a count, so that no expert is impossible)."""
     p = load + 0.5
     return np.log(p / p.sum(axis=-1, keepdims=True))
+
+
+def balancedness(rank_load: np.ndarray) -> float:
+    """Mean over steps and layers of (mean rank load / max rank load): rank_load [steps, L, N]
+    (1.0 for a step and layer without load)."""
+    mx = rank_load.max(axis=2)
+    b = np.where(mx > 0, rank_load.mean(axis=2) / np.maximum(mx, 1), 1.0)
+    return float(b.mean()) if b.size else 1.0

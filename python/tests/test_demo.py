@@ -121,3 +121,30 @@ def test_demo_corrupted_transfer_applies_nothing(tmp_path):
     assert r["outputs_match"] and r["engine_steps"] == 60
     assert r["layers_committed"] == 0 and r["wrong_bytes"] == 0, "nothing applied"
     assert r["sidecar_exit_code"] == 1, out
+
+
+@needs_mpi
+@needs_worker
+@pytest.mark.parametrize("beat", [0, 2**64 - 1, 2**63])
+def test_a_heartbeat_that_never_moves_is_a_stopped_engine_whatever_its_value(beat):
+    """A corrupt heartbeat (zero, or far in the future) must not keep the sidecar waiting: liveness
+    is a heartbeat that changes, timed by the sidecar's own clock."""
+    import numpy as np
+
+    from eplb_client.region import EngineRegion, TensorSpec
+
+    name = f"pytbeat{os.getpid()}"
+    region = EngineRegion.create(name, 0, 1, 2, 3, 2, [TensorSpec("w", "f32", (4,))],
+                                 np.array([[0, 1, 0], [1, 0, 1]], dtype=np.int32))
+    region.publish()
+    try:
+        region.record(0, np.arange(3, dtype=np.int64))
+        region._h[136 // 8] = beat  # no heartbeat thread: the word stays as set
+        env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+        p = subprocess.run(["mpirun", "-n", "1", WORKER, "run", "--engine", f"shm:{name}", "--engine-wait", "5",
+                            "--engine-timeout", "1", "--steps", "50"], env=env, capture_output=True, text=True,
+                           timeout=120)
+        assert p.returncode == 1, p.stderr
+        assert "has not beaten its heartbeat" in p.stderr, p.stderr
+    finally:
+        region.close()

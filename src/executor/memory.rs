@@ -29,6 +29,14 @@ pub trait SlotMemory {
     }
 }
 
+/// How staged slots become live in memory that an engine owns: the engine switches them at a
+/// step boundary after an agreement (`crate::engine::shm::apply::ShmSwitch`, the contract's
+/// switch protocol). Collective: every rank calls it for the same layer, and every rank returns
+/// the same [`Commit`].
+pub trait EngineSwitch {
+    fn commit(&mut self, m: &RankMigration) -> Result<Commit, ExecError>;
+}
+
 /// Expert weights in this process's heap: the synthetic engine's, on the host transport.
 pub struct HeapSlots {
     expert_bytes: usize,

@@ -23,7 +23,7 @@ pub mod plan;
 pub mod verify;
 
 pub use host::{HostExpertStore, HostStore};
-pub use memory::{HeapSlots, SlotMemory};
+pub use memory::{EngineSwitch, HeapSlots, SlotMemory};
 pub use plan::{LayerMigration, LocalCopy, RankMigration, Transfer};
 pub use verify::Verification;
 

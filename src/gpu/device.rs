@@ -60,6 +60,7 @@ pub struct Gpu {
     module: sys::CUmodule,
     fill: sys::CUfunction,
     count_wrong: sys::CUfunction,
+    checksum: sys::CUfunction,
 }
 
 impl Gpu {
@@ -83,7 +84,8 @@ impl Gpu {
         };
         let fill = get("fill_pattern")?;
         let count_wrong = get("count_wrong")?;
-        Ok(Gpu { ordinal, name, ctx, stream, module, fill, count_wrong })
+        let checksum = get("checksum")?;
+        Ok(Gpu { ordinal, name, ctx, stream, module, fill, count_wrong, checksum })
     }
 
     /// The dedicated stream's raw handle.
@@ -164,6 +166,34 @@ impl Gpu {
             &mut counter as *mut _ as *mut c_void,
         ];
         self.launch(self.count_wrong, words, &mut params)
+    }
+
+    /// Queues: `*sum += checksum of src[0..bytes)` (the `checksum` kernel: an order-independent
+    /// sum of mixed words, so sender and receiver agree whatever the launch shape).
+    pub fn checksum(&self, src: sys::CUdeviceptr, bytes: usize, sum: sys::CUdeviceptr) -> Result<(), GpuError> {
+        let (mut src, mut words, mut sum) = (src, (bytes / 8) as u64, sum);
+        let mut params =
+            [&mut src as *mut _ as *mut c_void, &mut words as *mut _ as *mut c_void, &mut sum as *mut _ as *mut c_void];
+        self.launch(self.checksum, words, &mut params)
+    }
+
+    /// Queues `bytes` zero bytes at `dst`.
+    pub fn zero(&self, dst: sys::CUdeviceptr, bytes: usize) -> Result<(), GpuError> {
+        // SAFETY: `dst` points at `bytes` of this context's memory.
+        unsafe { result::memset_d8_async(dst, 0, bytes, self.stream()) }.map_err(cuda_err("cuMemsetD8Async"))
+    }
+
+    /// Reads `out.len()` device u64s at `src` (waits for the stream first).
+    pub fn read_u64s(&self, src: sys::CUdeviceptr, out: &mut [u64]) -> Result<(), GpuError> {
+        if out.is_empty() {
+            return Ok(());
+        }
+        // SAFETY: `src` points at `out.len()` u64s of this context's memory; the stream is
+        // drained before `out` is read.
+        unsafe {
+            result::memcpy_dtoh_async(out, src, self.stream()).map_err(cuda_err("cuMemcpyDtoHAsync"))?;
+        }
+        self.synchronize()
     }
 
     /// Queues `counter = 0`.

@@ -44,3 +44,20 @@ extern "C" __global__ void count_wrong(const u64* src, u64 words, u64 layer, u64
         atomicAdd(wrong, local);
     }
 }
+
+// *sum += sum over i < words of splitmix64(src[i] ^ splitmix64(i)) (mod 2^64): the checksum a
+// sender computes over an expert it sends and its receiver over the bytes that landed. A sum of
+// per-word terms, so the result does not depend on the launch shape or the order of the adds.
+extern "C" __global__ void checksum(const u64* src, u64 words, u64* sum) {
+    u64 stride = (u64)gridDim.x * blockDim.x;
+    u64 local = 0;
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < words; i += stride) {
+        local += splitmix64(src[i] ^ splitmix64(i));
+    }
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        local += __shfl_down_sync(0xffffffffu, local, offset);
+    }
+    if ((threadIdx.x & 31) == 0) {
+        atomicAdd(sum, local);
+    }
+}

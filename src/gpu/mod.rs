@@ -6,9 +6,11 @@
 //!
 //! * [`device`]: device choice, the context, a dedicated non-blocking stream, the kernels;
 //! * [`nccl`]: the communicator (unique id broadcast through MPI) and grouped send/recv;
-//! * [`store`]: [`store::DeviceExpertStore`], the [`crate::executor::ExpertStore`] in GPU memory.
+//! * [`store`]: [`store::DeviceExpertStore`], the [`crate::executor::ExpertStore`] in GPU memory;
+//! * [`ipc`]: an engine's GPU memory opened from its CUDA IPC handles (contract weights_kind 1).
 
 pub mod device;
+pub mod ipc;
 pub mod nccl;
 pub mod store;
 
@@ -115,7 +117,7 @@ mod tests {
         let want = format!("source hash {:016x}", source_hash(KERNELS_CU));
         let first = KERNELS_PTX.lines().next().unwrap_or("");
         assert!(first.contains(&want), "kernels.ptx is stale: run `cargo run --example gen_ptx` ({first} vs {want})");
-        for kernel in ["fill_pattern", "count_wrong"] {
+        for kernel in ["fill_pattern", "count_wrong", "checksum"] {
             assert!(KERNELS_PTX.contains(&format!(".entry {kernel}")), "{kernel} missing from the PTX");
         }
     }

@@ -7,23 +7,47 @@
 //! so no single group is huge and no rank waits on a peer's later group. Each transfer may also
 //! be split into pieces of at most `chunk_bytes`, posted in order inside its group.
 //!
-//! Verification: this store checks staged slots against the synthetic engine's pattern with the
-//! `count_wrong` kernel. Real weights (a GPU engine, next issue) need the sender's checksum, as
-//! the host store does ([`crate::executor::verify`]). The design, not yet built nor run on a GPU:
-//! a `checksum` kernel computes, for every expert a rank sends and for the source of every local
-//! copy, an order-independent 64-bit sum `sum_i splitmix64(word_i ^ i)` (word-parallel, reduced
-//! with one atomic add per block, so the result does not depend on the launch shape); the
-//! sender's sums go to their receivers as one NCCL message of 8 bytes per transfer after the
-//! layer's groups, the receiver runs the same kernel over its staging slots and compares, and the
-//! all-ranks agreement and the commit stay as they are. XXH3 (the host checksum) is sequential
-//! within a stripe and would not run well on a GPU; the two paths never check each other's sums.
+//! Memory ([`Memory`]): the store's own allocations (the synthetic engine: every live slot filled
+//! with its expert's pattern), or an engine's GPU memory opened from its CUDA IPC handles
+//! ([`super::ipc`], contract weights_kind 1), whose live slots only the engine writes: a commit
+//! is then the contract's switch protocol ([`EngineSwitch`]), and the engine copies staging into
+//! live at a step boundary.
+//!
+//! Verification ([`GpuCheck`]): the synthetic engine's pattern with the `count_wrong` kernel,
+//! or, for real weights, the sender's checksum: the `checksum` kernel computes, for every expert
+//! a rank sends and for the source of every local copy, an order-independent 64-bit sum
+//! `sum_i splitmix64(word_i ^ splitmix64(i))` (word-parallel, one atomic add per warp, so the
+//! result does not depend on the launch shape); the sender's sums go to their receivers as 8-byte
+//! NCCL messages after the layer's data, in the same rounds; the receiver runs the same kernel
+//! over its staging slots and compares. XXH3 (the host checksum) is sequential within a stripe
+//! and would not run well on a GPU; the two paths never check each other's sums.
 
 use std::time::Instant;
 
+use cudarc::driver::sys::CUdeviceptr;
+
 use super::device::{DeviceBuffer, Gpu};
+use super::ipc::IpcMemory;
 use super::nccl::{NcclComm, P2p, MAX_OPS_PER_GROUP};
 use super::GpuError;
-use crate::executor::{Commit, ExecError, ExpertStore, RankMigration, StageTiming};
+use crate::executor::{Commit, EngineSwitch, ExecError, ExpertStore, RankMigration, StageTiming};
+
+/// Where the weights live.
+pub enum Memory {
+    /// Allocated by this store: one buffer per layer, and the staging buffer.
+    Owned { live: Vec<DeviceBuffer>, staging: DeviceBuffer },
+    /// The engine's, opened from its IPC handles; made live by the engine (`switch`).
+    Engine { memory: IpcMemory, switch: Box<dyn EngineSwitch> },
+}
+
+/// How staged (and live) slots are checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GpuCheck {
+    /// The synthetic engine's pattern (`count_wrong`: the bytes that differ).
+    Pattern,
+    /// Real weights: the checksum the sender computed (a mismatch counts the whole slot).
+    Checksum,
+}
 
 /// How transfers are grouped and split.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,9 +80,21 @@ pub struct DeviceExpertStore {
     // Field order matters for drop: the communicator (which deregisters the buffers) goes first,
     // then the buffers, then the GPU context.
     nccl: NcclComm,
-    live: Vec<DeviceBuffer>,
-    staging: DeviceBuffer,
+    drain: DrainOnDrop,
+    memory: Memory,
+    /// `live[layer]`: the device address of the layer's slots.
+    live: Vec<CUdeviceptr>,
+    staging: CUdeviceptr,
     counter: DeviceBuffer,
+    /// `[3 * slots_per_rank]` u64: the expected sum of each staged slot (the sender's), the sum
+    /// of what landed, and the sums of live slots this rank sends.
+    sums: DeviceBuffer,
+    check: GpuCheck,
+    /// `live_sums[layer][slot]` (checksum stores): taken at the first `verify_live`, updated by
+    /// every commit.
+    live_sums: Vec<Option<Vec<u64>>>,
+    /// The expected sums of the last stage, read back by `verify_staged`.
+    expected: Vec<u64>,
     pub gpu: Gpu,
     slots_per_rank: usize,
     expert_bytes: usize,
@@ -130,7 +166,6 @@ impl DeviceExpertStore {
             live.push(buf);
         }
         let staging = gpu.alloc(layer_bytes)?;
-        let counter = gpu.alloc(8)?;
         gpu.synchronize()?;
         let mut nccl = nccl;
         if tuning.register {
@@ -138,10 +173,67 @@ impl DeviceExpertStore {
                 nccl.register(buf.ptr, buf.bytes)?;
             }
         }
+        Self::assemble(
+            gpu,
+            nccl,
+            Memory::Owned { live, staging },
+            slots_per_rank,
+            expert_bytes,
+            tuning,
+            GpuCheck::Pattern,
+        )
+    }
+
+    /// A store over an engine's GPU memory (opened from its IPC handles, on `gpu`, the engine's
+    /// GPU): staged slots are checked against their senders' checksums, and `switch` makes them
+    /// live (the engine copies them at a step boundary). The engine's buffers are not registered
+    /// with NCCL (imported IPC memory cannot be re-exported).
+    pub fn over_engine(
+        gpu: Gpu,
+        nccl: NcclComm,
+        memory: IpcMemory,
+        switch: Box<dyn EngineSwitch>,
+        slots_per_rank: usize,
+        expert_bytes: usize,
+        tuning: NcclTuning,
+    ) -> Result<Self, GpuError> {
+        if !expert_bytes.is_multiple_of(8) || expert_bytes == 0 {
+            return Err(GpuError::Cuda {
+                op: "DeviceExpertStore::over_engine",
+                message: format!("expert bytes must be a positive multiple of 8, got {expert_bytes}"),
+            });
+        }
+        let tuning = NcclTuning { register: false, ..tuning };
+        let memory = Memory::Engine { memory, switch };
+        Self::assemble(gpu, nccl, memory, slots_per_rank, expert_bytes, tuning, GpuCheck::Checksum)
+    }
+
+    fn assemble(
+        gpu: Gpu,
+        nccl: NcclComm,
+        memory: Memory,
+        slots_per_rank: usize,
+        expert_bytes: usize,
+        tuning: NcclTuning,
+        check: GpuCheck,
+    ) -> Result<Self, GpuError> {
+        let (live, staging) = match &memory {
+            Memory::Owned { live, staging } => (live.iter().map(|b| b.ptr).collect::<Vec<_>>(), staging.ptr),
+            Memory::Engine { memory, .. } => (memory.live.clone(), memory.staging),
+        };
+        let counter = gpu.alloc(8)?;
+        let sums = gpu.alloc(3 * 8 * slots_per_rank.max(1))?;
+        let layers = live.len();
         let store = DeviceExpertStore {
+            drain: DrainOnDrop(gpu.stream()),
+            memory,
             live,
             staging,
             counter,
+            sums,
+            check,
+            live_sums: vec![None; layers],
+            expected: vec![0; slots_per_rank],
             nccl,
             gpu,
             slots_per_rank,
@@ -153,37 +245,56 @@ impl DeviceExpertStore {
         Ok(store)
     }
 
+    /// Device address of byte `offset` of the live slots of `layer`.
+    fn live_at(&self, layer: usize, offset: usize) -> CUdeviceptr {
+        self.live[layer] + offset as u64
+    }
+
+    fn staging_at(&self, offset: usize) -> CUdeviceptr {
+        self.staging + offset as u64
+    }
+
+    /// The three sum arrays: expected, landed, sent.
+    fn sum_at(&self, array: usize, slot: usize) -> CUdeviceptr {
+        self.sums.ptr + (8 * (array * self.slots_per_rank + slot)) as u64
+    }
+
     /// Connects NCCL to every peer before the first migration: NCCL sets up its point-to-point
     /// channels lazily, on the first send to a peer, which made the first migrated layer stall
     /// for hundreds of milliseconds. Each rank sends one expert-sized message to every peer, in
     /// `size - 1` rounds (round k: to `rank + k`, from `rank - k`), into the staging buffer.
     fn warm_up(&self) -> Result<(), GpuError> {
         let (rank, size) = (self.nccl.rank, self.nccl.size);
-        let (Some(src), true) = (self.live.first(), self.slots_per_rank > 0) else { return Ok(()) };
+        let (Some(&src), true) = (self.live.first(), self.slots_per_rank > 0) else { return Ok(()) };
         for k in 1..size {
             let ops = [
-                P2p::Send { peer: (rank + k) % size, ptr: src.ptr, bytes: self.expert_bytes },
-                P2p::Recv { peer: (rank + size - k) % size, ptr: self.staging.ptr, bytes: self.expert_bytes },
+                P2p::Send { peer: (rank + k) % size, ptr: src, bytes: self.expert_bytes },
+                P2p::Recv { peer: (rank + size - k) % size, ptr: self.staging, bytes: self.expert_bytes },
             ];
             self.nccl.group(&ops, self.gpu.stream())?;
         }
         self.nccl.synchronize(&self.gpu)
     }
 
-    /// Frees the weights and gives back the GPU and the communicator.
+    /// Frees the weights (or closes the engine's handles) and gives back the GPU and the
+    /// communicator.
     pub fn into_parts(self) -> (Gpu, NcclComm) {
-        let DeviceExpertStore { mut nccl, live, staging, counter, gpu, .. } = self;
+        let DeviceExpertStore { mut nccl, drain, memory, counter, sums, gpu, .. } = self;
+        drop(drain);
         nccl.deregister_all();
-        drop((live, staging, counter));
+        drop((memory, counter, sums));
         (gpu, nccl)
     }
 
     /// Transfers of the global list per NCCL group: `--nccl-group-mib` worth a rank, but never so
     /// many that one rank could post more than [`MAX_OPS_PER_GROUP`] operations in a group (a
-    /// transfer is one send or one receive of each piece, for a rank that takes part in it).
+    /// transfer is one send or one receive of each piece, and of its checksum, for a rank that
+    /// takes part in it).
     fn transfers_per_round(&self) -> usize {
         let wanted = (self.tuning.group_bytes / self.expert_bytes).max(1) * self.nccl.size;
-        wanted.min((MAX_OPS_PER_GROUP / self.pieces().len().max(1)).max(1))
+        // A checksum store adds one 8-byte message after each transfer.
+        let ops_per_transfer = self.pieces().len().max(1) + usize::from(self.check == GpuCheck::Checksum);
+        wanted.min((MAX_OPS_PER_GROUP / ops_per_transfer).max(1))
     }
 
     /// The pieces of one transfer: `(offset, bytes)`.
@@ -199,23 +310,58 @@ impl DeviceExpertStore {
     /// Queues `count_wrong` for `(buffer slot, expert)` pairs and reads the total.
     fn count_wrong(
         &self,
-        buf: &DeviceBuffer,
+        buf: CUdeviceptr,
         layer: usize,
         slots: impl Iterator<Item = (usize, usize)>,
     ) -> Result<u64, GpuError> {
         self.gpu.zero_u64(self.counter.ptr)?;
         for (k, expert) in slots {
-            self.gpu.count_wrong(buf.at(self.slot(k)), self.expert_bytes, layer, expert, self.counter.ptr)?;
+            self.gpu.count_wrong(buf + self.slot(k) as u64, self.expert_bytes, layer, expert, self.counter.ptr)?;
         }
         self.gpu.read_u64(self.counter.ptr)
+    }
+
+    /// The checksums of `slots` of the slots at `buf`, into sum array `array` (queued).
+    fn checksums(&self, buf: CUdeviceptr, array: usize, slots: &[usize]) -> Result<(), GpuError> {
+        for &k in slots {
+            self.gpu.checksum(buf + self.slot(k) as u64, self.expert_bytes, self.sum_at(array, k))?;
+        }
+        Ok(())
+    }
+
+    /// Reads sum array `array`.
+    fn read_sums(&self, array: usize) -> Result<Vec<u64>, GpuError> {
+        let mut out = vec![0u64; self.slots_per_rank];
+        self.gpu.read_u64s(self.sum_at(array, 0), &mut out)?;
+        Ok(out)
     }
 
     fn stage_inner(&mut self, m: &RankMigration) -> Result<StageTiming, GpuError> {
         let start = Instant::now();
         self.gpu.bind()?;
-        let live = &self.live[m.layer];
+        let layer = m.layer;
+        let checksum = self.check == GpuCheck::Checksum;
+        if checksum {
+            // The sums of what this rank sends and of the sources of its local copies.
+            self.gpu.zero(self.sums.ptr, self.sums.bytes)?;
+            let mut sent: Vec<usize> = m.sends.iter().map(|t| t.src_slot).collect();
+            sent.sort_unstable();
+            sent.dedup();
+            self.checksums(self.live[layer], 2, &sent)?;
+            for c in &m.local_copies {
+                self.gpu.checksum(
+                    self.live_at(layer, self.slot(c.src_slot)),
+                    self.expert_bytes,
+                    self.sum_at(0, c.dst_slot),
+                )?;
+            }
+        }
         for c in &m.local_copies {
-            self.gpu.copy(self.staging.at(self.slot(c.dst_slot)), live.at(self.slot(c.src_slot)), self.expert_bytes)?;
+            self.gpu.copy(
+                self.staging_at(self.slot(c.dst_slot)),
+                self.live_at(layer, self.slot(c.src_slot)),
+                self.expert_bytes,
+            )?;
         }
         // Sends and receives merged in the global order, cut into rounds.
         let per_round = self.transfers_per_round();
@@ -237,9 +383,18 @@ impl DeviceExpertStore {
                 let (_, slot, recv, peer) = ops[i];
                 for &(off, bytes) in &pieces {
                     group.push(if recv {
-                        P2p::Recv { peer, ptr: self.staging.at(self.slot(slot) + off), bytes }
+                        P2p::Recv { peer, ptr: self.staging_at(self.slot(slot) + off), bytes }
                     } else {
-                        P2p::Send { peer, ptr: live.at(self.slot(slot) + off), bytes }
+                        P2p::Send { peer, ptr: self.live_at(layer, self.slot(slot) + off), bytes }
+                    });
+                }
+                if checksum {
+                    // The sender's sum, 8 bytes after the expert, in the same group: NCCL keeps
+                    // the order of one pair's operations.
+                    group.push(if recv {
+                        P2p::Recv { peer, ptr: self.sum_at(0, slot), bytes: 8 }
+                    } else {
+                        P2p::Send { peer, ptr: self.sum_at(2, slot), bytes: 8 }
                     });
                 }
                 i += 1;
@@ -248,16 +403,19 @@ impl DeviceExpertStore {
         }
         for c in &m.staged_copies {
             self.gpu.copy(
-                self.staging.at(self.slot(c.dst_slot)),
-                self.staging.at(self.slot(c.src_slot)),
+                self.staging_at(self.slot(c.dst_slot)),
+                self.staging_at(self.slot(c.src_slot)),
                 self.expert_bytes,
             )?;
+            if checksum {
+                self.gpu.copy(self.sum_at(0, c.dst_slot), self.sum_at(0, c.src_slot), 8)?;
+            }
         }
         self.nccl.synchronize(&self.gpu)?;
         if std::mem::take(&mut self.corrupt_next_stage) {
             if let Some(&k) = m.changed_slots.first() {
                 // Overwrite the first 8 bytes with their complement: 8 wrong bytes.
-                let ptr = self.staging.at(self.slot(k));
+                let ptr = self.staging_at(self.slot(k));
                 let mut word = [0u64; 1];
                 // SAFETY: `ptr` is inside the staging buffer; the stream is drained.
                 unsafe {
@@ -297,17 +455,44 @@ impl ExpertStore for DeviceExpertStore {
     }
 
     fn verify_staged(&mut self, m: &RankMigration) -> Result<u64, ExecError> {
-        let slots = m.changed_slots.iter().map(|&k| (k, m.new_experts[k]));
-        Ok(self.count_wrong(&self.staging, m.layer, slots)?)
+        match self.check {
+            GpuCheck::Pattern => {
+                let slots = m.changed_slots.iter().map(|&k| (k, m.new_experts[k]));
+                Ok(self.count_wrong(self.staging, m.layer, slots)?)
+            }
+            GpuCheck::Checksum => {
+                self.gpu.zero(self.sum_at(1, 0), 8 * self.slots_per_rank)?;
+                self.checksums(self.staging, 1, &m.changed_slots)?;
+                let (expected, landed) = (self.read_sums(0)?, self.read_sums(1)?);
+                let wrong = m.changed_slots.iter().filter(|&&k| expected[k] != landed[k]).count();
+                self.expected = expected;
+                Ok((wrong * self.expert_bytes) as u64)
+            }
+        }
     }
 
     fn commit(&mut self, m: &RankMigration) -> Result<Commit, ExecError> {
-        let live = &self.live[m.layer];
-        for &k in &m.changed_slots {
-            self.gpu.copy(live.at(self.slot(k)), self.staging.at(self.slot(k)), self.expert_bytes)?;
+        let commit = match &mut self.memory {
+            Memory::Owned { .. } => {
+                for &k in &m.changed_slots {
+                    self.gpu.copy(
+                        self.live_at(m.layer, self.slot(k)),
+                        self.staging_at(self.slot(k)),
+                        self.expert_bytes,
+                    )?;
+                }
+                self.gpu.synchronize()?;
+                Commit::Next
+            }
+            // The engine copies staging into live at the agreed boundary.
+            Memory::Engine { switch, .. } => switch.commit(m)?,
+        };
+        if let (Commit::Next | Commit::AtStep(_), Some(Some(sums))) = (&commit, self.live_sums.get_mut(m.layer)) {
+            for &k in &m.changed_slots {
+                sums[k] = self.expected[k];
+            }
         }
-        self.gpu.synchronize()?;
-        Ok(Commit::Next)
+        Ok(commit)
     }
 
     /// The next stage flips 8 bytes of its first staged slot.
@@ -315,7 +500,30 @@ impl ExpertStore for DeviceExpertStore {
         self.corrupt_next_stage = true;
     }
 
+    /// The pattern (synthetic weights); otherwise the live slots must still have the checksums
+    /// they had at the first call, or that their last commit gave them.
     fn verify_live(&mut self, layer: usize, experts: &[usize]) -> Result<u64, ExecError> {
-        Ok(self.count_wrong(&self.live[layer], layer, experts.iter().copied().enumerate())?)
+        match self.check {
+            GpuCheck::Pattern => Ok(self.count_wrong(self.live[layer], layer, experts.iter().copied().enumerate())?),
+            GpuCheck::Checksum => {
+                let all: Vec<usize> = (0..self.slots_per_rank).collect();
+                self.gpu.zero(self.sum_at(1, 0), 8 * self.slots_per_rank)?;
+                self.checksums(self.live[layer], 1, &all)?;
+                let now = self.read_sums(1)?;
+                let known = self.live_sums[layer].get_or_insert_with(|| now.clone());
+                Ok(known.iter().zip(&now).filter(|(a, b)| a != b).count() as u64 * self.expert_bytes as u64)
+            }
+        }
+    }
+}
+
+/// Drains a stream when dropped: a field before the memory, so that the engine's handles close
+/// (and buffers are freed) only after every queued copy and transfer finished.
+struct DrainOnDrop(cudarc::driver::sys::CUstream);
+
+impl Drop for DrainOnDrop {
+    fn drop(&mut self) {
+        // SAFETY: the stream belongs to the store's `Gpu`, which drops after this field.
+        let _ = unsafe { cudarc::driver::result::stream::synchronize(self.0) };
     }
 }

@@ -58,12 +58,15 @@ pub fn setup(world: &Comm, args: &RunArgs) -> Result<Ready, RunError> {
                 let attached =
                     shm::attach(&opts, rank, world.size()).map_err(|source| RunError::Engine { rank, source })?;
                 let run_shape = shm_shape(args, &topo, attached.layout())?;
+                shm_transport(args.transport, attached.layout())?;
                 Ok((attached, run_shape))
             });
             let (attached, run_shape) = agree_on_setup(world, attached)?;
+            let tuning = NcclTuning::from_mib(args.nccl_group_mib, args.nccl_chunk_mib, args.nccl_register);
             let mut engine =
-                ShmEngine::start(attached, world, comm, transport, args.chunk_bytes).map_err(|e| match e {
+                ShmEngine::start(attached, world, comm, transport, args.chunk_bytes, tuning).map_err(|e| match e {
                     StartError::Mpi(e) => RunError::Mpi(e),
+                    StartError::Gpu(e) => RunError::Gpu(e),
                     other => RunError::Exec { step: 0, source: ExecError::Other(other.to_string()) },
                 })?;
             if args.fault.contains(&Fault::CorruptTransfer(rank)) {
@@ -79,14 +82,28 @@ fn shm_flags(args: &RunArgs) -> Result<(), RunError> {
     let given = [
         ("--trace", args.trace.is_some()),
         ("--init-placement", args.init_placement.is_some()),
-        ("--transport nccl", args.transport == TransportKind::Nccl),
         ("--fault corrupt-load-on-rank", args.fault.iter().any(|f| matches!(f, Fault::CorruptLoad(_)))),
     ];
     match given.iter().find(|(_, on)| *on) {
         Some((flag, _)) => Err(RunError::Config(format!(
-            "{flag} does not apply to --engine shm: the engine brings its own load, placement and host weights"
+            "{flag} does not apply to --engine shm: the engine brings its own load, placement and weights"
         ))),
         None => Ok(()),
+    }
+}
+
+/// The transport follows where the engine keeps its weights: host weights move over MPI, GPU
+/// weights (CUDA IPC) over NCCL; `--transport auto` picks it, a contrary choice is an error.
+fn shm_transport(transport: TransportKind, l: &Layout) -> Result<(), RunError> {
+    let gpu = l.ipc.is_some();
+    match (transport, gpu) {
+        (TransportKind::Nccl, false) => Err(RunError::Config(
+            "--transport nccl: this engine keeps its weights in host memory (weights_kind 0): use --transport host or auto".into(),
+        )),
+        (TransportKind::Host, true) => Err(RunError::Config(
+            "--transport host: this engine keeps its weights on its GPU (CUDA IPC, weights_kind 1): use --transport nccl or auto".into(),
+        )),
+        _ => Ok(()),
     }
 }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use super::region::{ack, engine_state, off, pid_alive, Command, Region};
 use crate::collective::{Comm, ReduceOp};
-use crate::executor::{Commit, ExecError, RankMigration, SlotMemory};
+use crate::executor::{Commit, EngineSwitch, ExecError, RankMigration, SlotMemory};
 
 /// Tries of one layer's apply before it is dropped (the contract: at most 5).
 pub const MAX_TRIES: usize = 5;
@@ -26,8 +26,10 @@ pub struct Watch {
     /// False when the engine's pid was not visible at attach (another pid namespace).
     pub pid_check: bool,
     pub timeout: Duration,
-    /// When the sidecar attached (a heartbeat older than this counts from here).
-    pub attached_ns: u64,
+    /// The engine's heartbeat as last read, and when (this process's clock) it last changed:
+    /// liveness is a heartbeat that moves, whatever its value (a corrupt or foreign clock value,
+    /// even one in the future, cannot pass for a live engine).
+    last_beat: std::cell::Cell<(u64, u64)>,
 }
 
 /// What [`Watch::check`] found.
@@ -46,7 +48,8 @@ impl Watch {
                 "engine rank {rank}: its pid {pid} is not visible here (another pid namespace?): only its heartbeat is watched"
             );
         }
-        Watch { rank, pid, pid_check, timeout, attached_ns: super::region::monotonic_ns() }
+        let beat = region.get(off::ENGINE_HEARTBEAT_NS);
+        Watch { rank, pid, pid_check, timeout, last_beat: std::cell::Cell::new((beat, super::region::monotonic_ns())) }
     }
 
     /// Alive or finished, or why the engine rank is dead, stopped or failed. Also beats the
@@ -65,8 +68,11 @@ impl Watch {
         if self.pid_check && !pid_alive(pid) {
             return Err(format!("engine rank {rank} (pid {pid}) is gone: the engine process died"));
         }
-        let beat = region.get(off::ENGINE_HEARTBEAT_NS).max(self.attached_ns);
-        let silent = Duration::from_nanos(now.saturating_sub(beat));
+        let beat = region.get(off::ENGINE_HEARTBEAT_NS);
+        let (last, changed_at) = self.last_beat.get();
+        let changed_at = if beat == last { changed_at } else { now };
+        self.last_beat.set((beat, changed_at));
+        let silent = Duration::from_nanos(now.saturating_sub(changed_at));
         if silent > self.timeout {
             return Err(format!(
                 "engine rank {rank} (pid {pid}) has not beaten its heartbeat for {:.1} s (--engine-timeout {:.1} s): it is stopped or hung",
@@ -92,8 +98,9 @@ impl Backoff {
     }
 }
 
-/// The engine's weights and staging area, and the switch protocol.
-pub struct ShmSlots {
+/// The switch protocol (docs/engine-contract.md): how staged slots become live in an engine's
+/// memory, host or GPU alike.
+pub struct ShmSwitch {
     region: Arc<Region>,
     /// A communicator of its own, for the apply step and the outcome.
     comm: Comm,
@@ -102,9 +109,21 @@ pub struct ShmSlots {
     next_id: u64,
 }
 
+/// The engine's weights and staging area in the region (host weights), and the switch protocol.
+pub struct ShmSlots {
+    region: Arc<Region>,
+    switch: ShmSwitch,
+}
+
 impl ShmSlots {
     pub fn new(region: Arc<Region>, comm: Comm, watch: Watch, next_id: u64) -> ShmSlots {
-        ShmSlots { region, comm, watch, next_id }
+        ShmSlots { switch: ShmSwitch::new(region.clone(), comm, watch, next_id), region }
+    }
+}
+
+impl ShmSwitch {
+    pub fn new(region: Arc<Region>, comm: Comm, watch: Watch, next_id: u64) -> ShmSwitch {
+        ShmSwitch { region, comm, watch, next_id }
     }
 
     /// Waits for command `id`'s answer: `(ack_result, ack_step)`, or [`FINISHED_UNANSWERED`]
@@ -173,9 +192,16 @@ impl SlotMemory for ShmSlots {
         self.region.bytes(self.region.layout.staging_offset, self.region.staging_len())
     }
 
+    /// The switch protocol, through [`ShmSwitch`].
+    fn commit(&mut self, m: &RankMigration) -> Result<Commit, ExecError> {
+        self.switch.commit(m)
+    }
+}
+
+impl EngineSwitch for ShmSwitch {
     /// The switch protocol (docs/engine-contract.md), on every rank for the same layer.
     fn commit(&mut self, m: &RankMigration) -> Result<Commit, ExecError> {
-        let spr = self.slots_per_rank();
+        let spr = self.region.layout.slots_per_rank;
         let new_row: Vec<i32> = m.new_row.iter().map(|&e| e as i32).collect();
         let copy_mask: Vec<bool> = (0..spr).map(|k| m.changed_slots.binary_search(&k).is_ok()).collect();
         let epoch = self.region.epoch(m.layer).load(std::sync::atomic::Ordering::Acquire) + 1;

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use clap::ValueEnum;
 use ndarray::Array2;
 
-use self::apply::{Backoff, Liveness, ShmSlots, Watch};
+use self::apply::{Backoff, Liveness, ShmSlots, ShmSwitch, Watch};
 use self::region::{off, phase, region_path, sidecar_state, Layout, Region, RingRead};
 use super::{Engine, EngineError, StepCounts};
 use crate::collective::host::HostTransport;
@@ -162,6 +162,10 @@ pub enum StartError {
     Placements { min: u64, max: u64 },
     #[error("{0}")]
     Store(String),
+    #[error(transparent)]
+    Gpu(#[from] crate::gpu::GpuError),
+    #[error("the engine's GPU or its IPC handles could not be opened on sidecar rank(s) {0} (each printed why); nothing was moved")]
+    PeerGpu(String),
 }
 
 /// The engine attached on every rank.
@@ -176,9 +180,26 @@ pub struct ShmEngine {
     next: u64,
     layers: usize,
     slots_per_rank: usize,
-    finished: bool,
     /// Steps lost so far (logged at powers of two).
     lost: u64,
+    /// Last field: marks the region when the sidecar leaves, after the store (and with it any
+    /// mapping of the engine's GPU memory) is gone, so the engine may free its weights then.
+    detach: Detach,
+}
+
+/// Sets `sidecar_state` on drop: exited ok after a finished run, failed otherwise.
+struct Detach {
+    region: Arc<Region>,
+    finished: bool,
+}
+
+impl Drop for Detach {
+    fn drop(&mut self) {
+        if self.region.get(off::SIDECAR_STATE) == sidecar_state::ATTACHED {
+            let state = if self.finished { sidecar_state::EXITED_OK } else { sidecar_state::FAILED };
+            self.region.set(off::SIDECAR_STATE, state);
+        }
+    }
 }
 
 impl ShmEngine {
@@ -192,6 +213,7 @@ impl ShmEngine {
         comm: Comm,
         transport: Comm,
         chunk_bytes: usize,
+        tuning: crate::gpu::store::NcclTuning,
     ) -> Result<ShmEngine, StartError> {
         let Attached { region, watch, opts, initial } = attached;
         let agreement = world.agree_hash(initial.hash())?;
@@ -200,22 +222,32 @@ impl ShmEngine {
         if !agreement.agreed() {
             return Err(StartError::Placements { min: agreement.min, max: agreement.max });
         }
-        let memory = ShmSlots::new(region.clone(), comm, watch.clone(), max[1] + 1);
-        let store = HostStore::with_memory(memory, HostTransport::new(transport, chunk_bytes), Verification::Checksum)
-            .map_err(|e| StartError::Store(e.to_string()))?;
         let l = region.layout.clone();
+        let store: Box<dyn ExpertStore> = match &l.ipc {
+            None => {
+                let memory = ShmSlots::new(region.clone(), comm, watch.clone(), max[1] + 1);
+                let store =
+                    HostStore::with_memory(memory, HostTransport::new(transport, chunk_bytes), Verification::Checksum)
+                        .map_err(|e| StartError::Store(e.to_string()))?;
+                Box::new(store)
+            }
+            Some(ipc) => {
+                let switch = ShmSwitch::new(region.clone(), comm, watch.clone(), max[1] + 1);
+                Box::new(gpu_store(world, &transport, ipc, &l, switch, tuning)?)
+            }
+        };
         Ok(ShmEngine {
             name: opts.name,
-            region,
             watch,
             initial,
-            store: Box::new(store),
+            store,
             phase: opts.phase,
             next: max[0],
             layers: l.num_layers,
             slots_per_rank: l.slots_per_rank,
-            finished: false,
             lost: 0,
+            detach: Detach { region: region.clone(), finished: false },
+            region,
         })
     }
 
@@ -229,13 +261,52 @@ impl ShmEngine {
     }
 }
 
-impl Drop for ShmEngine {
-    fn drop(&mut self) {
-        if self.region.get(off::SIDECAR_STATE) == sidecar_state::ATTACHED {
-            let state = if self.finished { sidecar_state::EXITED_OK } else { sidecar_state::FAILED };
-            self.region.set(off::SIDECAR_STATE, state);
-        }
-    }
+/// The store over the engine's GPU memory (weights_kind 1): this rank opens the engine's GPU
+/// (by PCI bus id) and its IPC handles, the ranks agree that every rank did, then NCCL comes up
+/// over `transport`. Collective over `world` and `transport`.
+fn gpu_store(
+    world: &Comm,
+    transport: &Comm,
+    ipc: &region::IpcWeights,
+    l: &region::Layout,
+    switch: ShmSwitch,
+    tuning: crate::gpu::store::NcclTuning,
+) -> Result<crate::gpu::store::DeviceExpertStore, StartError> {
+    use crate::gpu::{self, device::Gpu, ipc::IpcMemory};
+    let local = gpu::check_cuda().and_then(|()| {
+        let gpu = Gpu::open(gpu::ipc::device_by_pci(&ipc.pci_bus_id, &ipc.uuid)?)?;
+        let memory = IpcMemory::open(ipc, l.num_layers, l.layer_bytes())?;
+        Ok((gpu, memory))
+    });
+    let failed: Vec<usize> = world
+        .allgather_u64(&[u64::from(local.is_err())])?
+        .iter()
+        .enumerate()
+        .filter(|(_, f)| f[0] == 1)
+        .map(|(r, _)| r)
+        .collect();
+    let (gpu, memory) = match local {
+        Err(e) => return Err(e.into()),
+        Ok(_) if !failed.is_empty() => return Err(StartError::PeerGpu(format!("{failed:?}"))),
+        Ok(x) => x,
+    };
+    log::info!(
+        "rank {}: the engine's GPU {} ({}), {} IPC handle(s) opened",
+        world.rank(),
+        ipc.pci_bus_id,
+        gpu.name,
+        memory.mappings.len()
+    );
+    let nccl = gpu::nccl::NcclComm::bootstrap(transport)?;
+    Ok(crate::gpu::store::DeviceExpertStore::over_engine(
+        gpu,
+        nccl,
+        memory,
+        Box::new(switch),
+        l.slots_per_rank,
+        l.expert_bytes,
+        tuning,
+    )?)
 }
 
 impl Engine for ShmEngine {
@@ -300,7 +371,7 @@ impl Engine for ShmEngine {
                         if !matches!(self.region.read_step(t), RingRead::NotYet) {
                             continue;
                         }
-                        self.finished = true;
+                        self.detach.finished = true;
                         return Ok(None);
                     }
                     Liveness::Alive => backoff.wait(),

@@ -24,6 +24,121 @@ pub const TENSOR_ENTRY_BYTES: usize = 64;
 pub const MAX_TENSORS: usize = 16;
 pub const MIN_RING_LEN: usize = 16;
 const ALIGN: u64 = 64;
+/// The minor version of contract version 1 this side writes: 1 added the CUDA IPC weights
+/// (`weights_kind` 1). A reader of minor 0 refuses `weights_kind` 1, so it stays correct.
+pub const MINOR_VERSION: u32 = 1;
+
+/// `weights_kind` values.
+pub mod weights_kind {
+    /// The live weights and the staging area are in the region (host memory).
+    pub const HOST: u32 = 0;
+    /// They are in the engine's GPU memory, shared with CUDA IPC handles (the IPC section).
+    pub const CUDA_IPC: u32 = 1;
+}
+
+/// The CUDA IPC section of the header (weights_kind 1), at [`ipc::OFFSET`].
+pub mod ipc {
+    pub const OFFSET: usize = 2048;
+    /// `pci_bus_id[16]`: the engine GPU's `cudaDeviceGetPCIBusId`, ASCII, NUL-padded.
+    pub const PCI_BUS_ID: usize = 2048;
+    /// `uuid[16]`: the engine GPU's `cuDeviceGetUuid` bytes.
+    pub const UUID: usize = 2064;
+    /// u32: entries in the handle table (1 to [`MAX_HANDLES`]).
+    pub const NUM_HANDLES: usize = 2080;
+    /// The handle table: [`ENTRY_BYTES`] each.
+    pub const HANDLES: usize = 2112;
+    pub const ENTRY_BYTES: usize = 128;
+    pub const MAX_HANDLES: usize = 15;
+    /// Handle roles.
+    pub const ROLE_LIVE: u32 = 1;
+    pub const ROLE_STAGING: u32 = 2;
+}
+
+/// One CUDA IPC handle of the engine's GPU memory, and what lies behind it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IpcHandle {
+    /// The `cudaIpcMemHandle_t` (`cuIpcGetMemHandle`) of a whole allocation.
+    pub handle: [u8; 64],
+    /// [`ipc::ROLE_LIVE`]: live weights `[layers][slots_per_rank][expert_bytes]` of layers
+    /// `first_layer..first_layer + bytes / (slots_per_rank * expert_bytes)`;
+    /// [`ipc::ROLE_STAGING`]: the staging area `[slots_per_rank][expert_bytes]`.
+    pub role: u32,
+    pub first_layer: u32,
+    /// Byte offset of the tensor inside the allocation.
+    pub offset: u64,
+    pub bytes: u64,
+}
+
+/// The IPC section: which GPU, and the handles.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IpcWeights {
+    /// `0000:19:00.0`: the sidecar opens this very GPU, whatever its `CUDA_VISIBLE_DEVICES`.
+    pub pci_bus_id: String,
+    pub uuid: [u8; 16],
+    pub handles: Vec<IpcHandle>,
+}
+
+impl IpcWeights {
+    /// `(handle index, byte offset inside its allocation)` of `layer`'s live slots.
+    pub fn live(&self, layer: usize, layer_bytes: u64) -> Option<(usize, u64)> {
+        self.handles.iter().enumerate().find_map(|(i, h)| {
+            let n = h.bytes.checked_div(layer_bytes).unwrap_or(0);
+            let first = h.first_layer as usize;
+            (h.role == ipc::ROLE_LIVE && layer >= first && ((layer - first) as u64) < n)
+                .then(|| (i, h.offset + (layer - first) as u64 * layer_bytes))
+        })
+    }
+
+    /// `(handle index, byte offset)` of the staging area.
+    pub fn staging(&self) -> Option<(usize, u64)> {
+        self.handles.iter().position(|h| h.role == ipc::ROLE_STAGING).map(|i| (i, self.handles[i].offset))
+    }
+
+    /// Checks the table against the shape: every layer in exactly one live handle, one staging
+    /// handle of one layer's slots.
+    fn check(&self, num_layers: usize, layer_bytes: u64) -> Result<(), String> {
+        let mut covered = vec![0u32; num_layers];
+        let mut staging = 0;
+        for (i, h) in self.handles.iter().enumerate() {
+            match h.role {
+                ipc::ROLE_LIVE => {
+                    if h.bytes == 0 || !h.bytes.is_multiple_of(layer_bytes) {
+                        return Err(format!(
+                            "IPC handle {i}: {} bytes is not a whole number of layers of {layer_bytes} bytes",
+                            h.bytes
+                        ));
+                    }
+                    let n = (h.bytes / layer_bytes) as usize;
+                    let first = h.first_layer as usize;
+                    if first + n > num_layers {
+                        return Err(format!(
+                            "IPC handle {i}: layers {first}..{} past num_layers {num_layers}",
+                            first + n
+                        ));
+                    }
+                    covered[first..first + n].iter_mut().for_each(|c| *c += 1);
+                }
+                ipc::ROLE_STAGING => {
+                    if h.bytes != layer_bytes {
+                        return Err(format!("IPC handle {i}: staging of {} bytes, want {layer_bytes}", h.bytes));
+                    }
+                    staging += 1;
+                }
+                r => return Err(format!("IPC handle {i}: unknown role {r}")),
+            }
+        }
+        if let Some(l) = covered.iter().position(|&c| c != 1) {
+            return Err(format!("layer {l} is in {} live IPC handles (want exactly 1)", covered[l]));
+        }
+        if staging != 1 {
+            return Err(format!("{staging} staging IPC handles (want exactly 1)"));
+        }
+        if self.pci_bus_id.is_empty() {
+            return Err("no pci_bus_id in the IPC section".into());
+        }
+        Ok(())
+    }
+}
 
 /// Byte offsets of the header fields.
 pub mod off {
@@ -54,6 +169,8 @@ pub mod off {
     pub const SIDECAR_PID: usize = 152;
     pub const SIDECAR_HEARTBEAT_NS: usize = 160;
     pub const SIDECAR_STATE: usize = 168;
+    /// u32: the minor version of contract version 1 (0 before the CUDA IPC weights).
+    pub const MINOR_VERSION: usize = 176;
     pub const CMD_SEQ: usize = 256;
     pub const CMD_ID: usize = 264;
     pub const CMD_LAYER: usize = 272;
@@ -158,6 +275,8 @@ pub struct Layout {
     pub ring_len: usize,
     pub expert_bytes: usize,
     pub weights_kind: u32,
+    /// The CUDA IPC section (`weights_kind` 1).
+    pub ipc: Option<IpcWeights>,
     pub tensors: Vec<TensorSpec>,
     pub total_bytes: usize,
     pub ring_offset: usize,
@@ -207,7 +326,8 @@ impl Layout {
             rank,
             ring_len,
             expert_bytes,
-            weights_kind: 0,
+            weights_kind: weights_kind::HOST,
+            ipc: None,
             tensors: specs,
             total_bytes: total_bytes as usize,
             ring_offset: ring_offset as usize,
@@ -229,6 +349,25 @@ impl Layout {
         self.command_offset + round64(4 * self.num_physical() as u64) as usize
     }
 
+    /// This layout with its weights in the engine's GPU memory behind `ipc` (weights_kind 1):
+    /// the region loses its weights and staging sections.
+    pub fn with_ipc(self, ipc: IpcWeights) -> Layout {
+        let end = self.weights_offset;
+        Layout {
+            weights_kind: weights_kind::CUDA_IPC,
+            ipc: Some(ipc),
+            weights_offset: 0,
+            staging_offset: 0,
+            total_bytes: end,
+            ..self
+        }
+    }
+
+    /// Bytes of one layer's local slots.
+    pub fn layer_bytes(&self) -> u64 {
+        self.slots_per_rank as u64 * self.expert_bytes as u64
+    }
+
     /// The sections as (name, offset, bytes).
     fn sections(&self) -> Vec<(&'static str, usize, u128)> {
         let (l, s, p, eb) = (
@@ -237,15 +376,19 @@ impl Layout {
             self.num_physical() as u128,
             self.expert_bytes as u128,
         );
-        vec![
+        let host = self.weights_kind == weights_kind::HOST;
+        let mut v = vec![
             ("header", 0, HEADER_BYTES as u128),
             ("ring", self.ring_offset, self.ring_len as u128 * self.ring_entry_bytes as u128),
             ("placement", self.placement_offset, 4 * l * p),
             ("epochs", self.epochs_offset, 8 * l),
             ("command", self.command_offset, round64(4 * p as u64) as u128 + s),
-            ("weights", self.weights_offset, l * s * eb),
-            ("staging", self.staging_offset, s * eb),
-        ]
+        ];
+        if host {
+            v.push(("weights", self.weights_offset, l * s * eb));
+            v.push(("staging", self.staging_offset, s * eb));
+        }
+        v
     }
 
     /// The header bytes of this layout (the engine side writes them; tests corrupt them).
@@ -267,6 +410,21 @@ impl Layout {
             put(at, &(v as u32).to_le_bytes());
         }
         put(off::WEIGHTS_KIND, &self.weights_kind.to_le_bytes());
+        put(off::MINOR_VERSION, &MINOR_VERSION.to_le_bytes());
+        if let Some(w) = &self.ipc {
+            let bus = w.pci_bus_id.as_bytes();
+            put(ipc::PCI_BUS_ID, &bus[..bus.len().min(15)]);
+            put(ipc::UUID, &w.uuid);
+            put(ipc::NUM_HANDLES, &(w.handles.len() as u32).to_le_bytes());
+            for (i, x) in w.handles.iter().enumerate().take(ipc::MAX_HANDLES) {
+                let at = ipc::HANDLES + i * ipc::ENTRY_BYTES;
+                put(at, &x.handle);
+                put(at + 64, &x.role.to_le_bytes());
+                put(at + 68, &x.first_layer.to_le_bytes());
+                put(at + 72, &x.offset.to_le_bytes());
+                put(at + 80, &x.bytes.to_le_bytes());
+            }
+        }
         for (at, v) in [
             (off::EXPERT_BYTES, self.expert_bytes),
             (off::TOTAL_BYTES, self.total_bytes),
@@ -331,6 +489,7 @@ impl Layout {
             ring_len: u32_at(off::RING_LEN) as usize,
             expert_bytes: to_usize(u64_at(off::EXPERT_BYTES), "expert_bytes")?,
             weights_kind: u32_at(off::WEIGHTS_KIND),
+            ipc: None,
             tensors: Vec::new(),
             total_bytes: to_usize(u64_at(off::TOTAL_BYTES), "total_bytes")?,
             ring_offset: to_usize(u64_at(off::RING_OFFSET), "ring_offset")?,
@@ -370,12 +529,15 @@ impl Layout {
         if l.expert_bytes == 0 || !(l.expert_bytes as u64).is_multiple_of(ALIGN) {
             return Err(format!("expert_bytes {} is not a positive multiple of 64", l.expert_bytes));
         }
-        if l.weights_kind != 0 {
-            return Err(format!(
-                "weights_kind {}: only host weights (0) are supported by contract version 1 (CUDA IPC comes in a later version)",
-                l.weights_kind
-            ));
-        }
+        let ipc_weights = match l.weights_kind {
+            weights_kind::HOST => None,
+            weights_kind::CUDA_IPC => Some(parse_ipc(bytes).map_err(|e| format!("weights_kind 1 (CUDA IPC): {e}"))?),
+            k => {
+                return Err(format!(
+                    "weights_kind {k}: this eplb-worker knows host weights (0) and CUDA IPC handles (1)"
+                ))
+            }
+        };
         let want_entry = 64 + round64(8 * l.num_layers as u64 * l.slots_per_rank as u64);
         if l.ring_entry_bytes as u64 != want_entry {
             return Err(format!("ring_entry_bytes {} (want {want_entry} for this shape)", l.ring_entry_bytes));
@@ -441,8 +603,42 @@ impl Layout {
                 round64(end)
             ));
         }
-        Ok(Layout { tensors, ..layout })
+        if let Some(w) = &ipc_weights {
+            w.check(layout.num_layers, layout.layer_bytes()).map_err(|e| format!("weights_kind 1 (CUDA IPC): {e}"))?;
+        }
+        Ok(Layout { tensors, ipc: ipc_weights, ..layout })
     }
+}
+
+/// The IPC section of a header.
+fn parse_ipc(bytes: &[u8]) -> Result<IpcWeights, String> {
+    let u32_at = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"));
+    let u64_at = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
+    let raw = &bytes[ipc::PCI_BUS_ID..ipc::PCI_BUS_ID + 16];
+    let n = raw.iter().position(|&c| c == 0).unwrap_or(raw.len());
+    let pci_bus_id = std::str::from_utf8(&raw[..n])
+        .ok()
+        .filter(|t| t.chars().all(|c| c.is_ascii_hexdigit() || c == ':' || c == '.'))
+        .ok_or("the IPC section's pci_bus_id is not a PCI bus id (like 0000:19:00.0)")?
+        .to_string();
+    let uuid: [u8; 16] = bytes[ipc::UUID..ipc::UUID + 16].try_into().expect("16 bytes");
+    let count = u32_at(ipc::NUM_HANDLES) as usize;
+    if !(1..=ipc::MAX_HANDLES).contains(&count) {
+        return Err(format!("the IPC section has {count} handles (1 to {})", ipc::MAX_HANDLES));
+    }
+    let handles = (0..count)
+        .map(|i| {
+            let at = ipc::HANDLES + i * ipc::ENTRY_BYTES;
+            IpcHandle {
+                handle: bytes[at..at + 64].try_into().expect("64 bytes"),
+                role: u32_at(at + 64),
+                first_layer: u32_at(at + 68),
+                offset: u64_at(at + 72),
+                bytes: u64_at(at + 80),
+            }
+        })
+        .collect();
+    Ok(IpcWeights { pci_bus_id, uuid, handles })
 }
 
 /// The path of engine rank `rank`'s region named `name`.

@@ -46,6 +46,75 @@ fn a_packed_header_parses_back() {
     assert_eq!(Region::open(&r.path).unwrap().layout, l);
 }
 
+fn ipc_layout(handles: Vec<IpcHandle>) -> Layout {
+    layout().with_ipc(IpcWeights { pci_bus_id: "0000:19:00.0".into(), uuid: [7; 16], handles })
+}
+
+fn handle(role: u32, first_layer: u32, offset: u64, bytes: u64) -> IpcHandle {
+    let mut h = [0u8; 64];
+    h[0] = role as u8;
+    h[63] = 0xab;
+    IpcHandle { handle: h, role, first_layer, offset, bytes }
+}
+
+#[test]
+fn a_cuda_ipc_header_parses_back_without_host_weights() {
+    let lb = layout().layer_bytes();
+    // All layers behind one handle at an offset, staging behind another.
+    let l = ipc_layout(vec![handle(ipc::ROLE_LIVE, 0, 512, 3 * lb), handle(ipc::ROLE_STAGING, 0, 0, lb)]);
+    assert_eq!(l.weights_kind, weights_kind::CUDA_IPC);
+    assert!(l.total_bytes < layout().total_bytes, "no weights or staging in the region");
+    let h = l.header_bytes(1);
+    assert_eq!(u32::from_le_bytes(h[off::MINOR_VERSION..off::MINOR_VERSION + 4].try_into().unwrap()), MINOR_VERSION);
+    let back = Layout::parse(&h, l.total_bytes).unwrap();
+    assert_eq!(back, l);
+    let w = back.ipc.as_ref().unwrap();
+    assert_eq!(w.live(2, lb), Some((0, 512 + 2 * lb)));
+    assert_eq!(w.live(3, lb), None);
+    assert_eq!(w.staging(), Some((1, 0)));
+    // One handle per layer, as engines that allocate each layer's tensor separately export them.
+    let per_layer = ipc_layout(vec![
+        handle(ipc::ROLE_STAGING, 0, 0, lb),
+        handle(ipc::ROLE_LIVE, 2, 0, lb),
+        handle(ipc::ROLE_LIVE, 0, 64, lb),
+        handle(ipc::ROLE_LIVE, 1, 128, lb),
+    ]);
+    let back = Layout::parse(&per_layer.header_bytes(1), per_layer.total_bytes).unwrap();
+    assert_eq!(back.ipc.as_ref().unwrap().live(1, lb), Some((3, 128)));
+    let r = temp_region("ipc-roundtrip", &l);
+    assert_eq!(Region::open(&r.path).unwrap().layout, l);
+}
+
+#[test]
+fn bad_cuda_ipc_tables_are_refused() {
+    let lb = layout().layer_bytes();
+    let err = |handles: Vec<IpcHandle>| {
+        let l = ipc_layout(handles);
+        Layout::parse(&l.header_bytes(1), l.total_bytes).unwrap_err()
+    };
+    let staging = || handle(ipc::ROLE_STAGING, 0, 0, lb);
+    let e = err(vec![handle(ipc::ROLE_LIVE, 0, 0, 2 * lb), staging()]);
+    assert!(e.contains("layer 2 is in 0 live IPC handles"), "{e}");
+    let e = err(vec![handle(ipc::ROLE_LIVE, 0, 0, 3 * lb), handle(ipc::ROLE_LIVE, 1, 0, lb), staging()]);
+    assert!(e.contains("layer 1 is in 2 live IPC handles"), "{e}");
+    let e = err(vec![handle(ipc::ROLE_LIVE, 0, 0, 3 * lb)]);
+    assert!(e.contains("0 staging IPC handles"), "{e}");
+    let e = err(vec![handle(ipc::ROLE_LIVE, 0, 0, 3 * lb + 64), staging()]);
+    assert!(e.contains("not a whole number of layers"), "{e}");
+    let e = err(vec![handle(ipc::ROLE_LIVE, 2, 0, 2 * lb), staging()]);
+    assert!(e.contains("past num_layers"), "{e}");
+    let e = err(vec![handle(9, 0, 0, lb), staging()]);
+    assert!(e.contains("unknown role 9"), "{e}");
+    let mut l = ipc_layout(vec![handle(ipc::ROLE_LIVE, 0, 0, 3 * lb), staging()]);
+    if let Some(w) = l.ipc.as_mut() {
+        w.pci_bus_id = "gpu0!".into();
+    }
+    let e = Layout::parse(&l.header_bytes(1), l.total_bytes).unwrap_err();
+    assert!(e.contains("not a PCI bus id"), "{e}");
+    let e = parse_error(|h| put_u32(h, off::WEIGHTS_KIND, 2));
+    assert!(e.contains("weights_kind 2"), "{e}");
+}
+
 #[test]
 fn bad_headers_are_refused_with_what_is_wrong() {
     assert!(parse_error(|h| h[0] ^= 1).contains("bad magic"));

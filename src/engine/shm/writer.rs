@@ -29,7 +29,7 @@ pub enum Decision {
 impl EngineRank {
     /// Creates engine rank `layout.rank`'s region named `name`: header, placement `phy2log`
     /// (`[num_layers * num_physical]`), the live weights of its slots filled by
-    /// `fill(layer, expert, bytes)`, then renames it into place.
+    /// `fill(layer, expert, bytes)` (host weights only), then renames it into place.
     pub fn create(
         name: &str,
         layout: &Layout,
@@ -43,7 +43,9 @@ impl EngineRank {
             region.write_phy2log_row(layer, &phy2log[layer * p..(layer + 1) * p]);
         }
         let (spr, eb) = (layout.slots_per_rank, layout.expert_bytes);
-        for layer in 0..layout.num_layers {
+        // GPU weights (weights_kind 1) are the engine's device memory, not the region's.
+        let host_layers = if layout.ipc.is_none() { layout.num_layers } else { 0 };
+        for layer in 0..host_layers {
             // SAFETY: nobody else has the region before it is published.
             let live = unsafe { region.bytes_mut(region.live_offset(layer), spr * eb) };
             for k in 0..spr {
