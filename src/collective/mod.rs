@@ -280,6 +280,17 @@ impl Comm {
         Ok(self.allgather_bytes(&bytes)?.iter().map(|r| le_words(r)).collect())
     }
 
+    /// The ranks that set `flag`, in rank order (every rank learns them: one all-gather).
+    pub fn ranks_where(&self, flag: bool) -> Result<Vec<usize>, MpiError> {
+        Ok(self
+            .allgather_u64(&[u64::from(flag)])?
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| f[0] != 0)
+            .map(|(r, _)| r)
+            .collect())
+    }
+
     /// Gathers one text from every rank, in rank order, each cut to `max_bytes` (at a character
     /// boundary). Collective: one all-gather of `max_bytes` a rank.
     pub fn allgather_text(&self, text: &str, max_bytes: usize) -> Result<Vec<String>, MpiError> {
@@ -308,8 +319,8 @@ impl Comm {
     }
 
     /// Ends every rank of the job (`MPI_Abort`): for a failure that the other ranks cannot see and
-    /// would wait on forever.
-    /// It ends the whole job, whichever communicator it is called on ([`crate::failure::abort_job`]).
+    /// would wait on forever. It ends the whole job, whichever communicator it is called on
+    /// ([`crate::failure::abort_job`]).
     pub fn abort(&self, code: i32) -> ! {
         crate::failure::abort_job(code)
     }

@@ -332,14 +332,7 @@ impl<'a> Looper<'a> {
     /// Some rank's engine failed: that rank returns its own error (and prints it); the others
     /// learn which ranks failed.
     fn engine_failed(&self, step: usize, mine: Option<RunError>) -> Result<RunError, MpiError> {
-        let failed: Vec<usize> = self
-            .world
-            .allgather_u64(&[u64::from(mine.is_some())])?
-            .iter()
-            .enumerate()
-            .filter(|(_, f)| f[0] != 0)
-            .map(|(r, _)| r)
-            .collect();
+        let failed = self.world.ranks_where(mine.is_some())?;
         Ok(mine.unwrap_or(RunError::PeerEngine { step, ranks: format!("{failed:?}") }))
     }
 

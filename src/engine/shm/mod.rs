@@ -278,13 +278,7 @@ fn gpu_store(
         let memory = IpcMemory::open(ipc, l.num_layers, l.layer_bytes())?;
         Ok((gpu, memory))
     });
-    let failed: Vec<usize> = world
-        .allgather_u64(&[u64::from(local.is_err())])?
-        .iter()
-        .enumerate()
-        .filter(|(_, f)| f[0] == 1)
-        .map(|(r, _)| r)
-        .collect();
+    let failed = world.ranks_where(local.is_err())?;
     let (gpu, memory) = match local {
         Err(e) => return Err(e.into()),
         Ok(_) if !failed.is_empty() => return Err(StartError::PeerGpu(format!("{failed:?}"))),
