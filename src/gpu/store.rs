@@ -49,6 +49,17 @@ pub enum GpuCheck {
     Checksum,
 }
 
+/// The three arrays of `sums`, `[slots_per_rank]` u64 each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sums {
+    /// The sum each staged slot should have: its sender's, or its local copy's source's.
+    Expected = 0,
+    /// The sum of what is in a slot now (staged slots, or live ones for `verify_live`).
+    Landed = 1,
+    /// The sums of the live slots this rank sends.
+    Sent = 2,
+}
+
 /// How transfers are grouped and split.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NcclTuning {
@@ -254,9 +265,9 @@ impl DeviceExpertStore {
         self.staging + offset as u64
     }
 
-    /// The three sum arrays: expected, landed, sent.
-    fn sum_at(&self, array: usize, slot: usize) -> CUdeviceptr {
-        self.sums.ptr + (8 * (array * self.slots_per_rank + slot)) as u64
+    /// Slot `slot` of one of the three sum arrays.
+    fn sum_at(&self, array: Sums, slot: usize) -> CUdeviceptr {
+        self.sums.ptr + (8 * (array as usize * self.slots_per_rank + slot)) as u64
     }
 
     /// Connects NCCL to every peer before the first migration: NCCL sets up its point-to-point
@@ -322,7 +333,7 @@ impl DeviceExpertStore {
     }
 
     /// The checksums of `slots` of the slots at `buf`, into sum array `array` (queued).
-    fn checksums(&self, buf: CUdeviceptr, array: usize, slots: &[usize]) -> Result<(), GpuError> {
+    fn checksums(&self, buf: CUdeviceptr, array: Sums, slots: &[usize]) -> Result<(), GpuError> {
         for &k in slots {
             self.gpu.checksum(buf + self.slot(k) as u64, self.expert_bytes, self.sum_at(array, k))?;
         }
@@ -330,10 +341,18 @@ impl DeviceExpertStore {
     }
 
     /// Reads sum array `array`.
-    fn read_sums(&self, array: usize) -> Result<Vec<u64>, GpuError> {
+    fn read_sums(&self, array: Sums) -> Result<Vec<u64>, GpuError> {
         let mut out = vec![0u64; self.slots_per_rank];
         self.gpu.read_u64s(self.sum_at(array, 0), &mut out)?;
         Ok(out)
+    }
+
+    /// The checksums of `slots` of the slots at `buf` as they are now (the other slots' are 0),
+    /// computed into [`Sums::Landed`] and read back.
+    fn landed_sums(&self, buf: CUdeviceptr, slots: &[usize]) -> Result<Vec<u64>, GpuError> {
+        self.gpu.zero(self.sum_at(Sums::Landed, 0), 8 * self.slots_per_rank)?;
+        self.checksums(buf, Sums::Landed, slots)?;
+        self.read_sums(Sums::Landed)
     }
 
     fn stage_inner(&mut self, m: &RankMigration) -> Result<StageTiming, GpuError> {
@@ -347,12 +366,12 @@ impl DeviceExpertStore {
             let mut sent: Vec<usize> = m.sends.iter().map(|t| t.src_slot).collect();
             sent.sort_unstable();
             sent.dedup();
-            self.checksums(self.live[layer], 2, &sent)?;
+            self.checksums(self.live[layer], Sums::Sent, &sent)?;
             for c in &m.local_copies {
                 self.gpu.checksum(
                     self.live_at(layer, self.slot(c.src_slot)),
                     self.expert_bytes,
-                    self.sum_at(0, c.dst_slot),
+                    self.sum_at(Sums::Expected, c.dst_slot),
                 )?;
             }
         }
@@ -392,9 +411,9 @@ impl DeviceExpertStore {
                     // The sender's sum, 8 bytes after the expert, in the same group: NCCL keeps
                     // the order of one pair's operations.
                     group.push(if recv {
-                        P2p::Recv { peer, ptr: self.sum_at(0, slot), bytes: 8 }
+                        P2p::Recv { peer, ptr: self.sum_at(Sums::Expected, slot), bytes: 8 }
                     } else {
-                        P2p::Send { peer, ptr: self.sum_at(2, slot), bytes: 8 }
+                        P2p::Send { peer, ptr: self.sum_at(Sums::Sent, slot), bytes: 8 }
                     });
                 }
                 i += 1;
@@ -408,7 +427,7 @@ impl DeviceExpertStore {
                 self.expert_bytes,
             )?;
             if checksum {
-                self.gpu.copy(self.sum_at(0, c.dst_slot), self.sum_at(0, c.src_slot), 8)?;
+                self.gpu.copy(self.sum_at(Sums::Expected, c.dst_slot), self.sum_at(Sums::Expected, c.src_slot), 8)?;
             }
         }
         self.nccl.synchronize(&self.gpu)?;
@@ -461,9 +480,8 @@ impl ExpertStore for DeviceExpertStore {
                 Ok(self.count_wrong(self.staging, m.layer, slots)?)
             }
             GpuCheck::Checksum => {
-                self.gpu.zero(self.sum_at(1, 0), 8 * self.slots_per_rank)?;
-                self.checksums(self.staging, 1, &m.changed_slots)?;
-                let (expected, landed) = (self.read_sums(0)?, self.read_sums(1)?);
+                let landed = self.landed_sums(self.staging, &m.changed_slots)?;
+                let expected = self.read_sums(Sums::Expected)?;
                 let wrong = m.changed_slots.iter().filter(|&&k| expected[k] != landed[k]).count();
                 self.expected = expected;
                 Ok((wrong * self.expert_bytes) as u64)
@@ -507,9 +525,7 @@ impl ExpertStore for DeviceExpertStore {
             GpuCheck::Pattern => Ok(self.count_wrong(self.live[layer], layer, experts.iter().copied().enumerate())?),
             GpuCheck::Checksum => {
                 let all: Vec<usize> = (0..self.slots_per_rank).collect();
-                self.gpu.zero(self.sum_at(1, 0), 8 * self.slots_per_rank)?;
-                self.checksums(self.live[layer], 1, &all)?;
-                let now = self.read_sums(1)?;
+                let now = self.landed_sums(self.live[layer], &all)?;
                 let known = self.live_sums[layer].get_or_insert_with(|| now.clone());
                 Ok(known.iter().zip(&now).filter(|(a, b)| a != b).count() as u64 * self.expert_bytes as u64)
             }
