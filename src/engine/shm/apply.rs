@@ -26,10 +26,17 @@ pub struct Watch {
     /// False when the engine's pid was not visible at attach (another pid namespace).
     pub pid_check: bool,
     pub timeout: Duration,
-    /// The engine's heartbeat as last read, and when (this process's clock) it last changed:
-    /// liveness is a heartbeat that moves, whatever its value (a corrupt or foreign clock value,
-    /// even one in the future, cannot pass for a live engine).
-    last_beat: std::cell::Cell<(u64, u64)>,
+    /// The engine's heartbeat as last read, and when it last changed: liveness is a heartbeat
+    /// that moves, whatever its value (a corrupt or foreign clock value, even one in the future,
+    /// cannot pass for a live engine).
+    last_beat: std::cell::Cell<Beat>,
+}
+
+/// A heartbeat value and when (`CLOCK_MONOTONIC` of this process) it was first seen.
+#[derive(Debug, Clone, Copy)]
+struct Beat {
+    value: u64,
+    changed_at_ns: u64,
 }
 
 /// What [`Watch::check`] found.
@@ -48,8 +55,8 @@ impl Watch {
                 "engine rank {rank}: its pid {pid} is not visible here (another pid namespace?): only its heartbeat is watched"
             );
         }
-        let beat = region.get(off::ENGINE_HEARTBEAT_NS);
-        Watch { rank, pid, pid_check, timeout, last_beat: std::cell::Cell::new((beat, super::region::monotonic_ns())) }
+        let beat = Beat { value: region.get(off::ENGINE_HEARTBEAT_NS), changed_at_ns: super::region::monotonic_ns() };
+        Watch { rank, pid, pid_check, timeout, last_beat: std::cell::Cell::new(beat) }
     }
 
     /// Alive or finished, or why the engine rank is dead, stopped or failed. Also beats the
@@ -68,11 +75,11 @@ impl Watch {
         if self.pid_check && !pid_alive(pid) {
             return Err(format!("engine rank {rank} (pid {pid}) is gone: the engine process died"));
         }
-        let beat = region.get(off::ENGINE_HEARTBEAT_NS);
-        let (last, changed_at) = self.last_beat.get();
-        let changed_at = if beat == last { changed_at } else { now };
-        self.last_beat.set((beat, changed_at));
-        let silent = Duration::from_nanos(now.saturating_sub(changed_at));
+        let value = region.get(off::ENGINE_HEARTBEAT_NS);
+        let last = self.last_beat.get();
+        let changed_at_ns = if value == last.value { last.changed_at_ns } else { now };
+        self.last_beat.set(Beat { value, changed_at_ns });
+        let silent = Duration::from_nanos(now.saturating_sub(changed_at_ns));
         if silent > self.timeout {
             return Err(format!(
                 "engine rank {rank} (pid {pid}) has not beaten its heartbeat for {:.1} s (--engine-timeout {:.1} s): it is stopped or hung",
