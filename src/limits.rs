@@ -77,21 +77,21 @@ pub const MAX_SECONDS: f64 = 7.0 * 86400.0;
 
 /// A clap value parser: a number of seconds > 0, at most [`MAX_SECONDS`].
 pub fn seconds(s: &str) -> Result<f64, String> {
-    let v = positive(s)?;
-    if v <= MAX_SECONDS {
-        Ok(v)
-    } else {
-        Err(format!("{s} s is longer than a week ({MAX_SECONDS} s), the longest supported"))
-    }
+    positive_at_most(s, MAX_SECONDS, "s")
 }
 
 /// A clap value parser: a number of milliseconds > 0, at most [`MAX_SECONDS`].
 pub fn milliseconds(s: &str) -> Result<f64, String> {
+    positive_at_most(s, MAX_SECONDS * 1e3, "ms")
+}
+
+/// A duration `s` > 0 in `unit`, at most `max` of them (a week).
+fn positive_at_most(s: &str, max: f64, unit: &str) -> Result<f64, String> {
     let v = positive(s)?;
-    if v <= MAX_SECONDS * 1e3 {
+    if v <= max {
         Ok(v)
     } else {
-        Err(format!("{s} ms is longer than a week ({} ms), the longest supported", MAX_SECONDS * 1e3))
+        Err(format!("{s} {unit} is longer than a week ({max} {unit}), the longest supported"))
     }
 }
 
