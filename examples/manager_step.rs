@@ -33,10 +33,7 @@ fn main() {
     let total: f64 = w.iter().sum();
     let expected: Vec<f64> = w.iter().map(|x| 65_536.0 * x / total).collect();
     let mut seed = 7u64;
-    let mut next = || {
-        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        seed >> 32
-    };
+    let mut next = || eplb::engine::lcg64(&mut seed) >> 32;
     let mut perm: Vec<Vec<usize>> = (0..layers).map(|_| (0..experts).collect()).collect();
     // The loads first, so that a profile of this program shows the manager.
     let loads: Vec<Array2<u64>> = (0..steps)

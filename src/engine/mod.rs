@@ -87,6 +87,15 @@ pub fn splitmix64(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// One step of Knuth's MMIX linear congruential generator: advances `state` and returns it. A
+/// cheap, reproducible stream for tests, benchmarks and examples (its low bits are weak: use the
+/// high ones).
+#[inline]
+pub fn lcg64(state: &mut u64) -> u64 {
+    *state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    *state
+}
+
 /// The 8-byte word `word` (byte offset `8 * word`) of logical expert `expert`'s weights in
 /// layer `layer`. The GPU kernels compute the same function.
 #[inline]

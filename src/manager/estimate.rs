@@ -218,10 +218,7 @@ mod tests {
     #[test]
     fn the_branch_free_update_is_the_rounded_average() {
         let mut seed = 3u64;
-        let mut next = || {
-            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            seed
-        };
+        let mut next = || crate::engine::lcg64(&mut seed);
         let edges = [0, 1, 2, u64::MAX - 1, u64::MAX, 1 << 63, (1 << 63) - 1];
         for k in 0..NUM_EMAS {
             let pairs: Vec<(u64, u64)> = (0..2000)
@@ -245,8 +242,8 @@ mod tests {
         for total in [1u128, 3, 7, 1 << 20, (1 << 40) + 12345, (1 << 64) - 1, 1 << 64, (1 << 70) + 3] {
             let share = Share::new(total);
             for _ in 0..1000 {
-                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                let x = if total > u64::MAX as u128 { seed } else { (seed as u128 % (total + 1)) as u64 };
+                let r = crate::engine::lcg64(&mut seed);
+                let x = if total > u64::MAX as u128 { r } else { (r as u128 % (total + 1)) as u64 };
                 assert_eq!(share.of(x), ((x as u128) << 32) / total, "{x} / {total}");
             }
             let x = total.min(u64::MAX as u128) as u64;

@@ -673,8 +673,7 @@ mod tests {
             let mut load = Array2::<u64>::zeros((2, 16));
             for l in 0..2 {
                 for _ in 0..512 {
-                    seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                    let mut r = (seed >> 33) % total;
+                    let mut r = (crate::engine::lcg64(&mut seed) >> 33) % total;
                     let mut e = 0;
                     while r >= weights[e] {
                         r -= weights[e];
