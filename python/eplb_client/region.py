@@ -421,8 +421,9 @@ class EngineRegion:
             lo, hi = agree(have)
         placement = self.placement()
         if have and lo == hi == have:
-            self._apply(step)
-            placement.applied.append(int(self._h[_W_CMD_LAYER]))
+            # The layer as _apply read it: once answered, the mailbox may already hold the
+            # sidecar's next command.
+            placement.applied.append(self._apply(step))
         elif reject is not None:
             log.warning("rank %d step %d: command %d rejected: %s", self.rank, step, reject[0], reject[1])
             self._answer(reject[0], ACK_REJECTED, step)
@@ -609,7 +610,8 @@ class EngineRegion:
             return "a local slot changes expert without a staged copy (copy_mask 0)"
         return None
 
-    def _apply(self, step: int) -> None:
+    def _apply(self, step: int) -> int:
+        """Applies the pending command in place and answers it; returns its layer."""
         h = self._h
         layer, cmd_id, epoch = int(h[_W_CMD_LAYER]), int(h[_W_CMD_ID]), int(h[_W_CMD_EPOCH])
         mask = self._cmd_mask.astype(bool)
@@ -622,6 +624,7 @@ class EngineRegion:
         _fill_log2phy_layer(self._phy2log[layer], self._log2phy[layer])
         self._logcnt[layer] = np.bincount(self._phy2log[layer], minlength=self.num_logical)
         self._answer(cmd_id, ACK_APPLIED, step)
+        return layer
 
     def _answer(self, cmd_id: int, result: int, step: int) -> None:
         h = self._h

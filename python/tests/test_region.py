@@ -198,6 +198,26 @@ def test_command_applies_only_at_its_boundary_and_derives_the_placement(name):
     reg.finish()
 
 
+def test_the_applied_layer_is_the_one_applied_even_if_the_next_command_comes_at_once(name):
+    # A sidecar may post its next command as soon as it reads the ack: the boundary must report
+    # the layer it applied, not whatever the mailbox holds by the time it returns (a race seen in
+    # CI under load: two engine ranks recorded different layers for the same commit).
+    reg = make(name)
+    post(reg, 1, layer=1, apply_step=0, epoch=1, row=swapped_row(reg, 1), mask=np.array([1, 1, 0, 0], np.uint8))
+    answer = reg._answer
+
+    def answer_then_next_command(cmd_id, result, step):
+        answer(cmd_id, result, step)
+        post(reg, 2, layer=2, apply_step=5, epoch=1, row=swapped_row(reg, 2), mask=np.array([1, 1, 0, 0], np.uint8))
+
+    reg._answer = answer_then_next_command
+    p = reg.at_step_boundary(0, agree_alone)
+    reg._answer = answer
+    assert p.applied == [1] and ack(reg) == (1, ACK_APPLIED, 0)
+    assert p.epoch[1] == 1 and p.epoch[2] == 0
+    reg.finish()
+
+
 def test_disagreement_cancels_and_a_late_command_is_missed(name):
     reg = make(name)
     before = reg.raw_weights(0).copy()
