@@ -278,6 +278,10 @@ class Engine:
             "layers_committed": len(keys),
             "commits": sorted([[int(d[k]), int(k[0]), int(k[1])] for k in keys for d in per_rank_commits[:1] if k in d]),
             "commit_step_disagreements": disagreements,
+            # Each disagreeing (layer, epoch): the step every rank applied it at (None: never).
+            "commit_step_disagreement_detail": [
+                {"layer": int(k[0]), "epoch": int(k[1]), "steps": [d.get(k) for d in per_rank_commits]}
+                for k in sorted(keys) if len({d.get(k) for d in per_rank_commits}) != 1],
             "placements_agree": all(np.array_equal(g["phy2log"], gathered[0]["phy2log"]) for g in gathered),
             "wrong_bytes": int(sum(g["wrong"] for g in gathered)),
             "balancedness_static": _balancedness(static_sum),
