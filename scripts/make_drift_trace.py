@@ -21,6 +21,7 @@ logits, and with probability 1/2 one component's experts are relabelled: an abru
 the hot experts). Seeded, so a trace is reproducible.
 
     scripts/make_drift_trace.py --family switch128 --steps 4096 --seed 1 --out /tmp/sw.npy
+    scripts/make_drift_trace.py ... --expected-out /tmp/sw-expected.npy   # for `simulate --oracle`
 """
 
 import argparse
@@ -100,6 +101,9 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shared", default=None, help="the shared traces folder")
     p.add_argument("--out", required=True)
+    p.add_argument("--expected-out", default=None,
+                   help="also write the expected counts every step was sampled from (float64, same shape): "
+                        "`simulate --oracle` plans on them")
     a = p.parse_args()
     rng = np.random.default_rng(a.seed)
     comps = components(a.family, shared_dir(a), rng)
@@ -109,6 +113,7 @@ def main():
     jump_at = set(rng.choice(np.arange(a.steps // 8, a.steps), size=min(a.jumps, a.steps // 2), replace=False).tolist())
     perms = [np.arange(experts) for _ in range(n)]
     out = np.zeros((a.steps, layers, experts), dtype=np.uint32)
+    expected = np.zeros((a.steps, layers, experts)) if a.expected_out else None
     for t in range(a.steps):
         if t in jump_at:
             logits = rng.normal(0, 2.0, n)
@@ -129,7 +134,11 @@ def main():
             mix += w[c] * dist[:, perms[c]]
         for l in range(layers):
             out[t, l] = rng.multinomial(a.tokens, mix[l] / mix[l].sum())
+            if expected is not None:
+                expected[t, l] = a.tokens * mix[l] / mix[l].sum()
     np.save(a.out, out)
+    if expected is not None:
+        np.save(a.expected_out, expected)
     print(f"{a.out}: {a.steps} steps x {layers} layers x {experts} experts, {n} components, jumps at {sorted(jump_at)}",
           file=sys.stderr)
 

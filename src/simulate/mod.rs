@@ -16,7 +16,10 @@
 //! Baselines (`--baseline deepseek@N`): DeepSeek's policy re-planned every N steps on the load
 //! of the last N steps, every changed layer applied, `--eplb-layers-per-step` layers a step (the
 //! competition's baseline is deepseek@1024). The floor (`--floor`): every step planned fresh on
-//! its own load, moves free: no causal balancer can beat it.
+//! its own load, moves free: no causal balancer can beat it. The oracle (`--oracle FILE`): every
+//! step planned fresh on FILE's step (the load the trace's counts were sampled from, say), moves
+//! free, and scored on the trace: what a balancer that knew the coming load exactly, but not its
+//! sampling noise, would reach.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -122,6 +125,11 @@ pub struct SimulateArgs {
     /// Also score the hindsight floor: every step planned fresh on its own load, moves free.
     #[arg(long)]
     pub floor: bool,
+    /// Also score an oracle: every step planned fresh on this trace's step (same shape as
+    /// --trace, e.g. the expected counts the trace was sampled from), moves free, scored on
+    /// --trace. The part of the floor's lead that no knowledge of the load can close is noise.
+    #[arg(long, value_name = "FILE")]
+    pub oracle: Option<PathBuf>,
     /// Write the JSON report here.
     #[arg(long, value_name = "FILE")]
     pub report: Option<PathBuf>,
@@ -327,16 +335,34 @@ fn replay(
     Ok((score, live))
 }
 
-/// The hindsight floor: every step planned fresh on its own load, moves free.
-fn floor(setup: &Setup, kind: PolicyKind) -> Result<Score, SimulateError> {
+/// The `--oracle` trace, checked to have the trace's shape.
+fn read_oracle(path: &std::path::Path, args: &SimulateArgs, trace: &LoadTrace) -> Result<LoadTrace, SimulateError> {
+    let oracle = load::read_trace(path, &TraceSelect { dataset: args.trace_dataset.clone() })?;
+    for s in 0..oracle.num_steps() {
+        oracle.step(s)?;
+    }
+    let shape = |t: &LoadTrace| (t.num_steps(), t.num_layers(), t.num_logical());
+    if shape(&oracle) != shape(trace) {
+        let ((s, l, e), (ts, tl, te)) = (shape(&oracle), shape(trace));
+        return Err(SimulateError::Config(format!(
+            "--oracle {}: {s} steps x {l} layers x {e} experts, but --trace has {ts} x {tl} x {te}; give the load the trace was sampled from, step for step",
+            path.display()
+        )));
+    }
+    Ok(oracle)
+}
+
+/// Every step planned fresh on `plan_on`'s step (the trace itself: the hindsight floor; another
+/// trace of the same shape: the oracle), moves free, scored on the trace.
+fn floor(setup: &Setup, kind: PolicyKind, plan_on: &LoadTrace, name: &str) -> Result<Score, SimulateError> {
     let trace = &setup.trace;
     let spr = setup.shape.slots_per_rank();
     let config = PolicyConfig { kind, threads: 0, move_cost: 0.0 };
     let mut score = Score::new(trace.num_steps());
-    let bar = crate::progress::bar(trace.num_steps() as u64, "floor", "steps");
-    for (t, load) in trace.steps.iter().enumerate() {
-        let p = policy::rebalance(load.view(), &setup.shape, None, &config)
-            .map_err(|source| SimulateError::Policy { context: format!("floor: step {t}"), source })?;
+    let bar = crate::progress::bar(trace.num_steps() as u64, name, "steps");
+    for (t, (load, plan_load)) in trace.steps.iter().zip(&plan_on.steps).enumerate() {
+        let p = policy::rebalance(plan_load.view(), &setup.shape, None, &config)
+            .map_err(|source| SimulateError::Policy { context: format!("{name}: step {t}"), source })?;
         score.step(load.view(), &p, spr);
         bar.inc(1);
     }
@@ -360,7 +386,7 @@ pub fn baseline_config(b: Baseline, layers_per_step: usize, cost: CostModel) -> 
     }
 }
 
-/// The outcome: our case first, then the baselines, then the floor.
+/// The outcome: our case first, then the baselines, then the floor and the oracle.
 #[derive(Debug, Clone, Serialize)]
 pub struct SimulateOutcome {
     pub cases: Vec<CaseResult>,
@@ -372,11 +398,12 @@ pub fn run_simulate(args: &SimulateArgs) -> Result<SimulateOutcome, SimulateErro
     use crate::output::named;
     crate::output::check_outputs(
         &named([("--report", args.report.as_deref()), ("--placements-out", args.placements_out.as_deref())]),
-        &named([("--trace", Some(args.trace.as_path())), ("--init-placement", args.init_placement.as_deref())]),
+        &named([("--trace", Some(args.trace.as_path())), ("--init-placement", args.init_placement.as_deref()), ("--oracle", args.oracle.as_deref())]),
     )?;
     let setup = setup(args)?;
     let trace = &setup.trace;
     let (layers, num_logical, steps) = (trace.num_layers(), trace.num_logical(), trace.num_steps());
+    let oracle = args.oracle.as_deref().map(|path| read_oracle(path, args, trace)).transpose()?;
     let config = args.manager.config(layers, args.expert_bytes, setup.step_ms, setup.gbps);
     let costs = Costs {
         trace_seconds: steps as f64 * setup.step_ms / 1e3,
@@ -430,7 +457,10 @@ pub fn run_simulate(args: &SimulateArgs) -> Result<SimulateOutcome, SimulateErro
         cases.push(score.finish(name, steps, layers, &costs));
     }
     if args.floor {
-        cases.push(floor(&setup, args.manager.policy)?.finish("floor".into(), steps, layers, &costs));
+        cases.push(floor(&setup, args.manager.policy, trace, "floor")?.finish("floor".into(), steps, layers, &costs));
+    }
+    if let Some(oracle) = &oracle {
+        cases.push(floor(&setup, args.manager.policy, oracle, "oracle")?.finish("oracle".into(), steps, layers, &costs));
     }
     print!("{}", table(&cases));
     if let Some(path) = &args.report {
