@@ -11,6 +11,13 @@
 //! noise away); right after a jump of the hot experts the short ones win within a few steps, so the
 //! plans follow the new load without waiting for a window to flush.
 //!
+//! An exponential average keeps the weight `e^(-t/2^k)` on a load that is gone `t` steps after a
+//! jump: the long ones would predict badly for many memories, and the estimate would stay short
+//! (noisy, and taken for a sign that the load keeps moving) long after the new load settled. So an
+//! average that predicts much worse than the best one restarts from it, and an average holds the
+//! steps since its (re)start as their mean until it holds its memory ([`Age`]): after a jump, the
+//! best estimate becomes the mean of the steps since, and its memory grows with them.
+//!
 //! Two more banks hold the same averages over the even steps only and over the odd steps only
 //! ([`Estimator::half`]): two estimates of the same load from disjoint samples, so that a plan
 //! made on one can be judged on the other (its gain there is not inflated by the noise it fit).
@@ -33,42 +40,103 @@ pub struct Estimator {
     /// `half[p] [NUM_EMAS, layers, num_logical]`: the averages over the steps of parity `p` only
     /// (memory `2^k` of those steps).
     half: [Array3<u64>; 2],
+    /// Steps each average holds (see [`Age`]): `age` for `ema`, `half_age[p]` for `half[p]`.
+    age: Age,
+    half_age: [Age; 2],
     /// Recent prediction error of every average (Q64 shares squared, averaged by shifts).
     score: [u128; NUM_EMAS],
     steps: usize,
 }
 
+/// How many steps each average of a bank holds since it was (re)started, saturating at its
+/// memory. An average holding `n < 2^k` steps is updated as the mean of those steps (shift
+/// `floor(log2(n + 1))`, not `k`): it warms up at the pace of the data instead of keeping the
+/// weight of its first step (or of a load that is gone) for `2^k` steps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Age([u64; NUM_EMAS]);
+
+impl Age {
+    /// The shift of the next update of average `k`.
+    fn shift(&self, k: usize) -> usize {
+        (63 - (self.0[k] + 1).leading_zeros() as usize).min(k)
+    }
+
+    /// One more step in every average.
+    fn step(&mut self) {
+        for (k, n) in self.0.iter_mut().enumerate() {
+            *n = (*n + 1).min(1 << k);
+        }
+    }
+
+    /// The steps an average holds: at most its memory.
+    fn held(&self, k: usize) -> u64 {
+        self.0[k]
+    }
+}
+
+/// An average whose recent prediction error is this many times the best one's is restarted
+/// from the best one (see [`Estimator::push`]).
+const RESTART_RATIO: u128 = 2;
+
 impl Estimator {
     pub fn new(layers: usize, num_logical: usize) -> Estimator {
         let bank = || Array3::zeros((NUM_EMAS, layers, num_logical));
-        Estimator { ema: bank(), half: [bank(), bank()], score: [0; NUM_EMAS], steps: 0 }
+        Estimator {
+            ema: bank(),
+            half: [bank(), bank()],
+            age: Age([0; NUM_EMAS]),
+            half_age: [Age([0; NUM_EMAS]); 2],
+            score: [0; NUM_EMAS],
+            steps: 0,
+        }
     }
 
     /// Adds one step's global load `[layers, num_logical]`.
+    ///
+    /// Every average is first scored on how well it predicted this step. An average of longer
+    /// memory than the best one whose score is [`RESTART_RATIO`] times the best's holds a load
+    /// that is gone (after a jump of the hot experts, the old load keeps a weight `e^(-t/2^k)` in
+    /// an average of memory `2^k` for many memories): it restarts from the best average (its
+    /// value, the steps it holds and its score), in the whole bank and in both halves, and from
+    /// there warms up as the mean of the new steps ([`Age`]).
     pub fn push(&mut self, load: ArrayView2<u64>) {
         // x [layers * num_logical]: the load in fixed point, row-major (the banks' layout).
         let x: Vec<u64> = load.iter().map(|&v| v.saturating_mul(1 << EMA_FRAC_BITS)).collect();
-        // The step's half bank: its first step sets every average, later ones update them.
-        update(&mut self.half[self.steps % 2], &x, self.steps < 2);
-        if self.steps == 0 {
-            update(&mut self.ema, &x, true);
-            self.steps = 1;
-            return;
-        }
-        // Each average is scored on the step, then updated with it, one row at a time (the row
-        // is still in cache for the update).
-        let actual = shares(load);
-        let n = x.len() / actual.len().max(1);
-        let Some(all) = self.ema.as_slice_mut() else { return };
-        for (k, bank) in all.chunks_exact_mut(x.len().max(1)).enumerate() {
-            let mut err: u128 = 0;
-            for ((avg, x), a) in bank.chunks_exact_mut(n.max(1)).zip(x.chunks_exact(n.max(1))).zip(&actual) {
-                err += row_error(avg, a);
-                update_row(avg, x, k);
+        let row = x.len().max(1);
+        if self.steps > 0 {
+            let actual = shares(load);
+            let n = x.len() / actual.len().max(1);
+            if let Some(all) = self.ema.as_slice() {
+                for (k, bank) in all.chunks_exact(row).enumerate() {
+                    let err: u128 = bank.chunks_exact(n.max(1)).zip(&actual).map(|(avg, a)| row_error(avg, a)).sum();
+                    self.score[k] = self.score[k] - (self.score[k] >> ERROR_MEMORY_BITS) + err;
+                }
             }
-            self.score[k] = self.score[k] - (self.score[k] >> ERROR_MEMORY_BITS) + err;
+            let best = self.best();
+            for k in best + 1..NUM_EMAS {
+                if self.score[k] > self.score[best].saturating_mul(RESTART_RATIO) {
+                    self.restart(k, best);
+                }
+            }
         }
+        // The step's half bank, then the whole bank.
+        let parity = self.steps % 2;
+        update(&mut self.half[parity], &mut self.half_age[parity], &x);
+        update(&mut self.ema, &mut self.age, &x);
         self.steps += 1;
+    }
+
+    /// Average `k` becomes a copy of average `from` (value, steps held, score), in every bank.
+    fn restart(&mut self, k: usize, from: usize) {
+        for (bank, age) in [(&mut self.ema, &mut self.age)]
+            .into_iter()
+            .chain(self.half.iter_mut().zip(self.half_age.iter_mut()))
+        {
+            let src = bank.index_axis(ndarray::Axis(0), from).to_owned();
+            bank.index_axis_mut(ndarray::Axis(0), k).assign(&src);
+            age.0[k] = age.0[from];
+        }
+        self.score[k] = self.score[from];
     }
 
     /// Steps pushed so far.
@@ -79,6 +147,12 @@ impl Estimator {
     /// The memory `k` of the average that predicts best now (ties: the longer memory).
     pub fn best(&self) -> usize {
         (0..NUM_EMAS).rev().min_by_key(|&k| self.score[k]).unwrap_or(0)
+    }
+
+    /// Steps the best estimate holds: its memory `2^k`, or fewer while it warms up after a
+    /// (re)start. How long the load has been steady, as far as the estimate can tell.
+    pub fn memory(&self) -> u64 {
+        self.age.held(self.best()).max(1)
     }
 
     /// The estimate of the coming load, `[layers, num_logical]`, in tokens with
@@ -100,18 +174,19 @@ impl Estimator {
 }
 
 /// Adds `x [layers * num_logical]` (fixed point, row-major) to every average of
-/// `bank [NUM_EMAS, layers, num_logical]`: `s += (x - s) / 2^k`, rounding toward `s` (exact,
-/// identical everywhere); `first` sets every average to `x`. Branch-free over contiguous rows,
-/// so that it vectorizes.
-fn update(bank: &mut Array3<u64>, x: &[u64], first: bool) {
+/// `bank [NUM_EMAS, layers, num_logical]`: `s += (x - s) / 2^shift`, rounding toward `s` (exact,
+/// identical everywhere), with the shift of the steps each average holds (`age`; an average that
+/// holds none is set to `x`). Branch-free over contiguous rows, so that it vectorizes.
+fn update(bank: &mut Array3<u64>, age: &mut Age, x: &[u64]) {
     let Some(all) = bank.as_slice_mut() else { return };
     for (k, avg) in all.chunks_exact_mut(x.len().max(1)).enumerate() {
-        if first {
+        if age.held(k) == 0 {
             avg.copy_from_slice(x);
-            continue;
+        } else {
+            update_row(avg, x, age.shift(k));
         }
-        update_row(avg, x, k);
     }
+    age.step();
 }
 
 /// `s += (x - s) / 2^k` for every average of one row, rounding toward `s`.
@@ -201,18 +276,60 @@ mod tests {
             let n = if t % 2 == 0 { 10 } else { 0 };
             e.push(ndarray::arr2(&[[100 + n, 50, 50 - n, 20]]).view());
         }
-        let steady = e.best();
-        assert!(steady >= 4, "steady noisy traffic wants a long memory, got 2^{steady}");
-        // An abrupt shift: expert 3 becomes the hot one. Within a few steps a short memory wins.
+        let steady = e.memory();
+        assert!(steady >= 16, "steady noisy traffic wants a long memory, got {steady} steps");
+        // An abrupt shift: expert 3 becomes the hot one. Within a few steps the estimate holds
+        // only the steps since.
         for _ in 0..6 {
             e.push(ndarray::arr2(&[[20, 50, 50, 105]]).view());
         }
-        let shifted = e.best();
-        assert!(shifted < steady, "after a jump a shorter memory must win ({shifted} vs {steady})");
+        let shifted = e.memory();
+        assert!(shifted <= 6, "after a jump the estimate must hold fewer steps ({shifted} vs {steady})");
         let est = e.estimate();
         assert!(est[[0, 3]] > est[[0, 0]], "the estimate follows the new hot expert: {est:?}");
         // The last-step average is exactly the last load, in fixed point.
         assert_eq!(e.average(0), ndarray::arr2(&[[20u64 << 16, 50 << 16, 50 << 16, 105 << 16]]));
+    }
+
+    #[test]
+    fn after_a_jump_the_long_averages_restart_on_the_new_load() {
+        // Steady noisy load A for 400 steps, then B (the hot expert moves) for 64 steps.
+        let mut e = Estimator::new(1, 4);
+        let load = |t: u64, hot: usize| {
+            let mut row = [40u64, 40, 40, 40];
+            row[hot] = 400;
+            row[(t % 4) as usize] += 8; // noise
+            ndarray::arr2(&[row])
+        };
+        for t in 0..400 {
+            e.push(load(t, 0).view());
+        }
+        assert_eq!(e.memory(), 1 << (NUM_EMAS - 1), "a steady load: the longest memory, warmed up");
+        for t in 0..64 {
+            e.push(load(t, 3).view());
+        }
+        // Without the restart, the longest average would still hold e^(-64/256) = 78% of A.
+        let longest = e.average(NUM_EMAS - 1);
+        assert!(longest[[0, 3]] > 8 * longest[[0, 0]], "the longest average follows B: {longest:?}");
+        let m = e.memory();
+        assert!((16..=64).contains(&m), "the estimate holds the steps since the jump, not more: {m}");
+        // The halves restarted too: each holds B.
+        for p in 0..2 {
+            let h = e.half(p, e.best());
+            assert!(h[[0, 3]] > 8 * h[[0, 0]], "half {p}: {h:?}");
+        }
+    }
+
+    #[test]
+    fn a_new_average_is_the_mean_of_its_steps() {
+        let mut e = Estimator::new(1, 2);
+        e.push(ndarray::arr2(&[[10u64, 0]]).view());
+        e.push(ndarray::arr2(&[[20u64, 4]]).view());
+        // Two steps: every average of memory 2 or more holds their mean (not 10 + (20 - 10) / 2^k).
+        for k in 1..NUM_EMAS {
+            assert_eq!(e.average(k), ndarray::arr2(&[[15u64 << 16, 2 << 16]]), "memory 2^{k}");
+        }
+        assert_eq!(e.average(0), ndarray::arr2(&[[20u64 << 16, 4 << 16]]));
     }
 
     #[test]

@@ -328,12 +328,12 @@ impl Manager {
         }
     }
 
-    /// The expected lifetime of a change, in steps: four times the memory of the average that
-    /// predicts the load best (the load has been steady over about that long), at least the
+    /// The expected lifetime of a change, in steps: twice the steps the best estimate holds (the
+    /// load has been steady over about that long; after a jump, the steps since), at least the
     /// steps it takes to switch every layer once, at most 1024.
     pub fn lifetime(&self) -> u64 {
         let sweep = self.reference.len().div_ceil(self.per_step()) as u64;
-        (4u64 << self.estimator.best()).clamp(sweep.max(1), 1024.max(sweep))
+        (2 * self.estimator.memory()).clamp(sweep.max(1), 1024.max(sweep))
     }
 
     /// The price of one moved copy in Q32 PAR units: `--move-cost`, or the cost model's.
@@ -512,9 +512,10 @@ impl Manager {
         self.queue.len()
     }
 
-    /// The memory (2^k steps) of the load estimate now used (time mode).
+    /// The steps the load estimate now used holds (time mode): its memory `2^k`, or fewer
+    /// while it warms up after a jump.
     pub fn estimate_memory(&self) -> usize {
-        1 << self.estimator.best()
+        self.estimator.memory() as usize
     }
 }
 
