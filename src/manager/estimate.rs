@@ -128,9 +128,8 @@ impl Estimator {
 
     /// Average `k` becomes a copy of average `from` (value, steps held, score), in every bank.
     fn restart(&mut self, k: usize, from: usize) {
-        for (bank, age) in [(&mut self.ema, &mut self.age)]
-            .into_iter()
-            .chain(self.half.iter_mut().zip(self.half_age.iter_mut()))
+        for (bank, age) in
+            [(&mut self.ema, &mut self.age)].into_iter().chain(self.half.iter_mut().zip(self.half_age.iter_mut()))
         {
             let src = bank.index_axis(ndarray::Axis(0), from).to_owned();
             bank.index_axis_mut(ndarray::Axis(0), k).assign(&src);

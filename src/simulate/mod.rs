@@ -398,7 +398,11 @@ pub fn run_simulate(args: &SimulateArgs) -> Result<SimulateOutcome, SimulateErro
     use crate::output::named;
     crate::output::check_outputs(
         &named([("--report", args.report.as_deref()), ("--placements-out", args.placements_out.as_deref())]),
-        &named([("--trace", Some(args.trace.as_path())), ("--init-placement", args.init_placement.as_deref()), ("--oracle", args.oracle.as_deref())]),
+        &named([
+            ("--trace", Some(args.trace.as_path())),
+            ("--init-placement", args.init_placement.as_deref()),
+            ("--oracle", args.oracle.as_deref()),
+        ]),
     )?;
     let setup = setup(args)?;
     let trace = &setup.trace;
@@ -460,7 +464,12 @@ pub fn run_simulate(args: &SimulateArgs) -> Result<SimulateOutcome, SimulateErro
         cases.push(floor(&setup, args.manager.policy, trace, "floor")?.finish("floor".into(), steps, layers, &costs));
     }
     if let Some(oracle) = &oracle {
-        cases.push(floor(&setup, args.manager.policy, oracle, "oracle")?.finish("oracle".into(), steps, layers, &costs));
+        cases.push(floor(&setup, args.manager.policy, oracle, "oracle")?.finish(
+            "oracle".into(),
+            steps,
+            layers,
+            &costs,
+        ));
     }
     print!("{}", table(&cases));
     if let Some(path) = &args.report {
