@@ -24,6 +24,7 @@ fn main() {
         mode: Mode::Time,
         cost: CostModel::new(20.0, layers, 88_080_384, 200.0),
         move_cost: None,
+        measure: Default::default(),
     };
     let policy = PolicyConfig { threads: 1, ..Default::default() };
     let mut manager = Manager::new(config, shape, layers, experts);

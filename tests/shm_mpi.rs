@@ -155,7 +155,28 @@ fn the_sidecar_balances_the_fake_engine_and_every_rank_switches_at_the_same_step
     }
     // Every step the engine ran after the sidecar attached was read (the engine waited for it).
     assert_eq!(s["steps"].as_u64(), Some(240));
+    // The engine reports its MoE time (4 ms a step when balanced, times the mean PAR): without
+    // --step-ms the cost model's step time is measured, not the default 20 ms.
+    let cost = &s["cost_model"];
+    let step_ms = cost["step_ms"].as_f64().unwrap();
+    assert!(cost["step_samples"].as_u64().unwrap() >= 200, "{cost}");
+    assert!((3.5..12.0).contains(&step_ms), "the balanced step time is the engine's 4 ms (sleeps overshoot): {cost}");
+    assert_eq!(cost["migration_samples"], 0, "migrations are measured only with --measure-migration");
     assert!(p.stdout.contains("engine shm:") && p.stdout.contains("# Out of bounds values : 0 OK"), "{}", p.stdout);
+}
+
+#[test]
+fn without_moe_times_the_step_time_is_the_default_and_migrations_can_be_measured() {
+    let p = run_pair("measure", &["--no-moe-time"], &["--measure-migration"]);
+    assert_eq!(p.sidecar_code, 0, "stderr:\n{}\nstdout:\n{}", p.stderr, p.stdout);
+    let s = p.sidecar();
+    let cost = &s["cost_model"];
+    assert_eq!((cost["step_samples"].as_u64(), cost["step_ms"].as_f64()), (Some(0), Some(20.0)), "{cost}");
+    let updated = s["layers_updated"].as_u64().unwrap();
+    assert!(updated >= 1 && cost["migration_samples"].as_u64() == Some(updated), "one sample a migration: {cost}");
+    // Host MPI between 4 ranks on this machine is far below the 200 GB/s default.
+    assert!(cost["migration_gbps"].as_f64().unwrap() < 200.0, "{cost}");
+    assert!(p.stdout.contains("# cost model: step 20.000 ms (flag or default)"), "{}", p.stdout);
 }
 
 #[test]

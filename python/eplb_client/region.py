@@ -36,7 +36,7 @@ log = logging.getLogger("eplb_client")
 
 MAGIC = 0x314D4853424C5045  # the bytes "EPLBSHM1"
 VERSION = 1
-MINOR_VERSION = 1  # 1: CUDA IPC weights (weights_kind 1)
+MINOR_VERSION = 2  # 1: CUDA IPC weights (weights_kind 1); 2: the step's MoE time in the ring entry
 WEIGHTS_HOST, WEIGHTS_CUDA_IPC = 0, 1
 IPC_OFFSET = 2048  # the IPC section: pci_bus_id[16], uuid[16], num_handles u32, then the table at 2112
 IPC_TABLE = 2112
@@ -431,9 +431,13 @@ class EngineRegion:
             self._answer(have, ACK_CANCELLED, step)
         return placement
 
-    def record(self, step: int, counts: np.ndarray, phase: str = "decode", tokens: int = 0) -> None:
+    def record(self, step: int, counts: np.ndarray, phase: str = "decode", tokens: int = 0, moe_ns: int = 0) -> None:
         """Step ``step``'s per-slot counts ``[num_layers, slots_per_rank]`` into the load ring
-        (seqlock), then ``engine_step = step + 1``. Call after the forward pass."""
+        (seqlock), then ``engine_step = step + 1``. Call after the forward pass.
+
+        ``moe_ns``: the wall time of the step's MoE layers on this rank, waits for the other
+        ranks included (0: not measured). Without ``--step-ms`` the sidecar's cost model takes the
+        balanced step time from it."""
         if step != int(self._h[_W_ENGINE_STEP]):
             raise ContractError(f"record({step}) but engine_step is {int(self._h[_W_ENGINE_STEP])}")
         q, i = self._h, step % self.ring_len
@@ -443,6 +447,7 @@ class EngineRegion:
         q[w + 1] = step
         q[w + 2] = PHASES[phase]
         q[w + 3] = tokens
+        q[w + 4] = moe_ns
         np.copyto(self._ring_counts[i], counts, casting="unsafe")
         q[w] = seq + 2  # even: stable
         q[_W_ENGINE_STEP] = step + 1

@@ -380,7 +380,10 @@ class GpuEngine:
                 if not args.no_check_applied:
                     slots = next(a["slots"] for a in reversed(self.apply_log) if a["layer"] == layer)
                     wrong += self.wrong_bytes(layer, slots, placement.phy2log)
-            self.region.record(t, counts_h[:, r * S : (r + 1) * S], phase=args.phase, tokens=(hi - lo) * K)
+            # The step is all MoE layers, their collectives included (every rank waits for the
+            # slowest one's experts): its wall time is the MoE time the sidecar's cost model reads.
+            self.region.record(t, counts_h[:, r * S : (r + 1) * S], phase=args.phase, tokens=(hi - lo) * K,
+                               moe_ns=int(step_ms[t] * 1e6))
             if args.log_every and r == 0 and (t + 1) % args.log_every == 0:
                 log.info("step %d/%d: moe %.2f ms, step %.1f ms, %d layer switches so far", t + 1, steps,
                          moe_ms[t].sum(), step_ms[t], len(commits))

@@ -47,7 +47,7 @@ def test_the_ipc_section_is_what_the_contract_says(name):
     weights_offset, staging_offset = struct.unpack_from("<QQ", head, 104)
     assert (expert_bytes, kind, weights_offset, staging_offset) == (EB, 1, 0, 0)
     assert total == os.path.getsize(region_path(name, 0)), "the region ends before any weights"
-    assert struct.unpack_from("<I", head, 176)[0] == R.MINOR_VERSION == 1
+    assert struct.unpack_from("<I", head, 176)[0] == R.MINOR_VERSION == 2
     bus, uuid, n = struct.unpack_from("<16s16sI", head, 2048)
     assert bus.rstrip(b"\0") == b"0000:19:00.0" and uuid == bytes(range(16)) and n == 2
     h, role, first, off, nbytes = struct.unpack_from("<64sIIQQ", head, 2112)

@@ -132,7 +132,8 @@ def test_ring_seqlock_entries_and_wraparound(name):
     other = EngineRegion.attach(name, 0)  # a reader's mapping
     for t in range(20):
         reg.at_step_boundary(t, agree_alone)
-        reg.record(t, np.full((L, S), t, np.int64) + np.arange(S), phase="prefill" if t % 2 else "decode", tokens=7 * t)
+        reg.record(t, np.full((L, S), t, np.int64) + np.arange(S), phase="prefill" if t % 2 else "decode", tokens=7 * t,
+                   moe_ns=1000 * t)
     assert other.engine_step == 20
     phase, tokens, counts = other.read_step(19)
     assert phase == 1 and tokens == 133 and np.array_equal(counts, np.full((L, S), 19) + np.arange(S))
@@ -141,6 +142,7 @@ def test_ring_seqlock_entries_and_wraparound(name):
     assert other.read_step(20) is None, "not recorded yet"
     entry = other._ring[19 % 16]
     assert int(entry[0]) % 2 == 0 and int(entry[1]) == 19
+    assert int(entry[4]) == 19000, "the MoE time at byte 32 of the entry (minor 2)"
     with pytest.raises(ContractError):
         reg.record(5, np.zeros((L, S)))  # out of order
     other.close()

@@ -18,6 +18,7 @@ use eplb::engine::shm::region::{off, phase, sidecar_state, Layout};
 use eplb::engine::shm::writer::{Decision, EngineRank};
 use eplb::engine::synthetic::DriftingZipf;
 use eplb::engine::{fill_expert, slot_loads};
+use eplb::manager::cost::{par_q32, PAR_ONE};
 use eplb::policy::Placement;
 use ndarray::Array2;
 use serde_json::json;
@@ -43,9 +44,14 @@ struct Args {
     expert_floats: u32,
     #[arg(long, default_value_t = 16)]
     ring_len: usize,
-    /// Milliseconds of "compute" per step.
+    /// Milliseconds of "compute" per step when balanced: a step takes this times the mean over
+    /// layers of the placement's PAR on the step's load (the peak GPU over the mean), and the
+    /// engine reports that time as the step's MoE time.
     #[arg(long, default_value_t = 2)]
     step_ms: u64,
+    /// Report no MoE time (an engine that does not measure it).
+    #[arg(long)]
+    no_moe_time: bool,
     #[arg(long, default_value_t = 20)]
     drift_steps: usize,
     /// Every other step is a prefill step (phase 1), the others decode (2); default: all decode.
@@ -137,10 +143,19 @@ fn main() {
                         Array2::from_shape_vec((layers, p), rank.phy2log().iter().map(|&e| e as usize).collect())
                             .expect("shape");
                     let placement = Placement::from_phy2log(phy2log, experts).expect("a valid placement");
-                    let counts = slot_loads(load.step(t as usize).view(), &placement, r, spr);
+                    let global = load.step(t as usize);
+                    let counts = slot_loads(global.view(), &placement, r, spr);
                     let ph = if args.alternate_phases && t % 2 == 0 { phase::PREFILL } else { phase::DECODE };
-                    std::thread::sleep(Duration::from_millis(args.step_ms));
-                    rank.record(t, ph, counts.as_slice().expect("contiguous"));
+                    // Every rank waits for the most loaded GPU of each layer.
+                    let par_sum: u128 = (0..layers)
+                        .map(|l| par_q32(&global.row(l).to_vec(), &placement.phy2log.row(l).to_vec(), spr) as u128)
+                        .sum();
+                    let moe =
+                        Duration::from_millis(args.step_ms).as_nanos() * par_sum / (layers as u128 * PAR_ONE as u128);
+                    let started = std::time::Instant::now();
+                    std::thread::sleep(Duration::from_nanos(moe as u64));
+                    let moe_ns = if args.no_moe_time { 0 } else { started.elapsed().as_nanos() as u64 };
+                    rank.record(t, ph, counts.as_slice().expect("contiguous"), moe_ns);
                 }
                 for layer in 0..layers {
                     wrong += check(&rank, layer, r, spr);

@@ -51,6 +51,8 @@ pub struct StepCounts {
     pub balanced: bool,
     /// True when the step's counts were lost (overwritten before they were read): zero tokens.
     pub lost: bool,
+    /// The step's MoE time on this rank as the engine measured it, in ns (0: not measured).
+    pub moe_ns: u64,
 }
 
 /// The inference job one rank runs beside, as the balancing loop sees it.

@@ -77,7 +77,7 @@ impl Engine for SyntheticEngine {
         self.next += 1;
         let global = self.source.global_step(step);
         let slots = slot_loads(global.view(), live, self.rank, self.store.slots_per_rank());
-        Ok(Some(StepCounts { engine_step: step as u64, slots, balanced: true, lost: false }))
+        Ok(Some(StepCounts { engine_step: step as u64, slots, balanced: true, lost: false, moe_ns: 0 }))
     }
 
     fn store(&mut self) -> &mut dyn ExpertStore {

@@ -3,7 +3,7 @@
 
 use clap::{ArgAction, Args};
 
-use super::{CostModel, Interval, ManagerConfig, Mode, Rounds};
+use super::{CostModel, Interval, ManagerConfig, Measure, Mode, Rounds};
 use crate::limits::{non_negative, positive, unit_interval};
 use crate::policy::{PolicyConfig, PolicyKind};
 
@@ -21,14 +21,20 @@ pub struct ManagerArgs {
           default_missing_value = "true", value_name = "BOOL", help_heading = "Manager")]
     pub enable_eplb: bool,
     /// Balanced MoE time of one step, all layers, in ms (the cost model; default: run 20, simulate
-    /// 60 s over the trace's steps, the competition's). When given to `run`, it also paces the
-    /// synthetic engine: each step lasts at least this long.
+    /// 60 s over the trace's steps, the competition's). Without it, `run` measures it when the
+    /// engine reports its steps' MoE times (docs/engine-contract.md). When given to `run`, it also
+    /// paces the synthetic engine: each step lasts at least this long.
     #[arg(long, value_name = "MS", value_parser = crate::limits::milliseconds, help_heading = "Manager")]
     pub step_ms: Option<f64>,
     /// Migration bandwidth per GPU in GB/s (10^9 bytes/s), the cost of a changed slot (default:
     /// run 200, simulate 900, the competition's).
     #[arg(long, value_name = "GBPS", value_parser = positive, help_heading = "Manager")]
     pub migration_gbps: Option<f64>,
+    /// `run`: measure what a changed slot costs from the executor's own migrations (the slowest
+    /// rank's time to transfer a layer's experts into staging, over the layer's changed slots, a
+    /// running mean) instead of --migration-gbps, which holds until the first migration.
+    #[arg(long, help_heading = "Manager")]
+    pub measure_migration: bool,
     /// Layers switched per step, so that no step stalls long (0: all at once).
     #[arg(long, value_name = "L", alias = "eplb_layers_per_step", default_value_t = 1, help_heading = "Manager")]
     pub eplb_layers_per_step: usize,
@@ -105,6 +111,7 @@ impl ManagerArgs {
                 self.migration_gbps.unwrap_or(default_gbps),
             ),
             move_cost: self.move_cost,
+            measure: Measure { step_time: self.step_ms.is_none(), migration: self.measure_migration },
         }
     }
 

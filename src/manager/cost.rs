@@ -52,6 +52,43 @@ impl CostModel {
     }
 }
 
+/// A measured input of the cost model: a moving mean of samples every rank holds alike (they come
+/// out of collectives), in integers, so every rank holds the same mean. The first samples are
+/// averaged evenly, later ones with a memory of about `2^MEASURED_MEMORY_BITS` samples (its
+/// shifts round toward the mean: it settles within 31 units of a steady level, nanoseconds here).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Measured {
+    mean: u64,
+    samples: u64,
+}
+
+/// The memory of a [`Measured`] mean: about 32 samples.
+const MEASURED_MEMORY_BITS: u32 = 5;
+
+impl Measured {
+    /// Adds a sample.
+    pub fn add(&mut self, x: u64) {
+        let shift = (63 - (self.samples + 1).leading_zeros()).min(MEASURED_MEMORY_BITS);
+        self.mean = if self.samples == 0 {
+            x
+        } else if x >= self.mean {
+            self.mean + ((x - self.mean) >> shift)
+        } else {
+            self.mean - ((self.mean - x) >> shift)
+        };
+        self.samples += 1;
+    }
+
+    /// The mean, or None before the first sample.
+    pub fn mean(&self) -> Option<u64> {
+        (self.samples > 0).then_some(self.mean)
+    }
+
+    pub fn samples(&self) -> u64 {
+        self.samples
+    }
+}
+
 /// PAR (peak GPU load over mean GPU load) of one layer's `phy2log [num_replicas]` under
 /// `weight [num_logical]`, Q32; `PAR_ONE` for a layer without load.
 pub fn par_q32(weight: &[u64], phy2log: &[usize], slots_per_rank: usize) -> u64 {
@@ -114,6 +151,21 @@ mod tests {
         assert!(c.net_gain_ps(drop, 100, 100) > 0);
         assert!(c.net_gain_ps(drop, 50, 100) < 0, "over half the life it does not pay");
         assert!((c.move_cost(100) - 97_867_093.0 / 122_070_312_500.0).abs() < 1e-15);
+    }
+
+    #[test]
+    fn measured_means_warm_up_then_follow() {
+        let mut m = Measured::default();
+        assert_eq!(m.mean(), None);
+        m.add(100_000);
+        m.add(200_000);
+        assert_eq!(m.mean(), Some(150_000), "the first samples are averaged evenly");
+        for _ in 0..400 {
+            m.add(1_000_000);
+        }
+        // It follows a new level, to within its rounding (2^5 - 1).
+        assert!(m.mean().unwrap() >= 1_000_000 - 31, "{:?}", m.mean());
+        assert_eq!(m.samples(), 402);
     }
 
     #[test]

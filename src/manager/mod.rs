@@ -38,7 +38,7 @@ use ndarray::{Array2, ArrayView2};
 
 pub use args::ManagerArgs;
 pub use cost::CostModel;
-use cost::{changed_slots, par_lower_bound_q32, par_q32, PAR_ONE};
+use cost::{changed_slots, par_lower_bound_q32, par_q32, Measured, PAR_ONE};
 use estimate::Estimator;
 
 use crate::policy::{self, hash_phy2log, metrics, Placement, PlacementShape, PolicyConfig, PolicyError, PolicyKind};
@@ -86,6 +86,17 @@ pub struct ManagerConfig {
     pub cost: CostModel,
     /// `--move-cost`: a fixed price per copy instead of the cost model's.
     pub move_cost: Option<f64>,
+    /// Which inputs of the cost model `run` measures (those not given as flags).
+    pub measure: Measure,
+}
+
+/// The cost model's inputs that are measured while the job runs instead of given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Measure {
+    /// The balanced step time, from the MoE times the engine reports (no `--step-ms`).
+    pub step_time: bool,
+    /// The time a changed slot costs, from the executor's migrations (`--measure-migration`).
+    pub migration: bool,
 }
 
 impl ManagerConfig {
@@ -176,6 +187,17 @@ pub fn cosine(a: &[u64], b: &[u64]) -> f64 {
     }
 }
 
+/// The cost model's inputs now (see [`Manager::cost_inputs`]).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct CostInputs {
+    pub step_ms: f64,
+    /// Measured steps behind `step_ms` (0: `--step-ms` or the default).
+    pub step_samples: u64,
+    pub migration_gbps: f64,
+    /// Measured migrations behind `migration_gbps` (0: `--migration-gbps` or the default).
+    pub migration_samples: u64,
+}
+
 /// One layer to update: its new `phy2log` row and why.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LayerUpdate {
@@ -250,6 +272,9 @@ pub struct Manager {
     last_round: Option<usize>,
     /// Time: layers whose last plan moved nothing or did not pay.
     rejected: Vec<Option<Rejected>>,
+    /// The measured balanced step time (ns) and time of a changed slot (ns), when measured.
+    step_ns: Measured,
+    slot_ns: Measured,
 }
 
 impl Manager {
@@ -270,6 +295,46 @@ impl Manager {
             queue: VecDeque::new(),
             last_round: None,
             rejected: vec![None; layers],
+            step_ns: Measured::default(),
+            slot_ns: Measured::default(),
+        }
+    }
+
+    /// A step's balanced MoE time in ns (all layers), measured and agreed by every rank: when
+    /// the step time is measured, the cost model takes the running mean.
+    pub fn observe_step_time(&mut self, balanced_ns: u64) {
+        if !self.config.measure.step_time || balanced_ns == 0 {
+            return;
+        }
+        self.step_ns.add(balanced_ns);
+        let layers = self.reference.len().max(1) as u64;
+        if let Some(ns) = self.step_ns.mean() {
+            self.config.cost.layer_step_ps = (ns.saturating_mul(1000) / layers).max(1);
+        }
+    }
+
+    /// A committed migration: `changed` slots changed in `wall_ns` (the slowest rank's transfer
+    /// time, agreed by every rank). When migrations are measured, a changed slot costs the
+    /// running mean of `wall_ns / changed`: the modeled cost of a change is the time it took.
+    pub fn observe_migration(&mut self, changed: u64, wall_ns: u64) {
+        if !self.config.measure.migration || changed == 0 || wall_ns == 0 {
+            return;
+        }
+        self.slot_ns.add(wall_ns / changed);
+        if let Some(ns) = self.slot_ns.mean() {
+            self.config.cost.copy_ps = ns.saturating_mul(1000).max(1);
+        }
+    }
+
+    /// The cost model's inputs as they stand: (balanced step ms, migration GB/s of one expert
+    /// of `expert_bytes`), and how many samples each measured one holds (0: a flag or default).
+    pub fn cost_inputs(&self, expert_bytes: u64) -> CostInputs {
+        let c = &self.config.cost;
+        CostInputs {
+            step_ms: c.layer_step_ps as f64 * self.reference.len().max(1) as f64 / 1e9,
+            step_samples: self.step_ns.samples(),
+            migration_gbps: expert_bytes as f64 * 1e3 / c.copy_ps.max(1) as f64,
+            migration_samples: self.slot_ns.samples(),
         }
     }
 
@@ -540,6 +605,7 @@ mod tests {
             }),
             cost: CostModel::new(14.6484375, 2, 88_080_384, 900.0),
             move_cost: None,
+            measure: Default::default(),
         }
     }
 
@@ -711,6 +777,25 @@ mod tests {
         let mut m = Manager::new(slow, shape(), 2, 4);
         let mut live = Placement::trivial(2, 4, 8);
         assert_eq!(drive(&mut m, &mut live, &load, 0..20), 0);
+    }
+
+    #[test]
+    fn measured_inputs_change_the_cost_model_only_when_measured() {
+        let given = time_config(None);
+        let mut m = Manager::new(given, shape(), 2, 4);
+        m.observe_step_time(4_000_000);
+        m.observe_migration(10, 1_000_000);
+        assert_eq!(m.config.cost, given.cost, "flags given: nothing measured changes them");
+        let measured = ManagerConfig { measure: Measure { step_time: true, migration: true }, ..given };
+        let mut m = Manager::new(measured, shape(), 2, 4);
+        m.observe_step_time(4_000_000);
+        m.observe_step_time(0); // not measured: ignored
+        m.observe_migration(10, 1_000_000);
+        // 4 ms a step over 2 layers; 1 ms over 10 changed slots.
+        assert_eq!((m.config.cost.layer_step_ps, m.config.cost.copy_ps), (2_000_000_000, 100_000_000));
+        let c = m.cost_inputs(1_000_000);
+        assert_eq!((c.step_ms, c.step_samples, c.migration_samples), (4.0, 1, 1));
+        assert!((c.migration_gbps - 10.0).abs() < 1e-9, "1 MB in 100 us: {c:?}");
     }
 
     #[test]

@@ -12,6 +12,7 @@ use super::{Fault, RunArgs, RunError, RunOutcome};
 use crate::collective::{Comm, MpiError, ReduceOp};
 use crate::engine::{logical_from_slots, Engine, StepCounts};
 use crate::executor::{stage_layer, ExecError, LayerMigration, LayerStats};
+use crate::manager::cost::{changed_slots, par_q32};
 use crate::manager::{Interval, LayerUpdate, Manager, Mode, RoundDecision};
 use crate::observe::{ManagerEvent, RunObserver, StepEvent};
 use crate::policy::{metrics, Placement, PolicyConfig};
@@ -29,8 +30,9 @@ const FLAG_COUNTED: usize = 3;
 
 /// What this rank's engine gave for one step.
 enum Polled {
-    /// The step's logical load from this rank's slots; `counted`: of the balanced phase, not lost.
-    Step { local: Array2<u64>, engine_step: u64, counted: bool },
+    /// The step's logical load from this rank's slots; `counted`: of the balanced phase, not lost;
+    /// `moe_ns`: the engine's MoE time of the step (0: not measured).
+    Step { local: Array2<u64>, engine_step: u64, counted: bool, moe_ns: u64 },
     /// The engine has finished.
     Finished,
     /// The engine failed (this rank's error).
@@ -115,6 +117,7 @@ impl<'a> Looper<'a> {
         r.balancedness_static = self.bal_static / n;
         r.balancedness_live = self.bal_live / n;
         r.final_placement_hash = format!("{:016x}", self.live.placement().hash());
+        r.cost_model = Some(self.manager.cost_inputs(r.expert_bytes as u64));
         if let Err(e) = result {
             if e.is_local() {
                 // Only this rank failed, or a peer may never answer (a timeout, a failed MPI
@@ -193,6 +196,7 @@ impl<'a> Looper<'a> {
                         local,
                         engine_step: counts.engine_step,
                         counted: counts.balanced && !counts.lost,
+                        moe_ns: counts.moe_ns,
                     },
                     Err(e) => Polled::Failed(e),
                 },
@@ -216,21 +220,25 @@ impl<'a> Looper<'a> {
                 },
                 Mode::Time => false,
             };
-            let zeros;
-            let (loads, engine_step) = match &polled {
-                Polled::Step { local, engine_step, counted } => {
+            // send: the load, then the MoE time and whether it was measured (summed over ranks).
+            let mut send: Vec<u64> = Vec::with_capacity(num_layers * num_logical + 2);
+            let engine_step = match &polled {
+                Polled::Step { local, engine_step, counted, moe_ns } => {
                     flags[FLAG_COUNTED] = *counted;
-                    (local, *engine_step)
+                    send.extend(local.iter());
+                    send.extend([*moe_ns, u64::from(*moe_ns > 0)]);
+                    *engine_step
                 }
                 other => {
                     flags[FLAG_FINISHED] = matches!(other, Polled::Finished);
                     flags[FLAG_FAILED] = matches!(other, Polled::Failed(_));
-                    zeros = Array2::zeros((num_layers, num_logical));
-                    (&zeros, 0)
+                    send.resize(num_layers * num_logical + 2, 0);
+                    0
                 }
             };
             let t0 = Instant::now();
-            let (sum, flags) = self.world.allreduce_loads(loads.as_slice().unwrap_or(&[]), &flags)?;
+            let (mut sum, flags) = self.world.allreduce_loads(&send, &flags)?;
+            let moe = MoeTime::from_sums(&sum.split_off(num_layers * num_logical));
             let t_reduced = Instant::now();
             if flags[FLAG_FAILED] {
                 let mine = match polled {
@@ -264,6 +272,13 @@ impl<'a> Looper<'a> {
                         layer_static: &stat.balancedness_per_layer,
                         layer_live: &live.balancedness_per_layer,
                     });
+                }
+                if let Some(mean_ns) = moe.mean_ns() {
+                    let live = self.live.at(engine_step).map_err(|source| RunError::Policy {
+                        context: format!("engine step {engine_step}: live placement"),
+                        source,
+                    })?;
+                    self.manager.observe_step_time(balanced_step_ns(mean_ns, global.view(), &live, spr));
                 }
                 let mut observed = global;
                 if self.args.fault.contains(&Fault::CorruptLoad(rank)) {
@@ -364,6 +379,14 @@ impl<'a> Looper<'a> {
         match self.live.commit(self.engine.store(), &mut self.manager, update, &staged) {
             Ok(Committed::Applied { at_step }) => {
                 let stats = LayerStats { seconds: staged.elapsed(), ..staged.stats };
+                if self.manager.config.measure.migration {
+                    // The slowest rank's transfers into staging, the same on every rank (every
+                    // rank applied); not the wait for the engine's boundary, during which it runs.
+                    let transfer_ns = (stats.timing.transfer_seconds * 1e9) as u64;
+                    let wall_ns = self.world.allreduce_u64(&[transfer_ns], ReduceOp::Max)?;
+                    let changed = changed_slots(&old, &update.new_row) as u64;
+                    self.manager.observe_migration(changed, wall_ns.first().copied().unwrap_or(0));
+                }
                 self.output.committed(step, &stats, at_step);
                 Ok(())
             }
@@ -418,6 +441,36 @@ impl<'a> Looper<'a> {
         self.manager.accept(step, decision);
         Ok(true)
     }
+}
+
+/// The engines' MoE times of one step, summed over ranks by the load all-reduce.
+struct MoeTime {
+    sum_ns: u64,
+    /// Ranks whose engine measured it.
+    ranks: u64,
+}
+
+impl MoeTime {
+    /// From the two sums that follow the load in the all-reduce: `[sum of ns, ranks measured]`.
+    fn from_sums(sums: &[u64]) -> MoeTime {
+        MoeTime { sum_ns: sums.first().copied().unwrap_or(0), ranks: sums.get(1).copied().unwrap_or(0) }
+    }
+
+    /// The mean over the ranks that measured it, or None when none did.
+    fn mean_ns(&self) -> Option<u64> {
+        (self.ranks > 0 && self.sum_ns > 0).then(|| self.sum_ns / self.ranks)
+    }
+}
+
+/// The balanced MoE time of a step (ns), from its measured time `mean_ns`: every rank waits for
+/// the most loaded GPU of each layer, so the step took the balanced time times the mean over
+/// layers of the PAR of `live` (the placement it ran on) on its load `global [layers,
+/// num_logical]`. Integers only: the same on every rank.
+fn balanced_step_ns(mean_ns: u64, global: ndarray::ArrayView2<u64>, live: &Placement, spr: usize) -> u64 {
+    let layers = global.nrows() as u128;
+    let par_sum: u128 =
+        (0..global.nrows()).map(|l| par_q32(&global.row(l).to_vec(), &live.phy2log.row(l).to_vec(), spr) as u128).sum();
+    u64::try_from(((mean_ns as u128 * layers) << 32) / par_sum.max(1)).unwrap_or(u64::MAX)
 }
 
 /// The element-wise minimum over ranks of per-step times (µs): the rank that arrives last at a

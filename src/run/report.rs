@@ -114,6 +114,9 @@ pub struct Report {
     /// Layer applies an engine cancelled on every rank (nothing changed; re-planned later).
     pub cancelled_applies: u64,
     pub manager: ManagerTimes,
+    /// The manager's cost model at the end: the balanced step time and the migration bandwidth,
+    /// and how many measured samples each holds (0: the flag or the default).
+    pub cost_model: Option<crate::manager::CostInputs>,
     pub final_placement_hash: String,
     pub rounds: Vec<RoundRow>,
     pub layers: Vec<LayerRow>,
@@ -161,6 +164,7 @@ impl Report {
             lost_steps: 0,
             cancelled_applies: 0,
             manager: ManagerTimes::default(),
+            cost_model: None,
             final_placement_hash: String::new(),
             rounds: Vec::new(),
             layers: Vec::new(),
@@ -208,6 +212,16 @@ impl Report {
                 self.live_verified_bytes,
                 self.wrong_live_bytes,
                 ok(self.wrong_live_bytes)
+            );
+        }
+        if let Some(c) = &self.cost_model {
+            let source = |n: u64| if n > 0 { format!("measured, {n} samples") } else { "flag or default".to_string() };
+            s += &format!(
+                "# cost model: step {:.3} ms ({}), migration {:.3} GB/s a changed slot ({})\n",
+                c.step_ms,
+                source(c.step_samples),
+                c.migration_gbps,
+                source(c.migration_samples)
             );
         }
         if !self.plans_agreed {

@@ -107,6 +107,7 @@ pub fn flag_settings(a: &RunArgs) -> Vec<Setting> {
         Setting::new("--enable-eplb", m.enable_eplb),
         Setting::new("--step-ms", opt(&m.step_ms)),
         Setting::new("--migration-gbps", opt(&m.migration_gbps)),
+        Setting::new("--measure-migration", m.measure_migration),
         Setting::new("--eplb-layers-per-step", m.eplb_layers_per_step),
         Setting::new("--eplb-update-interval", opt(&m.eplb_update_interval)),
         Setting::new("--eplb-update-interval-steps", opt(&m.eplb_update_interval_steps)),

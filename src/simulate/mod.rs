@@ -234,6 +234,12 @@ pub struct Setup {
 
 /// Reads the trace and checks the shape.
 pub fn setup(args: &SimulateArgs) -> Result<Setup, SimulateError> {
+    if args.manager.measure_migration {
+        return Err(SimulateError::Config(
+            "--measure-migration measures run's own migrations; simulate moves no weights: give --migration-gbps"
+                .into(),
+        ));
+    }
     let trace = load::read_trace(&args.trace, &TraceSelect { dataset: args.trace_dataset.clone() })?;
     for s in 0..trace.num_steps() {
         trace.step(s)?;
@@ -383,6 +389,7 @@ pub fn baseline_config(b: Baseline, layers_per_step: usize, cost: CostModel) -> 
         }),
         cost,
         move_cost: None,
+        measure: Default::default(),
     }
 }
 

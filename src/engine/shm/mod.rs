@@ -335,7 +335,7 @@ impl Engine for ShmEngine {
         let mut backoff = Backoff::new();
         loop {
             match self.region.read_step(t) {
-                RingRead::Step { phase, counts, .. } => {
+                RingRead::Step { phase, moe_ns, counts, .. } => {
                     self.next += 1;
                     let slots = Array2::from_shape_vec((self.layers, self.slots_per_rank), counts)
                         .map_err(|e| EngineError::Failed(format!("step {t}: {e}")))?;
@@ -344,6 +344,7 @@ impl Engine for ShmEngine {
                         slots,
                         balanced: self.phase.counts(phase),
                         lost: false,
+                        moe_ns,
                     }));
                 }
                 RingRead::Lost => {
@@ -357,7 +358,7 @@ impl Engine for ShmEngine {
                         );
                     }
                     let slots = Array2::zeros((self.layers, self.slots_per_rank));
-                    return Ok(Some(StepCounts { engine_step: t, slots, balanced: false, lost: true }));
+                    return Ok(Some(StepCounts { engine_step: t, slots, balanced: false, lost: true, moe_ns: 0 }));
                 }
                 RingRead::NotYet => match self.watch.check(&self.region).map_err(EngineError::Failed)? {
                     Liveness::Finished => {

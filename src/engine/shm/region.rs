@@ -25,8 +25,9 @@ pub const MAX_TENSORS: usize = 16;
 pub const MIN_RING_LEN: usize = 16;
 const ALIGN: u64 = 64;
 /// The minor version of contract version 1 this side writes: 1 added the CUDA IPC weights
-/// (`weights_kind` 1). A reader of minor 0 refuses `weights_kind` 1, so it stays correct.
-pub const MINOR_VERSION: u32 = 1;
+/// (`weights_kind` 1; a reader of minor 0 refuses it, so it stays correct); 2 the measured MoE
+/// time of a step in the ring entry (reserved and 0 before: "not measured" to every reader).
+pub const MINOR_VERSION: u32 = 2;
 
 /// `weights_kind` values.
 pub mod weights_kind {
@@ -185,6 +186,8 @@ pub mod off {
     pub const ENTRY_STEP: usize = 8;
     pub const ENTRY_PHASE: usize = 16;
     pub const ENTRY_TOKENS: usize = 24;
+    /// The step's MoE time on this rank in ns (minor 2; 0: not measured).
+    pub const ENTRY_MOE_NS: usize = 32;
     pub const ENTRY_COUNTS: usize = 64;
 }
 
@@ -649,8 +652,9 @@ pub fn region_path(name: &str, rank: usize) -> PathBuf {
 /// What reading one step of the ring gave.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RingRead {
-    /// The whole entry of the step: its phase, tokens and `counts [layers * slots_per_rank]`.
-    Step { phase: u64, tokens: u64, counts: Vec<u64> },
+    /// The whole entry of the step: its phase, tokens, MoE time (ns, 0: not measured) and
+    /// `counts [layers * slots_per_rank]`.
+    Step { phase: u64, tokens: u64, moe_ns: u64, counts: Vec<u64> },
     /// The engine has not finished the step yet.
     NotYet,
     /// The entry was overwritten by a later step before it was read.
@@ -826,12 +830,13 @@ impl Region {
                 let step = self.read_u64(base + off::ENTRY_STEP);
                 let phase = self.read_u64(base + off::ENTRY_PHASE);
                 let tokens = self.read_u64(base + off::ENTRY_TOKENS);
+                let moe_ns = self.read_u64(base + off::ENTRY_MOE_NS);
                 for (i, c) in counts.iter_mut().enumerate() {
                     *c = self.read_u64(base + off::ENTRY_COUNTS + 8 * i);
                 }
                 fence(Ordering::Acquire);
                 if seq.load(Ordering::Relaxed) == s1 {
-                    return if step == t { RingRead::Step { phase, tokens, counts } } else { RingRead::Lost };
+                    return if step == t { RingRead::Step { phase, tokens, moe_ns, counts } } else { RingRead::Lost };
                 }
             }
             spins += 1;
@@ -842,7 +847,8 @@ impl Region {
     }
 
     /// Writes step `t` into the ring and publishes it (`engine_step = t + 1`): the engine side.
-    pub fn write_step(&self, t: u64, phase: u64, tokens: u64, counts: &[u64]) {
+    /// `moe_ns`: the step's MoE time on this rank (0: not measured).
+    pub fn write_step(&self, t: u64, phase: u64, tokens: u64, moe_ns: u64, counts: &[u64]) {
         let l = &self.layout;
         let base = l.ring_offset + (t % l.ring_len as u64) as usize * l.ring_entry_bytes;
         let seq = self.atomic(base + off::ENTRY_SEQ);
@@ -852,6 +858,7 @@ impl Region {
         self.write_u64(base + off::ENTRY_STEP, t);
         self.write_u64(base + off::ENTRY_PHASE, phase);
         self.write_u64(base + off::ENTRY_TOKENS, tokens);
+        self.write_u64(base + off::ENTRY_MOE_NS, moe_ns);
         for (i, &c) in counts.iter().take(l.num_layers * l.slots_per_rank).enumerate() {
             self.write_u64(base + off::ENTRY_COUNTS + 8 * i, c);
         }

@@ -145,10 +145,13 @@ fn steps_read_back_and_an_overwritten_step_is_lost() {
     let n = l.num_layers * l.slots_per_rank;
     assert_eq!(r.read_step(0), RingRead::NotYet);
     for t in 0..40u64 {
-        r.write_step(t, phase::DECODE, t, &vec![t * 3; n]);
+        r.write_step(t, phase::DECODE, t, 1000 + t, &vec![t * 3; n]);
     }
-    assert_eq!(r.read_step(39), RingRead::Step { phase: phase::DECODE, tokens: 39, counts: vec![117; n] });
-    assert_eq!(r.read_step(24), RingRead::Step { phase: phase::DECODE, tokens: 24, counts: vec![72; n] });
+    assert_eq!(
+        r.read_step(39),
+        RingRead::Step { phase: phase::DECODE, tokens: 39, moe_ns: 1039, counts: vec![117; n] }
+    );
+    assert_eq!(r.read_step(24), RingRead::Step { phase: phase::DECODE, tokens: 24, moe_ns: 1024, counts: vec![72; n] });
     // Steps 0..24 were overwritten by 16..40 (16 entries).
     assert_eq!(r.read_step(23), RingRead::Lost);
     assert_eq!(r.read_step(3), RingRead::Lost);
@@ -166,7 +169,7 @@ fn a_reader_racing_the_writer_never_sees_a_torn_entry() {
     let w = writer.clone();
     let handle = std::thread::spawn(move || {
         for t in 0..steps {
-            w.write_step(t, phase::MIXED, t, &vec![t; n]);
+            w.write_step(t, phase::MIXED, t, 0, &vec![t; n]);
         }
     });
     let (mut read, mut lost) = (0u64, 0u64);

@@ -134,10 +134,11 @@ impl EngineRank {
         Decision::Applied { id: cmd.id, layer: cmd.layer, epoch: cmd.epoch }
     }
 
-    /// Records step `t`'s per-slot counts (`[num_layers * slots_per_rank]`) and publishes it.
-    pub fn record(&self, t: u64, phase: u64, counts: &[u64]) {
+    /// Records step `t`'s per-slot counts (`[num_layers * slots_per_rank]`) and its MoE time on
+    /// this rank (`moe_ns`, 0: not measured), and publishes it.
+    pub fn record(&self, t: u64, phase: u64, counts: &[u64], moe_ns: u64) {
         let tokens = counts.iter().take(self.region.layout.slots_per_rank).sum();
-        self.region.write_step(t, phase, tokens, counts);
+        self.region.write_step(t, phase, tokens, moe_ns, counts);
     }
 
     /// Every step done: a command still pending is answered cancelled, `engine_state = 2`, and
