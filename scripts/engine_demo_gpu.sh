@@ -5,7 +5,7 @@
 # beside it. Needs NVIDIA GPUs, Open MPI, a python3 with torch and mpi4py, and the worker binary.
 #
 #   scripts/engine_demo.sh --gpu [--steps S] [--trace FILE [--trace-dataset D]] [--layers N]
-#       [--hidden H] [--ffn F] [--tokens T] [--top-k K] [--slots-per-rank S] [--interval-steps N]
+#       [--hidden H] [--ffn F] [--tokens T] [--top-k K] [--slots-per-rank S] [--interval-steps N (0: time mode)]
 #       [--baseline] [--interference] [--xcheck] [--out DIR] [--timeout SECONDS] [-- WORKER RUN FLAGS]
 #
 # --baseline      first the same engine alone (static placement), then compare step by step:
@@ -121,8 +121,12 @@ timeout -k 10 "$limit" "${mpi[@]}" "$PY" "${engine[@]}" --name "$name" --wait-si
   >"$out/live.log" 2>&1 &
 epid=$!
 pids+=("$epid")
+# --interval-steps 0: the default manager (decisions in time, the step time measured from the
+# engine's reported MoE times); N: xLLM rounds every N steps.
+rounds=()
+[ "$interval" = 0 ] || rounds=(--eplb-update-interval-steps "$interval")
 side=("${mpi[@]}" "${side_env[@]}" "$WORKER" run --engine "shm:$name" --transport nccl --steps "$steps"
-      --eplb-update-interval-steps "$interval" --report "$out/sidecar.json" "${extra[@]}")
+      "${rounds[@]}" --report "$out/sidecar.json" "${extra[@]}")
 echo "# live: sidecar ${side[*]}"
 timeout -k 10 "$limit" "${side[@]}" >"$out/sidecar.log" 2>&1 &
 spid=$!
