@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The `simulate` tables of BENCHMARKS.md: drifting, jumping, sampled traces (scripts/make_drift_trace.py)
 # scored in the competition's cost model, the default manager (only the cost-model flags set)
-# beside DeepSeek re-planned every 32/128/256/1024 steps and the hindsight floor.
+# beside DeepSeek re-planned every 32/128/256/1024 steps, the hindsight floor, and the oracle that
+# plans on the expected load each step was sampled from (moves free).
 #
 #   scripts/bench_simulate.sh [OUT_DIR]      # needs numpy (pip install numpy) and a release build
 #   EPLB_BIN=/path/to/eplb-worker scripts/bench_simulate.sh   # another build (e.g. an older commit)
@@ -13,6 +14,7 @@ bin=${EPLB_BIN:-target/release/eplb-worker}
 steps=4096
 cost=(--expert-bytes 88080384 --migration-gbps 900 --step-ms 14.6484375)
 base=(--baseline deepseek@32 --baseline deepseek@128 --baseline deepseek@256 --baseline deepseek@1024 --floor)
+# extra rows via CASES="family seed tokens gpus..." (one case a line)
 # family seed tokens GPUs...
 cases=(
   "switch128 1 8192 16 32"
@@ -38,26 +40,30 @@ cases=(
   "olmoe 24 32768 8"
   "qwen3 25 8192 32"
 )
-echo "| trace | EP | DeepSeek@32 | @128 | @256 | @1024 | eplb (default) | floor | gap closed | eplb changed slots |"
-echo "|---|---|---|---|---|---|---|---|---|---|"
+if [ -n "${CASES:-}" ]; then mapfile -t cases <<<"$CASES"; fi
+echo "| trace | EP | DeepSeek@32 | @128 | @256 | @1024 | eplb (default) | floor | oracle | gap closed | oracle's gap closed | eplb changed slots |"
+echo "|---|---|---|---|---|---|---|---|---|---|---|---|"
 for c in "${cases[@]}"; do
   read -r family seed tokens gpus <<<"$c"
   trace="$out/$family-s$seed-t$tokens.npy"
-  [ -f "$trace" ] || python3 scripts/make_drift_trace.py --family "$family" --steps $steps --seed "$seed" \
-    --tokens "$tokens" --out "$trace" 2>/dev/null
+  expected="$out/$family-s$seed-t$tokens-expected.npy"
+  [ -f "$expected" ] || python3 scripts/make_drift_trace.py --family "$family" --steps $steps --seed "$seed" \
+    --tokens "$tokens" --out "$trace" --expected-out "$expected" 2>/dev/null
   for g in $gpus; do
     report="$out/$family-s$seed-t$tokens-ep$g.json"
-    "$bin" simulate --trace "$trace" --num-gpus "$g" --num-redundant-experts "$g" "${cost[@]}" "${base[@]}" \
-      --report "$report" >/dev/null
+    # (RUST_LOG=error: the oracle's float counts are quantised, which `simulate` warns about)
+    RUST_LOG=error "$bin" simulate --trace "$trace" --num-gpus "$g" --num-redundant-experts "$g" "${cost[@]}" "${base[@]}" \
+      --oracle "$expected" --report "$report" >/dev/null
     python3 - "$report" "$family seed $seed, $tokens tok" "$g" <<'EOF'
 import json, sys
 r = json.load(open(sys.argv[1]))
 t = {c["name"]: c for c in r["cases"]}
 m = lambda n: t[n]["modeled_seconds"]
 best = min(m(f"deepseek@{n}") for n in (32, 128, 256, 1024))
-closed = (best - m("eplb")) / (best - m("floor")) * 100
+closed = lambda n: (best - m(n)) / (best - m("floor")) * 100
 print(f"| {sys.argv[2]} | {sys.argv[3]} | " + " | ".join(f"{m(f'deepseek@{n}'):.2f}" for n in (32, 128, 256, 1024))
-      + f" | **{m('eplb'):.2f}** | {m('floor'):.2f} | {closed:.0f}% | {t['eplb']['changed_slots']} |")
+      + f" | **{m('eplb'):.2f}** | {m('floor'):.2f} | {m('oracle'):.2f} | {closed('eplb'):.1f}% | {closed('oracle'):.1f}%"
+      + f" | {t['eplb']['changed_slots']} |")
 EOF
   done
 done
