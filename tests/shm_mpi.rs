@@ -180,6 +180,15 @@ fn without_moe_times_the_step_time_is_the_default_and_migrations_can_be_measured
 }
 
 #[test]
+fn an_absurd_moe_time_counts_as_not_measured() {
+    let p = run_pair("absurd", &["--moe-ns", "18446744073709551615"], &[]);
+    assert_eq!(p.sidecar_code, 0, "stderr:\n{}", p.stderr);
+    let cost = &p.sidecar()["cost_model"];
+    assert_eq!((cost["step_samples"].as_u64(), cost["step_ms"].as_f64()), (Some(0), Some(20.0)), "{cost}");
+    assert!(p.stderr.contains("beyond an hour"), "{}", p.stderr);
+}
+
+#[test]
 fn a_corrupted_transfer_applies_nothing_anywhere() {
     let p = run_pair("corrupt", &[], &["--eplb-layers-per-step", "0", "--fault", "corrupt-transfer-on-rank=1"]);
     assert_eq!(p.sidecar_code, 1, "stderr:\n{}", p.stderr);

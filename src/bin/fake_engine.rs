@@ -52,6 +52,9 @@ struct Args {
     /// Report no MoE time (an engine that does not measure it).
     #[arg(long)]
     no_moe_time: bool,
+    /// Tests: report this MoE time (ns) every step instead of the measured one (a broken engine).
+    #[arg(long)]
+    moe_ns: Option<u64>,
     #[arg(long, default_value_t = 20)]
     drift_steps: usize,
     /// Every other step is a prefill step (phase 1), the others decode (2); default: all decode.
@@ -154,7 +157,11 @@ fn main() {
                         Duration::from_millis(args.step_ms).as_nanos() * par_sum / (layers as u128 * PAR_ONE as u128);
                     let started = std::time::Instant::now();
                     std::thread::sleep(Duration::from_nanos(moe as u64));
-                    let moe_ns = if args.no_moe_time { 0 } else { started.elapsed().as_nanos() as u64 };
+                    let moe_ns = match (args.no_moe_time, args.moe_ns) {
+                        (true, _) => 0,
+                        (false, Some(ns)) => ns,
+                        (false, None) => started.elapsed().as_nanos() as u64,
+                    };
                     rank.record(t, ph, counts.as_slice().expect("contiguous"), moe_ns);
                 }
                 for layer in 0..layers {

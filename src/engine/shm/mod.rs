@@ -168,6 +168,11 @@ pub enum StartError {
     PeerGpu(String),
 }
 
+/// The longest MoE time of one step an engine may report (an hour): a larger `moe_ns` is a
+/// broken engine or a unit mistake, and counts as not measured rather than pricing every move
+/// at nothing.
+pub const MAX_MOE_NS: u64 = 3_600_000_000_000;
+
 /// The engine attached on every rank.
 pub struct ShmEngine {
     name: String,
@@ -182,6 +187,8 @@ pub struct ShmEngine {
     slots_per_rank: usize,
     /// Steps lost so far (logged at powers of two).
     lost: u64,
+    /// Steps whose reported MoE time was beyond [`MAX_MOE_NS`] (logged at powers of two).
+    absurd_moe: u64,
     /// Last field: marks the region when the sidecar leaves, after the store (and with it any
     /// mapping of the engine's GPU memory) is gone, so the engine may free its weights then.
     detach: Detach,
@@ -246,6 +253,7 @@ impl ShmEngine {
             layers: l.num_layers,
             slots_per_rank: l.slots_per_rank,
             lost: 0,
+            absurd_moe: 0,
             detach: Detach { region: region.clone(), finished: false },
             region,
         })
@@ -337,6 +345,19 @@ impl Engine for ShmEngine {
             match self.region.read_step(t) {
                 RingRead::Step { phase, moe_ns, counts, .. } => {
                     self.next += 1;
+                    let moe_ns = if moe_ns > MAX_MOE_NS {
+                        self.absurd_moe += 1;
+                        if self.absurd_moe.is_power_of_two() {
+                            log::warn!(
+                                "engine rank {}: step {t} reports a MoE time of {moe_ns} ns, beyond an hour ({} so far): counted as not measured; moe_ns is in nanoseconds",
+                                self.watch.rank,
+                                self.absurd_moe
+                            );
+                        }
+                        0
+                    } else {
+                        moe_ns
+                    };
                     let slots = Array2::from_shape_vec((self.layers, self.slots_per_rank), counts)
                         .map_err(|e| EngineError::Failed(format!("step {t}: {e}")))?;
                     return Ok(Some(StepCounts {
