@@ -42,7 +42,7 @@ CASES = [
 ]
 
 
-def base_load(source, shared, rng):
+def base_load(source: str, shared: str, rng: np.random.Generator) -> np.ndarray:
     """A steady load `[layers, experts]` (shares)."""
     if source.endswith(".json"):
         counts = np.array(json.load(open(os.path.join(shared, "qwen3_sglang_recorder", source)))["counts"], float)
@@ -51,7 +51,7 @@ def base_load(source, shared, rng):
     return comps[rng.integers(len(comps))].mean(0)
 
 
-def write_traces(source, tokens, seed, shared, out):
+def write_traces(source: str, tokens: int, seed: int, shared: str, out: str) -> tuple[dict[str, str], int]:
     rng = np.random.default_rng(seed)
     a = base_load(source, shared, rng)
     a = a / a.sum(1, keepdims=True)
@@ -64,11 +64,11 @@ def write_traces(source, tokens, seed, shared, out):
     return paths, a.shape[1]
 
 
-def balancedness(report):
+def balancedness(report: str) -> np.ndarray:
     return np.array(json.load(open(report))["cases"][0]["balancedness_per_step"])
 
 
-def main():
+def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bin", default="target/release/eplb-worker")
     p.add_argument("--out", default="/tmp/eplb-bench-recovery")
