@@ -255,30 +255,30 @@ impl<'a> Looper<'a> {
                 .map_err(|e| RunError::Config(format!("load all-reduce: {e}")))?;
             if flags[FLAG_COUNTED] {
                 self.counted_steps += 1;
-                if rank == 0 {
-                    let bal = |p: &Placement| metrics::balance_report(global.view(), p.phy2log.view(), spr, gpn);
-                    let stat = bal(&self.initial);
+                let moe_mean_ns = moe.mean_ns();
+                if rank == 0 || moe_mean_ns.is_some() {
+                    // The placement step `engine_step` ran on: rank 0 reports its balance, and
+                    // every rank divides the measured MoE time by its PAR.
                     let live = self.live.at(engine_step).map_err(|source| RunError::Policy {
                         context: format!("engine step {engine_step}: live placement"),
                         source,
                     })?;
-                    let live = bal(&live);
-                    self.bal_static += stat.balancedness;
-                    self.bal_live += live.balancedness;
-                    self.output.step(&StepEvent {
-                        step,
-                        balancedness_static: stat.balancedness,
-                        balancedness_live: live.balancedness,
-                        layer_static: &stat.balancedness_per_layer,
-                        layer_live: &live.balancedness_per_layer,
-                    });
-                }
-                if let Some(mean_ns) = moe.mean_ns() {
-                    let live = self.live.at(engine_step).map_err(|source| RunError::Policy {
-                        context: format!("engine step {engine_step}: live placement"),
-                        source,
-                    })?;
-                    self.manager.observe_step_time(balanced_step_ns(mean_ns, global.view(), &live, spr));
+                    if rank == 0 {
+                        let bal = |p: &Placement| metrics::balance_report(global.view(), p.phy2log.view(), spr, gpn);
+                        let (stat, live) = (bal(&self.initial), bal(&live));
+                        self.bal_static += stat.balancedness;
+                        self.bal_live += live.balancedness;
+                        self.output.step(&StepEvent {
+                            step,
+                            balancedness_static: stat.balancedness,
+                            balancedness_live: live.balancedness,
+                            layer_static: &stat.balancedness_per_layer,
+                            layer_live: &live.balancedness_per_layer,
+                        });
+                    }
+                    if let Some(mean_ns) = moe_mean_ns {
+                        self.manager.observe_step_time(balanced_step_ns(mean_ns, global.view(), &live, spr));
+                    }
                 }
                 let mut observed = global;
                 if self.args.fault.contains(&Fault::CorruptLoad(rank)) {
