@@ -240,10 +240,7 @@ pub fn setup(args: &SimulateArgs) -> Result<Setup, SimulateError> {
                 .into(),
         ));
     }
-    let trace = load::read_trace(&args.trace, &TraceSelect { dataset: args.trace_dataset.clone() })?;
-    for s in 0..trace.num_steps() {
-        trace.step(s)?;
-    }
+    let trace = read_steps(&args.trace, args)?;
     let (layers, num_logical, steps) = (trace.num_layers(), trace.num_logical(), trace.num_steps());
     if steps == 0 || layers == 0 || num_logical == 0 {
         return Err(SimulateError::Config(format!("{}: the trace is empty", args.trace.display())));
@@ -341,12 +338,19 @@ fn replay(
     Ok((score, live))
 }
 
+/// A trace file (`--trace-dataset` picks the dataset of a per-iteration CSV) with every step
+/// checked, before any work.
+fn read_steps(path: &std::path::Path, args: &SimulateArgs) -> Result<LoadTrace, SimulateError> {
+    let trace = load::read_trace(path, &TraceSelect { dataset: args.trace_dataset.clone() })?;
+    for s in 0..trace.num_steps() {
+        trace.step(s)?;
+    }
+    Ok(trace)
+}
+
 /// The `--oracle` trace, checked to have the trace's shape.
 fn read_oracle(path: &std::path::Path, args: &SimulateArgs, trace: &LoadTrace) -> Result<LoadTrace, SimulateError> {
-    let oracle = load::read_trace(path, &TraceSelect { dataset: args.trace_dataset.clone() })?;
-    for s in 0..oracle.num_steps() {
-        oracle.step(s)?;
-    }
+    let oracle = read_steps(path, args)?;
     let shape = |t: &LoadTrace| (t.num_steps(), t.num_layers(), t.num_logical());
     if shape(&oracle) != shape(trace) {
         let ((s, l, e), (ts, tl, te)) = (shape(&oracle), shape(trace));

@@ -168,6 +168,19 @@ pub enum StartError {
     PeerGpu(String),
 }
 
+/// How often something went wrong, and when to say so: at its 1st, 2nd, 4th, 8th, ...
+/// occurrence, so that a recurring problem shows in the log without flooding it.
+#[derive(Debug, Default)]
+struct Occurrences(u64);
+
+impl Occurrences {
+    /// Counts one more; the count so far when this one should be logged.
+    fn count(&mut self) -> Option<u64> {
+        self.0 += 1;
+        self.0.is_power_of_two().then_some(self.0)
+    }
+}
+
 /// The longest MoE time of one step an engine may report (an hour): a larger `moe_ns` is a
 /// broken engine or a unit mistake, and counts as not measured rather than pricing every move
 /// at nothing.
@@ -185,10 +198,10 @@ pub struct ShmEngine {
     next: u64,
     layers: usize,
     slots_per_rank: usize,
-    /// Steps lost so far (logged at powers of two).
-    lost: u64,
-    /// Steps whose reported MoE time was beyond [`MAX_MOE_NS`] (logged at powers of two).
-    absurd_moe: u64,
+    /// Steps lost so far.
+    lost: Occurrences,
+    /// Steps whose reported MoE time was beyond [`MAX_MOE_NS`].
+    absurd_moe: Occurrences,
     /// Last field: marks the region when the sidecar leaves, after the store (and with it any
     /// mapping of the engine's GPU memory) is gone, so the engine may free its weights then.
     detach: Detach,
@@ -252,8 +265,8 @@ impl ShmEngine {
             next: max[0],
             layers: l.num_layers,
             slots_per_rank: l.slots_per_rank,
-            lost: 0,
-            absurd_moe: 0,
+            lost: Occurrences::default(),
+            absurd_moe: Occurrences::default(),
             detach: Detach { region: region.clone(), finished: false },
             region,
         })
@@ -346,12 +359,10 @@ impl Engine for ShmEngine {
                 RingRead::Step { phase, moe_ns, counts, .. } => {
                     self.next += 1;
                     let moe_ns = if moe_ns > MAX_MOE_NS {
-                        self.absurd_moe += 1;
-                        if self.absurd_moe.is_power_of_two() {
+                        if let Some(n) = self.absurd_moe.count() {
                             log::warn!(
-                                "engine rank {}: step {t} reports a MoE time of {moe_ns} ns, beyond an hour ({} so far): counted as not measured; moe_ns is in nanoseconds",
-                                self.watch.rank,
-                                self.absurd_moe
+                                "engine rank {}: step {t} reports a MoE time of {moe_ns} ns, beyond an hour ({n} so far): counted as not measured; moe_ns is in nanoseconds",
+                                self.watch.rank
                             );
                         }
                         0
@@ -370,12 +381,10 @@ impl Engine for ShmEngine {
                 }
                 RingRead::Lost => {
                     self.next += 1;
-                    self.lost += 1;
-                    if self.lost.is_power_of_two() {
+                    if let Some(n) = self.lost.count() {
                         log::warn!(
-                            "engine rank {}: step {t} was overwritten before it was read ({} so far): counted as zero; the sidecar falls behind the engine (a longer ring helps)",
-                            self.watch.rank,
-                            self.lost
+                            "engine rank {}: step {t} was overwritten before it was read ({n} so far): counted as zero; the sidecar falls behind the engine (a longer ring helps)",
+                            self.watch.rank
                         );
                     }
                     let slots = Array2::zeros((self.layers, self.slots_per_rank));
