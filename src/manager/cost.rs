@@ -9,6 +9,7 @@
 //! every decision after that is exact integer arithmetic, identical on every rank. PAR is Q32
 //! fixed point (`PAR_ONE` is 1.0).
 
+use super::estimate::{update_row, warm_up_shift};
 use crate::policy::fixed::{normalized, Fixed};
 use crate::policy::metrics;
 
@@ -54,28 +55,22 @@ impl CostModel {
 
 /// A measured input of the cost model: a moving mean of samples every rank holds alike (they come
 /// out of collectives), in integers, so every rank holds the same mean. The first samples are
-/// averaged evenly, later ones with a memory of about `2^MEASURED_MEMORY_BITS` samples (its
+/// averaged evenly, later ones with a memory of about `2^RUNNING_MEAN_MEMORY_BITS` samples (its
 /// shifts round toward the mean: it settles within 31 units of a steady level, nanoseconds here).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Measured {
+pub struct RunningMean {
     mean: u64,
     samples: u64,
 }
 
-/// The memory of a [`Measured`] mean: about 32 samples.
-const MEASURED_MEMORY_BITS: u32 = 5;
+/// The memory of a [`RunningMean`]: about 32 samples.
+const RUNNING_MEAN_MEMORY_BITS: usize = 5;
 
-impl Measured {
-    /// Adds a sample.
+impl RunningMean {
+    /// Adds a sample (the estimator's warm-up and rounded shift update, on one value).
     pub fn add(&mut self, x: u64) {
-        let shift = (63 - (self.samples + 1).leading_zeros()).min(MEASURED_MEMORY_BITS);
-        self.mean = if self.samples == 0 {
-            x
-        } else if x >= self.mean {
-            self.mean + ((x - self.mean) >> shift)
-        } else {
-            self.mean - ((self.mean - x) >> shift)
-        };
+        let shift = warm_up_shift(self.samples, RUNNING_MEAN_MEMORY_BITS);
+        update_row(std::slice::from_mut(&mut self.mean), &[x], shift);
         self.samples += 1;
     }
 
@@ -155,7 +150,7 @@ mod tests {
 
     #[test]
     fn measured_means_warm_up_then_follow() {
-        let mut m = Measured::default();
+        let mut m = RunningMean::default();
         assert_eq!(m.mean(), None);
         m.add(100_000);
         m.add(200_000);

@@ -58,7 +58,7 @@ struct Age([u64; NUM_EMAS]);
 impl Age {
     /// The shift of the next update of average `k`.
     fn shift(&self, k: usize) -> usize {
-        (63 - (self.0[k] + 1).leading_zeros() as usize).min(k)
+        warm_up_shift(self.0[k], k)
     }
 
     /// One more step in every average.
@@ -175,17 +175,20 @@ impl Estimator {
 /// Adds `x [layers * num_logical]` (fixed point, row-major) to every average of
 /// `bank [NUM_EMAS, layers, num_logical]`: `s += (x - s) / 2^shift`, rounding toward `s` (exact,
 /// identical everywhere), with the shift of the steps each average holds (`age`; an average that
-/// holds none is set to `x`). Branch-free over contiguous rows, so that it vectorizes.
+/// holds none has shift 0 and becomes `x`). Branch-free over contiguous rows, so that it vectorizes.
 fn update(bank: &mut Array3<u64>, age: &mut Age, x: &[u64]) {
     let Some(all) = bank.as_slice_mut() else { return };
     for (k, avg) in all.chunks_exact_mut(x.len().max(1)).enumerate() {
-        if age.held(k) == 0 {
-            avg.copy_from_slice(x);
-        } else {
-            update_row(avg, x, age.shift(k));
-        }
+        update_row(avg, x, age.shift(k));
     }
     age.step();
+}
+
+/// The shift that adds the next sample to an average holding `held` samples, of memory
+/// `2^memory_bits`: `floor(log2(held + 1))`, at most `memory_bits`. Until it holds its memory the
+/// average is (about) the mean of its samples; the first sample (shift 0) sets it.
+pub(crate) fn warm_up_shift(held: u64, memory_bits: usize) -> usize {
+    (63 - (held.saturating_add(1)).leading_zeros() as usize).min(memory_bits)
 }
 
 /// `s += (x - s) / 2^k` for every average of one row, rounding toward `s`.
@@ -193,7 +196,7 @@ fn update(bank: &mut Array3<u64>, age: &mut Age, x: &[u64]) {
 /// Written with 64-bit adds, bitwise operations and logical shifts only (no compare), which
 /// SSE2 has for vectors: `down` (all ones when `x < s`) is the borrow of `x - s`, `|x - s|` and
 /// the signed step are conditional negations by it.
-fn update_row(avg: &mut [u64], x: &[u64], k: usize) {
+pub(crate) fn update_row(avg: &mut [u64], x: &[u64], k: usize) {
     for (s, &x) in avg.iter_mut().zip(x) {
         let d = x.wrapping_sub(*s);
         let down = 0u64.wrapping_sub(((!x & *s) | (!(x ^ *s) & d)) >> 63);

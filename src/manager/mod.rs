@@ -38,7 +38,7 @@ use ndarray::{Array2, ArrayView2};
 
 pub use args::ManagerArgs;
 pub use cost::CostModel;
-use cost::{changed_slots, par_lower_bound_q32, par_q32, Measured, PAR_ONE};
+use cost::{changed_slots, par_lower_bound_q32, par_q32, RunningMean, PAR_ONE};
 use estimate::Estimator;
 
 use crate::policy::{self, hash_phy2log, metrics, Placement, PlacementShape, PolicyConfig, PolicyError, PolicyKind};
@@ -273,8 +273,8 @@ pub struct Manager {
     /// Time: layers whose last plan moved nothing or did not pay.
     rejected: Vec<Option<Rejected>>,
     /// The measured balanced step time (ns) and time of a changed slot (ns), when measured.
-    step_ns: Measured,
-    slot_ns: Measured,
+    step_ns: RunningMean,
+    slot_ns: RunningMean,
 }
 
 impl Manager {
@@ -295,8 +295,8 @@ impl Manager {
             queue: VecDeque::new(),
             last_round: None,
             rejected: vec![None; layers],
-            step_ns: Measured::default(),
-            slot_ns: Measured::default(),
+            step_ns: RunningMean::default(),
+            slot_ns: RunningMean::default(),
         }
     }
 
