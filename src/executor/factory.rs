@@ -162,8 +162,8 @@ pub fn device_store(
     experts: &[Vec<usize>],
     expert_bytes: usize,
     tuning: NcclTuning,
-) -> Result<DeviceExpertStore, StoreError> {
-    Ok(DeviceExpertStore::new(gpu, nccl, experts, expert_bytes, tuning)?)
+) -> Result<DeviceExpertStore, GpuError> {
+    DeviceExpertStore::new(gpu, nccl, experts, expert_bytes, tuning)
 }
 
 /// Builds a store on every rank: the local part, the agreement (every rank learns which ranks
