@@ -998,6 +998,11 @@ class EngineRegion:
     def _check_counts(self, counts: Any) -> np.ndarray:
         """The counts as exact non-negative integers of shape ``[num_layers, count_cols]``."""
         want = (self.num_layers, self.count_cols)
+        if type(counts) is np.ndarray and counts.shape == want and counts.dtype.kind in "iu" and counts.size:
+            # The fast path (one reduction): as u64, a negative i64 is >= 2^63, beyond MAX_COUNT too.
+            v = counts.view(np.uint64) if counts.dtype.itemsize == 8 else counts.astype(np.uint64)
+            if v.max() < MAX_COUNT:
+                return v
         what = "[num_layers, slots_per_rank]" if self.counts_kind == COUNTS_LOCAL else "[num_layers, num_physical]"
         if _is_torch(counts):
             t = counts.detach().cpu()
