@@ -221,9 +221,11 @@ def torch_apply(live: Sequence[Sequence[Any]], staging: Sequence[Optional[Any]],
     def apply(layer: int, slots: Any) -> None:
         if len(slots) == 0:
             return
-        idx = torch.as_tensor([int(s) for s in slots], dtype=torch.long, device=device)
-        for dst, src in zip(live_raw[layer], stage_raw):
-            dst.index_copy_(0, idx, src.index_select(0, idx))
-        torch.cuda.current_stream(device).synchronize()
+        with torch.no_grad():  # parameters may require grad: an in-place copy is not part of any graph
+            idx = torch.as_tensor([int(s) for s in slots], dtype=torch.long, device=device)
+            for dst, src in zip(live_raw[layer], stage_raw):
+                dst.index_copy_(0, idx, src.index_select(0, idx))
+        if device.type == "cuda":
+            torch.cuda.current_stream(device).synchronize()
 
     return apply

@@ -781,7 +781,8 @@ class EngineRegion:
         self._gpu_apply: Optional[Callable[[int, np.ndarray], None]] = None
         self._views: Optional[List[Dict[str, Any]]] = None  # the creator's tensors, as handed over
         self._staging_views: Optional[Dict[str, Any]] = None
-        self._ptrs: List[Tuple[int, TableEntry, Any, int]] = []  # GPU: (entry, entry, tensor, data_ptr)
+        self._ptrs: List[Tuple[int, TableEntry, Any, int]] = []  # GPU: (entry index, entry, tensor, data_ptr)
+        self._ptrs_seen = 0  # the last command id whose arrival checked the addresses
         # Host: u8 [rows, row_bytes] views of every listed entry (what the sidecar reads and writes).
         self._rows: Optional[List[List[Optional[np.ndarray]]]] = None
         if self.weights_kind == WEIGHTS_HOST:
@@ -937,8 +938,13 @@ class EngineRegion:
             if step != int(self._h[_W_ENGINE_STEP]):
                 raise ContractError(f"at_step_boundary({step}) but engine_step is {int(self._h[_W_ENGINE_STEP])}")
             self._heartbeat()
-            if self._ptrs and not int(self._h[_W_TABLE_FAULT]) and self._command_pending():
-                self._check_pointers()
+            if self._ptrs and not int(self._h[_W_TABLE_FAULT]):
+                # GPU weights: the addresses are checked when a command is first seen (so that the
+                # sidecar learns of a re-allocation early) and again at its boundary (_invalid).
+                cmd_id = int(self._h[_W_CMD_ID])
+                if cmd_id != self._ptrs_seen and cmd_id != int(self._h[_W_ACK_ID]):
+                    self._ptrs_seen = cmd_id
+                    self._check_pointers()
             have, reject = self._pending_for(step)
             if agree is None:
                 if self.world_size != 1:
@@ -1160,11 +1166,6 @@ class EngineRegion:
         if h is not None:
             h[_W_ENGINE_HEARTBEAT] = time.monotonic_ns()
 
-    def _command_pending(self) -> bool:
-        h = self._h
-        cmd_id = int(h[_W_CMD_ID])
-        return cmd_id != 0 and cmd_id != int(h[_W_ACK_ID])
-
     def _check_pointers(self) -> bool:
         """GPU weights: every registered tensor still at the address it was published with? On a
         change: ``table_fault = 1 + entry`` (every command is rejected from now on) and False."""
@@ -1209,6 +1210,8 @@ class EngineRegion:
         return 0, None
 
     def _invalid(self, layer: int, epoch: int) -> Optional[str]:
+        if self._ptrs and not int(self._h[_W_TABLE_FAULT]):
+            self._check_pointers()  # right before an apply: every tensor where it was published
         fault = int(self._h[_W_TABLE_FAULT])
         if fault:
             e = self.table[fault - 1] if fault - 1 < len(self.table) else None

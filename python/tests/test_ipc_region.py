@@ -370,3 +370,34 @@ def test_the_driver_calls_export_each_allocation_once_from_its_base(monkeypatch)
     lib.vmm.add(0x40000)
     with pytest.raises(ContractError, match="legacy CUDA IPC"):
         cuda_ipc.export_tensors([("f", 0x40000, 1)])
+
+
+def test_the_addresses_are_checked_when_a_command_arrives_and_again_at_its_boundary(name, gpu):
+    layers, staging, _, _ = engine_tensors(gpu)
+    reg = create(name, layers, staging)
+    reg.publish()
+    agree = lambda have: (have, have)  # noqa: E731
+    post(reg, 1, 0, 3, 1)  # for step 3
+    reg.at_step_boundary(0, agree)  # seen: the addresses are fine
+    assert reg.table_fault == 0 and int(reg._h[R._W_ACK_ID]) == 0
+    reg.record(0, np.zeros((L, S), np.int64))
+    layers[1][0].data.ptr += 1 << 12  # re-allocated after the command arrived, before its boundary
+    for t in (1, 2):
+        reg.at_step_boundary(t, agree)
+        reg.record(t, np.zeros((L, S), np.int64))
+    reg.at_step_boundary(3, agree)
+    assert reg.table_fault == 1 * 4 + 0 + 1, "entry 4: layer 1's w13_weight"
+    assert (int(reg._h[R._W_ACK_ID]), int(reg._h[R._W_ACK_RESULT])) == (1, ACK_REJECTED)
+    assert reg.placement().epoch[0] == 0
+    reg.finish()
+
+
+def test_a_reallocation_is_reported_as_soon_as_a_command_arrives(name, gpu):
+    layers, staging, _, _ = engine_tensors(gpu)
+    reg = create(name, layers, staging)
+    reg.publish()
+    layers[0][2].data.ptr = gpu.segment(4096)
+    post(reg, 1, 0, 5, 1)  # due later: the sidecar reads table_fault at the end of its wait
+    reg.at_step_boundary(0, lambda have: (have, have))
+    assert reg.table_fault == 3 and int(reg._h[R._W_ACK_ID]) == 0
+    reg.finish()
