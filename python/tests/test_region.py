@@ -733,6 +733,14 @@ def test_cleanup_never_hangs_and_removes_only_dead_regions_of_exactly_that_name(
     assert p.stdout.split() == ["removed", region_path(name, 0)]
     left = sorted(f for f in os.listdir(R.SHM_DIR) if f"eplb-{name}" in f)
     assert left == sorted([f"eplb-{name}-b-0", f"eplb-{name}-1", f"eplb-{name}-2", f"eplb-{name}-4", f"eplb-{name}-5"])
+    p = subprocess.run([sys.executable, "-m", "eplb_client", "status", name, "--ranks", "3"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert "rank 1: " in p.stdout and "is not a regular file" in p.stdout, p.stdout
+    assert "rank 2: " in p.stdout and "shorter than the 4096-byte header" in p.stdout, p.stdout
+    p = subprocess.run([sys.executable, "-m", "eplb_client", "cleanup", "a/b"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 2 and "region name" in p.stderr, p.stderr
     live.finish()
     assert cleanup(f"{name}-b") == [region_path(f"{name}-b", 0)]
     for r in (1, 2, 4):
