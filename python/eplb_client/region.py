@@ -756,6 +756,8 @@ class EngineRegion:
         if total > len(mm):
             raise ContractError(f"{path}: total_bytes {total} but the file has {len(mm)}")
         self.counts_kind = counts_kind
+        self._ipc_offset = ipc_offset
+        self._command_end = command_offset + _round_up(4 * self.world_size * self.slots_per_rank, 64) + self.slots_per_rank
         self.num_tensors = num_tensors
         self.num_handles = num_handles
         self.num_physical = self.world_size * self.slots_per_rank
@@ -906,6 +908,17 @@ class EngineRegion:
                 break
             v[:n] = buf[at : at + n]
             at += n
+
+    def check_table(self) -> int:
+        """The tensor table as stored, checked by every rule of the contract (what a sidecar
+        checks at attach); returns ``expert_bytes``. For tools and tests."""
+        hb = [struct.unpack_from("<Q", self._mm, self._ipc_offset + IPC_HEAD_BYTES + IPC_ENTRY_BYTES * i + 64)[0]
+              for i in range(self.num_handles)] if self.weights_kind == WEIGHTS_CUDA_IPC else []
+        eb = check_table(self.table, self.num_layers, self.num_tensors, self.slots_per_rank, self.weights_kind,
+                         lo=self._command_end, hi=len(self._mm), handle_bytes=hb)
+        if eb != self.expert_bytes:
+            raise ContractError(f"expert_bytes {self.expert_bytes}, but the table's per-expert rows are {eb} bytes")
+        return eb
 
     @property
     def table_fault(self) -> int:

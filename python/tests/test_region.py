@@ -157,6 +157,9 @@ def test_layout_matches_the_contract(name):
         spans.append((off, off + (rows - 1) * stride + rb))
     spans.sort()
     assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), "extents overlap"
+    reader = EngineRegion.attach(name, 1)
+    assert reader.check_table() == EB and reader.table == reg.table
+    reader.close()
     assert spans[-1][1] <= total
     # The views are the region's bytes, with the shapes handed over.
     w2 = reg.tensor(2, "w2")
@@ -193,7 +196,7 @@ def test_a_quantised_tensor_set_round_trips_and_apply_moves_only_routed_rows(nam
     handed = [quantised_layer(layer) for layer in range(L)]
     reg = make(name, layers=handed)
     names = [t.name for t in handed[0]]
-    assert reg.tensor_names == names
+    assert reg.tensor_names == names and reg.check_table() == reg.expert_bytes
     rb = [48, 24, 24, 8, 4, 8, 4]
     assert reg.expert_bytes == 48 + 24 + 24 + 4 + 8, "globals are not part of an expert"
     for e in reg.table:
