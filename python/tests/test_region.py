@@ -472,6 +472,23 @@ def test_finish_answers_a_pending_command_and_unlinks(name):
     other.close()
 
 
+def test_an_apply_that_fails_midway_fails_the_engine_and_every_later_step(name):
+    def broken(layer, slots):
+        raise RuntimeError("device copy failed")
+
+    reg = make(name, apply=broken)
+    post(reg, 1, layer=1, apply_step=0, epoch=1, row=swapped_row(reg, 1), mask=np.array([1, 1, 0, 0], np.uint8))
+    with pytest.raises(RuntimeError, match="device copy failed"):
+        reg.at_step_boundary(0, agree_alone)
+    assert reg.engine_state == R.ENGINE_FAILED and ack(reg) == (0, 0, 0), "nothing answered"
+    with pytest.raises(ContractError, match="failed mid-copy"):
+        reg.record(0, np.zeros((L, S), np.int64))
+    with pytest.raises(ContractError, match="failed mid-copy"):
+        reg.at_step_boundary(0, agree_alone)
+    reg.fail()
+    assert not os.path.exists(reg.path)
+
+
 class SpyLock:
     """The region's lock, reporting when a second thread waits for it."""
 
