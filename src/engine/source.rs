@@ -83,19 +83,25 @@ pub fn slot_loads(global: ArrayView2<u64>, placement: &Placement, rank: usize, s
     out
 }
 
-/// A rank's contribution to the global load: its slots' counts summed per logical expert,
-/// `[layers, num_logical]`; `placement` is the placement the counts were taken on.
+/// A rank's contribution to the global load: its counts summed per logical expert,
+/// `[layers, num_logical]`; `placement` is the placement the counts were taken on. `slots` is
+/// either `[layers, slots_per_rank]`, the counts of this rank's own slots (contract
+/// `counts_kind` 0: column `k` is physical slot `rank * slots_per_rank + k`), or `[layers,
+/// num_physical]`, this rank's view of every physical slot (`counts_kind` 1: column `p` is
+/// physical slot `p`). Summed over the ranks, either gives the global per-physical load, and so
+/// the same logical load (with one rank the two shapes coincide, and so do their meanings).
 pub fn logical_from_slots(
     slots: ArrayView2<u64>,
     placement: &Placement,
     rank: usize,
     num_logical: usize,
 ) -> Array2<u64> {
-    let (layers, spr) = slots.dim();
+    let (layers, cols) = slots.dim();
+    let first = if cols == placement.num_replicas() { 0 } else { rank * cols };
     let mut out = Array2::<u64>::zeros((layers, num_logical));
     for layer in 0..layers {
-        for k in 0..spr {
-            let e = placement.phy2log[[layer, rank * spr + k]];
+        for k in 0..cols {
+            let e = placement.phy2log[[layer, first + k]];
             out[[layer, e]] += slots[[layer, k]];
         }
     }

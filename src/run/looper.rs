@@ -145,6 +145,22 @@ impl<'a> Looper<'a> {
     /// The end of the run, on every rank together (collective errors only): the totals, the
     /// summary and the report.
     fn finish(mut self, result: Result<(), RunError>) -> Result<RunOutcome, RunError> {
+        // The engine's global tensors, hashed again: 0 none, 1 unchanged, 2 changed, 3 not known.
+        let globals = match result.as_ref().map(|()| self.engine.globals_unchanged()) {
+            Ok(Ok(None)) | Err(_) => 0u64,
+            Ok(Ok(Some(true))) => 1,
+            Ok(Ok(Some(false))) => 2,
+            Ok(Err(e)) => {
+                eprintln!("eplb-worker run: rank {}: {e}", self.world.rank());
+                3
+            }
+        };
+        let g = self.world.allreduce_u64(&[globals], ReduceOp::Max)?[0];
+        self.output.report.globals_unchanged = match g {
+            0 => None,
+            1 => Some(true),
+            _ => Some(false),
+        };
         let totals = self.world.allreduce_u64(&[self.live_wrong, self.live_checked, self.lost_steps], ReduceOp::Sum)?;
         let r = &mut self.output.report;
         r.wrong_live_bytes = totals[0];
