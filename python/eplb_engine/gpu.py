@@ -281,6 +281,13 @@ class QuantExperts:
         return out[0], out[1]
 
 
+def raw_rows(t) -> object:
+    """``t`` viewed as raw integers of its item size (the same shape and strides)."""
+    import torch
+
+    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
 def row_bytes_of(t) -> object:
     """A tensor row (one slot, contiguous in itself) as its bytes."""
     import torch
@@ -420,8 +427,8 @@ class GpuEngine:
         e0.record()
         live = self.live[layer]
         for a, b in slot_runs(slots):  # one device copy a run of consecutive slots, a tensor
-            for t in self.qx.expert_layout:
-                live[t.name][a:b].copy_(self.staging[t.name][a:b])
+            for t in self.qx.expert_layout:  # as raw integers of the item size (fp8: no copy kernel needed)
+                raw_rows(live[t.name])[a:b].copy_(raw_rows(self.staging[t.name])[a:b])
         e1.record()
         e1.synchronize()
         self.apply_log.append(dict(layer=int(layer), slots=[int(s) for s in slots], stall_us=(time.perf_counter_ns() - t0) / 1e3,
