@@ -756,6 +756,8 @@ class EngineRegion:
         if total > len(mm):
             raise ContractError(f"{path}: total_bytes {total} but the file has {len(mm)}")
         self.counts_kind = counts_kind
+        self._ipc_offset = ipc_offset
+        self._command_end = command_offset + _round_up(4 * self.world_size * self.slots_per_rank, 64) + self.slots_per_rank
         self.num_tensors = num_tensors
         self.num_handles = num_handles
         self.num_physical = self.world_size * self.slots_per_rank
@@ -783,6 +785,7 @@ class EngineRegion:
         self._staging_views: Optional[Dict[str, Any]] = None
         self._ptrs: List[Tuple[int, TableEntry, Any, int]] = []  # GPU: (entry index, entry, tensor, data_ptr)
         self._ptrs_seen = 0  # the last command id whose arrival checked the addresses
+        self._broken: Optional[str] = None  # why the weights may be torn (an apply that raised)
         # Host: u8 [rows, row_bytes] views of every listed entry (what the sidecar reads and writes).
         self._rows: Optional[List[List[Optional[np.ndarray]]]] = None
         if self.weights_kind == WEIGHTS_HOST:
@@ -907,6 +910,17 @@ class EngineRegion:
             v[:n] = buf[at : at + n]
             at += n
 
+    def check_table(self) -> int:
+        """The tensor table as stored, checked by every rule of the contract (what a sidecar
+        checks at attach); returns ``expert_bytes``. For tools and tests."""
+        hb = [struct.unpack_from("<Q", self._mm, self._ipc_offset + IPC_HEAD_BYTES + IPC_ENTRY_BYTES * i + 64)[0]
+              for i in range(self.num_handles)] if self.weights_kind == WEIGHTS_CUDA_IPC else []
+        eb = check_table(self.table, self.num_layers, self.num_tensors, self.slots_per_rank, self.weights_kind,
+                         lo=self._command_end, hi=len(self._mm), handle_bytes=hb)
+        if eb != self.expert_bytes:
+            raise ContractError(f"expert_bytes {self.expert_bytes}, but the table's per-expert rows are {eb} bytes")
+        return eb
+
     @property
     def table_fault(self) -> int:
         """0: the table is valid; ``1 + i``: entry ``i``'s tensor was re-allocated (GPU weights)."""
@@ -931,8 +945,8 @@ class EngineRegion:
         MPI_Allreduce). It may be None only when ``world_size == 1``. Holds the region's lock.
         """
         with self._lock:
-            if self._closed:
-                raise ContractError("at_step_boundary on a closed region")
+            if self._closed or self._broken:
+                raise ContractError(f"at_step_boundary: the region is {self._broken or 'closed'}")
             if not self._published:
                 self.publish()
             if step != int(self._h[_W_ENGINE_STEP]):
@@ -975,8 +989,8 @@ class EngineRegion:
         ranks included (0: not measured). Without ``--step-ms`` the sidecar's cost model takes the
         balanced step time from it."""
         with self._lock:
-            if self._closed:
-                raise ContractError("record on a closed region")
+            if self._closed or self._broken:
+                raise ContractError(f"record: the region is {self._broken or 'closed'}")
             if isinstance(step, bool) or step != int(self._h[_W_ENGINE_STEP]):
                 raise ContractError(f"record({step}) but engine_step is {int(self._h[_W_ENGINE_STEP])}")
             if phase not in PHASES:
@@ -1237,14 +1251,23 @@ class EngineRegion:
         h = self._h
         layer, cmd_id, epoch = int(h[_W_CMD_LAYER]), int(h[_W_CMD_ID]), int(h[_W_CMD_EPOCH])
         slots = np.flatnonzero(self._cmd_mask)
-        if self.weights_kind == WEIGHTS_HOST:
-            rows, stage = self._rows[layer], self._rows[self.num_layers]
-            for t in self._per_expert:
-                rows[t][slots] = stage[t][slots]  # row s of every per-expert tensor, nothing else
-            if self._gpu_apply is not None:
-                self._gpu_apply(layer, slots)  # host: a notification after the copy
-        else:
-            self._gpu_apply(layer, slots)  # returns once the device copy is done
+        try:
+            if self.weights_kind == WEIGHTS_HOST:
+                rows, stage = self._rows[layer], self._rows[self.num_layers]
+                for t in self._per_expert:
+                    rows[t][slots] = stage[t][slots]  # row s of every per-expert tensor, nothing else
+                if self._gpu_apply is not None:
+                    self._gpu_apply(layer, slots)  # host: a notification after the copy
+            else:
+                self._gpu_apply(layer, slots)  # returns once the device copy is done
+        except BaseException as e:
+            # Some rows may hold the new experts under the old phy2log: this rank's weights are
+            # torn. Nothing is answered; the engine is failed so that the sidecar stops, and the
+            # region refuses every later step (an engine that caught this must not go on).
+            self._broken = f"the apply of layer {layer} failed mid-copy ({type(e).__name__}: {e})"
+            self._h[_W_ENGINE_STATE] = ENGINE_FAILED
+            log.error("rank %d step %d: %s; engine_state = failed", self.rank, step, self._broken)
+            raise
         self._phy2log[layer] = self._cmd_row
         self._epoch[layer] = epoch
         _fill_log2phy_layer(self._phy2log[layer], self._log2phy[layer])

@@ -171,6 +171,7 @@ def test_the_ipc_section_and_the_table_are_what_the_contract_says(name, gpu):
         handles.append(base)
     assert len(set(handles)) == num_handles
     entries = reg.table
+    assert reg.check_table() == W13 + W2 + SC
     for e in entries:
         base = handles[e.handle]
         if e.layer == L:

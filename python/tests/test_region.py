@@ -157,6 +157,9 @@ def test_layout_matches_the_contract(name):
         spans.append((off, off + (rows - 1) * stride + rb))
     spans.sort()
     assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), "extents overlap"
+    reader = EngineRegion.attach(name, 1)
+    assert reader.check_table() == EB and reader.table == reg.table
+    reader.close()
     assert spans[-1][1] <= total
     # The views are the region's bytes, with the shapes handed over.
     w2 = reg.tensor(2, "w2")
@@ -193,7 +196,7 @@ def test_a_quantised_tensor_set_round_trips_and_apply_moves_only_routed_rows(nam
     handed = [quantised_layer(layer) for layer in range(L)]
     reg = make(name, layers=handed)
     names = [t.name for t in handed[0]]
-    assert reg.tensor_names == names
+    assert reg.tensor_names == names and reg.check_table() == reg.expert_bytes
     rb = [48, 24, 24, 8, 4, 8, 4]
     assert reg.expert_bytes == 48 + 24 + 24 + 4 + 8, "globals are not part of an expert"
     for e in reg.table:
@@ -469,6 +472,23 @@ def test_finish_answers_a_pending_command_and_unlinks(name):
     other.close()
 
 
+def test_an_apply_that_fails_midway_fails_the_engine_and_every_later_step(name):
+    def broken(layer, slots):
+        raise RuntimeError("device copy failed")
+
+    reg = make(name, apply=broken)
+    post(reg, 1, layer=1, apply_step=0, epoch=1, row=swapped_row(reg, 1), mask=np.array([1, 1, 0, 0], np.uint8))
+    with pytest.raises(RuntimeError, match="device copy failed"):
+        reg.at_step_boundary(0, agree_alone)
+    assert reg.engine_state == R.ENGINE_FAILED and ack(reg) == (0, 0, 0), "nothing answered"
+    with pytest.raises(ContractError, match="failed mid-copy"):
+        reg.record(0, np.zeros((L, S), np.int64))
+    with pytest.raises(ContractError, match="failed mid-copy"):
+        reg.at_step_boundary(0, agree_alone)
+    reg.fail()
+    assert not os.path.exists(reg.path)
+
+
 class SpyLock:
     """The region's lock, reporting when a second thread waits for it."""
 
@@ -733,6 +753,14 @@ def test_cleanup_never_hangs_and_removes_only_dead_regions_of_exactly_that_name(
     assert p.stdout.split() == ["removed", region_path(name, 0)]
     left = sorted(f for f in os.listdir(R.SHM_DIR) if f"eplb-{name}" in f)
     assert left == sorted([f"eplb-{name}-b-0", f"eplb-{name}-1", f"eplb-{name}-2", f"eplb-{name}-4", f"eplb-{name}-5"])
+    p = subprocess.run([sys.executable, "-m", "eplb_client", "status", name, "--ranks", "3"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert "rank 1: " in p.stdout and "is not a regular file" in p.stdout, p.stdout
+    assert "rank 2: " in p.stdout and "shorter than the 4096-byte header" in p.stdout, p.stdout
+    p = subprocess.run([sys.executable, "-m", "eplb_client", "cleanup", "a/b"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 2 and "region name" in p.stderr, p.stderr
     live.finish()
     assert cleanup(f"{name}-b") == [region_path(f"{name}-b", 0)]
     for r in (1, 2, 4):
