@@ -76,7 +76,7 @@ struct Args {
     #[arg(long)]
     report: Option<std::path::PathBuf>,
     /// Before the first step, wait up to this many seconds for a sidecar to attach to every
-    /// rank (tests; a real engine never waits for its sidecar).
+    /// rank and start its loop (tests; a real engine never waits for its sidecar).
     #[arg(long, default_value_t = 0.0)]
     wait_sidecar: f64,
     /// Tests: SIGKILL this process at the boundary before this step (an engine that dies).
@@ -137,7 +137,10 @@ fn main() {
                 let globals = rank.global_bytes();
                 let mut globals_changed = 0u64;
                 let deadline = std::time::Instant::now() + Duration::from_secs_f64(args.wait_sidecar);
-                while rank.region.get(off::SIDECAR_STATE) != sidecar_state::ATTACHED
+                // Attached, and past its set-up: its first heartbeat comes from its loop, once it has
+                // fixed the first step it reads (so no step runs before the sidecar reads it).
+                while !(rank.region.get(off::SIDECAR_STATE) == sidecar_state::ATTACHED
+                    && rank.region.get(off::SIDECAR_HEARTBEAT_NS) != 0)
                     && std::time::Instant::now() < deadline
                 {
                     rank.beat();

@@ -175,6 +175,10 @@ impl<M: SlotMemory> ExpertStore for HostStore<M> {
         Ok(commit)
     }
 
+    fn globals_hash(&mut self) -> Result<Option<u64>, ExecError> {
+        Ok(self.memory.globals_hash())
+    }
+
     /// The next stage that changes a slot flips one of its bytes.
     fn corrupt_next_stage(&mut self) {
         self.corrupt_next_stage = true;

@@ -94,6 +94,11 @@ pub trait SlotMemory {
     /// ranks for memories whose commit needs an agreement; every rank calls it for the same layer.
     fn commit(&mut self, m: &RankMigration) -> Result<Commit, ExecError>;
 
+    /// A hash of the global tensors beside the experts (never written here), `None` without any.
+    fn globals_hash(&self) -> Option<u64> {
+        None
+    }
+
     fn num_layers(&self) -> usize {
         self.rows().num_layers()
     }

@@ -238,6 +238,19 @@ impl SlotMemory for ShmSlots {
     fn commit(&mut self, m: &RankMigration) -> Result<Commit, ExecError> {
         self.switch.commit(m)
     }
+
+    /// XXH3 of every row of every global tensor of every layer, in table order.
+    fn globals_hash(&self) -> Option<u64> {
+        let l = &self.region.layout;
+        let globals = l.global_tensors();
+        if globals.is_empty() {
+            return None;
+        }
+        let rows = (0..l.num_layers).flat_map(|layer| globals.iter().map(move |&t| l.entry(layer, t))).flat_map(|e| {
+            (0..e.rows as usize).map(move |r| self.region.bytes(e.row_at(r) as usize, e.row_bytes as usize))
+        });
+        Some(crate::executor::verify::checksum_parts(rows))
+    }
 }
 
 impl EngineSwitch for ShmSwitch {
