@@ -168,6 +168,7 @@ r = {
     "tensors_per_layer": e.get("tensors_per_layer"),
     "expert_bytes": e.get("expert_bytes"),
     "global_bytes_changed": e.get("global_bytes_changed"),
+    "sidecar_globals_unchanged": s.get("globals_unchanged"),
     "balancedness_static": e.get("balancedness_static"),
     "balancedness_live": e.get("balancedness_live"),
     "sidecar_exit_code": int(sidecar_rc),
@@ -188,7 +189,8 @@ print(f"# engine_demo: engine exit {engine_rc}, sidecar exit {sidecar_rc}, steps
       f"outputs match {r['outputs_match']}, layers committed {r['layers_committed']}, "
       f"commit step disagreements {r['commit_step_disagreements']}, wrong bytes {r['wrong_bytes']}")
 print(f"# quant {r['quant']}: tensors_per_layer {r['tensors_per_layer']}, expert_bytes {r['expert_bytes']}, "
-      f"global_bytes_changed {r['global_bytes_changed']}")
+      f"global_bytes_changed {r['global_bytes_changed']}"
+      + ("" if r["sidecar_globals_unchanged"] is None else f" (the sidecar's hash: globals unchanged {r['sidecar_globals_unchanged']})"))
 if e:
     print(f"# balancedness: static {r['balancedness_static']:.4f}, live {r['balancedness_live']:.4f}")
 ok = r["outputs_match"] and r["engine_steps"] == int(steps) and int(engine_rc) == 0 and r["global_bytes_changed"] == 0
