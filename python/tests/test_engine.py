@@ -181,7 +181,8 @@ def mpirun(n):
 
 
 class Run:
-    def __init__(self, tmp_path, name, ranks=2, steps=60, engine_flags=(), sidecar_flags=(), sidecar=True):
+    def __init__(self, tmp_path, name, ranks=2, steps=60, engine_flags=(), sidecar_flags=(), sidecar=True,
+                 sidecar_script="fake_sidecar.py"):
         self.name, self.ranks, self.tmp = name, ranks, tmp_path
         self.report = tmp_path / "engine.json"
         self.sidecar_log = tmp_path / "sidecar.log"
@@ -194,7 +195,7 @@ class Run:
         self.sidecar = None
         if sidecar:
             self.sidecar = subprocess.Popen(
-                [sys.executable, os.path.join(HERE, "fake_sidecar.py"), "--name", name, "--ranks", str(ranks),
+                [sys.executable, os.path.join(HERE, sidecar_script), "--name", name, "--ranks", str(ranks),
                  "--every", "2", "--log", str(self.sidecar_log), *sidecar_flags],
                 env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -321,3 +322,18 @@ def test_each_quant_beside_the_fake_sidecar(tmp_path, q):
     assert report["global_bytes_changed"] == 0
     assert side_rc == 0, side_out
     assert removed == []
+
+
+@mpi
+@pytest.mark.parametrize("q,skip", [("fp8-block", "w13_weight_scale_inv"), ("nvfp4", "w2_weight_scale_2")])
+def test_a_mover_that_leaves_a_scale_behind_is_caught(tmp_path, q, skip):
+    """The protocol cannot see a tensor left behind (every staged byte matches what was sent): the
+    engine's output check and its applied-bytes check must."""
+    run = Run(tmp_path, f"pyt{os.getpid()}l{q[:3]}", ranks=2, steps=30, engine_flags=["--quant", q, "--fp8-block", "32"],
+              sidecar_flags=["--skip", skip], sidecar_script="lazy_sidecar.py")
+    rc, out, report, side_rc, side_out, _ = run.finish()
+    assert side_rc == 0, side_out
+    assert rc == 1, out
+    assert report["layers_committed"] >= 1 and report["commit_step_disagreements"] == 0
+    assert not report["outputs_match"] and report["mismatched_steps"], "the output check must fail"
+    assert report["wrong_bytes"] > 0 and report["global_bytes_changed"] == 0
