@@ -6,8 +6,12 @@
 # inside the rank (slot permutations and replica changes; balance cannot change on one rank) and
 # stages, verifies and applies them as usual.
 #
-#   scripts/bench_gpu_attach.sh [--steps S] [--layers L] [--tokens T] [--top-k K] [--out DIR]
-#                               [--timeout SECONDS] [--no-baseline] [-- EXTRA eplb-worker run FLAGS]
+#   scripts/bench_gpu_attach.sh [--steps S] [--layers L] [--force-every N] [--tokens T] [--top-k K]
+#                               [--out DIR] [--timeout SECONDS] [--no-baseline] [-- EXTRA eplb-worker run FLAGS]
+#
+# The worker runs `eplb-worker run --force-moves N` (every N steps one layer, the layers in turn,
+# gets a new placement inside the rank: its 9 slots rotated, every other time a redundant replica
+# replaced; --force-every N, default 2).
 #
 # Prints: the engine's attach time (region created, one IPC handle exported per distinct
 # allocation, published), the handles and tensors, the worker's own open time (from its report),
@@ -26,23 +30,24 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-steps=40 layers=58 tokens=256 topk=2 out="" limit=540 baseline=1 name="dsv3-$$"
+steps=60 layers=58 every=2 tokens=256 topk=2 out="" limit=540 baseline=1 name="dsv3-$$"
 extra=()
 while (($#)); do
   case "$1" in
     --steps) steps=$2; shift 2 ;;
     --layers) layers=$2; shift 2 ;;
+    --force-every) every=$2; shift 2 ;;
     --tokens) tokens=$2; shift 2 ;;
     --top-k) topk=$2; shift 2 ;;
     --out) out=$2; shift 2 ;;
     --timeout) limit=$2; shift 2 ;;
     --no-baseline) baseline=0; shift ;;
     --) shift; extra=("$@"); break ;;
-    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1 {print}' "$0"; exit 0 ;;
     *) echo "bench_gpu_attach.sh: unknown flag $1 (see --help)" >&2; exit 2 ;;
   esac
 done
-for v in "$steps" "$layers" "$tokens" "$topk" "$limit"; do
+for v in "$steps" "$layers" "$every" "$tokens" "$topk" "$limit"; do
   [[ $v =~ ^[0-9]+$ ]] || { echo "bench_gpu_attach.sh: '$v' is not a number" >&2; exit 2; }
 done
 PY=${EPLB_PYTHON:-python3}
@@ -59,16 +64,10 @@ export OMPI_MCA_btl_vader_backing_directory=$out
 mpi=(mpirun --allow-run-as-root --oversubscribe --bind-to none -n 1 -x NCCL_NVLS_ENABLE -x PYTHONPATH
      -x PYTHONUNBUFFERED -x CUDA_VISIBLE_DEVICES -x RUST_LOG)
 
-# The worker's one-GPU forced-moves mode (branch c2rust): `eplb-worker run --help` names it.
-force=()
-if [ -n "${EPLB_FORCE_FLAGS:-}" ]; then
-  read -r -a force <<<"$EPLB_FORCE_FLAGS"
-else
-  help=$("$WORKER" run --help 2>&1 || true)
-  flag=$(grep -oE -- '--(bench-)?force[a-z-]*' <<<"$help" | head -n 1 || true)
-  [ -n "$flag" ] || { echo "bench_gpu_attach.sh: $WORKER run has no forced-moves flag (--force...): build the contract-2 worker, or set EPLB_FORCE_FLAGS" >&2; exit 2; }
-  force=("$flag")
-fi
+# The worker's one-GPU forced-moves mode.
+"$WORKER" run --help 2>&1 | grep -q -- '--force-moves' || {
+  echo "bench_gpu_attach.sh: $WORKER run has no --force-moves: build the contract-2 worker (cargo build --release)" >&2; exit 2; }
+force=(--force-moves "$every")
 
 engine=(-m eplb_engine.gpu --deepseek-v3 --num-layers "$layers" --steps "$steps" --tokens "$tokens" --top-k "$topk"
         --log-every 10)
@@ -125,8 +124,13 @@ print(f"# attach (engine: region created, IPC handles exported, published): {max
       f"ipc_handles {live['ipc_handles'][0]} for {live['ipc_tensors']} tensors | weights generated in "
       f"{max(live['weights_generated_s']):.1f} s | staging {live['staging_bytes']} bytes")
 if side:
-    keys = {k: v for k, v in side.items() if any(w in k for w in ("open", "attach", "ipc", "handle"))}
-    print(f"# worker: {json.dumps(keys)}")
+    keys = {k: v for k, v in side.items() if any(w in k for w in ("open", "attach", "ipc", "handle", "globals"))}
+    print(f"# worker report: {json.dumps(keys)}")
+log = os.path.join(out, "sidecar.log")
+if os.path.exists(log):
+    for line in open(log, errors="replace"):
+        if any(w in line.lower() for w in ("ipc", "handle", "opened", "attach")):
+            print(f"# worker log: {line.rstrip()[:300]}")
 print(f"# apply stall a layer (at_step_boundary that applied): {st.get('count', 0)} applies, median "
       f"{st.get('median', 0):.1f} us, p99 {st.get('p99', 0):.1f} us, max {st.get('max', 0):.1f} us | the device copies "
       f"alone: median {med(ap):.1f} us wall, {med(gpu):.1f} us GPU")
