@@ -573,7 +573,7 @@ class GpuEngine:
                     w13_t, w2_t = self.weights_t(layer)
                     scales = self.input_scales(layer, self.slot_expert[layer])
                     if scales is not None:  # per slot, and per pair row (the rows are sorted by slot)
-                        scales = scales + tuple(x.repeat_interleave(mine[layer], output_size=n) for x in scales)
+                        scales = scales + tuple(v.repeat_interleave(mine[layer], output_size=n) for v in scales)
                     y = experts_forward(a, w13_t, w2_t, offs[layer], counts_h[layer, r * S : (r + 1) * S].tolist(), act,
                                         scales)
                 e1.record()
