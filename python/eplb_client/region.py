@@ -46,6 +46,12 @@ Choices where CONTRACT2 is silent (documented here, the reader relies on none of
 * ``tensor()``/``staging_tensor()`` of GPU weights return the engine's own tensors.
 * Names: ``[A-Za-z0-9_.-]``, 1 to 200 characters, not starting with ``.`` (the worker's rule);
   tensor names 1 to 24 UTF-8 bytes without NUL.
+* GPU weights: the tensors' addresses are checked when a command is first seen and again right
+  before it is applied (not at every boundary it stays pending: an apply happens only at its own
+  boundary, so that is where a re-allocation matters; the first check tells the sidecar early).
+  The IPC section's ``uuid`` holds the GPU's real UUID (the contract allows zeros: not checked).
+* An ``apply`` that raises leaves this rank's weights possibly torn: nothing is answered,
+  ``engine_state`` becomes failed and the region refuses every later step.
 * ``record`` takes counts of exactly ``[num_layers, count_cols]`` exact non-negative integers
   below ``MAX_COUNT`` (2^40: one step's pairs of one slot; the bound keeps the sidecar's u64 sums
   over ranks and steps from wrapping); integral floats are accepted, nothing else.
