@@ -172,7 +172,11 @@ fn the_sidecar_balances_the_fake_engine_and_every_rank_switches_at_the_same_step
     // Several tensors a layer, one of them global: never written, proven by both sides.
     assert_eq!(e["tensors_per_layer"], 4);
     assert_eq!(e["global_bytes_changed"], 0);
-    assert_eq!(s["globals_unchanged"], Value::Bool(true), "the sidecar hashed the global tensor at attach and at the end");
+    assert_eq!(
+        s["globals_unchanged"],
+        Value::Bool(true),
+        "the sidecar hashed the global tensor at attach and at the end"
+    );
     assert!(p.stdout.contains("# global tensors unchanged: yes"), "{}", p.stdout);
 }
 
@@ -254,14 +258,29 @@ fn a_gpu_weights_region_needs_the_gpu_path() {
     let name = region_name("ipc");
     let d = tmpdir("ipc");
     let report = d.join("r.json");
-    let shape =
-        Shape { num_layers: 2, slots_per_rank: 4, num_logical: 3, world_size: 1, rank: 0, ring_len: 16, counts_kind: counts_kind::LOCAL };
-    let host = Layout::host(&shape, &[TensorDesc::expert("w13_weight", "bf16", 256), TensorDesc::expert("w2_weight", "bf16", 128)]);
+    let shape = Shape {
+        num_layers: 2,
+        slots_per_rank: 4,
+        num_logical: 3,
+        world_size: 1,
+        rank: 0,
+        ring_len: 16,
+        counts_kind: counts_kind::LOCAL,
+    };
+    let host = Layout::host(
+        &shape,
+        &[TensorDesc::expert("w13_weight", "bf16", 256), TensorDesc::expert("w2_weight", "bf16", 128)],
+    );
     // Every tensor its own allocation (one handle each), at offset 0.
-    let entries: Vec<TensorEntry> =
-        host.tensors.iter().enumerate().map(|(i, e)| TensorEntry { offset: 0, handle: i as u16, ..e.clone() }).collect();
+    let entries: Vec<TensorEntry> = host
+        .tensors
+        .iter()
+        .enumerate()
+        .map(|(i, e)| TensorEntry { offset: 0, handle: i as u16, ..e.clone() })
+        .collect();
     let handles = (0..entries.len()).map(|i| IpcHandle { handle: [i as u8 + 3; 64], bytes: 4096 }).collect();
-    let layout = Layout::cuda_ipc(&shape, entries, IpcWeights { pci_bus_id: "0000:ff:1f.0".into(), uuid: [0; 16], handles });
+    let layout =
+        Layout::cuda_ipc(&shape, entries, IpcWeights { pci_bus_id: "0000:ff:1f.0".into(), uuid: [0; 16], handles });
     let phy2log: Vec<i32> = (0..2).flat_map(|_| [0, 1, 2, 0]).collect();
     let region = EngineRank::create(&name, &layout, &phy2log, |_, _, _| unreachable!("GPU weights are not filled"))
         .expect("create the region");
@@ -324,4 +343,36 @@ fn a_version_1_region_exits_2_naming_both_versions() {
     let _ = std::fs::remove_file(&path);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("contract version 1") && err.contains("speaks version 2") && err.contains(&path), "{err}");
+}
+
+#[test]
+fn forced_moves_on_one_engine_rank_switch_many_times_and_never_touch_the_global_tensor() {
+    // One engine rank, one sidecar rank: nothing can move for balance; --force-moves 4 moves a
+    // layer inside the rank every 4 steps through the whole protocol (staged rows, verified,
+    // posted, applied by the engine at one step).
+    let name = region_name("force");
+    let d = tmpdir("force");
+    let (er, sr) = (d.join("engine.json"), d.join("sidecar.json"));
+    let _ = std::fs::remove_file(&er);
+    let _ = std::fs::remove_file(&sr);
+    let _one = PAIRS.lock().unwrap_or_else(|e| e.into_inner());
+    let mut e = engine(&name, &er, &["--ranks", "1", "--experts", "3", "--slots-per-rank", "4", "--steps", "200"]);
+    let (code, stdout, stderr) = finish(sidecar(1, &name, &sr, &["--force-moves", "4"]), Duration::from_secs(120));
+    let engine_code = wait_bounded(&mut e, Duration::from_secs(60));
+    let _ = std::fs::remove_file(format!("/dev/shm/eplb-{name}-0"));
+    assert_eq!(code, 0, "stderr:\n{stderr}\nstdout:\n{stdout}");
+    assert_eq!(engine_code, 0);
+    let read = |p: &std::path::Path| -> Value { serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap() };
+    let (e, s) = (read(&er), read(&sr));
+    let committed = e["layers_committed"].as_u64().unwrap();
+    assert!(committed >= 20, "a forced move every 4 steps (some may be cancelled): {committed}\n{stdout}");
+    assert_eq!(
+        s["forced_moves"].as_u64(),
+        Some(committed),
+        "every forced move the sidecar committed, the engine applied"
+    );
+    assert_eq!(e["outputs_match"], Value::Bool(true), "every live slot holds the expert its placement names");
+    assert_eq!(e["global_bytes_changed"], 0, "the global tensor's bytes are unchanged after {committed} switches");
+    assert_eq!(s["globals_unchanged"], Value::Bool(true));
+    assert_eq!(s["wrong_bytes"], 0);
 }

@@ -28,7 +28,7 @@ use ndarray::Array2;
 use serde_json::json;
 
 #[derive(Debug, Parser)]
-#[command(name = "eplb-fake-engine")]
+#[command(name = "eplb-fake-engine", args_override_self = true)]
 struct Args {
     /// Region name: /dev/shm/eplb-NAME-RANK.
     #[arg(long)]

@@ -136,18 +136,22 @@ pub fn fill_expert(buf: &mut [u8], layer: usize, expert: usize) {
 /// Bytes of `buf` that differ from logical expert `expert`'s weights of layer `layer`.
 pub fn wrong_bytes(buf: &[u8], layer: usize, expert: usize) -> u64 {
     let seed = expert_seed(layer, expert);
-    let diff_bytes = |diff: u64| if diff == 0 { 0 } else { diff.to_le_bytes().iter().filter(|&&b| b != 0).count() as u64 };
+    let diff_bytes =
+        |diff: u64| if diff == 0 { 0 } else { diff.to_le_bytes().iter().filter(|&&b| b != 0).count() as u64 };
     let chunks = buf.chunks_exact(8);
     let tail = chunks.remainder();
     let whole = chunks.len();
     let words: u64 = chunks
         .enumerate()
-        .map(|(i, w)| diff_bytes(u64::from_le_bytes(w.try_into().expect("8 bytes")) ^ pattern_word_seeded(seed, i as u64)))
+        .map(|(i, w)| {
+            diff_bytes(u64::from_le_bytes(w.try_into().expect("8 bytes")) ^ pattern_word_seeded(seed, i as u64))
+        })
         .sum();
     // A tail shorter than a word is compared with the low bytes of its word.
     let mut word = [0u8; 8];
     word[..tail.len()].copy_from_slice(tail);
-    let want = pattern_word_seeded(seed, whole as u64) & (u64::MAX >> (8 * (8 - tail.len()) % 64)).wrapping_mul(u64::from(!tail.is_empty()));
+    let want = pattern_word_seeded(seed, whole as u64)
+        & (u64::MAX >> (8 * (8 - tail.len()) % 64)).wrapping_mul(u64::from(!tail.is_empty()));
     words + diff_bytes(u64::from_le_bytes(word) ^ want)
 }
 

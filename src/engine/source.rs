@@ -118,12 +118,14 @@ mod tests {
         // view of all 6 slots (what it routed there); the ranks' views sum to the slots' loads.
         let p = Placement::from_phy2log(ndarray::arr2(&[[0, 1, 0, 2, 0, 1]]), 3).unwrap();
         let slots = [4u64, 7, 3, 3, 3, 2];
-        let local: Vec<Array2<u64>> =
-            (0..2).map(|r| ndarray::Array2::from_shape_vec((1, 3), slots[r * 3..r * 3 + 3].to_vec()).unwrap()).collect();
+        let local: Vec<Array2<u64>> = (0..2)
+            .map(|r| ndarray::Array2::from_shape_vec((1, 3), slots[r * 3..r * 3 + 3].to_vec()).unwrap())
+            .collect();
         let view0 = ndarray::arr2(&[[1u64, 7, 0, 3, 1, 2]]);
         let view1 = ndarray::arr2(&[[3u64, 0, 3, 0, 2, 0]]);
         let sum = |a: Array2<u64>, b: Array2<u64>| a + b;
-        let from_local = sum(logical_from_slots(local[0].view(), &p, 0, 3), logical_from_slots(local[1].view(), &p, 1, 3));
+        let from_local =
+            sum(logical_from_slots(local[0].view(), &p, 0, 3), logical_from_slots(local[1].view(), &p, 1, 3));
         let from_physical = sum(logical_from_slots(view0.view(), &p, 0, 3), logical_from_slots(view1.view(), &p, 1, 3));
         assert_eq!(from_local, ndarray::arr2(&[[10, 9, 3]]));
         assert_eq!(from_physical, from_local);

@@ -111,8 +111,7 @@ pub fn open(spec: StoreSpec) -> Result<Opened, StoreError> {
         }
         (Weights::Region { region, switch }, Transport::Host { chunk_bytes }) => {
             let memory = ShmSlots::new(region, switch);
-            let store =
-                HostStore::with_memory(memory, HostTransport::new(comm, chunk_bytes), Verification::Checksum)?;
+            let store = HostStore::with_memory(memory, HostTransport::new(comm, chunk_bytes), Verification::Checksum)?;
             Ok(Opened::Ready(Box::new(store)))
         }
         (Weights::DeviceIpc { region, switch }, Transport::Nccl { tuning }) => {
@@ -134,9 +133,9 @@ pub fn open(spec: StoreSpec) -> Result<Opened, StoreError> {
         (Weights::Heap { .. } | Weights::Region { .. }, Transport::Nccl { .. }) => Err(StoreError::Config(
             "these weights are in host memory: they move with the host transport (--transport host or auto)".into(),
         )),
-        (Weights::Device { .. } | Weights::DeviceIpc { .. }, Transport::Host { .. }) => Err(StoreError::Config(
-            "these weights are on a GPU: they move with NCCL (--transport nccl or auto)".into(),
-        )),
+        (Weights::Device { .. } | Weights::DeviceIpc { .. }, Transport::Host { .. }) => {
+            Err(StoreError::Config("these weights are on a GPU: they move with NCCL (--transport nccl or auto)".into()))
+        }
     }
 }
 
@@ -163,8 +162,8 @@ pub fn device_store(
     experts: &[Vec<usize>],
     expert_bytes: usize,
     tuning: NcclTuning,
-) -> Result<DeviceExpertStore, StoreError> {
-    Ok(DeviceExpertStore::new(gpu, nccl, experts, expert_bytes, tuning)?)
+) -> Result<DeviceExpertStore, GpuError> {
+    DeviceExpertStore::new(gpu, nccl, experts, expert_bytes, tuning)
 }
 
 /// Builds a store on every rank: the local part, the agreement (every rank learns which ranks

@@ -59,7 +59,11 @@ pub struct Verifier {
 
 impl Verifier {
     pub fn new(num_layers: usize, slots_per_rank: usize, expert_bytes: usize) -> Verifier {
-        Verifier { expert_bytes: expert_bytes as u64, expected: vec![Vec::new(); slots_per_rank], live: vec![None; num_layers] }
+        Verifier {
+            expert_bytes: expert_bytes as u64,
+            expected: vec![Vec::new(); slots_per_rank],
+            live: vec![None; num_layers],
+        }
     }
 
     /// Staged slot `slot` must hold what its sender summed as `sums`.

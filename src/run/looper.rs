@@ -324,7 +324,14 @@ impl<'a> Looper<'a> {
             }
             // 4. Migrate the next queued layers.
             for update in self.manager.next_layers() {
-                self.migrate(step, &update)?;
+                self.migrate(step, &update, false)?;
+            }
+            if let Some((layer, k)) = self.args.force_moves.and_then(|n| super::force::due(step, n, num_layers)) {
+                let old = self.live.placement().phy2log.row(layer).to_vec();
+                if let Some(new_row) = super::force::forced_row(&old, spr, num_logical, k) {
+                    let update = LayerUpdate { layer, new_row, load: Vec::new(), gain: 0.0, similarity: None, rank: 0 };
+                    self.migrate(step, &update, true)?;
+                }
             }
             if self.args.verify_live_every_step {
                 self.verify_all_live(step)?;
@@ -367,8 +374,9 @@ impl<'a> Looper<'a> {
         Ok(mine.unwrap_or(RunError::PeerEngine { step, ranks: format!("{failed:?}") }))
     }
 
-    /// One layer: derive, stage and verify on every rank, then commit through [`Live`].
-    fn migrate(&mut self, step: usize, update: &LayerUpdate) -> Result<(), RunError> {
+    /// One layer: derive, stage and verify on every rank, then commit through [`Live`]. A
+    /// `forced` move (`--force-moves`) is not the manager's: it is not told.
+    fn migrate(&mut self, step: usize, update: &LayerUpdate, forced: bool) -> Result<(), RunError> {
         let shape = self.run_shape.shape;
         let (rank, spr, gpn) = (self.world.rank(), shape.slots_per_rank(), shape.gpus_per_node());
         let old = self.live.placement().phy2log.row(update.layer).to_vec();
@@ -392,9 +400,13 @@ impl<'a> Looper<'a> {
             }
             Err(source) => return Err(RunError::Exec { step, source }),
         };
-        match self.live.commit(self.engine.store(), &mut self.manager, update, &staged) {
+        let manager = (!forced).then_some(&mut self.manager);
+        match self.live.commit(self.engine.store(), manager, update, &staged) {
             Ok(Committed::Applied { at_step }) => {
                 let stats = LayerStats { seconds: staged.elapsed(), ..staged.stats };
+                if forced {
+                    self.output.report.forced_moves += 1;
+                }
                 if self.manager.config.measure.migration {
                     // The slowest rank's transfers into staging, the same on every rank (every
                     // rank applied); not the wait for the engine's boundary, during which it runs.

@@ -116,6 +116,8 @@ pub struct Report {
     /// Whether the engine's global tensors (never moved, never written by eplb) hash at the end
     /// as they did at attach, on every rank; `None` when the engine lists none.
     pub globals_unchanged: Option<bool>,
+    /// Layers moved by `--force-moves` (counted in `layers_updated` too).
+    pub forced_moves: u64,
     pub manager: ManagerTimes,
     /// The manager's cost model at the end: the balanced step time and the migration bandwidth,
     /// and how many measured samples each holds (0: the flag or the default).
@@ -167,6 +169,7 @@ impl Report {
             lost_steps: 0,
             cancelled_applies: 0,
             globals_unchanged: None,
+            forced_moves: 0,
             manager: ManagerTimes::default(),
             cost_model: None,
             final_placement_hash: String::new(),

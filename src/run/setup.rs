@@ -295,7 +295,10 @@ pub fn make_store(
     let (weights, transport) = if transport == TransportKind::Nccl {
         let gpu = gpu::open_local_gpu(topo.local_rank)?;
         let tuning = NcclTuning::from_mib(args.nccl_group_mib, args.nccl_chunk_mib, args.nccl_register);
-        (Weights::Device { gpu, experts: experts.to_vec(), expert_bytes: args.expert_bytes }, Transport::Nccl { tuning })
+        (
+            Weights::Device { gpu, experts: experts.to_vec(), expert_bytes: args.expert_bytes },
+            Transport::Nccl { tuning },
+        )
     } else {
         // The ranks of one host share its memory (all of them when the nodes are faked).
         let on_host = if topo.faked { topo.world_size } else { topo.local_size };

@@ -190,7 +190,8 @@ impl ShmSwitch {
         Err(ExecError::Other(if fault != 0 {
             table_fault_message(&self.region, self.watch.rank, fault)
         } else {
-            "another engine rank re-allocated one of its tensors (table_fault; that rank names it): nothing was posted".into()
+            "another engine rank re-allocated one of its tensors (table_fault; that rank names it): nothing was posted"
+                .into()
         }))
     }
 

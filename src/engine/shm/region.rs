@@ -333,7 +333,14 @@ pub struct TensorDesc {
 impl TensorDesc {
     /// A per-expert tensor whose rows are `row_bytes` apart.
     pub fn expert(name: &str, dtype: &str, row_bytes: u64) -> TensorDesc {
-        TensorDesc { name: name.into(), dtype: dtype.into(), row_bytes, row_stride: row_bytes, kind: tensor_kind::EXPERT, global_rows: 0 }
+        TensorDesc {
+            name: name.into(),
+            dtype: dtype.into(),
+            row_bytes,
+            row_stride: row_bytes,
+            kind: tensor_kind::EXPERT,
+            global_rows: 0,
+        }
     }
 
     /// The same with a row stride larger than the row (padded rows).
@@ -343,7 +350,14 @@ impl TensorDesc {
 
     /// A global tensor of `rows` rows.
     pub fn global(name: &str, dtype: &str, row_bytes: u64, rows: u32) -> TensorDesc {
-        TensorDesc { name: name.into(), dtype: dtype.into(), row_bytes, row_stride: row_bytes, kind: tensor_kind::GLOBAL, global_rows: rows }
+        TensorDesc {
+            name: name.into(),
+            dtype: dtype.into(),
+            row_bytes,
+            row_stride: row_bytes,
+            kind: tensor_kind::GLOBAL,
+            global_rows: rows,
+        }
     }
 }
 
@@ -788,7 +802,8 @@ impl Layout {
         }
         let ipc_weights = match l.weights_kind {
             weights_kind::CUDA_IPC => Some(
-                parse_ipc(&bytes[l.ipc_offset..], num_handles).map_err(|e| format!("weights_kind 1 (CUDA IPC): {e}"))?,
+                parse_ipc(&bytes[l.ipc_offset..], num_handles)
+                    .map_err(|e| format!("weights_kind 1 (CUDA IPC): {e}"))?,
             ),
             _ => None,
         };
@@ -834,7 +849,10 @@ impl Layout {
                 return fail(i, "name is empty".into());
             }
             if e.dtype.is_empty() || !e.dtype.is_ascii() {
-                return fail(i, format!("dtype {:?} is not an ASCII dtype name (such as {})", e.dtype, DTYPES.join(" ")));
+                return fail(
+                    i,
+                    format!("dtype {:?} is not an ASCII dtype name (such as {})", e.dtype, DTYPES.join(" ")),
+                );
             }
             for (field, same) in [
                 ("name", e.name == first.name),

@@ -309,7 +309,11 @@ fn a_reader_racing_the_writer_never_sees_a_torn_entry() {
 fn commands_and_the_boundary_rules() {
     let l = Layout::host(
         &shape(2, 2, 3, 2, 0),
-        &[TensorDesc::expert("a", "u8", 40).strided(48), TensorDesc::global("g", "u8", 3, 2), TensorDesc::expert("b", "u8", 24)],
+        &[
+            TensorDesc::expert("a", "u8", 40).strided(48),
+            TensorDesc::global("g", "u8", 3, 2),
+            TensorDesc::expert("b", "u8", 24),
+        ],
     );
     let initial = vec![0, 1, 2, 0, 0, 1, 2, 1];
     let name = format!("unit-{}", std::process::id());
