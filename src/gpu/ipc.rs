@@ -151,7 +151,15 @@ impl IpcMemory {
             let m = match first.get(&h.handle) {
                 Some(&m) => m,
                 None => {
-                    mappings.push(IpcMapping::open(h, i)?);
+                    // A handle that cannot be opened is bad input (exit 2), named by the first
+                    // table entry that lives in it.
+                    let mapping = IpcMapping::open(h, i).map_err(|e| {
+                        let user = (0..layout.tensors.len())
+                            .find(|&j| layout.tensors[j].rows > 0 && layout.tensors[j].handle as usize == i)
+                            .map_or("no table entry".to_string(), |j| layout.entry_name(j));
+                        GpuError::TooBig(format!("tensor table: {user}: field handle {i}: {e}; nothing was moved"))
+                    })?;
+                    mappings.push(mapping);
                     first.insert(h.handle, mappings.len() - 1);
                     mappings.len() - 1
                 }

@@ -235,7 +235,9 @@ impl DeviceExpertStore {
             });
         }
         // The scratch buffer holds the largest row whose sum cannot be taken in place.
-        let unaligned = |at: u64, stride: u64, bytes: usize| at % 8 != 0 || stride % 8 != 0 || bytes % 8 != 0;
+        let unaligned = |at: u64, stride: u64, bytes: usize| {
+            !at.is_multiple_of(8) || !stride.is_multiple_of(8) || !bytes.is_multiple_of(8)
+        };
         let mut scratch_bytes = 0usize;
         for spans in &rows.spans {
             for (t, s) in spans.iter().enumerate() {
