@@ -6,7 +6,7 @@
 #   scripts/engine_demo.sh [--ranks N] [--steps S] [--trace FILE [--trace-dataset D]]
 #                          [--kill-sidecar-at-step K] [--stop-sidecar-at-step K] [--kill-engine-at-step K]
 #                          [--report OUT.json] [--timeout SECONDS] [--interval-steps N] [--sidecar worker|fake]
-#                          [--name NAME]
+#                          [--name NAME] [--quant none|fp8-block|nvfp4] [--fp8-block B]
 #                          [-- EXTRA eplb-worker run FLAGS]
 #
 # Exits 0 only if the engine finished every step and every step's output matched the reference
@@ -17,11 +17,15 @@
 # for all ranks; for the client's tests).
 # --gpu: the PyTorch engine on every visible GPU with CUDA IPC weights and `--transport nccl`
 # (scripts/engine_demo_gpu.sh; its --help lists its flags).
+# --quant: the engine's expert tensors as vLLM/SGLang store them (none: bf16 w13_weight, w2_weight;
+# fp8-block: fp8 weights + fp32 block scales, --fp8-block the block edge (default 128); nvfp4:
+# packed fp4 weights, fp8 block scales, scale_2, and global input scales that must never move).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 for a in "$@"; do [ "$a" != --gpu ] || exec scripts/engine_demo_gpu.sh "$@"; done
 
 name="demo-$$" ranks=4 steps=200 trace="" dataset="" kill_at="" stop_at="" engine_kill_at="" report="" limit=600 sidecar=worker interval=10
+quant=none fp8_block=128
 extra=()
 while (($#)); do
   case "$1" in
@@ -37,16 +41,19 @@ while (($#)); do
     --sidecar) sidecar=$2; shift 2 ;;
     --interval-steps) interval=$2; shift 2 ;;
     --name) name=$2; shift 2 ;;
+    --quant) quant=$2; shift 2 ;;
+    --fp8-block) fp8_block=$2; shift 2 ;;
     --) shift; extra=("$@"); break ;;
-    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
     *) echo "engine_demo.sh: unknown flag $1 (see --help)" >&2; exit 2 ;;
   esac
 done
-for v in "$ranks" "$steps" $kill_at $stop_at $engine_kill_at "$limit" "$interval"; do
+for v in "$ranks" "$steps" $kill_at $stop_at $engine_kill_at "$limit" "$interval" "$fp8_block"; do
   [[ $v =~ ^[0-9]+$ ]] || { echo "engine_demo.sh: '$v' is not a number" >&2; exit 2; }
 done
 [[ $name =~ ^[A-Za-z0-9_.-]+$ ]] || { echo "engine_demo.sh: --name: only [A-Za-z0-9_.-]" >&2; exit 2; }
 [[ $sidecar == worker || $sidecar == fake ]] || { echo "engine_demo.sh: --sidecar worker|fake" >&2; exit 2; }
+[[ $quant == none || $quant == fp8-block || $quant == nvfp4 ]] || { echo "engine_demo.sh: --quant none|fp8-block|nvfp4" >&2; exit 2; }
 [ -z "$trace" ] || [ -r "$trace" ] || { echo "engine_demo.sh: cannot read trace $trace" >&2; exit 2; }
 
 PY=${EPLB_PYTHON:-python3}
@@ -92,7 +99,8 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 mpi=(mpirun -n "$ranks" --oversubscribe)
-engine_args=(-m eplb_engine --name "$name" --steps "$steps" --wait-sidecar 120 --report "$work/engine.json")
+engine_args=(-m eplb_engine --name "$name" --steps "$steps" --wait-sidecar 120 --report "$work/engine.json"
+             --quant "$quant" --fp8-block "$fp8_block")
 [ -z "$trace" ] || engine_args+=(--trace "$trace")
 [ -z "$dataset" ] || engine_args+=(--trace-dataset "$dataset")
 [ -z "$engine_kill_at" ] || engine_args+=(--die-at-step "$engine_kill_at" --die-rank $((ranks - 1)))
@@ -156,6 +164,11 @@ r = {
     "layers_committed": e.get("layers_committed", 0),
     "commit_step_disagreements": e.get("commit_step_disagreements"),
     "wrong_bytes": e.get("wrong_bytes"),
+    "quant": e.get("quant"),
+    "tensors_per_layer": e.get("tensors_per_layer"),
+    "expert_bytes": e.get("expert_bytes"),
+    "global_bytes_changed": e.get("global_bytes_changed"),
+    "sidecar_globals_unchanged": s.get("globals_unchanged"),
     "balancedness_static": e.get("balancedness_static"),
     "balancedness_live": e.get("balancedness_live"),
     "sidecar_exit_code": int(sidecar_rc),
@@ -175,8 +188,11 @@ if out != "/dev/null":
 print(f"# engine_demo: engine exit {engine_rc}, sidecar exit {sidecar_rc}, steps {r['engine_steps']}/{steps}, "
       f"outputs match {r['outputs_match']}, layers committed {r['layers_committed']}, "
       f"commit step disagreements {r['commit_step_disagreements']}, wrong bytes {r['wrong_bytes']}")
+print(f"# quant {r['quant']}: tensors_per_layer {r['tensors_per_layer']}, expert_bytes {r['expert_bytes']}, "
+      f"global_bytes_changed {r['global_bytes_changed']}"
+      + ("" if r["sidecar_globals_unchanged"] is None else f" (the sidecar's hash: globals unchanged {r['sidecar_globals_unchanged']})"))
 if e:
     print(f"# balancedness: static {r['balancedness_static']:.4f}, live {r['balancedness_live']:.4f}")
-ok = r["outputs_match"] and r["engine_steps"] == int(steps) and int(engine_rc) == 0
+ok = r["outputs_match"] and r["engine_steps"] == int(steps) and int(engine_rc) == 0 and r["global_bytes_changed"] == 0
 sys.exit(0 if ok else 1)
 EOF

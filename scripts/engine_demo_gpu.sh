@@ -6,13 +6,17 @@
 #
 #   scripts/engine_demo.sh --gpu [--steps S] [--trace FILE [--trace-dataset D]] [--layers N]
 #       [--hidden H] [--ffn F] [--tokens T] [--top-k K] [--slots-per-rank S] [--interval-steps N (0: time mode)]
-#       [--baseline] [--interference] [--xcheck] [--out DIR] [--timeout SECONDS] [-- WORKER RUN FLAGS]
+#       [--baseline] [--interference] [--xcheck] [--out DIR] [--timeout SECONDS]
+#       [--quant none|fp8-block|nvfp4] [--fp8-block B] [-- WORKER RUN FLAGS]
 #
 # --baseline      first the same engine alone (static placement), then compare step by step:
 #                 outputs bitwise identical, MoE time of the slowest rank, ideal speed-up
 # --interference  also the static engine while `eplb-worker bench-migrate` (44 MiB experts, NCCL)
 #                 migrates back to back on the same GPUs: how much longer a step takes
 # --xcheck        the expert math against transformers' Qwen3-MoE block (one GPU), first
+# --quant Q       the experts' tensors as vLLM/SGLang store them (default none: bf16), each its own
+#                 PyTorch allocation; the summary prints tensors_per_layer, ipc_handles and
+#                 global_bytes_changed (must be 0)
 # SIDECAR_NCCL_MAX_NCHANNELS=N caps the NCCL channels (and so the SMs) of the sidecar and of the
 # benchmark beside the engine.
 # Every run is bounded by --timeout; results (JSON, logs) go to --out (default: a temporary folder).
@@ -22,7 +26,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 steps=200 trace="" dataset="" layers=0 hidden=4096 ffn=1536 tokens=4096 topk=8 spr="" interval=20
-baseline=0 interference=0 xcheck=0 out="" limit=300 name="gpu-$$"
+baseline=0 interference=0 xcheck=0 out="" limit=300 name="gpu-$$" quant=none fp8_block=128
 extra=()
 while (($#)); do
   case "$1" in
@@ -43,14 +47,17 @@ while (($#)); do
     --out) out=$2; shift 2 ;;
     --timeout) limit=$2; shift 2 ;;
     --name) name=$2; shift 2 ;;
+    --quant) quant=$2; shift 2 ;;
+    --fp8-block) fp8_block=$2; shift 2 ;;
     --) shift; extra=("$@"); break ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
     *) echo "engine_demo.sh --gpu: unknown flag $1 (see --help)" >&2; exit 2 ;;
   esac
 done
-for v in "$steps" "$layers" "$hidden" "$ffn" "$tokens" "$topk" "$interval" "$limit" $spr; do
+for v in "$steps" "$layers" "$hidden" "$ffn" "$tokens" "$topk" "$interval" "$limit" "$fp8_block" $spr; do
   [[ $v =~ ^[0-9]+$ ]] || { echo "engine_demo.sh --gpu: '$v' is not a number" >&2; exit 2; }
 done
+[[ $quant == none || $quant == fp8-block || $quant == nvfp4 ]] || { echo "engine_demo.sh --gpu: --quant none|fp8-block|nvfp4" >&2; exit 2; }
 [ -z "$trace" ] || [ -r "$trace" ] || { echo "engine_demo.sh --gpu: cannot read trace $trace" >&2; exit 2; }
 PY=${EPLB_PYTHON:-python3}
 WORKER=${EPLB_WORKER:-target/release/eplb-worker}
@@ -69,7 +76,7 @@ mpi=(mpirun --allow-run-as-root --oversubscribe --bind-to none -n "$gpus" -x NCC
 side_env=()
 [ -z "${SIDECAR_NCCL_MAX_NCHANNELS:-}" ] || side_env=(-x "NCCL_MAX_NCHANNELS=$SIDECAR_NCCL_MAX_NCHANNELS")
 engine=(-m eplb_engine.gpu --steps "$steps" --layers "$layers" --hidden "$hidden" --ffn "$ffn" --tokens "$tokens"
-        --top-k "$topk" --log-every 50)
+        --top-k "$topk" --log-every 50 --quant "$quant" --fp8-block "$fp8_block")
 [ -z "$trace" ] || engine+=(--trace "$trace")
 [ -z "$dataset" ] || engine+=(--trace-dataset "$dataset")
 [ -z "$spr" ] || engine+=(--slots-per-rank "$spr")
@@ -96,7 +103,7 @@ run_static() {  # run_static TAG: the engine alone
   echo "# static ($1): ${mpi[*]} $PY ${engine[*]} --name $name-$1"
   timeout -k 10 "$limit" "${mpi[@]}" "$PY" "${engine[@]}" --name "$name-$1" --report "$out/$1.json" \
     >"$out/$1.log" 2>&1 || { echo "# static run $1 failed:"; tail -n 20 "$out/$1.log"; rc=1; }
-  grep '^# ' "$out/$1.log" | tail -n 4 || true
+  grep '^# ' "$out/$1.log" | tail -n 6 || true
 }
 [ "$baseline" = 0 ] || run_static static
 
@@ -133,7 +140,7 @@ spid=$!
 pids+=("$spid")
 erc=0; wait "$epid" || erc=$?
 src=0; wait "$spid" || src=$?
-grep '^# ' "$out/live.log" | tail -n 4 || true
+grep '^# ' "$out/live.log" | tail -n 6 || true
 grep -v INFO "$out/sidecar.log" | tail -n 12 || true
 if [ "$erc" != 0 ] || [ "$src" != 0 ]; then
   echo "# live run: engine exit $erc, sidecar exit $src"; tail -n 30 "$out/live.log"; tail -n 30 "$out/sidecar.log"; rc=1

@@ -9,15 +9,18 @@ Every step, every rank:
    integers), a command is applied in place or not at all, and the router gets the placement;
 2. makes the step's tokens and, layer by layer: routes every token (top-k, following the load),
    maps each (token, expert) pair to the slot the placement and the replica rule choose, computes
-   only the pairs of its own slots with the weights in the shared-memory region, all-gathers the
+   only the pairs of its own slots with the weights in the shared-memory region (each layer's
+   tensors as vLLM and SGLang store them, ``--quant none|fp8-block|nvfp4``, dequantised exactly
+   for the product: quant.py), all-gathers the
    pair results (MPI_Allgatherv), combines them in fixed top-k order, and checks the combined
    output of its share of the tokens bit for bit against the reference forward pass (every expert
    held once, weights generated from (seed, layer, expert));
 3. records its per-slot counts in the load ring.
 
 Rank 0 writes the report: steps, whether every output matched, the layer switches and whether
-every rank switched each at the same step, bytes of applied weights that were not the expert the
-placement names, and the balancedness from the engine's own counts (live: the placements in
+every rank switched each at the same step, bytes of applied weights (every per-expert tensor)
+that were not the expert the placement names, bytes of the global tensors that changed (must
+be 0), and the balancedness from the engine's own counts (live: the placements in
 force; static: the initial placement on the same tokens).
 """
 
@@ -34,9 +37,9 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from eplb_client import EngineRegion, TensorSpec, derive_log2phy
+from eplb_client import EngineRegion, LayerTensor, derive_log2phy
 
-from . import loads, model
+from . import loads, model, quant
 
 log = logging.getLogger("eplb_engine")
 
@@ -63,6 +66,12 @@ def add_common_args(p: argparse.ArgumentParser, name: str, steps: int, shape: Di
                    help="before step 0, wait up to this many seconds for a sidecar on every rank")
     p.add_argument("--report", help="JSON report from rank 0")
     p.add_argument("--log-every", type=int, default=0, help="progress line every N steps (rank 0)")
+    p.add_argument("--quant", choices=quant.QUANTS, default="none",
+                   help="the experts' tensors, as vLLM and SGLang store them: none (bf16 w13_weight, w2_weight), "
+                        "fp8-block (fp8 e4m3 weights + fp32 *_weight_scale_inv blocks), nvfp4 (packed fp4 weights, fp8 "
+                        "block scales, *_weight_scale_2, global *_input_scale)")
+    p.add_argument("--fp8-block", type=int, default=quant.FP8_BLOCK,
+                   help="fp8-block: the block edge of the weight scales (DeepSeek-V3: 128; smaller for small shapes)")
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -105,24 +114,45 @@ class Engine:
         self.gate_scale = self.shape.gate_scale
         self.noise = model.noise_scale_for(self.shape, args.router_noise)
         H, F = self.shape.hidden, self.shape.ffn
-        # The reference holds every expert once: [L, E, H, 2F] and [L, E, F, H].
+        self.quant, self.block = args.quant, args.fp8_block
+        # Each layer: separate tensors with vLLM's / SGLang's names and shapes (quant.py).
+        self.layout = quant.layout(self.quant, H, F, E, self.block)
+        self.expert_layout = [t for t in self.layout if t.kind == "expert"]
+        # The reference holds every expert once: dequantised [L, E, H, 2F] and [L, E, F, H] for
+        # the reference forward pass, and every expert's tensors [E, ...] by name for the check of
+        # applied bytes; the globals as created, for global_bytes_changed.
         self.w13 = np.empty((L, E, H, 2 * F), np.float32)
         self.w2 = np.empty((L, E, F, H), np.float32)
+        self.ref: List[Dict[str, np.ndarray]] = []
+        self.globals0 = [quant.global_tensors(self.quant, args.seed, layer, E) for layer in range(L)]
         for layer in range(L):
+            ref = {t.name: np.empty((E,) + t.shape, t.np_dtype) for t in self.expert_layout}
             for e in range(E):
-                self.w13[layer, e], self.w2[layer, e] = model.expert_weights(args.seed, layer, e, self.shape)
+                tensors, self.w13[layer, e], self.w2[layer, e] = quant.expert_tensors(
+                    self.quant, args.seed, layer, e, self.shape, self.block)
+                for name, a in tensors.items():
+                    ref[name][e] = a
+            self.ref.append(ref)
         self.w_router = np.stack([model.router_weights(args.seed, layer, self.shape) for layer in range(L)])
         T = args.tokens
         self.tok_lo, self.tok_hi = T * self.rank // N, T * (self.rank + 1) // N
-        self.region = EngineRegion.create(
-            args.name, self.rank, N, L, self.S, E,
-            tensors=[TensorSpec("w13", "f32", (H, 2 * F)), TensorSpec("w2", "f32", (F, H))],
-            phy2log=self.phy2log0, ring_len=args.ring_len)
+        layers = []
         for layer in range(L):
-            w = self.region.weights(layer)
             experts = self.phy2log0[layer, self.rank * self.S : (self.rank + 1) * self.S]
-            w["w13"][:] = self.w13[layer, experts]
-            w["w2"][:] = self.w2[layer, experts]
+            tensors = []
+            for t in self.layout:
+                if t.kind == "expert":
+                    a = quant.alloc(t, self.S)  # padded rows where the layout says so
+                    a[:] = self.ref[layer][t.name][experts]
+                else:
+                    a = self.globals0[layer][t.name].copy()
+                tensors.append(layer_tensor(t, a))
+            layers.append(tensors)
+        self.region = EngineRegion.create(args.name, self.rank, N, L, self.S, E, layers=layers,
+                                          phy2log=self.phy2log0, ring_len=args.ring_len)
+        # From here on the engine computes with the region's views (the client copied the tensors
+        # in, keeping their shapes and row strides).
+        self.live = [{t.name: self.region.tensor(layer, t.name) for t in self.layout} for layer in range(L)]
         self.region.publish()
         self.region.start_heartbeat()
 
@@ -165,16 +195,19 @@ class Engine:
         per_rank = np.bincount(dest, minlength=N)
         first = int(per_rank[: self.rank].sum())
         mine = order[first : first + int(per_rank[self.rank])]
-        # Compute this rank's pairs, slot by slot, with the live weights in the region.
+        # Compute this rank's pairs, slot by slot, with the live tensors in the region,
+        # dequantised (exactly) for the slots that have pairs.
         y_mine = np.empty((len(mine), H), np.float32)
         local = slots[mine] % S
-        live = self.region.weights(layer)
         by_slot = np.argsort(local, kind="stable")
         present, starts = np.unique(local[by_slot], return_index=True)
         ends = np.append(starts[1:], len(by_slot))
-        for s_, a, b in zip(present, starts, ends):
+        live = self.live[layer]
+        w13, w2 = quant.dequant(self.quant, live, present, self.shape, self.block)
+        in13, in2 = self.input_scales(layer, placement.phy2log[layer, self.rank * S + present])
+        for i, (s_, a, b) in enumerate(zip(present, starts, ends)):
             rows = by_slot[a:b]
-            y_mine[rows] = model.expert_forward(x[mine[rows] // K], live["w13"][s_], live["w2"][s_], self.gate_scale)
+            y_mine[rows] = model.expert_forward(x[mine[rows] // K], w13[i], w2[i], self.gate_scale, in13[i], in2[i])
             counts[s_] += b - a
         gathered = np.empty((T * K, H), np.float32)
         sizes = per_rank * H
@@ -191,16 +224,34 @@ class Engine:
     def wait_for_sidecar(self) -> bool:
         return wait_for_sidecar(self.region, self.comm, self.args.wait_sidecar)
 
+    def input_scales(self, layer: int, experts: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """The activations' input scales of logical ``experts`` (nvfp4: the GLOBAL tensors, read
+        by logical expert id, never moved; max over gate/up as vLLM takes it); 1.0 otherwise."""
+        if self.quant != "nvfp4":
+            one = np.ones(len(experts), np.float32)
+            return one, one
+        live = self.live[layer]
+        return live["w13_input_scale"][experts].max(axis=1), live["w2_input_scale"][experts]
+
     def wrong_bytes(self, layer: int) -> int:
-        """Bytes of ``layer``'s local live slots that differ from the experts phy2log names."""
+        """Bytes of ``layer``'s local live slots that differ from the experts phy2log names, over
+        every per-expert tensor (the rows' own bytes, not the padding between them)."""
         experts = self.region.placement().phy2log[layer, self.rank * self.S : (self.rank + 1) * self.S]
-        live = self.region.weights(layer)
         wrong = 0
-        for name, ref in (("w13", self.w13), ("w2", self.w2)):
-            a = live[name].view(np.uint8).reshape(self.S, -1)
-            b = ref[layer, experts].view(np.uint8).reshape(self.S, -1)
+        for t in self.expert_layout:
+            a = np.ascontiguousarray(self.live[layer][t.name]).view(np.uint8).reshape(self.S, -1)
+            b = np.ascontiguousarray(self.ref[layer][t.name][experts]).view(np.uint8).reshape(self.S, -1)
             wrong += int(np.count_nonzero(a != b))
         return wrong
+
+    def global_bytes_changed(self) -> int:
+        """Bytes of every layer's global tensors that differ from their initial values."""
+        changed = 0
+        for layer, g in enumerate(self.globals0):
+            for name, a0 in g.items():
+                a = np.ascontiguousarray(self.live[layer][name]).view(np.uint8)
+                changed += int(np.count_nonzero(a != a0.view(np.uint8)))
+        return changed
 
     def run(self) -> Dict:
         args, L, S, N = self.args, self.shape.num_layers, self.S, self.world
@@ -249,7 +300,7 @@ class Engine:
         static_sum = np.zeros_like(static_load) if self.rank == 0 else None
         comm.Reduce(static_load, static_sum, op=self.MPI.SUM, root=0)
         gathered = comm.gather(dict(mismatched=mismatched, commits=commits, wrong=wrong, boundary_ns=boundary_ns,
-                                    record_ns=record_ns, apply_ns=apply_ns,
+                                    record_ns=record_ns, apply_ns=apply_ns, global_changed=self.global_bytes_changed(),
                                     phy2log=self.region.placement().phy2log.copy()), root=0)
         if self.rank != 0:
             return {}
@@ -270,6 +321,12 @@ class Engine:
             "slots_per_rank": self.S,
             "tokens_per_step": self.args.tokens,
             "top_k": self.shape.top_k,
+            "quant": self.quant,
+            "fp8_block": self.block if self.quant == "fp8-block" else None,
+            "tensors_per_layer": len(self.layout),
+            "tensors": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "kind": t.kind,
+                         "row_bytes": t.row_bytes} for t in self.layout],
+            "expert_bytes": quant.expert_bytes(self.layout),
             "trace": self.args.trace,
             "trace_dataset": self.args.trace_dataset,
             "sidecar_attached": sidecar,
@@ -284,6 +341,7 @@ class Engine:
                 for k in sorted(keys) if len({d.get(k) for d in per_rank_commits}) != 1],
             "placements_agree": all(np.array_equal(g["phy2log"], gathered[0]["phy2log"]) for g in gathered),
             "wrong_bytes": int(sum(g["wrong"] for g in gathered)),
+            "global_bytes_changed": int(sum(g["global_changed"] for g in gathered)),
             "balancedness_static": _balancedness(static_sum),
             "balancedness_live": _balancedness(live),
             "client_us_median": float(np.median(client_us)) if len(client_us) else 0.0,
@@ -362,14 +420,38 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="# %(message)s")
     return run_ranks(args, Engine, _print_summary, lambda r: 0 if r["outputs_match"] and r["commit_step_disagreements"] == 0
-                     and r["wrong_bytes"] == 0 else 1)
+                     and r["wrong_bytes"] == 0 and r["global_bytes_changed"] == 0 else 1)
+
+
+def layer_tensor(t: "quant.TensorLayout", data) -> LayerTensor:
+    """The client's LayerTensor of ``data`` (numpy or torch) for layout entry ``t``. bf16, fp8
+    and packed fp4 have no numpy dtype: the contract's dtype name goes with them where the
+    client takes one (it moves them as opaque bytes either way)."""
+    kind = "expert" if t.kind == "expert" else "global"
+    if _LT_DTYPE:
+        return LayerTensor(t.name, data, kind=kind, dtype=t.dtype)
+    return LayerTensor(t.name, data, kind=kind)
+
+
+def _lt_takes_dtype() -> bool:
+    import inspect
+
+    try:
+        return "dtype" in inspect.signature(LayerTensor).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+_LT_DTYPE = _lt_takes_dtype()
 
 
 def _print_summary(r: Dict) -> None:
     print(f"# eplb_engine: {r['world_size']} ranks, {r['num_layers']} layers x {r['num_experts']} experts, "
           f"{r['slots_per_rank']} slots a rank, {r['tokens_per_step']} tokens a step, top-{r['top_k']}")
+    print(f"# quant {r['quant']}: {r['tensors_per_layer']} tensors a layer, {r['expert_bytes']} bytes an expert")
     print(f"# steps {r['engine_steps']} | outputs match {r['outputs_match']} | layers committed {r['layers_committed']} "
-          f"| commit step disagreements {r['commit_step_disagreements']} | wrong bytes {r['wrong_bytes']}")
+          f"| commit step disagreements {r['commit_step_disagreements']} | wrong bytes {r['wrong_bytes']} "
+          f"| global bytes changed {r['global_bytes_changed']}")
     print(f"# balancedness (mean over steps): static {r['balancedness_static']:.4f}, live {r['balancedness_live']:.4f}")
     b, a = r["boundary_us"], r["apply_us"]
     print(f"# client a step: median {r['client_us_median']:.1f} us | boundary max {b.get('max', 0):.1f} us "

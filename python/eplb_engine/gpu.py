@@ -10,8 +10,15 @@ w13 [2F, H] then w2 [H, F] in one expert of 36 MiB), top-k routing that follows 
 (Gumbel top-k on log p_t: every rank draws the same routing from (seed, step)), expert
 parallelism as in real engines: rank r owns tokens [T r / N, T (r+1) / N), all-gathers the
 layer's input, computes the pairs of its own slots with ONE grouped GEMM per projection
-(``torch._grouped_mm`` over its local slots, the slots' weights read in place from the live
-tensor ``[layers, slots, expert_bytes]``), and the combined outputs are reduce-scattered back.
+(``torch._grouped_mm`` over its local slots), and the combined outputs are reduce-scattered back.
+
+Weights (``--quant none|fp8-block|nvfp4``, quant.py): every layer's tensors as vLLM and SGLang
+store them, each its own PyTorch allocation (``w13_weight [S, 2F, H]``, ``w2_weight [S, H, F]``,
+and the scheme's scales; nvfp4 adds global input scales that never move and a padded row
+stride), handed to the client as a list of ``LayerTensor`` a layer; the client exports one CUDA
+IPC handle per distinct allocation. ``none`` reads the bf16 tensors in place; the quantised
+schemes dequantise a layer's slots to bf16 before its GEMMs (exactly). ``--deepseek-v3``: the
+DeepSeek-V3 FP8 table on one GPU (58 layers x 4 tensors, 44,050,944 bytes an expert, 9 slots).
 
 Bitwise mode (the only mode of the run loop): every weight is an integer in [-7, 7] and every
 activation an integer in [-15, 15], so every fp32 accumulation inside the GEMMs is exact (sums
@@ -44,9 +51,9 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from eplb_client import EngineRegion, TensorSpec, cuda_ipc, derive_log2phy
+from eplb_client import EngineRegion, cuda_ipc, derive_log2phy
 
-from . import loads
+from . import loads, quant
 
 log = logging.getLogger("eplb_engine.gpu")
 
@@ -66,7 +73,25 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="skip regenerating every applied expert to count its wrong bytes")
     p.add_argument("--xcheck", action="store_true",
                    help="only cross-check the expert math against transformers' Qwen3-MoE block (one GPU)")
+    p.add_argument("--deepseek-v3", action="store_true",
+                   help="the DeepSeek-V3 FP8 table: --quant fp8-block --hidden 7168 --ffn 2048 --num-layers 58 "
+                        "--num-experts 8 --slots-per-rank 9 (one GPU: 44,050,944 bytes an expert, 58 x 4 tensors, each "
+                        "its own PyTorch allocation); flags given explicitly still win")
     return p.parse_args(argv)
+
+
+DEEPSEEK_V3 = dict(quant="fp8-block", hidden=7168, ffn=2048, num_layers=58, num_experts=8, slots_per_rank=9,
+                   fp8_block=128)
+
+
+def apply_presets(args: argparse.Namespace, argv: Optional[List[str]]) -> argparse.Namespace:
+    """--deepseek-v3: its shape, except for the flags given on the command line."""
+    if getattr(args, "deepseek_v3", False):
+        given = {a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:]) if a.startswith("--")}
+        for k, v in DEEPSEEK_V3.items():
+            if "--" + k.replace("_", "-") not in given:
+                setattr(args, k, v)
+    return args
 
 
 # ---- expert math (shared by the engine and the cross-check) -----------------------------------
@@ -112,15 +137,162 @@ def silu_act(gu, ffn: int):
     return (torch.nn.functional.silu(g) * u).to(torch.bfloat16)
 
 
-def experts_forward(a, w13_t, w2_t, offs, counts, act):
+def experts_forward(a, w13_t, w2_t, offs, counts, act, scales=None):
     """The SwiGLU experts of one rank's slots on their pairs (rows of ``a`` sorted by slot):
-    one grouped GEMM for w13, the gate, one grouped GEMM for w2."""
+    one grouped GEMM for w13, the gate, one grouped GEMM for w2.
+
+    ``scales``: None, or the activations' input scales (nvfp4's global ``*_input_scale``)
+    ``(in13 [S], in2 [S], in13 of each row [n], in2 of each row [n])``, powers of two: each
+    GEMM's input rows are divided by their slot's scale and its weights multiplied by it (as a
+    quantised engine folds the scales into its GEMMs); exact, so the result is the same bits."""
+    if scales is not None:
+        s13, s2, r13, r2 = scales
+        a = a / r13[:, None].to(a.dtype)
+        w13_t = w13_t * s13[:, None, None].to(w13_t.dtype)
     gu = grouped_mm(a, w13_t, offs, counts)
-    return grouped_mm(act(gu), w2_t, offs, counts)
+    h = act(gu)
+    if scales is not None:
+        h = h / r2[:, None].to(h.dtype)
+        w2_t = w2_t * s2[:, None, None].to(w2_t.dtype)
+    return grouped_mm(h, w2_t, offs, counts)
 
 
 def uniform_std(m: int) -> float:
     return math.sqrt(((2 * m + 1) ** 2 - 1) / 12.0)
+
+
+# ---- the experts' tensors in the engines' layout (torch; CPU or GPU) ----------------------------
+
+TORCH_DTYPES = {"bf16": "bfloat16", "f8e4m3": "float8_e4m3fn", "fp4x2": "uint8", "f32": "float32", "u8": "uint8"}
+
+
+class QuantExperts:
+    """The experts of ``quant.layout`` as torch tensors on ``device``: every tensor its own
+    allocation (as a model's parameters are), generated from (seed, layer, expert) with Philox
+    on the device, and dequantised to bf16 for the GEMMs, exactly (every weight an integer in
+    [-7, 7]; see quant.py for the scheme, the same as the CPU engine's with another generator).
+    ``none`` draws the very weights of the contract-1 engine (one randint of w13 then w2)."""
+
+    def __init__(self, quant_name: str, hidden: int, ffn: int, num_logical: int, seed: int, device,
+                 block: int = quant.FP8_BLOCK):
+        import torch
+
+        self.torch, self.q, self.H, self.F, self.E, self.seed, self.dev = torch, quant_name, hidden, ffn, num_logical, seed, device
+        self.block = block
+        self.layout = quant.layout(quant_name, hidden, ffn, num_logical, block)
+        self.expert_layout = [t for t in self.layout if t.kind == "expert"]
+        self.expert_bytes = quant.expert_bytes(self.layout)
+        H, F, B = hidden, ffn, block
+        # fp8-block: each row's and column's block (gate and up halves blocked apart).
+        self.r13 = torch.from_numpy(quant._block_index(2 * F, F, B)).to(device)
+        self.c13 = torch.arange(H, device=device) // B
+        self.r2 = torch.from_numpy(quant._block_index(H, H, B)).to(device)
+        self.c2 = torch.arange(F, device=device) // B
+        self.e2m1 = torch.from_numpy(quant.E2M1).to(device=device, dtype=torch.bfloat16)
+        self.allowed = torch.from_numpy(quant._ALLOWED_T.astype(np.int64)).to(device)
+        self.allowed_n = torch.from_numpy(quant._ALLOWED_N.astype(np.int64)).to(device)
+
+    def tdtype(self, t: "quant.TensorLayout"):
+        return getattr(self.torch, TORCH_DTYPES[t.dtype])
+
+    def alloc(self, t: "quant.TensorLayout", rows: int):
+        """A zeroed ``[rows, *shape]`` tensor, its own allocation; with ``pad``, a view of a padded
+        one whose row stride exceeds the row (SGLang's padded rows)."""
+        torch = self.torch
+        n = int(np.prod(t.shape, dtype=np.int64))
+        if not t.pad:
+            return torch.zeros((rows,) + t.shape, dtype=self.tdtype(t), device=self.dev)
+        buf = torch.zeros((rows, n + t.pad), dtype=self.tdtype(t), device=self.dev)
+        return buf[:, :n].view((rows,) + t.shape)
+
+    def _gen(self, *key: int):
+        g = self.torch.Generator(device=self.dev)
+        k = self.seed
+        for x in key:
+            k = (k * 1_000_003 + x) & ((1 << 62) - 1)
+        g.manual_seed(k)
+        return g
+
+    def expert(self, layer: int, expert: int) -> Dict[str, object]:
+        """Expert (layer, expert)'s per-expert tensors by name (one slot's shape), a pure function
+        of (quant, seed, layer, expert)."""
+        torch, H, F = self.torch, self.H, self.F
+        if self.q in ("none", "fp8-block"):
+            # The contract-1 engine's key and draw: w13 [2F, H] then w2 [H, F] in one randint.
+            g = torch.Generator(device=self.dev)
+            g.manual_seed(((self.seed * 1_000_003 + layer) * 1_000_003 + expert) & ((1 << 62) - 1))
+            w = torch.randint(-WMAX, WMAX + 1, (2 * F * H + H * F,), generator=g, device=self.dev, dtype=torch.int16)
+            w13, w2 = w[: 2 * F * H].view(2 * F, H), w[2 * F * H :].view(H, F)
+            if self.q == "none":
+                return {"w13_weight": w13.to(torch.bfloat16), "w2_weight": w2.to(torch.bfloat16)}
+            t13, t2 = self.expert_layout[2], self.expert_layout[3]
+            g = self._gen(layer, expert, quant.SCALE_TAG)
+            s13 = torch.exp2(torch.randint(-2, 3, t13.shape, generator=g, device=self.dev).float())
+            s2 = torch.exp2(torch.randint(-2, 3, t2.shape, generator=g, device=self.dev).float())
+            q13 = (w13.float() / s13[self.r13][:, self.c13]).to(torch.float8_e4m3fn)
+            q2 = (w2.float() / s2[self.r2][:, self.c2]).to(torch.float8_e4m3fn)
+            return {"w13_weight": q13, "w2_weight": q2, "w13_weight_scale_inv": s13, "w2_weight_scale_inv": s2}
+        G = quant.NVFP4_GROUP
+        g = self._gen(layer, expert, quant.NVFP4_TAG)
+        k13 = torch.randint(-1, 2, (2,), generator=g, device=self.dev)
+        k2 = torch.randint(-1, 2, (), generator=g, device=self.dev)
+        out = {}
+        for name, ksc2, (n, k) in (("w13", k13.repeat_interleave(F), (2 * F, H)), ("w2", k2.expand(H), (H, F))):
+            kb = torch.randint(-1, 2, (n, k // G), generator=g, device=self.dev)
+            p_idx = (kb.repeat_interleave(G, dim=1) + ksc2[:, None] + 2)  # log2(block scale x scale_2) + 2
+            nallowed = self.allowed_n[p_idx]
+            u = torch.rand((n, k), generator=g, device=self.dev, dtype=torch.float64)
+            pick = torch.minimum((u * nallowed).long(), nallowed - 1)
+            codes = self.allowed[p_idx, pick].to(torch.uint8)
+            out[f"{name}_weight"] = codes[:, 0::2] | (codes[:, 1::2] << 4)
+            out[f"{name}_weight_scale"] = torch.exp2(kb.float()).to(torch.float8_e4m3fn)
+        out["w13_weight_scale_2"] = torch.exp2(k13.float())
+        out["w2_weight_scale_2"] = torch.exp2(k2.float())
+        return out
+
+    def globals(self, layer: int) -> Dict[str, object]:
+        """The layer's global tensors (nvfp4: input scales of every logical expert), from (seed, layer)."""
+        if self.q != "nvfp4":
+            return {}
+        torch = self.torch
+        g = self._gen(layer, quant.INPUT_SCALE_TAG)
+        return {"w13_input_scale": torch.exp2(torch.randint(-1, 2, (self.E, 2), generator=g, device=self.dev).float()),
+                "w2_input_scale": torch.exp2(torch.randint(-1, 2, (self.E,), generator=g, device=self.dev).float())}
+
+    def dequant(self, live: Dict[str, object]):
+        """(w13 [S, 2F, H], w2 [S, H, F]) bf16 of every local slot, exact (power-of-two scales
+        times values of few significant bits)."""
+        torch, F = self.torch, self.F
+        if self.q == "none":
+            return live["w13_weight"], live["w2_weight"]
+        bf = torch.bfloat16
+        if self.q == "fp8-block":
+            s13 = live["w13_weight_scale_inv"].to(bf)[:, self.r13][:, :, self.c13]
+            s2 = live["w2_weight_scale_inv"].to(bf)[:, self.r2][:, :, self.c2]
+            return live["w13_weight"].to(bf) * s13, live["w2_weight"].to(bf) * s2
+        G = quant.NVFP4_GROUP
+        out = []
+        for name, sc2 in (("w13", live["w13_weight_scale_2"].to(bf).repeat_interleave(F, dim=1)[:, :, None]),
+                          ("w2", live["w2_weight_scale_2"].to(bf)[:, None, None])):
+            q = live[f"{name}_weight"]
+            codes = torch.stack((q & 15, q >> 4), dim=-1).flatten(-2).long()
+            bs = live[f"{name}_weight_scale"].to(bf).repeat_interleave(G, dim=2)
+            out.append(self.e2m1[codes] * bs * sc2)
+        return out[0], out[1]
+
+
+def raw_rows(t) -> object:
+    """``t`` viewed as raw integers of its item size (the same shape and strides)."""
+    import torch
+
+    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def row_bytes_of(t) -> object:
+    """A tensor row (one slot, contiguous in itself) as its bytes."""
+    import torch
+
+    return t.reshape(-1).view(torch.uint8)
 
 
 # ---- the engine ---------------------------------------------------------------------------------
@@ -170,32 +342,48 @@ class GpuEngine:
         self.gate_scale = max(1, round(math.sqrt(H) * uniform_std(XMAX) * uniform_std(WMAX)))
         self.h_shift = max(1, round(math.log2(self.gate_scale**2 / 10.0)))
         self.out_shift = max(1, round(math.log2(GATE_UNITS * math.sqrt(F) * 5 * uniform_std(WMAX) / 4.0)))
-        self.n13, self.n2 = 2 * F * H, H * F  # bf16 elements
-        self.eb = 2 * (self.n13 + self.n2)
         self.phy2log0 = np.tile(np.arange(self.P, dtype=np.int32) % E, (L, 1))
 
-        # Weights: live [L, S, expert_bytes] and staging [S, expert_bytes], plain cudaMalloc
-        # allocations of the caching allocator (one segment each), exported as 2 IPC handles.
+        # Weights: every layer's tensors in vLLM's / SGLang's names and shapes (--quant), each
+        # its own PyTorch allocation (several small ones may share a caching-allocator segment,
+        # and so an IPC handle), and one layer of staging (per-expert tensors only).
+        self.qx = QuantExperts(args.quant, H, F, E, args.seed, self.dev, args.fp8_block)
+        self.layout, self.eb = self.qx.layout, self.qx.expert_bytes
         need = (L + 1) * S * self.eb
         free, _ = torch.cuda.mem_get_info(self.dev)
-        if need > free * 0.9:
+        if need > free * 0.8:
             raise ValueError(f"the weights need {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free: lower --layers")
-        self.live = torch.empty((L, S, self.eb), dtype=torch.uint8, device=self.dev)
-        self.staging = torch.zeros((S, self.eb), dtype=torch.uint8, device=self.dev)
+        t_gen = time.perf_counter()
+        self.live: List[Dict[str, object]] = []
+        self.globals0: List[Dict[str, object]] = []
         for layer in range(L):
+            tensors: Dict[str, object] = {}
+            for t in self.layout:
+                if t.kind == "expert":
+                    tensors[t.name] = self.qx.alloc(t, S)
             for s in range(S):
-                self.live[layer, s].copy_(self.expert_bytes(layer, int(self.phy2log0[layer, self.rank * S + s])))
+                for name, v in self.qx.expert(layer, int(self.phy2log0[layer, self.rank * S + s])).items():
+                    tensors[name][s].copy_(v)
+            g0 = self.qx.globals(layer)
+            for name, v in g0.items():
+                tensors[name] = v.clone()  # its own allocation, as a parameter
+            self.globals0.append(g0)
+            self.live.append(tensors)
+        self.staging = {t.name: self.qx.alloc(t, S) for t in self.qx.expert_layout}
         torch.cuda.synchronize()
-        ipc = cuda_ipc.export_weights(self.live.data_ptr(), self.live.numel(), self.staging.data_ptr(),
-                                      self.staging.numel())
-        self.region = EngineRegion.create(
-            args.name, self.rank, N, L, S, E,
-            tensors=[TensorSpec("w13", "bf16", (2 * F, H)), TensorSpec("w2", "bf16", (H, F))],
-            phy2log=self.phy2log0, ring_len=args.ring_len, ipc=ipc, apply=self._apply)
-        # Views of the live weights, as the GEMMs read them (b transposed: [S, K, N]).
-        lv = self.live.view(torch.bfloat16)  # [L, S, eb / 2]
-        self.w13_t = [lv[l, :, : self.n13].view(S, 2 * F, H).transpose(1, 2) for l in range(L)]
-        self.w2_t = [lv[l, :, self.n13 :].view(S, H, F).transpose(1, 2) for l in range(L)]
+        self.gen_s = time.perf_counter() - t_gen
+        from eplb_client import LayerTensor
+
+        layers = [[_layer_tensor(LayerTensor, t, self.live[layer][t.name]) for t in self.layout] for layer in range(L)]
+        staging = [_layer_tensor(LayerTensor, t, self.staging[t.name]) for t in self.qx.expert_layout]
+        # Attach: the region created (table written, one IPC handle exported per distinct
+        # allocation) and published.
+        t_attach = time.perf_counter()
+        self.region = EngineRegion.create(args.name, self.rank, N, L, S, E, layers=layers, phy2log=self.phy2log0,
+                                          ring_len=args.ring_len, staging=staging, apply=self._apply)
+        self.region.publish()
+        self.attach_s = time.perf_counter() - t_attach
+        self.ipc_handles = num_handles(self.region)
         self.log2phy0, self.logcnt0 = derive_log2phy(self.phy2log0, E, max_replicas=self.P - E + 1)
         self._placement_to_gpu(self.region.placement())
         self.static_l2p = torch.from_numpy(self.log2phy0.astype(np.int64)).to(self.dev)
@@ -205,24 +393,30 @@ class GpuEngine:
         self.fp_w = torch.randint(1, 1 << 30, (T // N, H), generator=g, device=self.dev, dtype=torch.int64) * 2 + 1
         self.apply_log: List[Dict] = []
         self._self_test()
-        self.region.publish()
         self.region.start_heartbeat()
 
     # ---- weights ----
 
-    def expert_bytes(self, layer: int, expert: int):
-        """Expert (layer, expert)'s bytes [expert_bytes] u8: integer bf16 weights in [-7, 7], a
-        pure function of (seed, layer, expert) (Philox on the GPU)."""
-        torch = self.torch
-        g = torch.Generator(device=self.dev)
-        g.manual_seed(((self.args.seed * 1_000_003 + layer) * 1_000_003 + expert) & ((1 << 62) - 1))
-        w = torch.randint(-WMAX, WMAX + 1, (self.n13 + self.n2,), generator=g, device=self.dev, dtype=torch.int16)
-        return w.to(torch.bfloat16).view(torch.uint8)
+    def weights_t(self, layer: int):
+        """(w13 [S, H, 2F], w2 [S, F, H]) bf16 of ``layer``'s live slots as the GEMMs read them
+        (b transposed); dequantised from the live tensors (none: views of them, read in place)."""
+        w13, w2 = self.qx.dequant(self.live[layer])
+        return w13.transpose(1, 2), w2.transpose(1, 2)
+
+    def input_scales(self, layer: int, experts):
+        """(in13, in2) [n] of logical ``experts`` (a GPU tensor): nvfp4's GLOBAL input scales, read
+        by logical expert id (max over gate/up, as vLLM takes it); None otherwise."""
+        if self.qx.q != "nvfp4":
+            return None
+        live = self.live[layer]
+        return live["w13_input_scale"].max(dim=1).values[experts], live["w2_input_scale"][experts]
 
     def _placement_to_gpu(self, placement) -> None:
         torch = self.torch
         self.l2p = torch.from_numpy(np.ascontiguousarray(placement.log2phy).astype(np.int64)).to(self.dev)
         self.cnt = torch.from_numpy(np.ascontiguousarray(placement.logcnt).astype(np.int64)).to(self.dev)
+        mine = placement.phy2log[:, self.rank * self.S : (self.rank + 1) * self.S]
+        self.slot_expert = torch.from_numpy(np.ascontiguousarray(mine).astype(np.int64)).to(self.dev)  # [L, S]
 
     def _apply(self, layer: int, slots: np.ndarray) -> None:
         """The contract's apply, on the engine's stream: staging slot s -> live slot s of
@@ -231,20 +425,32 @@ class GpuEngine:
         t0 = time.perf_counter_ns()
         e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         e0.record()
-        for a, b in slot_runs(slots):  # one device copy a run of consecutive slots
-            self.live[layer, a:b].copy_(self.staging[a:b])
+        live = self.live[layer]
+        for a, b in slot_runs(slots):  # one device copy a run of consecutive slots, a tensor
+            for t in self.qx.expert_layout:  # as raw integers of the item size (fp8: no copy kernel needed)
+                raw_rows(live[t.name])[a:b].copy_(raw_rows(self.staging[t.name])[a:b])
         e1.record()
         e1.synchronize()
         self.apply_log.append(dict(layer=int(layer), slots=[int(s) for s in slots], stall_us=(time.perf_counter_ns() - t0) / 1e3,
                                    gpu_us=e0.elapsed_time(e1) * 1e3, bytes=int(len(slots) * self.eb)))
 
     def wrong_bytes(self, layer: int, slots: List[int], phy2log: np.ndarray) -> int:
-        """Bytes of the applied slots that differ from the experts phy2log names (regenerated)."""
+        """Bytes of the applied slots that differ from the experts phy2log names (regenerated),
+        over every per-expert tensor (the rows' own bytes, not the padding)."""
         wrong = 0
         for s in slots:
             e = int(phy2log[layer, self.rank * self.S + s])
-            wrong += int(self.torch.count_nonzero(self.live[layer, s] != self.expert_bytes(layer, e)))
+            for name, v in self.qx.expert(layer, e).items():
+                wrong += int(self.torch.count_nonzero(row_bytes_of(self.live[layer][name][s]) != row_bytes_of(v)))
         return wrong
+
+    def global_bytes_changed(self) -> int:
+        """Bytes of every layer's global tensors that differ from their initial values."""
+        changed = 0
+        for layer, g0 in enumerate(self.globals0):
+            for name, v in g0.items():
+                changed += int(self.torch.count_nonzero(row_bytes_of(self.live[layer][name]) != row_bytes_of(v)))
+        return changed
 
     def _self_test(self) -> None:
         """The grouped GEMM against fp32 per-slot products on integer data (exact both ways), on
@@ -258,11 +464,12 @@ class GpuEngine:
         offs = torch.tensor(np.cumsum(counts), dtype=torch.int32, device=self.dev)
         ref = torch.empty((n, 2 * self.F), dtype=torch.bfloat16, device=self.dev)
         start = 0
+        w13_t = self.weights_t(0)[0]
         for s, c in enumerate(counts):
-            ref[start : start + c] = (a[start : start + c].float() @ self.w13_t[0][s].float()).to(torch.bfloat16)
+            ref[start : start + c] = (a[start : start + c].float() @ w13_t[s].float()).to(torch.bfloat16)
             start += c
         try:
-            got = torch._grouped_mm(a, self.w13_t[0], offs=offs)
+            got = torch._grouped_mm(a, w13_t, offs=offs)
             same = bool(torch.equal(got, ref))
             why = "" if same else "differs from fp32 per-slot products"
         except Exception as e:  # noqa: BLE001 - any failure means: use the loop
@@ -321,6 +528,7 @@ class GpuEngine:
         x_full = torch.empty((T, H), dtype=torch.bfloat16, device=self.dev)
         partial = torch.empty((T, H), dtype=torch.int64, device=self.dev)
         out_mine = torch.empty((T // N, H), dtype=torch.int64, device=self.dev)
+        boundary_us: List[float] = []
         for t in range(steps):
             dist.barrier()
             torch.cuda.synchronize()
@@ -328,6 +536,9 @@ class GpuEngine:
             n_applied = len(self.apply_log)
             placement = self.region.at_step_boundary(t, agree=self.agree)
             if placement.applied:
+                # The apply stall: the whole at_step_boundary that applied (agreement, the
+                # device copies of every per-expert tensor, waited for, the answer).
+                boundary_us.append((time.perf_counter_ns() - t0) / 1e3)
                 self._placement_to_gpu(placement)
                 applied_at.append(t)
             ids, w = self.routing(t)
@@ -359,8 +570,12 @@ class GpuEngine:
                 e0, e1 = events[layer]
                 e0.record()
                 if n:
-                    y = experts_forward(a, self.w13_t[layer], self.w2_t[layer], offs[layer],
-                                        counts_h[layer, r * S : (r + 1) * S].tolist(), act)
+                    w13_t, w2_t = self.weights_t(layer)
+                    scales = self.input_scales(layer, self.slot_expert[layer])
+                    if scales is not None:  # per slot, and per pair row (the rows are sorted by slot)
+                        scales = scales + tuple(v.repeat_interleave(mine[layer], output_size=n) for v in scales)
+                    y = experts_forward(a, w13_t, w2_t, offs[layer], counts_h[layer, r * S : (r + 1) * S].tolist(), act,
+                                        scales)
                 e1.record()
                 partial.zero_()
                 if n:
@@ -387,6 +602,7 @@ class GpuEngine:
             if args.log_every and r == 0 and (t + 1) % args.log_every == 0:
                 log.info("step %d/%d: moe %.2f ms, step %.1f ms, %d layer switches so far", t + 1, steps,
                          moe_ms[t].sum(), step_ms[t], len(commits))
+        self.boundary_apply_us = boundary_us
         return self._report(sidecar, moe_ms, step_ms, pairs_live, pairs_static, fingerprints, commits, wrong)
 
     def wait_for_sidecar(self) -> bool:
@@ -398,7 +614,9 @@ class GpuEngine:
     def _report(self, sidecar, moe_ms, step_ms, pairs_live, pairs_static, fingerprints, commits, wrong) -> Dict:
         comm = self.comm
         g = comm.gather(dict(moe_ms=moe_ms, step_ms=step_ms, fingerprints=fingerprints, commits=commits, wrong=wrong,
-                             apply=self.apply_log, phy2log=self.region.placement().phy2log.copy()), root=0)
+                             apply=self.apply_log, phy2log=self.region.placement().phy2log.copy(),
+                             global_changed=self.global_bytes_changed(), attach_s=self.attach_s, gen_s=self.gen_s,
+                             ipc_handles=self.ipc_handles, boundary_apply_us=self.boundary_apply_us), root=0)
         if self.rank != 0:
             return {}
         moe = np.stack([x["moe_ms"] for x in g])  # [N, steps, L]
@@ -411,6 +629,17 @@ class GpuEngine:
             "device": self.torch.cuda.get_device_name(self.dev),
             "world_size": self.N, "num_layers": self.L, "num_experts": self.E, "slots_per_rank": self.S,
             "hidden": self.H, "ffn": self.F, "expert_bytes": self.eb, "tokens_per_step": self.T, "top_k": self.K,
+            "quant": self.qx.q, "fp8_block": self.qx.block if self.qx.q == "fp8-block" else None,
+            "tensors_per_layer": len(self.layout),
+            "tensors": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "kind": t.kind, "row_bytes": t.row_bytes,
+                         "pad": t.pad} for t in self.layout],
+            # One layer of staging: what the engine adds for eplb.
+            "staging_bytes": int(self.S * self.eb),
+            "ipc_handles": [x["ipc_handles"] for x in g],  # per rank: distinct allocations exported
+            "ipc_tensors": self.L * len(self.layout) + len(self.qx.expert_layout),
+            "attach_s": [x["attach_s"] for x in g],  # per rank: region created, handles exported, published
+            "weights_generated_s": [x["gen_s"] for x in g],
+            "global_bytes_changed": int(sum(x["global_changed"] for x in g)),
             "trace": self.args.trace, "trace_dataset": self.args.trace_dataset, "steps": self.args.steps,
             "grouped_gemm": GROUPED["ok"], "grouped_gemm_fallback_reason": GROUPED["why"],
             "sidecar_attached": sidecar,
@@ -430,6 +659,8 @@ class GpuEngine:
             "wrong_bytes": int(sum(x["wrong"] for x in g)),
             "applied_bytes_checked": 0 if self.args.no_check_applied else int(sum(a["bytes"] for a in applies)),
             "applies": applies,
+            # The apply stall a layer: the whole at_step_boundary that applied (every rank).
+            "apply_stall_us": _stats_us([u for x in g for u in x["boundary_apply_us"]]),
         }
 
     def close(self, ok: bool) -> None:
@@ -441,6 +672,36 @@ class GpuEngine:
             self.dist.destroy_process_group()
         except Exception:  # noqa: BLE001 - best effort at exit
             pass
+
+
+def _stats_us(a) -> Dict[str, float]:
+    a = np.asarray(a, dtype=np.float64)
+    if a.size == 0:
+        return {"count": 0}
+    return {"count": int(a.size), "median": float(np.median(a)), "p99": float(np.percentile(a, 99)), "max": float(a.max())}
+
+
+def _layer_tensor(LayerTensor, t: "quant.TensorLayout", data):
+    """The client's LayerTensor for layout entry ``t`` (the contract's dtype name with it where
+    the client takes one: fp4x2 and f8e4m3 are opaque bytes to it either way)."""
+    import inspect
+
+    kind = "expert" if t.kind == "expert" else "global"
+    try:
+        takes_dtype = "dtype" in inspect.signature(LayerTensor).parameters
+    except (TypeError, ValueError):
+        takes_dtype = False
+    return LayerTensor(t.name, data, kind=kind, dtype=t.dtype) if takes_dtype else LayerTensor(t.name, data, kind=kind)
+
+
+def num_handles(region) -> int:
+    """The IPC handles the client exported (header ``num_handles`` at byte 184)."""
+    n = getattr(region, "num_handles", None)
+    if n is not None:
+        return int(n)
+    import struct
+
+    return int(struct.unpack_from("<I", region._mm, 184)[0])
 
 
 def slot_runs(slots) -> List[Tuple[int, int]]:
@@ -543,7 +804,7 @@ def _expert_weights(block, E: int, H: int, F: int):
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = parse_args(argv)
+    args = apply_presets(parse_args(argv), argv)
     logging.basicConfig(level=logging.INFO, format="# %(message)s")
     if args.xcheck:
         r = xcheck(args.seed)
@@ -555,7 +816,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .engine import run_ranks
 
     return run_ranks(args, GpuEngine, summary,
-                     lambda r: 0 if r["wrong_bytes"] == 0 and r["commit_step_disagreements"] == 0 else 1, indent=None)
+                     lambda r: 0 if r["wrong_bytes"] == 0 and r["commit_step_disagreements"] == 0
+                     and r["global_bytes_changed"] == 0 else 1, indent=None)
 
 
 def summary(r: Dict) -> None:
@@ -563,10 +825,16 @@ def summary(r: Dict) -> None:
     tail = slice(steps // 2, steps)
     moe = float(np.median(r["moe_ms_sum_of_layer_max"][tail])) if steps else 0.0
     print(f"# eplb_engine.gpu: {r['world_size']} x {r['device']}, {r['num_layers']} layers x {r['num_experts']} experts, "
-          f"{r['slots_per_rank']} slots a rank, expert {r['hidden']}x{r['ffn']} bf16 ({r['expert_bytes'] / 2**20:.1f} MiB), "
+          f"{r['slots_per_rank']} slots a rank, expert {r['hidden']}x{r['ffn']} {r['quant']} ({r['expert_bytes']} bytes), "
           f"{r['tokens_per_step']} tokens top-{r['top_k']}, grouped GEMM {r['grouped_gemm']}")
     print(f"# steps {steps} | layers committed {r['layers_committed']} | commit step disagreements "
           f"{r['commit_step_disagreements']} | wrong bytes {r['wrong_bytes']} of {r['applied_bytes_checked']} checked")
+    st = r["apply_stall_us"]
+    print(f"# quant {r['quant']}: {r['tensors_per_layer']} tensors a layer ({r['ipc_tensors']} tensors, "
+          f"{r['ipc_handles'][0]} IPC handles on rank 0) | attach {max(r['attach_s']):.3f} s (slowest rank) | staging "
+          f"{r['staging_bytes'] / 2**20:.1f} MiB | global bytes changed {r['global_bytes_changed']}")
+    print(f"# apply stall a layer (at_step_boundary that applied): {st.get('count', 0)} times, median "
+          f"{st.get('median', 0):.1f} us, max {st.get('max', 0):.1f} us")
     print(f"# balancedness static {r['balancedness_static']:.4f} live {r['balancedness_live']:.4f} | MoE ms a step "
           f"(the slowest rank of each layer), median of the second half: {moe:.3f}")
     sys.stdout.flush()

@@ -85,9 +85,17 @@ def _rshift(a: np.ndarray, bits: int) -> np.ndarray:
     return (a + (1 << (bits - 1))) >> bits
 
 
-def expert_forward(x: np.ndarray, w13: np.ndarray, w2: np.ndarray, gate_scale: int) -> np.ndarray:
-    """SwiGLU expert on rows x [n, hidden] -> [n, hidden]; each row independent of the others."""
+def expert_forward(x: np.ndarray, w13: np.ndarray, w2: np.ndarray, gate_scale: int, in13: float = 1.0,
+                   in2: float = 1.0) -> np.ndarray:
+    """SwiGLU expert on rows x [n, hidden] -> [n, hidden]; each row independent of the others.
+
+    ``in13``, ``in2``: the activations' input scales (NVFP4's global ``w13_input_scale`` and
+    ``w2_input_scale`` of the expert), powers of two: the input is divided by its scale and the
+    weights multiplied by it, as a quantised engine folds them into its GEMMs; exact, so the
+    result does not depend on them (a 1.0 default is the unquantised path, bit for bit)."""
     ffn = w2.shape[0]
+    if in13 != 1.0:
+        x, w13 = x / np.float32(in13), w13 * np.float32(in13)
     gu = (x @ w13).astype(np.int64)
     g, u = gu[:, :ffn], gu[:, ffn:]
     s3 = 3 * gate_scale
@@ -101,7 +109,10 @@ def expert_forward(x: np.ndarray, w13: np.ndarray, w2: np.ndarray, gate_scale: i
     t >>= H_SHIFT
     np.maximum(t, -XMAX, out=t)
     np.minimum(t, XMAX, out=t)
-    return t.astype(np.float32) @ w2
+    h = t.astype(np.float32)
+    if in2 != 1.0:
+        h, w2 = h / np.float32(in2), w2 * np.float32(in2)
+    return h @ w2
 
 
 def route(x: np.ndarray, w_router: np.ndarray, log_p: np.ndarray, noise_scale: float, top_k: int) -> Tuple[np.ndarray, np.ndarray]:

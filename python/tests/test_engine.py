@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from eplb_client import cleanup
-from eplb_engine import loads, model
+from eplb_engine import loads, model, quant
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PYROOT = os.path.join(HERE, "..")
@@ -74,6 +74,100 @@ def test_trace_csv_reads_the_qwen_trace():
         loads.read_trace(path, "nope")
 
 
+# ---- the experts' tensors in the engines' layouts (--quant) --------------------------------
+
+
+def test_quant_layouts_have_the_engines_names_and_shapes():
+    names = {q: [(t.name, t.shape, t.kind) for t in quant.layout(q, 64, 32, 8, 16)] for q in quant.QUANTS}
+    assert names["none"] == [("w13_weight", (64, 64), "expert"), ("w2_weight", (64, 32), "expert")]
+    assert names["fp8-block"] == names["none"] + [("w13_weight_scale_inv", (4, 4), "expert"),
+                                                  ("w2_weight_scale_inv", (4, 2), "expert")]
+    assert names["nvfp4"] == [("w13_weight", (64, 32), "expert"), ("w2_weight", (64, 16), "expert"),
+                              ("w13_weight_scale", (64, 4), "expert"), ("w2_weight_scale", (64, 2), "expert"),
+                              ("w13_weight_scale_2", (2,), "expert"), ("w2_weight_scale_2", (), "expert"),
+                              ("w13_input_scale", (8, 2), "global"), ("w2_input_scale", (8,), "global")]
+    # DeepSeek-V3's FP8 table (H 7168, I 2048, 128 x 128 blocks): 44,050,944 bytes an expert.
+    ds = quant.layout("fp8-block", 7168, 2048, 256)
+    assert [t.shape for t in ds] == [(4096, 7168), (7168, 2048), (32, 56), (56, 16)]
+    assert quant.expert_bytes(ds) == 44_050_944
+    # Blocks need not divide the shape (ceil), the gate and up halves are blocked apart.
+    assert quant.layout("fp8-block", 64, 40, 8, 32)[2].shape == (4, 2)
+    with pytest.raises(ValueError, match="nvfp4 needs"):
+        quant.layout("nvfp4", 64, 40, 8)
+    with pytest.raises(ValueError, match="one of"):
+        quant.layout("int4", 64, 64, 8)
+
+
+def test_a_padded_tensor_has_a_row_stride_larger_than_its_row():
+    t = next(t for t in quant.layout("nvfp4", 64, 32, 8) if t.pad)
+    a = quant.alloc(t, 5)
+    assert a.shape == (5,) + t.shape and a.strides[0] == t.row_bytes + t.pad > t.row_bytes
+    a[3] = 7
+    base = np.lib.stride_tricks.as_strided(a, (5, t.row_bytes + t.pad), (a.strides[0], 1))
+    assert np.all(base[3, : t.row_bytes] == 7) and np.all(base[3, t.row_bytes :] == 0), "rows, not the padding"
+
+
+@pytest.mark.parametrize("q", quant.QUANTS)
+@pytest.mark.parametrize("block", [128, 24])
+def test_dequantised_tensors_are_the_reference_weights_exactly(q, block):
+    shape = model.ModelShape(num_layers=2, num_experts=8, hidden=64, ffn=48, top_k=2)
+    views = {t.name: quant.alloc(t, 3) for t in quant.layout(q, 64, 48, 8, block) if t.kind == "expert"}
+    refs = []
+    for s, e in enumerate([5, 0, 2]):
+        tensors, w13, w2 = quant.expert_tensors(q, 3, 1, e, shape, block)
+        assert set(tensors) == set(views)
+        for name, a in tensors.items():
+            views[name][s] = a
+        refs.append((w13, w2))
+        assert np.all(w13 == np.round(w13)) and np.abs(w13).max() <= model.WMAX and len(np.unique(w13)) >= 9
+    if q != "nvfp4":
+        assert np.array_equal(refs[0][0], model.expert_weights(3, 1, 5, shape)[0]), "the unquantised model's weights"
+    w13, w2 = quant.dequant(q, views, np.array([2, 0, 1]), shape, block)
+    for i, s in enumerate([2, 0, 1]):
+        assert np.array_equal(w13[i], refs[s][0]) and np.array_equal(w2[i], refs[s][1])
+
+
+@pytest.mark.parametrize("q", quant.QUANTS)
+def test_every_per_expert_tensor_left_behind_changes_the_weights(q):
+    """What vLLM #34646 and SGLang #13715 were: a mover that moves the weights but not a scale.
+    Moving every per-expert tensor of expert B into A's slot but one must give weights that are
+    neither A's nor B's."""
+    shape = model.ModelShape(num_layers=1, num_experts=16, hidden=64, ffn=32, top_k=2)
+    layout = [t for t in quant.layout(q, 64, 32, 16, 16) if t.kind == "expert"]
+    experts = [quant.expert_tensors(q, 0, 0, e, shape, 16) for e in range(16)]
+    for t in layout:
+        # Two experts whose tensor t differs (a per-expert scale_2 has 3 values: some pairs agree).
+        b = next(e for e in range(1, 16) if not np.array_equal(experts[e][0][t.name], experts[0][0][t.name]))
+        views = {u.name: quant.alloc(u, 1) for u in layout}
+        for u in layout:
+            views[u.name][0] = experts[0 if u.name == t.name else b][0][u.name]
+        w13, w2 = quant.dequant(q, views, np.array([0]), shape, 16)
+        for e in (0, b):
+            assert not (np.array_equal(w13[0], experts[e][1]) and np.array_equal(w2[0], experts[e][2])), (t.name, e)
+
+
+def test_input_scales_fold_into_the_expert_exactly():
+    w13, w2 = model.expert_weights(0, 1, 3, SHAPE)
+    x = model.tokens(0, 5, 33, SHAPE)
+    plain = model.expert_forward(x, w13, w2, SHAPE.gate_scale)
+    for in13, in2 in ((0.5, 2.0), (2.0, 0.5), (1.0, 2.0)):
+        y = model.expert_forward(x, w13, w2, SHAPE.gate_scale, np.float32(in13), np.float32(in2))
+        assert np.array_equal(y.view(np.uint32), plain.view(np.uint32))
+
+
+def test_fp8_and_bf16_codecs_are_exact_and_refuse_inexact_values():
+    v = np.array([0, 1, -1, 0.25, 1.75, -28, 448, 2.0**-9], np.float32)
+    assert np.array_equal(quant.E4M3[quant.e4m3_encode(v)], v)
+    with pytest.raises(ValueError):
+        quant.e4m3_encode(np.array([1.1], np.float32))
+    w = np.arange(-7, 8, dtype=np.float32)
+    assert np.array_equal(quant.bf16_decode(quant.bf16_encode(w)), w)
+    with pytest.raises(ValueError):
+        quant.bf16_encode(np.array([1 + 2.0**-10], np.float32))
+    codes = np.arange(16, dtype=np.uint8).reshape(2, 8)
+    assert np.array_equal(quant.fp4_unpack(quant.fp4_pack(codes)), codes)
+
+
 # ---- engine ranks under mpirun beside the fake sidecar -------------------------------------
 
 mpi = pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun not installed")
@@ -87,7 +181,8 @@ def mpirun(n):
 
 
 class Run:
-    def __init__(self, tmp_path, name, ranks=2, steps=60, engine_flags=(), sidecar_flags=(), sidecar=True):
+    def __init__(self, tmp_path, name, ranks=2, steps=60, engine_flags=(), sidecar_flags=(), sidecar=True,
+                 sidecar_script="fake_sidecar.py"):
         self.name, self.ranks, self.tmp = name, ranks, tmp_path
         self.report = tmp_path / "engine.json"
         self.sidecar_log = tmp_path / "sidecar.log"
@@ -100,7 +195,7 @@ class Run:
         self.sidecar = None
         if sidecar:
             self.sidecar = subprocess.Popen(
-                [sys.executable, os.path.join(HERE, "fake_sidecar.py"), "--name", name, "--ranks", str(ranks),
+                [sys.executable, os.path.join(HERE, sidecar_script), "--name", name, "--ranks", str(ranks),
                  "--every", "2", "--log", str(self.sidecar_log), *sidecar_flags],
                 env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -210,3 +305,35 @@ def test_engine_alone_static_equals_live(tmp_path):
     assert_consistent(report, 10)
     assert report["layers_committed"] == 0
     assert report["balancedness_live"] == report["balancedness_static"] < 1.0
+
+
+@mpi
+@pytest.mark.parametrize("q", quant.QUANTS)
+def test_each_quant_beside_the_fake_sidecar(tmp_path, q):
+    """Every scheme's tensors move row by row with their experts: outputs match the reference at
+    every step, every per-expert tensor of every applied slot is the expert's, and the global
+    tensors (nvfp4's input scales) are never written."""
+    run = Run(tmp_path, f"pyt{os.getpid()}q{q[:3]}", ranks=2, steps=40, engine_flags=["--quant", q, "--fp8-block", "32"])
+    rc, out, report, side_rc, side_out, removed = run.finish()
+    assert rc == 0, out
+    assert_consistent(report, 40)
+    assert report["quant"] == q and report["tensors_per_layer"] == {"none": 2, "fp8-block": 4, "nvfp4": 8}[q]
+    assert report["layers_committed"] >= 5, (report, run.commands())
+    assert report["global_bytes_changed"] == 0
+    assert side_rc == 0, side_out
+    assert removed == []
+
+
+@mpi
+@pytest.mark.parametrize("q,skip", [("fp8-block", "w13_weight_scale_inv"), ("nvfp4", "w2_weight_scale_2")])
+def test_a_mover_that_leaves_a_scale_behind_is_caught(tmp_path, q, skip):
+    """The protocol cannot see a tensor left behind (every staged byte matches what was sent): the
+    engine's output check and its applied-bytes check must."""
+    run = Run(tmp_path, f"pyt{os.getpid()}l{q[:3]}", ranks=2, steps=30, engine_flags=["--quant", q, "--fp8-block", "32"],
+              sidecar_flags=["--skip", skip], sidecar_script="lazy_sidecar.py")
+    rc, out, report, side_rc, side_out, _ = run.finish()
+    assert side_rc == 0, side_out
+    assert rc == 1, out
+    assert report["layers_committed"] >= 1 and report["commit_step_disagreements"] == 0
+    assert not report["outputs_match"] and report["mismatched_steps"], "the output check must fail"
+    assert report["wrong_bytes"] > 0 and report["global_bytes_changed"] == 0
