@@ -227,25 +227,22 @@ def replica_slots(expert_ids: np.ndarray, quotas: np.ndarray, phy2log: np.ndarra
     k = np.empty(len(expert_ids), dtype=np.int64)
     k[order] = np.arange(len(expert_ids)) - starts
     k += np.asarray(offsets, dtype=np.int64)[expert_ids]
-    # per slot: the running quota sum of its expert's replicas (slots ascending)
-    slot_order = np.lexsort((np.arange(len(phy2log)), phy2log))  # by expert, then slot
-    cum = np.zeros(len(phy2log), dtype=np.int64)
-    cum[slot_order] = np.cumsum(quotas[slot_order])
-    exp_sorted = phy2log[slot_order]
-    before = np.zeros(num_logical + 1, dtype=np.int64)  # tokens of experts below e
-    np.add.at(before, phy2log + 1, quotas)
-    before = np.cumsum(before)
-    # the replica: the first slot of the expert whose end (cum - before[e]) exceeds k
-    ends = cum[slot_order] - before[exp_sorted]
-    lo = np.searchsorted(exp_sorted, expert_ids, side="left")
-    hi = np.searchsorted(exp_sorted, expert_ids, side="right")
-    out = np.empty(len(expert_ids), dtype=np.int64)
-    for i in range(len(expert_ids)):
-        j = lo[i] + int(np.searchsorted(ends[lo[i]:hi[i]], k[i], side="right"))
-        if j >= hi[i]:
-            raise SplitError(f"pair {i} of expert {int(expert_ids[i])} is beyond its quotas (index {int(k[i])})")
-        out[i] = slot_order[j]
-    return out
+    if len(expert_ids) and (expert_ids.min() < 0 or expert_ids.max() >= num_logical):
+        raise SplitError("an expert id is out of range")
+    # Every expert's replicas one after the other (experts ascending, slots ascending): pair k of
+    # expert e is at position before[e] + k of the concatenated quotas.
+    slot_order = np.lexsort((np.arange(len(phy2log)), phy2log))
+    ends = np.cumsum(quotas[slot_order])
+    total = np.zeros(num_logical, dtype=np.int64)
+    np.add.at(total, phy2log, quotas)
+    before = np.concatenate(([0], np.cumsum(total)[:-1]))
+    over = np.nonzero(k >= total[expert_ids])[0]
+    if len(over):
+        i = int(over[0])
+        raise SplitError(f"pair {i} of expert {int(expert_ids[i])} is beyond its quotas (index {int(k[i])}, "
+                         f"quotas {int(total[expert_ids[i]])})")
+    j = np.searchsorted(ends, before[expert_ids] + k, side="right")
+    return slot_order[j]
 
 
 # ---- PyTorch: every layer at once ------------------------------------------------------------
@@ -287,7 +284,7 @@ def split_layers(counts: Any, phy2log: Any, slots_per_rank: int, tokens: Any = N
             l, e = (counts < 0).nonzero()[0].tolist()
             raise SplitError(f"layer {l}: expert {e} has a negative token count {int(counts[l, e])}")
         if b[1]:
-            l = int((counts.sum(1) != tokens).nonzero()[0])
+            l = int((counts.sum(1) != tokens).nonzero()[0, 0])
             raise SplitError(f"layer {l}: the counts sum to {int(counts[l].sum())} tokens, but the step has {int(tokens[l])}")
         raise SplitError("phy2log holds an expert out of range")
     gpu_of_slot = torch.arange(P, device=dev) // S
@@ -377,7 +374,35 @@ def split_layers(counts: Any, phy2log: Any, slots_per_rank: int, tokens: Any = N
     k = on[ar[:, None], phy2log, gpu_of_slot[None]]  # replicas of e on g
     # j: index of this slot among e's slots on g (slots ascending)
     same = (phy2log[:, :, None] == phy2log[:, None, :]) & (gpu_of_slot[:, None] == gpu_of_slot[None, :])
-    earlier = torch.tril(torch.ones(P, P, dtype=torch.bool, device=dev), diagonal=-1)
+    pidx = torch.arange(P, device=dev)
+    earlier = pidx[None, :] < pidx[:, None]  # earlier[i, j]: slot j before slot i
     j = (same & earlier).sum(2)
     quotas = q // k + (j < q % k).to(torch.int64)
     return quotas, t
+
+
+def replica_slots_layers(ids: Any, quotas: Any, phy2log: Any, num_logical: int) -> Any:
+    """:func:`replica_slots` for every layer at once in PyTorch (no host sync, no checks: the
+    quotas must come from the counts of these very ``ids``, as :func:`split_layers` of them).
+
+    ``ids [L, n]``: logical experts of the pairs in (token, k) order over all ranks;
+    ``quotas``, ``phy2log`` ``[L, num_physical]``. Returns the slots ``[L, n]`` (int64).
+    """
+    import torch
+
+    ids = ids.to(torch.int64)
+    phy2log = phy2log.to(device=ids.device, dtype=torch.int64)
+    quotas = quotas.to(device=ids.device, dtype=torch.int64)
+    L, n = ids.shape
+    P = phy2log.shape[1]
+    sorted_ids, order = torch.sort(ids, dim=1, stable=True)
+    start = torch.searchsorted(sorted_ids, sorted_ids, right=False)
+    k = torch.empty_like(ids)
+    k.scatter_(1, order, torch.arange(n, device=ids.device)[None].expand(L, n) - start)
+    slot_order = torch.argsort(phy2log * P + torch.arange(P, device=ids.device)[None], dim=1)
+    ends = torch.cumsum(torch.gather(quotas, 1, slot_order), dim=1)
+    total = torch.zeros((L, num_logical), dtype=torch.int64, device=ids.device).scatter_add_(1, phy2log, quotas)
+    before = torch.cumsum(total, dim=1) - total
+    pos = torch.gather(before, 1, ids) + k
+    j = torch.searchsorted(ends, pos, right=True).clamp(max=P - 1)
+    return torch.gather(slot_order, 1, j)

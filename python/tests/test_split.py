@@ -74,3 +74,14 @@ def test_replica_slots_fill_the_quotas_in_order():
     assert got.tolist() == [5, 5]
     with pytest.raises(split.SplitError, match="beyond"):
         split.replica_slots(np.array([2, 2]), quotas, phy2log)
+
+
+def test_replica_slots_realise_the_quotas_on_the_golden_cases():
+    """The engines' use: the pairs of one step, mapped by the rule, give every slot its quota."""
+    rng = np.random.default_rng(5)
+    for c in GOLDEN:
+        ids = np.repeat(np.arange(len(c["counts"])), c["counts"])
+        rng.shuffle(ids)
+        slots = split.replica_slots(ids, np.array(c["quotas"]), np.array(c["phy2log"]))
+        assert np.array_equal(np.array(c["phy2log"])[slots], ids), c["name"]
+        assert np.bincount(slots, minlength=len(c["phy2log"])).tolist() == c["quotas"], c["name"]
