@@ -45,3 +45,45 @@ def test_demo_qwen_4_ranks_quantised_balances_with_matching_outputs(tmp_path, q)
     assert r["layers_committed"] >= 1 and r["commit_step_disagreements"] == 0 and r["wrong_bytes"] == 0
     assert r["global_bytes_changed"] == 0
     assert r["balancedness_live"] >= r["balancedness_static"] + 0.1, r
+
+
+def worker_has_force_moves() -> bool:
+    from test_demo import WORKER, worker_has_shm
+
+    if not worker_has_shm():
+        return False
+    out = subprocess.run([WORKER, "run", "--help"], capture_output=True, text=True, timeout=60)
+    return "--force-moves" in out.stdout
+
+
+needs_force = pytest.mark.skipif(not worker_has_force_moves(), reason="eplb-worker without run --force-moves (build the Rust side)")
+
+
+@needs_mpi
+@needs_force
+@pytest.mark.parametrize("q", ["none", "fp8-block", "nvfp4"])
+def test_one_rank_forced_moves_move_every_tensor(tmp_path, q):
+    """The one-GPU benchmark's flow on the CPU engine (world size 1): the worker forces placements
+    inside the rank (slots rotated, replicas replaced); every applied slot holds the named expert
+    in every per-expert tensor and the outputs still equal the reference."""
+    import json
+    import sys
+
+    from test_demo import WORKER
+
+    name = f"pytforce{os.getpid()}{q[:3]}"
+    report = tmp_path / "engine.json"
+    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "python"), OPENBLAS_NUM_THREADS="1",
+               OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    engine = subprocess.Popen([sys.executable, "-m", "eplb_engine", "--name", name, "--steps", "30", "--num-layers", "3",
+                               "--num-experts", "8", "--slots-per-rank", "9", "--tokens", "64", "--quant", q,
+                               "--fp8-block", "16", "--wait-sidecar", "60", "--report", str(report)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    side = subprocess.run(["mpirun", "-n", "1", WORKER, "run", "--engine", f"shm:{name}", "--steps", "30",
+                           "--force-moves", "2"], env=env, capture_output=True, text=True, timeout=300)
+    out, _ = engine.communicate(timeout=300)
+    assert engine.returncode == 0, out
+    assert side.returncode == 0, side.stdout + side.stderr
+    r = json.loads(report.read_text())
+    assert r["outputs_match"] and r["wrong_bytes"] == 0 and r["global_bytes_changed"] == 0
+    assert r["layers_committed"] >= 8, r["commits"]
