@@ -6,7 +6,7 @@
 #   scripts/engine_demo.sh [--ranks N] [--steps S] [--trace FILE [--trace-dataset D]]
 #                          [--kill-sidecar-at-step K] [--stop-sidecar-at-step K] [--kill-engine-at-step K]
 #                          [--report OUT.json] [--timeout SECONDS] [--interval-steps N] [--sidecar worker|fake]
-#                          [--name NAME] [--quant none|fp8-block|nvfp4] [--fp8-block B]
+#                          [--name NAME] [--quant none|fp8-block|nvfp4] [--fp8-block B] [--dispatch even|split]
 #                          [-- EXTRA eplb-worker run FLAGS]
 #
 # Exits 0 only if the engine finished every step and every step's output matched the reference
@@ -17,6 +17,8 @@
 # for all ranks; for the client's tests).
 # --gpu: the PyTorch engine on every visible GPU with CUDA IPC weights and `--transport nccl`
 # (scripts/engine_demo_gpu.sh; its --help lists its flags).
+# --dispatch: which replica computes a pair (even: (token + layer) % replicas; split: the exact min-max
+# quotas of each step, python/eplb_client/split.py, issue 22); the outputs are the same either way.
 # --quant: the engine's expert tensors as vLLM/SGLang store them (none: bf16 w13_weight, w2_weight;
 # fp8-block: fp8 weights + fp32 block scales, --fp8-block the block edge (default 128); nvfp4:
 # packed fp4 weights, fp8 block scales, scale_2, and global input scales that must never move).
@@ -25,7 +27,7 @@ cd "$(dirname "$0")/.."
 for a in "$@"; do [ "$a" != --gpu ] || exec scripts/engine_demo_gpu.sh "$@"; done
 
 name="demo-$$" ranks=4 steps=200 trace="" dataset="" kill_at="" stop_at="" engine_kill_at="" report="" limit=600 sidecar=worker interval=10
-quant=none fp8_block=128
+quant=none fp8_block=128 dispatch=even
 extra=()
 while (($#)); do
   case "$1" in
@@ -43,6 +45,7 @@ while (($#)); do
     --name) name=$2; shift 2 ;;
     --quant) quant=$2; shift 2 ;;
     --fp8-block) fp8_block=$2; shift 2 ;;
+    --dispatch) dispatch=$2; shift 2 ;;
     --) shift; extra=("$@"); break ;;
     -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
     *) echo "engine_demo.sh: unknown flag $1 (see --help)" >&2; exit 2 ;;
@@ -54,6 +57,7 @@ done
 [[ $name =~ ^[A-Za-z0-9_.-]+$ ]] || { echo "engine_demo.sh: --name: only [A-Za-z0-9_.-]" >&2; exit 2; }
 [[ $sidecar == worker || $sidecar == fake ]] || { echo "engine_demo.sh: --sidecar worker|fake" >&2; exit 2; }
 [[ $quant == none || $quant == fp8-block || $quant == nvfp4 ]] || { echo "engine_demo.sh: --quant none|fp8-block|nvfp4" >&2; exit 2; }
+[[ $dispatch == even || $dispatch == split ]] || { echo "engine_demo.sh: --dispatch even|split" >&2; exit 2; }
 [ -z "$trace" ] || [ -r "$trace" ] || { echo "engine_demo.sh: cannot read trace $trace" >&2; exit 2; }
 
 PY=${EPLB_PYTHON:-python3}
@@ -100,7 +104,7 @@ trap 'exit 130' INT TERM
 
 mpi=(mpirun -n "$ranks" --oversubscribe)
 engine_args=(-m eplb_engine --name "$name" --steps "$steps" --wait-sidecar 120 --report "$work/engine.json"
-             --quant "$quant" --fp8-block "$fp8_block")
+             --quant "$quant" --fp8-block "$fp8_block" --dispatch "$dispatch")
 [ -z "$trace" ] || engine_args+=(--trace "$trace")
 [ -z "$dataset" ] || engine_args+=(--trace-dataset "$dataset")
 [ -z "$engine_kill_at" ] || engine_args+=(--die-at-step "$engine_kill_at" --die-rank $((ranks - 1)))

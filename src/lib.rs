@@ -13,6 +13,7 @@
 //! * [`plot`]: `eplb-worker plot`, SVG charts of a report;
 //! * [`progress`]: progress bars on a terminal;
 //! * [`simulate`]: the `simulate` subcommand: a trace through the same Manager and Policy, scored.
+//! * [`split`]: per-step token quotas between an expert's replicas, the same on every rank.
 //! * [`output`]: output files that never destroy anything; [`limits`]: sizes and ranges checked
 //!   before any work; [`failure`]: the panic hook.
 
@@ -35,3 +36,4 @@ pub mod progress;
 pub mod rank;
 pub mod run;
 pub mod simulate;
+pub mod split;

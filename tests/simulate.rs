@@ -302,3 +302,40 @@ fn bad_input_exits_2() {
     let (code, err) = run(&["--trace", npy.to_str().unwrap(), "--num-gpus", "8", "--baseline", "deepseek@0"]);
     assert!(code == Some(2) && err.contains("deepseek@0"), "{err}");
 }
+
+/// `--dispatch`: the placements do not depend on it; the split's per-step balancedness is at
+/// least the even dispatch's on every case (the split is optimal, the even rule one split), and
+/// above it on this drifting trace; the report carries the dispatch's fields.
+#[test]
+fn the_split_dispatch_scores_at_least_the_even_one() {
+    let m = SMALL;
+    let steps = trace(&m);
+    let run = |dispatch: &str, policy: &str| {
+        let d = tmpdir(&format!("dispatch-{dispatch}-{policy}"));
+        simulate(&d, &m, &steps, &["--dispatch", dispatch, "--policy", policy, "--floor"]).0
+    };
+    let even = run("even", "incremental");
+    let split = run("split", "incremental");
+    for name in ["eplb", "floor"] {
+        let (e, s) = (case(&even, name), case(&split, name));
+        assert_eq!(e["changed_slots"], s["changed_slots"], "{name}: the dispatch changed the placements");
+        assert_eq!(e["mean_par"], s["mean_par"], "{name}: the competition's PAR does not depend on the dispatch");
+        assert_eq!(e["dispatch"], "even");
+        assert_eq!(s["dispatch"], "split");
+        let (be, bs) = (e["mean_step_balancedness"].as_f64().unwrap(), s["mean_step_balancedness"].as_f64().unwrap());
+        assert!(be > 0.5 && bs <= 1.0, "{name}: {be} {bs}");
+        // (The floor, planned on each step's own counts, is near 1 either way.)
+        let margin = if name == "eplb" { 0.005 } else { 0.0 };
+        assert!(bs > be + margin, "{name}: split {bs} vs even {be}");
+        let par = s["dispatch_mean_par"].as_f64().unwrap();
+        assert!(par >= 1.0 && par <= e["dispatch_mean_par"].as_f64().unwrap());
+        let modeled = s["dispatch_modeled_seconds"].as_f64().unwrap();
+        let expect = STEPS as f64 * 60.0 / STEPS as f64 * par + s["transfer_seconds"].as_f64().unwrap();
+        assert!((modeled - expect).abs() < 1e-6, "{modeled} vs {expect}");
+    }
+    // The spread policy's placements, made for the split, beat the incremental ones under it
+    // when planned fresh every step (the floor).
+    let spread = run("split", "spread");
+    let floor = |r: &Value| case(r, "floor")["mean_step_balancedness"].as_f64().unwrap();
+    assert!(floor(&spread) > floor(&split), "spread {} vs incremental {}", floor(&spread), floor(&split));
+}

@@ -39,6 +39,8 @@ import numpy as np
 
 from eplb_client import EngineRegion, LayerTensor, derive_log2phy
 
+from eplb_client import split
+
 from . import loads, model, quant
 
 log = logging.getLogger("eplb_engine")
@@ -60,6 +62,10 @@ def add_common_args(p: argparse.ArgumentParser, name: str, steps: int, shape: Di
     p.add_argument("--hidden", type=int, default=shape["hidden"])
     p.add_argument("--ffn", type=int, default=shape["ffn"], help="the expert's intermediate size")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dispatch", choices=["even", "split"], default="even",
+                   help="which replica computes a pair: even (replica (token + layer) %% count) or split "
+                        "(eplb_client.split: the exact min-max quotas of the step's counts, filled in "
+                        "(token, k) order; the output does not change, only where it is computed)")
     p.add_argument("--phase", choices=["decode", "prefill", "mixed"], default="decode", help="phase the ring marks")
     p.add_argument("--ring-len", type=int, default=64)
     p.add_argument("--wait-sidecar", type=float, default=0.0,
@@ -184,7 +190,14 @@ class Engine:
         T, K, S, N, H = x.shape[0], self.shape.top_k, self.S, self.world, x.shape[1]
         ids, w = model.route(x, self.w_router[layer], log_p, self.noise, K)
         tok = np.arange(T)[:, None]
-        slots = placement.replica_slot(layer, ids, tok).ravel()  # [T * K] physical slots
+        if self.args.dispatch == "split":
+            # Every rank routes the whole batch, so it has every rank's counts: the same quotas
+            # everywhere, filled in (token, k) order (= by source rank, then position).
+            row = placement.phy2log[layer]
+            quotas, _ = split.split_layer(np.bincount(ids.ravel(), minlength=self.logcnt0.shape[1]), T * K, row, S)
+            slots = split.replica_slots(ids.ravel(), quotas, row)
+        else:
+            slots = placement.replica_slot(layer, ids, tok).ravel()  # [T * K] physical slots
         if np.any(slots < 0):
             raise RuntimeError(f"layer {layer}: an expert without a slot in the placement")
         lo, hi = self.tok_lo, self.tok_hi

@@ -415,6 +415,7 @@ class GpuEngine:
         torch = self.torch
         self.l2p = torch.from_numpy(np.ascontiguousarray(placement.log2phy).astype(np.int64)).to(self.dev)
         self.cnt = torch.from_numpy(np.ascontiguousarray(placement.logcnt).astype(np.int64)).to(self.dev)
+        self._phy2log, self._phy2log_dev = placement.phy2log, None
         mine = placement.phy2log[:, self.rank * self.S : (self.rank + 1) * self.S]
         self.slot_expert = torch.from_numpy(np.ascontiguousarray(mine).astype(np.int64)).to(self.dev)  # [L, S]
 
@@ -509,6 +510,22 @@ class GpuEngine:
         rep = (tok + lidx) % c
         return l2p[lidx, ids, rep].reshape(L, T * K)
 
+    def split_slots(self, ids):
+        """Physical slot of every pair [L, T * K] under ``--dispatch split``: every rank routes the
+        whole batch, so it has all counts; eplb_client.split's quotas (identical on every rank) are
+        filled in (token, k) order."""
+        torch = self.torch
+        from eplb_client import split
+
+        L, T, K = ids.shape
+        flat = ids.reshape(L, T * K)
+        E = self.cnt.shape[1]
+        counts = torch.zeros((L, E), dtype=torch.int64, device=self.dev).scatter_add_(1, flat, torch.ones_like(flat))
+        if self._phy2log_dev is None:
+            self._phy2log_dev = torch.from_numpy(np.ascontiguousarray(self._phy2log).astype(np.int64)).to(self.dev)
+        quotas, _ = split.split_layers(counts, self._phy2log_dev, self.S)
+        return split.replica_slots_layers(flat, quotas, self._phy2log_dev, E)
+
     def run(self) -> Dict:
         torch, dist, args = self.torch, self.dist, self.args
         L, S, N, T, K, H, F = self.L, self.S, self.N, self.T, self.K, self.H, self.F
@@ -542,7 +559,10 @@ class GpuEngine:
                 self._placement_to_gpu(placement)
                 applied_at.append(t)
             ids, w = self.routing(t)
-            flat = self.slots_of(ids, self.l2p, self.cnt)  # [L, T * K]
+            if args.dispatch == "split":  # the exact min-max quotas of this step's counts (issue 22)
+                flat = self.split_slots(ids)
+            else:
+                flat = self.slots_of(ids, self.l2p, self.cnt)  # [L, T * K]
             order = torch.argsort(flat, dim=1, stable=True)
             counts = torch.zeros((L, self.P), dtype=torch.int64, device=self.dev)
             counts.scatter_add_(1, flat, torch.ones_like(flat))

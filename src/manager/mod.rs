@@ -472,6 +472,7 @@ impl Manager {
                     let prev = live.phy2log.row(l).to_vec();
                     policy::incremental::layer(&w, &resolved, Some(&prev), config.move_cost)
                 }
+                PolicyKind::Spread => policy::spread::layer(&w, &shape, Some(&live.phy2log.row(l).to_vec())),
             }
         });
         for (&(gap, l), new_row) in candidates.iter().zip(rows) {

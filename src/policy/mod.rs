@@ -19,6 +19,7 @@ mod packing;
 #[cfg(test)]
 mod proptests;
 mod search;
+pub mod spread;
 
 use ndarray::{Array2, Array3, ArrayView1, ArrayView2, Axis};
 use thiserror::Error;
@@ -143,6 +144,10 @@ pub enum PolicyKind {
     /// Replica counts and packing chosen together by local search, starting from the previous
     /// placement when there is one and trading expert copies moved against peak load.
     Incremental,
+    /// For per-step splitting (`simulate --dispatch split`, issue 22): DeepSeek's replica counts,
+    /// the replicated experts chained along a ring of all GPUs so that load can flow, singles by
+    /// expected load. See [`spread`]; the manager judges its plans under the split.
+    Spread,
 }
 
 /// Knobs of the policies.
@@ -304,6 +309,10 @@ pub fn rebalance_observed(
             PolicyKind::Incremental => {
                 let prev = previous.map(|p| p.phy2log.row(layer).to_vec());
                 incremental::layer(&w, &resolved, prev.as_deref(), config.move_cost)
+            }
+            PolicyKind::Spread => {
+                let prev = previous.map(|p| p.phy2log.row(layer).to_vec());
+                spread::layer(&w, shape, prev.as_deref())
             }
         };
         layer_done();

@@ -20,6 +20,13 @@
 //! step planned fresh on FILE's step (the load the trace's counts were sampled from, say), moves
 //! free, and scored on the trace: what a balancer that knew the coming load exactly, but not its
 //! sampling noise, would reach.
+//!
+//! The dispatch (`--dispatch even|split`, issue 22): besides the competition's PAR (a replica
+//! carries an equal, fractional share of its expert), every (step, layer) is also dispatched in
+//! integers, evenly (the engines' fixed `(token + layer) mod replicas` rule) or by the exact
+//! min-max split of [`crate::split`], and scored: `mean_step_balancedness` is the mean over steps
+//! and layers of mean / max GPU load under that dispatch, and `dispatch_modeled_seconds` the
+//! cost model with the dispatch's PAR (max / mean) in place of the competition's.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -84,6 +91,16 @@ fn parse_baseline(s: &str) -> Result<Baseline, String> {
     }
 }
 
+/// How one step's tokens of an expert go to its replicas when a step is scored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Dispatch {
+    /// Equal shares (the engines' fixed rule), in integers: [`crate::split::even_quotas`].
+    Even,
+    /// The exact min-max split of each step's counts between the live replicas: [`crate::split::split_layer`].
+    Split,
+}
+
 /// Arguments of `eplb-worker simulate`.
 #[derive(Debug, Clone, Args)]
 #[command(after_help = "Example (the competition's cost model on a 4096-step trace, beside DeepSeek's cadences):\n  \
@@ -133,6 +150,11 @@ pub struct SimulateArgs {
     /// Write the JSON report here.
     #[arg(long, value_name = "FILE")]
     pub report: Option<PathBuf>,
+    /// How each step's tokens go to an expert's replicas for `mean_step_balancedness` and the
+    /// dispatch's cost-model seconds: even (the engines' fixed rule) or split (the exact min-max
+    /// quotas of each step, issue 22).
+    #[arg(long, value_enum, default_value_t = Dispatch::Even)]
+    pub dispatch: Dispatch,
     /// Write every placement change as a JSON line `{"step", "layer", "phy2log"}` (step 0: the
     /// initial placement of every layer).
     #[arg(long, value_name = "FILE")]
@@ -152,6 +174,14 @@ pub struct CaseResult {
     pub compute_seconds: f64,
     pub transfer_seconds: f64,
     pub modeled_seconds: f64,
+    /// The dispatch the next three are scored with.
+    pub dispatch: Dispatch,
+    /// Mean over steps and layers of mean / max GPU load of the step's integer dispatch.
+    pub mean_step_balancedness: f64,
+    /// Mean over steps and layers of max / mean GPU load of the step's integer dispatch.
+    pub dispatch_mean_par: f64,
+    /// The cost model with the dispatch's PAR: trace seconds x dispatch_mean_par + transfer_seconds.
+    pub dispatch_modeled_seconds: f64,
 }
 
 /// The competition's PAR of one layer: an expert with no token counts 1; each replica carries
@@ -178,15 +208,30 @@ struct Score {
     per_step: Vec<f64>,
     changed: u64,
     switches: u64,
+    dispatch: Dispatch,
+    dispatch_bal_sum: f64,
+    dispatch_par_sum: f64,
+    ws: crate::split::Workspace,
+    quotas: Vec<i64>,
 }
 
 impl Score {
-    fn new(steps: usize) -> Score {
-        Score { par_sum: 0.0, per_step: Vec::with_capacity(steps), changed: 0, switches: 0 }
+    fn new(steps: usize, dispatch: Dispatch) -> Score {
+        Score {
+            par_sum: 0.0,
+            per_step: Vec::with_capacity(steps),
+            changed: 0,
+            switches: 0,
+            dispatch,
+            dispatch_bal_sum: 0.0,
+            dispatch_par_sum: 0.0,
+            ws: Default::default(),
+            quotas: Vec::new(),
+        }
     }
 
     /// Scores `live` on one step's load `[layers, num_logical]`.
-    fn step(&mut self, load: ArrayView2<u64>, live: &Placement, spr: usize) {
+    fn step(&mut self, load: ArrayView2<u64>, live: &Placement, spr: usize) -> Result<(), SimulateError> {
         let layers = load.nrows();
         let mut bal = 0.0;
         for l in 0..layers {
@@ -194,8 +239,31 @@ impl Score {
             let par = competition_par(&w, &row, spr, &cnt);
             self.par_sum += par;
             bal += 1.0 / par;
+            let counts: Vec<i64> = w
+                .iter()
+                .map(|&c| i64::try_from(c))
+                .collect::<Result<_, _>>()
+                .map_err(|_| SimulateError::Config(format!("layer {l}: a count above 2^63-1 cannot be dispatched")))?;
+            let tokens = counts.iter().try_fold(0i64, |a, &c| a.checked_add(c)).ok_or_else(|| {
+                SimulateError::Config(format!("layer {l}: the step's tokens exceed 2^63-1 and cannot be dispatched"))
+            })?;
+            let split_err = |e: crate::split::SplitError| SimulateError::Config(format!("layer {l}: {e}"));
+            self.quotas.resize(row.len(), 0);
+            match self.dispatch {
+                Dispatch::Even => {
+                    self.quotas = crate::split::even_quotas(&counts, tokens, &row, spr, l).map_err(split_err)?
+                }
+                Dispatch::Split => {
+                    crate::split::split_layer_into(&counts, tokens, &row, spr, &mut self.ws, &mut self.quotas)
+                        .map_err(split_err)?;
+                }
+            }
+            let b = crate::split::balancedness(&self.quotas, spr);
+            self.dispatch_bal_sum += b;
+            self.dispatch_par_sum += 1.0 / b;
         }
         self.per_step.push(bal / layers as f64);
+        Ok(())
     }
 
     fn finish(self, name: String, steps: usize, layers: usize, cost: &Costs) -> CaseResult {
@@ -203,7 +271,13 @@ impl Score {
         let balancedness = self.per_step.iter().sum::<f64>() / self.per_step.len().max(1) as f64;
         let compute_seconds = cost.trace_seconds * mean_par;
         let transfer_seconds = self.changed as f64 * cost.copy_seconds;
+        let n = (steps * layers).max(1) as f64;
+        let dispatch_mean_par = self.dispatch_par_sum / n;
         CaseResult {
+            dispatch: self.dispatch,
+            mean_step_balancedness: self.dispatch_bal_sum / n,
+            dispatch_mean_par,
+            dispatch_modeled_seconds: cost.trace_seconds * dispatch_mean_par + transfer_seconds,
             name,
             mean_par,
             balancedness,
@@ -230,6 +304,7 @@ pub struct Setup {
     pub initial: Placement,
     pub step_ms: f64,
     pub gbps: f64,
+    pub dispatch: Dispatch,
 }
 
 /// Reads the trace and checks the shape.
@@ -272,7 +347,7 @@ pub fn setup(args: &SimulateArgs) -> Result<Setup, SimulateError> {
     };
     let step_ms = args.manager.step_ms.unwrap_or(COMPETITION_TRACE_SECONDS * 1e3 / steps as f64);
     let gbps = args.manager.migration_gbps.unwrap_or(COMPETITION_GBPS);
-    Ok(Setup { trace, shape, initial, step_ms, gbps })
+    Ok(Setup { trace, shape, initial, step_ms, gbps, dispatch: args.dispatch })
 }
 
 /// Replays the trace through a manager (`config`, `policy`), as `run` does. Returns the score
@@ -289,7 +364,7 @@ fn replay(
     let spr = setup.shape.slots_per_rank();
     let mut live = setup.initial.clone();
     let mut manager = Manager::new(config, setup.shape, layers, num_logical);
-    let mut score = Score::new(steps);
+    let mut score = Score::new(steps, setup.dispatch);
     let write_err = |source| SimulateError::Write { path: PathBuf::from("--placements-out"), source };
     if let Some(o) = out.as_deref_mut() {
         for l in 0..layers {
@@ -301,7 +376,7 @@ fn replay(
     let mut since_round_ms = 0.0;
     let bar = crate::progress::bar(steps as u64, name, "steps");
     for (t, load) in trace.steps.iter().enumerate() {
-        score.step(load.view(), &live, spr);
+        score.step(load.view(), &live, spr)?;
         manager.observe(load.clone());
         since_round_ms += setup.step_ms;
         let time_flag = match config.mode {
@@ -368,12 +443,12 @@ fn floor(setup: &Setup, kind: PolicyKind, plan_on: &LoadTrace, name: &str) -> Re
     let trace = &setup.trace;
     let spr = setup.shape.slots_per_rank();
     let config = PolicyConfig { kind, threads: 0, move_cost: 0.0 };
-    let mut score = Score::new(trace.num_steps());
+    let mut score = Score::new(trace.num_steps(), setup.dispatch);
     let bar = crate::progress::bar(trace.num_steps() as u64, name, "steps");
     for (t, (load, plan_load)) in trace.steps.iter().zip(&plan_on.steps).enumerate() {
         let p = policy::rebalance(plan_load.view(), &setup.shape, None, &config)
             .map_err(|source| SimulateError::Policy { context: format!("{name}: step {t}"), source })?;
-        score.step(load.view(), &p, spr);
+        score.step(load.view(), &p, spr)?;
         bar.inc(1);
     }
     bar.finish_and_clear();
@@ -497,6 +572,7 @@ pub fn run_simulate(args: &SimulateArgs) -> Result<SimulateOutcome, SimulateErro
             "expert_bytes": args.expert_bytes,
             "migration_gbps": setup.gbps,
             "manager": config.describe(),
+            "dispatch": args.dispatch,
             "cases": cases,
         });
         file::write_json_atomic(path, &value)?;
@@ -508,13 +584,13 @@ pub fn run_simulate(args: &SimulateArgs) -> Result<SimulateOutcome, SimulateErro
 /// first baseline over the case's (above 1: faster).
 pub fn table(cases: &[CaseResult]) -> String {
     let mut s = String::from(
-        "#          case   mean PAR  balancedness  changed slots  switches  transfer(s)  modeled(s)  vs base  #wrong\n",
+        "#          case   mean PAR  balancedness  changed slots  switches  transfer(s)  modeled(s)  vs base  #wrong  step bal  dispatch\n",
     );
     let base = cases.get(1).map(|c| c.modeled_seconds);
     for c in cases {
         let vs = base.map_or("-".to_string(), |b| format!("{:.4}", b / c.modeled_seconds));
         s.push_str(&format!(
-            "{:>15} {:>10.5} {:>13.5} {:>14} {:>9} {:>12.4} {:>11.4} {:>8} {:>7}\n",
+            "{:>15} {:>10.5} {:>13.5} {:>14} {:>9} {:>12.4} {:>11.4} {:>8} {:>7} {:>9.5} {:>9}\n",
             c.name,
             c.mean_par,
             c.balancedness,
@@ -523,7 +599,9 @@ pub fn table(cases: &[CaseResult]) -> String {
             c.transfer_seconds,
             c.modeled_seconds,
             vs,
-            0
+            0,
+            c.mean_step_balancedness,
+            format!("{:?}", c.dispatch).to_lowercase()
         ));
     }
     s
