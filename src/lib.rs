@@ -14,7 +14,8 @@
 //! * [`progress`]: progress bars on a terminal;
 //! * [`simulate`]: the `simulate` subcommand: a trace through the same Manager and Policy, scored.
 //! * [`output`]: output files that never destroy anything; [`limits`]: sizes and ranges checked
-//!   before any work; [`failure`]: the panic hook.
+//!   before any work; [`input`]: input files that are regular and bounded; [`failure`]: the
+//!   panic hook.
 
 pub mod bench;
 pub mod cli;
@@ -23,6 +24,7 @@ pub mod engine;
 pub mod executor;
 pub mod failure;
 pub mod gpu;
+pub mod input;
 pub mod limits;
 pub mod load;
 pub mod manager;

@@ -88,10 +88,10 @@ pub struct PlotInput {
 
 /// Writes the charts; returns the files written.
 pub fn run_plot(args: &PlotArgs) -> Result<Vec<PathBuf>, PlotError> {
-    let text = std::fs::read_to_string(&args.report)
+    let bytes = crate::input::read_regular(&args.report, crate::input::MAX_JSON_BYTES)
         .map_err(|source| PlotError::Read { path: args.report.clone(), source })?;
     let report: Value =
-        serde_json::from_str(&text).map_err(|source| PlotError::Json { path: args.report.clone(), source })?;
+        serde_json::from_slice(&bytes).map_err(|source| PlotError::Json { path: args.report.clone(), source })?;
     let input = PlotInput::from_report(&report).map_err(|what| PlotError::Bad { path: args.report.clone(), what })?;
     std::fs::create_dir_all(&args.output)
         .map_err(|e| PlotError::Write { path: args.output.clone(), reason: e.to_string() })?;

@@ -162,3 +162,36 @@ fn a_missing_or_invalid_report_is_bad_input() {
     let e = run_plot(&PlotArgs { report: dir.join("bad.json"), output: dir.join("p") }).unwrap_err();
     assert!(e.to_string().contains("not valid JSON") && e.exit_code() == 2, "{e}");
 }
+
+#[test]
+fn a_symlink_planted_at_the_temporary_name_is_never_written_through() {
+    let d = std::env::temp_dir().join(format!("eplb-plot-symlink-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    let victim = d.join("victim");
+    std::fs::write(&victim, "precious").unwrap();
+    // The temporary name of balancedness.svg is predictable: plant a link there.
+    let planted = d.join(format!("balancedness.svg.{}.tmp", std::process::id()));
+    std::os::unix::fs::symlink(&victim, &planted).unwrap();
+    let input = PlotInput::from_report(&run_report()).unwrap();
+    let result = charts::draw_all(&input, &d);
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious", "the link's target was overwritten");
+    let e = result.expect_err("the exclusive create refuses the planted name");
+    assert_eq!(e.exit_code(), 1, "{e}");
+    assert!(std::fs::symlink_metadata(&planted).unwrap().file_type().is_symlink());
+}
+
+#[test]
+fn a_report_that_is_a_fifo_is_refused_at_once() {
+    let d = std::env::temp_dir().join(format!("eplb-plot-fifo-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    let fifo = d.join("report.json");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid C string.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    // Without a writer, reading the FIFO would block forever.
+    let args = PlotArgs { report: fifo, output: d.join("out") };
+    let e = run_plot(&args).expect_err("a FIFO is not a report");
+    assert!(e.exit_code() == 2 && e.to_string().contains("FIFO"), "{e}");
+}
