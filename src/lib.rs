@@ -15,7 +15,7 @@
 //! * [`simulate`]: the `simulate` subcommand: a trace through the same Manager and Policy, scored.
 //! * [`output`]: output files that never destroy anything; [`limits`]: sizes and ranges checked
 //!   before any work; [`input`]: input files that are regular and bounded; [`failure`]: the
-//!   panic hook.
+//!   panic hook; [`signals`]: SIGTERM and SIGINT end a run with a report that says so.
 
 pub mod bench;
 pub mod cli;
@@ -36,4 +36,5 @@ pub mod policy;
 pub mod progress;
 pub mod rank;
 pub mod run;
+pub mod signals;
 pub mod simulate;

@@ -77,6 +77,9 @@ impl Watch {
     /// sidecar's own heartbeat.
     pub fn check(&self, region: &Region) -> Result<Liveness, String> {
         region.check_size()?;
+        if let Some(sig) = crate::signals::received() {
+            return Err(format!("engine rank {}: {}", self.rank, crate::signals::interrupted(sig)));
+        }
         let now = super::region::monotonic_ns();
         region.set(off::SIDECAR_HEARTBEAT_NS, now);
         let (rank, pid) = (self.rank, self.pid);

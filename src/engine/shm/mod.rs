@@ -328,6 +328,7 @@ struct Detach {
 
 impl Drop for Detach {
     fn drop(&mut self) {
+        crate::signals::forget_region();
         if self.region.get(off::SIDECAR_STATE) == sidecar_state::ATTACHED {
             let state = if self.finished { sidecar_state::EXITED_OK } else { sidecar_state::FAILED };
             self.region.set(off::SIDECAR_STATE, state);
@@ -355,6 +356,8 @@ impl ShmEngine {
         if !agreement.agreed() {
             return Err(StartError::Placements { min: agreement.min, max: agreement.max });
         }
+        // SAFETY: `Detach` (which holds the region) forgets the field before the mapping goes.
+        unsafe { crate::signals::watch_region(region.atomic(off::SIDECAR_STATE), sidecar_state::FAILED) };
         let l = region.layout.clone();
         let store: Box<dyn ExpertStore> = match &l.ipc {
             None => {
