@@ -195,3 +195,28 @@ fn a_report_that_is_a_fifo_is_refused_at_once() {
     let e = run_plot(&args).expect_err("a FIFO is not a report");
     assert!(e.exit_code() == 2 && e.to_string().contains("FIFO"), "{e}");
 }
+
+#[test]
+fn moves_are_summed_per_round_and_step_in_any_order_of_rounds() {
+    // Layer rows of two rounds (at 10 and 20), two steps of the first, out of step order.
+    let rows = json!([
+        {"step": 11, "layer": 0, "bytes": 1, "seconds": 0.5},
+        {"step": 21, "layer": 0, "bytes": 4, "seconds": 0.25},
+        {"step": 10, "layer": 1, "bytes": 2, "seconds": 0.25},
+        {"step": 11, "layer": 1, "bytes": 8, "seconds": 0.5},
+        {"step": 5, "layer": 1, "bytes": 16, "seconds": 0.125},
+    ]);
+    let rows = rows.as_array().unwrap();
+    for rounds in [vec![10, 20], vec![20, 10]] {
+        let m = moves_from_layers(rows, &rounds).unwrap();
+        let got: Vec<(usize, u64, f64, f64)> = m.iter().map(|m| (m.step, m.bytes, m.seconds, m.worst_step_seconds)).collect();
+        if rounds == vec![10, 20] {
+            // Step 5 precedes every round: its own.
+            assert_eq!(got, vec![(5, 16, 0.125, 0.125), (10, 11, 1.25, 1.0), (20, 4, 0.25, 0.25)]);
+        } else {
+            // Unsorted rounds keep the old rule: the last listed round at or before the step
+            // (10 for step 21 too).
+            assert_eq!(got, vec![(5, 16, 0.125, 0.125), (10, 15, 1.5, 1.0)]);
+        }
+    }
+}
