@@ -411,7 +411,8 @@ fn every_input_that_is_a_fifo_or_a_device_is_refused_at_once() {
     std::fs::write(&load, "90,132,40,61\n20,107,104,64\n").unwrap();
     let load = load.display().to_string();
     let placement = d.join("out.json").display().to_string();
-    let plan = bounded(&[BIN, "plan", "--load", &csv, "--num-replicas", "8", "--num-gpus", "2", "--output", &placement]);
+    let plan =
+        bounded(&[BIN, "plan", "--load", &csv, "--num-replicas", "8", "--num-gpus", "2", "--output", &placement]);
     plan.assert(2, &["a FIFO"]);
     // A character device behind a name with a load's extension: read until memory ran out.
     let zero = d.join("zero.csv");
@@ -432,8 +433,9 @@ fn every_input_that_is_a_fifo_or_a_device_is_refused_at_once() {
 fn simulate_refuses_a_replay_it_cannot_finish_in_reasonable_time() {
     let d = tmpdir("simsize");
     // 40 steps of 4 layers x 64 experts, about the 33 KB of the trace.
-    let steps: Vec<Vec<Vec<u64>>> =
-        (0..40u64).map(|s| (0..4u64).map(|l| (0..64u64).map(|e| (s * 7 + l * 13 + e * 31) % 100).collect()).collect()).collect();
+    let steps: Vec<Vec<Vec<u64>>> = (0..40u64)
+        .map(|s| (0..4u64).map(|l| (0..64u64).map(|e| (s * 7 + l * 13 + e * 31) % 100).collect()).collect())
+        .collect();
     let trace = d.join("t.json");
     std::fs::write(&trace, serde_json::json!({ "counts": steps }).to_string()).unwrap();
     let t = trace.display().to_string();
@@ -441,4 +443,76 @@ fn simulate_refuses_a_replay_it_cannot_finish_in_reasonable_time() {
     out.assert(2, &["--num-gpus 8192", "would run for many minutes"]);
     // A size it finishes stays allowed.
     bounded(&[BIN, "simulate", "--trace", &t, "--num-gpus", "16"]).assert(0, &[]);
+}
+
+#[test]
+fn the_rank_whose_entry_stays_half_written_names_itself_and_the_report_says_failed() {
+    let name = region_name("odd2");
+    let report_path = tmpdir("odd2").join("r.json");
+    let engines: Vec<EngineRank> = (0..2).map(|r| engine_rank(&name, 2, r)).collect();
+    let _beats: Vec<Beating> = engines.iter().map(|e| beat(&e.region.path)).collect();
+    let mut child = sidecar(2, &name, &report_path, &["--engine-timeout", "1", "--enable-eplb", "false"]);
+    for e in &engines {
+        assert!(attached(&e.region, &mut child), "{}", finish(child).stderr);
+    }
+    for t in 0..4 {
+        for e in &engines {
+            e.record(t, phase::DECODE, &counts(&e.region), 0);
+        }
+    }
+    // Only engine rank 1 leaves step 3 half written; rank 0's sidecar waits for step 4.
+    let l = &engines[1].region.layout;
+    engines[1].region.atomic(l.ring_offset + 3 * l.ring_entry_bytes + off::ENTRY_SEQ).fetch_add(1, Ordering::SeqCst);
+    let out = finish(child);
+    assert!(out.code != 0 && out.code != 124, "code {}: {}", out.code, out.stderr);
+    assert!(out.stderr.contains("rank 1: error: engine rank 1"), "{}", out.stderr);
+    let r = report(&report_path);
+    assert_eq!(r["status"], "failed", "{r}");
+    let error = r["error"].as_str().unwrap_or("");
+    assert!(error.contains("rank 1: engine rank 1") && error.contains("half written"), "{r}");
+    cleanup(&name, 2);
+}
+
+#[test]
+fn sigint_of_one_rank_stops_every_rank_at_the_same_step_with_a_failed_report() {
+    use std::io::{BufRead, BufReader};
+    let report_path = tmpdir("sigint").join("r.json");
+    let mut child = Command::new("timeout")
+        .args(["-k", "5", BOUND_S, "mpirun", "-n", "2", "--oversubscribe", BIN, "run"])
+        .args(["--steps", "100000000", "--eplb-update-interval-steps", "20", "--expert-bytes", "8192"])
+        .arg("--report")
+        .arg(&report_path)
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let err_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut BufReader::new(stderr), &mut s).ok();
+        s
+    });
+    let (mut pid, mut signalled) = (0i32, false);
+    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+        let Ok(line) = line else { break };
+        // "#  Rank   1 Node  0 Local  1 Pid    8178 on ..."
+        let words: Vec<&str> = line.split_whitespace().collect();
+        if words.len() > 8 && words[1] == "Rank" && words[2] == "1" && words[7] == "Pid" {
+            pid = words[8].parse().unwrap();
+        }
+        if !signalled && pid != 0 && line.starts_with("# round 1") {
+            // SAFETY: signals rank 1 of the job this test started.
+            assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0);
+            signalled = true;
+        }
+    }
+    let status = child.wait().unwrap();
+    let stderr = err_reader.join().unwrap();
+    assert!(signalled, "never saw a round to signal at: {stderr}");
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    let r = report(&report_path);
+    assert_eq!(r["status"], "failed", "{r}");
+    assert!(r["error"].as_str().unwrap_or("").contains("rank(s) [1] were interrupted by a signal"), "{r}");
 }

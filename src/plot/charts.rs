@@ -40,8 +40,7 @@ pub fn draw_all(input: &PlotInput, dir: &Path) -> Result<Vec<PathBuf>, PlotError
                 .and_then(|()| root.present().map_err(|e| e.to_string()))
         }
         .map_err(|reason| PlotError::Write { path: path.clone(), reason: format!("drawing failed: {reason}") })?;
-        write_replacing(&path, svg.as_bytes())
-            .map_err(|reason| PlotError::Write { path: path.clone(), reason })?;
+        write_replacing(&path, svg.as_bytes()).map_err(|reason| PlotError::Write { path: path.clone(), reason })?;
         written.push(path);
         Ok::<(), PlotError>(())
     };

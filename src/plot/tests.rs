@@ -209,7 +209,8 @@ fn moves_are_summed_per_round_and_step_in_any_order_of_rounds() {
     let rows = rows.as_array().unwrap();
     for rounds in [vec![10, 20], vec![20, 10]] {
         let m = moves_from_layers(rows, &rounds).unwrap();
-        let got: Vec<(usize, u64, f64, f64)> = m.iter().map(|m| (m.step, m.bytes, m.seconds, m.worst_step_seconds)).collect();
+        let got: Vec<(usize, u64, f64, f64)> =
+            m.iter().map(|m| (m.step, m.bytes, m.seconds, m.worst_step_seconds)).collect();
         if rounds == vec![10, 20] {
             // Step 5 precedes every round: its own.
             assert_eq!(got, vec![(5, 16, 0.125, 0.125), (10, 11, 1.25, 1.0), (20, 4, 0.25, 0.25)]);

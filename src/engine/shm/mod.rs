@@ -104,8 +104,12 @@ pub fn attach(opts: &ShmOptions, rank: usize, world_size: usize) -> Result<Attac
         ));
     }
     // The same limits as every other source of a shape, before anything is sized by it.
-    crate::limits::check_shape(l.num_physical(), l.world_size, ("the region's slots (world_size x slots_per_rank)", "the region's world_size"))
-        .map_err(|e| bad(&path, e))?;
+    crate::limits::check_shape(
+        l.num_physical(),
+        l.world_size,
+        ("the region's slots (world_size x slots_per_rank)", "the region's world_size"),
+    )
+    .map_err(|e| bad(&path, e))?;
     let watch = Watch::new(&region, rank, opts.timeout);
     claim(&region)?;
     region.set(off::SIDECAR_STATE, sidecar_state::ATTACHED);
@@ -186,15 +190,24 @@ fn left_behind(region: &Region, timeout: Duration) -> Option<String> {
 fn claim(region: &Region) -> Result<(), EngineError> {
     let me = std::process::id() as u64;
     let other = region.get(off::SIDECAR_PID);
-    if other != me && other != 0 && region::pid_alive(other) && region.get(off::SIDECAR_STATE) == sidecar_state::ATTACHED {
+    if other != me
+        && other != 0
+        && region::pid_alive(other)
+        && region.get(off::SIDECAR_STATE) == sidecar_state::ATTACHED
+    {
         return Err(bad(
             &region.path,
             format!("a live sidecar (pid {other}) is attached to it already: one sidecar job per engine; stop that one first"),
         ));
     }
-    region.atomic(off::SIDECAR_PID).compare_exchange(other, me, Ordering::AcqRel, Ordering::Acquire).map_err(|now| {
-        bad(&region.path, format!("another sidecar (pid {now}) attached to it at the same time: one sidecar job per engine"))
-    })?;
+    region.atomic(off::SIDECAR_PID).compare_exchange(other, me, Ordering::AcqRel, Ordering::Acquire).map_err(
+        |now| {
+            bad(
+                &region.path,
+                format!("another sidecar (pid {now}) attached to it at the same time: one sidecar job per engine"),
+            )
+        },
+    )?;
     Ok(())
 }
 
@@ -218,7 +231,11 @@ fn wait_pending(region: &Region, watch: &Watch, opts: &ShmOptions) -> Result<(),
         }
         let (apply_step, now) = (region.read_u64(off::CMD_APPLY_STEP), region.get(off::ENGINE_STEP));
         let rank = watch.rank;
-        let odd = if region.get(off::CMD_SEQ) % 2 == 1 { " (cmd_seq is odd: that sidecar died while posting it)" } else { "" };
+        let odd = if region.get(off::CMD_SEQ) % 2 == 1 {
+            " (cmd_seq is odd: that sidecar died while posting it)"
+        } else {
+            ""
+        };
         if apply_step > now.saturating_add(MAX_PENDING_AHEAD) {
             return Err(EngineError::Failed(format!(
                 "{}: engine rank {rank}: a command (id {id}) of an earlier sidecar is pending for step {apply_step}, far beyond the engine's step {now}: it would keep attach waiting; the mailbox is corrupt, restart the engine",
