@@ -121,11 +121,13 @@ impl Drop for Beating {
     }
 }
 
-/// Waits (bounded) until a sidecar has attached to `region`; false if the sidecar ended first.
-fn attached(region: &Region, child: &mut Child) -> bool {
+/// Waits (bounded) until the sidecar reads `region`'s ring: its heartbeat, beaten by every wait
+/// on the engine, is set only once it waits for a step (after the collective start, which fixes
+/// the first step it reads at the engine's step then). False if the sidecar ended first.
+fn reading(region: &Region, child: &mut Child) -> bool {
     let deadline = Instant::now() + Duration::from_secs(100);
     while Instant::now() < deadline {
-        if region.get(off::SIDECAR_STATE) == sidecar_state::ATTACHED {
+        if region.get(off::SIDECAR_HEARTBEAT_NS) != 0 {
             return true;
         }
         if let Ok(Some(_)) = child.try_wait() {
@@ -155,7 +157,7 @@ fn a_ring_entry_left_half_written_fails_the_rank_within_the_engine_timeout() {
     let engine = engine_rank(&name, 1, 0);
     let _beat = beat(&engine.region.path);
     let mut child = sidecar(1, &name, &report_path, &["--engine-timeout", "1", "--enable-eplb", "false"]);
-    assert!(attached(&engine.region, &mut child), "{}", finish(child).stderr);
+    assert!(reading(&engine.region, &mut child), "{}", finish(child).stderr);
     for t in 0..3 {
         engine.record(t, phase::DECODE, &counts(&engine.region), 0);
     }
@@ -178,7 +180,7 @@ fn a_step_counter_beyond_the_ring_is_a_corrupt_region_not_lost_steps() {
     let engine = engine_rank(&name, 1, 0);
     let _beat = beat(&engine.region.path);
     let mut child = sidecar(1, &name, &report_path, &["--enable-eplb", "false"]);
-    assert!(attached(&engine.region, &mut child), "{}", finish(child).stderr);
+    assert!(reading(&engine.region, &mut child), "{}", finish(child).stderr);
     for t in 0..3 {
         engine.record(t, phase::DECODE, &counts(&engine.region), 0);
     }
@@ -195,9 +197,10 @@ fn an_engine_that_steps_on_without_answering_a_command_fails_the_run() {
     let name = region_name("noanswer");
     let report_path = tmpdir("noanswer").join("r.json");
     let engines: Vec<EngineRank> = (0..2).map(|r| engine_rank(&name, 2, r)).collect();
+    let _beats: Vec<Beating> = engines.iter().map(|e| beat(&e.region.path)).collect();
     let mut child = sidecar(2, &name, &report_path, &["--engine-timeout", "5"]);
-    assert!(attached(&engines[0].region, &mut child), "{}", finish(child).stderr);
-    assert!(attached(&engines[1].region, &mut child), "{}", finish(child).stderr);
+    assert!(reading(&engines[0].region, &mut child), "{}", finish(child).stderr);
+    assert!(reading(&engines[1].region, &mut child), "{}", finish(child).stderr);
     // It steps (2 ms a step), skewed so that a rebalance is due, and never reads its mailbox,
     // until the sidecar ends (bounded: 20 000 steps).
     let spr = 3;
@@ -321,7 +324,7 @@ fn a_new_region_replacing_a_stale_one_is_attached() {
         EngineRank::create(&name, &layout, &phy2log, |_, e, b| b.fill(e as u8)).unwrap()
     };
     let _beat = beat(&engine.region.path);
-    assert!(attached(&engine.region, &mut child), "{}", finish(child).stderr);
+    assert!(reading(&engine.region, &mut child), "{}", finish(child).stderr);
     assert_ne!(old.region.get(off::SIDECAR_STATE), sidecar_state::ATTACHED, "the stale region was attached");
     for t in 0..5 {
         engine.record(t, phase::DECODE, &counts(&engine.region), 0);
@@ -340,7 +343,7 @@ fn a_region_truncated_under_the_sidecar_is_an_error_not_sigbus() {
     let engine = engine_rank(&name, 1, 0);
     let _beat = beat(&engine.region.path);
     let mut child = sidecar(1, &name, &report_path, &["--enable-eplb", "false"]);
-    assert!(attached(&engine.region, &mut child), "{}", finish(child).stderr);
+    assert!(reading(&engine.region, &mut child), "{}", finish(child).stderr);
     engine.record(0, phase::DECODE, &counts(&engine.region), 0);
     // Only the header is left (the heartbeat, in the header, stays writable here).
     std::fs::OpenOptions::new().write(true).open(&engine.region.path).unwrap().set_len(4096).unwrap();
@@ -373,7 +376,7 @@ fn sigterm_leaves_a_failed_report_and_a_region_that_says_the_sidecar_left() {
     let engine = engine_rank(&name, 1, 0);
     let _beat = beat(&engine.region.path);
     let mut child = sidecar(1, &name, &report_path, &["--enable-eplb", "false"]);
-    assert!(attached(&engine.region, &mut child), "{}", finish(child).stderr);
+    assert!(reading(&engine.region, &mut child), "{}", finish(child).stderr);
     engine.record(0, phase::DECODE, &counts(&engine.region), 0);
     let pid = engine.region.get(off::SIDECAR_PID) as i32;
     // SAFETY: signals the sidecar rank this test started (its pid, from the region).
@@ -453,7 +456,7 @@ fn the_rank_whose_entry_stays_half_written_names_itself_and_the_report_says_fail
     let _beats: Vec<Beating> = engines.iter().map(|e| beat(&e.region.path)).collect();
     let mut child = sidecar(2, &name, &report_path, &["--engine-timeout", "1", "--enable-eplb", "false"]);
     for e in &engines {
-        assert!(attached(&e.region, &mut child), "{}", finish(child).stderr);
+        assert!(reading(&e.region, &mut child), "{}", finish(child).stderr);
     }
     for t in 0..4 {
         for e in &engines {
