@@ -15,7 +15,8 @@
 //! * [`simulate`]: the `simulate` subcommand: a trace through the same Manager and Policy, scored.
 //! * [`split`]: per-step token quotas between an expert's replicas, the same on every rank.
 //! * [`output`]: output files that never destroy anything; [`limits`]: sizes and ranges checked
-//!   before any work; [`failure`]: the panic hook.
+//!   before any work; [`input`]: input files that are regular and bounded; [`failure`]: the
+//!   panic hook; [`signals`]: SIGTERM and SIGINT end a run with a report that says so.
 
 pub mod bench;
 pub mod cli;
@@ -24,6 +25,7 @@ pub mod engine;
 pub mod executor;
 pub mod failure;
 pub mod gpu;
+pub mod input;
 pub mod limits;
 pub mod load;
 pub mod manager;
@@ -35,5 +37,6 @@ pub mod policy;
 pub mod progress;
 pub mod rank;
 pub mod run;
+pub mod signals;
 pub mod simulate;
 pub mod split;

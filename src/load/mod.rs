@@ -171,7 +171,8 @@ pub fn read_trace(path: &Path, select: &TraceSelect) -> Result<LoadTrace, LoadEr
             })
         }
     };
-    let bytes = std::fs::read(path).map_err(|source| LoadError::Io { path: path.to_path_buf(), source })?;
+    let bytes = crate::input::read_regular(path, crate::input::MAX_TRACE_BYTES)
+        .map_err(|source| LoadError::Io { path: path.to_path_buf(), source })?;
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Err(LoadError::Empty { path: path.to_path_buf(), what: "the file is empty".into() });
     }

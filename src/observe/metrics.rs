@@ -1,7 +1,7 @@
 //! `run --metrics-port PORT`: rank 0 serves the Prometheus text exposition format at `/metrics`.
 //!
 //! The format is the `prometheus` crate's [`TextEncoder`] (`text/plain; version=0.0.4`), the
-//! HTTP server `tiny_http` on one thread of its own; the run loop only feeds [`Metrics`] through
+//! HTTP server a small bounded one of its own ([`MetricsServer`]); the run loop only feeds [`Metrics`] through
 //! the [`RunObserver`] seam, and a scrape never waits for the loop (the metrics are atomics).
 //!
 //! One endpoint per job, on rank 0: everything eplb knows is global (the loads are all-reduced,
@@ -9,9 +9,12 @@
 //! endpoint per node would repeat the same numbers. Scrape the host of rank 0 (under Slurm, the
 //! first node of the allocation); it listens on 127.0.0.1 unless `--metrics-bind` opens it.
 
-use std::net::{IpAddr, SocketAddr};
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use prometheus::{
     exponential_buckets, Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, Opts, Registry, TextEncoder,
@@ -158,10 +161,48 @@ impl RunObserver for Metrics {
     }
 }
 
-/// The HTTP endpoint: `GET /metrics` answers the exposition, any other path 404. Stops (and joins
-/// its thread) when dropped.
+/// Bounds of the endpoint, so that no client (it may be anyone who reaches the port with
+/// `--metrics-bind 0.0.0.0`) can hold rank 0's memory, its serving or the job's exit.
+#[derive(Debug, Clone)]
+pub struct ServeLimits {
+    /// Connections served at once; one more is answered 503 and closed at once.
+    pub max_connections: usize,
+    /// Bytes of a request line and headers; a longer request is answered 431 and closed.
+    pub max_request_bytes: usize,
+    /// Time a connection may take from accept to the end of its response (reading the request,
+    /// writing the response); then it is closed.
+    pub request_time: Duration,
+    /// Tests: the first this many `accept` calls fail as if the process had run out of file
+    /// descriptors (`EMFILE`), which must not end the endpoint.
+    #[doc(hidden)]
+    pub fail_accepts: usize,
+}
+
+impl Default for ServeLimits {
+    fn default() -> ServeLimits {
+        ServeLimits {
+            max_connections: 16,
+            max_request_bytes: 8 << 10,
+            request_time: Duration::from_secs(5),
+            fail_accepts: 0,
+        }
+    }
+}
+
+/// How often the accept loop looks at its stop flag: the most a stop (the job's exit) waits.
+const STOP_POLL: Duration = Duration::from_millis(50);
+
+/// The HTTP endpoint: `GET /metrics` answers the exposition, any other path 404; one request a
+/// connection (`Connection: close`), so a pipelining client gets one answer.
+///
+/// A small server of its own rather than `tiny_http`: that one reads a request line and headers
+/// until CRLF with no size limit, lets a client that pipelines requests and never reads block
+/// its one serving thread, gives up for good after one `accept` error, and is joined at the end,
+/// so a stuck client held the job's exit. Here every connection runs on a thread of its own,
+/// bounded by [`ServeLimits`] (count, bytes, time), and is never joined: dropping the server
+/// stops accepting within [`STOP_POLL`] and returns.
 pub struct MetricsServer {
-    server: Arc<tiny_http::Server>,
+    stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
     addr: SocketAddr,
 }
@@ -169,17 +210,28 @@ pub struct MetricsServer {
 impl MetricsServer {
     /// Listens on `bind:port` (port 0: any free port; see [`MetricsServer::addr`]).
     pub fn start(metrics: Metrics, bind: IpAddr, port: u16) -> Result<MetricsServer, MetricsError> {
+        MetricsServer::start_with(metrics, bind, port, ServeLimits::default())
+    }
+
+    /// [`MetricsServer::start`] with other bounds.
+    pub fn start_with(
+        metrics: Metrics,
+        bind: IpAddr,
+        port: u16,
+        limits: ServeLimits,
+    ) -> Result<MetricsServer, MetricsError> {
         let want = SocketAddr::new(bind, port);
-        let server =
-            tiny_http::Server::http(want).map_err(|e| MetricsError::Bind { addr: want, reason: e.to_string() })?;
-        let addr = server.server_addr().to_ip().unwrap_or(want);
-        let server = Arc::new(server);
-        let serving = Arc::clone(&server);
+        let bind_err = |e: std::io::Error| MetricsError::Bind { addr: want, reason: e.to_string() };
+        let listener = TcpListener::bind(want).map_err(bind_err)?;
+        listener.set_nonblocking(true).map_err(bind_err)?;
+        let addr = listener.local_addr().unwrap_or(want);
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = Arc::clone(&stop);
         let thread = std::thread::Builder::new()
             .name("eplb-metrics".into())
-            .spawn(move || serve(&serving, &metrics))
+            .spawn(move || accept_loop(&listener, &metrics, &limits, &stopping))
             .map_err(|e| MetricsError::Bind { addr, reason: format!("cannot start its thread: {e}") })?;
-        Ok(MetricsServer { server, thread: Some(thread), addr })
+        Ok(MetricsServer { stop, thread: Some(thread), addr })
     }
 
     /// The address it listens on.
@@ -190,35 +242,123 @@ impl MetricsServer {
 
 impl Drop for MetricsServer {
     fn drop(&mut self) {
-        self.server.unblock();
+        self.stop.store(true, Ordering::SeqCst);
+        // The accept loop sees the flag within STOP_POLL; connection threads are not waited for.
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
     }
 }
 
-fn serve(server: &tiny_http::Server, metrics: &Metrics) {
-    let header = tiny_http::Header::from_bytes("Content-Type", TextEncoder::new().format_type());
-    for request in server.incoming_requests() {
-        let path = request.url().split('?').next().unwrap_or("");
-        let response = match (request.method(), path) {
-            (tiny_http::Method::Get, "/metrics") => match (metrics.encode(), &header) {
-                (Ok(body), Ok(h)) => tiny_http::Response::from_string(body).with_header(h.clone()),
-                (Err(e), _) => tiny_http::Response::from_string(e.to_string()).with_status_code(500),
-                (_, Err(())) => tiny_http::Response::from_string("bad content type").with_status_code(500),
-            },
-            _ => tiny_http::Response::from_string("eplb: metrics are at /metrics\n").with_status_code(404),
+/// Accepts until `stop`: each connection on a thread of its own, at most
+/// `limits.max_connections` at once. An `accept` error (out of file descriptors, a connection
+/// reset before it was accepted) is logged, at its 1st, 2nd, 4th, ... occurrence, and the loop
+/// goes on after a short pause.
+fn accept_loop(listener: &TcpListener, metrics: &Metrics, limits: &ServeLimits, stop: &AtomicBool) {
+    let active = Arc::new(AtomicUsize::new(0));
+    let (mut errors, mut fail) = (0u64, limits.fail_accepts);
+    while !stop.load(Ordering::SeqCst) {
+        let accepted = if fail > 0 {
+            fail -= 1;
+            Err(std::io::Error::from_raw_os_error(libc::EMFILE))
+        } else {
+            listener.accept()
         };
-        // A client that hung up is not the run's problem.
-        let _ = request.respond(response);
+        match accepted {
+            Ok((stream, _)) => {
+                if active.load(Ordering::SeqCst) >= limits.max_connections {
+                    refuse(stream, "503 Service Unavailable", "eplb: too many connections\n");
+                    continue;
+                }
+                active.fetch_add(1, Ordering::SeqCst);
+                let (metrics, limits, done) = (metrics.clone(), limits.clone(), Arc::clone(&active));
+                let spawned = std::thread::Builder::new().name("eplb-metrics-conn".into()).spawn(move || {
+                    serve_one(stream, &metrics, &limits);
+                    done.fetch_sub(1, Ordering::SeqCst);
+                });
+                if spawned.is_err() {
+                    active.fetch_sub(1, Ordering::SeqCst);
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => wait_readable(listener, STOP_POLL),
+            Err(e) => {
+                errors += 1;
+                if errors.is_power_of_two() {
+                    log::warn!("metrics endpoint: accept failed ({e}; {errors} so far): still serving");
+                }
+                std::thread::sleep(STOP_POLL);
+            }
+        }
     }
+}
+
+/// Waits at most `timeout` for a connection to accept.
+fn wait_readable(listener: &TcpListener, timeout: Duration) {
+    use std::os::fd::AsRawFd;
+    let mut fd = libc::pollfd { fd: listener.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd.
+    unsafe { libc::poll(&mut fd, 1, timeout.as_millis() as libc::c_int) };
+}
+
+/// Answers `status` with `body` and closes, never waiting (a fresh socket's buffer holds it).
+fn refuse(mut stream: TcpStream, status: &str, body: &str) {
+    let _ = stream.set_nonblocking(true);
+    let _ = write!(
+        stream,
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+}
+
+/// One connection: reads one request (bounded in bytes and time), answers it, closes.
+fn serve_one(mut stream: TcpStream, metrics: &Metrics, limits: &ServeLimits) {
+    let deadline = Instant::now() + limits.request_time;
+    let _ = stream.set_nonblocking(false);
+    let mut request = Vec::with_capacity(1024);
+    let mut buf = [0u8; 1024];
+    let end = loop {
+        if let Some(end) = request.windows(4).position(|w| w == b"\r\n\r\n") {
+            break end;
+        }
+        if request.len() > limits.max_request_bytes {
+            return refuse(stream, "431 Request Header Fields Too Large", "eplb: request too large\n");
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
+            return refuse(stream, "408 Request Timeout", "eplb: request timeout\n");
+        }
+        match stream.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => request.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return refuse(stream, "408 Request Timeout", "eplb: request timeout\n"),
+        }
+    };
+    let head = String::from_utf8_lossy(&request[..end]);
+    let mut parts = head.lines().next().unwrap_or("").split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let path = path.split('?').next().unwrap_or("");
+    let (status, content_type, body) = match (method, path) {
+        ("GET", "/metrics") => match metrics.encode() {
+            Ok(body) => ("200 OK", TextEncoder::new().format_type().to_string(), body),
+            Err(e) => ("500 Internal Server Error", "text/plain".into(), e.to_string()),
+        },
+        _ => ("404 Not Found", "text/plain".into(), "eplb: metrics are at /metrics\n".into()),
+    };
+    let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+    let _ = stream.set_write_timeout(Some(left));
+    // A client that hung up or never reads is not the run's problem.
+    let _ = write!(
+        stream,
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.shutdown(std::net::Shutdown::Both);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::{Read, Write};
-    use std::time::Duration;
 
     fn get(addr: SocketAddr, path: &str) -> String {
         let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
@@ -289,5 +429,96 @@ mod tests {
         assert!(e.to_string().contains("cannot listen"), "{e}");
         // Dropping it stops the serving thread (and does not hang).
         drop(server);
+    }
+
+    /// Runs `f` on a thread; its result, or a panic naming `what` if it has not ended within 60 s
+    /// (a hang bound, not a timing: every case here ends at once when it works).
+    fn within<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| panic!("{what}: hung"))
+    }
+
+    #[test]
+    fn a_client_that_pipelines_and_never_reads_blocks_neither_scrapes_nor_the_exit() {
+        let server = MetricsServer::start(Metrics::new(&[]).unwrap(), "127.0.0.1".parse().unwrap(), 0).unwrap();
+        let addr = server.addr();
+        // Many requests in one go, never reading the answers.
+        let mut hog = std::net::TcpStream::connect(addr).unwrap();
+        hog.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+        let _ = hog.write_all("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n".repeat(20_000).as_bytes());
+        let r = within("a second scrape", move || get(addr, "/metrics"));
+        assert!(r.contains(" 200 ") && r.contains("eplb_steps_total"), "{r}");
+        within("dropping the server", move || drop(server));
+        drop(hog);
+    }
+
+    #[test]
+    fn a_request_without_an_end_is_cut_at_its_size_bound() {
+        let server = MetricsServer::start(Metrics::new(&[]).unwrap(), "127.0.0.1".parse().unwrap(), 0).unwrap();
+        let addr = server.addr();
+        let answer = within("an endless request line", move || {
+            let mut s = std::net::TcpStream::connect(addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            s.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
+            // 1 MiB of a request line with no CRLF: the server must stop reading long before.
+            let _ = s.write_all(&vec![b'A'; 1 << 20]);
+            let mut out = Vec::new();
+            match s.read_to_end(&mut out) {
+                Ok(_) => Ok(String::from_utf8_lossy(&out).into_owned()),
+                Err(e) => Err(e.kind()),
+            }
+        });
+        match answer {
+            Ok(text) => assert!(text.is_empty() || text.contains(" 431 "), "{text}"),
+            // Closed while we were still sending: a reset, never a wait.
+            Err(kind) => assert!(
+                matches!(kind, std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe),
+                "the server did not end the request: {kind:?}"
+            ),
+        }
+        assert!(get(addr, "/metrics").contains(" 200 "), "still serving");
+    }
+
+    #[test]
+    fn connections_beyond_the_bound_are_refused_and_idle_ones_time_out() {
+        let limits = ServeLimits { max_connections: 2, request_time: Duration::from_secs(5), ..Default::default() };
+        let server =
+            MetricsServer::start_with(Metrics::new(&[]).unwrap(), "127.0.0.1".parse().unwrap(), 0, limits).unwrap();
+        let addr = server.addr();
+        let idle: Vec<_> = (0..2).map(|_| std::net::TcpStream::connect(addr).unwrap()).collect();
+        // A third is answered 503 at once (accepted after the two, which wait for their time).
+        // It sends nothing: its request unread at the close would turn the close into a reset.
+        let third = within("a connection beyond the bound", move || {
+            let mut s = std::net::TcpStream::connect(addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            let mut out = String::new();
+            let _ = s.read_to_string(&mut out);
+            out
+        });
+        assert!(third.contains(" 503 "), "{third}");
+        // Each idle connection is answered 408 and closed once its time is up.
+        for mut c in idle {
+            let text = within("an idle connection", move || {
+                c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+                let mut out = String::new();
+                let _ = c.read_to_string(&mut out);
+                out
+            });
+            assert!(text.contains(" 408 "), "{text}");
+        }
+        assert!(within("a scrape after", move || get(addr, "/metrics")).contains(" 200 "));
+    }
+
+    #[test]
+    fn accept_errors_do_not_end_the_endpoint() {
+        let limits = ServeLimits { fail_accepts: 3, ..Default::default() };
+        let server =
+            MetricsServer::start_with(Metrics::new(&[]).unwrap(), "127.0.0.1".parse().unwrap(), 0, limits).unwrap();
+        let addr = server.addr();
+        let r = within("a scrape after accept errors", move || get(addr, "/metrics"));
+        assert!(r.contains(" 200 "), "{r}");
     }
 }

@@ -35,7 +35,8 @@ pub enum PlacementFileError {
 
 /// Reads a placement file's `physical_to_logical_map` for `num_logical` experts and checks it.
 pub fn read_placement(path: &Path, num_logical: usize) -> Result<Placement, PlacementFileError> {
-    let bytes = std::fs::read(path).map_err(|source| PlacementFileError::Read { path: path.into(), source })?;
+    let bytes = crate::input::read_regular(path, crate::input::MAX_JSON_BYTES)
+        .map_err(|source| PlacementFileError::Read { path: path.into(), source })?;
     let doc: Value = crate::load::json::from_slice_strict(&bytes)
         .map_err(|source| PlacementFileError::Json { path: path.into(), source })?;
     let map = doc.get("physical_to_logical_map").ok_or_else(|| PlacementFileError::NoMap { path: path.into() })?;

@@ -40,8 +40,7 @@ pub fn draw_all(input: &PlotInput, dir: &Path) -> Result<Vec<PathBuf>, PlotError
                 .and_then(|()| root.present().map_err(|e| e.to_string()))
         }
         .map_err(|reason| PlotError::Write { path: path.clone(), reason: format!("drawing failed: {reason}") })?;
-        write_replacing(&path, svg.as_bytes())
-            .map_err(|e| PlotError::Write { path: path.clone(), reason: e.to_string() })?;
+        write_replacing(&path, svg.as_bytes()).map_err(|reason| PlotError::Write { path: path.clone(), reason })?;
         written.push(path);
         Ok::<(), PlotError>(())
     };
@@ -55,15 +54,11 @@ pub fn draw_all(input: &PlotInput, dir: &Path) -> Result<Vec<PathBuf>, PlotError
     Ok(written)
 }
 
-/// A whole new file in place of `path`: written beside it, then renamed, so that a reader never
-/// sees half a chart.
-fn write_replacing(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension(format!("svg.{}.tmp", std::process::id()));
-    let result = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path));
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+/// A whole new file in place of `path`: written beside it under a temporary name created
+/// exclusively (`O_EXCL`: a symlink planted at that name is never followed), then renamed, so
+/// that a reader never sees half a chart ([`crate::output::write_output`]).
+fn write_replacing(path: &Path, bytes: &[u8]) -> Result<(), String> {
+    crate::output::write_output("plot", path, bytes).map_err(|e| e.to_string())
 }
 
 /// An axis tick: whole numbers on an axis that reaches 10, else as many decimals as it needs.

@@ -162,3 +162,62 @@ fn a_missing_or_invalid_report_is_bad_input() {
     let e = run_plot(&PlotArgs { report: dir.join("bad.json"), output: dir.join("p") }).unwrap_err();
     assert!(e.to_string().contains("not valid JSON") && e.exit_code() == 2, "{e}");
 }
+
+#[test]
+fn a_symlink_planted_at_the_temporary_name_is_never_written_through() {
+    let d = std::env::temp_dir().join(format!("eplb-plot-symlink-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    let victim = d.join("victim");
+    std::fs::write(&victim, "precious").unwrap();
+    // The temporary name of balancedness.svg is predictable: plant a link there.
+    let planted = d.join(format!("balancedness.svg.{}.tmp", std::process::id()));
+    std::os::unix::fs::symlink(&victim, &planted).unwrap();
+    let input = PlotInput::from_report(&run_report()).unwrap();
+    let result = charts::draw_all(&input, &d);
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious", "the link's target was overwritten");
+    let e = result.expect_err("the exclusive create refuses the planted name");
+    assert_eq!(e.exit_code(), 1, "{e}");
+    assert!(std::fs::symlink_metadata(&planted).unwrap().file_type().is_symlink());
+}
+
+#[test]
+fn a_report_that_is_a_fifo_is_refused_at_once() {
+    let d = std::env::temp_dir().join(format!("eplb-plot-fifo-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    let fifo = d.join("report.json");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid C string.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    // Without a writer, reading the FIFO would block forever.
+    let args = PlotArgs { report: fifo, output: d.join("out") };
+    let e = run_plot(&args).expect_err("a FIFO is not a report");
+    assert!(e.exit_code() == 2 && e.to_string().contains("FIFO"), "{e}");
+}
+
+#[test]
+fn moves_are_summed_per_round_and_step_in_any_order_of_rounds() {
+    // Layer rows of two rounds (at 10 and 20), two steps of the first, out of step order.
+    let rows = json!([
+        {"step": 11, "layer": 0, "bytes": 1, "seconds": 0.5},
+        {"step": 21, "layer": 0, "bytes": 4, "seconds": 0.25},
+        {"step": 10, "layer": 1, "bytes": 2, "seconds": 0.25},
+        {"step": 11, "layer": 1, "bytes": 8, "seconds": 0.5},
+        {"step": 5, "layer": 1, "bytes": 16, "seconds": 0.125},
+    ]);
+    let rows = rows.as_array().unwrap();
+    for rounds in [vec![10, 20], vec![20, 10]] {
+        let m = moves_from_layers(rows, &rounds).unwrap();
+        let got: Vec<(usize, u64, f64, f64)> =
+            m.iter().map(|m| (m.step, m.bytes, m.seconds, m.worst_step_seconds)).collect();
+        if rounds == vec![10, 20] {
+            // Step 5 precedes every round: its own.
+            assert_eq!(got, vec![(5, 16, 0.125, 0.125), (10, 11, 1.25, 1.0), (20, 4, 0.25, 0.25)]);
+        } else {
+            // Unsorted rounds keep the old rule: the last listed round at or before the step
+            // (10 for step 21 too).
+            assert_eq!(got, vec![(5, 16, 0.125, 0.125), (10, 15, 1.5, 1.0)]);
+        }
+    }
+}

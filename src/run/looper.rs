@@ -27,6 +27,8 @@ const FLAG_TIME: usize = 0;
 const FLAG_FINISHED: usize = 1;
 const FLAG_FAILED: usize = 2;
 const FLAG_COUNTED: usize = 3;
+/// A rank received SIGTERM or SIGINT ([`crate::signals`]): every rank ends at this step.
+const FLAG_INTERRUPTED: usize = 4;
 
 /// What this rank's engine gave for one step.
 enum Polled {
@@ -37,6 +39,8 @@ enum Polled {
     Finished,
     /// The engine failed (this rank's error).
     Failed(RunError),
+    /// This rank received the signal: it did not read the engine.
+    Interrupted(i32),
 }
 
 /// The loop's state: the engine, the live placement, the manager, the output.
@@ -206,18 +210,9 @@ impl<'a> Looper<'a> {
         let policy_config = self.args.manager.policy_config();
         for step in 0.. {
             // 1. The engine's counts on this rank's slots, summed per logical expert.
-            let mut polled = match self.engine.next_step(self.live.placement()) {
-                Ok(Some(counts)) => match self.local_load(&counts) {
-                    Ok(local) => Polled::Step {
-                        local,
-                        engine_step: counts.engine_step,
-                        counted: counts.balanced && !counts.lost,
-                        moe_ns: counts.moe_ns,
-                    },
-                    Err(e) => Polled::Failed(e),
-                },
-                Ok(None) => Polled::Finished,
-                Err(source) => Polled::Failed(RunError::Engine { rank, source }),
+            let mut polled = match crate::signals::received() {
+                Some(sig) => Polled::Interrupted(sig),
+                None => self.poll(rank),
             };
             if let Polled::Failed(e) = polled {
                 if e.is_local() {
@@ -228,7 +223,8 @@ impl<'a> Looper<'a> {
                 polled = Polled::Failed(e);
             }
             // 2. The all-reduce, with the time flag of rank 0's clock and the engine's state.
-            let mut flags = [false; 4];
+            let mut flags = [false; 5];
+            flags[FLAG_INTERRUPTED] = matches!(polled, Polled::Interrupted(_));
             flags[FLAG_TIME] = match self.manager.config.mode {
                 Mode::Rounds(r) => match r.interval {
                     Interval::Seconds(s) => rank == 0 && last_round_at.elapsed().as_secs_f64() >= s,
@@ -254,6 +250,18 @@ impl<'a> Looper<'a> {
             };
             let t0 = Instant::now();
             let (mut sum, flags) = self.world.allreduce_loads(&send, &flags)?;
+            if flags[FLAG_INTERRUPTED] {
+                // Before anything else: a signal ends the run on every rank at this step.
+                let mine = match polled {
+                    Polled::Interrupted(sig) => Some(sig),
+                    _ => None,
+                };
+                let ranks = self.world.ranks_where(mine.is_some())?;
+                return Err(match mine {
+                    Some(signal) => RunError::Interrupted { signal },
+                    None => RunError::PeerInterrupted { step, ranks: format!("{ranks:?}") },
+                });
+            }
             let moe = MoeTime::from_sums(&sum.split_off(num_layers * num_logical));
             let t_reduced = Instant::now();
             if flags[FLAG_FAILED] {
@@ -365,6 +373,23 @@ impl<'a> Looper<'a> {
             self.live_checked += (spr * store.expert_bytes()) as u64;
         }
         Ok(())
+    }
+
+    /// 1. The engine's counts on this rank's slots, summed per logical expert.
+    fn poll(&mut self, rank: usize) -> Polled {
+        match self.engine.next_step(self.live.placement()) {
+            Ok(Some(counts)) => match self.local_load(&counts) {
+                Ok(local) => Polled::Step {
+                    local,
+                    engine_step: counts.engine_step,
+                    counted: counts.balanced && !counts.lost,
+                    moe_ns: counts.moe_ns,
+                },
+                Err(e) => Polled::Failed(e),
+            },
+            Ok(None) => Polled::Finished,
+            Err(source) => Polled::Failed(RunError::Engine { rank, source }),
+        }
     }
 
     /// Some rank's engine failed: that rank returns its own error (and prints it); the others

@@ -95,6 +95,12 @@ pub enum RunError {
     /// The engines of these ranks failed (each of those ranks printed why); every rank stops.
     #[error("step {step}: the engine of rank(s) {ranks} failed (see their messages); nothing was half applied")]
     PeerEngine { step: usize, ranks: String },
+    /// This rank received SIGTERM or SIGINT; every rank stopped at the same step.
+    #[error("{}", crate::signals::interrupted(*signal))]
+    Interrupted { signal: i32 },
+    /// Another rank received SIGTERM or SIGINT.
+    #[error("step {step}: rank(s) {ranks} were interrupted by a signal; the run was stopped before its end, nothing is half applied")]
+    PeerInterrupted { step: usize, ranks: String },
 }
 
 impl RunError {
@@ -111,7 +117,7 @@ impl RunError {
             RunError::Gpu(e) => e.exit_code(),
             RunError::Metrics(_) => 2,
             RunError::Engine { source, .. } => source.exit_code(),
-            RunError::PeerEngine { .. } => 1,
+            RunError::PeerEngine { .. } | RunError::Interrupted { .. } | RunError::PeerInterrupted { .. } => 1,
         }
     }
 
@@ -175,6 +181,7 @@ pub fn run(args: &RunArgs) -> Result<RunOutcome, RunError> {
         }
     };
     crate::failure::set_rank(world.rank());
+    crate::signals::install();
     let result = safety::begin(&mut world, args).and_then(|()| run_on(&world, args));
     if let Err(e) = &result {
         safety::fail(&world, args, e);

@@ -173,6 +173,22 @@ pub fn finish_report(args: &RunArgs, rank: usize, doc: serde_json::Value, error:
     report.finish(doc, error).map_err(RunError::from)
 }
 
+/// The failed report, written by rank `rank` (not 0) for an error only it saw: the abort that
+/// follows ends rank 0 too, which may be waiting for this rank in a collective and would leave
+/// `running` for good. Written only over a report that still says `running` (rank 0's final
+/// one, or another failing rank's, stands).
+fn finish_for_rank_0(args: &RunArgs, rank: usize, world_size: usize, e: &RunError) {
+    let Some(path) = args.report.as_deref() else { return };
+    let running = crate::input::read_regular(path, crate::input::MAX_JSON_BYTES)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .is_some_and(|d| d["status"] == output::STATUS_RUNNING);
+    if running {
+        let doc = json!({ "world_size": world_size, "failed_rank": rank });
+        let _ = StatusReport::at("--report", path).finish(doc, Some(&format!("rank {rank}: {e}")));
+    }
+}
+
 /// [`fail`] for an error only this rank saw (it ends the job and does not return); other errors
 /// return, to be failed by every rank together.
 pub fn end_if_local(world: &Comm, args: &RunArgs, e: &RunError) {
@@ -196,6 +212,9 @@ pub fn fail(world: &Comm, args: &RunArgs, e: &RunError) {
     }
     if !REPORT_FINISHED.with(Cell::get) {
         let _ = finish_report(args, rank, json!({ "world_size": world.size() }), Some(&e.to_string()));
+    }
+    if local && rank != 0 && !e.is_timeout() {
+        finish_for_rank_0(args, rank, world.size(), e);
     }
     if local {
         if rank != 0 && e.is_timeout() {

@@ -307,6 +307,27 @@ pub struct Setup {
     pub dispatch: Dispatch,
 }
 
+/// The most slots times GPUs a layer that `simulate` replays: it plans every layer at every
+/// round, and the policy's time per plan grows with both (measured on the dev machine, 4 layers
+/// and 40 steps: 1 024 GPUs x 2 048 slots 1.7 s, 2 048 x 4 096 4.6 s, 4 096 x 8 192 24 s; 8 192
+/// x 16 384 ran past 90 s). `plan`, one placement, keeps the wider [`crate::limits::check_shape`].
+pub const MAX_REPLAY_SLOT_GPUS: u128 = 1 << 25;
+
+/// Refuses (exit 2, at once) a replay that would run for minutes, see [`MAX_REPLAY_SLOT_GPUS`].
+fn check_replay_size(num_replicas: usize, num_gpus: usize) -> Result<(), crate::limits::LimitError> {
+    let size = num_replicas as u128 * num_gpus as u128;
+    if size <= MAX_REPLAY_SLOT_GPUS {
+        return Ok(());
+    }
+    Err(crate::limits::LimitError::Range {
+        flag: "--num-gpus",
+        value: num_gpus.to_string(),
+        why: format!(
+            "{num_replicas} slots on {num_gpus} GPUs ({size} slot-GPUs, beyond {MAX_REPLAY_SLOT_GPUS}): simulate plans every layer at every round and would run for many minutes; simulate at most 4096 GPUs with 2 slots a GPU, or plan one placement with `eplb-worker plan`"
+        ),
+    })
+}
+
 /// Reads the trace and checks the shape.
 pub fn setup(args: &SimulateArgs) -> Result<Setup, SimulateError> {
     if args.manager.measure_migration {
@@ -329,6 +350,7 @@ pub fn setup(args: &SimulateArgs) -> Result<Setup, SimulateError> {
         None => (num_logical + g).div_ceil(g) * g,
     };
     crate::limits::check_shape(num_replicas, g, ("--num-redundant-experts", "--num-gpus"))?;
+    check_replay_size(num_replicas, g)?;
     let shape = PlacementShape { num_replicas, num_gpus: g, num_nodes: args.num_nodes, num_groups: args.num_groups };
     shape.validate(num_logical).map_err(|source| SimulateError::Policy {
         context: "--num-gpus/--num-redundant-experts/--num-nodes/--num-groups".into(),

@@ -18,6 +18,20 @@ pub const FIRST_LEAD: u64 = 2;
 /// The outcome a rank reports when its engine finished without answering (never in the region).
 const FINISHED_UNANSWERED: u64 = 5;
 
+/// Steps an engine may record past the boundary where it must have answered a command before
+/// the sidecar calls it unanswered (the answer is written at the boundary; the slack covers an
+/// engine whose answer and step counter become visible in either order).
+pub const ANSWER_SLACK_STEPS: u64 = 2;
+
+/// Whether a command for `apply_step`, posted when the engine's step counter was at most
+/// `posted_by` (read after the post), is overdue at counter `engine_step`. The engine answers at
+/// the boundary before `apply_step`, or, when it first sees the command later, at that boundary
+/// (missed): the boundary after the post is at most `posted_by + 1`. Once the engine recorded
+/// the later of the two (plus [`ANSWER_SLACK_STEPS`]), an answer must be there.
+pub fn overdue(apply_step: u64, posted_by: u64, engine_step: u64) -> bool {
+    engine_step > apply_step.max(posted_by.saturating_add(1)).saturating_add(ANSWER_SLACK_STEPS)
+}
+
 /// Whether the engine beside this rank is alive: its state, its pid, its heartbeat.
 #[derive(Debug, Clone)]
 pub struct Watch {
@@ -63,6 +77,10 @@ impl Watch {
     /// Alive or finished, or why the engine rank is dead, stopped or failed. Also beats the
     /// sidecar's own heartbeat.
     pub fn check(&self, region: &Region) -> Result<Liveness, String> {
+        region.check_size()?;
+        if let Some(sig) = crate::signals::received() {
+            return Err(format!("engine rank {}: {}", self.rank, crate::signals::interrupted(sig)));
+        }
         let now = super::region::monotonic_ns();
         region.set(off::SIDECAR_HEARTBEAT_NS, now);
         let (rank, pid) = (self.rank, self.pid);
@@ -159,13 +177,22 @@ impl ShmSwitch {
     }
 
     /// Waits for command `id`'s answer: `(ack_result, ack_step)`, or [`FINISHED_UNANSWERED`]
-    /// when the engine finished without answering. An engine that dies or stops is an error.
-    fn wait_answer(&self, id: u64) -> Result<(u64, u64), ExecError> {
+    /// when the engine finished without answering. An engine that dies or stops is an error, and
+    /// so is one that steps on past the command's boundary without answering ([`overdue`]):
+    /// meanwhile no load is read, so waiting on would lose its steps and report nothing.
+    fn wait_answer(&self, id: u64, apply_step: u64, posted_by: u64) -> Result<(u64, u64), ExecError> {
         let mut backoff = Backoff::new();
         loop {
             let (got, result, step) = self.region.ack();
             if got == id {
                 return Ok((result, step));
+            }
+            let now = self.region.get(off::ENGINE_STEP);
+            if overdue(apply_step, posted_by, now) {
+                return Err(ExecError::Engine(format!(
+                    "engine rank {} (pid {}) reached step {now} without answering command {id} (apply at step {apply_step}): it does not follow the contract's mailbox (answer every command by the boundary of its step); restart the engine",
+                    self.watch.rank, self.watch.pid
+                )));
             }
             match self.watch.check(&self.region).map_err(ExecError::Engine)? {
                 Liveness::Finished => {
@@ -279,7 +306,8 @@ impl EngineSwitch for ShmSwitch {
                 copy_mask: copy_mask.clone(),
             };
             self.region.post(&cmd);
-            let (result, step) = self.wait_answer(id)?;
+            let posted_by = self.region.get(off::ENGINE_STEP);
+            let (result, step) = self.wait_answer(id, apply_step, posted_by)?;
             let finished = u64::from(self.region.get(off::ENGINE_STATE) == engine_state::FINISHED);
             // Agree on the outcome: min and max of the result and of the step, and whether any
             // engine rank has finished, in one all-reduce.

@@ -17,6 +17,7 @@ pub mod region;
 pub mod writer;
 
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -88,21 +89,7 @@ fn bad(path: &std::path::Path, what: impl std::fmt::Display) -> EngineError {
 /// of an earlier sidecar is pending, and reads the live placement.
 pub fn attach(opts: &ShmOptions, rank: usize, world_size: usize) -> Result<Attached, EngineError> {
     let path = region_path(&opts.name, rank);
-    let start = Instant::now();
-    let mut backoff = Backoff::new();
-    while !path.exists() {
-        if start.elapsed() > opts.wait {
-            return Err(bad(
-                &path,
-                format!(
-                    "no engine region after {:.0} s (--engine-wait): start the engine with the same NAME first, on this host, one engine rank per sidecar rank",
-                    opts.wait.as_secs_f64()
-                ),
-            ));
-        }
-        backoff.wait();
-    }
-    let region = Region::open(&path).map_err(|e| EngineError::BadInput(e.to_string()))?;
+    let region = wait_for_region(&path, opts)?;
     let l = &region.layout;
     if l.rank != rank {
         return Err(bad(&path, format!("holds engine rank {}, but this is sidecar rank {rank}", l.rank)));
@@ -116,20 +103,163 @@ pub fn attach(opts: &ShmOptions, rank: usize, world_size: usize) -> Result<Attac
             ),
         ));
     }
+    // The same limits as every other source of a shape, before anything is sized by it.
+    crate::limits::check_shape(
+        l.num_physical(),
+        l.world_size,
+        ("the region's slots (world_size x slots_per_rank)", "the region's world_size"),
+    )
+    .map_err(|e| bad(&path, e))?;
     let watch = Watch::new(&region, rank, opts.timeout);
-    region.set(off::SIDECAR_PID, std::process::id() as u64);
+    claim(&region)?;
     region.set(off::SIDECAR_STATE, sidecar_state::ATTACHED);
     // A command of an earlier sidecar may be pending: the staging area is not ours before it
     // is answered, and the placement may still change.
-    let mut backoff = Backoff::new();
-    while region.ack().0 != region.read_u64(off::CMD_ID) {
-        match watch.check(&region).map_err(EngineError::Failed)? {
-            Liveness::Finished => break,
-            Liveness::Alive => backoff.wait(),
-        }
+    if let Err(e) = wait_pending(&region, &watch, opts) {
+        region.set(off::SIDECAR_STATE, sidecar_state::FAILED);
+        return Err(e);
     }
     let initial = read_placement(&region)?;
     Ok(Attached { region: Arc::new(region), watch, opts: opts.clone(), initial })
+}
+
+/// Waits (within `--engine-wait`) for the region at `path` and maps it. A region left by an
+/// engine that is gone (its pid dead, and it finished, failed or stopped beating) is not
+/// attached: the sidecar waits for the new engine's region (published by rename, so a new file)
+/// and, if none comes, says how to clean up (exit 2).
+fn wait_for_region(path: &std::path::Path, opts: &ShmOptions) -> Result<Region, EngineError> {
+    use std::os::unix::fs::MetadataExt;
+    let start = Instant::now();
+    let mut backoff = Backoff::new();
+    // The stale file seen last (its inode) and why it is stale.
+    let mut stale: Option<(u64, String)> = None;
+    loop {
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            if stale.as_ref().is_none_or(|(ino, _)| *ino != meta.ino()) {
+                let region = Region::open(path).map_err(|e| EngineError::BadInput(e.to_string()))?;
+                match left_behind(&region, opts.timeout) {
+                    None => return Ok(region),
+                    Some(why) => {
+                        log::warn!("{}: {why}; waiting for the new engine's region (--engine-wait)", path.display());
+                        stale = Some((meta.ino(), why));
+                    }
+                }
+            }
+        }
+        if start.elapsed() > opts.wait {
+            let what = match &stale {
+                Some((_, why)) => format!(
+                    "{why}, and no new region came within {:.0} s (--engine-wait): remove it (`rm {}`, or `python -m eplb_client cleanup {}`) and start the engine",
+                    opts.wait.as_secs_f64(),
+                    path.display(),
+                    opts.name
+                ),
+                None => format!(
+                    "no engine region after {:.0} s (--engine-wait): start the engine with the same NAME first, on this host, one engine rank per sidecar rank",
+                    opts.wait.as_secs_f64()
+                ),
+            };
+            return Err(bad(path, what));
+        }
+        backoff.wait();
+    }
+}
+
+/// Why a region is left behind by an engine that is gone, if it is: its pid is not alive and it
+/// finished or failed, or its heartbeat is older than `timeout`. (A live engine in another pid
+/// namespace beats its heartbeat on the same host clock, so it is never taken for gone.)
+fn left_behind(region: &Region, timeout: Duration) -> Option<String> {
+    let pid = region.read_u64(off::ENGINE_PID);
+    if region::pid_alive(pid) {
+        return None;
+    }
+    let state = region.get(off::ENGINE_STATE);
+    let age = region::monotonic_ns().checked_sub(region.get(off::ENGINE_HEARTBEAT_NS)).map(Duration::from_nanos);
+    let ended = state == region::engine_state::FINISHED || state == region::engine_state::FAILED;
+    (ended || age.is_some_and(|a| a > timeout)).then(|| {
+        format!(
+            "left by engine pid {pid}, which is gone (engine_state {state}{})",
+            age.map(|a| format!(", last heartbeat {:.0} s ago", a.as_secs_f64())).unwrap_or_default()
+        )
+    })
+}
+
+/// Takes the region for this sidecar: refused (exit 2, naming the pid) while another live
+/// sidecar is attached to it. The pid is swapped in atomically, so that of two sidecars
+/// attaching at once one wins and the other is told.
+fn claim(region: &Region) -> Result<(), EngineError> {
+    let me = std::process::id() as u64;
+    let other = region.get(off::SIDECAR_PID);
+    if other != me
+        && other != 0
+        && region::pid_alive(other)
+        && region.get(off::SIDECAR_STATE) == sidecar_state::ATTACHED
+    {
+        return Err(bad(
+            &region.path,
+            format!("a live sidecar (pid {other}) is attached to it already: one sidecar job per engine; stop that one first"),
+        ));
+    }
+    region.atomic(off::SIDECAR_PID).compare_exchange(other, me, Ordering::AcqRel, Ordering::Acquire).map_err(
+        |now| {
+            bad(
+                &region.path,
+                format!("another sidecar (pid {now}) attached to it at the same time: one sidecar job per engine"),
+            )
+        },
+    )?;
+    Ok(())
+}
+
+/// The steps a pending command of an earlier sidecar may lie ahead of the engine: this sidecar
+/// posts at most `FIRST_LEAD << MAX_TRIES` steps ahead of the furthest engine rank; anything
+/// far beyond is a corrupt or foreign mailbox that would keep attach waiting for the engine's
+/// whole life.
+pub const MAX_PENDING_AHEAD: u64 = 4096;
+
+/// Waits until no command of an earlier sidecar is pending, bounded: the engine must answer it
+/// by the boundary of its step ([`apply::overdue`]), it may not lie absurdly far ahead
+/// ([`MAX_PENDING_AHEAD`]), and an engine that does not step answers within `--engine-wait`.
+fn wait_pending(region: &Region, watch: &Watch, opts: &ShmOptions) -> Result<(), EngineError> {
+    let start = Instant::now();
+    let posted_by = region.get(off::ENGINE_STEP);
+    let mut backoff = Backoff::new();
+    loop {
+        let id = region.read_u64(off::CMD_ID);
+        if region.ack().0 == id {
+            return Ok(());
+        }
+        let (apply_step, now) = (region.read_u64(off::CMD_APPLY_STEP), region.get(off::ENGINE_STEP));
+        let rank = watch.rank;
+        let odd = if region.get(off::CMD_SEQ) % 2 == 1 {
+            " (cmd_seq is odd: that sidecar died while posting it)"
+        } else {
+            ""
+        };
+        if apply_step > now.saturating_add(MAX_PENDING_AHEAD) {
+            return Err(EngineError::Failed(format!(
+                "{}: engine rank {rank}: a command (id {id}) of an earlier sidecar is pending for step {apply_step}, far beyond the engine's step {now}: it would keep attach waiting; the mailbox is corrupt, restart the engine",
+                region.path.display()
+            )));
+        }
+        if apply::overdue(apply_step, posted_by, now) {
+            return Err(EngineError::Failed(format!(
+                "{}: engine rank {rank}: the engine reached step {now} without answering the pending command (id {id}, apply at step {apply_step}) of an earlier sidecar{odd}: it does not follow the contract's mailbox; restart the engine",
+                region.path.display()
+            )));
+        }
+        if start.elapsed() > opts.wait {
+            return Err(EngineError::Failed(format!(
+                "{}: engine rank {rank}: the command (id {id}, apply at step {apply_step}) of an earlier sidecar is still unanswered after {:.0} s (--engine-wait), the engine at step {now}{odd}",
+                region.path.display(),
+                opts.wait.as_secs_f64()
+            )));
+        }
+        match watch.check(region).map_err(EngineError::Failed)? {
+            Liveness::Finished => return Ok(()),
+            Liveness::Alive => backoff.wait(),
+        }
+    }
 }
 
 /// The region's `phy2log`, checked: every value an expert, every expert somewhere.
@@ -217,6 +347,7 @@ struct Detach {
 
 impl Drop for Detach {
     fn drop(&mut self) {
+        crate::signals::forget_region();
         if self.region.get(off::SIDECAR_STATE) == sidecar_state::ATTACHED {
             let state = if self.finished { sidecar_state::EXITED_OK } else { sidecar_state::FAILED };
             self.region.set(off::SIDECAR_STATE, state);
@@ -254,6 +385,8 @@ impl ShmEngine {
                 by_rank.join(", ")
             )));
         }
+        // SAFETY: `Detach` (which holds the region) forgets the field before the mapping goes.
+        unsafe { crate::signals::watch_region(region.atomic(off::SIDECAR_STATE), sidecar_state::FAILED) };
         let l = region.layout.clone();
         let switch = ShmSwitch::new(region.clone(), comm, watch.clone(), max[1] + 1);
         let spec = match &l.ipc {
@@ -344,7 +477,10 @@ impl Engine for ShmEngine {
     fn next_step(&mut self, _live: &Placement) -> Result<Option<StepCounts>, EngineError> {
         let t = self.next;
         let mut backoff = Backoff::new();
+        // Since when the entry of step `t` is half written, and whether the engine had finished.
+        let mut busy: Option<(Instant, bool)> = None;
         loop {
+            self.region.check_size().map_err(EngineError::Failed)?;
             match self.region.read_step(t) {
                 RingRead::Step { phase, moe_ns, counts, .. } => {
                     self.next += 1;
@@ -370,6 +506,7 @@ impl Engine for ShmEngine {
                     }));
                 }
                 RingRead::Lost => {
+                    self.region.check_step_counter().map_err(EngineError::Failed)?;
                     self.next += 1;
                     if let Some(n) = self.lost.count() {
                         log::warn!(
@@ -392,6 +529,26 @@ impl Engine for ShmEngine {
                     }
                     Liveness::Alive => backoff.wait(),
                 },
+                RingRead::Busy => {
+                    let finished = self.watch.check(&self.region).map_err(EngineError::Failed)? == Liveness::Finished;
+                    let (rank, pid) = (self.watch.rank, self.watch.pid);
+                    let (since, was_finished) = *busy.get_or_insert((Instant::now(), false));
+                    if finished && was_finished {
+                        // Finished, and the entry still odd on the read after: it stays torn.
+                        return Err(EngineError::Failed(format!(
+                            "engine rank {rank} (pid {pid}) finished with the ring entry of step {t} half written (its sequence word odd): the engine left it torn (a record that failed half way?)"
+                        )));
+                    }
+                    busy = Some((since, finished));
+                    if since.elapsed() > self.watch.timeout {
+                        return Err(EngineError::Failed(format!(
+                            "engine rank {rank} (pid {pid}): the ring entry of step {t} has stayed half written (its sequence word odd) for {:.1} s (--engine-timeout {:.1} s): the engine left it torn (a record that failed half way?); restart the engine",
+                            since.elapsed().as_secs_f64(),
+                            self.watch.timeout.as_secs_f64()
+                        )));
+                    }
+                    backoff.wait();
+                }
             }
         }
     }

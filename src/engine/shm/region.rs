@@ -15,6 +15,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::mem::offset_of;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{fence, AtomicU64, Ordering};
 
@@ -1042,6 +1043,42 @@ fn parse_ipc(bytes: &[u8], count: usize) -> Result<IpcWeights, String> {
     Ok(IpcWeights { pci_bus_id, uuid, handles })
 }
 
+/// Whether a region file may be trusted: a regular file, owned by this process's user, not
+/// writable by the group or others. The sidecar writes the engine's weights from what the
+/// region says: a file another user can write could steer those writes, and one owned by
+/// another user is another job's.
+fn trusted(meta: &std::fs::Metadata) -> Result<(), String> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let t = meta.file_type();
+    if !t.is_file() {
+        let what = if t.is_fifo() {
+            "a FIFO"
+        } else if t.is_dir() {
+            "a folder"
+        } else if t.is_char_device() || t.is_block_device() {
+            "a device"
+        } else {
+            "not a regular file"
+        };
+        return Err(format!("is {what}, not an engine region"));
+    }
+    // SAFETY: geteuid cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me {
+        return Err(format!(
+            "is owned by uid {}, but this sidecar runs as uid {me}: run the sidecar as the engine's user",
+            meta.uid()
+        ));
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        return Err(format!(
+            "has mode {mode:04o}: writable by the group or others, so anyone could steer the sidecar's writes; the engine creates it 0600 (chmod go-w, or restart the engine)"
+        ));
+    }
+    Ok(())
+}
+
 /// The path of engine rank `rank`'s region named `name`.
 pub fn region_path(name: &str, rank: usize) -> PathBuf {
     PathBuf::from(format!("/dev/shm/eplb-{name}-{rank}"))
@@ -1057,7 +1094,16 @@ pub enum RingRead {
     NotYet,
     /// The entry was overwritten by a later step before it was read.
     Lost,
+    /// The entry's sequence word stayed odd (being written) for [`SEQLOCK_SPINS`] tries: the
+    /// caller watches the engine and a deadline, then tries again (an engine that left the entry
+    /// half written must not hold the sidecar forever).
+    Busy,
 }
+
+/// Tries of a sequence lock before [`Region::read_step`] gives up for now ([`RingRead::Busy`]):
+/// an engine writes an entry in microseconds, so a longer odd spell is a stopped, dead or broken
+/// writer, which only the caller's watch can tell apart.
+pub const SEQLOCK_SPINS: u32 = 4096;
 
 /// A mapped region.
 pub struct Region {
@@ -1076,8 +1122,23 @@ impl Region {
     /// Maps the region at `path` (read-write, shared) and checks its header.
     pub fn open(path: &Path) -> Result<Region, RegionError> {
         let io = |source| RegionError::Io { path: path.to_path_buf(), source };
-        let file = OpenOptions::new().read(true).write(true).open(path).map_err(io)?;
-        let len = file.metadata().map_err(io)?.len() as usize;
+        // No symlink (O_NOFOLLOW) and no blocking open of a FIFO (O_NONBLOCK): the checks below
+        // look at the very file opened.
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(path)
+            .map_err(|source| match source.raw_os_error() {
+                Some(libc::ELOOP) => RegionError::Bad {
+                    path: path.into(),
+                    what: "is a symbolic link: a region is a file the engine created at this very path".into(),
+                },
+                _ => io(source),
+            })?;
+        let meta = file.metadata().map_err(io)?;
+        trusted(&meta).map_err(|what| RegionError::Bad { path: path.into(), what })?;
+        let len = meta.len() as usize;
         if len < HEADER_BYTES {
             return Err(RegionError::Bad {
                 path: path.into(),
@@ -1097,7 +1158,7 @@ impl Region {
     pub fn create(path: &Path, layout: &Layout, engine_pid: u64) -> Result<Region, RegionError> {
         let tmp = path.with_extension(format!("tmp{}", std::process::id()));
         let io = |source| RegionError::Io { path: tmp.clone(), source };
-        let file = OpenOptions::new().read(true).write(true).create_new(true).open(&tmp).map_err(io)?;
+        let file = OpenOptions::new().read(true).write(true).create_new(true).mode(0o600).open(&tmp).map_err(io)?;
         file.set_len(layout.total_bytes as u64).map_err(io)?;
         let map = MmapRaw::map_raw(&file).map_err(io)?;
         let header = layout.header_bytes(engine_pid);
@@ -1247,9 +1308,68 @@ impl Region {
                 }
             }
             spins += 1;
+            if spins >= SEQLOCK_SPINS {
+                return RingRead::Busy;
+            }
             if spins.is_multiple_of(64) {
                 std::thread::yield_now();
             }
+        }
+    }
+
+    /// The step number held by the ring entry of step `t`, read under its sequence lock (None
+    /// while the entry is being written): a step counter ahead of what the ring holds is a
+    /// corrupt region, not lost steps (see [`Region::check_step_counter`]).
+    pub fn entry_step(&self, t: u64) -> Option<u64> {
+        let l = &self.layout;
+        let base = l.ring_offset + (t % l.ring_len as u64) as usize * l.ring_entry_bytes;
+        let seq = self.atomic(base + off::ENTRY_SEQ);
+        for _ in 0..SEQLOCK_SPINS {
+            let s1 = seq.load(Ordering::Acquire);
+            if s1.is_multiple_of(2) {
+                let step = self.read_u64(base + off::ENTRY_STEP);
+                fence(Ordering::Acquire);
+                if seq.load(Ordering::Relaxed) == s1 {
+                    return Some(step);
+                }
+            }
+            std::hint::spin_loop();
+        }
+        None
+    }
+
+    /// Checks `engine_step` against the ring: when it says `engine_step` steps were recorded,
+    /// the entry of step `engine_step - 1` holds that step or a later one (the engine writes the
+    /// entry before it publishes the counter, and may have gone on). An older step there means
+    /// the counter jumped past anything the engine wrote (a garbage value such as 2^62): reading
+    /// on would count billions of "lost" steps, so it is an error naming the region.
+    pub fn check_step_counter(&self) -> Result<(), String> {
+        let e = self.get(off::ENGINE_STEP);
+        let Some(latest) = e.checked_sub(1) else { return Ok(()) };
+        match self.entry_step(latest) {
+            Some(held) if held < latest => Err(format!(
+                "{}: engine_step says {e} steps were recorded, but the ring entry of step {latest} holds step {held}: the region is corrupt (a step counter beyond what the ring of {} entries holds); restart the engine",
+                self.path.display(),
+                self.layout.ring_len
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Checks that the file still has the bytes mapped: a region truncated under the sidecar
+    /// (an engine that re-created it in place, a careless `truncate`) would end the process with
+    /// SIGBUS at the next access past its end. Called before the accesses of every step and
+    /// every wait.
+    pub fn check_size(&self) -> Result<(), String> {
+        match self._file.metadata() {
+            Ok(m) if m.len() >= self.map.len() as u64 => Ok(()),
+            Ok(m) => Err(format!(
+                "{}: the region shrank to {} bytes under the sidecar (mapped {}): it was truncated or re-created in place; restart the engine and the sidecar",
+                self.path.display(),
+                m.len(),
+                self.map.len()
+            )),
+            Err(e) => Err(format!("{}: cannot check the region's size: {e}", self.path.display())),
         }
     }
 
