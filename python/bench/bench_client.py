@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from eplb_client import EngineRegion, TensorSpec
+from eplb_client import EngineRegion, LayerTensor
 from eplb_client import region as R
 
 
@@ -31,7 +31,8 @@ def main():
     P = a.world * a.slots
     phy2log = np.tile(np.arange(P, dtype=np.int32) % a.experts, (a.layers, 1))
     reg = EngineRegion.create(f"bench{os.getpid()}", 0, a.world, a.layers, a.slots, a.experts,
-                              [TensorSpec("w", "u8", (a.expert_bytes,))], phy2log, ring_len=64)
+                              [[LayerTensor("w", np.zeros((a.slots, a.expert_bytes), np.uint8))] for _ in range(a.layers)],
+                              phy2log, ring_len=64)
     reg.publish()
     counts = np.random.default_rng(0).integers(0, 500, (a.layers, a.slots))
     agree = lambda have: (have, have)  # noqa: E731

@@ -1,7 +1,8 @@
 """Small tools around the regions (read-only except ``cleanup``):
 
     python -m eplb_client status NAME --ranks N     # engine step, states, pids, epochs of each rank
-    python -m eplb_client cleanup NAME              # remove regions whose engine is gone (crash leftovers)
+    python -m eplb_client cleanup NAME              # remove regions of exactly NAME whose engine is gone
+                                                    # (crash leftovers; never blocks on a FIFO)
     python -m eplb_client wait-step NAME RANK STEP [--timeout S]
         # wait until engine rank RANK has completed STEP steps; print the sidecar pid beside it
 """
@@ -30,7 +31,12 @@ def main(argv=None) -> int:
     ws.add_argument("--timeout", type=float, default=120.0)
     args = p.parse_args(argv)
     if args.cmd == "cleanup":
-        for path in cleanup(args.name):
+        try:
+            removed = cleanup(args.name)
+        except ContractError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        for path in removed:
             print(f"removed {path}")
         return 0
     if args.cmd == "status":
@@ -40,8 +46,11 @@ def main(argv=None) -> int:
             except FileNotFoundError:
                 print(f"rank {r}: no region")
                 continue
+            except (ContractError, OSError) as e:
+                print(f"rank {r}: {e}")
+                continue
             print(f"rank {r}: engine_step {reg.engine_step} engine_state {reg.engine_state} sidecar_pid {reg.sidecar_pid} "
-                  f"sidecar_state {reg.sidecar_state} epochs {reg.placement().epoch.tolist()}")
+                  f"sidecar_state {reg.sidecar_state} table_fault {reg.table_fault} epochs {reg.placement().epoch.tolist()}")
             reg.close()
         return 0
     deadline = time.monotonic() + args.timeout
@@ -49,7 +58,7 @@ def main(argv=None) -> int:
     while time.monotonic() < deadline:
         try:
             reg = reg or EngineRegion.attach(args.name, args.rank)
-        except (FileNotFoundError, ContractError):
+        except (FileNotFoundError, ContractError, OSError):
             time.sleep(0.01)
             continue
         if reg.engine_step >= args.step and reg.sidecar_pid:

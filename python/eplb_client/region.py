@@ -1,19 +1,64 @@
-"""The engine side of the eplb engine contract, version 1 (docs/engine-contract.md).
+"""The engine side of the eplb engine contract, version 2 (docs/engine-contract.md).
 
-One shared-memory region per engine rank, ``/dev/shm/eplb-NAME-RANK``. The engine creates it,
-fills its expert weights, publishes it, and then at every step:
+One shared-memory region per engine rank, ``/dev/shm/eplb-NAME-RANK``. The engine creates it with
+its expert tensors, publishes it, and then at every step:
 
 * ``at_step_boundary(step, agree)`` before the forward pass: reads the mailbox, agrees with the
   other engine ranks (``agree`` is the engine's own collective), applies a command in place or
   answers it, and returns the placement the router needs;
 * ``record(step, counts, phase)`` after the forward pass: one load-ring entry under a sequence lock.
 
-Only the engine writes the live weights, ``phy2log`` and the epochs, and only inside
-``at_step_boundary``; the sidecar writes the staging area and the mailbox.
+Only the engine writes the live weights, ``phy2log``, the epochs and ``table_fault``, and only
+inside ``at_step_boundary``; the sidecar writes the staging rows and the mailbox.
+
+**Tensors (contract 2).** Each MoE layer is a list of :class:`LayerTensor`, the way vLLM
+(``model.expert_weights[layer]``) and SGLang (``routed_experts_weights_of_layer[layer]``) hold
+them: per-expert tensors (dim 0 = the local slots, moved row by row with their expert) and global
+tensors (never moved, listed so that a checker can prove them untouched). The region's tensor
+table describes every tensor of every layer and of the staging layer (row ``offset``,
+``row_stride``, ``row_bytes``, ``rows``, ``kind``, IPC ``handle``).
+
+* Host weights (``weights_kind`` 0; numpy arrays or CPU torch tensors): the client copies every
+  tensor into the region, keeping its shape, its row stride and its whole dim 0 (rows beyond
+  ``rows``, such as SGLang's fused shared-expert rows, are copied but never listed, so never
+  moved), allocates the staging layer there, and from then on the engine uses the region's views
+  (:meth:`EngineRegion.tensor`, :meth:`EngineRegion.staging_tensor`). Apply copies row ``s`` of
+  every per-expert staging tensor into row ``s`` of the layer's tensor (numpy, bytes of the row
+  only: never the padding between rows, never a global).
+* GPU weights (``weights_kind`` 1; CUDA torch tensors): the tensors stay in the engine's memory.
+  The client finds each tensor's allocation (``cuMemGetAddressRange``), exports one CUDA IPC handle
+  per distinct allocation (:mod:`eplb_client.cuda_ipc`), keeps every tensor's ``data_ptr()`` and,
+  at every boundary where a command is pending, checks that none changed: a re-allocated tensor
+  sets ``table_fault = 1 + entry`` and every command is rejected from then on. ``staging`` is the
+  engine's one-layer staging (per-expert tensors only, same names), ``apply(layer, slots)`` the
+  engine's device copy (default: :func:`eplb_client.cuda_ipc.torch_apply`).
+
+Choices where CONTRACT2 is silent (documented here, the reader relies on none of them):
+
+* numpy has no bfloat16 or fp8: a ``uint16`` array is taken as ``bf16`` bits and a ``uint8``
+  array as ``u8``; :class:`LayerTensor` takes an optional ``dtype=`` (a contract dtype name of
+  the same item size) to say ``f8e4m3``, ``e8m0`` or ``fp4x2`` for raw bytes. Types with no
+  contract name (bool, uint32, uint64, complex) are refused.
+* A tensor with one row (or a 0-d global) gets ``row_stride = row_bytes``: its stride is never used.
+* Host staging tensors are packed (``row_stride = row_bytes``), shape ``[slots_per_rank, *row]``.
+* Host weights with an ``apply`` callable: the client copies the rows, then calls
+  ``apply(layer, slots)`` as a notification (for instance to refresh a dequantised cache).
+* ``tensor()``/``staging_tensor()`` of GPU weights return the engine's own tensors.
+* Names: ``[A-Za-z0-9_.-]``, 1 to 200 characters, not starting with ``.`` (the worker's rule);
+  tensor names 1 to 24 UTF-8 bytes without NUL.
+* ``record`` takes counts of exactly ``[num_layers, count_cols]`` exact non-negative integers
+  below ``MAX_COUNT`` (2^40: one step's pairs of one slot; the bound keeps the sidecar's u64 sums
+  over ranks and steps from wrapping); integral floats are accepted, nothing else.
+
+Thread safety: ``at_step_boundary``, ``record``, ``finish``, ``fail`` and ``close`` hold one lock
+of the region, so calls from several threads are serialised: a command is decided once (a second
+``at_step_boundary`` for the same step finds it answered and returns the live placement with
+``applied == []``). The engine should still call them from one thread, in step order.
 
 Layout constants below are the contract's byte offsets; integers are little-endian. Atomic fields
-are aligned ``u64`` written with one numpy scalar store (a single 8-byte store on x86-64, which
-also keeps store order, as the contract's seqlocks need).
+are aligned ``u64`` written with single 8-byte stores: on x86-64 these keep store order, as the
+contract's seqlocks need. On other machines plain stores have no release order, so the client
+refuses to create a region there (``EPLB_CLIENT_ALLOW_ANY_ARCH=1`` overrides, for tests only).
 """
 
 from __future__ import annotations
@@ -22,33 +67,41 @@ import atexit
 import errno
 import logging
 import mmap
+import operator
 import os
+import platform
+import re
+import stat
 import struct
 import threading
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
 log = logging.getLogger("eplb_client")
 
 MAGIC = 0x314D4853424C5045  # the bytes "EPLBSHM1"
-VERSION = 1
-MINOR_VERSION = 2  # 1: CUDA IPC weights (weights_kind 1); 2: the step's MoE time in the ring entry
+VERSION = 2
+MINOR_VERSION = 0
 WEIGHTS_HOST, WEIGHTS_CUDA_IPC = 0, 1
-IPC_OFFSET = 2048  # the IPC section: pci_bus_id[16], uuid[16], num_handles u32, then the table at 2112
-IPC_TABLE = 2112
-IPC_ENTRY_BYTES = 128
-IPC_MAX_HANDLES = 15
-IPC_ROLE_LIVE, IPC_ROLE_STAGING = 1, 2
+COUNTS_LOCAL, COUNTS_PHYSICAL = 0, 1
+COUNTS_KINDS = {"local": COUNTS_LOCAL, "physical": COUNTS_PHYSICAL}
+KIND_EXPERT, KIND_GLOBAL = 1, 2
+KINDS = {"expert": KIND_EXPERT, "global": KIND_GLOBAL}
 HEADER_BYTES = 4096
-TENSOR_TABLE_OFFSET = 1024
 TENSOR_ENTRY_BYTES = 64
-MAX_TENSORS = 16
+MAX_TENSORS = 64
+IPC_HEAD_BYTES = 64
+IPC_ENTRY_BYTES = 128
+IPC_MAX_HANDLES = 4096
 MIN_RING_LEN = 16
+MAX_NAME_LEN = 200  # the worker's bound (src/run/args.rs); keeps every file name under NAME_MAX
+MAX_COUNT = 1 << 40  # a count of one slot in one step is below this (see the module docstring)
 SHM_DIR = "/dev/shm"
+ARCH_OVERRIDE_ENV = "EPLB_CLIENT_ALLOW_ANY_ARCH"
 
 # Header u64 word indices (byte offset / 8).
 _W_ENGINE_PID = 120 // 8
@@ -58,6 +111,7 @@ _W_ENGINE_STATE = 144 // 8
 _W_SIDECAR_PID = 152 // 8
 _W_SIDECAR_HEARTBEAT = 160 // 8
 _W_SIDECAR_STATE = 168 // 8
+_W_TABLE_FAULT = 192 // 8
 _W_CMD_SEQ = 256 // 8
 _W_CMD_ID = 264 // 8
 _W_CMD_LAYER = 272 // 8
@@ -67,6 +121,12 @@ _W_ACK_ID = 320 // 8
 _W_ACK_RESULT = 328 // 8
 _W_ACK_STEP = 336 // 8
 
+# The header's fixed part, offsets 0..127 (magic .. engine_pid).
+_HEADER_FMT = "<QIIIIIIIIQIIQQQQQQQQQ"
+# A tensor table entry: name, dtype, offset, row_stride, row_bytes, rows, kind, reserved, handle.
+_ENTRY_FMT = "<24s8sQQQIBBH"
+assert struct.calcsize(_ENTRY_FMT) == TENSOR_ENTRY_BYTES
+
 # engine_state / sidecar_state values.
 ENGINE_STARTING, ENGINE_RUNNING, ENGINE_FINISHED, ENGINE_FAILED = 0, 1, 2, 3
 SIDECAR_NONE, SIDECAR_ATTACHED, SIDECAR_EXITED_OK, SIDECAR_FAILED = 0, 1, 2, 3
@@ -75,63 +135,132 @@ ACK_APPLIED, ACK_CANCELLED, ACK_MISSED, ACK_REJECTED = 1, 2, 3, 4
 # Ring entry phase values.
 PHASES = {"prefill": 1, "decode": 2, "mixed": 3}
 
-DTYPES: Dict[str, Optional[np.dtype]] = {
-    "f32": np.dtype("<f4"),
-    "f16": np.dtype("<f2"),
-    "f64": np.dtype("<f8"),
-    "i8": np.dtype("i1"),
-    "u8": np.dtype("u1"),
-    "i32": np.dtype("<i4"),
-    "bf16": None,  # no numpy dtype: exposed as raw uint16
-    "f8e4m3": None,  # exposed as raw uint8
+# Contract dtype names -> (item size, the numpy dtype of a host view of raw torch data).
+DTYPES: Dict[str, Tuple[int, np.dtype]] = {
+    "f64": (8, np.dtype("<f8")),
+    "f32": (4, np.dtype("<f4")),
+    "f16": (2, np.dtype("<f2")),
+    "bf16": (2, np.dtype("<u2")),
+    "i64": (8, np.dtype("<i8")),
+    "i32": (4, np.dtype("<i4")),
+    "i16": (2, np.dtype("<i2")),
+    "i8": (1, np.dtype("i1")),
+    "u8": (1, np.dtype("u1")),
+    "f8e4m3": (1, np.dtype("u1")),
+    "f8e5m2": (1, np.dtype("u1")),
+    "e8m0": (1, np.dtype("u1")),
+    "fp4x2": (1, np.dtype("u1")),
 }
-_RAW = {"bf16": np.dtype("<u2"), "f8e4m3": np.dtype("u1")}
-_ITEMSIZE = {"f32": 4, "f16": 2, "f64": 8, "i8": 1, "u8": 1, "i32": 4, "bf16": 2, "f8e4m3": 1}
+# numpy dtype (str of np.dtype) -> contract name. uint16 is bf16's bits (numpy has no bfloat16).
+_NUMPY_DTYPES = {
+    "float64": "f64", "float32": "f32", "float16": "f16", "int64": "i64", "int32": "i32", "int16": "i16",
+    "int8": "i8", "uint8": "u8", "uint16": "bf16",
+    # ml_dtypes' types, if an engine uses them
+    "bfloat16": "bf16", "float8_e4m3fn": "f8e4m3", "float8_e5m2": "f8e5m2", "float8_e8m0fnu": "e8m0",
+}
+# torch dtype (str(torch.dtype)) -> contract name.
+_TORCH_DTYPES = {
+    "torch.float64": "f64", "torch.float32": "f32", "torch.float16": "f16", "torch.bfloat16": "bf16",
+    "torch.int64": "i64", "torch.int32": "i32", "torch.int16": "i16", "torch.int8": "i8", "torch.uint8": "u8",
+    "torch.uint16": "bf16", "torch.float8_e4m3fn": "f8e4m3", "torch.float8_e4m3fnuz": "f8e4m3",
+    "torch.float8_e5m2": "f8e5m2", "torch.float8_e5m2fnuz": "f8e5m2", "torch.float8_e8m0fnu": "e8m0",
+    "torch.float4_e2m1fn_x2": "fp4x2",
+}
+
+_NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
 
 
 class ContractError(RuntimeError):
     """The region cannot be created or used as the contract says (the message says why)."""
 
 
+@dataclass
+class LayerTensor:
+    """One tensor of one MoE layer, as the engine holds it.
+
+    name:  the engine's parameter name (``w13_weight_scale_inv``), 1 to 24 UTF-8 bytes.
+    data:  a numpy array or a torch tensor (CPU: host weights; CUDA: GPU weights); dim 0 = rows.
+           Each row must be contiguous in itself; ``row_stride = stride(0)`` in bytes (may exceed
+           ``row_bytes``); ``row_bytes = prod(shape[1:]) * itemsize``; a 0-d global is one row.
+    kind:  ``"expert"`` (moves with its expert) or ``"global"`` (never moved).
+    rows:  per-expert: the routed slots (default and only allowed value: ``slots_per_rank``);
+           ``data.shape[0]`` may be larger (fused shared-expert rows after the routed ones: never
+           listed, never moved). Global: the tensor's rows (default: all of dim 0).
+    dtype: optional contract dtype name for the table (``f8e4m3`` for an fp8 tensor held as
+           uint8); default from the data's dtype. Informational: bytes are moved as they are.
+    """
+
+    name: str
+    data: Any
+    kind: str = "expert"
+    rows: Optional[int] = None
+    dtype: Optional[str] = None
+
+
 class TensorSpec(NamedTuple):
-    """One tensor of an expert: name (up to 23 UTF-8 bytes), dtype name, shape (1 or 2 dims)."""
+    """Contract 1's packed-expert description. Not accepted by contract 2's ``create`` (pass
+    :class:`LayerTensor` lists); kept only so that code importing it still loads."""
 
     name: str
     dtype: str
     shape: Tuple[int, ...]
 
 
-class IpcHandle(NamedTuple):
-    """One CUDA IPC handle: the 64-byte ``cudaIpcMemHandle_t`` of a whole allocation, the role
-    (IPC_ROLE_LIVE: live slots ``[layers][slots_per_rank][expert_bytes]`` of layers
-    ``first_layer..``; IPC_ROLE_STAGING: ``[slots_per_rank][expert_bytes]``), and the tensor's byte
-    offset and size inside the allocation."""
+class TableEntry(NamedTuple):
+    """One 64-byte tensor table entry as stored (``layer == num_layers``: the staging layer)."""
 
-    handle: bytes
-    role: int
-    first_layer: int
+    layer: int
+    index: int
+    name: str
+    dtype: str
     offset: int
-    nbytes: int
+    row_stride: int
+    row_bytes: int
+    rows: int
+    kind: int
+    handle: int
 
-
-class IpcWeights(NamedTuple):
-    """The engine's GPU (PCI bus id as ``cuDeviceGetPCIBusId`` writes it, 16-byte UUID) and the
-    handles of its expert weights (weights_kind 1). See ``eplb_client.cuda_ipc.export_weights``."""
-
-    pci_bus_id: str
-    uuid: bytes
-    handles: Sequence[IpcHandle]
+    @property
+    def extent(self) -> int:
+        """Bytes from ``offset`` to the end of the last listed row (0 for no rows)."""
+        return (self.rows - 1) * self.row_stride + self.row_bytes if self.rows else 0
 
 
 def _round_up(n: int, m: int) -> int:
     return (n + m - 1) // m * m
 
 
+def check_name(name: str) -> None:
+    """Refuses a region name the worker would refuse (``[A-Za-z0-9_.-]``, 1 to 200 characters,
+    not starting with ``.``), with a message instead of a raw OSError later."""
+    if not isinstance(name, str) or not name or not _NAME_RE.fullmatch(name) or not name.isascii():
+        raise ContractError(f"region name {name!r}: use only letters, digits, '_', '-' and '.'")
+    if name.startswith("."):
+        raise ContractError(f"region name {name!r}: must not start with '.'")
+    if len(name) > MAX_NAME_LEN:
+        raise ContractError(f"region name of {len(name)} characters: at most {MAX_NAME_LEN} (the file name "
+                            f"eplb-NAME-RANK must stay under the file system's 255 bytes)")
+
+
 def region_path(name: str, rank: int) -> str:
     """``/dev/shm/eplb-NAME-RANK``."""
-    if not name or any(not (c.isascii() and (c.isalnum() or c in "_.-")) for c in name):
-        raise ContractError(f"region name {name!r}: use only [A-Za-z0-9_.-]")
-    return os.path.join(SHM_DIR, f"eplb-{name}-{rank}")
+    check_name(name)
+    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 0:
+        raise ContractError(f"rank {rank!r}: a non-negative integer")
+    return os.path.join(SHM_DIR, f"eplb-{name}-{int(rank)}")
+
+
+def check_arch() -> None:
+    """The pure-Python writer relies on x86-64's store order (plain aligned stores are releases
+    there); elsewhere the seqlocks could be seen torn. ``EPLB_CLIENT_ALLOW_ANY_ARCH=1`` overrides
+    (tests only)."""
+    machine = platform.machine()
+    if machine in ("x86_64", "AMD64") or os.environ.get(ARCH_OVERRIDE_ENV) == "1":
+        return
+    raise ContractError(
+        f"this machine is {machine!r}: the Python client's plain stores have release order only on x86-64, "
+        f"so a sidecar could read a torn ring entry or command here; use a client with atomic stores "
+        f"(set {ARCH_OVERRIDE_ENV}=1 only to test)")
 
 
 @dataclass
@@ -193,6 +322,196 @@ def check_phy2log(row: np.ndarray, num_logical: int) -> Optional[str]:
     return None
 
 
+# ---- tensors: what the engine hands over ----------------------------------------------------
+
+
+def _is_torch(x: Any) -> bool:
+    """A torch tensor (duck-typed, so that torch is imported only when the engine uses it)."""
+    return hasattr(x, "data_ptr") and hasattr(x, "element_size") and hasattr(x, "stride") and not isinstance(x, np.ndarray)
+
+
+@dataclass
+class _Desc:
+    """One handed-over tensor, checked: what the table and the copy need."""
+
+    where: str  # "layer 3, tensor 'w2_weight'" for messages
+    name: str
+    dtype: str
+    kind: int
+    shape: Tuple[int, ...]
+    itemsize: int
+    row_stride: int
+    row_bytes: int
+    rows: int
+    data: Any
+    cuda: bool
+    device: str
+    view_dtype: np.dtype  # the host view's numpy dtype
+
+    @property
+    def dim0(self) -> int:
+        return self.shape[0] if self.shape else 1
+
+    @property
+    def full_extent(self) -> int:
+        """Bytes of the whole tensor from its first row (every row of dim 0, listed or not)."""
+        return (self.dim0 - 1) * self.row_stride + self.row_bytes
+
+
+def _where(layer: Optional[int], name: Any) -> str:
+    return f"{'staging' if layer is None else f'layer {layer}'}, tensor {name!r}"
+
+
+def _describe(t: Any, layer: Optional[int], slots_per_rank: int) -> _Desc:
+    """Checks one LayerTensor and describes it; ContractError names layer, tensor and field."""
+    if not isinstance(t, LayerTensor):
+        raise ContractError(f"{_where(layer, getattr(t, 'name', t))}: not a LayerTensor (contract 2 takes "
+                            f"LayerTensor(name, data, kind, rows) lists, one per layer)")
+    where = _where(layer, t.name)
+    if not isinstance(t.name, str):
+        raise ContractError(f"{where}: field name: a str")
+    raw_name = t.name.encode()
+    if not 1 <= len(raw_name) <= 24 or b"\0" in raw_name:
+        raise ContractError(f"{where}: field name: 1 to 24 UTF-8 bytes without NUL")
+    if t.kind not in KINDS:
+        raise ContractError(f"{where}: field kind: {t.kind!r} is not 'expert' or 'global'")
+    kind = KINDS[t.kind]
+    data = t.data
+    if isinstance(data, np.generic):  # a numpy scalar: a 0-d array
+        data = np.asarray(data)
+    if _is_torch(data):
+        shape = tuple(int(d) for d in data.shape)
+        itemsize = int(data.element_size())
+        strides = tuple(int(s) * itemsize for s in data.stride())
+        dname = _TORCH_DTYPES.get(str(data.dtype))
+        cuda = bool(getattr(data, "is_cuda", False))
+        device = str(getattr(data, "device", "cpu"))
+        if not cuda and device != "cpu":
+            raise ContractError(f"{where}: field data: a tensor on {device}: host weights are CPU tensors, GPU "
+                                f"weights CUDA tensors")
+    elif isinstance(data, np.ndarray):
+        shape, itemsize, strides = tuple(data.shape), data.dtype.itemsize, tuple(data.strides)
+        dname = _NUMPY_DTYPES.get(str(data.dtype))
+        cuda, device = False, "cpu"
+    else:
+        raise ContractError(f"{where}: field data: {type(data).__name__} is not a numpy array or torch tensor")
+    if t.dtype is not None:
+        if t.dtype not in DTYPES:
+            raise ContractError(f"{where}: field dtype: {t.dtype!r} is not one of {sorted(DTYPES)}")
+        if DTYPES[t.dtype][0] != itemsize:
+            raise ContractError(f"{where}: field dtype: {t.dtype} has {DTYPES[t.dtype][0]}-byte items, the data "
+                                f"{itemsize}-byte ones")
+        dname = t.dtype
+    if dname is None:
+        raise ContractError(f"{where}: field dtype: {data.dtype} has no contract dtype name (one of "
+                            f"{sorted(DTYPES)}); pass dtype= for raw bytes of another type")
+    view_dtype = data.dtype if isinstance(data, np.ndarray) else DTYPES[dname][1]
+    if any(d == 0 for d in shape[1:]):
+        raise ContractError(f"{where}: field row_bytes: 0 (shape {shape}): a row must have at least one byte")
+    # Each row contiguous in itself (C order over dims 1..; dims of size 1 have any stride).
+    expect = itemsize
+    for d in range(len(shape) - 1, 0, -1):
+        if shape[d] != 1 and strides[d] != expect:
+            raise ContractError(f"{where}: field row_stride: the rows are not contiguous in themselves (shape "
+                                f"{shape}, byte strides {strides}); make each row contiguous")
+        expect *= shape[d]
+    row_bytes = expect if shape else itemsize
+    if row_bytes < 1:
+        raise ContractError(f"{where}: field row_bytes: 0 (shape {shape}): a row must have at least one byte")
+    if not shape:
+        if kind == KIND_EXPERT:
+            raise ContractError(f"{where}: field rows: a 0-d tensor cannot be per-expert (dim 0 = the slots)")
+        dim0, row_stride = 1, row_bytes
+    else:
+        dim0 = shape[0]
+        row_stride = strides[0] if dim0 > 1 else row_bytes
+    if row_stride < row_bytes:
+        raise ContractError(f"{where}: field row_stride: {row_stride} < row_bytes {row_bytes} (rows overlap)")
+    if t.rows is not None and (isinstance(t.rows, bool) or not isinstance(t.rows, (int, np.integer))):
+        raise ContractError(f"{where}: field rows: {t.rows!r} is not an integer")
+    if kind == KIND_EXPERT:
+        rows = slots_per_rank if t.rows is None else int(t.rows)
+        if rows != slots_per_rank:
+            raise ContractError(f"{where}: field rows: {rows}, but a per-expert tensor lists slots_per_rank "
+                                f"= {slots_per_rank} rows")
+    else:
+        rows = dim0 if t.rows is None else int(t.rows)
+        if rows < 1:
+            raise ContractError(f"{where}: field rows: {rows}: a global tensor lists at least one row")
+    if dim0 < rows:
+        raise ContractError(f"{where}: field rows: {rows} rows listed, but dim 0 holds {dim0}")
+    return _Desc(where, t.name, dname, kind, shape, itemsize, row_stride, row_bytes, rows, data, cuda, device,
+                 np.dtype(view_dtype))
+
+
+def check_table(entries: Sequence[TableEntry], num_layers: int, num_tensors: int, slots_per_rank: int,
+                weights_kind: int, lo: int = 0, hi: int = 0, handle_bytes: Sequence[int] = ()) -> int:
+    """Every rule of the contract's tensor table (what the sidecar checks at attach); returns
+    ``expert_bytes``. ``lo, hi``: host extents lie in ``[lo, hi)``; ``handle_bytes``: the size of
+    each IPC allocation. Raises ContractError naming layer, tensor and field."""
+    by = {(e.layer, e.index): e for e in entries}
+    expert_bytes = 0
+    for layer in range(num_layers + 1):
+        seen = set()
+        for t in range(num_tensors):
+            e, ref = by[(layer, t)], by[(0, t)]
+            where = _where(None if layer == num_layers else layer, e.name)
+            if e.name in seen:
+                raise ContractError(f"{where}: field name: used twice in the layer")
+            seen.add(e.name)
+            for f in ("name", "dtype", "kind", "row_bytes"):
+                if getattr(e, f) != getattr(ref, f):
+                    raise ContractError(f"{where}: field {f}: {getattr(e, f)!r}, but layer 0's tensor {t} has "
+                                        f"{getattr(ref, f)!r} (the same in every layer)")
+            if e.kind not in (KIND_EXPERT, KIND_GLOBAL):
+                raise ContractError(f"{where}: field kind: {e.kind}")
+            if e.dtype not in DTYPES:
+                raise ContractError(f"{where}: field dtype: {e.dtype!r}")
+            if e.row_bytes < 1:
+                raise ContractError(f"{where}: field row_bytes: 0")
+            if layer == num_layers and e.kind == KIND_GLOBAL:
+                if e.offset or e.row_stride or e.rows:
+                    raise ContractError(f"{where}: field offset: a global's staging entry has offset = row_stride "
+                                        f"= rows = 0")
+                continue
+            if e.row_stride < e.row_bytes:
+                raise ContractError(f"{where}: field row_stride: {e.row_stride} < row_bytes {e.row_bytes}")
+            if e.kind == KIND_EXPERT and e.rows != slots_per_rank:
+                raise ContractError(f"{where}: field rows: {e.rows}, want slots_per_rank {slots_per_rank}")
+            if e.kind == KIND_GLOBAL and e.rows < 1:
+                raise ContractError(f"{where}: field rows: 0")
+            if weights_kind == WEIGHTS_HOST:
+                if e.handle:
+                    raise ContractError(f"{where}: field handle: {e.handle} with host weights")
+                if e.offset < lo or e.offset + e.extent > hi:
+                    raise ContractError(f"{where}: field offset: [{e.offset}, {e.offset + e.extent}) is not inside "
+                                        f"[{lo}, {hi})")
+            else:
+                if e.handle >= len(handle_bytes):
+                    raise ContractError(f"{where}: field handle: {e.handle} >= num_handles {len(handle_bytes)}")
+                if e.offset + e.extent > handle_bytes[e.handle]:
+                    raise ContractError(f"{where}: field offset: [{e.offset}, {e.offset + e.extent}) is not inside "
+                                        f"allocation {e.handle} of {handle_bytes[e.handle]} bytes")
+        if layer == 0:
+            expert_bytes = sum(by[(0, t)].row_bytes for t in range(num_tensors) if by[(0, t)].kind == KIND_EXPERT)
+            if not any(by[(0, t)].kind == KIND_EXPERT for t in range(num_tensors)):
+                raise ContractError("layer 0: field kind: at least one per-expert tensor")
+    # No two extents overlap (host: in the region; IPC: inside one allocation).
+    spans = sorted(((e.handle, e.offset, e.offset + e.extent, e) for e in entries if e.extent > 0),
+                   key=lambda x: x[:3])
+    for a, b in zip(spans, spans[1:]):
+        if a[0] == b[0] and b[1] < a[2]:
+            ea, eb = a[3], b[3]
+            raise ContractError(
+                f"{_where(None if eb.layer == num_layers else eb.layer, eb.name)}: field offset: its rows "
+                f"[{b[1]}, {b[2]}) overlap those of {_where(None if ea.layer == num_layers else ea.layer, ea.name)} "
+                f"[{a[1]}, {a[2]})" + (f" in allocation {a[0]}" if weights_kind else ""))
+    return expert_bytes
+
+
+# ---- the region ---------------------------------------------------------------------------
+
+
 class EngineRegion:
     """One engine rank's shared-memory region (engine side). See the module docstring."""
 
@@ -207,59 +526,161 @@ class EngineRegion:
         num_layers: int,
         slots_per_rank: int,
         num_logical: int,
-        tensors: Sequence[TensorSpec],
+        layers: Sequence[Sequence[LayerTensor]],
         phy2log: np.ndarray,
         ring_len: int = 64,
-        ipc: Optional[IpcWeights] = None,
+        counts: str = "local",
+        staging: Optional[Sequence[LayerTensor]] = None,
         apply: Optional[Callable[[int, np.ndarray], None]] = None,
     ) -> "EngineRegion":
-        """Creates the region under a temporary name with the header, the placement (``phy2log``
-        [num_layers, world_size * slots_per_rank]) and zeroed weights. Fill the weights through
-        :meth:`weights`, then :meth:`publish` renames it into place.
+        """Checks everything, then creates the region under a temporary name: header, placement
+        (``phy2log [num_layers, world_size * slots_per_rank]``), tensor table and (host) a copy of
+        every tensor. :meth:`publish` (or the first boundary) renames it into place.
 
-        GPU weights (weights_kind 1): ``ipc`` names the engine's GPU and the CUDA IPC handles of
-        its live slots and staging area (the region then holds no weights), and
-        ``apply(layer, slots)`` copies staging slot s into live slot s of ``layer`` for every s in
-        ``slots`` on the GPU and returns once the copy has completed (the sidecar may write the
-        staging area again as soon as the command is answered)."""
+        ``layers``: one list of :class:`LayerTensor` per layer, the same names, kinds, dtypes and
+        row sizes in every layer. ``counts``: ``"local"`` (record counts ``[num_layers,
+        slots_per_rank]`` per local slot) or ``"physical"`` (``[num_layers, num_physical]``, this
+        rank's view of every physical slot, as vLLM's ``expert_load_pass``).
+
+        GPU weights (CUDA tensors): ``staging`` is the engine's one-layer staging (a LayerTensor
+        per per-expert tensor, same names, ``rows = slots_per_rank``); ``apply(layer, slots)``
+        copies row s of every per-expert staging tensor into ``layer``'s for every s in ``slots``
+        and returns once the copy completed (default :func:`eplb_client.cuda_ipc.torch_apply`).
+        The tensors must stay allocated, at the same addresses, until :meth:`finish` returns."""
+        check_name(name)
+        for what, v in (("rank", rank), ("world_size", world_size), ("num_layers", num_layers),
+                        ("slots_per_rank", slots_per_rank), ("num_logical", num_logical), ("ring_len", ring_len)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                raise ContractError(f"{what} {v!r} is not an integer")
+        rank, world_size, num_layers = int(rank), int(world_size), int(num_layers)
+        slots_per_rank, num_logical, ring_len = int(slots_per_rank), int(num_logical), int(ring_len)
         path = region_path(name, rank)
         if not (0 <= rank < world_size):
             raise ContractError(f"rank {rank} is outside world_size {world_size}")
         if num_layers < 1 or slots_per_rank < 1 or num_logical < 1:
             raise ContractError("num_layers, slots_per_rank and num_logical must be >= 1")
+        if max(num_layers, slots_per_rank, num_logical, world_size, ring_len) >= 1 << 31:
+            raise ContractError("num_layers, slots_per_rank, num_logical, world_size and ring_len must be < 2^31")
         if ring_len < MIN_RING_LEN:
             raise ContractError(f"ring_len {ring_len} < {MIN_RING_LEN}")
-        if not 1 <= len(tensors) <= MAX_TENSORS:
-            raise ContractError(f"{len(tensors)} tensors: the table holds 1 to {MAX_TENSORS}")
+        if counts not in COUNTS_KINDS:
+            raise ContractError(f"counts {counts!r}: 'local' (per local slot) or 'physical' (per physical slot)")
+        check_arch()
         num_physical = world_size * slots_per_rank
         phy2log = np.asarray(phy2log)
         if phy2log.shape != (num_layers, num_physical):
             raise ContractError(f"phy2log has shape {phy2log.shape}, want ({num_layers}, {num_physical})")
+        if phy2log.dtype.kind not in "iu":
+            raise ContractError(f"phy2log has dtype {phy2log.dtype}: integer expert ids")
         for layer in range(num_layers):
             why = check_phy2log(phy2log[layer], num_logical)
             if why:
                 raise ContractError(f"phy2log layer {layer}: {why}")
 
-        if (ipc is None) != (apply is None):
-            raise ContractError("GPU weights need both ipc (the handles) and apply (the engine's copy)")
-        table, expert_bytes = _tensor_table(tensors)
-        ipc_section = _ipc_section(ipc, num_layers, slots_per_rank * expert_bytes) if ipc is not None else b""
-        ring_entry_bytes = 64 + _round_up(8 * num_layers * slots_per_rank, 64)
+        # -- the tensors: describe and check every one before anything is written --
+        descs = _describe_layers(layers, num_layers, slots_per_rank)
+        T = len(descs[0])
+        cuda = descs[0][0].cuda
+        for row in descs:
+            for d in row:
+                if d.cuda != cuda:
+                    raise ContractError(f"{d.where}: field data: {'a CUDA' if d.cuda else 'a host'} tensor among "
+                                        f"{'CUDA' if cuda else 'host'} ones: all tensors live on one side")
+                if cuda and d.device != descs[0][0].device:
+                    raise ContractError(f"{d.where}: field data: on {d.device}, the others on {descs[0][0].device}")
+        per_expert = [t for t in range(T) if descs[0][t].kind == KIND_EXPERT]
+        if cuda:
+            if staging is None:
+                raise ContractError("GPU weights need staging: the engine's one-layer staging tensors (one per "
+                                    "per-expert tensor, same names, rows = slots_per_rank)")
+            stage = _describe_staging(staging, descs[0], slots_per_rank)
+        else:
+            if staging is not None:
+                raise ContractError("host weights: the client allocates the staging layer in the region; pass "
+                                    "staging only with CUDA tensors")
+            stage = None
+
+        counts_kind = COUNTS_KINDS[counts]
+        count_cols = slots_per_rank if counts_kind == COUNTS_LOCAL else num_physical
+        ring_entry_bytes = 64 + _round_up(8 * num_layers * count_cols, 64)
         ring_offset = HEADER_BYTES
         placement_offset = ring_offset + ring_len * ring_entry_bytes
         epochs_offset = _round_up(placement_offset + 4 * num_layers * num_physical, 64)
         command_offset = _round_up(epochs_offset + 8 * num_layers, 64)
         mask_offset = command_offset + _round_up(4 * num_physical, 64)
-        weights_offset = _round_up(mask_offset + slots_per_rank, 4096)
-        staging_offset = weights_offset + num_layers * slots_per_rank * expert_bytes
-        total_bytes = _round_up(staging_offset + slots_per_rank * expert_bytes, 4096)
-        kind = WEIGHTS_HOST
-        if ipc is not None:  # the weights are on the GPU: the region ends before them
-            kind, total_bytes, weights_offset, staging_offset = WEIGHTS_CUDA_IPC, weights_offset, 0, 0
+        table_offset = _round_up(mask_offset + slots_per_rank, 64)
+        num_entries = (num_layers + 1) * T
+        table_end = table_offset + num_entries * TENSOR_ENTRY_BYTES
 
+        entries: List[TableEntry] = []
+        places: List[List[int]] = []  # host: offset of every handed-over tensor in the region
+        staging_places: List[int] = []
+        ipc_section = b""
+        handle_bytes: List[int] = []
+        if not cuda:
+            weights_kind, ipc_offset = WEIGHTS_HOST, 0
+            off = _round_up(table_end, 64)
+            for layer in range(num_layers):
+                row = []
+                for t, d in enumerate(descs[layer]):
+                    row.append(off)
+                    entries.append(TableEntry(layer, t, d.name, d.dtype, off, d.row_stride, d.row_bytes, d.rows,
+                                              d.kind, 0))
+                    off = _round_up(off + d.full_extent, 64)
+                places.append(row)
+            for t, d in enumerate(descs[0]):
+                if d.kind == KIND_EXPERT:
+                    staging_places.append(off)
+                    entries.append(TableEntry(num_layers, t, d.name, d.dtype, off, d.row_bytes, d.row_bytes,
+                                              slots_per_rank, d.kind, 0))
+                    off = _round_up(off + slots_per_rank * d.row_bytes, 64)
+                else:
+                    staging_places.append(0)
+                    entries.append(TableEntry(num_layers, t, d.name, d.dtype, 0, 0, d.row_bytes, 0, d.kind, 0))
+            total_bytes = _round_up(off, 4096)
+        else:
+            from . import cuda_ipc  # CUDA only: the driver calls
+
+            weights_kind = WEIGHTS_CUDA_IPC
+            cuda_ipc.check_alloc_conf()
+            ipc_offset = _round_up(table_end, 64)
+            flat = [d for row in descs for d in row] + [d for d in stage if d is not None]
+            export = cuda_ipc.export_tensors([(d.where, int(d.data.data_ptr()), d.full_extent) for d in flat])
+            handle_bytes = [a.bytes for a in export.allocations]
+            if not 1 <= len(handle_bytes) <= IPC_MAX_HANDLES:
+                raise ContractError(f"{len(handle_bytes)} distinct allocations: the IPC table holds 1 to "
+                                    f"{IPC_MAX_HANDLES}")
+            where_of = iter(export.places)
+            for layer in range(num_layers):
+                for t, d in enumerate(descs[layer]):
+                    h, off = next(where_of)
+                    entries.append(TableEntry(layer, t, d.name, d.dtype, off, d.row_stride, d.row_bytes, d.rows,
+                                              d.kind, h))
+            for t, d in enumerate(stage):
+                ref = descs[0][t]
+                if d is None:
+                    entries.append(TableEntry(num_layers, t, ref.name, ref.dtype, 0, 0, ref.row_bytes, 0, ref.kind, 0))
+                else:
+                    h, off = next(where_of)
+                    entries.append(TableEntry(num_layers, t, d.name, d.dtype, off, d.row_stride, d.row_bytes, d.rows,
+                                              d.kind, h))
+            ipc_section = cuda_ipc.ipc_section(export)
+            total_bytes = _round_up(ipc_offset + len(ipc_section), 4096)
+        expert_bytes = check_table(entries, num_layers, T, slots_per_rank, weights_kind, lo=mask_offset + slots_per_rank,
+                                   hi=total_bytes, handle_bytes=handle_bytes)
+        if apply is not None and not callable(apply):
+            raise ContractError(f"apply {apply!r} is not callable")
+        if cuda and apply is None:
+            from . import cuda_ipc
+
+            apply = cuda_ipc.torch_apply([[d.data for d in row] for row in descs], [d.data if d else None for d in stage],
+                                         per_expert)
+
+        # -- the file: only now is anything written --
+        _check_free_space(path, total_bytes)
         _check_existing(path)
         tmp = os.path.join(SHM_DIR, f".eplb-{name}-{rank}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = _create_exclusive(tmp)
         try:
             os.ftruncate(fd, total_bytes)
             mm = mmap.mmap(fd, total_bytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
@@ -268,21 +689,43 @@ class EngineRegion:
             os.unlink(tmp)
             raise
         os.close(fd)
-
-        header = struct.pack(
-            "<QIIIIIIIIQIIQQQQQQQQQQ",
-            MAGIC, VERSION, HEADER_BYTES, num_layers, slots_per_rank, num_logical, world_size, rank,
-            ring_len, expert_bytes, len(tensors), kind, total_bytes, ring_offset, ring_entry_bytes,
-            placement_offset, epochs_offset, command_offset, weights_offset, staging_offset,
-            os.getpid(), 0,
-        )
-        mm[0 : len(header)] = header
-        struct.pack_into("<I", mm, 176, MINOR_VERSION)
-        mm[TENSOR_TABLE_OFFSET : TENSOR_TABLE_OFFSET + len(table)] = table
-        mm[IPC_OFFSET : IPC_OFFSET + len(ipc_section)] = ipc_section
-        region = cls(mm, path, tmp, owner=True)
+        try:
+            header = struct.pack(
+                _HEADER_FMT,
+                MAGIC, VERSION, HEADER_BYTES, num_layers, slots_per_rank, num_logical, world_size, rank,
+                ring_len, expert_bytes, T, weights_kind, total_bytes, ring_offset, ring_entry_bytes,
+                placement_offset, epochs_offset, command_offset, table_offset, ipc_offset, os.getpid(),
+            )
+            mm[0 : len(header)] = header
+            struct.pack_into("<IIII", mm, 176, MINOR_VERSION, counts_kind, len(handle_bytes), 0)
+            for i, e in enumerate(entries):
+                struct.pack_into(_ENTRY_FMT, mm, table_offset + i * TENSOR_ENTRY_BYTES, e.name.encode(),
+                                 e.dtype.encode(), e.offset, e.row_stride, e.row_bytes, e.rows, e.kind, 0, e.handle)
+            if ipc_section:
+                mm[ipc_offset : ipc_offset + len(ipc_section)] = ipc_section
+            region = cls(mm, path, tmp, owner=True)
+        except BaseException:
+            mm.close()
+            os.unlink(tmp)
+            raise
         region._gpu_apply = apply
         _LIVE_REGIONS.add(region)
+        if cuda:
+            region._views = [{d.name: d.data for d in row} for row in descs]
+            region._staging_views = {d.name: d.data for d in stage if d is not None}
+            region._ptrs = [(i, e, d.data, int(d.data.data_ptr())) for i, (e, d) in
+                            enumerate(zip(entries, [d for row in descs for d in row] + list(stage))) if d is not None]
+        else:
+            region._views = [{d.name: region._host_view(places[layer][t], d) for t, d in enumerate(descs[layer])}
+                             for layer in range(num_layers)]
+            for layer in range(num_layers):
+                for t, d in enumerate(descs[layer]):
+                    _copy_into(region._views[layer][d.name], d)
+            region._staging_views = {}
+            for t, d in enumerate(descs[0]):
+                if d.kind == KIND_EXPERT:
+                    region._staging_views[d.name] = np.ndarray(
+                        (slots_per_rank,) + d.shape[1:], d.view_dtype, buffer=mm, offset=staging_places[t])
         region._phy2log[:] = phy2log
         region._derive_all()
         region._heartbeat()
@@ -294,16 +737,32 @@ class EngineRegion:
         self._tmp_path = tmp_path
         self._owner = owner
         self._closed = False
-        hdr = struct.unpack_from("<QIIIIIIIIQIIQQQQQQQQQ", mm, 0)
+        self._lock = threading.RLock()
+        if len(mm) < HEADER_BYTES:
+            raise ContractError(f"{path}: {len(mm)} bytes, shorter than the 4096-byte header")
+        hdr = struct.unpack_from(_HEADER_FMT, mm, 0)
         (magic, version, _hb, self.num_layers, self.slots_per_rank, self.num_logical, self.world_size,
          self.rank, self.ring_len, self.expert_bytes, num_tensors, self.weights_kind, total, ring_offset,
-         self.ring_entry_bytes, placement_offset, epochs_offset, command_offset, weights_offset,
-         staging_offset, _pid) = hdr
-        if magic != MAGIC or version != VERSION:
-            raise ContractError(f"{path}: not an eplb region of version {VERSION} (magic {magic:#x}, version {version})")
+         self.ring_entry_bytes, placement_offset, epochs_offset, command_offset, table_offset,
+         ipc_offset, _pid) = hdr
+        if magic != MAGIC:
+            raise ContractError(f"{path}: not an eplb region (magic {magic:#x})")
+        if version != VERSION:
+            raise ContractError(f"{path}: contract version {version}, but this client speaks version {VERSION}: "
+                                f"engine, client and eplb-worker must speak the same version")
+        _minor, counts_kind, num_handles, _r = struct.unpack_from("<IIII", mm, 176)
+        if counts_kind not in (COUNTS_LOCAL, COUNTS_PHYSICAL):
+            raise ContractError(f"{path}: counts_kind {counts_kind} is not 0 or 1")
+        if total > len(mm):
+            raise ContractError(f"{path}: total_bytes {total} but the file has {len(mm)}")
+        self.counts_kind = counts_kind
+        self.num_tensors = num_tensors
+        self.num_handles = num_handles
         self.num_physical = self.world_size * self.slots_per_rank
-        self.tensors = _read_tensor_table(mm, num_tensors)
         L, S, P, E = self.num_layers, self.slots_per_rank, self.num_physical, self.num_logical
+        self.count_cols = S if counts_kind == COUNTS_LOCAL else P
+        self.table = _read_table(mm, table_offset, L, num_tensors)
+        self.tensor_names = [e.name for e in self.table[:num_tensors]]
         # Header and ring words through a memoryview: a plain C load or store of 8 bytes per access,
         # with far less code on the path than numpy scalar indexing (it matters when the engine's
         # forward pass has just flushed the caches: see BENCHMARKS.md).
@@ -313,19 +772,26 @@ class EngineRegion:
         self._entry_words = self.ring_entry_bytes // 8
         self._ring = np.frombuffer(mm, dtype="<u8", count=self.ring_len * self.ring_entry_bytes // 8,
                                    offset=ring_offset).reshape(self.ring_len, self.ring_entry_bytes // 8)
-        self._ring_counts = self._ring[:, 8 : 8 + L * S].reshape(self.ring_len, L, S)
+        C = self.count_cols
+        self._ring_counts = self._ring[:, 8 : 8 + L * C].reshape(self.ring_len, L, C)
         self._phy2log = np.frombuffer(mm, dtype="<i4", count=L * P, offset=placement_offset).reshape(L, P)
         self._epoch = np.frombuffer(mm, dtype="<u8", count=L, offset=epochs_offset)
         self._cmd_row = np.frombuffer(mm, dtype="<i4", count=P, offset=command_offset)
         self._cmd_mask = np.frombuffer(mm, dtype="u1", count=S, offset=command_offset + _round_up(4 * P, 64))
         self._gpu_apply: Optional[Callable[[int, np.ndarray], None]] = None
+        self._views: Optional[List[Dict[str, Any]]] = None  # the creator's tensors, as handed over
+        self._staging_views: Optional[Dict[str, Any]] = None
+        self._ptrs: List[Tuple[int, TableEntry, Any, int]] = []  # GPU: (entry index, entry, tensor, data_ptr)
+        self._ptrs_seen = 0  # the last command id whose arrival checked the addresses
+        # Host: u8 [rows, row_bytes] views of every listed entry (what the sidecar reads and writes).
+        self._rows: Optional[List[List[Optional[np.ndarray]]]] = None
         if self.weights_kind == WEIGHTS_HOST:
-            self._live = np.frombuffer(mm, dtype="u1", count=L * S * self.expert_bytes,
-                                       offset=weights_offset).reshape(L, S, self.expert_bytes)
-            self._staging = np.frombuffer(mm, dtype="u1", count=S * self.expert_bytes,
-                                          offset=staging_offset).reshape(S, self.expert_bytes)
-        else:  # on the engine's GPU (weights_kind 1)
-            self._live = self._staging = None
+            self._rows = [[None] * num_tensors for _ in range(L + 1)]
+            for e in self.table:
+                if e.rows and e.offset + e.extent <= len(mm):
+                    self._rows[e.layer][e.index] = np.ndarray((e.rows, e.row_bytes), np.uint8, buffer=mm,
+                                                              offset=e.offset, strides=(e.row_stride, 1))
+        self._per_expert = [t for t in range(num_tensors) if self.table[t].kind == KIND_EXPERT]
         self._log2phy = np.full((L, E, max(1, P - E + 1)), -1, dtype=np.int32)
         self._logcnt = np.zeros((L, E), dtype=np.int32)
         self._published = False
@@ -336,14 +802,29 @@ class EngineRegion:
         self._ro_epoch = self._epoch.view()
         self._ro_epoch.flags.writeable = False
 
+    def _host_view(self, offset: int, d: _Desc) -> np.ndarray:
+        """The region's view of a handed-over tensor: same shape, dtype, row stride."""
+        inner = []
+        acc = d.itemsize
+        for n in reversed(d.shape[1:]):
+            inner.append(acc)
+            acc *= n
+        strides = (d.row_stride,) + tuple(reversed(inner)) if d.shape else ()
+        return np.ndarray(d.shape, d.view_dtype, buffer=self._mm, offset=offset, strides=strides)
+
     @classmethod
     def attach(cls, name: str, rank: int) -> "EngineRegion":
-        """Maps an existing region (for tools and tests: a sidecar's view). Never unlinks it."""
+        """Maps an existing region (for tools and tests: a sidecar's view). Never unlinks it.
+        Refuses anything that is not a regular file (a FIFO would block an open)."""
         path = region_path(name, rank)
-        fd = os.open(path, os.O_RDWR)
+        fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_NOFOLLOW)
         try:
-            size = os.fstat(fd).st_size
-            mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise ContractError(f"{path} is not a regular file")
+            if st.st_size < HEADER_BYTES:
+                raise ContractError(f"{path}: {st.st_size} bytes, shorter than the 4096-byte header")
+            mm = mmap.mmap(fd, st.st_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
             os.close(fd)
         region = cls(mm, path, None, owner=False)
@@ -360,34 +841,76 @@ class EngineRegion:
         self._tmp_path = None
         self._published = True
 
-    # ---- weights ---------------------------------------------------------------------------
+    # ---- tensors ---------------------------------------------------------------------------
 
-    def weights(self, layer: int, staging: bool = False) -> Dict[str, np.ndarray]:
-        """numpy views of each tensor of ``layer``'s local slots: ``name -> [slots_per_rank, *shape]``
-        (bf16 and f8e4m3 as raw uint16 / uint8). ``staging=True``: the staging area instead."""
-        self._host_weights()
-        raw = self._staging if staging else self._live[layer]
-        out = {}
-        for t in self.tensors:
-            dt = DTYPES[t.dtype] or _RAW[t.dtype]
-            off, nbytes = t.offset, t.bytes
-            out[t.name] = raw[:, off : off + nbytes].view(dt).reshape((self.slots_per_rank,) + t.shape)
-        return out
+    def tensor(self, layer: int, name: str) -> Any:
+        """Tensor ``name`` of ``layer``. Host weights: the numpy view in the region, with the shape,
+        dtype (torch bf16/fp8: raw uint16/uint8) and row stride handed over; the engine uses it from
+        now on. GPU weights: the engine's own tensor. A region attached by a tool: the u8
+        ``[rows, row_bytes]`` view of the listed rows."""
+        if not 0 <= layer < self.num_layers:
+            raise ContractError(f"layer {layer} is outside [0, {self.num_layers})")
+        if self._views is not None:
+            try:
+                return self._views[layer][name]
+            except KeyError:
+                raise ContractError(f"layer {layer} has no tensor {name!r} (tensors: {self.tensor_names})") from None
+        return self.rows(layer, name)
 
-    def raw_weights(self, layer: int) -> np.ndarray:
-        """The bytes of ``layer``'s local slots: uint8 ``[slots_per_rank, expert_bytes]``."""
-        self._host_weights()
-        return self._live[layer]
+    def staging_tensor(self, name: str) -> Any:
+        """Staging tensor ``name`` (per-expert tensors only): host, the region's
+        ``[slots_per_rank, *row]`` view (the sidecar writes it); GPU, the engine's tensor."""
+        if self._staging_views is not None:
+            try:
+                return self._staging_views[name]
+            except KeyError:
+                raise ContractError(f"no per-expert tensor {name!r} has staging (tensors: {self.tensor_names})") from None
+        return self.rows(self.num_layers, name)
+
+    def weights(self, layer: int) -> Dict[str, Any]:
+        """``name -> tensor`` of ``layer`` (as :meth:`tensor`)."""
+        return {n: self.tensor(layer, n) for n in self.tensor_names}
+
+    def rows(self, layer: int, name: str) -> np.ndarray:
+        """Host weights: the u8 ``[rows, row_bytes]`` view of an entry's listed rows, as the table
+        says (``layer == num_layers``: the staging layer). What a sidecar reads and writes."""
+        if self._rows is None:
+            raise ContractError("this region's weights are on the engine's GPU (weights_kind 1)")
+        if name not in self.tensor_names:
+            raise ContractError(f"no tensor {name!r} (tensors: {self.tensor_names})")
+        v = self._rows[layer][self.tensor_names.index(name)]
+        if v is None:
+            raise ContractError(f"tensor {name!r} has no rows in {'staging' if layer == self.num_layers else f'layer {layer}'}")
+        return v
+
+    def read_expert(self, layer: int, slot: int) -> bytes:
+        """An expert's bytes (host): row ``slot`` of every per-expert tensor of ``layer``, in table
+        order (``layer == num_layers``: the staging layer). What the checksums cover."""
+        if self._rows is None:
+            raise ContractError("this region's weights are on the engine's GPU (weights_kind 1)")
+        return b"".join(self._rows[layer][t][slot].tobytes() for t in self._per_expert)
+
+    def write_expert(self, layer: int, slot: int, data: bytes) -> None:
+        """Writes an expert's bytes into row ``slot`` of every per-expert tensor (a sidecar's
+        staging write: ``layer == num_layers``; tools and tests only)."""
+        if self._rows is None:
+            raise ContractError("this region's weights are on the engine's GPU (weights_kind 1)")
+        if len(data) > self.expert_bytes:
+            raise ContractError(f"{len(data)} bytes > expert_bytes {self.expert_bytes}")
+        buf = np.frombuffer(bytes(data), np.uint8)
+        at = 0
+        for t in self._per_expert:
+            v = self._rows[layer][t][slot]
+            n = min(len(v), len(buf) - at)
+            if n <= 0:
+                break
+            v[:n] = buf[at : at + n]
+            at += n
 
     @property
-    def staging(self) -> np.ndarray:
-        """The staging area: uint8 ``[slots_per_rank, expert_bytes]`` (the sidecar writes it)."""
-        self._host_weights()
-        return self._staging
-
-    def _host_weights(self) -> None:
-        if self._live is None:
-            raise ContractError("this region's weights are on the engine's GPU (weights_kind 1): use the engine's tensors")
+    def table_fault(self) -> int:
+        """0: the table is valid; ``1 + i``: entry ``i``'s tensor was re-allocated (GPU weights)."""
+        return int(self._h[_W_TABLE_FAULT])
 
     # ---- the step loop ---------------------------------------------------------------------
 
@@ -405,53 +928,121 @@ class EngineRegion:
 
         ``agree(have) -> (min, max)`` of ``have`` over every engine rank: the engine's own
         collective, called at every boundary on every rank (the reference engine: one
-        MPI_Allreduce). It may be None only when ``world_size == 1``.
+        MPI_Allreduce). It may be None only when ``world_size == 1``. Holds the region's lock.
         """
-        if not self._published:
-            self.publish()
-        if step != int(self._h[_W_ENGINE_STEP]):
-            raise ContractError(f"at_step_boundary({step}) but engine_step is {int(self._h[_W_ENGINE_STEP])}")
-        self._heartbeat()
-        have, reject = self._pending_for(step)
-        if agree is None:
-            if self.world_size != 1:
-                raise ContractError("agree is required with more than one engine rank")
-            lo = hi = have
-        else:
-            lo, hi = agree(have)
-        placement = self.placement()
-        if have and lo == hi == have:
-            # The layer as _apply read it: once answered, the mailbox may already hold the
-            # sidecar's next command.
-            placement.applied.append(self._apply(step))
-        elif reject is not None:
-            log.warning("rank %d step %d: command %d rejected: %s", self.rank, step, reject[0], reject[1])
-            self._answer(reject[0], ACK_REJECTED, step)
-        elif have:
-            self._answer(have, ACK_CANCELLED, step)
-        return placement
+        with self._lock:
+            if self._closed:
+                raise ContractError("at_step_boundary on a closed region")
+            if not self._published:
+                self.publish()
+            if step != int(self._h[_W_ENGINE_STEP]):
+                raise ContractError(f"at_step_boundary({step}) but engine_step is {int(self._h[_W_ENGINE_STEP])}")
+            self._heartbeat()
+            if self._ptrs and not int(self._h[_W_TABLE_FAULT]):
+                # GPU weights: the addresses are checked when a command is first seen (so that the
+                # sidecar learns of a re-allocation early) and again at its boundary (_invalid).
+                cmd_id = int(self._h[_W_CMD_ID])
+                if cmd_id != self._ptrs_seen and cmd_id != int(self._h[_W_ACK_ID]):
+                    self._ptrs_seen = cmd_id
+                    self._check_pointers()
+            have, reject = self._pending_for(step)
+            if agree is None:
+                if self.world_size != 1:
+                    raise ContractError("agree is required with more than one engine rank")
+                lo = hi = have
+            else:
+                lo, hi = agree(have)
+            placement = self.placement()
+            if have and lo == hi == have:
+                # The layer as _apply read it: once answered, the mailbox may already hold the
+                # sidecar's next command.
+                placement.applied.append(self._apply(step))
+            elif reject is not None:
+                log.warning("rank %d step %d: command %d rejected: %s", self.rank, step, reject[0], reject[1])
+                self._answer(reject[0], ACK_REJECTED, step)
+            elif have:
+                self._answer(have, ACK_CANCELLED, step)
+            return placement
 
-    def record(self, step: int, counts: np.ndarray, phase: str = "decode", tokens: int = 0, moe_ns: int = 0) -> None:
-        """Step ``step``'s per-slot counts ``[num_layers, slots_per_rank]`` into the load ring
-        (seqlock), then ``engine_step = step + 1``. Call after the forward pass.
+    def record(self, step: int, counts: Any, phase: str = "decode", tokens: int = 0, moe_ns: int = 0) -> None:
+        """Step ``step``'s counts into the load ring (seqlock), then ``engine_step = step + 1``.
+        Call after the forward pass. ``counts``: ``[num_layers, slots_per_rank]`` (counts
+        ``"local"``) or ``[num_layers, num_physical]`` (``"physical"``) exact non-negative integers
+        (numpy, torch or nested lists); anything else raises ContractError before the entry is
+        touched, so a caught error never leaves the ring entry odd.
 
         ``moe_ns``: the wall time of the step's MoE layers on this rank, waits for the other
         ranks included (0: not measured). Without ``--step-ms`` the sidecar's cost model takes the
         balanced step time from it."""
-        if step != int(self._h[_W_ENGINE_STEP]):
-            raise ContractError(f"record({step}) but engine_step is {int(self._h[_W_ENGINE_STEP])}")
-        q, i = self._h, step % self.ring_len
-        w = self._ring_word + i * self._entry_words
-        seq = q[w]
-        q[w] = seq + 1  # odd: being written
-        q[w + 1] = step
-        q[w + 2] = PHASES[phase]
-        q[w + 3] = tokens
-        q[w + 4] = moe_ns
-        np.copyto(self._ring_counts[i], counts, casting="unsafe")
-        q[w] = seq + 2  # even: stable
-        q[_W_ENGINE_STEP] = step + 1
-        q[_W_ENGINE_HEARTBEAT] = time.monotonic_ns()
+        with self._lock:
+            if self._closed:
+                raise ContractError("record on a closed region")
+            if isinstance(step, bool) or step != int(self._h[_W_ENGINE_STEP]):
+                raise ContractError(f"record({step}) but engine_step is {int(self._h[_W_ENGINE_STEP])}")
+            if phase not in PHASES:
+                raise ContractError(f"phase {phase!r} is not one of {sorted(PHASES)}")
+            tokens = _u64(tokens, "tokens")
+            moe_ns = _u64(moe_ns, "moe_ns")
+            values = self._check_counts(counts)
+            q, i = self._h, step % self.ring_len
+            w = self._ring_word + i * self._entry_words
+            seq = q[w]
+            if seq % 2:
+                seq += 1  # never leave parity inverted: an odd entry here was torn by a crash
+            q[w] = seq + 1  # odd: being written
+            try:
+                q[w + 1] = step
+                q[w + 2] = PHASES[phase]
+                q[w + 3] = tokens
+                q[w + 4] = moe_ns
+                self._ring_counts[i] = values
+            finally:
+                q[w] = seq + 2  # even: stable (also if the copy above raised)
+            q[_W_ENGINE_STEP] = step + 1
+            q[_W_ENGINE_HEARTBEAT] = time.monotonic_ns()
+
+    def _check_counts(self, counts: Any) -> np.ndarray:
+        """The counts as exact non-negative integers of shape ``[num_layers, count_cols]``."""
+        want = (self.num_layers, self.count_cols)
+        if type(counts) is np.ndarray and counts.shape == want and counts.dtype.kind in "iu" and counts.size:
+            # The fast path (one reduction): as u64, a negative i64 is >= 2^63, beyond MAX_COUNT too.
+            v = counts.view(np.uint64) if counts.dtype.itemsize == 8 else counts.astype(np.uint64)
+            if v.max() < MAX_COUNT:
+                return v
+        what = "[num_layers, slots_per_rank]" if self.counts_kind == COUNTS_LOCAL else "[num_layers, num_physical]"
+        if _is_torch(counts):
+            t = counts.detach().cpu()
+            if t.is_floating_point():
+                t = t.double()
+            counts = t.numpy()
+        try:
+            a = np.asarray(counts)
+        except Exception as e:  # noqa: BLE001 - ragged lists and the like
+            raise ContractError(f"counts: not an array ({e})") from None
+        if a.shape != want:
+            raise ContractError(f"counts has shape {a.shape}, want {want} {what} (no broadcasting)")
+        k = a.dtype.kind
+        if k == "b":
+            raise ContractError("counts are bool: pass integer counts")
+        if k not in "iuf":
+            raise ContractError(f"counts have dtype {a.dtype}: pass non-negative integers")
+        if a.size == 0:
+            return a.astype(np.uint64)
+        if k == "f":
+            bad = ~np.isfinite(a)
+            if bad.any():
+                raise ContractError(f"counts: {a[bad][0]} at {_at(bad)} is not a number of pairs")
+            bad = a != np.floor(a)
+            if bad.any():
+                raise ContractError(f"counts: {a[bad][0]} at {_at(bad)} is not an integer")
+        if k in "if":
+            bad = a < 0
+            if bad.any():
+                raise ContractError(f"counts: {a[bad][0]} at {_at(bad)} is negative")
+        bad = a >= MAX_COUNT
+        if bad.any():
+            raise ContractError(f"counts: {a[bad][0]} at {_at(bad)} is beyond {MAX_COUNT} pairs (overflow or garbage)")
+        return a.astype(np.uint64)
 
     def read_step(self, step: int) -> Optional[Tuple[int, int, np.ndarray]]:
         """A reader's copy of step ``step``'s entry as (phase, tokens, counts), or None when it was
@@ -465,8 +1056,8 @@ class EngineRegion:
                 break
         if int(copy[1]) != step or step >= self.engine_step:
             return None
-        L, S = self.num_layers, self.slots_per_rank
-        return int(copy[2]), int(copy[3]), copy[8 : 8 + L * S].reshape(L, S)
+        L, C = self.num_layers, self.count_cols
+        return int(copy[2]), int(copy[3]), copy[8 : 8 + L * C].reshape(L, C)
 
     # ---- state and lifetime ----------------------------------------------------------------
 
@@ -508,52 +1099,56 @@ class EngineRegion:
         for it on any rank), ``engine_state = 2``, then closes and unlinks. ``wait_detach_s``: first
         wait up to that long for an attached sidecar to leave (GPU weights: it has closed its IPC
         mappings, so the engine may free the memory)."""
-        if self._closed:
-            return
-        pending = int(self._h[_W_CMD_ID])
-        seq = int(self._h[_W_CMD_SEQ])
-        if seq % 2 == 0 and pending and pending != int(self._h[_W_ACK_ID]) and seq == int(self._h[_W_CMD_SEQ]):
-            self._answer(pending, ACK_CANCELLED, self.engine_step)
-        self._h[_W_ENGINE_STATE] = ENGINE_FINISHED
-        self._heartbeat()
-        deadline = time.monotonic() + wait_detach_s
-        while int(self._h[_W_SIDECAR_STATE]) == SIDECAR_ATTACHED and time.monotonic() < deadline:
-            time.sleep(0.005)
+        with self._lock:
+            if self._closed:
+                return
+            pending = int(self._h[_W_CMD_ID])
+            seq = int(self._h[_W_CMD_SEQ])
+            if seq % 2 == 0 and pending and pending != int(self._h[_W_ACK_ID]) and seq == int(self._h[_W_CMD_SEQ]):
+                self._answer(pending, ACK_CANCELLED, self.engine_step)
+            self._h[_W_ENGINE_STATE] = ENGINE_FINISHED
             self._heartbeat()
-        self.close()
+            deadline = time.monotonic() + wait_detach_s
+            while int(self._h[_W_SIDECAR_STATE]) == SIDECAR_ATTACHED and time.monotonic() < deadline:
+                time.sleep(0.005)
+                self._heartbeat()
+            self.close()
 
     def fail(self) -> None:
         """``engine_state = 3`` (the engine gives up), then closes and unlinks."""
-        if self._closed:
-            return
-        self._h[_W_ENGINE_STATE] = ENGINE_FAILED
-        self.close()
+        with self._lock:
+            if self._closed:
+                return
+            self._h[_W_ENGINE_STATE] = ENGINE_FAILED
+            self.close()
 
     def close(self) -> None:
         """Stops the heartbeat thread, unlinks the file (the creator only) and unmaps."""
-        if self._closed:
-            return
-        self._closed = True
-        _LIVE_REGIONS.discard(self)
-        self._hb_stop.set()
-        if self._hb_thread is not None:
-            self._hb_thread.join(timeout=1.0)
-        if self._owner:
-            for p in (self._tmp_path, self.path if self._published else None):
-                if p:
-                    try:
-                        os.unlink(p)
-                    except FileNotFoundError:
-                        pass
-        self._h.release()
-        self._mv.release()
-        for attr in ("_h", "_mv", "_ring", "_ring_counts", "_phy2log", "_epoch", "_cmd_row", "_cmd_mask", "_live",
-                     "_staging", "_ro_phy2log", "_ro_epoch"):
-            setattr(self, attr, None)
-        try:
-            self._mm.close()
-        except BufferError:
-            pass  # the caller still holds views; the mapping goes with the process
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            _LIVE_REGIONS.discard(self)
+            self._hb_stop.set()
+            if self._hb_thread is not None and self._hb_thread is not threading.current_thread():
+                self._hb_thread.join(timeout=1.0)
+            if self._owner:
+                for p in (self._tmp_path, self.path if self._published else None):
+                    if p:
+                        try:
+                            os.unlink(p)
+                        except FileNotFoundError:
+                            pass
+            self._h.release()
+            self._mv.release()
+            for attr in ("_h", "_mv", "_ring", "_ring_counts", "_phy2log", "_epoch", "_cmd_row", "_cmd_mask",
+                         "_ro_phy2log", "_ro_epoch", "_rows", "_views", "_staging_views"):
+                setattr(self, attr, None)
+            self._ptrs = []
+            try:
+                self._mm.close()
+            except BufferError:
+                pass  # the caller still holds views; the mapping goes with the process
 
     def __enter__(self) -> "EngineRegion":
         return self
@@ -570,6 +1165,20 @@ class EngineRegion:
         h = self._h
         if h is not None:
             h[_W_ENGINE_HEARTBEAT] = time.monotonic_ns()
+
+    def _check_pointers(self) -> bool:
+        """GPU weights: every registered tensor still at the address it was published with? On a
+        change: ``table_fault = 1 + entry`` (every command is rejected from now on) and False."""
+        for i, e, tensor, ptr in self._ptrs:
+            now = int(tensor.data_ptr())
+            if now != ptr:
+                log.error("rank %d: %s, tensor %r (table entry %d) moved from %#x to %#x since the region was "
+                          "published (re-allocated): table_fault = %d, every command is rejected from now on",
+                          self.rank, "staging" if e.layer == self.num_layers else f"layer {e.layer}", e.name, i,
+                          ptr, now, i + 1)
+                self._h[_W_TABLE_FAULT] = i + 1
+                return False
+        return True
 
     def _pending_for(self, step: int) -> Tuple[int, Optional[Tuple[int, str]]]:
         """(have, reject): ``have`` is the pending command's id when it is for this very boundary
@@ -601,6 +1210,14 @@ class EngineRegion:
         return 0, None
 
     def _invalid(self, layer: int, epoch: int) -> Optional[str]:
+        if self._ptrs and not int(self._h[_W_TABLE_FAULT]):
+            self._check_pointers()  # right before an apply: every tensor where it was published
+        fault = int(self._h[_W_TABLE_FAULT])
+        if fault:
+            e = self.table[fault - 1] if fault - 1 < len(self.table) else None
+            return (f"table_fault {fault}: tensor {e.name!r} of "
+                    f"{'staging' if e.layer == self.num_layers else f'layer {e.layer}'} was re-allocated"
+                    if e else f"table_fault {fault}")
         if layer >= self.num_layers:
             return f"layer {layer} >= num_layers {self.num_layers}"
         if epoch != int(self._epoch[layer]) + 1:
@@ -619,11 +1236,15 @@ class EngineRegion:
         """Applies the pending command in place and answers it; returns its layer."""
         h = self._h
         layer, cmd_id, epoch = int(h[_W_CMD_LAYER]), int(h[_W_CMD_ID]), int(h[_W_CMD_EPOCH])
-        mask = self._cmd_mask.astype(bool)
-        if self._gpu_apply is not None:
-            self._gpu_apply(layer, np.flatnonzero(mask))  # returns once the device copy is done
+        slots = np.flatnonzero(self._cmd_mask)
+        if self.weights_kind == WEIGHTS_HOST:
+            rows, stage = self._rows[layer], self._rows[self.num_layers]
+            for t in self._per_expert:
+                rows[t][slots] = stage[t][slots]  # row s of every per-expert tensor, nothing else
+            if self._gpu_apply is not None:
+                self._gpu_apply(layer, slots)  # host: a notification after the copy
         else:
-            self._live[layer][mask] = self._staging[mask]
+            self._gpu_apply(layer, slots)  # returns once the device copy is done
         self._phy2log[layer] = self._cmd_row
         self._epoch[layer] = epoch
         _fill_log2phy_layer(self._phy2log[layer], self._log2phy[layer])
@@ -643,6 +1264,108 @@ class EngineRegion:
             self._logcnt[layer] = np.bincount(self._phy2log[layer], minlength=self.num_logical)
 
 
+def _describe_layers(layers: Any, num_layers: int, slots_per_rank: int) -> List[List[_Desc]]:
+    if isinstance(layers, (str, bytes)) or not hasattr(layers, "__len__"):
+        raise ContractError("layers: one list of LayerTensor per layer")
+    if len(layers) != num_layers:
+        raise ContractError(f"layers: {len(layers)} lists, want num_layers = {num_layers}")
+    descs = []
+    for layer, row in enumerate(layers):
+        if isinstance(row, LayerTensor) or not hasattr(row, "__len__"):
+            raise ContractError(f"layer {layer}: a list of LayerTensor")
+        if not 1 <= len(row) <= MAX_TENSORS:
+            raise ContractError(f"layer {layer}: {len(row)} tensors, the table holds 1 to {MAX_TENSORS} a layer")
+        descs.append([_describe(t, layer, slots_per_rank) for t in row])
+    ref = descs[0]
+    for layer, row in enumerate(descs):
+        names = [d.name for d in row]
+        for t, d in enumerate(row):
+            if names.index(d.name) != t:
+                raise ContractError(f"{d.where}: field name: used twice in layer {layer}")
+        if len(row) != len(ref):
+            raise ContractError(f"layer {layer}: {len(row)} tensors, layer 0 has {len(ref)} (the same in every layer)")
+        for d, r in zip(row, ref):
+            for f in ("name", "kind", "dtype", "row_bytes"):
+                if getattr(d, f) != getattr(r, f):
+                    raise ContractError(f"{d.where}: field {f}: {getattr(d, f)!r}, but layer 0's tensor {ref.index(r)} "
+                                        f"has {getattr(r, f)!r} (the same in every layer, in the same order)")
+    if not any(d.kind == KIND_EXPERT for d in ref):
+        raise ContractError("layer 0: field kind: at least one per-expert tensor (kind 'expert')")
+    return descs
+
+
+def _describe_staging(staging: Any, ref: List[_Desc], slots_per_rank: int) -> List[Optional[_Desc]]:
+    """The engine's staging tensors in table order (None for a global's slot)."""
+    if isinstance(staging, LayerTensor) or not hasattr(staging, "__iter__"):
+        raise ContractError("staging: a list of LayerTensor")
+    by_name: Dict[str, _Desc] = {}
+    for t in staging:
+        d = _describe(t, None, slots_per_rank)
+        if d.name in by_name:
+            raise ContractError(f"{d.where}: field name: used twice in staging")
+        by_name[d.name] = d
+    out: List[Optional[_Desc]] = []
+    for r in ref:
+        d = by_name.pop(r.name, None)
+        if r.kind == KIND_GLOBAL:
+            if d is not None:
+                raise ContractError(f"{d.where}: field kind: {r.name!r} is global: globals have no staging")
+            out.append(None)
+            continue
+        if d is None:
+            raise ContractError(f"{_where(None, r.name)}: field name: the per-expert tensor has no staging tensor")
+        for f in ("kind", "dtype", "row_bytes"):
+            if getattr(d, f) != getattr(r, f):
+                raise ContractError(f"{d.where}: field {f}: {getattr(d, f)!r}, but the layers' tensor has "
+                                    f"{getattr(r, f)!r}")
+        if not d.cuda or d.device != r.device:
+            raise ContractError(f"{d.where}: field data: on {d.device}, the layers' tensors on {r.device}")
+        out.append(d)
+    if by_name:
+        name = next(iter(by_name))
+        raise ContractError(f"{_where(None, name)}: field name: no layer has a tensor of that name")
+    return out
+
+
+def _copy_into(view: np.ndarray, d: _Desc) -> None:
+    """Copies a handed-over host tensor into its region view, byte for byte."""
+    src = d.data
+    if _is_torch(src):
+        import torch  # only when the engine handed torch tensors
+
+        raw = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[d.itemsize]
+        src = src.detach().view(raw).numpy()
+    src = np.asarray(src)
+    if src.dtype != view.dtype:
+        src = src.view(view.dtype) if src.ndim else src.reshape(1).view(view.dtype).reshape(())
+    np.copyto(view, src, casting="no")
+
+
+def _read_table(mm: mmap.mmap, table_offset: int, num_layers: int, num_tensors: int) -> List[TableEntry]:
+    out = []
+    for i in range((num_layers + 1) * num_tensors):
+        n, dt, off, rs, rb, rows, kind, _res, h = struct.unpack_from(_ENTRY_FMT, mm, table_offset + i * TENSOR_ENTRY_BYTES)
+        out.append(TableEntry(i // num_tensors, i % num_tensors, n.rstrip(b"\0").decode(errors="replace"),
+                              dt.rstrip(b"\0").decode(errors="replace"), off, rs, rb, rows, kind, h))
+    return out
+
+
+def _at(mask: np.ndarray) -> Tuple[int, ...]:
+    return tuple(int(i) for i in np.argwhere(mask)[0])
+
+
+def _u64(v: Any, what: str) -> int:
+    if isinstance(v, bool):
+        raise ContractError(f"{what} {v!r}: an integer, not a bool")
+    try:
+        n = operator.index(v)
+    except TypeError:
+        raise ContractError(f"{what} {v!r}: a non-negative integer") from None
+    if not 0 <= n < 1 << 64:
+        raise ContractError(f"{what} {n}: outside [0, 2^64)")
+    return n
+
+
 # Regions this process created and has not closed: unlinked at interpreter exit (also after an
 # uncaught exception), so a normal exit leaves nothing in /dev/shm. A SIGKILL leaves the files:
 # ``cleanup(name)`` or ``rm -f /dev/shm/eplb-NAME-* /dev/shm/.eplb-NAME-*`` removes them.
@@ -660,80 +1383,8 @@ def _close_all_at_exit() -> None:
             region.close()
 
 
-@dataclass
-class _TensorEntry:
-    name: str
-    dtype: str
-    offset: int
-    bytes: int
-    shape: Tuple[int, ...]
-
-
-def _tensor_table(tensors: Sequence[TensorSpec]) -> Tuple[bytes, int]:
-    out = bytearray()
-    offset = 0
-    for t in tensors:
-        if t.dtype not in _ITEMSIZE:
-            raise ContractError(f"tensor {t.name}: dtype {t.dtype!r} is not one of {sorted(_ITEMSIZE)}")
-        shape = tuple(int(d) for d in t.shape)
-        if len(shape) not in (1, 2) or min(shape) < 1:
-            raise ContractError(f"tensor {t.name}: shape {shape}: 1 or 2 positive dims (flatten more)")
-        name = t.name.encode()
-        if not 0 < len(name) < 24:
-            raise ContractError(f"tensor name {t.name!r}: 1 to 23 UTF-8 bytes")
-        nbytes = _ITEMSIZE[t.dtype] * int(np.prod(shape))
-        dims = shape + (0,) * (2 - len(shape))
-        out += struct.pack("<24s8sQQII2I", name, t.dtype.encode(), offset, nbytes, len(shape), 0, *dims)
-        offset = _round_up(offset + nbytes, 64)
-    return bytes(out), offset
-
-
-def _ipc_section(ipc: IpcWeights, num_layers: int, layer_bytes: int) -> bytes:
-    """The IPC section (at IPC_OFFSET) for ``ipc``, checked like the sidecar checks it: every layer
-    in exactly one live handle, one staging handle of one layer's slots."""
-    bus = ipc.pci_bus_id.encode()
-    if not 0 < len(bus) < 16 or any(c not in b"0123456789abcdefABCDEF:." for c in bus):
-        raise ContractError(f"pci_bus_id {ipc.pci_bus_id!r} is not a PCI bus id like 0000:19:00.0")
-    if len(ipc.uuid) != 16:
-        raise ContractError("the GPU uuid must be 16 bytes")
-    if not 1 <= len(ipc.handles) <= IPC_MAX_HANDLES:
-        raise ContractError(f"{len(ipc.handles)} IPC handles: 1 to {IPC_MAX_HANDLES}")
-    covered = np.zeros(num_layers, np.int64)
-    staging = 0
-    table = bytearray()
-    for i, h in enumerate(ipc.handles):
-        if len(h.handle) != 64:
-            raise ContractError(f"IPC handle {i}: {len(h.handle)} bytes, want 64 (a legacy cudaIpcMemHandle_t)")
-        if h.role == IPC_ROLE_LIVE:
-            if h.nbytes <= 0 or h.nbytes % layer_bytes or h.first_layer + h.nbytes // layer_bytes > num_layers:
-                raise ContractError(f"IPC handle {i}: {h.nbytes} bytes from layer {h.first_layer} are not whole layers "
-                                    f"of {layer_bytes} bytes inside {num_layers} layers")
-            covered[h.first_layer : h.first_layer + h.nbytes // layer_bytes] += 1
-        elif h.role == IPC_ROLE_STAGING:
-            if h.nbytes != layer_bytes:
-                raise ContractError(f"IPC handle {i}: staging of {h.nbytes} bytes, want {layer_bytes}")
-            staging += 1
-        else:
-            raise ContractError(f"IPC handle {i}: unknown role {h.role}")
-        table += struct.pack("<64sIIQQ40x", h.handle, h.role, h.first_layer, h.offset, h.nbytes)
-    if np.any(covered != 1) or staging != 1:
-        raise ContractError("the IPC handles must hold every layer exactly once and one staging area")
-    head = struct.pack("<16s16sI28x", bus, bytes(ipc.uuid), len(ipc.handles))
-    return head + bytes(table)
-
-
-def _read_tensor_table(mm: mmap.mmap, n: int) -> List[_TensorEntry]:
-    out = []
-    for i in range(n):
-        name, dtype, offset, nbytes, ndim, _pad, d0, d1 = struct.unpack_from(
-            "<24s8sQQII2I", mm, TENSOR_TABLE_OFFSET + i * TENSOR_ENTRY_BYTES)
-        out.append(_TensorEntry(name.rstrip(b"\0").decode(), dtype.rstrip(b"\0").decode(), offset, nbytes,
-                                (d0,) if ndim == 1 else (d0, d1)))
-    return out
-
-
 def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
+    if pid <= 0 or pid >= 1 << 31:
         return False
     try:
         os.kill(pid, 0)
@@ -742,13 +1393,41 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _read_head(path: str) -> Optional[bytes]:
+    """The first 128 bytes of the regular file at ``path`` (None if it is gone), never blocking:
+    anything but a regular file (FIFO, device, socket, symlink, directory) raises ContractError."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        raise ContractError(f"{path} exists and is not a regular file ({_file_kind(st.st_mode)}): remove it or "
+                            f"choose another name")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # replaced between lstat and open
+            raise ContractError(f"{path} exists and is not a regular file: remove it or choose another name")
+        return os.pread(fd, 128, 0)
+    finally:
+        os.close(fd)
+
+
+def _file_kind(mode: int) -> str:
+    for test, what in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a directory")):
+        if test(mode):
+            return what
+    return "not a plain file"
+
+
 def _check_existing(path: str) -> None:
     """A region left at ``path`` by a crashed engine is replaced; one whose engine lives, or a
-    file that is not a region, is an error."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(128)
-    except FileNotFoundError:
+    file that is not a region, is an error (never blocking on a FIFO or device)."""
+    head = _read_head(path)
+    if head is None:
         return
     if len(head) < 128 or struct.unpack_from("<Q", head, 0)[0] != MAGIC:
         raise ContractError(f"{path} exists and is not an eplb region: remove it or choose another name")
@@ -758,20 +1437,62 @@ def _check_existing(path: str) -> None:
     log.warning("%s: replacing a region left by engine pid %d, which is gone", path, pid)
 
 
+def _create_exclusive(tmp: str) -> int:
+    """Creates the temporary file (O_EXCL, 0600). A regular leftover of a dead process with our
+    pid is removed once; anything else at that name is an error."""
+    for _ in range(2):
+        try:
+            return os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        except FileExistsError:
+            st = os.lstat(tmp)
+            if not stat.S_ISREG(st.st_mode):
+                raise ContractError(f"{tmp} exists and is not a regular file ({_file_kind(st.st_mode)}): remove it")
+            os.unlink(tmp)
+    raise ContractError(f"{tmp} keeps appearing: another process uses this name")
+
+
+def _check_free_space(path: str, total_bytes: int) -> None:
+    """Refuses a region larger than the free space of its file system (tmpfs pages would fail
+    later with SIGBUS on first touch, or fill the host's memory)."""
+    try:
+        st = os.statvfs(SHM_DIR)
+    except OSError:
+        return
+    free = st.f_bavail * st.f_frsize
+    if total_bytes > free:
+        raise ContractError(f"{path}: the region needs {total_bytes} bytes ({total_bytes / 2**30:.2f} GiB) but "
+                            f"{SHM_DIR} has {free} free ({free / 2**30:.2f} GiB): enlarge {SHM_DIR} (docker "
+                            f"--shm-size) or shrink the region")
+
+
+_REGION_FILE = re.compile(r"eplb-(?P<name>.+)-(?P<rank>[0-9]+)")
+_TMP_FILE = re.compile(r"\.eplb-(?P<name>.+)-(?P<rank>[0-9]+)\.(?P<pid>[0-9]+)\.tmp")
+
+
 def cleanup(name: str) -> List[str]:
-    """Removes the regions of ``name`` whose engine process is gone (crash leftovers); returns them."""
+    """Removes the regions of exactly ``name`` (``eplb-NAME-<rank>`` and their temporary files)
+    whose engine process is gone (crash leftovers); returns them. A file is removed only if it
+    is a regular file holding an eplb region (magic) of that rank; never blocks on a FIFO."""
+    check_name(name)
     removed = []
-    for entry in os.listdir(SHM_DIR):
-        if not (entry.startswith(f"eplb-{name}-") or entry.startswith(f".eplb-{name}-")):
+    for entry in sorted(os.listdir(SHM_DIR)):
+        m = _REGION_FILE.fullmatch(entry) or _TMP_FILE.fullmatch(entry)
+        if not m or m.group("name") != name:
             continue
         path = os.path.join(SHM_DIR, entry)
         try:
-            with open(path, "rb") as f:
-                head = f.read(128)
-            pid = struct.unpack_from("<Q", head, 120)[0] if len(head) >= 128 else 0
-        except OSError:
+            head = _read_head(path)
+        except (ContractError, OSError):
+            continue  # not a regular file: not ours to remove
+        if head is None or len(head) < 128 or struct.unpack_from("<Q", head, 0)[0] != MAGIC:
             continue
+        if struct.unpack_from("<I", head, 32)[0] != int(m.group("rank")):
+            continue
+        pid = struct.unpack_from("<Q", head, 120)[0]
         if not _pid_alive(pid):
-            os.unlink(path)
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                continue
             removed.append(path)
     return removed

@@ -1,5 +1,7 @@
-"""A small sidecar in Python that follows docs/engine-contract.md from the sidecar's side, for the
-client's tests (the real one is ``eplb-worker run --engine shm:NAME``).
+"""A small sidecar in Python that follows docs/engine-contract.md (contract 2) from the sidecar's
+side, for the client's tests (the real one is ``eplb-worker run --engine shm:NAME``). It reads
+and writes the engines' tensors only through each region's tensor table: an expert's bytes are
+row s of every per-expert tensor, in table order; global tensors are never written.
 
 One process attaches to the regions of all N engine ranks of one host, so it needs no MPI: it
 does the sidecar ranks' agreements (max engine_step, min/max of the acks) by looking at every
@@ -137,13 +139,13 @@ class FakeSidecar:
                 if e == int(old[r * S + s]):
                     continue
                 src = int(np.flatnonzero(old == e)[0])  # a slot that holds e now
-                sent = self.regions[src // S].raw_weights(layer)[src % S].copy()
-                digest = hashlib.blake2b(sent.tobytes(), digest_size=16).digest()
+                sent = self.regions[src // S].read_expert(layer, src % S)
+                digest = hashlib.blake2b(sent, digest_size=16).digest()
                 if self.faulty and self.args.die_mid_stage and r == 0:
-                    reg.staging[s][: len(sent) // 2] = sent[: len(sent) // 2]
+                    reg.write_expert(self.L, s, sent[: len(sent) // 2])
                     die()
-                reg.staging[s][:] = sent
-                if hashlib.blake2b(reg.staging[s].tobytes(), digest_size=16).digest() != digest:
+                reg.write_expert(self.L, s, sent)
+                if hashlib.blake2b(reg.read_expert(self.L, s), digest_size=16).digest() != digest:
                     raise RuntimeError(f"rank {r} slot {s}: staged bytes do not match the checksum")
                 mask[s] = 1
             masks.append(mask)
@@ -183,7 +185,11 @@ class FakeSidecar:
         row = self.new_row(layer)
         masks = self.stage(layer, row)
         if self.faulty and self.args.write_live:
-            self.regions[0].raw_weights(layer)[0][:64] ^= 0xFF
+            reg0 = self.regions[0]
+            reg0.rows(layer, reg0.tensor_names[reg0._per_expert[0]])[0] ^= 0xFF
+        for reg in self.regions:  # the contract: table_fault checked after staging, before posting
+            if reg.table_fault:
+                raise EngineGone(f"engine rank {reg.rank}: table_fault {reg.table_fault} (a tensor was re-allocated)")
         lead = self.args.lead
         for _try in range(5):
             self.cmd_id += 1

@@ -131,14 +131,14 @@ def test_a_heartbeat_that_never_moves_is_a_stopped_engine_whatever_its_value(bea
     is a heartbeat that changes, timed by the sidecar's own clock."""
     import numpy as np
 
-    from eplb_client.region import EngineRegion, TensorSpec
+    from eplb_client.region import EngineRegion, LayerTensor
 
     name = f"pytbeat{os.getpid()}"
-    region = EngineRegion.create(name, 0, 1, 2, 3, 2, [TensorSpec("w", "f32", (4,))],
+    region = EngineRegion.create(name, 0, 1, 2, 3, 2, [[LayerTensor("w", np.zeros((3, 4), np.float32))]] * 2,
                                  np.array([[0, 1, 0], [1, 0, 1]], dtype=np.int32))
     region.publish()
     try:
-        region.record(0, np.arange(3, dtype=np.int64))
+        region.record(0, np.tile(np.arange(3, dtype=np.int64), (2, 1)))
         region._h[136 // 8] = beat  # no heartbeat thread: the word stays as set
         env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
         p = subprocess.run(["mpirun", "-n", "1", WORKER, "run", "--engine", f"shm:{name}", "--engine-wait", "5",
