@@ -80,6 +80,10 @@ class ExpertParam:
     kind: str = "expert"
     owner: Any = None
     attr: Optional[str] = None
+    export: Any = None
+    """The tensor handed over when it is not ``tensor`` itself: vLLM moves ``[E, -1]`` views of
+    its parameters (a transposed scale made contiguous), and the region must describe exactly
+    those bytes; the parameter is rebound onto the region with its own shape and strides."""
 
     def current(self) -> Any:
         return getattr(self.owner, self.attr) if self.owner is not None and self.attr else self.tensor
@@ -103,7 +107,7 @@ def check_layers(layers: Sequence[Sequence[ExpertParam]], slots_per_rank: int) -
         sig = []
         for p in params:
             where = f"layer {layer} parameter {p.name!r}"
-            t = p.tensor
+            t = p.export if p.export is not None else p.tensor
             raw = p.name.encode()
             if not 0 < len(raw) <= MAX_NAME_BYTES:
                 raise AdapterError(f"{where}: the name must be 1 to {MAX_NAME_BYTES} UTF-8 bytes")
@@ -210,15 +214,15 @@ class Attachment:
         self.host = device.type == "cpu"
 
         def lt(p: ExpertParam) -> Any:
-            return LayerTensor(p.name, p.tensor.detach(), kind=p.kind,
-                               rows=slots_per_rank if p.kind == "expert" else None)
+            return LayerTensor(p.name, _export(p), kind=p.kind, rows=slots_per_rank if p.kind == "expert" else None)
 
         kwargs: Dict[str, Any] = {}
         if not self.host:
             self._staging = {p.name: torch.empty_like(p.tensor.detach()[:slots_per_rank])
                              for p in self._layers[0] if p.kind == "expert"}
-            kwargs = dict(staging=[LayerTensor(n, t, kind="expert", rows=slots_per_rank) for n, t in self._staging.items()],
-                          apply=self._gpu_apply)
+            # The client's default apply (cuda_ipc.torch_apply): index_copy_ per tensor, then a
+            # stream synchronize, so the sidecar may stage again once the command is answered.
+            kwargs = dict(staging=[LayerTensor(n, t, kind="expert", rows=slots_per_rank) for n, t in self._staging.items()])
         self.region = EngineRegion.create(
             name, rank, world_size, self.num_layers, slots_per_rank, num_logical,
             layers=[[lt(p) for p in ps] for ps in self._layers], phy2log=p2l, ring_len=ring_len,
@@ -239,36 +243,29 @@ class Attachment:
     # ---- region views ----------------------------------------------------------------------
 
     def _rebind_to_region(self) -> None:
-        """Host tensors: every parameter's storage becomes its view in the region."""
+        """Host tensors: every parameter's storage becomes its view in the region (a broadcast
+        global: the view of its one stored row, broadcast again)."""
         import torch
 
         for layer, ps in enumerate(self._layers):
             for p in ps:
-                view = self.region.tensor(layer, p.name)
-                t = torch.from_numpy(view)
+                src = _export(p)
+                t = torch.from_numpy(self.region.tensor(layer, p.name))
+                if t.dtype != src.dtype:
+                    t = t.view(src.dtype)
+                if tuple(t.shape) != tuple(src.shape) or (t.dim() and t.stride() != src.stride()):
+                    raise AdapterError(f"layer {layer} parameter {p.name!r}: the region's view has shape {tuple(t.shape)} "
+                                       f"strides {t.stride()}, the engine's {tuple(src.shape)} {src.stride()}")
+                if not torch.equal(_raw(t), _raw(src)):
+                    raise AdapterError(f"layer {layer} parameter {p.name!r}: the region's copy differs from the engine's")
                 if t.dtype != p.tensor.dtype:
                     t = t.view(p.tensor.dtype)
                 if tuple(t.shape) != tuple(p.tensor.shape) or t.stride() != p.tensor.stride():
-                    raise AdapterError(f"layer {layer} parameter {p.name!r}: the region's view has shape "
-                                       f"{tuple(t.shape)} strides {t.stride()}, the engine's {tuple(p.tensor.shape)} "
-                                       f"{p.tensor.stride()}")
-                if not torch.equal(t.view(torch.uint8) if t.dim() else t.reshape(1).view(torch.uint8),
-                                   p.tensor.detach().view(torch.uint8) if t.dim() else p.tensor.detach().reshape(1).view(torch.uint8)):
-                    raise AdapterError(f"layer {layer} parameter {p.name!r}: the region's copy differs from the engine's")
+                    if p.kind == "global" and p.tensor.dim() >= 1 and p.tensor.stride(0) == 0:
+                        t = t.expand(p.tensor.shape)  # a broadcast global: its one stored row
+                    else:  # the same bytes in the parameter's own layout (vLLM's [E, -1] views)
+                        t = t.as_strided(tuple(p.tensor.shape), p.tensor.stride(), t.storage_offset())
                 p.tensor.data = t
-
-    def _gpu_apply(self, layer: int, slots: np.ndarray) -> None:
-        """Staging row s -> live row s of every per-expert tensor of ``layer`` for s in ``slots``,
-        on the engine's current stream (after the last forward pass's reads of the layer, before
-        the next one's); returns once done: the sidecar may write the staging again."""
-        import torch
-
-        dev = self._layers[layer][0].tensor.device
-        idx = torch.as_tensor(np.asarray(slots, dtype=np.int64), device=dev)
-        for p in self._layers[layer]:
-            if p.kind == "expert":
-                p.tensor.data.index_copy_(0, idx, self._staging[p.name].index_select(0, idx))
-        torch.cuda.current_stream(dev).synchronize()
 
     # ---- the step ----------------------------------------------------------------------------
 
@@ -350,6 +347,23 @@ class Attachment:
             log.exception("eplb: detaching")
 
 
+def _export(p: ExpertParam) -> Any:
+    """The tensor handed to the client: the parameter, or for a broadcast global (stride 0 in dim
+    0, vLLM's expanded input scales) its one stored row."""
+    t = (p.export if p.export is not None else p.tensor).detach()
+    if p.kind == "global" and t.dim() >= 1 and t.stride(0) == 0:
+        t = t[:1]
+    return t
+
+
+def _raw(t: Any) -> Any:
+    """Bytes of ``t`` for bitwise comparison (uint8, last dim widened)."""
+    import torch
+
+    t = t.reshape(1) if t.dim() == 0 else t
+    return t.contiguous().view(torch.uint8)
+
+
 def _command_pending(region: Any) -> bool:
     """Whether the mailbox may hold a command not yet answered (cheap: two header words; a
     command being written counts as pending, so the parameters are checked)."""
@@ -368,3 +382,30 @@ def timed(fn: Callable[[], Any], repeat: int) -> List[float]:
         fn()
         out.append((time.perf_counter_ns() - t0) / 1e3)
     return out
+
+
+def attach_collectively(make: Callable[[], "Attachment"], group: Any, engine: str) -> Optional["Attachment"]:
+    """Every engine rank builds its attachment with ``make``; all of them attach only if all of
+    them could (one all-reduce over the engine's CPU group), so that no rank waits at a boundary
+    for ranks that refused. A refusal is logged with its reason (the parameter it names) and the
+    engine serves on without eplb."""
+    import torch
+    import torch.distributed as dist
+
+    from eplb_client import ContractError
+
+    att: Optional[Attachment] = None
+    err: Optional[str] = None
+    try:
+        att = make()
+    except (AdapterError, ContractError) as e:
+        err = str(e)
+    flag = torch.tensor([0 if err else 1], dtype=torch.int64)
+    if group is not None:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+    if int(flag[0]) == 0:
+        if att is not None:
+            att.detach(failed=True)
+        log.error("eplb: %s is served without eplb: %s", engine, err or "another engine rank refused to attach")
+        return None
+    return att
