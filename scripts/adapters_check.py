@@ -390,8 +390,9 @@ def run_rank(torch: Any, dist: Any, rank: int, args: argparse.Namespace) -> Dict
                 np.add.at(counts[layer + 1], disp[layer + 1][logical[layer].ravel()], 1)
             return counts
 
-        def feed(counts: np.ndarray) -> None:
+        def feed(counts: np.ndarray) -> List[int]:
             att.end_step(sa.counts_of(torch.from_numpy(counts).to(torch.int32)))
+            return []
 
         def own_logical(counts: np.ndarray) -> np.ndarray:
             lc = _convert_global_physical_count_to_logical_count(
@@ -433,11 +434,12 @@ def run_rank(torch: Any, dist: Any, rank: int, args: argparse.Namespace) -> Dict
                 np.add.at(counts[layer], phys, 1)
             return counts
 
-        def feed(counts: np.ndarray) -> None:
+        def feed(counts: np.ndarray) -> List[int]:
             ms.expert_load_pass += torch.from_numpy(counts).to(torch.int32)  # what the router kernel adds
             state.step(is_dummy=False, is_profile=False)  # vLLM calls it after the pass
             if int(ms.expert_load_pass.abs().sum()) != 0:
                 raise AssertionError("expert_load_pass not zeroed after the step (vLLM zeroes it)")
+            return list(va.last_applied)
 
         def own_logical(counts: np.ndarray) -> np.ndarray:
             # vLLM EplbState.rearrange: logical_expert_load_window.scatter_add_(dim=-1,
@@ -466,30 +468,40 @@ def run_rank(torch: Any, dist: Any, rank: int, args: argparse.Namespace) -> Dict
     if not int(ok[0]):
         raise RuntimeError(f"no sidecar attached within {args.wait_sidecar} s")
 
+    def read(step: int) -> np.ndarray:
+        got = region.read_step(step)
+        if got is None:
+            raise RuntimeError(f"ring entry of step {step} lost (detached {att.detached}, "
+                               f"engine_step {region.engine_step if not att.detached else '-'})")
+        return got[2]
+
+    last_applied: List[int] = []
     rng = np.random.default_rng(12345 + rank)
     steps = args.steps
     ring = np.zeros((steps, L, P), np.int64)
     maps = np.zeros((steps, L, P), np.int64)
     own_load = np.zeros((steps, L, E), np.int64)
     applied_total: List[List[int]] = []
+    # SGLang: the boundary before each pass (around ModelRunner.forward); vLLM: inside the step
+    # after each pass (EplbState.step), so the first boundary comes after a dummy pass.
+    if engine == "vllm":
+        state.step(is_dummy=True)
     for step in range(steps):
-        applied = att.begin_step()
+        applied = att.begin_step() if engine == "sglang" else last_applied
         if applied:
             applied_total.append([step] + applied)
-        if step > 0:
-            got = region.read_step(step - 1)
-            if got is None:
-                raise RuntimeError(f"ring entry of step {step - 1} lost (detached {att.detached}, "
-                                   f"engine_step {region.engine_step if not att.detached else '-'})")
-            ring[step - 1] = got[2]
+        if engine == "sglang" and step > 0:
+            ring[step - 1] = read(step - 1)
         maps[step] = engine_map()
         counts = route(routing(rng))
         own_load[step] = own_logical(counts)
-        feed(counts)
+        last_applied = feed(counts) or []
+        if engine == "vllm":
+            ring[step] = read(step)
         time.sleep(args.step_sleep)
-    att.begin_step()  # records the last step
-    got = region.read_step(steps - 1)
-    ring[steps - 1] = got[2]
+    if engine == "sglang":
+        att.begin_step()  # records the last step
+        ring[steps - 1] = read(steps - 1)
     final = np.array(region.placement().phy2log, dtype=np.int64)
     if not np.array_equal(final, engine_map()):
         raise AssertionError("the engine's physical_to_logical_map differs from the region's phy2log")

@@ -67,3 +67,68 @@ for engine in $engines; do
   fi
 done
 [ "$install_only" = 1 ] && exit 0
+
+# ---- the checks ------------------------------------------------------------------------------
+sidecar=${EPLB_ADAPTERS_SIDECAR:-worker}   # "fake": python/tests/fake_sidecar.py (no eplb-worker needed)
+steps=${EPLB_ADAPTERS_STEPS:-300}
+quants=${EPLB_ADAPTERS_QUANTS:-bf16,fp8,nvfp4}
+if [ "$sidecar" = worker ] && [ ! -x target/release/eplb-worker ]; then
+  echo "error: target/release/eplb-worker is missing: cargo build --release" >&2
+  exit 1
+fi
+if [ "$(id -u)" -eq 0 ]; then export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1; fi
+mkdir -p target/adapters
+rc=0
+parts=()
+for engine in $engines; do
+  out=target/adapters/$engine.json
+  rm -f "$out"
+  if [ "${installed[$engine]}" != 1 ]; then
+    echo "{\"skipped\": \"installing ${pin[$engine]} failed (target/venv-$engine.log)\"}" >"$out"
+    parts+=("$engine=$out")
+    continue
+  fi
+  t0=$(date +%s)
+  echo "# $engine: scripts/adapters_check.py --engine $engine --quants $quants --sidecar $sidecar --steps $steps"
+  if ! timeout -k 10 3600 "target/venv-$engine/bin/python" scripts/adapters_check.py --engine "$engine" \
+      --quants "$quants" --sidecar "$sidecar" --steps "$steps" --out "$out" 2>"target/adapters/$engine.log"; then
+    rc=1
+    echo "FAILED $engine (log: target/adapters/$engine.log)" >&2
+  fi
+  echo "# $engine: $(( $(date +%s) - t0 )) s"
+  parts+=("$engine=$out")
+done
+
+python3 - "$report" "${parts[@]}" <<'PY'
+import json, sys
+report, parts = sys.argv[1], sys.argv[2:]
+keys = ["engine_version", "layers_moved", "bytes_identical", "maps_identical", "globals_untouched", "loads_identical"]
+out = {}
+for part in parts:
+    engine, path = part.split("=", 1)
+    try:
+        data = json.load(open(path))
+    except (OSError, ValueError) as e:
+        data = {"skipped": f"no result: {e}"}
+    if "skipped" in data:
+        out[engine] = data
+        print(f"SKIP {engine}: {data['skipped']}")
+        continue
+    out[engine] = {}
+    for quant, rep in data.items():
+        out[engine][quant] = {k: rep.get(k) for k in keys}
+        for extra in ("sidecar", "slots_changed", "replica_counts_changed", "worker", "notes", "error", "diffs"):
+            if rep.get(extra):
+                out[engine][quant][extra] = rep[extra]
+        flags = " ".join(f"{k}={rep.get(k)}" for k in keys)
+        print(f"{'ok' if rep.get('ok') else 'FAILED'} {engine} {quant}: {flags}" + (f" error: {rep['error']}" if rep.get("error") else ""))
+if report:
+    json.dump(out, open(report, "w"), indent=1)
+    print(f"# report: {report}")
+PY
+if [ "${EPLB_REQUIRE_ADAPTERS:-0}" = 1 ]; then
+  for engine in $engines; do
+    if [ "${installed[$engine]}" != 1 ]; then rc=1; fi
+  done
+fi
+exit "$rc"

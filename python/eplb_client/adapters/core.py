@@ -315,6 +315,22 @@ class Attachment:
             self._commit(list(placement.applied), placement.phy2log)
         return list(placement.applied)
 
+    def _unbind_from_region(self) -> None:
+        """Host tensors: before the region is unmapped, every parameter still on it gets a private
+        copy with its own shape and strides (the engine keeps computing with the same values)."""
+        import torch
+
+        for layer, ps in enumerate(self._layers):
+            for i, p in enumerate(ps):
+                t = p.tensor.data
+                if t.data_ptr() != self._ptrs[layer][i]:
+                    continue  # replaced by the engine: not ours
+                if t.dim() >= 1 and t.stride(0) == 0:
+                    one = t.as_strided((1,) + tuple(t.shape[1:]), (max(1, t[0].numel()),) + tuple(t.stride()[1:]))
+                    p.tensor.data = one.clone().expand(t.shape)
+                else:
+                    p.tensor.data = torch.empty_strided(tuple(t.shape), t.stride(), dtype=t.dtype).copy_(t)
+
     def _params_unchanged(self) -> bool:
         for layer, ps in enumerate(self._layers):
             for i, p in enumerate(ps):
@@ -333,6 +349,8 @@ class Attachment:
         if self.detached:
             return
         self.detached = True
+        if self.host:
+            self._unbind_from_region()
         try:
             if failed:
                 self.region.fail()
@@ -352,7 +370,8 @@ def _export(p: ExpertParam) -> Any:
     0, vLLM's expanded input scales) its one stored row."""
     t = (p.export if p.export is not None else p.tensor).detach()
     if p.kind == "global" and t.dim() >= 1 and t.stride(0) == 0:
-        t = t[:1]
+        # One row of the same storage (same address), with a row stride the contract accepts.
+        t = t.as_strided((1,) + tuple(t.shape[1:]), (max(1, t[0].numel()),) + tuple(t.stride()[1:]))
     return t
 
 

@@ -137,7 +137,7 @@ class SglangAttachment:
         import torch
 
         full = self.metadata.physical_to_logical_map_cpu.clone()
-        full[self.layer_ids] = torch.from_numpy(np.asarray(phy2log)).to(full.dtype)
+        full[self.layer_ids] = torch.from_numpy(np.array(phy2log)).to(full.dtype)
         new = self._init_by_mapping(self.model_config, full, moe_ep_rank=self.ep_rank)
         self.metadata.update(new, update_layer_ids=list(range(self.metadata.num_layers)))
 

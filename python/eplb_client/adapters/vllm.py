@@ -70,6 +70,7 @@ class VllmAttachment:
         from vllm.distributed.eplb.eplb_state import _commit_eplb_maps_for_layer
 
         self._commit_layer = _commit_eplb_maps_for_layer
+        self.last_applied: List[int] = []
         self.model_state = model_state
         moe_layers = list(getattr(model, "moe_layers", []))
         weights = list(model.expert_weights)
@@ -97,13 +98,16 @@ class VllmAttachment:
         for layer in layers:
             self._commit_layer(self.model_state, torch.from_numpy(np.array(phy2log[layer])).to(dtype), layer)
 
-    def step(self, is_dummy: bool = False) -> None:
-        """What replaces ``EplbState.step`` (not for the profile run)."""
+    def step(self, is_dummy: bool = False) -> List[int]:
+        """What replaces ``EplbState.step`` (not for the profile run): the pass's counts, then the
+        boundary before the next pass (ring step k holds the pass after boundary k; the pass
+        before the first boundary is not recorded). Returns the layers switched."""
         att = self.attachment
         load = self.model_state.expert_load_pass
         att.end_step(None if is_dummy else load)
         load.zero_()
-        att.begin_step()
+        self.last_applied = att.begin_step()
+        return self.last_applied
 
 
 def install_step(eplb_state: Any, va: VllmAttachment) -> None:
@@ -118,6 +122,7 @@ def install_step(eplb_state: Any, va: VllmAttachment) -> None:
             va.model_state.expert_load_pass.zero_()
             return None
         va.step(is_dummy)
+        return None
 
     eplb_state.step = step
     if getattr(eplb_state, "should_record_tensor", None) is not None:
