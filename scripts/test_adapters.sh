@@ -40,6 +40,8 @@ install_engine() {
   local marker=$venv/.eplb-installed
   if [ -f "$marker" ] && [ "$(cat "$marker")" = "${pin[$engine]}" ] && [ -x "$venv/bin/python" ]; then
     "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-deps -e python >/dev/null
+    "$venv/bin/python" -c "import pytest" 2>/dev/null ||
+      "$venv/bin/python" -m pip install -q --disable-pip-version-check pytest >/dev/null
     return 0
   fi
   rm -rf "$venv"
@@ -47,6 +49,7 @@ install_engine() {
   "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-cache-dir --upgrade pip || return 1
   "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-cache-dir "${pin[$engine]}" || return 1
   "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-deps -e python || return 1
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-cache-dir pytest || return 1
   echo "${pin[$engine]}" >"$marker"
 }
 
@@ -89,6 +92,11 @@ for engine in $engines; do
     continue
   fi
   t0=$(date +%s)
+  echo "# $engine: pytest python/tests/test_adapters_core.py (the adapters' core, torch on CPU)"
+  if ! (cd python && "../target/venv-$engine/bin/python" -m pytest -q -p no:cacheprovider tests/test_adapters_core.py); then
+    rc=1
+    echo "FAILED $engine: python/tests/test_adapters_core.py" >&2
+  fi
   echo "# $engine: scripts/adapters_check.py --engine $engine --quants $quants --sidecar $sidecar --steps $steps"
   if ! timeout -k 10 3600 "target/venv-$engine/bin/python" scripts/adapters_check.py --engine "$engine" \
       --quants "$quants" --sidecar "$sidecar" --steps "$steps" --out "$out" 2>"target/adapters/$engine.log"; then
