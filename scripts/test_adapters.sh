@@ -6,6 +6,10 @@
 #
 #   scripts/test_adapters.sh [--report R.json] [--install-only] [--engine sglang|vllm]
 #
+# Environment: EPLB_WORKER (default target/release/eplb-worker), EPLB_ADAPTERS_SIDECAR=fake (the
+# Python fake sidecar of python/tests instead of the worker), EPLB_ADAPTERS_STEPS (300),
+# EPLB_ADAPTERS_QUANTS (bf16,fp8,nvfp4), EPLB_REQUIRE_ADAPTERS=1 (a failed install fails).
+#
 # Per engine and per quant scheme (bf16, fp8-block, nvfp4), 4 ranks over Gloo: a placement change
 # applied once with the engine's own mover and once through the adapter and
 # `eplb-worker run --engine shm:NAME`; bitwise-identical tensors, untouched globals and shared rows,
@@ -75,8 +79,9 @@ done
 sidecar=${EPLB_ADAPTERS_SIDECAR:-worker}   # "fake": python/tests/fake_sidecar.py (no eplb-worker needed)
 steps=${EPLB_ADAPTERS_STEPS:-300}
 quants=${EPLB_ADAPTERS_QUANTS:-bf16,fp8,nvfp4}
-if [ "$sidecar" = worker ] && [ ! -x target/release/eplb-worker ]; then
-  echo "error: target/release/eplb-worker is missing: cargo build --release" >&2
+worker=${EPLB_WORKER:-target/release/eplb-worker}
+if [ "$sidecar" = worker ] && [ ! -x "$worker" ]; then
+  echo "error: $worker is missing: cargo build --release (or EPLB_WORKER=path)" >&2
   exit 1
 fi
 if [ "$(id -u)" -eq 0 ]; then export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1; fi
@@ -99,7 +104,7 @@ for engine in $engines; do
   fi
   echo "# $engine: scripts/adapters_check.py --engine $engine --quants $quants --sidecar $sidecar --steps $steps"
   if ! timeout -k 10 3600 "target/venv-$engine/bin/python" scripts/adapters_check.py --engine "$engine" \
-      --quants "$quants" --sidecar "$sidecar" --steps "$steps" --out "$out" 2>"target/adapters/$engine.log"; then
+      --quants "$quants" --sidecar "$sidecar" --worker "$worker" --steps "$steps" --out "$out" 2>"target/adapters/$engine.log"; then
     rc=1
     echo "FAILED $engine (log: target/adapters/$engine.log)" >&2
   fi
