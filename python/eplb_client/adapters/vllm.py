@@ -132,9 +132,11 @@ def install_step(eplb_state: Any, va: VllmAttachment) -> None:
 class EplbWorkerExtension:
     """Mixed into every vLLM worker (``--worker-extension-cls``); call through ``collective_rpc``."""
 
-    def eplb_attach(self, name: str = "vllm", ring_len: int = 64) -> Optional[str]:
+    def eplb_attach(self, name: str = "vllm", ring_len: Any = 64) -> Optional[str]:
         """Attaches this worker (every worker must be called: the attach is collective). Returns
-        None, or why eplb is off (the engine serves on without it)."""
+        None, or why eplb is off (the engine serves on without it). Arguments may be strings (the
+        dev server's ``/collective_rpc`` passes only strings)."""
+        ring_len = int(ring_len)
         import torch.distributed as dist
         from vllm.distributed.parallel_state import get_ep_group
 
