@@ -29,7 +29,7 @@ while [ $# -gt 0 ]; do
     --report) report=$2; shift 2 ;;
     --install-only) install_only=1; shift ;;
     --engine) engines=$2; shift 2 ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^set -euo/p' "$0" | grep '^#'; exit 0 ;;
     *) echo "error: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
