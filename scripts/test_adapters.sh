@@ -102,6 +102,27 @@ for engine in $engines; do
     rc=1
     echo "FAILED $engine: python/tests/test_adapters_core.py" >&2
   fi
+  if [ "$engine" = sglang ]; then
+    echo "# sglang: the plugin through SGLang's own load_plugins (entry point, SGLANG_PLUGINS=eplb, HookRegistry)"
+    if ! SGLANG_PLUGINS=eplb "target/venv-$engine/bin/python" - 2>>"target/adapters/$engine.log" <<'PY'
+import sys
+from sglang.srt.plugins import load_plugins
+from sglang.srt.plugins.hook_registry import HookRegistry
+load_plugins()
+want = {"sglang.srt.eplb.expert_distribution._ExpertDistributionRecorderReal._on_forward_pass_end",
+        "sglang.srt.model_executor.model_runner.ModelRunner.forward",
+        "sglang.srt.model_executor.model_runner.ModelRunner.initialize"}
+import sglang.srt.model_executor.model_runner as mr
+missing = want - set(HookRegistry._patched)
+if missing or not hasattr(mr.ModelRunner.forward, "__wrapped__"):
+    sys.exit(f"the eplb plugin's hooks were not applied: {sorted(missing)}")
+print("# sglang: plugin loaded, 3 hooks applied")
+PY
+    then
+      rc=1
+      echo "FAILED sglang: the plugin did not load (target/adapters/sglang.log)" >&2
+    fi
+  fi
   echo "# $engine: scripts/adapters_check.py --engine $engine --quants $quants --sidecar $sidecar --steps $steps"
   if ! timeout -k 10 3600 "target/venv-$engine/bin/python" scripts/adapters_check.py --engine "$engine" \
       --quants "$quants" --sidecar "$sidecar" --worker "$worker" --steps "$steps" --out "$out" 2>"target/adapters/$engine.log"; then
