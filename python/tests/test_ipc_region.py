@@ -382,12 +382,15 @@ def test_the_addresses_are_checked_when_a_command_arrives_and_again_at_its_bound
     reg.at_step_boundary(0, agree)  # seen: the addresses are fine
     assert reg.table_fault == 0 and int(reg._h[R._W_ACK_ID]) == 0
     reg.record(0, np.zeros((L, S), np.int64))
-    layers[1][0].data.ptr += 1 << 12  # re-allocated after the command arrived, before its boundary
+    layers[1][1].data.ptr += 1 << 12  # another layer's tensor: not what this apply copies
+    layers[0][0].data.ptr += 1 << 12  # re-allocated after the command arrived, before its boundary
     for t in (1, 2):
         reg.at_step_boundary(t, agree)
         reg.record(t, np.zeros((L, S), np.int64))
     reg.at_step_boundary(3, agree)
-    assert reg.table_fault == 1 * 4 + 0 + 1, "entry 4: layer 1's w13_weight"
+    # Right before the apply, the tensors the apply copies (layer 0's and staging) are checked:
+    # the first of them that moved is named; layer 1's move is found when the next command arrives.
+    assert reg.table_fault == 0 * 4 + 0 + 1, "entry 0: layer 0's w13_weight"
     assert (int(reg._h[R._W_ACK_ID]), int(reg._h[R._W_ACK_RESULT])) == (1, ACK_REJECTED)
     assert reg.placement().epoch[0] == 0
     reg.finish()
