@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from typing import Optional
 
 from .region import ContractError, EngineRegion, cleanup
 
@@ -36,16 +37,16 @@ def main(argv=None) -> int:
     if args.cmd == "status":
         for r in range(args.ranks):
             try:
-                reg = EngineRegion.attach(args.name, r)
+                shown = EngineRegion.attach(args.name, r)
             except FileNotFoundError:
                 print(f"rank {r}: no region")
                 continue
-            print(f"rank {r}: engine_step {reg.engine_step} engine_state {reg.engine_state} sidecar_pid {reg.sidecar_pid} "
-                  f"sidecar_state {reg.sidecar_state} epochs {reg.placement().epoch.tolist()}")
-            reg.close()
+            print(f"rank {r}: engine_step {shown.engine_step} engine_state {shown.engine_state} sidecar_pid {shown.sidecar_pid} "
+                  f"sidecar_state {shown.sidecar_state} epochs {shown.placement().epoch.tolist()}")
+            shown.close()
         return 0
     deadline = time.monotonic() + args.timeout
-    reg = None
+    reg: Optional[EngineRegion] = None
     while time.monotonic() < deadline:
         try:
             reg = reg or EngineRegion.attach(args.name, args.rank)

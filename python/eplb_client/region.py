@@ -85,7 +85,7 @@ DTYPES: Dict[str, Optional[np.dtype]] = {
     "bf16": None,  # no numpy dtype: exposed as raw uint16
     "f8e4m3": None,  # exposed as raw uint8
 }
-_RAW = {"bf16": np.dtype("<u2"), "f8e4m3": np.dtype("u1")}
+_RAW: Dict[str, np.dtype] = {"bf16": np.dtype("<u2"), "f8e4m3": np.dtype("u1")}
 _ITEMSIZE = {"f32": 4, "f16": 2, "f64": 8, "i8": 1, "u8": 1, "i32": 4, "bf16": 2, "f8e4m3": 1}
 
 
@@ -325,7 +325,8 @@ class EngineRegion:
             self._staging = np.frombuffer(mm, dtype="u1", count=S * self.expert_bytes,
                                           offset=staging_offset).reshape(S, self.expert_bytes)
         else:  # on the engine's GPU (weights_kind 1)
-            self._live = self._staging = None
+            # None here: every use goes through _host_weights(), which raises for weights_kind 1.
+            self._live = self._staging = None  # type: ignore[assignment]
         self._log2phy = np.full((L, E, max(1, P - E + 1)), -1, dtype=np.int32)
         self._logcnt = np.zeros((L, E), dtype=np.int32)
         self._published = False
@@ -356,6 +357,7 @@ class EngineRegion:
             return
         self._h[_W_ENGINE_STATE] = ENGINE_RUNNING
         self._heartbeat()
+        assert self._tmp_path is not None  # set by create() until the first publish
         os.rename(self._tmp_path, self.path)
         self._tmp_path = None
         self._published = True

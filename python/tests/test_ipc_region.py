@@ -9,8 +9,16 @@ import struct
 import numpy as np
 import pytest
 
-from eplb_client import ACK_APPLIED, ContractError, EngineRegion, IpcHandle, IpcWeights, TensorSpec, region_path
-from eplb_client import cuda_ipc
+from eplb_client import (
+    ACK_APPLIED,
+    ContractError,
+    EngineRegion,
+    IpcHandle,
+    IpcWeights,
+    TensorSpec,
+    cuda_ipc,
+    region_path,
+)
 from eplb_client import region as R
 
 L, S, E, W = 3, 4, 6, 2
