@@ -1,6 +1,6 @@
 //! The fault suite (issue 12): the real binary, under `mpirun` where it runs ranks, given the
 //! faults a hostile user or a broken machine produces. Every case ends within a bound (each
-//! command runs under `timeout`), with the exit code the README documents ("Failure behaviour"):
+//! command runs under `timeout`), with the exit code docs/failure-behaviour.md documents:
 //! 2 for bad input, 1 for a runtime failure, never 101/134/139, never a hang, never a destroyed
 //! input or device node, and no report that claims a success that did not happen.
 

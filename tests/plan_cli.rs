@@ -66,7 +66,8 @@ fn readme_example_matches_deepseek_exactly() {
             gpu.iter().sum::<f64>() / gpu.len() as f64 / gpu.iter().cloned().fold(0.0, f64::max)
         })
         .collect();
-    let theirs: Vec<f64> = m["balancedness_per_layer"].as_array().unwrap().iter().map(|b| b.as_f64().unwrap()).collect();
+    let theirs: Vec<f64> =
+        m["balancedness_per_layer"].as_array().unwrap().iter().map(|b| b.as_f64().unwrap()).collect();
     assert_eq!(theirs.len(), 2);
     for (ours, theirs) in per_layer.iter().zip(&theirs) {
         assert!((ours - theirs).abs() < 1e-6, "balancedness per layer {theirs:?}, recomputed {per_layer:?}");
