@@ -11,8 +11,8 @@
 #
 # Exits 0 only if the engine finished every step and every step's output matched the reference
 # forward pass on every rank. Every process is bounded by --timeout; nothing is left running or in
-# /dev/shm. Needs target/release/eplb-worker (cargo build --release; or EPLB_WORKER=path) and a
-# Python with the package (pip install -e 'python[engine]'; or EPLB_PYTHON=path).
+# /dev/shm. Builds target/release/eplb-worker if it is missing (or EPLB_WORKER=path), and uses
+# python3 if it has the package, else the project's venv (scripts/pyvenv.sh; or EPLB_PYTHON=path).
 # --sidecar fake runs the Python fake sidecar of python/tests instead of eplb-worker (one process
 # for all ranks; for the client's tests).
 # --gpu: the PyTorch engine on every visible GPU with CUDA IPC weights and `--transport nccl`
@@ -60,11 +60,19 @@ done
 [[ $dispatch == even || $dispatch == split ]] || { echo "engine_demo.sh: --dispatch even|split" >&2; exit 2; }
 [ -z "$trace" ] || [ -r "$trace" ] || { echo "engine_demo.sh: cannot read trace $trace" >&2; exit 2; }
 
-PY=${EPLB_PYTHON:-python3}
 WORKER=${EPLB_WORKER:-target/release/eplb-worker}
+# Nothing installed by hand: python3 if it has the package, else the project's venv (made or
+# reused by scripts/pyvenv.sh), and the worker built when it is missing.
+PY=${EPLB_PYTHON:-python3}
+if [ -z "${EPLB_PYTHON:-}" ] && ! "$PY" -c "import eplb_client, eplb_engine, mpi4py" 2>/dev/null; then
+  PY=$(scripts/pyvenv.sh) || { echo "engine_demo.sh: scripts/pyvenv.sh failed (or set EPLB_PYTHON)" >&2; exit 1; }
+fi
 if ! "$PY" -c "import eplb_client, eplb_engine, mpi4py" 2>/dev/null; then
-  echo "engine_demo.sh: $PY lacks eplb_client/mpi4py: pip install -e 'python[engine]' (or set EPLB_PYTHON)" >&2
+  echo "engine_demo.sh: $PY lacks eplb_client/mpi4py: pip install -e 'python[engine]' (or unset EPLB_PYTHON)" >&2
   exit 2
+fi
+if [ "$sidecar" = worker ] && [ -z "${EPLB_WORKER:-}" ] && [ ! -x "$WORKER" ]; then
+  (. scripts/lib/setup.sh && eplb_setup && cargo build --release >&2) || exit 1
 fi
 if [ "$sidecar" = worker ] && [ ! -x "$WORKER" ]; then
   echo "engine_demo.sh: $WORKER not found: cargo build --release (or set EPLB_WORKER)" >&2

@@ -1,18 +1,13 @@
 //! Watching a run: `plot` on reports (the real binary), and `/metrics` scraped while a paced
 //! 4-rank `run` is in flight under `mpirun`.
 
-use std::path::PathBuf;
 use std::process::Command;
 
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("eplb-observe-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
+mod common;
+use common::{report_status, tmpdir, BIN};
 
 fn plot(report: &std::path::Path, out: &std::path::Path) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_eplb-worker")).arg("plot").arg(report).arg("--output").arg(out).output().unwrap()
+    Command::new(BIN).arg("plot").arg(report).arg("--output").arg(out).output().unwrap()
 }
 
 #[test]
@@ -90,12 +85,8 @@ fn metrics_answer_while_a_paced_run_is_in_flight_and_every_counter_matches_the_r
     let d = tmpdir("metrics");
     let report = d.join("report.json");
     let steps = 60u64;
-    let child = Command::new("mpirun")
-        .args(["-n", "4", "--oversubscribe"])
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .env("OMPI_MCA_rmaps_base_oversubscribe", "1")
-        .arg(env!("CARGO_BIN_EXE_eplb-worker"))
+    let child = common::mpirun(4)
+        .arg(BIN)
         .args(["run", "--steps", &steps.to_string(), "--step-ms", "50", "--eplb-update-interval-steps", "10"])
         .args(["--expert-bytes", "65536", "--metrics-port", "0", "--metrics-linger", "10", "--report"])
         .arg(&report)
@@ -154,7 +145,7 @@ fn metrics_answer_while_a_paced_run_is_in_flight_and_every_counter_matches_the_r
         std::thread::sleep(Duration::from_millis(50));
     }
     let (_, _, last) = scrape(&addr).unwrap_or_else(|e| panic!("final scrape {addr}: {e}"));
-    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let r = common::read_report(&report);
     let u = |k: &str| r[k].as_u64().unwrap_or_else(|| panic!("report {k}")) as f64;
     assert!(u("rebalances") >= 1.0 && u("bytes_moved") > 0.0, "the run moved nothing: {r}");
     for (metric, key) in [
@@ -197,11 +188,8 @@ fn metrics_answer_while_a_paced_run_is_in_flight_and_every_counter_matches_the_r
 fn a_metrics_port_in_use_stops_every_rank_with_exit_2() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port().to_string();
-    let out = Command::new("timeout")
-        .args(["120", "mpirun", "-n", "2", "--oversubscribe"])
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .arg(env!("CARGO_BIN_EXE_eplb-worker"))
+    let out = common::mpirun_bounded(120, 2)
+        .arg(BIN)
         .args(["run", "--steps", "5", "--expert-bytes", "8192", "--metrics-port", &port])
         .output()
         .unwrap();
@@ -212,11 +200,4 @@ fn a_metrics_port_in_use_stops_every_rank_with_exit_2() {
         "{stderr}"
     );
     drop(taken);
-}
-
-/// The report's `status` (`running` from the start, then `ok` or `failed`), if it is readable.
-fn report_status(path: &std::path::Path) -> Option<String> {
-    let text = std::fs::read_to_string(path).ok()?;
-    let doc: serde_json::Value = serde_json::from_str(&text).ok()?;
-    doc["status"].as_str().map(str::to_string)
 }

@@ -2,20 +2,14 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::process::Command;
 
+use common::{tmpdir, BIN};
 use serde_json::Value;
-
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("eplb-plan-cli-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
 
 /// Runs `eplb-worker plan ARGS`; returns (exit code, stderr).
 fn plan(args: &[&str]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_eplb-worker")).arg("plan").args(args).output().unwrap();
+    let out = Command::new(BIN).arg("plan").args(args).output().unwrap();
     (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
@@ -58,10 +52,28 @@ fn readme_example_matches_deepseek_exactly() {
     assert_eq!(doc["logical_count"][0], serde_json::json!([1, 2, 1, 1, 2, 2, 1, 1, 1, 1, 2, 1]));
     assert_eq!(doc["logical_to_physical_map"][0][1], serde_json::json!([13, 15]));
     let m = &doc["metrics"];
-    assert!(m["plan_seconds"].as_f64().unwrap() >= 0.0);
+    assert!(m["plan_seconds"].as_f64().is_some_and(f64::is_finite), "plan_seconds is a number: {m}");
+    // Balancedness recomputed from the load and DeepSeek's placement: a replica carries its
+    // expert's load over its copies, GPU g holds slots 2g and 2g + 1; mean over max GPU load.
+    let per_layer: Vec<f64> = README_LOAD
+        .lines()
+        .zip(expect.as_array().unwrap())
+        .map(|(row, phy2log)| {
+            let load: Vec<f64> = row.split(',').map(|x| x.parse().unwrap()).collect();
+            let slots: Vec<usize> = phy2log.as_array().unwrap().iter().map(|e| e.as_u64().unwrap() as usize).collect();
+            let copies = |e: usize| slots.iter().filter(|&&x| x == e).count() as f64;
+            let gpu: Vec<f64> = slots.chunks(2).map(|c| c.iter().map(|&e| load[e] / copies(e)).sum()).collect();
+            gpu.iter().sum::<f64>() / gpu.len() as f64 / gpu.iter().cloned().fold(0.0, f64::max)
+        })
+        .collect();
+    let theirs: Vec<f64> =
+        m["balancedness_per_layer"].as_array().unwrap().iter().map(|b| b.as_f64().unwrap()).collect();
+    assert_eq!(theirs.len(), 2);
+    for (ours, theirs) in per_layer.iter().zip(&theirs) {
+        assert!((ours - theirs).abs() < 1e-6, "balancedness per layer {theirs:?}, recomputed {per_layer:?}");
+    }
     let b = m["balancedness"].as_f64().unwrap();
-    assert!(b > 0.0 && b <= 1.0);
-    assert_eq!(m["balancedness_per_layer"].as_array().unwrap().len(), 2);
+    assert!((b - (per_layer[0] + per_layer[1]) / 2.0).abs() < 1e-6, "balancedness {b}, recomputed {per_layer:?}");
     let sgdoc: Value = serde_json::from_str(&std::fs::read_to_string(&sg).unwrap()).unwrap();
     assert_eq!(sgdoc, serde_json::json!({ "physical_to_logical_map": expect }));
 }

@@ -3,16 +3,11 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
+use common::{tmpdir, BIN};
 use serde_json::Value;
-
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("eplb-run-mpi-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
 
 /// What one `mpirun -n N eplb-worker run ...` did.
 struct Run {
@@ -56,13 +51,8 @@ impl Run {
 /// Runs `mpirun -n ranks --oversubscribe eplb-worker run ARGS --report FILE`.
 fn mpirun(ranks: usize, name: &str, args: &[&str]) -> Run {
     let report = tmpdir(name).join("report.json");
-    let _ = std::fs::remove_file(&report);
-    let out = Command::new("mpirun")
-        .args(["-n", &ranks.to_string(), "--oversubscribe"])
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .env("OMPI_MCA_rmaps_base_oversubscribe", "1")
-        .arg(env!("CARGO_BIN_EXE_eplb-worker"))
+    let out = common::mpirun(ranks)
+        .arg(BIN)
         .arg("run")
         .args(args)
         .arg("--report")
@@ -73,7 +63,7 @@ fn mpirun(ranks: usize, name: &str, args: &[&str]) -> Run {
         code: out.status.code().unwrap_or(-1),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        report: std::fs::read_to_string(&report).ok().map(|t| serde_json::from_str(&t).unwrap()),
+        report: std::fs::read_to_string(&report).ok().map(|_| common::read_report(&report)),
     }
 }
 

@@ -4,7 +4,7 @@
 //! within 128 steps of the jump, and its placements file must reproduce its score. On a deep
 //! model (48 layers, one switched a step) it must come back as well.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use eplb::engine::splitmix64;
@@ -12,6 +12,9 @@ use eplb::policy::{self, PlacementShape, PolicyConfig, PolicyKind};
 use eplb::simulate::competition_par;
 use ndarray::Array2;
 use serde_json::Value;
+
+mod common;
+use common::tmpdir;
 
 const STEPS: usize = 640;
 const JUMP: usize = 320;
@@ -38,12 +41,6 @@ impl Model {
     fn shape(&self) -> PlacementShape {
         PlacementShape { num_replicas: self.experts + self.gpus, num_gpus: self.gpus, num_nodes: 1, num_groups: 1 }
     }
-}
-
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("eplb-simulate-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
 }
 
 /// Expected shares `[layers][experts]` at `step`: two zipf-like distributions (over layer- and

@@ -317,6 +317,7 @@ class Engine:
                                     phy2log=self.region.placement().phy2log.copy()), root=0)
         if self.rank != 0:
             return {}
+        assert static_sum is not None  # rank 0 is the Reduce's root
         live = np.stack(all_live, axis=2)  # [steps, L, N]
         per_rank_commits = [{(c[1], c[2]): c[0] for c in g["commits"]} for g in gathered]
         keys = set().union(*per_rank_commits)

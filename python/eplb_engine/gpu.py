@@ -302,7 +302,6 @@ class GpuEngine:
     def __init__(self, comm, args: argparse.Namespace):
         import torch
         import torch.distributed as dist
-
         from mpi4py import MPI
 
         self.torch, self.dist, self.MPI = torch, dist, MPI

@@ -255,9 +255,22 @@ mod tests {
             }
             let m = LayerMigration::derive(0, &old, &new, s, 1 + rnd(3));
             assert_eq!(simulate(&old, &m), new, "old {old:?} new {new:?}");
-            let total_recvs: usize = (0..ranks).map(|r| m.for_rank(r).recvs.len()).sum();
-            let total_sends: usize = (0..ranks).map(|r| m.for_rank(r).sends.len()).sum();
-            assert_eq!(total_recvs, total_sends);
+            // One network transfer per rank and expert it lacks, and no more: a rank receives
+            // exactly the distinct experts of its new slots that none of its old slots holds.
+            for r in 0..ranks {
+                let (old_r, new_r) = (&old[r * s..(r + 1) * s], &new[r * s..(r + 1) * s]);
+                let mut lacking: Vec<usize> =
+                    new_r.iter().zip(old_r).filter(|(n, o)| n != o && !old_r.contains(n)).map(|(&n, _)| n).collect();
+                lacking.sort_unstable();
+                lacking.dedup();
+                let mut received: Vec<usize> = m.for_rank(r).recvs.iter().map(|t| t.expert).collect();
+                received.sort_unstable();
+                assert_eq!(received, lacking, "rank {r}: old {old_r:?} new {new_r:?}");
+                // The changed slots are exactly those whose expert changes.
+                let changed: Vec<usize> = (0..s).filter(|&k| old_r[k] != new_r[k]).collect();
+                assert_eq!(m.for_rank(r).changed_slots, changed, "rank {r}");
+            }
+            assert!(m.transfers.iter().all(|t| t.src_rank != t.dst_rank), "a transfer stays on its rank");
         }
     }
 }

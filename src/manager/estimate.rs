@@ -15,7 +15,7 @@
 //! jump: the long ones would predict badly for many memories, and the estimate would stay short
 //! (noisy, and taken for a sign that the load keeps moving) long after the new load settled. So an
 //! average that predicts much worse than the best one restarts from it, and an average holds the
-//! steps since its (re)start as their mean until it holds its memory ([`Age`]): after a jump, the
+//! steps since its (re)start as their mean until it holds its memory (`Age`): after a jump, the
 //! best estimate becomes the mean of the steps since, and its memory grows with them.
 //!
 //! Two more banks hold the same averages over the even steps only and over the odd steps only
@@ -94,11 +94,11 @@ impl Estimator {
     /// Adds one step's global load `[layers, num_logical]`.
     ///
     /// Every average is first scored on how well it predicted this step. An average of longer
-    /// memory than the best one whose score is [`RESTART_RATIO`] times the best's holds a load
+    /// memory than the best one whose score is `RESTART_RATIO` times the best's holds a load
     /// that is gone (after a jump of the hot experts, the old load keeps a weight `e^(-t/2^k)` in
     /// an average of memory `2^k` for many memories): it restarts from the best average (its
     /// value, the steps it holds and its score), in the whole bank and in both halves, and from
-    /// there warms up as the mean of the new steps ([`Age`]).
+    /// there warms up as the mean of the new steps (`Age`).
     pub fn push(&mut self, load: ArrayView2<u64>) {
         // x [layers * num_logical]: the load in fixed point, row-major (the banks' layout).
         let x: Vec<u64> = load.iter().map(|&v| v.saturating_mul(1 << EMA_FRAC_BITS)).collect();

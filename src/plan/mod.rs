@@ -27,6 +27,8 @@ pub struct PlanArgs {
     /// [layers][experts] or [steps][layers][experts]), CSV (one row per layer, or the
     /// per-iteration format with dataset,iteration,layer_idx columns) or .npy (2 or 3 dims).
     /// Steps are summed unless --iteration picks one.
+    // The text is the flag's --help, where `[layers][experts]` reads as a shape, not a doc link.
+    #[allow(rustdoc::broken_intra_doc_links)]
     #[arg(long, value_name = "FILE", required_unless_present = "synthetic", conflicts_with = "synthetic")]
     pub load: Option<PathBuf>,
     /// Instead of --load: the built-in drifting zipf-like load with LAYERS x EXPERTS

@@ -6,7 +6,7 @@
 //!   report has both);
 //! * `migrations.svg`: bytes moved and the migration stall per round (when anything moved).
 //!
-//! The keys read (see [`PlotInput::from_report`]) are documented in the README; anything else in
+//! The keys read (see [`PlotInput::from_report`]) are documented in docs/cli.md; anything else in
 //! the report is ignored.
 
 mod charts;

@@ -3,7 +3,7 @@
 //! The run reads Manager -> Policy -> Executor, in four pieces:
 //! * [`setup`]: flags to a ready state: topology, shape, the engine (its initial placement and
 //!   the [`crate::executor::ExpertStore`] holding its weights), agreed by every rank;
-//! * [`looper`]: the loop. Every step, every rank:
+//! * `looper`: the loop. Every step, every rank:
 //!   1. takes its engine's token counts of its own slots ([`crate::engine::Engine::next_step`])
 //!      and sums them per logical expert with the placement that was live at that step;
 //!   2. all-reduces them (sum), with the manager's time-interval flag and the end-of-run and
@@ -16,7 +16,7 @@
 //!      ([`crate::executor::stage_layer`]), then commit;
 //! * [`live`]: the one owner of a commit: the bytes (the store's commit), the live placement and
 //!   the manager's reference load change together, in one place;
-//! * [`output`]: the header, the tables, the summary and the JSON report ([`report`]).
+//! * `output`: the header, the tables, the summary and the JSON report (`report`).
 //!
 //! Decisions depend only on all-reduced data and flags, so every rank takes them at the same step.
 

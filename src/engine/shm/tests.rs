@@ -387,8 +387,14 @@ fn a_dead_or_zombie_pid_is_not_alive() {
     assert!(!pid_alive(0));
     let mut child = std::process::Command::new("true").spawn().unwrap();
     let pid = child.id() as u64;
-    // Dead but not reaped: a zombie.
-    std::thread::sleep(std::time::Duration::from_millis(200));
+    // Dead but not reaped: a zombie. waitid(WNOWAIT) returns once it has exited and leaves it
+    // unreaped (no sleep, no race).
+    // SAFETY: a zeroed siginfo_t is a valid out-parameter; the pid is our own child's.
+    let rc = unsafe {
+        let mut info: libc::siginfo_t = std::mem::zeroed();
+        libc::waitid(libc::P_PID, pid as libc::id_t, &mut info, libc::WEXITED | libc::WNOWAIT)
+    };
+    assert_eq!(rc, 0, "waitid: {}", std::io::Error::last_os_error());
     assert!(!pid_alive(pid));
     child.wait().unwrap();
     assert!(!pid_alive(pid));
