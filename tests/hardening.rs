@@ -11,7 +11,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use eplb::engine::shm::region::{engine_state, off, phase, region_path, sidecar_state, Command as Cmd, Layout, Region, Shape};
+use eplb::engine::shm::region::{
+    engine_state, off, phase, region_path, sidecar_state, Command as Cmd, Layout, Region, Shape,
+};
 use eplb::engine::shm::writer::EngineRank;
 use serde_json::Value;
 
@@ -86,7 +88,18 @@ fn engine_rank(name: &str, world: usize, rank: usize) -> EngineRank {
     let _ = std::fs::remove_file(region_path(name, rank));
     // Enough slots for the 4 experts, with redundant ones over 2 ranks.
     let spr = if world == 1 { 4 } else { 3 };
-    let layout = Layout::contiguous(&Shape { num_layers: 2, slots_per_rank: spr, num_logical: 4, world_size: world, rank, ring_len: 16, counts_kind: 0 }, 64);
+    let layout = Layout::contiguous(
+        &Shape {
+            num_layers: 2,
+            slots_per_rank: spr,
+            num_logical: 4,
+            world_size: world,
+            rank,
+            ring_len: 16,
+            counts_kind: 0,
+        },
+        64,
+    );
     let p = world * spr;
     let phy2log: Vec<i32> = (0..2 * p).map(|i| ((i % p) % 4) as i32).collect();
     EngineRank::create(name, &layout, &phy2log, |_, e, b| b.fill(e as u8)).unwrap()
@@ -319,7 +332,18 @@ fn a_new_region_replacing_a_stale_one_is_attached() {
     // The new engine's region, published by rename over the stale one.
     let engine = {
         let spr = 4;
-        let layout = Layout::contiguous(&Shape { num_layers: 2, slots_per_rank: spr, num_logical: 4, world_size: 1, rank: 0, ring_len: 16, counts_kind: 0 }, 64);
+        let layout = Layout::contiguous(
+            &Shape {
+                num_layers: 2,
+                slots_per_rank: spr,
+                num_logical: 4,
+                world_size: 1,
+                rank: 0,
+                ring_len: 16,
+                counts_kind: 0,
+            },
+            64,
+        );
         let phy2log: Vec<i32> = (0..2 * spr).map(|i| ((i % spr) % 4) as i32).collect();
         EngineRank::create(&name, &layout, &phy2log, |_, e, b| b.fill(e as u8)).unwrap()
     };
@@ -358,8 +382,19 @@ fn a_region_of_100000_slots_a_rank_is_bad_input() {
     let name = region_name("huge");
     let report_path = tmpdir("huge").join("r.json");
     let _ = std::fs::remove_file(region_path(&name, 0));
-    let layout = Layout::contiguous(&Shape { num_layers: 1, slots_per_rank: 100_000, num_logical: 4, world_size: 1, rank: 0, ring_len: 16, counts_kind: 0 }, 64);
-    let phy2log: Vec<i32> = (0..100_000).map(|i| (i % 4) as i32).collect();
+    let layout = Layout::contiguous(
+        &Shape {
+            num_layers: 1,
+            slots_per_rank: 100_000,
+            num_logical: 4,
+            world_size: 1,
+            rank: 0,
+            ring_len: 16,
+            counts_kind: 0,
+        },
+        64,
+    );
+    let phy2log: Vec<i32> = (0..100_000i32).map(|i| i % 4).collect();
     let engine = EngineRank::create(&name, &layout, &phy2log, |_, _, _| {}).unwrap();
     let _beat = beat(&engine.region.path);
     let out = finish(sidecar(1, &name, &report_path, &[]));

@@ -32,7 +32,12 @@ fn rust_reproduces_the_golden_quotas() {
         assert_eq!(s.quotas, ints::<i64>(&c["quotas"]), "{}", c["name"]);
         assert_eq!(s.max_load, c["max_load"].as_i64().unwrap(), "{}", c["name"]);
         let layer = c["layer"].as_u64().unwrap() as usize;
-        assert_eq!(even_quotas(&counts, tokens, &phy2log, spr, layer).unwrap(), ints::<i64>(&c["even"]), "{}", c["name"]);
+        assert_eq!(
+            even_quotas(&counts, tokens, &phy2log, spr, layer).unwrap(),
+            ints::<i64>(&c["even"]),
+            "{}",
+            c["name"]
+        );
         // A split: every expert's tokens, no negative quota; the max load is the reported one.
         for e in 0..counts.len() {
             let sum: i64 = (0..phy2log.len()).filter(|&p| phy2log[p] == e).map(|p| s.quotas[p]).sum();

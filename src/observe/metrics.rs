@@ -200,7 +200,7 @@ const STOP_POLL: Duration = Duration::from_millis(50);
 /// its one serving thread, gives up for good after one `accept` error, and is joined at the end,
 /// so a stuck client held the job's exit. Here every connection runs on a thread of its own,
 /// bounded by [`ServeLimits`] (count, bytes, time), and is never joined: dropping the server
-/// stops accepting within [`STOP_POLL`] and returns.
+/// stops accepting within `STOP_POLL` and returns.
 pub struct MetricsServer {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,

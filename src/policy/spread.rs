@@ -151,7 +151,7 @@ mod tests {
         let weight: Vec<u64> = (0..32).map(|e| 1000 / (e + 1) as u64 + 5).collect();
         let row = layer(&weight, &shape, None);
         assert_eq!(row.len(), 40);
-        let mut cnt = vec![0; 32];
+        let mut cnt = [0; 32];
         row.iter().for_each(|&e| cnt[e] += 1);
         assert!(cnt.iter().all(|&c| c >= 1));
         // Union-find over GPUs joined by a shared expert: one component.

@@ -239,11 +239,10 @@ impl Score {
             let par = competition_par(&w, &row, spr, &cnt);
             self.par_sum += par;
             bal += 1.0 / par;
-            let counts: Vec<i64> = w
-                .iter()
-                .map(|&c| i64::try_from(c))
-                .collect::<Result<_, _>>()
-                .map_err(|_| SimulateError::Config(format!("layer {l}: a count above 2^63-1 cannot be dispatched")))?;
+            let counts: Vec<i64> =
+                w.iter().map(|&c| i64::try_from(c)).collect::<Result<_, _>>().map_err(|_| {
+                    SimulateError::Config(format!("layer {l}: a count above 2^63-1 cannot be dispatched"))
+                })?;
             let tokens = counts.iter().try_fold(0i64, |a, &c| a.checked_add(c)).ok_or_else(|| {
                 SimulateError::Config(format!("layer {l}: the step's tokens exceed 2^63-1 and cannot be dispatched"))
             })?;

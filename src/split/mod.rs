@@ -66,7 +66,9 @@ pub enum SplitError {
     NegativeCount { expert: usize, count: i64 },
     #[error("the counts sum to {sum} tokens, but the step has {tokens}; give every rank's counts (the all-reduced ones) of this layer and step")]
     CountsSum { sum: i128, tokens: i64 },
-    #[error("expert {expert} has {count} tokens but no replica in the placement; give the live phy2log row of this layer")]
+    #[error(
+        "expert {expert} has {count} tokens but no replica in the placement; give the live phy2log row of this layer"
+    )]
     NoReplica { expert: usize, count: i64 },
     #[error("phy2log slot {slot} holds expert {expert}, but there are {num_logical} experts")]
     ExpertOutOfRange { slot: usize, expert: usize, num_logical: usize },
@@ -84,7 +86,7 @@ impl SplitError {
 /// One layer's split: quotas per physical slot and the largest GPU load (the optimum).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Split {
-    /// quotas [num_physical]: tokens slot `p` computes this step.
+    /// quotas `[num_physical]`: tokens slot `p` computes this step.
     pub quotas: Vec<i64>,
     /// max over GPUs of the sum of its slots' quotas.
     pub max_load: i64,
@@ -191,12 +193,7 @@ const UNSEEN: u32 = u32::MAX;
 /// * `counts [num_logical]`: this step's tokens of each logical expert, over all ranks;
 /// * `tokens`: the step's tokens of this layer (the counts must sum to it);
 /// * `phy2log [num_physical]`: the live placement row; `slots_per_rank` slots a GPU.
-pub fn split_layer(
-    counts: &[i64],
-    tokens: i64,
-    phy2log: &[usize],
-    slots_per_rank: usize,
-) -> Result<Split, SplitError> {
+pub fn split_layer(counts: &[i64], tokens: i64, phy2log: &[usize], slots_per_rank: usize) -> Result<Split, SplitError> {
     let mut ws = Workspace::default();
     let mut quotas = vec![0i64; phy2log.len()];
     let max_load = split_layer_into(counts, tokens, phy2log, slots_per_rank, &mut ws, &mut quotas)?;
@@ -535,7 +532,8 @@ mod tests {
             if g * spr < e {
                 continue;
             }
-            let mut phy2log: Vec<usize> = (0..g * spr).map(|p| if p < e { p } else { (lcg(&mut s) as usize) % e }).collect();
+            let mut phy2log: Vec<usize> =
+                (0..g * spr).map(|p| if p < e { p } else { (lcg(&mut s) as usize) % e }).collect();
             // shuffle
             for i in (1..phy2log.len()).rev() {
                 let j = (lcg(&mut s) as usize) % (i + 1);
@@ -547,9 +545,9 @@ mod tests {
             let loads = gpu_loads(&split.quotas, spr);
             assert_eq!(*loads.iter().max().unwrap(), split.max_load, "case {case}");
             assert_eq!(split.max_load, brute(&counts, &phy2log, spr), "case {case}: {counts:?} {phy2log:?} spr {spr}");
-            for x in 0..e {
+            for (x, &want) in counts.iter().enumerate().take(e) {
                 let sum: i64 = (0..phy2log.len()).filter(|&p| phy2log[p] == x).map(|p| split.quotas[p]).sum();
-                assert_eq!(sum, counts[x], "case {case}");
+                assert_eq!(sum, want, "case {case}");
             }
             assert!(split.quotas.iter().all(|&q| q >= 0));
         }

@@ -4,7 +4,7 @@
 //!
 //! The header is one `#[repr(C)]` struct, [`Header`], whose field offsets are asserted at compile
 //! time against the contract's table (a C header can be generated from it); the tensor table's
-//! entries are [`TableEntry`]s, 64 bytes each. Both are read and written as little-endian bytes,
+//! entries are [`TableEntryRaw`]s, 64 bytes each. Both are read and written as little-endian bytes,
 //! never by casting the mapping, so a region from a corrupt or hostile engine is only ever data.
 //!
 //! The file is mapped with `memmap2::MmapRaw` (shared, read-write: the sidecar writes the
