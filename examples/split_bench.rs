@@ -22,7 +22,15 @@ fn main() {
         let shape = PlacementShape { num_replicas: r, num_gpus: g, num_nodes: 1, num_groups: 1 };
         let expected: Vec<u64> = (0..e).map(|x| 1_000_000 / (1 + (splitmix64(x as u64 + 7) % e as u64))).collect();
         let sum: u64 = expected.iter().sum();
-        let cdf: Vec<u64> = expected.iter().scan(0, |c, &w| Some({ *c += w; *c })).collect();
+        let cdf: Vec<u64> = expected
+            .iter()
+            .scan(0, |c, &w| {
+                Some({
+                    *c += w;
+                    *c
+                })
+            })
+            .collect();
         for kind in [PolicyKind::Incremental, PolicyKind::Spread] {
             let config = PolicyConfig { kind, threads: 1, ..PolicyConfig::default() };
             let w = ndarray::Array2::from_shape_vec((1, e), expected.clone()).unwrap();

@@ -30,16 +30,16 @@ fn main() {
             phy2log.swap(s, j);
         }
         let skew = 1 + rnd(4);
-        let counts: Vec<i64> = (0..e)
-            .map(|x| if rnd(5) == 0 { 0 } else { (rnd(200 / (1 + (x as u64 % 7) * skew) + 1)) as i64 })
-            .collect();
+        let counts: Vec<i64> =
+            (0..e).map(|x| if rnd(5) == 0 { 0 } else { (rnd(200 / (1 + (x as u64 % 7) * skew) + 1)) as i64 }).collect();
         cases.push((format!("random{i}"), counts, phy2log, spr, i % 5));
     }
     // Policy placements on zipf-like sampled loads: E=128, G in {8, 16, 32}, R = E + G.
     for (i, &(g, tokens)) in [(8usize, 4096u64), (16, 4096), (32, 4096), (16, 16384), (64, 8192)].iter().enumerate() {
         let e = if g == 64 { 256 } else { 128 };
         let shape = PlacementShape { num_replicas: e + g, num_gpus: g, num_nodes: 1, num_groups: 1 };
-        let expected: Vec<u64> = (0..e).map(|x| 1_000_000 / (1 + (splitmix64(x as u64 + i as u64 * 977) % e as u64))).collect();
+        let expected: Vec<u64> =
+            (0..e).map(|x| 1_000_000 / (1 + (splitmix64(x as u64 + i as u64 * 977) % e as u64))).collect();
         let sum: u64 = expected.iter().sum();
         for kind in [PolicyKind::Incremental, PolicyKind::Spread] {
             let config = PolicyConfig { kind, threads: 1, ..PolicyConfig::default() };
