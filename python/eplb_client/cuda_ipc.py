@@ -38,7 +38,7 @@ import os
 import struct
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
-from .region import ContractError, IPC_ENTRY_BYTES, IPC_HEAD_BYTES
+from .region import IPC_ENTRY_BYTES, IPC_HEAD_BYTES, ContractError
 
 _CUDA: Optional[Any] = None
 

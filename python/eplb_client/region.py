@@ -729,7 +729,7 @@ class EngineRegion:
             region._views = [{d.name: region._host_view(places[layer][t], d) for t, d in enumerate(descs[layer])}
                              for layer in range(num_layers)]
             for layer in range(num_layers):
-                for t, d in enumerate(descs[layer]):
+                for d in descs[layer]:
                     _copy_into(region._views[layer][d.name], d)
             region._staging_views = {}
             for t, d in enumerate(descs[0]):
@@ -1486,10 +1486,10 @@ def _create_exclusive(tmp: str) -> int:
     for _ in range(2):
         try:
             return os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        except FileExistsError:
+        except FileExistsError as err:
             st = os.lstat(tmp)
             if not stat.S_ISREG(st.st_mode):
-                raise ContractError(f"{tmp} exists and is not a regular file ({_file_kind(st.st_mode)}): remove it")
+                raise ContractError(f"{tmp} exists and is not a regular file ({_file_kind(st.st_mode)}): remove it") from err
             os.unlink(tmp)
     raise ContractError(f"{tmp} keeps appearing: another process uses this name")
 

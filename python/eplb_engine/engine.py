@@ -37,9 +37,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from eplb_client import EngineRegion, LayerTensor, derive_log2phy
-
-from eplb_client import split
+from eplb_client import EngineRegion, LayerTensor, derive_log2phy, split
 
 from . import loads, model, quant
 

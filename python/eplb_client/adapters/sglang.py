@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -161,7 +161,6 @@ def _after_initialize(result: Any, runner: Any, *args: Any, **kwargs: Any) -> No
 
 def _attach(runner: Any) -> None:
     import torch.distributed as dist
-
     from sglang.srt.eplb.expert_distribution import get_global_expert_distribution_recorder
     from sglang.srt.eplb.expert_location import get_global_expert_location_metadata
 
