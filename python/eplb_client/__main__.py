@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from typing import Optional
 
 from .region import ContractError, EngineRegion, cleanup
 
@@ -39,6 +40,7 @@ def main(argv=None) -> int:
         for path in removed:
             print(f"removed {path}")
         return 0
+    reg: Optional[EngineRegion]
     if args.cmd == "status":
         for r in range(args.ranks):
             try:

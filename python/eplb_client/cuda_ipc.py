@@ -33,12 +33,13 @@ Known traps, refused with a message that says what to do:
 
 from __future__ import annotations
 
+import builtins
 import ctypes
 import os
 import struct
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
-from .region import ContractError, IPC_ENTRY_BYTES, IPC_HEAD_BYTES
+from .region import IPC_ENTRY_BYTES, IPC_HEAD_BYTES, ContractError
 
 _CUDA: Optional[Any] = None
 
@@ -52,7 +53,7 @@ class Allocation(NamedTuple):
 
     base: int
     bytes: int
-    handle: bytes
+    handle: builtins.bytes  # (``bytes`` is the field above in this class body)
 
 
 class Export(NamedTuple):
@@ -221,7 +222,9 @@ def torch_apply(live: Sequence[Sequence[Any]], staging: Sequence[Optional[Any]],
     import torch  # the engine handed CUDA tensors: torch is there
 
     raw = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-    device = staging[per_expert[0]].device
+    first = staging[per_expert[0]]
+    assert first is not None  # per-expert tensors have staging
+    device = first.device
 
     def as_raw(t: Any) -> Any:
         return t.view(raw[t.element_size()]) if t.dim() else t

@@ -85,7 +85,7 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, TypeVar
 
 import numpy as np
 
@@ -218,7 +218,7 @@ class TableEntry(NamedTuple):
     """One 64-byte tensor table entry as stored (``layer == num_layers``: the staging layer)."""
 
     layer: int
-    index: int
+    index: int  # type: ignore[assignment]  # the field shadows tuple.index (a method), as the contract names it
     name: str
     dtype: str
     offset: int
@@ -629,13 +629,13 @@ class EngineRegion:
             weights_kind, ipc_offset = WEIGHTS_HOST, 0
             off = _round_up(table_end, 64)
             for layer in range(num_layers):
-                row = []
+                row_places: List[int] = []
                 for t, d in enumerate(descs[layer]):
-                    row.append(off)
+                    row_places.append(off)
                     entries.append(TableEntry(layer, t, d.name, d.dtype, off, d.row_stride, d.row_bytes, d.rows,
                                               d.kind, 0))
                     off = _round_up(off + d.full_extent, 64)
-                places.append(row)
+                places.append(row_places)
             for t, d in enumerate(descs[0]):
                 if d.kind == KIND_EXPERT:
                     staging_places.append(off)
@@ -650,6 +650,7 @@ class EngineRegion:
             from . import cuda_ipc  # CUDA only: the driver calls
 
             weights_kind = WEIGHTS_CUDA_IPC
+            assert stage is not None  # cuda: described above
             cuda_ipc.check_alloc_conf()
             ipc_offset = _round_up(table_end, 64)
             flat = [d for row in descs for d in row] + [d for d in stage if d is not None]
@@ -664,14 +665,14 @@ class EngineRegion:
                     h, off = next(where_of)
                     entries.append(TableEntry(layer, t, d.name, d.dtype, off, d.row_stride, d.row_bytes, d.rows,
                                               d.kind, h))
-            for t, d in enumerate(stage):
+            for t, sd in enumerate(stage):
                 ref = descs[0][t]
-                if d is None:
+                if sd is None:
                     entries.append(TableEntry(num_layers, t, ref.name, ref.dtype, 0, 0, ref.row_bytes, 0, ref.kind, 0))
                 else:
                     h, off = next(where_of)
-                    entries.append(TableEntry(num_layers, t, d.name, d.dtype, off, d.row_stride, d.row_bytes, d.rows,
-                                              d.kind, h))
+                    entries.append(TableEntry(num_layers, t, sd.name, sd.dtype, off, sd.row_stride, sd.row_bytes,
+                                              sd.rows, sd.kind, h))
             ipc_section = cuda_ipc.ipc_section(export)
             total_bytes = _round_up(ipc_offset + len(ipc_section), 4096)
         expert_bytes = check_table(entries, num_layers, T, slots_per_rank, weights_kind, lo=mask_offset + slots_per_rank,
@@ -681,6 +682,7 @@ class EngineRegion:
         if cuda and apply is None:
             from . import cuda_ipc
 
+            assert stage is not None
             apply = cuda_ipc.torch_apply([[d.data for d in row] for row in descs], [d.data if d else None for d in stage],
                                          per_expert)
 
@@ -719,17 +721,19 @@ class EngineRegion:
         region._gpu_apply = apply
         _LIVE_REGIONS.add(region)
         if cuda:
+            assert stage is not None
             region._views = [{d.name: d.data for d in row} for row in descs]
             region._staging_views = {d.name: d.data for d in stage if d is not None}
+            all_descs: List[Optional[_Desc]] = [d for row in descs for d in row]
             region._ptrs = [(i, e, d.data, int(d.data.data_ptr())) for i, (e, d) in
-                            enumerate(zip(entries, [d for row in descs for d in row] + list(stage))) if d is not None]
+                            enumerate(zip(entries, all_descs + list(stage))) if d is not None]
             for p in region._ptrs:
                 region._ptrs_by_layer.setdefault(p[1].layer, []).append(p)
         else:
             region._views = [{d.name: region._host_view(places[layer][t], d) for t, d in enumerate(descs[layer])}
                              for layer in range(num_layers)]
             for layer in range(num_layers):
-                for t, d in enumerate(descs[layer]):
+                for d in descs[layer]:
                     _copy_into(region._views[layer][d.name], d)
             region._staging_views = {}
             for t, d in enumerate(descs[0]):
@@ -851,6 +855,7 @@ class EngineRegion:
             return
         self._h[_W_ENGINE_STATE] = ENGINE_RUNNING
         self._heartbeat()
+        assert self._tmp_path is not None  # set by create until the region is published
         os.rename(self._tmp_path, self.path)
         self._tmp_path = None
         self._published = True
@@ -900,21 +905,23 @@ class EngineRegion:
     def read_expert(self, layer: int, slot: int) -> bytes:
         """An expert's bytes (host): row ``slot`` of every per-expert tensor of ``layer``, in table
         order (``layer == num_layers``: the staging layer). What the checksums cover."""
-        if self._rows is None:
+        rows = self._rows
+        if rows is None:
             raise ContractError("this region's weights are on the engine's GPU (weights_kind 1)")
-        return b"".join(self._rows[layer][t][slot].tobytes() for t in self._per_expert)
+        return b"".join(_some(rows[layer][t])[slot].tobytes() for t in self._per_expert)
 
     def write_expert(self, layer: int, slot: int, data: bytes) -> None:
         """Writes an expert's bytes into row ``slot`` of every per-expert tensor (a sidecar's
         staging write: ``layer == num_layers``; tools and tests only)."""
-        if self._rows is None:
+        rows = self._rows
+        if rows is None:
             raise ContractError("this region's weights are on the engine's GPU (weights_kind 1)")
         if len(data) > self.expert_bytes:
             raise ContractError(f"{len(data)} bytes > expert_bytes {self.expert_bytes}")
         buf = np.frombuffer(bytes(data), np.uint8)
         at = 0
         for t in self._per_expert:
-            v = self._rows[layer][t][slot]
+            v = _some(rows[layer][t])[slot]
             n = min(len(v), len(buf) - at)
             if n <= 0:
                 break
@@ -1271,15 +1278,16 @@ class EngineRegion:
         slots = np.flatnonzero(self._cmd_mask)
         try:
             if self.weights_kind == WEIGHTS_HOST:
-                rows, stage = self._rows[layer], self._rows[self.num_layers]
+                all_rows = _some(self._rows)
+                rows, stage = all_rows[layer], all_rows[self.num_layers]
                 for t in self._per_expert:
-                    dst, src = rows[t], stage[t]
+                    dst, src = _some(rows[t]), _some(stage[t])
                     for s in slots:  # row s of every per-expert tensor, nothing else; a plain row copy
                         dst[s] = src[s]  # each (fancy indexing gathered into temporaries: 10x slower)
                 if self._gpu_apply is not None:
                     self._gpu_apply(layer, slots)  # host: a notification after the copy
             else:
-                self._gpu_apply(layer, slots)  # returns once the device copy is done
+                _some(self._gpu_apply)(layer, slots)  # returns once the device copy is done
         except BaseException as e:
             # Some rows may hold the new experts under the old phy2log: this rank's weights are
             # torn. Nothing is answered; the engine is failed so that the sidecar stops, and the
@@ -1337,16 +1345,26 @@ def _describe_layers(layers: Any, num_layers: int, slots_per_rank: int) -> List[
     return descs
 
 
+_V = TypeVar("_V")
+
+
+def _some(x: Optional[_V]) -> _V:
+    """``x``, which an invariant of the caller says is set (the weights' rows of a host region, the
+    rows of a per-expert tensor, the apply of a CUDA region): the narrowing the type checker needs."""
+    assert x is not None
+    return x
+
+
 def _describe_staging(staging: Any, ref: List[_Desc], slots_per_rank: int) -> List[Optional[_Desc]]:
     """The engine's staging tensors in table order (None for a global's slot)."""
     if isinstance(staging, LayerTensor) or not hasattr(staging, "__iter__"):
         raise ContractError("staging: a list of LayerTensor")
     by_name: Dict[str, _Desc] = {}
     for t in staging:
-        d = _describe(t, None, slots_per_rank)
-        if d.name in by_name:
-            raise ContractError(f"{d.where}: field name: used twice in staging")
-        by_name[d.name] = d
+        desc = _describe(t, None, slots_per_rank)
+        if desc.name in by_name:
+            raise ContractError(f"{desc.where}: field name: used twice in staging")
+        by_name[desc.name] = desc
     out: List[Optional[_Desc]] = []
     for r in ref:
         d = by_name.pop(r.name, None)
@@ -1486,10 +1504,10 @@ def _create_exclusive(tmp: str) -> int:
     for _ in range(2):
         try:
             return os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        except FileExistsError:
+        except FileExistsError as err:
             st = os.lstat(tmp)
             if not stat.S_ISREG(st.st_mode):
-                raise ContractError(f"{tmp} exists and is not a regular file ({_file_kind(st.st_mode)}): remove it")
+                raise ContractError(f"{tmp} exists and is not a regular file ({_file_kind(st.st_mode)}): remove it") from err
             os.unlink(tmp)
     raise ContractError(f"{tmp} keeps appearing: another process uses this name")
 

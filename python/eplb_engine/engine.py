@@ -37,9 +37,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from eplb_client import EngineRegion, LayerTensor, derive_log2phy
-
-from eplb_client import split
+from eplb_client import EngineRegion, LayerTensor, derive_log2phy, split
 
 from . import loads, model, quant
 
@@ -145,15 +143,15 @@ class Engine:
         layers = []
         for layer in range(L):
             experts = self.phy2log0[layer, self.rank * self.S : (self.rank + 1) * self.S]
-            tensors = []
+            row_tensors: List[LayerTensor] = []
             for t in self.layout:
                 if t.kind == "expert":
                     a = quant.alloc(t, self.S)  # padded rows where the layout says so
                     a[:] = self.ref[layer][t.name][experts]
                 else:
                     a = self.globals0[layer][t.name].copy()
-                tensors.append(layer_tensor(t, a))
-            layers.append(tensors)
+                row_tensors.append(layer_tensor(t, a))
+            layers.append(row_tensors)
         self.region = EngineRegion.create(args.name, self.rank, N, L, self.S, E, layers=layers,
                                           phy2log=self.phy2log0, ring_len=args.ring_len)
         # From here on the engine computes with the region's views (the client copied the tensors
@@ -194,7 +192,9 @@ class Engine:
             # Every rank routes the whole batch, so it has every rank's counts: the same quotas
             # everywhere, filled in (token, k) order (= by source rank, then position).
             row = placement.phy2log[layer]
-            quotas, _ = split.split_layer(np.bincount(ids.ravel(), minlength=self.logcnt0.shape[1]), T * K, row, S)
+            demand = np.bincount(ids.ravel(), minlength=self.logcnt0.shape[1])
+            # split_layer takes arrays; its annotation says Sequence[int] (split.py is being reworked)
+            quotas, _ = split.split_layer(demand, T * K, row, S)  # type: ignore[arg-type]
             slots = split.replica_slots(ids.ravel(), quotas, row)
         else:
             slots = placement.replica_slot(layer, ids, tok).ravel()  # [T * K] physical slots

@@ -47,7 +47,7 @@ import os
 import socket
 import sys
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -213,7 +213,7 @@ class QuantExperts:
         g.manual_seed(k)
         return g
 
-    def expert(self, layer: int, expert: int) -> Dict[str, object]:
+    def expert(self, layer: int, expert: int) -> Dict[str, Any]:
         """Expert (layer, expert)'s per-expert tensors by name (one slot's shape), a pure function
         of (quant, seed, layer, expert)."""
         torch, H, F = self.torch, self.H, self.F
@@ -250,7 +250,7 @@ class QuantExperts:
         out["w2_weight_scale_2"] = torch.exp2(k2.float())
         return out
 
-    def globals(self, layer: int) -> Dict[str, object]:
+    def globals(self, layer: int) -> Dict[str, Any]:
         """The layer's global tensors (nvfp4: input scales of every logical expert), from (seed, layer)."""
         if self.q != "nvfp4":
             return {}
@@ -259,7 +259,7 @@ class QuantExperts:
         return {"w13_input_scale": torch.exp2(torch.randint(-1, 2, (self.E, 2), generator=g, device=self.dev).float()),
                 "w2_input_scale": torch.exp2(torch.randint(-1, 2, (self.E,), generator=g, device=self.dev).float())}
 
-    def dequant(self, live: Dict[str, object]):
+    def dequant(self, live: Dict[str, Any]):
         """(w13 [S, 2F, H], w2 [S, H, F]) bf16 of every local slot, exact (power-of-two scales
         times values of few significant bits)."""
         torch, F = self.torch, self.F
@@ -281,14 +281,14 @@ class QuantExperts:
         return out[0], out[1]
 
 
-def raw_rows(t) -> object:
+def raw_rows(t) -> Any:
     """``t`` viewed as raw integers of its item size (the same shape and strides)."""
     import torch
 
     return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
 
 
-def row_bytes_of(t) -> object:
+def row_bytes_of(t) -> Any:
     """A tensor row (one slot, contiguous in itself) as its bytes."""
     import torch
 
@@ -353,10 +353,10 @@ class GpuEngine:
         if need > free * 0.8:
             raise ValueError(f"the weights need {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free: lower --layers")
         t_gen = time.perf_counter()
-        self.live: List[Dict[str, object]] = []
-        self.globals0: List[Dict[str, object]] = []
+        self.live: List[Dict[str, Any]] = []
+        self.globals0: List[Dict[str, Any]] = []
         for layer in range(L):
-            tensors: Dict[str, object] = {}
+            tensors: Dict[str, Any] = {}
             for t in self.layout:
                 if t.kind == "expert":
                     tensors[t.name] = self.qx.alloc(t, S)

@@ -8,7 +8,6 @@ import os
 import subprocess
 
 import pytest
-
 from test_demo import QWEN, ROOT, demo, needs_mpi, needs_trace, needs_worker
 
 

@@ -14,8 +14,7 @@ import struct
 import numpy as np
 import pytest
 
-from eplb_client import ACK_APPLIED, ACK_REJECTED, ContractError, EngineRegion, LayerTensor, region_path
-from eplb_client import cuda_ipc
+from eplb_client import ACK_APPLIED, ACK_REJECTED, ContractError, EngineRegion, LayerTensor, cuda_ipc, region_path
 from eplb_client import region as R
 
 L, S, E, W = 3, 4, 6, 2

@@ -19,8 +19,13 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="torch is not installed here: these run on the GPU machine")
 
-from eplb_client import ACK_APPLIED, ACK_REJECTED, EngineRegion, LayerTensor  # noqa: E402
-from eplb_client import cuda_ipc  # noqa: E402
+from eplb_client import (  # noqa: E402
+    ACK_APPLIED,
+    ACK_REJECTED,
+    EngineRegion,
+    LayerTensor,
+    cuda_ipc,
+)
 from eplb_client import region as R  # noqa: E402
 
 L, S, E, W = 3, 4, 6, 2

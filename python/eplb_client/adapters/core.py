@@ -289,6 +289,7 @@ class Attachment:
                 self._pinned = torch.empty(tuple(counts.shape), dtype=counts.dtype, pin_memory=True)
                 self._event = torch.cuda.Event()
             self._pinned.copy_(counts, non_blocking=True)
+            assert self._event is not None  # set with _pinned
             self._event.record()
         self._have_counts = True
 
@@ -358,6 +359,7 @@ class Attachment:
             if self._have_counts and self.step > 0:
                 if self._event is not None:
                     self._event.synchronize()
+                    assert self._pinned is not None  # set with _event
                     np.copyto(self._counts, self._pinned.numpy(), casting="unsafe")
                 self.region.record(self.step - 1, self._counts, phase=self._phase, tokens=self._tokens)
             self.region.finish()

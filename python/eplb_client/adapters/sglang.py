@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -127,6 +127,7 @@ class SglangAttachment:
         if routed != metadata.num_local_physical_experts or metadata.ep_size != ep_size:
             raise AdapterError(f"{routed} routed slots a rank and ep_size {ep_size}, but ExpertLocationMetadata has "
                                f"{metadata.num_local_physical_experts} and ep_size {metadata.ep_size}")
+        assert routed is not None  # moe_layers found at least one layer
         p2l = metadata.physical_to_logical_map_cpu[self.layer_ids]
         self.attachment = Attachment(name, ep_rank, ep_size, metadata.num_logical_experts, routed, layers, p2l,
                                      commit=self._commit, agree=gloo_agree(cpu_group) if ep_size > 1 else None,
@@ -161,7 +162,6 @@ def _after_initialize(result: Any, runner: Any, *args: Any, **kwargs: Any) -> No
 
 def _attach(runner: Any) -> None:
     import torch.distributed as dist
-
     from sglang.srt.eplb.expert_distribution import get_global_expert_distribution_recorder
     from sglang.srt.eplb.expert_location import get_global_expert_location_metadata
 

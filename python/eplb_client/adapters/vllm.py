@@ -158,7 +158,7 @@ class EplbWorkerExtension:
         if att is None:
             return "not attached (see the log)"
         install_step(state, holder["va"])
-        self._eplb = holder["va"]  # type: ignore[attr-defined]
+        self._eplb = holder["va"]
         return None
 
     def eplb_detach(self) -> None:
