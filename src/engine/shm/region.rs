@@ -385,7 +385,9 @@ impl Layout {
             ("ring", self.ring_offset, self.ring_len as u128 * self.ring_entry_bytes as u128),
             ("placement", self.placement_offset, 4 * l * p),
             ("epochs", self.epochs_offset, 8 * l),
-            ("command", self.command_offset, round64(4 * p as u64) as u128 + s),
+            // In u128 like the rest: 4 x num_physical overflows u64 for a hostile world_size x
+            // slots_per_rank (the header's u32 fields; found by fuzzing).
+            ("command", self.command_offset, (4 * p).div_ceil(64) * 64 + s),
         ];
         if host {
             v.push(("weights", self.weights_offset, l * s * eb));
@@ -541,8 +543,9 @@ impl Layout {
                 ))
             }
         };
-        let want_entry = 64 + round64(8 * l.num_layers as u64 * l.slots_per_rank as u64);
-        if l.ring_entry_bytes as u64 != want_entry {
+        // In u128: 8 x num_layers x slots_per_rank of two u32 fields overflows u64 (found by fuzzing).
+        let want_entry = 64 + (8 * l.num_layers as u128 * l.slots_per_rank as u128).div_ceil(64) * 64;
+        if l.ring_entry_bytes as u128 != want_entry {
             return Err(format!("ring_entry_bytes {} (want {want_entry} for this shape)", l.ring_entry_bytes));
         }
         if l.total_bytes != file_len {
@@ -593,7 +596,9 @@ impl Layout {
                     "tensor {i} ({name}): offset {offset} is not a multiple of 64 after the previous tensor's end {end}"
                 ));
             }
-            end = offset + tbytes;
+            end = offset.checked_add(tbytes).ok_or_else(|| {
+                format!("tensor {i} ({name}): offset {offset} + {tbytes} bytes is past 2^64")
+            })?;
             if end > l.expert_bytes as u64 {
                 return Err(format!("tensor {i} ({name}) ends at {end}, past expert_bytes {}", l.expert_bytes));
             }
