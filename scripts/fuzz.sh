@@ -85,7 +85,7 @@ echo "# building the instrumented targets into target/fuzz"
 # AFL's checks of the host: CI machines and containers share CPUs (no pinning) and may pipe core
 # dumps elsewhere (crashes are still seen: the target's signal is what counts).
 export AFL_NO_UI=1 AFL_NO_AFFINITY=1 AFL_SKIP_CPUFREQ=1 AFL_I_DONT_CARE_ABOUT_MISSING_CRASHES=1
-export AFL_NO_CRASH_README=1 AFL_SKIP_BIN_CHECK=0
+export AFL_NO_CRASH_README=1
 
 stat_of() { sed -n "s/^$2 *: *//p" "$1/default/fuzzer_stats"; }
 
