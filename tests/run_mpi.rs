@@ -248,3 +248,58 @@ fn bad_input_exits_2_with_a_clear_message() {
         assert_eq!(r.stderr.matches("error:").count(), 1, "printed once: {}", r.stderr);
     }
 }
+
+#[test]
+fn forced_moves_on_one_rank_stage_verify_and_commit_inside_the_rank() {
+    // One rank: balance can never move anything, so --force-moves does, every 3 steps, through
+    // the normal stage/verify/commit path; the synthetic weights verify by their pattern.
+    let r = mpirun(
+        1,
+        "force-1",
+        &[
+            "--steps",
+            "30",
+            "--num-layers",
+            "2",
+            "--num-experts",
+            "6",
+            "--num-redundant-experts",
+            "2",
+            "--force-moves",
+            "3",
+            "--expert-bytes",
+            "4096",
+            "--verify-live-every-step",
+            "--eplb-update-interval-steps",
+            "1000",
+        ],
+    );
+    r.assert_healthy();
+    assert_eq!(r.u("forced_moves"), 10, "steps 3, 6, .. 30:\n{}", r.stdout);
+    assert_eq!(r.u("layers_updated"), 10);
+    assert!(r.u("live_verified_bytes") > 0);
+    assert_eq!(r.u("wrong_live_bytes"), 0);
+    assert_eq!(r.u("experts_moved"), 0, "nothing crosses between ranks: every move is a local copy");
+    assert_ne!(
+        r.report()["final_placement_hash"],
+        mpirun(
+            1,
+            "force-0",
+            &[
+                "--steps",
+                "30",
+                "--num-layers",
+                "2",
+                "--num-experts",
+                "6",
+                "--num-redundant-experts",
+                "2",
+                "--expert-bytes",
+                "4096",
+                "--eplb-update-interval-steps",
+                "1000"
+            ]
+        )
+        .report()["final_placement_hash"]
+    );
+}

@@ -100,8 +100,14 @@ fn run_pair(test: &str, engine_args: &[&str], sidecar_args: &[&str]) -> Pair {
     run_pair_within(test, engine_args, sidecar_args, Duration::from_secs(60))
 }
 
+/// One engine + sidecar pair at a time: 5 processes stepping every few milliseconds each, and
+/// several pairs at once on a 2-core machine fall behind their 16-step rings (lost steps) and
+/// their step times, which the tests check.
+static PAIRS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// [`run_pair`], killing the engine if it has not ended `engine_limit` after the sidecar did.
 fn run_pair_within(test: &str, engine_args: &[&str], sidecar_args: &[&str], engine_limit: Duration) -> Pair {
+    let _one = PAIRS.lock().unwrap_or_else(|e| e.into_inner());
     let name = region_name(test);
     let d = tmpdir(test);
     let (er, sr) = (d.join("engine.json"), d.join("sidecar.json"));
@@ -163,6 +169,15 @@ fn the_sidecar_balances_the_fake_engine_and_every_rank_switches_at_the_same_step
     assert!((3.5..12.0).contains(&step_ms), "the balanced step time is the engine's 4 ms (sleeps overshoot): {cost}");
     assert_eq!(cost["migration_samples"], 0, "migrations are measured only with --measure-migration");
     assert!(p.stdout.contains("engine shm:") && p.stdout.contains("# Out of bounds values : 0 OK"), "{}", p.stdout);
+    // Several tensors a layer, one of them global: never written, proven by both sides.
+    assert_eq!(e["tensors_per_layer"], 4);
+    assert_eq!(e["global_bytes_changed"], 0);
+    assert_eq!(
+        s["globals_unchanged"],
+        Value::Bool(true),
+        "the sidecar hashed the global tensor at attach and at the end"
+    );
+    assert!(p.stdout.contains("# global tensors unchanged: yes"), "{}", p.stdout);
 }
 
 #[test]
@@ -238,19 +253,34 @@ fn a_bad_or_missing_region_exits_2() {
 
 #[test]
 fn a_gpu_weights_region_needs_the_gpu_path() {
-    use eplb::engine::shm::region::{ipc, IpcHandle, IpcWeights, Layout};
+    use eplb::engine::shm::region::{counts_kind, IpcHandle, IpcWeights, Layout, Shape, TensorDesc, TensorEntry};
     use eplb::engine::shm::writer::EngineRank;
     let name = region_name("ipc");
     let d = tmpdir("ipc");
     let report = d.join("r.json");
-    let host = Layout::packed(2, 4, 3, 1, 0, 16, &[("w", "bf16", &[4, 32])]);
-    let lb = host.layer_bytes();
-    let handle = |role, bytes| IpcHandle { handle: [3; 64], role, first_layer: 0, offset: 0, bytes };
-    let layout = host.with_ipc(IpcWeights {
-        pci_bus_id: "0000:ff:1f.0".into(),
-        uuid: [0; 16],
-        handles: vec![handle(ipc::ROLE_LIVE, 2 * lb), handle(ipc::ROLE_STAGING, lb)],
-    });
+    let shape = Shape {
+        num_layers: 2,
+        slots_per_rank: 4,
+        num_logical: 3,
+        world_size: 1,
+        rank: 0,
+        ring_len: 16,
+        counts_kind: counts_kind::LOCAL,
+    };
+    let host = Layout::host(
+        &shape,
+        &[TensorDesc::expert("w13_weight", "bf16", 256), TensorDesc::expert("w2_weight", "bf16", 128)],
+    );
+    // Every tensor its own allocation (one handle each), at offset 0.
+    let entries: Vec<TensorEntry> = host
+        .tensors
+        .iter()
+        .enumerate()
+        .map(|(i, e)| TensorEntry { offset: 0, handle: i as u16, ..e.clone() })
+        .collect();
+    let handles = (0..entries.len()).map(|i| IpcHandle { handle: [i as u8 + 3; 64], bytes: 4096 }).collect();
+    let layout =
+        Layout::cuda_ipc(&shape, entries, IpcWeights { pci_bus_id: "0000:ff:1f.0".into(), uuid: [0; 16], handles });
     let phy2log: Vec<i32> = (0..2).flat_map(|_| [0, 1, 2, 0]).collect();
     let region = EngineRank::create(&name, &layout, &phy2log, |_, _, _| unreachable!("GPU weights are not filled"))
         .expect("create the region");
@@ -267,4 +297,82 @@ fn a_gpu_weights_region_needs_the_gpu_path() {
         (code == 2 && err.contains("no CUDA driver")) || err.contains("0000:ff:1f.0"),
         "want a refusal naming what is missing: {err}"
     );
+}
+
+#[test]
+fn physical_counts_balance_like_local_counts() {
+    let p = run_pair("physical", &["--counts", "physical", "--ring-len", "64"], &[]);
+    assert_eq!(p.sidecar_code, 0, "stderr:\n{}\nstdout:\n{}", p.stderr, p.stdout);
+    assert_eq!(p.engine_code, 0);
+    let (e, s) = (p.engine(), p.sidecar());
+    assert_eq!(e["outputs_match"], Value::Bool(true));
+    let committed = e["layers_committed"].as_u64().unwrap();
+    assert!(committed >= 1, "{}", p.stdout);
+    assert_eq!(s["layers_updated"].as_u64(), Some(committed), "the sidecar's commits are the engine's applies");
+    assert_eq!(e["global_bytes_changed"], 0);
+}
+
+#[test]
+fn a_reallocated_tensor_stops_the_sidecar_before_anything_is_posted() {
+    // table_fault from the first step: every command would be rejected; the sidecar must not post.
+    let p = run_pair("fault", &["--table-fault-at-step", "0"], &[]);
+    assert_eq!(p.sidecar_code, 1, "stderr:\n{}", p.stderr);
+    assert!(
+        p.stderr.contains("table_fault 2") && p.stderr.contains("layer 0, tensor 1 (w13_weight_scale_inv)"),
+        "names the layer and the tensor: {}",
+        p.stderr
+    );
+    assert!(p.stderr.contains("nothing was posted"), "{}", p.stderr);
+    assert_eq!(p.sidecar()["layers_updated"], 0);
+    assert_eq!(p.engine_code, 0);
+    assert_eq!(p.engine()["layers_committed"], 0);
+    assert_eq!(p.engine()["outputs_match"], Value::Bool(true));
+}
+
+#[test]
+fn a_version_1_region_exits_2_naming_both_versions() {
+    let name = region_name("v1");
+    let path = format!("/dev/shm/eplb-{name}-0");
+    let d = tmpdir("v1");
+    let report = d.join("r.json");
+    let mut header = vec![0u8; 8192];
+    header[..8].copy_from_slice(&0x314d_4853_424c_5045u64.to_le_bytes());
+    header[8..12].copy_from_slice(&1u32.to_le_bytes());
+    std::fs::write(&path, header).unwrap();
+    let (code, _, err) = finish(sidecar(1, &name, &report, &[]), Duration::from_secs(60));
+    let _ = std::fs::remove_file(&path);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("contract version 1") && err.contains("speaks version 2") && err.contains(&path), "{err}");
+}
+
+#[test]
+fn forced_moves_on_one_engine_rank_switch_many_times_and_never_touch_the_global_tensor() {
+    // One engine rank, one sidecar rank: nothing can move for balance; --force-moves 4 moves a
+    // layer inside the rank every 4 steps through the whole protocol (staged rows, verified,
+    // posted, applied by the engine at one step).
+    let name = region_name("force");
+    let d = tmpdir("force");
+    let (er, sr) = (d.join("engine.json"), d.join("sidecar.json"));
+    let _ = std::fs::remove_file(&er);
+    let _ = std::fs::remove_file(&sr);
+    let _one = PAIRS.lock().unwrap_or_else(|e| e.into_inner());
+    let mut e = engine(&name, &er, &["--ranks", "1", "--experts", "3", "--slots-per-rank", "4", "--steps", "200"]);
+    let (code, stdout, stderr) = finish(sidecar(1, &name, &sr, &["--force-moves", "4"]), Duration::from_secs(120));
+    let engine_code = wait_bounded(&mut e, Duration::from_secs(60));
+    let _ = std::fs::remove_file(format!("/dev/shm/eplb-{name}-0"));
+    assert_eq!(code, 0, "stderr:\n{stderr}\nstdout:\n{stdout}");
+    assert_eq!(engine_code, 0);
+    let read = |p: &std::path::Path| -> Value { serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap() };
+    let (e, s) = (read(&er), read(&sr));
+    let committed = e["layers_committed"].as_u64().unwrap();
+    assert!(committed >= 20, "a forced move every 4 steps (some may be cancelled): {committed}\n{stdout}");
+    assert_eq!(
+        s["forced_moves"].as_u64(),
+        Some(committed),
+        "every forced move the sidecar committed, the engine applied"
+    );
+    assert_eq!(e["outputs_match"], Value::Bool(true), "every live slot holds the expert its placement names");
+    assert_eq!(e["global_bytes_changed"], 0, "the global tensor's bytes are unchanged after {committed} switches");
+    assert_eq!(s["globals_unchanged"], Value::Bool(true));
+    assert_eq!(s["wrong_bytes"], 0);
 }

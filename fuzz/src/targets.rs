@@ -28,28 +28,44 @@ pub fn run(name: &str, data: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
-/// The shared-memory region header and its tensor table, as the sidecar reads them from the
-/// engine's mapping: `data` is the start of the region (zero-padded to the header's size, as a
-/// region shorter than its header is refused before any field is read), and the region's length
+/// The largest region the `region` target builds (1 MiB): a header whose `total_bytes` is larger
+/// gets only this much (the header, the table and the IPC section are what the sidecar reads; a
+/// region shorter than its sections is refused, as a truncated one is).
+const MAX_REGION_BYTES: usize = 1 << 20;
+
+/// The shared-memory region as the sidecar reads it from the engine's mapping: its header, tensor
+/// table and IPC section. `data` is the start of the region, the rest zeros; the region's length
 /// is the header's own `total_bytes` (so that the checks behind the length check are reached) or,
-/// when the input is too short to hold it, the input's length.
+/// when the input is too short to hold it, the input's length. At most [`MAX_REGION_BYTES`] are
+/// built; a longer region is passed as that prefix, and must then be refused if its sections do
+/// not fit in it.
 pub fn region(data: &[u8]) {
     let file_len = match data.get(56..64) {
         Some(b) => usize::try_from(u64::from_le_bytes(b.try_into().expect("8 bytes"))).unwrap_or(usize::MAX),
         None => data.len(),
     };
-    let mut header = data.to_vec();
-    if header.len() < HEADER_BYTES {
-        header.resize(HEADER_BYTES, 0);
+    let mut bytes = data.to_vec();
+    bytes.resize(file_len.clamp(HEADER_BYTES, MAX_REGION_BYTES), 0);
+    let Ok(layout) = Layout::parse(&bytes, file_len) else { return };
+    // What the sidecar computes from an accepted layout must not panic either.
+    let _ = (layout.num_physical(), layout.count_cols(), layout.mask_offset(), layout.command_end());
+    let _ = (layout.expert_tensors(), layout.global_tensors());
+    for i in 0..layout.tensors.len() {
+        let _ = (layout.entry_name(i), layout.tensors[i].extent());
     }
-    if let Ok(layout) = Layout::parse(&header, file_len) {
-        // What the sidecar computes from an accepted layout must not panic either.
-        let _ = (layout.num_physical(), layout.mask_offset(), layout.layer_bytes());
-        // An accepted header is one the writer could have written: writing it back and parsing
-        // that gives the same layout.
-        let again = Layout::parse(&layout.header_bytes(0), file_len);
-        assert_eq!(again.as_ref(), Ok(&layout), "a parsed header does not survive header_bytes and parse");
-    }
+    // An accepted region is one the writer could have written: writing its header, table and IPC
+    // section back over it and parsing that gives the same layout.
+    let mut again = bytes;
+    again[..HEADER_BYTES].copy_from_slice(&layout.header_bytes(0));
+    let table = layout.table_bytes();
+    again[layout.table_offset..layout.table_offset + table.len()].copy_from_slice(&table);
+    let ipc = layout.ipc_bytes();
+    again[layout.ipc_offset..layout.ipc_offset + ipc.len()].copy_from_slice(&ipc);
+    assert_eq!(
+        Layout::parse(&again, file_len).as_ref(),
+        Ok(&layout),
+        "a parsed region does not survive header_bytes, table_bytes, ipc_bytes and parse"
+    );
 }
 
 /// A load file of the format of `name`'s extension, then what `plan` and `run --trace` do with the

@@ -19,7 +19,7 @@ use crate::collective::{Comm, MpiError, MpiRuntime};
 use crate::engine::synthetic::DriftingZipf;
 use crate::executor::{migrate_layer, ExecError, ExpertStore, LayerMigration};
 use crate::gpu::nccl::NcclComm;
-use crate::gpu::store::{DeviceExpertStore, NcclTuning};
+use crate::gpu::store::NcclTuning;
 use crate::gpu::{open_local_gpu, GpuError};
 use crate::load::{self, TraceSelect};
 use crate::output::named;
@@ -236,7 +236,7 @@ pub fn run_bench(args: &BenchArgs) -> Result<(), BenchError> {
         // One store per size; the previous one's memory is freed first.
         let (gpu, nccl) = parts.take().expect("the GPU and communicator come back after each size");
         let initial: Vec<Vec<usize>> = (0..args.layers).map(|_| a[rank * spr..(rank + 1) * spr].to_vec()).collect();
-        let mut store = DeviceExpertStore::new(gpu, nccl, &initial, expert_bytes, tuning)?;
+        let mut store = crate::executor::factory::device_store(gpu, nccl, &initial, expert_bytes, tuning)?;
         let layer_migrations = |fwd: bool| -> Vec<LayerMigration> {
             (0..args.layers)
                 .map(|l| {

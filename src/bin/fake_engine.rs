@@ -3,18 +3,22 @@
 //! stands in for the engine's collective). Every step, every rank: the boundary (read the
 //! command, agree with the other ranks on min/max of `have`, apply in place or cancel, answer),
 //! then a "forward pass" that routes the built-in drifting load on its own `phy2log` and records
-//! its slots' counts. Its expert weights are bytes eplb cannot predict; after every apply and at
-//! the end each rank checks that every live slot holds the expert its `phy2log` names.
+//! its slots' counts. Its expert weights are bytes eplb cannot predict, stored the way real
+//! engines store them (contract 2): several tensors a layer, each its own area of the region
+//! (`w13_weight`, a small `w13_weight_scale_inv` whose row stride is larger than its row, and
+//! `w2_weight`), plus one global tensor (`w13_input_scale`) that must never change. After every
+//! apply and at the end each rank checks that every live slot holds the expert its `phy2log`
+//! names and that the global tensor's bytes are untouched.
 //!
 //! The report (`--report FILE`) holds `engine_steps`, `applies` per rank (layer, step, epoch),
 //! `layers_committed`, `commit_step_disagreements`, `wrong_bytes`, `outputs_match`,
-//! `placements_agree`.
+//! `placements_agree`, `tensors_per_layer`, `global_bytes_changed`.
 
 use std::sync::{Arc, Barrier, Mutex};
 use std::time::Duration;
 
 use clap::Parser;
-use eplb::engine::shm::region::{off, phase, sidecar_state, Layout};
+use eplb::engine::shm::region::{counts_kind, off, phase, sidecar_state, Layout, Shape, TensorDesc};
 use eplb::engine::shm::writer::{Decision, EngineRank};
 use eplb::engine::synthetic::DriftingZipf;
 use eplb::engine::{fill_expert, slot_loads};
@@ -24,7 +28,7 @@ use ndarray::Array2;
 use serde_json::json;
 
 #[derive(Debug, Parser)]
-#[command(name = "eplb-fake-engine")]
+#[command(name = "eplb-fake-engine", args_override_self = true)]
 struct Args {
     /// Region name: /dev/shm/eplb-NAME-RANK.
     #[arg(long)]
@@ -39,9 +43,18 @@ struct Args {
     experts: usize,
     #[arg(long, default_value_t = 4)]
     slots_per_rank: usize,
-    /// f32 elements of an expert's one tensor.
+    /// f32 elements of a row of `w13_weight` (the expert's largest tensor; `w2_weight` has as
+    /// many bytes, `w13_weight_scale_inv` 12 bytes in rows 32 bytes apart).
     #[arg(long, default_value_t = 1024)]
     expert_floats: u32,
+    /// What the ring's counts are: this rank's local slots (`local`, counts_kind 0) or this
+    /// rank's view of every physical slot (`physical`, counts_kind 1).
+    #[arg(long, default_value = "local", value_parser = ["local", "physical"])]
+    counts: String,
+    /// Tests: from the boundary before this step on, report table entry 1 (layer 0's second
+    /// tensor) re-allocated (`table_fault`), rejecting every command.
+    #[arg(long)]
+    table_fault_at_step: Option<u64>,
     #[arg(long, default_value_t = 16)]
     ring_len: usize,
     /// Milliseconds of "compute" per step when balanced: a step takes this times the mean over
@@ -63,7 +76,7 @@ struct Args {
     #[arg(long)]
     report: Option<std::path::PathBuf>,
     /// Before the first step, wait up to this many seconds for a sidecar to attach to every
-    /// rank (tests; a real engine never waits for its sidecar).
+    /// rank and start its loop (tests; a real engine never waits for its sidecar).
     #[arg(long, default_value_t = 0.0)]
     wait_sidecar: f64,
     /// Tests: SIGKILL this process at the boundary before this step (an engine that dies).
@@ -94,8 +107,19 @@ fn main() {
     let load = DriftingZipf { drift_steps: args.drift_steps, ..DriftingZipf::new(layers, experts, 7) };
     let args = Arc::new(args);
     let mut ranks = Vec::new();
+    let tensors = tensors(args.expert_floats as u64, experts as u32);
+    let kind = if args.counts == "physical" { counts_kind::PHYSICAL } else { counts_kind::LOCAL };
     for r in 0..n {
-        let layout = Layout::packed(layers, spr, experts, n, r, args.ring_len, &[("w", "f32", &[args.expert_floats])]);
+        let shape = Shape {
+            num_layers: layers,
+            slots_per_rank: spr,
+            num_logical: experts,
+            world_size: n,
+            rank: r,
+            ring_len: args.ring_len,
+            counts_kind: kind,
+        };
+        let layout = Layout::host(&shape, &tensors);
         let rank = EngineRank::create(&args.name, &layout, &initial, fill).unwrap_or_else(|e| {
             eprintln!("eplb-fake-engine: rank {r}: {e}");
             std::process::exit(2)
@@ -110,8 +134,13 @@ fn main() {
             std::thread::spawn(move || {
                 let mut applies = Vec::new();
                 let mut wrong = 0u64;
+                let globals = rank.global_bytes();
+                let mut globals_changed = 0u64;
                 let deadline = std::time::Instant::now() + Duration::from_secs_f64(args.wait_sidecar);
-                while rank.region.get(off::SIDECAR_STATE) != sidecar_state::ATTACHED
+                // Attached, and past its set-up: its first heartbeat comes from its loop, once it has
+                // fixed the first step it reads (so no step runs before the sidecar reads it).
+                while !(rank.region.get(off::SIDECAR_STATE) == sidecar_state::ATTACHED
+                    && rank.region.get(off::SIDECAR_HEARTBEAT_NS) != 0)
                     && std::time::Instant::now() < deadline
                 {
                     rank.beat();
@@ -129,6 +158,9 @@ fn main() {
                             }
                         }
                     }
+                    if args.table_fault_at_step == Some(t) {
+                        rank.set_table_fault(1);
+                    }
                     let (have, cmd) = rank.have(t);
                     haves.lock().expect("lock")[r] = have;
                     barrier.wait();
@@ -140,6 +172,7 @@ fn main() {
                     if let Decision::Applied { layer, epoch, .. } = rank.decide(t, cmd, min, max) {
                         applies.push(json!({"layer": layer, "step": t, "epoch": epoch}));
                         wrong += check(&rank, layer, r, spr);
+                        globals_changed += changed(&globals, &rank.global_bytes());
                     }
                     // The forward pass: the load routed on this rank's own placement.
                     let phy2log =
@@ -147,7 +180,11 @@ fn main() {
                             .expect("shape");
                     let placement = Placement::from_phy2log(phy2log, experts).expect("a valid placement");
                     let global = load.step(t as usize);
-                    let counts = slot_loads(global.view(), &placement, r, spr);
+                    let counts = if args.counts == "physical" {
+                        physical_counts(global.view(), &placement, spr, r)
+                    } else {
+                        slot_loads(global.view(), &placement, r, spr)
+                    };
                     let ph = if args.alternate_phases && t % 2 == 0 { phase::PREFILL } else { phase::DECODE };
                     // Every rank waits for the most loaded GPU of each layer.
                     let par_sum: u128 = (0..layers)
@@ -167,15 +204,17 @@ fn main() {
                 for layer in 0..layers {
                     wrong += check(&rank, layer, r, spr);
                 }
+                globals_changed += changed(&globals, &rank.global_bytes());
                 barrier.wait();
                 rank.finish();
-                (applies, wrong, rank.phy2log().to_vec())
+                (applies, wrong, rank.phy2log().to_vec(), globals_changed)
             })
         })
         .collect();
     let results: Vec<_> = handles.into_iter().map(|h| h.join().expect("an engine rank panicked")).collect();
     let applies: Vec<&Vec<serde_json::Value>> = results.iter().map(|r| &r.0).collect();
     let wrong: u64 = results.iter().map(|r| r.1).sum();
+    let globals_changed: u64 = results.iter().map(|r| r.3).sum();
     // A layer switch (layer, epoch) whose step differs between ranks, or that some rank lacks.
     let mut disagreements = 0;
     for a in applies[0].iter() {
@@ -194,6 +233,8 @@ fn main() {
         "wrong_bytes": wrong,
         "outputs_match": wrong == 0,
         "placements_agree": results.iter().all(|r| r.2 == results[0].2),
+        "tensors_per_layer": tensors.len(),
+        "global_bytes_changed": globals_changed,
     });
     if let Some(path) = &args.report {
         if let Err(e) = std::fs::write(path, serde_json::to_string_pretty(&report).unwrap_or_default()) {
@@ -202,7 +243,37 @@ fn main() {
         }
     }
     println!("{report}");
-    std::process::exit(if wrong == 0 && disagreements == 0 { 0 } else { 1 });
+    std::process::exit(if wrong == 0 && disagreements == 0 && globals_changed == 0 { 0 } else { 1 });
+}
+
+/// The tensors of one layer: three per-expert tensors (one with padded rows) and a global one.
+fn tensors(expert_floats: u64, experts: u32) -> Vec<TensorDesc> {
+    vec![
+        TensorDesc::expert("w13_weight", "f32", 4 * expert_floats),
+        TensorDesc::expert("w13_weight_scale_inv", "f32", 12).strided(32),
+        TensorDesc::global("w13_input_scale", "f32", 4, experts),
+        TensorDesc::expert("w2_weight", "f8e4m3", expert_floats),
+    ]
+}
+
+/// Rank `rank`'s view of every physical slot's load (`counts_kind` 1), `[layers, num_physical]`:
+/// the pairs it routed there. Every rank routes its share of the step's tokens: slot `p`'s load
+/// `L` is split as `L / ranks`, plus one for the first `L % ranks` ranks, so the ranks' views sum
+/// to the slot's load exactly.
+fn physical_counts(global: ndarray::ArrayView2<u64>, placement: &Placement, spr: usize, rank: usize) -> Array2<u64> {
+    let ranks = (placement.num_replicas() / spr) as u64;
+    let mut out = Array2::zeros((global.nrows(), placement.num_replicas()));
+    for r in 0..ranks as usize {
+        let local = slot_loads(global, placement, r, spr);
+        out.slice_mut(ndarray::s![.., r * spr..(r + 1) * spr]).assign(&local);
+    }
+    out.mapv_inplace(|l| l / ranks + u64::from((rank as u64) < l % ranks));
+    out
+}
+
+/// Bytes of `now` that differ from `before`.
+fn changed(before: &[u8], now: &[u8]) -> u64 {
+    before.iter().zip(now).filter(|(a, b)| a != b).count() as u64 + before.len().abs_diff(now.len()) as u64
 }
 
 /// Bytes of `layer`'s live slots on rank `r` that are not the expert its placement names.
@@ -214,7 +285,7 @@ fn check(rank: &EngineRank, layer: usize, r: usize, spr: usize) -> u64 {
         .map(|k| {
             let e = rank.phy2log()[layer * p + r * spr + k] as usize;
             fill(layer, e, &mut want);
-            rank.live(layer, k).iter().zip(&want).filter(|(a, b)| a != b).count() as u64
+            changed(&want, &rank.live(layer, k))
         })
         .sum()
 }

@@ -78,6 +78,11 @@ pub trait Engine {
     fn store(&mut self) -> &mut dyn ExpertStore;
     /// The same, read-only.
     fn store_ref(&self) -> &dyn ExpertStore;
+    /// Whether the engine's global tensors are as they were when the run started (`None`: it
+    /// has none). Local to this rank.
+    fn globals_unchanged(&mut self) -> Result<Option<bool>, EngineError> {
+        Ok(None)
+    }
 }
 
 /// SplitMix64's finaliser: a bijective 64-bit mix (Steele, Lea and Flood, 2014).
@@ -117,28 +122,37 @@ pub fn pattern_word_seeded(seed: u64, word: u64) -> u64 {
     splitmix64(seed ^ word)
 }
 
-/// Writes logical expert `expert`'s weights of layer `layer` into `buf` (a multiple of 8 bytes;
-/// word `i` is [`pattern_word`]`(layer, expert, i)`, little-endian).
+/// Writes logical expert `expert`'s weights of layer `layer` into `buf`: word `i` (bytes
+/// `8i..8i+8`) is [`pattern_word`]`(layer, expert, i)`, little-endian; a tail shorter than a word
+/// holds the low bytes of its word (an expert of contract 2 is any number of bytes).
 pub fn fill_expert(buf: &mut [u8], layer: usize, expert: usize) {
     let seed = expert_seed(layer, expert);
-    for (i, w) in buf.chunks_exact_mut(8).enumerate() {
-        w.copy_from_slice(&pattern_word_seeded(seed, i as u64).to_le_bytes());
+    for (i, w) in buf.chunks_mut(8).enumerate() {
+        let n = w.len();
+        w.copy_from_slice(&pattern_word_seeded(seed, i as u64).to_le_bytes()[..n]);
     }
 }
 
 /// Bytes of `buf` that differ from logical expert `expert`'s weights of layer `layer`.
 pub fn wrong_bytes(buf: &[u8], layer: usize, expert: usize) -> u64 {
     let seed = expert_seed(layer, expert);
-    let words = buf.chunks_exact(8).enumerate().map(|(i, w)| {
-        let diff = u64::from_le_bytes(w.try_into().expect("8 bytes")) ^ pattern_word_seeded(seed, i as u64);
-        if diff == 0 {
-            0
-        } else {
-            diff.to_le_bytes().iter().filter(|&&b| b != 0).count() as u64
-        }
-    });
-    // A tail shorter than a word cannot hold the pattern: every byte of it counts as wrong.
-    words.sum::<u64>() + (buf.len() % 8) as u64
+    let diff_bytes =
+        |diff: u64| if diff == 0 { 0 } else { diff.to_le_bytes().iter().filter(|&&b| b != 0).count() as u64 };
+    let chunks = buf.chunks_exact(8);
+    let tail = chunks.remainder();
+    let whole = chunks.len();
+    let words: u64 = chunks
+        .enumerate()
+        .map(|(i, w)| {
+            diff_bytes(u64::from_le_bytes(w.try_into().expect("8 bytes")) ^ pattern_word_seeded(seed, i as u64))
+        })
+        .sum();
+    // A tail shorter than a word is compared with the low bytes of its word.
+    let mut word = [0u8; 8];
+    word[..tail.len()].copy_from_slice(tail);
+    let want = pattern_word_seeded(seed, whole as u64)
+        & (u64::MAX >> (8 * (8 - tail.len()) % 64)).wrapping_mul(u64::from(!tail.is_empty()));
+    words + diff_bytes(u64::from_le_bytes(word) ^ want)
 }
 
 #[cfg(test)]
@@ -156,6 +170,14 @@ mod tests {
         buf[13] ^= 0x40;
         buf[40] ^= 0xff;
         assert_eq!(wrong_bytes(&buf, 1, 2), 2);
+        // Any length: a tail holds the low bytes of its word.
+        let mut odd = vec![0u8; 13];
+        fill_expert(&mut odd, 1, 2);
+        assert_eq!(&odd[..8], &pattern_word(1, 2, 0).to_le_bytes());
+        assert_eq!(&odd[8..], &pattern_word(1, 2, 1).to_le_bytes()[..5]);
+        assert_eq!(wrong_bytes(&odd, 1, 2), 0);
+        odd[12] ^= 1;
+        assert_eq!(wrong_bytes(&odd, 1, 2), 1);
     }
 
     #[test]

@@ -83,19 +83,25 @@ pub fn slot_loads(global: ArrayView2<u64>, placement: &Placement, rank: usize, s
     out
 }
 
-/// A rank's contribution to the global load: its slots' counts summed per logical expert,
-/// `[layers, num_logical]`; `placement` is the placement the counts were taken on.
+/// A rank's contribution to the global load: its counts summed per logical expert,
+/// `[layers, num_logical]`; `placement` is the placement the counts were taken on. `slots` is
+/// either `[layers, slots_per_rank]`, the counts of this rank's own slots (contract
+/// `counts_kind` 0: column `k` is physical slot `rank * slots_per_rank + k`), or `[layers,
+/// num_physical]`, this rank's view of every physical slot (`counts_kind` 1: column `p` is
+/// physical slot `p`). Summed over the ranks, either gives the global per-physical load, and so
+/// the same logical load (with one rank the two shapes coincide, and so do their meanings).
 pub fn logical_from_slots(
     slots: ArrayView2<u64>,
     placement: &Placement,
     rank: usize,
     num_logical: usize,
 ) -> Array2<u64> {
-    let (layers, spr) = slots.dim();
+    let (layers, cols) = slots.dim();
+    let first = if cols == placement.num_replicas() { 0 } else { rank * cols };
     let mut out = Array2::<u64>::zeros((layers, num_logical));
     for layer in 0..layers {
-        for k in 0..spr {
-            let e = placement.phy2log[[layer, rank * spr + k]];
+        for k in 0..cols {
+            let e = placement.phy2log[[layer, first + k]];
             out[[layer, e]] += slots[[layer, k]];
         }
     }
@@ -105,6 +111,25 @@ pub fn logical_from_slots(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn local_and_physical_counts_give_the_same_logical_load() {
+        // 2 ranks x 3 slots. Local counts: each rank its own slots. Physical counts: each rank its
+        // view of all 6 slots (what it routed there); the ranks' views sum to the slots' loads.
+        let p = Placement::from_phy2log(ndarray::arr2(&[[0, 1, 0, 2, 0, 1]]), 3).unwrap();
+        let slots = [4u64, 7, 3, 3, 3, 2];
+        let local: Vec<Array2<u64>> = (0..2)
+            .map(|r| ndarray::Array2::from_shape_vec((1, 3), slots[r * 3..r * 3 + 3].to_vec()).unwrap())
+            .collect();
+        let view0 = ndarray::arr2(&[[1u64, 7, 0, 3, 1, 2]]);
+        let view1 = ndarray::arr2(&[[3u64, 0, 3, 0, 2, 0]]);
+        let sum = |a: Array2<u64>, b: Array2<u64>| a + b;
+        let from_local =
+            sum(logical_from_slots(local[0].view(), &p, 0, 3), logical_from_slots(local[1].view(), &p, 1, 3));
+        let from_physical = sum(logical_from_slots(view0.view(), &p, 0, 3), logical_from_slots(view1.view(), &p, 1, 3));
+        assert_eq!(from_local, ndarray::arr2(&[[10, 9, 3]]));
+        assert_eq!(from_physical, from_local);
+    }
 
     #[test]
     fn slot_counts_split_evenly_and_sum_back_to_the_global_load() {

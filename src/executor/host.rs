@@ -1,13 +1,17 @@
 //! The host [`ExpertStore`]: three separate pieces, composed.
-//! * storage: a [`SlotMemory`] (this process's heap, [`HeapSlots`], or an engine's shared memory);
-//! * transport: the [`HostTransport`] (non-blocking MPI point-to-point, chunked);
-//! * verification: a [`Verification`] of the staged bytes: every sender computes a checksum
-//!   over the bytes it sends and sends it after them; the receiver checks what landed.
+//! * storage: a [`SlotMemory`] (this process's heap, [`HeapSlots`], or an engine's shared memory),
+//!   whose experts are rows of per-expert tensors;
+//! * transport: the [`HostTransport`] (non-blocking MPI point-to-point, chunked): one message per
+//!   moved expert, its rows gathered in table order by the sender and scattered into the staging
+//!   rows by the receiver;
+//! * verification: a [`Verification`] of the staged bytes through the shared [`Verifier`]: every
+//!   sender computes a checksum over the bytes it sends and sends it after them; the receiver
+//!   checks what landed.
 
 use std::time::Instant;
 
 use super::memory::{HeapSlots, SlotMemory};
-use super::verify::{checksum, Verification};
+use super::verify::{checksum, Verification, Verifier};
 use super::{Commit, ExecError, ExpertStore, RankMigration, StageTiming};
 use crate::collective::host::{HostTransport, Message};
 use crate::engine::{fill_expert, wrong_bytes};
@@ -18,11 +22,7 @@ pub struct HostStore<M: SlotMemory> {
     memory: M,
     transport: HostTransport,
     verification: Verification,
-    /// `[slots_per_rank]`: the checksum its sender computed for each staged slot.
-    sent: Vec<u64>,
-    /// `live_sums[layer][slot]`: checksums of the live slots, taken at the first
-    /// [`ExpertStore::verify_live`] and kept up to date by every commit (checksum-only stores).
-    live_sums: Vec<Option<Vec<u64>>>,
+    verifier: Verifier,
     /// Fault injection (tests): flip a byte of the next staged slot.
     corrupt_next_stage: bool,
 }
@@ -33,11 +33,17 @@ pub type HostExpertStore = HostStore<HeapSlots>;
 impl HostStore<HeapSlots> {
     /// A store whose live slots hold `experts[layer][slot]` (this rank's part of `phy2log`), filled
     /// with each expert's weights ([`fill_expert`]), verified by their pattern. `expert_bytes` must
-    /// be a positive multiple of 8.
+    /// be a positive multiple of 8 (the GPU store's pattern kernels work in 8-byte words, and the
+    /// synthetic engine's flag is the same on both).
     pub fn new(transport: HostTransport, expert_bytes: usize, experts: &[Vec<usize>]) -> Result<Self, ExecError> {
         let slots_per_rank = experts.first().map_or(0, Vec::len);
         if experts.iter().any(|e| e.len() != slots_per_rank) {
             return Err(ExecError::Other("the host store needs the same number of slots in every layer".into()));
+        }
+        if !expert_bytes.is_multiple_of(8) {
+            return Err(ExecError::Other(format!(
+                "expert size {expert_bytes} B (--expert-bytes) is not a positive multiple of 8"
+            )));
         }
         let mut memory = HeapSlots::new(experts.len(), slots_per_rank, expert_bytes);
         for (layer, row) in experts.iter().enumerate() {
@@ -59,14 +65,12 @@ impl HostStore<HeapSlots> {
 }
 
 impl<M: SlotMemory> HostStore<M> {
-    /// A store over `memory`. Its expert size must be a positive multiple of 8 and its slots fit
-    /// the transport's tags.
+    /// A store over `memory`. Its expert size must be positive and its slots fit the transport's
+    /// tags.
     pub fn with_memory(memory: M, transport: HostTransport, verification: Verification) -> Result<Self, ExecError> {
         let eb = memory.expert_bytes();
-        if eb == 0 || !eb.is_multiple_of(8) {
-            return Err(ExecError::Other(format!(
-                "expert size {eb} B (--expert-bytes) is not a positive multiple of 8"
-            )));
+        if eb == 0 {
+            return Err(ExecError::Other("the expert size is 0 bytes".into()));
         }
         if memory.slots_per_rank() > HostTransport::MAX_TAG as usize + 1 {
             return Err(ExecError::Other(format!(
@@ -74,19 +78,16 @@ impl<M: SlotMemory> HostStore<M> {
                 HostTransport::MAX_TAG + 1
             )));
         }
-        let (layers, spr) = (memory.num_layers(), memory.slots_per_rank());
-        Ok(HostStore {
-            memory,
-            transport,
-            verification,
-            sent: vec![0; spr],
-            live_sums: vec![None; layers],
-            corrupt_next_stage: false,
-        })
+        let verifier = Verifier::new(memory.num_layers(), memory.slots_per_rank(), eb);
+        Ok(HostStore { memory, transport, verification, verifier, corrupt_next_stage: false })
     }
 
     pub fn memory(&self) -> &M {
         &self.memory
+    }
+
+    pub fn memory_mut(&mut self) -> &mut M {
+        &mut self.memory
     }
 }
 
@@ -102,43 +103,53 @@ impl<M: SlotMemory> ExpertStore for HostStore<M> {
     fn stage(&mut self, m: &RankMigration) -> Result<StageTiming, ExecError> {
         let start = Instant::now();
         let eb = self.memory.expert_bytes();
-        // Tags are the destination slot: unique per (source, destination) pair within a layer.
+        // One message per moved expert: the sender gathers its rows (in table order) into one
+        // buffer, the receiver scatters them into the staging rows. Tags are the destination
+        // slot: unique per (source, destination) pair within a layer.
         let sends: Vec<Message> = m
             .sends
             .iter()
-            .map(|t| Message { peer: t.dst_rank, tag: t.dst_slot as i32, offset: t.src_slot * eb, len: eb })
+            .enumerate()
+            .map(|(i, t)| Message { peer: t.dst_rank, tag: t.dst_slot as i32, offset: i * eb, len: eb })
             .collect();
         let recvs: Vec<Message> = m
             .recvs
             .iter()
-            .map(|t| Message { peer: t.src_rank, tag: t.dst_slot as i32, offset: t.dst_slot * eb, len: eb })
+            .enumerate()
+            .map(|(i, t)| Message { peer: t.src_rank, tag: t.dst_slot as i32, offset: i * eb, len: eb })
             .collect();
-        let range = |slot: usize| slot * eb..(slot + 1) * eb;
-        let (live, staging) = self.memory.live_and_staging(m.layer)?;
-        self.transport.exchange(live, &sends, staging, &recvs)?;
+        let mut out = vec![0u8; m.sends.len() * eb];
+        for (i, t) in m.sends.iter().enumerate() {
+            self.memory.gather_live(m.layer, t.src_slot, &mut out[i * eb..(i + 1) * eb])?;
+        }
+        let mut inbox = vec![0u8; m.recvs.len() * eb];
+        self.transport.exchange(&out, &sends, &mut inbox, &recvs)?;
         // The checksums of the bytes sent, 8 bytes per transfer, after the bytes themselves: the
         // same (peer, tag) pairs, and MPI delivers the messages of one pair in the order sent.
-        let sums: Vec<u8> = m.sends.iter().flat_map(|t| checksum(&live[range(t.src_slot)]).to_le_bytes()).collect();
+        let sums: Vec<u8> = out.chunks_exact(eb.max(1)).flat_map(|e| checksum(e).to_le_bytes()).collect();
         let sum_msg = |i: usize, m: &Message| Message { offset: 8 * i, len: 8, ..*m };
         let sum_sends: Vec<Message> = sends.iter().enumerate().map(|(i, m)| sum_msg(i, m)).collect();
         let sum_recvs: Vec<Message> = recvs.iter().enumerate().map(|(i, m)| sum_msg(i, m)).collect();
         let mut got = vec![0u8; 8 * recvs.len()];
         self.transport.exchange(&sums, &sum_sends, &mut got, &sum_recvs)?;
-        for (t, sum) in m.recvs.iter().zip(crate::collective::le_words(&got)) {
-            self.sent[t.dst_slot] = sum;
+        for ((i, t), sum) in m.recvs.iter().enumerate().zip(crate::collective::le_words(&got)) {
+            self.verifier.expect(t.dst_slot, vec![sum]);
+            self.memory.scatter_staging(t.dst_slot, &inbox[i * eb..(i + 1) * eb]);
         }
+        let mut expert = vec![0u8; eb];
         for c in &m.local_copies {
-            let src = &live[range(c.src_slot)];
-            self.sent[c.dst_slot] = checksum(src);
-            staging[range(c.dst_slot)].copy_from_slice(src);
+            self.memory.gather_live(m.layer, c.src_slot, &mut expert)?;
+            self.verifier.expect(c.dst_slot, vec![checksum(&expert)]);
+            self.memory.scatter_staging(c.dst_slot, &expert);
         }
         for c in &m.staged_copies {
-            self.sent[c.dst_slot] = self.sent[c.src_slot];
-            staging.copy_within(range(c.src_slot), c.dst_slot * eb);
+            self.verifier.expect_copy(c.src_slot, c.dst_slot);
+            self.memory.gather_staging(c.src_slot, &mut expert);
+            self.memory.scatter_staging(c.dst_slot, &expert);
         }
         if self.corrupt_next_stage {
             if let Some(&slot) = m.changed_slots.first() {
-                staging[slot * eb] ^= 0x5a;
+                self.memory.staging_row_mut(0, slot)[0] ^= 0x5a;
                 self.corrupt_next_stage = false;
             }
         }
@@ -146,22 +157,26 @@ impl<M: SlotMemory> ExpertStore for HostStore<M> {
     }
 
     fn verify_staged(&mut self, m: &RankMigration) -> Result<u64, ExecError> {
-        let staging = self.memory.staging();
-        let v = self.verification;
-        Ok(m.changed_slots
-            .iter()
-            .map(|&k| v.staged_wrong(&staging[self.memory.range(k)], m.layer, m.new_experts[k], self.sent[k]))
-            .sum())
+        let mut expert = vec![0u8; self.memory.expert_bytes()];
+        let mut wrong = 0;
+        for &k in &m.changed_slots {
+            self.memory.gather_staging(k, &mut expert);
+            let sent = self.verifier.expected(k).first().copied().unwrap_or(0);
+            wrong += self.verification.staged_wrong(&expert, m.layer, m.new_experts[k], sent);
+        }
+        Ok(wrong)
     }
 
     fn commit(&mut self, m: &RankMigration) -> Result<Commit, ExecError> {
         let commit = self.memory.commit(m)?;
-        if let (Commit::Next | Commit::AtStep(_), Some(Some(sums))) = (&commit, self.live_sums.get_mut(m.layer)) {
-            for &k in &m.changed_slots {
-                sums[k] = self.sent[k];
-            }
+        if matches!(commit, Commit::Next | Commit::AtStep(_)) {
+            self.verifier.committed(m.layer, &m.changed_slots);
         }
         Ok(commit)
+    }
+
+    fn globals_hash(&mut self) -> Result<Option<u64>, ExecError> {
+        Ok(self.memory.globals_hash())
     }
 
     /// The next stage that changes a slot flips one of its bytes.
@@ -172,18 +187,24 @@ impl<M: SlotMemory> ExpertStore for HostStore<M> {
     /// The pattern where the weights have one; otherwise the live slots must still have the
     /// checksums they had at the first call, or that their last commit gave them.
     fn verify_live(&mut self, layer: usize, experts: &[usize]) -> Result<u64, ExecError> {
-        let live = self.memory.live(layer)?;
         let spr = self.memory.slots_per_rank();
-        let slot = |k: usize| &live[self.memory.range(k)];
+        let mut expert = vec![0u8; self.memory.expert_bytes()];
         match self.verification {
             Verification::ChecksumAndPattern => {
-                Ok(experts.iter().enumerate().take(spr).map(|(k, &e)| wrong_bytes(slot(k), layer, e)).sum())
+                let mut wrong = 0;
+                for (k, &e) in experts.iter().enumerate().take(spr) {
+                    self.memory.gather_live(layer, k, &mut expert)?;
+                    wrong += wrong_bytes(&expert, layer, e);
+                }
+                Ok(wrong)
             }
             Verification::Checksum => {
-                let now: Vec<u64> = (0..spr).map(|k| checksum(slot(k))).collect();
-                let eb = self.memory.expert_bytes() as u64;
-                let known = self.live_sums[layer].get_or_insert_with(|| now.clone());
-                Ok(known.iter().zip(&now).filter(|(a, b)| a != b).count() as u64 * eb)
+                let mut now = Vec::with_capacity(spr);
+                for k in 0..spr {
+                    self.memory.gather_live(layer, k, &mut expert)?;
+                    now.push(vec![checksum(&expert)]);
+                }
+                Ok(self.verifier.live_wrong(layer, now))
             }
         }
     }

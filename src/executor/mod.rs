@@ -12,11 +12,15 @@
 //! Steps 1-4 are [`stage_layer`]; step 5 is the caller's, which owns the live placement
 //! (`crate::run::live`); [`migrate_layer`] does all five for callers without one.
 //!
-//! Steps 2, 3 and 5 belong to the store, which knows where the weights live. The host store is
+//! Steps 2, 3 and 5 belong to the store, which knows where the weights live. An expert is row `s`
+//! of every per-expert tensor of its layer ([`memory::ExpertRows`], contract 2). The host store is
 //! three separate pieces: storage ([`memory::SlotMemory`]), transport
-//! ([`crate::collective::host::HostTransport`]) and verification ([`verify::Verification`]); the
-//! GPU store (`crate::gpu::store`) is GPU memory, NCCL and a checksum kernel.
+//! ([`crate::collective::host::HostTransport`]) and verification ([`verify::Verification`] and the
+//! shared [`verify::Verifier`]); the GPU store (`crate::gpu::store`) is GPU memory, NCCL and a
+//! checksum kernel, with the same [`verify::Verifier`]. Every store is built in one place,
+//! [`factory`], from where the weights live and the transport.
 
+pub mod factory;
 pub mod host;
 pub mod memory;
 pub mod plan;
@@ -25,7 +29,7 @@ pub mod verify;
 pub use host::{HostExpertStore, HostStore};
 pub use memory::{EngineSwitch, HeapSlots, SlotMemory};
 pub use plan::{LayerMigration, LocalCopy, RankMigration, Transfer};
-pub use verify::Verification;
+pub use verify::{Verification, Verifier};
 
 use std::time::Instant;
 
@@ -114,6 +118,11 @@ pub trait ExpertStore {
     /// Test hook: the next [`ExpertStore::stage`] flips staged bytes, so that verification must
     /// fail and nothing may be committed.
     fn corrupt_next_stage(&mut self);
+    /// A hash of the engine's global tensors (never moved, never written by eplb), to prove them
+    /// untouched: `None` when the store has none.
+    fn globals_hash(&mut self) -> Result<Option<u64>, ExecError> {
+        Ok(None)
+    }
 }
 
 /// What one layer's migration did, over all ranks.

@@ -19,7 +19,9 @@ use std::ffi::CString;
 use cudarc::driver::{result, sys};
 
 use super::GpuError;
-use crate::engine::shm::region::{IpcHandle, IpcWeights};
+use crate::engine::shm::apply::expert_rows;
+use crate::engine::shm::region::{IpcHandle, Layout};
+use crate::executor::memory::ExpertRows;
 
 /// The ordinal (in this process's view) of the GPU with PCI bus id `bus_id`, checked against
 /// `uuid` (all zeros: not checked).
@@ -71,8 +73,8 @@ pub struct IpcMapping {
 }
 
 impl IpcMapping {
-    /// Opens `h` in the current context (the engine's GPU) and checks that the tensor behind it
-    /// (`offset`, `bytes`) lies inside the allocation.
+    /// Opens `h` in the current context (the engine's GPU) and checks that the allocation is at
+    /// least as large as the engine said (the table's extents were checked against that size).
     pub fn open(h: &IpcHandle, index: usize) -> Result<IpcMapping, GpuError> {
         let mut raw = sys::CUipcMemHandle { reserved: [0; 64] };
         for (d, s) in raw.reserved.iter_mut().zip(h.handle.iter()) {
@@ -100,15 +102,11 @@ impl IpcMapping {
         if r != sys::CUresult::CUDA_SUCCESS {
             return Err(GpuError::Cuda { op: "cuMemGetAddressRange", message: format!("IPC handle {index}: {r:?}") });
         }
-        let end = h.offset.saturating_add(h.bytes);
-        if end > mapping.size as u64 {
-            return Err(GpuError::Cuda {
-                op: "cuIpcOpenMemHandle",
-                message: format!(
-                    "IPC handle {index}: the tensor ends at byte {end} of an allocation of {} bytes: the region's IPC table is wrong",
-                    mapping.size
-                ),
-            });
+        if h.bytes > mapping.size as u64 {
+            return Err(GpuError::TooBig(format!(
+                "IPC handle {index}: the engine says its allocation has {} bytes, but the driver maps {}: the region's IPC table is wrong; nothing was moved",
+                h.bytes, mapping.size
+            )));
         }
         Ok(mapping)
     }
@@ -122,25 +120,74 @@ impl Drop for IpcMapping {
     }
 }
 
-/// Every handle of `w` opened: the device pointers of each layer's live slots and of staging.
+/// The rows of one global tensor (never written; hashed to prove it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GlobalRows {
+    pub ptr: sys::CUdeviceptr,
+    pub row_stride: u64,
+    pub row_bytes: usize,
+    pub rows: usize,
+}
+
+/// Every distinct handle of a region opened once: the device addresses of every per-expert
+/// tensor's rows (live layers and staging) and of the global tensors.
 pub struct IpcMemory {
-    /// `live[layer]`: `slots_per_rank * expert_bytes` bytes.
-    pub live: Vec<sys::CUdeviceptr>,
-    pub staging: sys::CUdeviceptr,
+    /// Device addresses of the per-expert rows.
+    pub rows: ExpertRows,
+    pub globals: Vec<GlobalRows>,
     pub mappings: Vec<IpcMapping>,
 }
 
 impl IpcMemory {
-    /// Opens every handle (the engine's GPU context must be current).
-    pub fn open(w: &IpcWeights, num_layers: usize, layer_bytes: u64) -> Result<IpcMemory, GpuError> {
-        let mappings =
-            w.handles.iter().enumerate().map(|(i, h)| IpcMapping::open(h, i)).collect::<Result<Vec<_>, _>>()?;
-        let at = |(i, off): (usize, u64)| mappings[i].base + off;
-        let missing = |what: String| GpuError::Cuda { op: "IPC table", message: format!("{what} has no IPC handle") };
-        let live = (0..num_layers)
-            .map(|l| w.live(l, layer_bytes).map(at).ok_or_else(|| missing(format!("layer {l}"))))
-            .collect::<Result<Vec<_>, _>>()?;
-        let staging = w.staging().map(at).ok_or_else(|| missing("the staging area".into()))?;
-        Ok(IpcMemory { live, staging, mappings })
+    /// Opens every distinct handle of `layout`'s IPC section once (the engine's GPU context must
+    /// be current): handles with the same bytes are one allocation, opened once (a second
+    /// `cuIpcOpenMemHandle` of one allocation in one context fails).
+    pub fn open(layout: &Layout) -> Result<IpcMemory, GpuError> {
+        let w = layout.ipc.as_ref().ok_or(GpuError::Cuda { op: "IPC table", message: "no IPC section".into() })?;
+        let mut mappings: Vec<IpcMapping> = Vec::new();
+        let mut first: std::collections::HashMap<[u8; 64], usize> = std::collections::HashMap::new();
+        let mut which = Vec::with_capacity(w.handles.len());
+        for (i, h) in w.handles.iter().enumerate() {
+            let m = match first.get(&h.handle) {
+                Some(&m) => m,
+                None => {
+                    // A handle that cannot be opened is bad input (exit 2), named by the first
+                    // table entry that lives in it.
+                    let mapping = IpcMapping::open(h, i).map_err(|e| {
+                        let user = (0..layout.tensors.len())
+                            .find(|&j| layout.tensors[j].rows > 0 && layout.tensors[j].handle as usize == i)
+                            .map_or("no table entry".to_string(), |j| layout.entry_name(j));
+                        GpuError::TooBig(format!("tensor table: {user}: field handle {i}: {e}; nothing was moved"))
+                    })?;
+                    mappings.push(mapping);
+                    first.insert(h.handle, mappings.len() - 1);
+                    mappings.len() - 1
+                }
+            };
+            which.push(m);
+        }
+        let base = |handle: u16| mappings[which[handle as usize]].base;
+        let mut rows = expert_rows(layout);
+        let tensors = layout.expert_tensors();
+        for (l, spans) in rows.spans.iter_mut().enumerate() {
+            for (span, &t) in spans.iter_mut().zip(&tensors) {
+                span.at += base(layout.entry(l, t).handle);
+            }
+        }
+        let globals = layout
+            .global_tensors()
+            .into_iter()
+            .flat_map(|t| (0..layout.num_layers).map(move |l| (l, t)))
+            .map(|(l, t)| {
+                let e = layout.entry(l, t);
+                GlobalRows {
+                    ptr: base(e.handle) + e.offset,
+                    row_stride: e.row_stride,
+                    row_bytes: e.row_bytes as usize,
+                    rows: e.rows as usize,
+                }
+            })
+            .collect();
+        Ok(IpcMemory { rows, globals, mappings })
     }
 }

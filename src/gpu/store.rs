@@ -1,7 +1,11 @@
 //! [`DeviceExpertStore`]: a rank's expert weights in GPU memory, moved with NCCL.
 //!
-//! Memory: one buffer per layer of `slots_per_rank x expert_bytes` (the live weights), one
-//! staging buffer of one layer's local slots, and an 8-byte counter. Transfers go in rounds: the
+//! Memory: an expert is row `s` of every per-expert tensor of its layer ([`ExpertRows`]: device
+//! addresses, row sizes and strides; contract 2). The store's own memory is one tensor a layer
+//! (`[slots_per_rank, expert_bytes]` per layer, and a staging buffer of one layer's slots); an
+//! engine's is its table, opened from its IPC handles. A transfer moves every per-expert row of
+//! a changed slot in one NCCL group, straight from the live rows into the staging rows (no
+//! packing copy). Transfers go in rounds: the
 //! layer's global transfer list is cut into groups of `transfers_per_round` transfers (the same
 //! cut on every rank), and each rank posts its sends and receives of a round as one NCCL group,
 //! so no single group is huge and no rank waits on a peer's later group. Each transfer may also
@@ -14,12 +18,16 @@
 //! live at a step boundary.
 //!
 //! Verification ([`GpuCheck`]): the synthetic engine's pattern with the `count_wrong` kernel,
-//! or, for real weights, the sender's checksum: the `checksum` kernel computes, for every expert
-//! a rank sends and for the source of every local copy, an order-independent 64-bit sum
-//! `sum_i splitmix64(word_i ^ splitmix64(i))` (word-parallel, one atomic add per warp, so the
-//! result does not depend on the launch shape); the sender's sums go to their receivers as 8-byte
-//! NCCL messages after the layer's data, in the same rounds; the receiver runs the same kernel
-//! over its staging slots and compares. XXH3 (the host checksum) is sequential within a stripe
+//! or, for real weights, the sender's checksums: the `checksum` kernel computes, for every row of
+//! every expert a rank sends and of the source of every local copy, an order-independent 64-bit
+//! sum `sum_i splitmix64(word_i ^ splitmix64(i))` over the row zero-padded to whole 8-byte words
+//! (word-parallel, one atomic add per warp, so the result does not depend on the launch shape); a
+//! row that is not 8-byte aligned or not a whole number of words is first copied into a zeroed
+//! scratch buffer (stream-ordered), so the sum is a function of the row's bytes alone, whatever
+//! its address. An expert's checksum is the vector of its rows' sums (one per per-expert tensor);
+//! the sender's vectors go to their receivers as one `8 x tensors`-byte NCCL message after the
+//! expert's rows, in the same group; the receiver sums its staging rows and compares, through the
+//! shared [`Verifier`]. XXH3 (the host checksum) is sequential within a stripe
 //! and would not run well on a GPU; the two paths never check each other's sums.
 
 use std::time::Instant;
@@ -27,9 +35,11 @@ use std::time::Instant;
 use cudarc::driver::sys::CUdeviceptr;
 
 use super::device::{DeviceBuffer, Gpu};
-use super::ipc::IpcMemory;
+use super::ipc::{GlobalRows, IpcMemory};
 use super::nccl::{NcclComm, P2p, MAX_OPS_PER_GROUP};
 use super::GpuError;
+use crate::executor::memory::ExpertRows;
+use crate::executor::verify::Verifier;
 use crate::executor::{Commit, EngineSwitch, ExecError, ExpertStore, RankMigration, StageTiming};
 
 /// Where the weights live.
@@ -93,19 +103,20 @@ pub struct DeviceExpertStore {
     nccl: NcclComm,
     drain: DrainOnDrop,
     memory: Memory,
-    /// `live[layer]`: the device address of the layer's slots.
-    live: Vec<CUdeviceptr>,
-    staging: CUdeviceptr,
+    /// Device addresses of every per-expert row, live layers and staging.
+    rows: ExpertRows,
+    /// The engine's global tensors (never written; hashed).
+    globals: Vec<GlobalRows>,
     counter: DeviceBuffer,
-    /// `[3 * slots_per_rank]` u64: the expected sum of each staged slot (the sender's), the sum
-    /// of what landed, and the sums of live slots this rank sends.
+    /// `[3][slots_per_rank][tensors]` u64: the expected sums of each staged slot (the sender's),
+    /// the sums of what landed, and the sums of live slots this rank sends.
     sums: DeviceBuffer,
+    /// One u64 per global tensor.
+    global_sums: DeviceBuffer,
+    /// Zeroed, then a row copied in, for the sums of rows that are not whole aligned words.
+    scratch: DeviceBuffer,
     check: GpuCheck,
-    /// `live_sums[layer][slot]` (checksum stores): taken at the first `verify_live`, updated by
-    /// every commit.
-    live_sums: Vec<Option<Vec<u64>>>,
-    /// The expected sums of the last stage, read back by `verify_staged`.
-    expected: Vec<u64>,
+    verifier: Verifier,
     pub gpu: Gpu,
     slots_per_rank: usize,
     expert_bytes: usize,
@@ -184,15 +195,8 @@ impl DeviceExpertStore {
                 nccl.register(buf.ptr, buf.bytes)?;
             }
         }
-        Self::assemble(
-            gpu,
-            nccl,
-            Memory::Owned { live, staging },
-            slots_per_rank,
-            expert_bytes,
-            tuning,
-            GpuCheck::Pattern,
-        )
+        let rows = ExpertRows::contiguous(initial.len(), slots_per_rank, expert_bytes, |l| live[l].ptr, staging.ptr);
+        Self::assemble(gpu, nccl, Memory::Owned { live, staging }, rows, Vec::new(), tuning, GpuCheck::Pattern)
     }
 
     /// A store over an engine's GPU memory (opened from its IPC handles, on `gpu`, the engine's
@@ -204,50 +208,67 @@ impl DeviceExpertStore {
         nccl: NcclComm,
         memory: IpcMemory,
         switch: Box<dyn EngineSwitch>,
-        slots_per_rank: usize,
-        expert_bytes: usize,
         tuning: NcclTuning,
     ) -> Result<Self, GpuError> {
-        if !expert_bytes.is_multiple_of(8) || expert_bytes == 0 {
-            return Err(GpuError::Cuda {
-                op: "DeviceExpertStore::over_engine",
-                message: format!("expert bytes must be a positive multiple of 8, got {expert_bytes}"),
-            });
-        }
         let tuning = NcclTuning { register: false, ..tuning };
+        let (rows, globals) = (memory.rows.clone(), memory.globals.clone());
         let memory = Memory::Engine { memory, switch };
-        Self::assemble(gpu, nccl, memory, slots_per_rank, expert_bytes, tuning, GpuCheck::Checksum)
+        Self::assemble(gpu, nccl, memory, rows, globals, tuning, GpuCheck::Checksum)
     }
 
     fn assemble(
         gpu: Gpu,
         nccl: NcclComm,
         memory: Memory,
-        slots_per_rank: usize,
-        expert_bytes: usize,
+        rows: ExpertRows,
+        globals: Vec<GlobalRows>,
         tuning: NcclTuning,
         check: GpuCheck,
     ) -> Result<Self, GpuError> {
-        let (live, staging) = match &memory {
-            Memory::Owned { live, staging } => (live.iter().map(|b| b.ptr).collect::<Vec<_>>(), staging.ptr),
-            Memory::Engine { memory, .. } => (memory.live.clone(), memory.staging),
+        let (spr, tensors, expert_bytes) = (rows.slots_per_rank, rows.num_tensors(), rows.expert_bytes());
+        if expert_bytes == 0 || (check == GpuCheck::Pattern && (tensors != 1 || !expert_bytes.is_multiple_of(8))) {
+            return Err(GpuError::Cuda {
+                op: "DeviceExpertStore",
+                message: format!(
+                    "{expert_bytes} bytes an expert in {tensors} tensor(s): the pattern store needs one tensor of a positive multiple of 8 bytes"
+                ),
+            });
+        }
+        // The scratch buffer holds the largest row whose sum cannot be taken in place.
+        let unaligned = |at: u64, stride: u64, bytes: usize| {
+            !at.is_multiple_of(8) || !stride.is_multiple_of(8) || !bytes.is_multiple_of(8)
         };
+        let mut scratch_bytes = 0usize;
+        for spans in &rows.spans {
+            for (t, s) in spans.iter().enumerate() {
+                if unaligned(s.at, s.row_stride, rows.row_bytes[t]) {
+                    scratch_bytes = scratch_bytes.max(rows.row_bytes[t].next_multiple_of(8));
+                }
+            }
+        }
+        for g in &globals {
+            if unaligned(g.ptr, g.row_stride, g.row_bytes) {
+                scratch_bytes = scratch_bytes.max(g.row_bytes.next_multiple_of(8));
+            }
+        }
         let counter = gpu.alloc(8)?;
-        let sums = gpu.alloc(3 * 8 * slots_per_rank.max(1))?;
-        let layers = live.len();
+        let sums = gpu.alloc(3 * 8 * (spr * tensors).max(1))?;
+        let global_sums = gpu.alloc(8 * globals.len().max(1))?;
+        let scratch = gpu.alloc(scratch_bytes)?;
         let store = DeviceExpertStore {
             drain: DrainOnDrop(gpu.stream()),
             memory,
-            live,
-            staging,
+            verifier: Verifier::new(rows.num_layers(), spr, expert_bytes),
+            rows,
+            globals,
             counter,
             sums,
+            global_sums,
+            scratch,
             check,
-            live_sums: vec![None; layers],
-            expected: vec![0; slots_per_rank],
             nccl,
             gpu,
-            slots_per_rank,
+            slots_per_rank: spr,
             expert_bytes,
             tuning,
             corrupt_next_stage: false,
@@ -256,18 +277,49 @@ impl DeviceExpertStore {
         Ok(store)
     }
 
-    /// Device address of byte `offset` of the live slots of `layer`.
-    fn live_at(&self, layer: usize, offset: usize) -> CUdeviceptr {
-        self.live[layer] + offset as u64
+    fn tensors(&self) -> usize {
+        self.rows.num_tensors()
     }
 
-    fn staging_at(&self, offset: usize) -> CUdeviceptr {
-        self.staging + offset as u64
+    /// Queues `*sum += checksum of the row at ptr` (zero-padded to whole words): in place when
+    /// the row is whole aligned words, else through the scratch buffer.
+    fn checksum_row(&self, ptr: CUdeviceptr, bytes: usize, sum: CUdeviceptr) -> Result<(), GpuError> {
+        if ptr.is_multiple_of(8) && bytes.is_multiple_of(8) {
+            return self.gpu.checksum(ptr, bytes, sum);
+        }
+        let padded = bytes.next_multiple_of(8);
+        self.gpu.zero(self.scratch.ptr, padded)?;
+        self.gpu.copy(self.scratch.ptr, ptr, bytes)?;
+        self.gpu.checksum(self.scratch.ptr, padded, sum)
     }
 
-    /// Slot `slot` of one of the three sum arrays.
-    fn sum_at(&self, array: Sums, slot: usize) -> CUdeviceptr {
-        self.sums.ptr + (8 * (array as usize * self.slots_per_rank + slot)) as u64
+    /// Queues the sums of every row of expert `slot` of `layer` (`num_layers`: staging) into
+    /// sum array `array`'s entries of `dst_slot`.
+    fn expert_sums(&self, layer: usize, slot: usize, array: Sums, dst_slot: usize) -> Result<(), GpuError> {
+        for t in 0..self.tensors() {
+            let (ptr, bytes) = self.rows.row(layer, t, slot);
+            self.checksum_row(ptr, bytes, self.sum_at(array, dst_slot, t))?;
+        }
+        Ok(())
+    }
+
+    /// Copies expert `src` of `from_layer` into expert `dst` of `to_layer`, row by row (queued).
+    fn copy_expert(&self, to_layer: usize, dst: usize, from_layer: usize, src: usize) -> Result<(), GpuError> {
+        for t in 0..self.tensors() {
+            let (to, bytes) = self.rows.row(to_layer, t, dst);
+            let (from, _) = self.rows.row(from_layer, t, src);
+            self.gpu.copy(to, from, bytes)?;
+        }
+        Ok(())
+    }
+
+    fn staging_layer(&self) -> usize {
+        self.rows.num_layers()
+    }
+
+    /// Tensor `t` of slot `slot` of one of the three sum arrays.
+    fn sum_at(&self, array: Sums, slot: usize, t: usize) -> CUdeviceptr {
+        self.sums.ptr + (8 * ((array as usize * self.slots_per_rank + slot) * self.tensors() + t)) as u64
     }
 
     /// Connects NCCL to every peer before the first migration: NCCL sets up its point-to-point
@@ -276,11 +328,15 @@ impl DeviceExpertStore {
     /// `size - 1` rounds (round k: to `rank + k`, from `rank - k`), into the staging buffer.
     fn warm_up(&self) -> Result<(), GpuError> {
         let (rank, size) = (self.nccl.rank, self.nccl.size);
-        let (Some(&src), true) = (self.live.first(), self.slots_per_rank > 0) else { return Ok(()) };
+        if self.rows.num_layers() == 0 || self.slots_per_rank == 0 {
+            return Ok(());
+        }
+        let (src, bytes) = self.rows.row(0, 0, 0);
+        let (dst, _) = self.rows.staging_row(0, 0);
         for k in 1..size {
             let ops = [
-                P2p::Send { peer: (rank + k) % size, ptr: src, bytes: self.expert_bytes },
-                P2p::Recv { peer: (rank + size - k) % size, ptr: self.staging, bytes: self.expert_bytes },
+                P2p::Send { peer: (rank + k) % size, ptr: src, bytes },
+                P2p::Recv { peer: (rank + size - k) % size, ptr: dst, bytes },
             ];
             self.nccl.group(&ops, self.gpu.stream())?;
         }
@@ -290,101 +346,92 @@ impl DeviceExpertStore {
     /// Frees the weights (or closes the engine's handles) and gives back the GPU and the
     /// communicator.
     pub fn into_parts(self) -> (Gpu, NcclComm) {
-        let DeviceExpertStore { mut nccl, drain, memory, counter, sums, gpu, .. } = self;
+        let DeviceExpertStore { mut nccl, drain, memory, counter, sums, global_sums, scratch, gpu, .. } = self;
         drop(drain);
         nccl.deregister_all();
-        drop((memory, counter, sums));
+        drop((memory, counter, sums, global_sums, scratch));
         (gpu, nccl)
     }
 
     /// Transfers of the global list per NCCL group: `--nccl-group-mib` worth a rank, but never so
     /// many that one rank could post more than [`MAX_OPS_PER_GROUP`] operations in a group (a
-    /// transfer is one send or one receive of each piece, and of its checksum, for a rank that
-    /// takes part in it).
+    /// transfer is one send or one receive of each piece of each row, and of its checksums, for a
+    /// rank that takes part in it).
     fn transfers_per_round(&self) -> usize {
         let wanted = (self.tuning.group_bytes / self.expert_bytes).max(1) * self.nccl.size;
-        // A checksum store adds one 8-byte message after each transfer.
-        let ops_per_transfer = self.pieces().len().max(1) + usize::from(self.check == GpuCheck::Checksum);
+        let pieces: usize = (0..self.tensors()).map(|t| self.pieces(t).len()).sum();
+        // A checksum store adds one message of the expert's sums after each transfer.
+        let ops_per_transfer = pieces.max(1) + usize::from(self.check == GpuCheck::Checksum);
         wanted.min((MAX_OPS_PER_GROUP / ops_per_transfer).max(1))
     }
 
-    /// The pieces of one transfer: `(offset, bytes)`.
-    fn pieces(&self) -> Vec<(usize, usize)> {
-        let chunk = if self.tuning.chunk_bytes == 0 { self.expert_bytes } else { self.tuning.chunk_bytes };
-        (0..self.expert_bytes).step_by(chunk).map(|o| (o, chunk.min(self.expert_bytes - o))).collect()
+    /// The pieces of one row of tensor `t`: `(offset, bytes)`.
+    fn pieces(&self, t: usize) -> Vec<(usize, usize)> {
+        let rb = self.rows.row_bytes[t];
+        let chunk = if self.tuning.chunk_bytes == 0 { rb } else { self.tuning.chunk_bytes };
+        (0..rb).step_by(chunk.max(1)).map(|o| (o, chunk.min(rb - o))).collect()
     }
 
-    fn slot(&self, k: usize) -> usize {
-        k * self.expert_bytes
-    }
-
-    /// Queues `count_wrong` for `(buffer slot, expert)` pairs and reads the total.
+    /// Queues `count_wrong` for `(slot, expert)` pairs of `layer` (`num_layers`: staging; the
+    /// pattern store's one contiguous tensor) and reads the total.
     fn count_wrong(
         &self,
-        buf: CUdeviceptr,
         layer: usize,
+        pattern_layer: usize,
         slots: impl Iterator<Item = (usize, usize)>,
     ) -> Result<u64, GpuError> {
         self.gpu.zero_u64(self.counter.ptr)?;
         for (k, expert) in slots {
-            self.gpu.count_wrong(buf + self.slot(k) as u64, self.expert_bytes, layer, expert, self.counter.ptr)?;
+            let (ptr, bytes) = self.rows.row(layer, 0, k);
+            self.gpu.count_wrong(ptr, bytes, pattern_layer, expert, self.counter.ptr)?;
         }
         self.gpu.read_u64(self.counter.ptr)
     }
 
-    /// The checksums of `slots` of the slots at `buf`, into sum array `array` (queued).
-    fn checksums(&self, buf: CUdeviceptr, array: Sums, slots: &[usize]) -> Result<(), GpuError> {
-        for &k in slots {
-            self.gpu.checksum(buf + self.slot(k) as u64, self.expert_bytes, self.sum_at(array, k))?;
-        }
-        Ok(())
-    }
-
-    /// Reads sum array `array`.
+    /// Reads sum array `array`: `[slots_per_rank][tensors]`.
     fn read_sums(&self, array: Sums) -> Result<Vec<u64>, GpuError> {
-        let mut out = vec![0u64; self.slots_per_rank];
-        self.gpu.read_u64s(self.sum_at(array, 0), &mut out)?;
+        let mut out = vec![0u64; self.slots_per_rank * self.tensors()];
+        self.gpu.read_u64s(self.sum_at(array, 0, 0), &mut out)?;
         Ok(out)
     }
 
-    /// The checksums of `slots` of the slots at `buf` as they are now (the other slots' are 0),
-    /// computed into [`Sums::Landed`] and read back.
-    fn landed_sums(&self, buf: CUdeviceptr, slots: &[usize]) -> Result<Vec<u64>, GpuError> {
-        self.gpu.zero(self.sum_at(Sums::Landed, 0), 8 * self.slots_per_rank)?;
-        self.checksums(buf, Sums::Landed, slots)?;
-        self.read_sums(Sums::Landed)
+    /// The sums of `slots` of `layer` (`num_layers`: staging) as they are now (the other slots'
+    /// are 0), computed into [`Sums::Landed`] and read back, `[slot][tensor]`.
+    fn landed_sums(&self, layer: usize, slots: &[usize]) -> Result<Vec<Vec<u64>>, GpuError> {
+        self.gpu.zero(self.sum_at(Sums::Landed, 0, 0), 8 * self.slots_per_rank * self.tensors())?;
+        for &k in slots {
+            self.expert_sums(layer, k, Sums::Landed, k)?;
+        }
+        let flat = self.read_sums(Sums::Landed)?;
+        Ok(flat.chunks(self.tensors()).map(<[u64]>::to_vec).collect())
     }
 
     fn stage_inner(&mut self, m: &RankMigration) -> Result<StageTiming, GpuError> {
         let start = Instant::now();
         self.gpu.bind()?;
         let layer = m.layer;
+        let staging = self.staging_layer();
         let checksum = self.check == GpuCheck::Checksum;
+        let tensors = self.tensors();
         if checksum {
             // The sums of what this rank sends and of the sources of its local copies.
             self.gpu.zero(self.sums.ptr, self.sums.bytes)?;
             let mut sent: Vec<usize> = m.sends.iter().map(|t| t.src_slot).collect();
             sent.sort_unstable();
             sent.dedup();
-            self.checksums(self.live[layer], Sums::Sent, &sent)?;
+            for &k in &sent {
+                self.expert_sums(layer, k, Sums::Sent, k)?;
+            }
             for c in &m.local_copies {
-                self.gpu.checksum(
-                    self.live_at(layer, self.slot(c.src_slot)),
-                    self.expert_bytes,
-                    self.sum_at(Sums::Expected, c.dst_slot),
-                )?;
+                self.expert_sums(layer, c.src_slot, Sums::Expected, c.dst_slot)?;
             }
         }
         for c in &m.local_copies {
-            self.gpu.copy(
-                self.staging_at(self.slot(c.dst_slot)),
-                self.live_at(layer, self.slot(c.src_slot)),
-                self.expert_bytes,
-            )?;
+            self.copy_expert(staging, c.dst_slot, layer, c.src_slot)?;
         }
         // Sends and receives merged in the global order, cut into rounds.
         let per_round = self.transfers_per_round();
-        let pieces = self.pieces();
+        let pieces: Vec<Vec<(usize, usize)>> = (0..tensors).map(|t| self.pieces(t)).collect();
         // (seq, local slot, receive?, peer)
         let mut ops: Vec<(usize, usize, bool, usize)> = m
             .recvs
@@ -400,20 +447,23 @@ impl DeviceExpertStore {
             group.clear();
             while i < ops.len() && ops[i].0 / per_round == round {
                 let (_, slot, recv, peer) = ops[i];
-                for &(off, bytes) in &pieces {
-                    group.push(if recv {
-                        P2p::Recv { peer, ptr: self.staging_at(self.slot(slot) + off), bytes }
-                    } else {
-                        P2p::Send { peer, ptr: self.live_at(layer, self.slot(slot) + off), bytes }
-                    });
+                // Every per-expert row of the slot, straight from the live rows into the staging
+                // rows, in table order.
+                for (t, row_pieces) in pieces.iter().enumerate() {
+                    let (ptr, _) = self.rows.row(if recv { staging } else { layer }, t, slot);
+                    for &(off, bytes) in row_pieces {
+                        let ptr = ptr + off as u64;
+                        group.push(if recv { P2p::Recv { peer, ptr, bytes } } else { P2p::Send { peer, ptr, bytes } });
+                    }
                 }
                 if checksum {
-                    // The sender's sum, 8 bytes after the expert, in the same group: NCCL keeps
-                    // the order of one pair's operations.
+                    // The sender's sums, after the rows, in the same group: NCCL keeps the order
+                    // of one pair's operations.
+                    let bytes = 8 * tensors;
                     group.push(if recv {
-                        P2p::Recv { peer, ptr: self.sum_at(Sums::Expected, slot), bytes: 8 }
+                        P2p::Recv { peer, ptr: self.sum_at(Sums::Expected, slot, 0), bytes }
                     } else {
-                        P2p::Send { peer, ptr: self.sum_at(Sums::Sent, slot), bytes: 8 }
+                        P2p::Send { peer, ptr: self.sum_at(Sums::Sent, slot, 0), bytes }
                     });
                 }
                 i += 1;
@@ -421,25 +471,28 @@ impl DeviceExpertStore {
             self.nccl.group(&group, self.gpu.stream())?;
         }
         for c in &m.staged_copies {
-            self.gpu.copy(
-                self.staging_at(self.slot(c.dst_slot)),
-                self.staging_at(self.slot(c.src_slot)),
-                self.expert_bytes,
-            )?;
+            self.copy_expert(staging, c.dst_slot, staging, c.src_slot)?;
             if checksum {
-                self.gpu.copy(self.sum_at(Sums::Expected, c.dst_slot), self.sum_at(Sums::Expected, c.src_slot), 8)?;
+                self.gpu.copy(
+                    self.sum_at(Sums::Expected, c.dst_slot, 0),
+                    self.sum_at(Sums::Expected, c.src_slot, 0),
+                    8 * tensors,
+                )?;
             }
         }
         self.nccl.synchronize(&self.gpu)?;
         if std::mem::take(&mut self.corrupt_next_stage) {
             if let Some(&k) = m.changed_slots.first() {
-                // Overwrite the first 8 bytes with their complement: 8 wrong bytes.
-                let ptr = self.staging_at(self.slot(k));
-                let mut word = [0u64; 1];
-                // SAFETY: `ptr` is inside the staging buffer; the stream is drained.
+                // Overwrite the first bytes (up to 8) of its first row with their complement.
+                let (ptr, bytes) = self.rows.staging_row(0, k);
+                let mut head = vec![0u8; bytes.min(8)];
+                // SAFETY: `ptr` is a staging row of at least `head.len()` bytes; the stream is
+                // drained.
                 unsafe {
-                    cudarc::driver::result::memcpy_dtoh_sync(&mut word[..], ptr)
-                        .and_then(|_| cudarc::driver::result::memcpy_htod_sync(ptr, &[!word[0]]))
+                    cudarc::driver::result::memcpy_dtoh_sync(&mut head[..], ptr).and_then(|_| {
+                        let flipped: Vec<u8> = head.iter().map(|b| !b).collect();
+                        cudarc::driver::result::memcpy_htod_sync(ptr, &flipped[..])
+                    })
                 }
                 .map_err(super::cuda_err("cuMemcpy (fault injection)"))?;
             }
@@ -477,14 +530,18 @@ impl ExpertStore for DeviceExpertStore {
         match self.check {
             GpuCheck::Pattern => {
                 let slots = m.changed_slots.iter().map(|&k| (k, m.new_experts[k]));
-                Ok(self.count_wrong(self.staging, m.layer, slots)?)
+                Ok(self.count_wrong(self.staging_layer(), m.layer, slots)?)
             }
             GpuCheck::Checksum => {
-                let landed = self.landed_sums(self.staging, &m.changed_slots)?;
+                let landed = self.landed_sums(self.staging_layer(), &m.changed_slots)?;
                 let expected = self.read_sums(Sums::Expected)?;
-                let wrong = m.changed_slots.iter().filter(|&&k| expected[k] != landed[k]).count();
-                self.expected = expected;
-                Ok((wrong * self.expert_bytes) as u64)
+                let t = self.tensors();
+                let mut wrong = 0;
+                for &k in &m.changed_slots {
+                    self.verifier.expect(k, expected[k * t..(k + 1) * t].to_vec());
+                    wrong += self.verifier.staged_wrong(k, &landed[k]);
+                }
+                Ok(wrong)
             }
         }
     }
@@ -493,11 +550,7 @@ impl ExpertStore for DeviceExpertStore {
         let commit = match &mut self.memory {
             Memory::Owned { .. } => {
                 for &k in &m.changed_slots {
-                    self.gpu.copy(
-                        self.live_at(m.layer, self.slot(k)),
-                        self.staging_at(self.slot(k)),
-                        self.expert_bytes,
-                    )?;
+                    self.copy_expert(m.layer, k, self.staging_layer(), k)?;
                 }
                 self.gpu.synchronize()?;
                 Commit::Next
@@ -505,15 +558,13 @@ impl ExpertStore for DeviceExpertStore {
             // The engine copies staging into live at the agreed boundary.
             Memory::Engine { switch, .. } => switch.commit(m)?,
         };
-        if let (Commit::Next | Commit::AtStep(_), Some(Some(sums))) = (&commit, self.live_sums.get_mut(m.layer)) {
-            for &k in &m.changed_slots {
-                sums[k] = self.expected[k];
-            }
+        if matches!(commit, Commit::Next | Commit::AtStep(_)) {
+            self.verifier.committed(m.layer, &m.changed_slots);
         }
         Ok(commit)
     }
 
-    /// The next stage flips 8 bytes of its first staged slot.
+    /// The next stage flips the first bytes of its first staged slot.
     fn corrupt_next_stage(&mut self) {
         self.corrupt_next_stage = true;
     }
@@ -522,14 +573,30 @@ impl ExpertStore for DeviceExpertStore {
     /// they had at the first call, or that their last commit gave them.
     fn verify_live(&mut self, layer: usize, experts: &[usize]) -> Result<u64, ExecError> {
         match self.check {
-            GpuCheck::Pattern => Ok(self.count_wrong(self.live[layer], layer, experts.iter().copied().enumerate())?),
+            GpuCheck::Pattern => Ok(self.count_wrong(layer, layer, experts.iter().copied().enumerate())?),
             GpuCheck::Checksum => {
                 let all: Vec<usize> = (0..self.slots_per_rank).collect();
-                let now = self.landed_sums(self.live[layer], &all)?;
-                let known = self.live_sums[layer].get_or_insert_with(|| now.clone());
-                Ok(known.iter().zip(&now).filter(|(a, b)| a != b).count() as u64 * self.expert_bytes as u64)
+                let now = self.landed_sums(layer, &all)?;
+                Ok(self.verifier.live_wrong(layer, now))
             }
         }
+    }
+
+    /// The sums of the engine's global tensors (each row's sum added into its tensor's), mixed
+    /// into one value; `None` without global tensors.
+    fn globals_hash(&mut self) -> Result<Option<u64>, ExecError> {
+        if self.globals.is_empty() {
+            return Ok(None);
+        }
+        self.gpu.zero(self.global_sums.ptr, 8 * self.globals.len())?;
+        for (j, g) in self.globals.iter().enumerate() {
+            for r in 0..g.rows {
+                self.checksum_row(g.ptr + r as u64 * g.row_stride, g.row_bytes, self.global_sums.ptr + 8 * j as u64)?;
+            }
+        }
+        let mut sums = vec![0u64; self.globals.len()];
+        self.gpu.read_u64s(self.global_sums.ptr, &mut sums)?;
+        Ok(Some(sums.iter().fold(0u64, |h, &s| crate::engine::splitmix64(h ^ s))))
     }
 }
 

@@ -200,6 +200,13 @@ pub struct RunArgs {
     /// Every step, every rank checks all its live expert weights (slow; for tests).
     #[arg(long, help_heading = "Executor")]
     pub verify_live_every_step: bool,
+    /// Benchmark mode: every N steps, force a new placement of one layer (the layers in turn)
+    /// inside each rank (its slots rotated, and every other time one redundant replica replaced
+    /// by another expert; every expert stays present), staged, verified and applied through the
+    /// normal protocol. For measuring moves where balance cannot cause any (one GPU, one engine
+    /// rank). Off by default.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..), help_heading = "Executor")]
+    pub force_moves: Option<u64>,
 
     /// The longest a rank waits for the others in a collective, a transfer or a commit; past it,
     /// the rank names the ranks that did not answer and ends the job (exit 1).

@@ -88,7 +88,7 @@ impl Live {
     pub fn commit(
         &mut self,
         store: &mut dyn ExpertStore,
-        manager: &mut Manager,
+        manager: Option<&mut Manager>,
         update: &LayerUpdate,
         staged: &Staged,
     ) -> Result<Committed, CommitError> {
@@ -104,7 +104,9 @@ impl Live {
         if let Some(from_step) = at_step {
             self.ahead.push(Switch { layer: update.layer, from_step, old_row });
         }
-        manager.committed(update);
+        if let Some(manager) = manager {
+            manager.committed(update);
+        }
         Ok(Committed::Applied { at_step })
     }
 }

@@ -145,6 +145,22 @@ impl<'a> Looper<'a> {
     /// The end of the run, on every rank together (collective errors only): the totals, the
     /// summary and the report.
     fn finish(mut self, result: Result<(), RunError>) -> Result<RunOutcome, RunError> {
+        // The engine's global tensors, hashed again: 0 none, 1 unchanged, 2 changed, 3 not known.
+        let globals = match result.as_ref().map(|()| self.engine.globals_unchanged()) {
+            Ok(Ok(None)) | Err(_) => 0u64,
+            Ok(Ok(Some(true))) => 1,
+            Ok(Ok(Some(false))) => 2,
+            Ok(Err(e)) => {
+                eprintln!("eplb-worker run: rank {}: {e}", self.world.rank());
+                3
+            }
+        };
+        let g = self.world.allreduce_u64(&[globals], ReduceOp::Max)?[0];
+        self.output.report.globals_unchanged = match g {
+            0 => None,
+            1 => Some(true),
+            _ => Some(false),
+        };
         let totals = self.world.allreduce_u64(&[self.live_wrong, self.live_checked, self.lost_steps], ReduceOp::Sum)?;
         let r = &mut self.output.report;
         r.wrong_live_bytes = totals[0];
@@ -308,7 +324,14 @@ impl<'a> Looper<'a> {
             }
             // 4. Migrate the next queued layers.
             for update in self.manager.next_layers() {
-                self.migrate(step, &update)?;
+                self.migrate(step, &update, false)?;
+            }
+            if let Some((layer, k)) = self.args.force_moves.and_then(|n| super::force::due(step, n, num_layers)) {
+                let old = self.live.placement().phy2log.row(layer).to_vec();
+                if let Some(new_row) = super::force::forced_row(&old, spr, num_logical, k) {
+                    let update = LayerUpdate { layer, new_row, load: Vec::new(), gain: 0.0, similarity: None, rank: 0 };
+                    self.migrate(step, &update, true)?;
+                }
             }
             if self.args.verify_live_every_step {
                 self.verify_all_live(step)?;
@@ -351,8 +374,9 @@ impl<'a> Looper<'a> {
         Ok(mine.unwrap_or(RunError::PeerEngine { step, ranks: format!("{failed:?}") }))
     }
 
-    /// One layer: derive, stage and verify on every rank, then commit through [`Live`].
-    fn migrate(&mut self, step: usize, update: &LayerUpdate) -> Result<(), RunError> {
+    /// One layer: derive, stage and verify on every rank, then commit through [`Live`]. A
+    /// `forced` move (`--force-moves`) is not the manager's: it is not told.
+    fn migrate(&mut self, step: usize, update: &LayerUpdate, forced: bool) -> Result<(), RunError> {
         let shape = self.run_shape.shape;
         let (rank, spr, gpn) = (self.world.rank(), shape.slots_per_rank(), shape.gpus_per_node());
         let old = self.live.placement().phy2log.row(update.layer).to_vec();
@@ -376,9 +400,13 @@ impl<'a> Looper<'a> {
             }
             Err(source) => return Err(RunError::Exec { step, source }),
         };
-        match self.live.commit(self.engine.store(), &mut self.manager, update, &staged) {
+        let manager = (!forced).then_some(&mut self.manager);
+        match self.live.commit(self.engine.store(), manager, update, &staged) {
             Ok(Committed::Applied { at_step }) => {
                 let stats = LayerStats { seconds: staged.elapsed(), ..staged.stats };
+                if forced {
+                    self.output.report.forced_moves += 1;
+                }
                 if self.manager.config.measure.migration {
                     // The slowest rank's transfers into staging, the same on every rank (every
                     // rank applied); not the wait for the engine's boundary, during which it runs.

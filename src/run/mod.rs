@@ -21,6 +21,7 @@
 //! Decisions depend only on all-reduced data and flags, so every rank takes them at the same step.
 
 pub mod args;
+pub mod force;
 pub mod live;
 mod looper;
 mod output;

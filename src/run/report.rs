@@ -113,6 +113,11 @@ pub struct Report {
     pub lost_steps: u64,
     /// Layer applies an engine cancelled on every rank (nothing changed; re-planned later).
     pub cancelled_applies: u64,
+    /// Whether the engine's global tensors (never moved, never written by eplb) hash at the end
+    /// as they did at attach, on every rank; `None` when the engine lists none.
+    pub globals_unchanged: Option<bool>,
+    /// Layers moved by `--force-moves` (counted in `layers_updated` too).
+    pub forced_moves: u64,
     pub manager: ManagerTimes,
     /// The manager's cost model at the end: the balanced step time and the migration bandwidth,
     /// and how many measured samples each holds (0: the flag or the default).
@@ -163,6 +168,8 @@ impl Report {
             wrong_live_bytes: 0,
             lost_steps: 0,
             cancelled_applies: 0,
+            globals_unchanged: None,
+            forced_moves: 0,
             manager: ManagerTimes::default(),
             cost_model: None,
             final_placement_hash: String::new(),
@@ -223,6 +230,9 @@ impl Report {
                 c.migration_gbps,
                 source(c.migration_samples)
             );
+        }
+        if let Some(same) = self.globals_unchanged {
+            s += &format!("# global tensors unchanged: {}\n", if same { "yes" } else { "NO" });
         }
         if !self.plans_agreed {
             s += "# plans agreed: NO (nothing was moved)\n";

@@ -3,14 +3,14 @@
 
 use std::time::Duration;
 
-use crate::collective::host::HostTransport;
 use crate::collective::{Comm, ReduceOp};
 use crate::engine::shm::region::Layout;
 use crate::engine::shm::{self, ShmEngine, ShmOptions, StartError};
 use crate::engine::synthetic::DriftingZipf;
 use crate::engine::{Engine, LoadSource, SyntheticEngine};
-use crate::executor::{ExecError, ExpertStore, HostExpertStore};
-use crate::gpu::{self, device::Gpu, nccl::NcclComm, store::DeviceExpertStore, store::NcclTuning};
+use crate::executor::factory::{self, Opened, StoreError, StoreSpec, Transport, Weights};
+use crate::executor::{ExecError, ExpertStore};
+use crate::gpu::{self, store::NcclTuning};
 use crate::load::{self, TraceSelect};
 use crate::plan::file;
 use crate::policy::{Placement, PlacementShape};
@@ -66,7 +66,10 @@ pub fn setup(world: &Comm, args: &RunArgs) -> Result<Ready, RunError> {
             let mut engine =
                 ShmEngine::start(attached, world, comm, transport, args.chunk_bytes, tuning).map_err(|e| match e {
                     StartError::Mpi(e) => RunError::Mpi(e),
-                    StartError::Gpu(e) => RunError::Gpu(e),
+                    StartError::Store(e) => store_error(e),
+                    StartError::BadInput(what) => {
+                        RunError::Engine { rank, source: crate::engine::EngineError::BadInput(what) }
+                    }
                     other => RunError::Exec { step: 0, source: ExecError::Other(other.to_string()) },
                 })?;
             if args.fault.contains(&Fault::CorruptTransfer(rank)) {
@@ -248,16 +251,19 @@ fn check_load_memory(args: &RunArgs, layers: usize, experts: usize) -> Result<()
     )?)
 }
 
-/// The expert store `--transport` selects, before the collective part of its set-up.
-pub enum StoreSetup {
-    Ready(Box<dyn ExpertStore>),
-    /// The GPU is open; the NCCL communicator and the device store come once every rank is here.
-    Gpu {
-        gpu: Gpu,
-        comm: Comm,
-        experts: Vec<Vec<usize>>,
-    },
+/// A store's set-up error as a run error.
+fn store_error(e: StoreError) -> RunError {
+    match e {
+        StoreError::Gpu(e) => RunError::Gpu(e),
+        StoreError::Exec(e) => RunError::Exec { step: 0, source: e },
+        StoreError::Mpi(e) => RunError::Mpi(e),
+        StoreError::Config(what) => RunError::Config(what),
+        StoreError::Peers { ranks, code } => RunError::PeerSetup { ranks, code },
+    }
 }
+
+/// The expert store `--transport` selects, before the collective part of its set-up.
+pub type StoreSetup = Opened;
 
 /// The transport every rank uses: `auto` becomes `nccl` only when every rank can use a GPU
 /// (collective over `world` for `auto`).
@@ -276,7 +282,8 @@ pub fn resolve_transport(kind: TransportKind, topo: &Topology, world: &Comm) -> 
 }
 
 /// The local part of the store's set-up, holding `experts[layer][slot]` (this rank's slots):
-/// the host store, or this rank's GPU. `comm` is a communicator of the store's own.
+/// the host store, or this rank's GPU ([`factory::open`]). `comm` is a communicator of the
+/// store's own.
 pub fn make_store(
     args: &RunArgs,
     transport: TransportKind,
@@ -285,40 +292,40 @@ pub fn make_store(
     topo: &Topology,
 ) -> Result<StoreSetup, RunError> {
     let (layers, spr) = (experts.len(), experts.first().map_or(0, Vec::len));
-    if transport == TransportKind::Nccl {
+    let (weights, transport) = if transport == TransportKind::Nccl {
         let gpu = gpu::open_local_gpu(topo.local_rank)?;
-        // Before the NCCL set-up that every peer joins: a store that cannot fit fails here, agreed.
-        DeviceExpertStore::check_fits(&gpu, layers, spr, args.expert_bytes)?;
-        return Ok(StoreSetup::Gpu { gpu, comm, experts: experts.to_vec() });
-    }
-    // The ranks of one host share its memory (all of them when the nodes are faked).
-    let on_host = if topo.faked { topo.world_size } else { topo.local_size };
-    crate::limits::check_host_memory(
-        "the expert weights",
-        crate::limits::product(&[layers + 1, spr, args.expert_bytes, on_host]),
-        &format!(
-            "{on_host} rank(s) on this host x ({layers} layers + staging) x {spr} slots x {} B",
-            args.expert_bytes
-        ),
-        "lower --expert-bytes or the layers, or use fewer ranks a host",
-    )?;
-    let transport = HostTransport::new(comm, args.chunk_bytes);
-    let store = HostExpertStore::new(transport, args.expert_bytes, experts)
-        .map_err(|e| RunError::Config(format!("the host store: {e}")))?;
-    Ok(StoreSetup::Ready(Box::new(store)))
+        let tuning = NcclTuning::from_mib(args.nccl_group_mib, args.nccl_chunk_mib, args.nccl_register);
+        (
+            Weights::Device { gpu, experts: experts.to_vec(), expert_bytes: args.expert_bytes },
+            Transport::Nccl { tuning },
+        )
+    } else {
+        // The ranks of one host share its memory (all of them when the nodes are faked).
+        let on_host = if topo.faked { topo.world_size } else { topo.local_size };
+        crate::limits::check_host_memory(
+            "the expert weights",
+            crate::limits::product(&[layers + 1, spr, args.expert_bytes, on_host]),
+            &format!(
+                "{on_host} rank(s) on this host x ({layers} layers + staging) x {spr} slots x {} B",
+                args.expert_bytes
+            ),
+            "lower --expert-bytes or the layers, or use fewer ranks a host",
+        )?;
+        (
+            Weights::Heap { experts: experts.to_vec(), expert_bytes: args.expert_bytes },
+            Transport::Host { chunk_bytes: args.chunk_bytes },
+        )
+    };
+    factory::open(StoreSpec { weights, transport, comm }).map_err(|e| match e {
+        StoreError::Exec(e) => RunError::Config(format!("the host store: {e}")),
+        other => store_error(other),
+    })
 }
 
 /// The collective part of the store's set-up (every rank calls it): the NCCL communicator, then
-/// the device store with every live slot filled.
+/// the device store with every live slot filled ([`factory::finish`]).
 pub fn finish_store(args: &RunArgs, setup: StoreSetup, rank: usize) -> Result<Box<dyn ExpertStore>, RunError> {
-    let mut store = match setup {
-        StoreSetup::Ready(store) => store,
-        StoreSetup::Gpu { gpu, comm, experts } => {
-            let nccl = NcclComm::bootstrap(&comm)?;
-            let tuning = NcclTuning::from_mib(args.nccl_group_mib, args.nccl_chunk_mib, args.nccl_register);
-            Box::new(DeviceExpertStore::new(gpu, nccl, &experts, args.expert_bytes, tuning)?)
-        }
-    };
+    let mut store = factory::finish(setup).map_err(store_error)?;
     if args.fault.contains(&Fault::CorruptTransfer(rank)) {
         store.corrupt_next_stage();
     }

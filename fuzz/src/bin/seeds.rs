@@ -5,32 +5,54 @@
 
 use std::path::Path;
 
-use eplb::engine::shm::region::{ipc, IpcHandle, IpcWeights, Layout};
+use eplb::engine::shm::region::{counts_kind, round64, IpcHandle, IpcWeights, Layout, Shape, TensorDesc, TensorEntry, HEADER_BYTES};
 
 fn main() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus");
     let mut seeds: Vec<(&str, String, Vec<u8>)> = Vec::new();
     let mut add = |target: &'static str, name: &str, data: Vec<u8>| seeds.push((target, name.to_string(), data));
 
-    // region: packed host layouts, and one with CUDA IPC handles.
-    let two = Layout::packed(2, 4, 6, 2, 1, 16, &[("w13", "bf16", &[8, 16]), ("scale", "f32", &[5])]);
-    add("region", "host-2x4", two.header_bytes(1));
-    let one = Layout::packed(1, 1, 1, 1, 0, 16, &[("w", "u8", &[64])]);
-    add("region", "host-1x1", one.header_bytes(7));
-    let lb = two.layer_bytes();
-    let handle = |role: u32, first_layer: u32, offset: u64, bytes: u64| IpcHandle {
-        handle: [role as u8; 64],
-        role,
-        first_layer,
-        offset,
-        bytes,
+    // region: host layouts (local and physical counts, padded rows, a global tensor) and one with
+    // CUDA IPC handles; the bytes up to the end of the sections (the target pads with zeros).
+    let shape = |num_layers, slots_per_rank, num_logical, world_size, rank, counts_kind| Shape {
+        num_layers,
+        slots_per_rank,
+        num_logical,
+        world_size,
+        rank,
+        ring_len: 16,
+        counts_kind,
     };
-    let with_ipc = two.clone().with_ipc(IpcWeights {
+    let tensors = [
+        TensorDesc::expert("w13_weight", "bf16", 256),
+        TensorDesc::expert("w13_weight_scale_inv", "f32", 12).strided(16),
+        TensorDesc::global("w13_input_scale", "f32", 8, 10),
+        TensorDesc::expert("w2_weight", "f8e4m3", 37),
+    ];
+    let host = Layout::host(&shape(3, 4, 10, 3, 1, counts_kind::LOCAL), &tensors);
+    add("region", "host-3x4", region_image(&host));
+    add("region", "host-1x1-physical", region_image(&Layout::contiguous(&shape(1, 1, 1, 1, 0, counts_kind::PHYSICAL), 64)));
+    let mut next = [0u64; 2];
+    let entries: Vec<TensorEntry> = host
+        .tensors
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            if e.rows == 0 {
+                return TensorEntry { handle: 0, ..e.clone() };
+            }
+            let h = i % 2;
+            let offset = next[h];
+            next[h] += round64((e.extent().1 - e.extent().0) as u64);
+            TensorEntry { offset, handle: h as u16, ..e.clone() }
+        })
+        .collect();
+    let ipc = IpcWeights {
         pci_bus_id: "0000:19:00.0".into(),
         uuid: [7; 16],
-        handles: vec![handle(ipc::ROLE_LIVE, 0, 512, 3 * lb), handle(ipc::ROLE_STAGING, 0, 0, lb)],
-    });
-    add("region", "ipc-2x4", with_ipc.header_bytes(1));
+        handles: (0..2).map(|i| IpcHandle { handle: [i as u8 + 1; 64], bytes: 1 << 20 }).collect(),
+    };
+    add("region", "ipc-3x4", region_image(&Layout::cuda_ipc(&shape(3, 4, 10, 3, 1, counts_kind::LOCAL), entries, ipc)));
 
     // load_csv: one row per layer (with and without a header, fractions, CRLF), per-iteration.
     add("load_csv", "plain", b"1,2,3\n4, 5 ,6\n".to_vec());
@@ -78,6 +100,19 @@ fn main() {
         std::fs::create_dir_all(&dir).expect("create the corpus directory");
         std::fs::write(dir.join(format!("seed-{name}")), data).expect("write a seed");
     }
+}
+
+/// The bytes of a region of `l` up to the end of its header, table and IPC section, as the engine
+/// writes them (the tensors' bytes, zeros here, are not what the sidecar parses).
+fn region_image(l: &Layout) -> Vec<u8> {
+    let table = l.table_bytes();
+    let ipc = l.ipc_bytes();
+    let end = (l.table_offset + table.len()).max(l.ipc_offset + ipc.len()).max(HEADER_BYTES);
+    let mut b = vec![0u8; end];
+    b[..HEADER_BYTES].copy_from_slice(&l.header_bytes(1));
+    b[l.table_offset..l.table_offset + table.len()].copy_from_slice(&table);
+    b[l.ipc_offset..l.ipc_offset + ipc.len()].copy_from_slice(&ipc);
+    b
 }
 
 /// A version-1.0 .npy file of `shape` (as numpy writes it: the header padded to 64 bytes).

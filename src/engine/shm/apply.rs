@@ -6,8 +6,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::region::{ack, engine_state, off, pid_alive, Command, Region};
+use super::region::{ack, engine_state, off, pid_alive, Command, Layout, Region};
 use crate::collective::{Comm, ReduceOp};
+use crate::executor::memory::{ExpertRows, RowSpan};
 use crate::executor::{Commit, EngineSwitch, ExecError, RankMigration, SlotMemory};
 
 /// Tries of one layer's apply before it is dropped (the contract: at most 5).
@@ -116,15 +117,39 @@ pub struct ShmSwitch {
     next_id: u64,
 }
 
-/// The engine's weights and staging area in the region (host weights), and the switch protocol.
+/// The engine's weights and staging area in the region (host weights): rows of the per-expert
+/// tensors of its table, and the switch protocol.
 pub struct ShmSlots {
     region: Arc<Region>,
+    rows: ExpertRows,
     switch: ShmSwitch,
 }
 
+/// Where the per-expert tensors' rows are in `layout` (offsets from the start of the region for
+/// host weights, offsets inside their allocation for IPC weights), live layers and staging.
+pub fn expert_rows(layout: &Layout) -> ExpertRows {
+    let tensors = layout.expert_tensors();
+    let spans = (0..=layout.num_layers)
+        .map(|l| {
+            tensors
+                .iter()
+                .map(|&t| {
+                    let e = layout.entry(l, t);
+                    RowSpan { at: e.offset, row_stride: e.row_stride }
+                })
+                .collect()
+        })
+        .collect();
+    ExpertRows {
+        slots_per_rank: layout.slots_per_rank,
+        row_bytes: tensors.iter().map(|&t| layout.entry(0, t).row_bytes as usize).collect(),
+        spans,
+    }
+}
+
 impl ShmSlots {
-    pub fn new(region: Arc<Region>, comm: Comm, watch: Watch, next_id: u64) -> ShmSlots {
-        ShmSlots { switch: ShmSwitch::new(region.clone(), comm, watch, next_id), region }
+    pub fn new(region: Arc<Region>, switch: ShmSwitch) -> ShmSlots {
+        ShmSlots { rows: expert_rows(&region.layout), switch, region }
     }
 }
 
@@ -153,6 +178,23 @@ impl ShmSwitch {
         }
     }
 
+    /// The contract's `table_fault`, agreed over the ranks (collective): when any engine rank
+    /// found one of its tensors re-allocated, every rank fails (exit 1) and nothing is posted;
+    /// the rank that saw it names the layer and the tensor.
+    pub fn check_table_fault(&self) -> Result<(), ExecError> {
+        let fault = self.region.table_fault();
+        let any = self.comm.allreduce_u64(&[u64::from(fault != 0)], ReduceOp::Max)?[0];
+        if any == 0 {
+            return Ok(());
+        }
+        Err(ExecError::Other(if fault != 0 {
+            table_fault_message(&self.region, self.watch.rank, fault)
+        } else {
+            "another engine rank re-allocated one of its tensors (table_fault; that rank names it): nothing was posted"
+                .into()
+        }))
+    }
+
     /// The ranks whose outcome was `result`, for a message.
     fn ranks_with(&self, result: u64) -> Result<Vec<usize>, ExecError> {
         Ok(self
@@ -167,41 +209,48 @@ impl ShmSwitch {
 }
 
 impl SlotMemory for ShmSlots {
-    fn num_layers(&self) -> usize {
-        self.region.layout.num_layers
+    fn rows(&self) -> &ExpertRows {
+        &self.rows
     }
 
-    fn slots_per_rank(&self) -> usize {
-        self.region.layout.slots_per_rank
-    }
-
-    fn expert_bytes(&self) -> usize {
-        self.region.layout.expert_bytes
-    }
-
-    fn live(&self, layer: usize) -> Result<&[u8], ExecError> {
-        if layer >= self.num_layers() {
-            return Err(crate::executor::memory::out_of_range(layer, self.num_layers()));
+    fn live_row(&self, layer: usize, t: usize, slot: usize) -> Result<&[u8], ExecError> {
+        if layer >= self.rows.num_layers() {
+            return Err(crate::executor::memory::out_of_range(layer, self.rows.num_layers()));
         }
-        Ok(self.region.bytes(self.region.live_offset(layer), self.region.staging_len()))
+        let (at, n) = self.rows.row(layer, t, slot);
+        Ok(self.region.bytes(at as usize, n))
     }
 
-    fn live_and_staging(&mut self, layer: usize) -> Result<(&[u8], &mut [u8]), ExecError> {
-        let live = self.live(layer)?;
-        // SAFETY: the staging area is the sidecar's between the engine's answer to the previous
-        // command (every commit waits for it; attach waits for a pending one) and the next post,
-        // and `&mut self` makes this the only slice of it in this process.
-        let staging = unsafe { self.region.bytes_mut(self.region.layout.staging_offset, self.region.staging_len()) };
-        Ok((live, staging))
+    fn staging_row(&self, t: usize, slot: usize) -> &[u8] {
+        let (at, n) = self.rows.staging_row(t, slot);
+        self.region.bytes(at as usize, n)
     }
 
-    fn staging(&self) -> &[u8] {
-        self.region.bytes(self.region.layout.staging_offset, self.region.staging_len())
+    fn staging_row_mut(&mut self, t: usize, slot: usize) -> &mut [u8] {
+        let (at, n) = self.rows.staging_row(t, slot);
+        // SAFETY: the staging rows are the sidecar's between the engine's answer to the previous
+        // command (every commit waits for it; attach waits for a pending one) and the next post;
+        // the table check proved that no staging row overlaps any other entry, and `&mut self`
+        // makes this the only slice of it in this process.
+        unsafe { self.region.bytes_mut(at as usize, n) }
     }
 
     /// The switch protocol, through [`ShmSwitch`].
     fn commit(&mut self, m: &RankMigration) -> Result<Commit, ExecError> {
         self.switch.commit(m)
+    }
+
+    /// XXH3 of every row of every global tensor of every layer, in table order.
+    fn globals_hash(&self) -> Option<u64> {
+        let l = &self.region.layout;
+        let globals = l.global_tensors();
+        if globals.is_empty() {
+            return None;
+        }
+        let rows = (0..l.num_layers).flat_map(|layer| globals.iter().map(move |&t| l.entry(layer, t))).flat_map(|e| {
+            (0..e.rows as usize).map(move |r| self.region.bytes(e.row_at(r) as usize, e.row_bytes as usize))
+        });
+        Some(crate::executor::verify::checksum_parts(rows))
     }
 }
 
@@ -214,6 +263,8 @@ impl EngineSwitch for ShmSwitch {
         let epoch = self.region.epoch(m.layer).load(std::sync::atomic::Ordering::Acquire) + 1;
         let mut lead = FIRST_LEAD;
         for _ in 0..MAX_TRIES {
+            // After staging, before posting: a re-allocated tensor anywhere stops every rank.
+            self.check_table_fault()?;
             // Agree on the step: ahead of every engine rank's next step.
             let here = self.region.get(off::ENGINE_STEP);
             let apply_step = self.comm.allreduce_u64(&[here], ReduceOp::Max)?[0] + lead;
@@ -267,4 +318,17 @@ impl EngineSwitch for ShmSwitch {
         }
         Ok(Commit::Cancelled(format!("{MAX_TRIES} tries were cancelled or missed")))
     }
+}
+
+/// What a non-zero `table_fault` says: the layer and tensor of the re-allocated entry.
+pub fn table_fault_message(region: &Region, rank: usize, fault: u64) -> String {
+    let l = &region.layout;
+    let entries = (l.num_layers + 1) * l.num_tensors;
+    let what = match usize::try_from(fault - 1).ok().filter(|&i| i < entries) {
+        Some(i) => l.entry_name(i),
+        None => format!("entry {} (not in the table)", fault - 1),
+    };
+    format!(
+        "engine rank {rank}: table_fault {fault}: the engine re-allocated {what} after it published the region (its address changed); the sidecar's view of the weights is stale: nothing was posted. Keep expert tensors in place (no re-allocation) while eplb is attached"
+    )
 }

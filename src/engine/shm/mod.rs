@@ -23,12 +23,12 @@ use std::time::{Duration, Instant};
 use clap::ValueEnum;
 use ndarray::Array2;
 
-use self::apply::{Backoff, Liveness, ShmSlots, ShmSwitch, Watch};
+use self::apply::{Backoff, Liveness, ShmSwitch, Watch};
 use self::region::{off, phase, region_path, sidecar_state, Layout, Region, RingRead};
 use super::{Engine, EngineError, StepCounts};
-use crate::collective::host::HostTransport;
 use crate::collective::{Comm, MpiError, ReduceOp};
-use crate::executor::{ExpertStore, HostStore, Verification};
+use crate::executor::factory::{self, StoreError, StoreSpec, Transport, Weights};
+use crate::executor::ExpertStore;
 use crate::policy::Placement;
 
 /// Which engine steps the balancer plans on.
@@ -160,12 +160,11 @@ pub enum StartError {
     Mpi(#[from] MpiError),
     #[error("the engine ranks hold different placements (hash min {min:016x}, max {max:016x}): the engine's ranks disagree; nothing was moved")]
     Placements { min: u64, max: u64 },
+    /// Bad input the ranks agreed on (exit 2).
     #[error("{0}")]
-    Store(String),
+    BadInput(String),
     #[error(transparent)]
-    Gpu(#[from] crate::gpu::GpuError),
-    #[error("the engine's GPU or its IPC handles could not be opened on sidecar rank(s) {0} (each printed why); nothing was moved")]
-    PeerGpu(String),
+    Store(#[from] StoreError),
 }
 
 /// How often something went wrong, and when to say so: at its 1st, 2nd, 4th, 8th, ...
@@ -193,11 +192,14 @@ pub struct ShmEngine {
     watch: Watch,
     initial: Placement,
     store: Box<dyn ExpertStore>,
+    /// The hash of the engine's global tensors at attach (`None`: it has none).
+    globals: Option<u64>,
     phase: BalancePhase,
     /// The next engine step to read.
     next: u64,
     layers: usize,
-    slots_per_rank: usize,
+    /// Columns of a ring entry's counts: `slots_per_rank` or `num_physical` (`counts_kind`).
+    count_cols: usize,
     /// Steps lost so far.
     lost: Occurrences,
     /// Steps whose reported MoE time was beyond [`MAX_MOE_NS`].
@@ -242,29 +244,42 @@ impl ShmEngine {
         if !agreement.agreed() {
             return Err(StartError::Placements { min: agreement.min, max: agreement.max });
         }
+        // Every rank's counts must mean the same thing, or the all-reduce would add counts of
+        // local slots to counts of physical slots.
+        let kinds: Vec<u64> = world.allgather_u64(&[region.layout.counts_kind as u64])?.iter().map(|k| k[0]).collect();
+        if kinds.iter().any(|&k| k != kinds[0]) {
+            let by_rank: Vec<String> = kinds.iter().enumerate().map(|(r, k)| format!("rank {r}: {k}")).collect();
+            return Err(StartError::BadInput(format!(
+                "the engine ranks write different counts_kind ({}): every rank of a job must record its loads alike; nothing was moved",
+                by_rank.join(", ")
+            )));
+        }
         let l = region.layout.clone();
-        let store: Box<dyn ExpertStore> = match &l.ipc {
-            None => {
-                let memory = ShmSlots::new(region.clone(), comm, watch.clone(), max[1] + 1);
-                let store =
-                    HostStore::with_memory(memory, HostTransport::new(transport, chunk_bytes), Verification::Checksum)
-                        .map_err(|e| StartError::Store(e.to_string()))?;
-                Box::new(store)
-            }
-            Some(ipc) => {
-                let switch = ShmSwitch::new(region.clone(), comm, watch.clone(), max[1] + 1);
-                Box::new(gpu_store(world, &transport, ipc, &l, switch, tuning)?)
-            }
+        let switch = ShmSwitch::new(region.clone(), comm, watch.clone(), max[1] + 1);
+        let spec = match &l.ipc {
+            None => StoreSpec {
+                weights: Weights::Region { region: region.clone(), switch },
+                transport: Transport::Host { chunk_bytes },
+                comm: transport,
+            },
+            Some(_) => StoreSpec {
+                weights: Weights::DeviceIpc { region: region.clone(), switch },
+                transport: Transport::Nccl { tuning },
+                comm: transport,
+            },
         };
+        let mut store = factory::build(world, spec)?;
+        let globals = store.globals_hash().map_err(StoreError::Exec)?;
         Ok(ShmEngine {
             name: opts.name,
             watch,
             initial,
             store,
+            globals,
             phase: opts.phase,
             next: max[0],
             layers: l.num_layers,
-            slots_per_rank: l.slots_per_rank,
+            count_cols: l.count_cols(),
             lost: Occurrences::default(),
             absurd_moe: Occurrences::default(),
             detach: Detach { region: region.clone(), finished: false },
@@ -280,48 +295,15 @@ impl ShmEngine {
     pub fn mark_failed(&self) {
         self.region.set(off::SIDECAR_STATE, sidecar_state::FAILED);
     }
-}
 
-/// The store over the engine's GPU memory (weights_kind 1): this rank opens the engine's GPU
-/// (by PCI bus id) and its IPC handles, the ranks agree that every rank did, then NCCL comes up
-/// over `transport`. Collective over `world` and `transport`.
-fn gpu_store(
-    world: &Comm,
-    transport: &Comm,
-    ipc: &region::IpcWeights,
-    l: &region::Layout,
-    switch: ShmSwitch,
-    tuning: crate::gpu::store::NcclTuning,
-) -> Result<crate::gpu::store::DeviceExpertStore, StartError> {
-    use crate::gpu::{self, device::Gpu, ipc::IpcMemory};
-    let local = gpu::check_cuda().and_then(|()| {
-        let gpu = Gpu::open(gpu::ipc::device_by_pci(&ipc.pci_bus_id, &ipc.uuid)?)?;
-        let memory = IpcMemory::open(ipc, l.num_layers, l.layer_bytes())?;
-        Ok((gpu, memory))
-    });
-    let failed = world.ranks_where(local.is_err())?;
-    let (gpu, memory) = match local {
-        Err(e) => return Err(e.into()),
-        Ok(_) if !failed.is_empty() => return Err(StartError::PeerGpu(format!("{failed:?}"))),
-        Ok(x) => x,
-    };
-    log::info!(
-        "rank {}: the engine's GPU {} ({}), {} IPC handle(s) opened",
-        world.rank(),
-        ipc.pci_bus_id,
-        gpu.name,
-        memory.mappings.len()
-    );
-    let nccl = gpu::nccl::NcclComm::bootstrap(transport)?;
-    Ok(crate::gpu::store::DeviceExpertStore::over_engine(
-        gpu,
-        nccl,
-        memory,
-        Box::new(switch),
-        l.slots_per_rank,
-        l.expert_bytes,
-        tuning,
-    )?)
+    /// The end of the run: the table must still be valid (a re-allocated tensor makes every
+    /// view of the weights stale: exit 1 naming it).
+    fn check_table_fault(&self) -> Result<(), EngineError> {
+        match self.region.table_fault() {
+            0 => Ok(()),
+            fault => Err(EngineError::Failed(apply::table_fault_message(&self.region, self.watch.rank, fault))),
+        }
+    }
 }
 
 impl Engine for ShmEngine {
@@ -331,13 +313,21 @@ impl Engine for ShmEngine {
 
     fn describe(&self) -> String {
         let l = &self.region.layout;
-        let tensors: Vec<String> = l.tensors.iter().map(|t| format!("{} {} {:?}", t.name, t.dtype, t.dims)).collect();
+        let tensors: Vec<String> = (0..l.num_tensors)
+            .map(|t| {
+                let e = l.entry(0, t);
+                let kind = if e.is_expert() { "" } else { " global" };
+                format!("{} {} {} B/row{kind}", e.name, e.dtype, e.row_bytes)
+            })
+            .collect();
         format!(
-            "{} (pid {}, ring {}, expert = {}), balancing {} steps from step {}",
+            "{} (pid {}, ring {}, {} tensors a layer: {}; {} B an expert), balancing {} steps from step {}",
             self.region.path.display(),
             self.watch.pid,
             l.ring_len,
-            tensors.join(" + "),
+            l.num_tensors,
+            tensors.join(", "),
+            l.expert_bytes,
             format!("{:?}", self.phase).to_lowercase(),
             self.next
         )
@@ -369,7 +359,7 @@ impl Engine for ShmEngine {
                     } else {
                         moe_ns
                     };
-                    let slots = Array2::from_shape_vec((self.layers, self.slots_per_rank), counts)
+                    let slots = Array2::from_shape_vec((self.layers, self.count_cols), counts)
                         .map_err(|e| EngineError::Failed(format!("step {t}: {e}")))?;
                     return Ok(Some(StepCounts {
                         engine_step: t,
@@ -387,7 +377,7 @@ impl Engine for ShmEngine {
                             self.watch.rank
                         );
                     }
-                    let slots = Array2::zeros((self.layers, self.slots_per_rank));
+                    let slots = Array2::zeros((self.layers, self.count_cols));
                     return Ok(Some(StepCounts { engine_step: t, slots, balanced: false, lost: true, moe_ns: 0 }));
                 }
                 RingRead::NotYet => match self.watch.check(&self.region).map_err(EngineError::Failed)? {
@@ -396,6 +386,7 @@ impl Engine for ShmEngine {
                         if !matches!(self.region.read_step(t), RingRead::NotYet) {
                             continue;
                         }
+                        self.check_table_fault()?;
                         self.detach.finished = true;
                         return Ok(None);
                     }
@@ -411,6 +402,15 @@ impl Engine for ShmEngine {
 
     fn store_ref(&self) -> &dyn ExpertStore {
         self.store.as_ref()
+    }
+
+    fn globals_unchanged(&mut self) -> Result<Option<bool>, EngineError> {
+        let now =
+            self.store.globals_hash().map_err(|e| EngineError::Failed(format!("hashing the global tensors: {e}")))?;
+        Ok(match (self.globals, now) {
+            (Some(a), Some(b)) => Some(a == b),
+            _ => None,
+        })
     }
 }
 

@@ -1,72 +1,214 @@
-//! The shared-memory region of one engine rank (docs/engine-contract.md, version 1): its byte
-//! layout, the header check, and typed access for both sides (the sidecar here; the engine side
-//! for tests and the Rust fake engine in [`super::writer`]).
+//! The shared-memory region of one engine rank (docs/engine-contract.md, version 2): its byte
+//! layout, the header and tensor-table checks, and typed access for both sides (the sidecar here;
+//! the engine side for tests and the Rust fake engine in [`super::writer`]).
+//!
+//! The header is one `#[repr(C)]` struct, [`Header`], whose field offsets are asserted at compile
+//! time against the contract's table (a C header can be generated from it); the tensor table's
+//! entries are [`TableEntry`]s, 64 bytes each. Both are read and written as little-endian bytes,
+//! never by casting the mapping, so a region from a corrupt or hostile engine is only ever data.
 //!
 //! The file is mapped with `memmap2::MmapRaw` (shared, read-write: the sidecar writes the
-//! mailbox, the staging area and its own header fields). Fields the contract marks atomic are
+//! mailbox, the staging rows and its own header fields). Fields the contract marks atomic are
 //! 8-byte aligned `u64`s accessed as [`AtomicU64`]; the other fields of a ring entry or a command
 //! are read and written with volatile accesses between the loads and stores of their sequence
 //! word, with acquire/release fences (a sequence lock).
 
 use std::fs::{File, OpenOptions};
+use std::mem::offset_of;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{fence, AtomicU64, Ordering};
 
 use memmap2::MmapRaw;
 use thiserror::Error;
 
-/// `EPLBSHM1`, little-endian.
+/// `EPLBSHM1`, little-endian (unchanged from version 1, so that a version-1 region is recognised
+/// and refused by its version rather than by its magic).
 pub const MAGIC: u64 = 0x314d_4853_424c_5045;
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
+/// The minor version of contract version 2 this side writes.
+pub const MINOR_VERSION: u32 = 0;
 pub const HEADER_BYTES: usize = 4096;
-/// Bytes of one tensor table entry, and the most entries.
+/// Bytes of one tensor table entry.
 pub const TENSOR_ENTRY_BYTES: usize = 64;
-pub const MAX_TENSORS: usize = 16;
+/// Tensors a layer: 1 to this many.
+pub const MAX_TENSORS: usize = 64;
 pub const MIN_RING_LEN: usize = 16;
 const ALIGN: u64 = 64;
-/// The minor version of contract version 1 this side writes: 1 added the CUDA IPC weights
-/// (`weights_kind` 1; a reader of minor 0 refuses it, so it stays correct); 2 the measured MoE
-/// time of a step in the ring entry (reserved and 0 before: "not measured" to every reader).
-pub const MINOR_VERSION: u32 = 2;
+
+/// The header: 4096 bytes at offset 0, little-endian. The struct is the layout's definition (its
+/// offsets are asserted below against the contract's table); the region is read and written
+/// through byte offsets ([`off`]), never by casting the mapping.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Header {
+    pub magic: u64,
+    pub version: u32,
+    pub header_bytes: u32,
+    pub num_layers: u32,
+    pub slots_per_rank: u32,
+    pub num_logical: u32,
+    pub world_size: u32,
+    pub rank: u32,
+    pub ring_len: u32,
+    /// Σ `row_bytes` over the per-expert tensors of one layer: the bytes that move with an expert.
+    pub expert_bytes: u64,
+    pub num_tensors: u32,
+    pub weights_kind: u32,
+    pub total_bytes: u64,
+    pub ring_offset: u64,
+    pub ring_entry_bytes: u64,
+    pub placement_offset: u64,
+    pub epochs_offset: u64,
+    pub command_offset: u64,
+    pub table_offset: u64,
+    pub ipc_offset: u64,
+    pub engine_pid: u64,
+    /// Atomic.
+    pub engine_step: u64,
+    pub engine_heartbeat_ns: u64,
+    pub engine_state: u64,
+    pub sidecar_pid: u64,
+    pub sidecar_heartbeat_ns: u64,
+    pub sidecar_state: u64,
+    pub minor_version: u32,
+    pub counts_kind: u32,
+    pub num_handles: u32,
+    pub reserved0: u32,
+    /// Atomic: 0, or `1 + i` when the engine found table entry `i` re-allocated.
+    pub table_fault: u64,
+}
+
+/// One entry of the tensor table (64 bytes).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct TableEntryRaw {
+    pub name: [u8; 24],
+    pub dtype: [u8; 8],
+    pub offset: u64,
+    pub row_stride: u64,
+    pub row_bytes: u64,
+    pub rows: u32,
+    pub kind: u8,
+    pub reserved: u8,
+    pub handle: u16,
+}
+
+/// Byte offsets of the header fields (from [`Header`]), of the mailbox, and inside a ring entry.
+pub mod off {
+    use super::Header;
+    use std::mem::offset_of;
+    pub const MAGIC: usize = offset_of!(Header, magic);
+    pub const VERSION: usize = offset_of!(Header, version);
+    pub const HEADER_BYTES: usize = offset_of!(Header, header_bytes);
+    pub const NUM_LAYERS: usize = offset_of!(Header, num_layers);
+    pub const SLOTS_PER_RANK: usize = offset_of!(Header, slots_per_rank);
+    pub const NUM_LOGICAL: usize = offset_of!(Header, num_logical);
+    pub const WORLD_SIZE: usize = offset_of!(Header, world_size);
+    pub const RANK: usize = offset_of!(Header, rank);
+    pub const RING_LEN: usize = offset_of!(Header, ring_len);
+    pub const EXPERT_BYTES: usize = offset_of!(Header, expert_bytes);
+    pub const NUM_TENSORS: usize = offset_of!(Header, num_tensors);
+    pub const WEIGHTS_KIND: usize = offset_of!(Header, weights_kind);
+    pub const TOTAL_BYTES: usize = offset_of!(Header, total_bytes);
+    pub const RING_OFFSET: usize = offset_of!(Header, ring_offset);
+    pub const RING_ENTRY_BYTES: usize = offset_of!(Header, ring_entry_bytes);
+    pub const PLACEMENT_OFFSET: usize = offset_of!(Header, placement_offset);
+    pub const EPOCHS_OFFSET: usize = offset_of!(Header, epochs_offset);
+    pub const COMMAND_OFFSET: usize = offset_of!(Header, command_offset);
+    pub const TABLE_OFFSET: usize = offset_of!(Header, table_offset);
+    pub const IPC_OFFSET: usize = offset_of!(Header, ipc_offset);
+    pub const ENGINE_PID: usize = offset_of!(Header, engine_pid);
+    pub const ENGINE_STEP: usize = offset_of!(Header, engine_step);
+    pub const ENGINE_HEARTBEAT_NS: usize = offset_of!(Header, engine_heartbeat_ns);
+    pub const ENGINE_STATE: usize = offset_of!(Header, engine_state);
+    pub const SIDECAR_PID: usize = offset_of!(Header, sidecar_pid);
+    pub const SIDECAR_HEARTBEAT_NS: usize = offset_of!(Header, sidecar_heartbeat_ns);
+    pub const SIDECAR_STATE: usize = offset_of!(Header, sidecar_state);
+    pub const MINOR_VERSION: usize = offset_of!(Header, minor_version);
+    pub const COUNTS_KIND: usize = offset_of!(Header, counts_kind);
+    pub const NUM_HANDLES: usize = offset_of!(Header, num_handles);
+    pub const TABLE_FAULT: usize = offset_of!(Header, table_fault);
+    pub const CMD_SEQ: usize = 256;
+    pub const CMD_ID: usize = 264;
+    pub const CMD_LAYER: usize = 272;
+    pub const CMD_APPLY_STEP: usize = 280;
+    pub const CMD_EPOCH: usize = 288;
+    pub const ACK_ID: usize = 320;
+    pub const ACK_RESULT: usize = 328;
+    pub const ACK_STEP: usize = 336;
+    /// Inside a ring entry.
+    pub const ENTRY_SEQ: usize = 0;
+    pub const ENTRY_STEP: usize = 8;
+    pub const ENTRY_PHASE: usize = 16;
+    pub const ENTRY_TOKENS: usize = 24;
+    /// The step's MoE time on this rank in ns (0: not measured).
+    pub const ENTRY_MOE_NS: usize = 32;
+    pub const ENTRY_COUNTS: usize = 64;
+}
+
+// The contract's table, checked at compile time: a field that moves breaks the build.
+const _: () = {
+    assert!(off::MAGIC == 0 && off::VERSION == 8 && off::HEADER_BYTES == 12);
+    assert!(off::NUM_LAYERS == 16 && off::SLOTS_PER_RANK == 20 && off::NUM_LOGICAL == 24);
+    assert!(off::WORLD_SIZE == 28 && off::RANK == 32 && off::RING_LEN == 36 && off::EXPERT_BYTES == 40);
+    assert!(off::NUM_TENSORS == 48 && off::WEIGHTS_KIND == 52 && off::TOTAL_BYTES == 56);
+    assert!(off::RING_OFFSET == 64 && off::RING_ENTRY_BYTES == 72 && off::PLACEMENT_OFFSET == 80);
+    assert!(off::EPOCHS_OFFSET == 88 && off::COMMAND_OFFSET == 96 && off::TABLE_OFFSET == 104);
+    assert!(off::IPC_OFFSET == 112 && off::ENGINE_PID == 120 && off::ENGINE_STEP == 128);
+    assert!(off::ENGINE_HEARTBEAT_NS == 136 && off::ENGINE_STATE == 144 && off::SIDECAR_PID == 152);
+    assert!(off::SIDECAR_HEARTBEAT_NS == 160 && off::SIDECAR_STATE == 168 && off::MINOR_VERSION == 176);
+    assert!(off::COUNTS_KIND == 180 && off::NUM_HANDLES == 184 && off::TABLE_FAULT == 192);
+    assert!(std::mem::size_of::<Header>() == 200 && std::mem::size_of::<Header>() <= off::CMD_SEQ);
+    assert!(std::mem::size_of::<TableEntryRaw>() == TENSOR_ENTRY_BYTES);
+    assert!(offset_of!(TableEntryRaw, offset) == 32 && offset_of!(TableEntryRaw, row_stride) == 40);
+    assert!(offset_of!(TableEntryRaw, row_bytes) == 48 && offset_of!(TableEntryRaw, rows) == 56);
+    assert!(offset_of!(TableEntryRaw, kind) == 60 && offset_of!(TableEntryRaw, handle) == 62);
+};
 
 /// `weights_kind` values.
 pub mod weights_kind {
-    /// The live weights and the staging area are in the region (host memory).
+    /// The tensors are in the region (host memory).
     pub const HOST: u32 = 0;
     /// They are in the engine's GPU memory, shared with CUDA IPC handles (the IPC section).
     pub const CUDA_IPC: u32 = 1;
 }
 
-/// The CUDA IPC section of the header (weights_kind 1), at [`ipc::OFFSET`].
-pub mod ipc {
-    pub const OFFSET: usize = 2048;
-    /// `pci_bus_id[16]`: the engine GPU's `cudaDeviceGetPCIBusId`, ASCII, NUL-padded.
-    pub const PCI_BUS_ID: usize = 2048;
-    /// `uuid[16]`: the engine GPU's `cuDeviceGetUuid` bytes.
-    pub const UUID: usize = 2064;
-    /// u32: entries in the handle table (1 to [`MAX_HANDLES`]).
-    pub const NUM_HANDLES: usize = 2080;
-    /// The handle table: [`ENTRY_BYTES`] each.
-    pub const HANDLES: usize = 2112;
-    pub const ENTRY_BYTES: usize = 128;
-    pub const MAX_HANDLES: usize = 15;
-    /// Handle roles.
-    pub const ROLE_LIVE: u32 = 1;
-    pub const ROLE_STAGING: u32 = 2;
+/// `counts_kind` values: what a ring entry's counts are.
+pub mod counts_kind {
+    /// `counts[layer][s]`, `s < slots_per_rank`: the pairs this rank computed in its local slot `s`.
+    pub const LOCAL: u32 = 0;
+    /// `counts[layer][p]`, `p < num_physical`: the pairs this rank routed to physical slot `p`.
+    pub const PHYSICAL: u32 = 1;
 }
 
-/// One CUDA IPC handle of the engine's GPU memory, and what lies behind it.
+/// Tensor kinds of the table.
+pub mod tensor_kind {
+    /// Moves with its expert: row `s` belongs to local slot `s`.
+    pub const EXPERT: u8 = 1;
+    /// Never moved, never written by the sidecar; listed so that it can be proven untouched.
+    pub const GLOBAL: u8 = 2;
+}
+
+/// The CUDA IPC section (weights_kind 1), at `ipc_offset`.
+pub mod ipc {
+    /// `pci_bus_id[16]`: the engine GPU's `cuDeviceGetPCIBusId`, ASCII, NUL-padded.
+    pub const PCI_BUS_ID: usize = 0;
+    /// `uuid[16]`: the engine GPU's `cuDeviceGetUuid` bytes (all zero: not checked).
+    pub const UUID: usize = 16;
+    /// The handle table: `num_handles` entries of [`ENTRY_BYTES`].
+    pub const HANDLES: usize = 64;
+    pub const ENTRY_BYTES: usize = 128;
+    /// `bytes: u64` inside a handle entry: the allocation's size.
+    pub const ENTRY_SIZE: usize = 64;
+    pub const MAX_HANDLES: usize = 4096;
+}
+
+/// One CUDA IPC handle: one whole allocation of the engine's GPU memory.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IpcHandle {
-    /// The `cudaIpcMemHandle_t` (`cuIpcGetMemHandle`) of a whole allocation.
+    /// The `cudaIpcMemHandle_t` (`cuIpcGetMemHandle`) of the allocation, from its base address.
     pub handle: [u8; 64],
-    /// [`ipc::ROLE_LIVE`]: live weights `[layers][slots_per_rank][expert_bytes]` of layers
-    /// `first_layer..first_layer + bytes / (slots_per_rank * expert_bytes)`;
-    /// [`ipc::ROLE_STAGING`]: the staging area `[slots_per_rank][expert_bytes]`.
-    pub role: u32,
-    pub first_layer: u32,
-    /// Byte offset of the tensor inside the allocation.
-    pub offset: u64,
+    /// The allocation's size (`cuMemGetAddressRange`).
     pub bytes: u64,
 }
 
@@ -80,115 +222,10 @@ pub struct IpcWeights {
 }
 
 impl IpcWeights {
-    /// `(handle index, byte offset inside its allocation)` of `layer`'s live slots.
-    pub fn live(&self, layer: usize, layer_bytes: u64) -> Option<(usize, u64)> {
-        self.handles.iter().enumerate().find_map(|(i, h)| {
-            let n = h.bytes.checked_div(layer_bytes).unwrap_or(0);
-            let first = h.first_layer as usize;
-            (h.role == ipc::ROLE_LIVE && layer >= first && ((layer - first) as u64) < n)
-                .then(|| (i, h.offset + (layer - first) as u64 * layer_bytes))
-        })
+    /// Bytes of the section.
+    pub fn section_bytes(&self) -> u64 {
+        (ipc::HANDLES + ipc::ENTRY_BYTES * self.handles.len()) as u64
     }
-
-    /// `(handle index, byte offset)` of the staging area.
-    pub fn staging(&self) -> Option<(usize, u64)> {
-        self.handles.iter().position(|h| h.role == ipc::ROLE_STAGING).map(|i| (i, self.handles[i].offset))
-    }
-
-    /// Checks the table against the shape: every layer in exactly one live handle, one staging
-    /// handle of one layer's slots.
-    fn check(&self, num_layers: usize, layer_bytes: u64) -> Result<(), String> {
-        let mut covered = vec![0u32; num_layers];
-        let mut staging = 0;
-        for (i, h) in self.handles.iter().enumerate() {
-            match h.role {
-                ipc::ROLE_LIVE => {
-                    if h.bytes == 0 || !h.bytes.is_multiple_of(layer_bytes) {
-                        return Err(format!(
-                            "IPC handle {i}: {} bytes is not a whole number of layers of {layer_bytes} bytes",
-                            h.bytes
-                        ));
-                    }
-                    let n = (h.bytes / layer_bytes) as usize;
-                    let first = h.first_layer as usize;
-                    if first + n > num_layers {
-                        return Err(format!(
-                            "IPC handle {i}: layers {first}..{} past num_layers {num_layers}",
-                            first + n
-                        ));
-                    }
-                    covered[first..first + n].iter_mut().for_each(|c| *c += 1);
-                }
-                ipc::ROLE_STAGING => {
-                    if h.bytes != layer_bytes {
-                        return Err(format!("IPC handle {i}: staging of {} bytes, want {layer_bytes}", h.bytes));
-                    }
-                    staging += 1;
-                }
-                r => return Err(format!("IPC handle {i}: unknown role {r}")),
-            }
-        }
-        if let Some(l) = covered.iter().position(|&c| c != 1) {
-            return Err(format!("layer {l} is in {} live IPC handles (want exactly 1)", covered[l]));
-        }
-        if staging != 1 {
-            return Err(format!("{staging} staging IPC handles (want exactly 1)"));
-        }
-        if self.pci_bus_id.is_empty() {
-            return Err("no pci_bus_id in the IPC section".into());
-        }
-        Ok(())
-    }
-}
-
-/// Byte offsets of the header fields.
-pub mod off {
-    pub const MAGIC: usize = 0;
-    pub const VERSION: usize = 8;
-    pub const HEADER_BYTES: usize = 12;
-    pub const NUM_LAYERS: usize = 16;
-    pub const SLOTS_PER_RANK: usize = 20;
-    pub const NUM_LOGICAL: usize = 24;
-    pub const WORLD_SIZE: usize = 28;
-    pub const RANK: usize = 32;
-    pub const RING_LEN: usize = 36;
-    pub const EXPERT_BYTES: usize = 40;
-    pub const NUM_TENSORS: usize = 48;
-    pub const WEIGHTS_KIND: usize = 52;
-    pub const TOTAL_BYTES: usize = 56;
-    pub const RING_OFFSET: usize = 64;
-    pub const RING_ENTRY_BYTES: usize = 72;
-    pub const PLACEMENT_OFFSET: usize = 80;
-    pub const EPOCHS_OFFSET: usize = 88;
-    pub const COMMAND_OFFSET: usize = 96;
-    pub const WEIGHTS_OFFSET: usize = 104;
-    pub const STAGING_OFFSET: usize = 112;
-    pub const ENGINE_PID: usize = 120;
-    pub const ENGINE_STEP: usize = 128;
-    pub const ENGINE_HEARTBEAT_NS: usize = 136;
-    pub const ENGINE_STATE: usize = 144;
-    pub const SIDECAR_PID: usize = 152;
-    pub const SIDECAR_HEARTBEAT_NS: usize = 160;
-    pub const SIDECAR_STATE: usize = 168;
-    /// u32: the minor version of contract version 1 (0 before the CUDA IPC weights).
-    pub const MINOR_VERSION: usize = 176;
-    pub const CMD_SEQ: usize = 256;
-    pub const CMD_ID: usize = 264;
-    pub const CMD_LAYER: usize = 272;
-    pub const CMD_APPLY_STEP: usize = 280;
-    pub const CMD_EPOCH: usize = 288;
-    pub const ACK_ID: usize = 320;
-    pub const ACK_RESULT: usize = 328;
-    pub const ACK_STEP: usize = 336;
-    pub const TENSORS: usize = 1024;
-    /// Inside a ring entry.
-    pub const ENTRY_SEQ: usize = 0;
-    pub const ENTRY_STEP: usize = 8;
-    pub const ENTRY_PHASE: usize = 16;
-    pub const ENTRY_TOKENS: usize = 24;
-    /// The step's MoE time on this rank in ns (minor 2; 0: not measured).
-    pub const ENTRY_MOE_NS: usize = 32;
-    pub const ENTRY_COUNTS: usize = 64;
 }
 
 /// `engine_state` values.
@@ -235,39 +272,96 @@ pub fn round64(x: u64) -> u64 {
     x.div_ceil(ALIGN) * ALIGN
 }
 
-/// One tensor of an expert (a row of the tensor table).
+/// The dtypes the contract names (informational: rows move as opaque bytes).
+pub const DTYPES: [&str; 13] =
+    ["f64", "f32", "f16", "bf16", "i64", "i32", "i16", "i8", "u8", "f8e4m3", "f8e5m2", "e8m0", "fp4x2"];
+
+/// One entry of the tensor table: where tensor `t` of one layer (or of the staging layer) is.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TensorSpec {
+pub struct TensorEntry {
     pub name: String,
     pub dtype: String,
-    /// Byte offset inside one expert (a multiple of 64).
+    /// Host: byte offset from the start of the region; IPC: byte offset inside allocation `handle`.
     pub offset: u64,
-    pub bytes: u64,
-    /// 1 or 2 dimensions.
-    pub dims: Vec<u32>,
+    /// Bytes from one row to the next (≥ `row_bytes`).
+    pub row_stride: u64,
+    /// Bytes of one row that belong to its slot (what moves).
+    pub row_bytes: u64,
+    /// Per-expert: `slots_per_rank`; global: the global tensor's rows (0 in the staging layer).
+    pub rows: u32,
+    /// [`tensor_kind`].
+    pub kind: u8,
+    /// IPC handle index (weights_kind 1); 0 with host weights.
+    pub handle: u16,
 }
 
-/// Bytes of one element of `dtype`, if the contract knows it.
-pub fn dtype_bytes(dtype: &str) -> Option<u64> {
-    Some(match dtype {
-        "f64" => 8,
-        "f32" | "i32" => 4,
-        "f16" | "bf16" => 2,
-        "i8" | "u8" | "f8e4m3" => 1,
-        _ => return None,
-    })
-}
+impl TensorEntry {
+    /// Where row `r` starts.
+    pub fn row_at(&self, r: usize) -> u64 {
+        self.offset + r as u64 * self.row_stride
+    }
 
-impl TensorSpec {
-    /// A tensor of `dims` elements of `dtype` at `offset`.
-    pub fn new(name: &str, dtype: &str, dims: &[u32], offset: u64) -> TensorSpec {
-        let elems: u64 = dims.iter().map(|&d| d as u64).product();
-        let bytes = elems * dtype_bytes(dtype).unwrap_or(1);
-        TensorSpec { name: name.into(), dtype: dtype.into(), offset, bytes, dims: dims.to_vec() }
+    /// Its extent `[offset, offset + (rows - 1) * row_stride + row_bytes)` (empty without rows),
+    /// in u128 so that no entry's numbers can overflow it.
+    pub fn extent(&self) -> (u128, u128) {
+        let start = self.offset as u128;
+        if self.rows == 0 {
+            return (start, start);
+        }
+        (start, start + (self.rows as u128 - 1) * self.row_stride as u128 + self.row_bytes as u128)
+    }
+
+    pub fn is_expert(&self) -> bool {
+        self.kind == tensor_kind::EXPERT
     }
 }
 
-/// Where everything is in a region: the header's numbers.
+/// What an engine hands over for one tensor of a layer (the builder's input).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorDesc {
+    pub name: String,
+    pub dtype: String,
+    pub row_bytes: u64,
+    /// ≥ `row_bytes`.
+    pub row_stride: u64,
+    /// [`tensor_kind`].
+    pub kind: u8,
+    /// Rows of a global tensor (per-expert tensors have `slots_per_rank`).
+    pub global_rows: u32,
+}
+
+impl TensorDesc {
+    /// A per-expert tensor whose rows are `row_bytes` apart.
+    pub fn expert(name: &str, dtype: &str, row_bytes: u64) -> TensorDesc {
+        TensorDesc {
+            name: name.into(),
+            dtype: dtype.into(),
+            row_bytes,
+            row_stride: row_bytes,
+            kind: tensor_kind::EXPERT,
+            global_rows: 0,
+        }
+    }
+
+    /// The same with a row stride larger than the row (padded rows).
+    pub fn strided(self, row_stride: u64) -> TensorDesc {
+        TensorDesc { row_stride, ..self }
+    }
+
+    /// A global tensor of `rows` rows.
+    pub fn global(name: &str, dtype: &str, row_bytes: u64, rows: u32) -> TensorDesc {
+        TensorDesc {
+            name: name.into(),
+            dtype: dtype.into(),
+            row_bytes,
+            row_stride: row_bytes,
+            kind: tensor_kind::GLOBAL,
+            global_rows: rows,
+        }
+    }
+}
+
+/// Where everything is in a region: the header's numbers, the tensor table and the IPC section.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Layout {
     pub num_layers: usize,
@@ -278,73 +372,138 @@ pub struct Layout {
     pub ring_len: usize,
     pub expert_bytes: usize,
     pub weights_kind: u32,
+    /// [`counts_kind`].
+    pub counts_kind: u32,
     /// The CUDA IPC section (`weights_kind` 1).
     pub ipc: Option<IpcWeights>,
-    pub tensors: Vec<TensorSpec>,
+    pub num_tensors: usize,
+    /// `(num_layers + 1) * num_tensors` entries: entry `layer * num_tensors + t`; the entries of
+    /// `layer = num_layers` are the staging area's.
+    pub tensors: Vec<TensorEntry>,
     pub total_bytes: usize,
     pub ring_offset: usize,
     pub ring_entry_bytes: usize,
     pub placement_offset: usize,
     pub epochs_offset: usize,
     pub command_offset: usize,
-    pub weights_offset: usize,
-    pub staging_offset: usize,
+    pub table_offset: usize,
+    pub ipc_offset: usize,
+}
+
+/// The shape of a region, before its tensors are placed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shape {
+    pub num_layers: usize,
+    pub slots_per_rank: usize,
+    pub num_logical: usize,
+    pub world_size: usize,
+    pub rank: usize,
+    pub ring_len: usize,
+    /// [`counts_kind`].
+    pub counts_kind: u32,
 }
 
 impl Layout {
-    /// The canonical packing (what the reference client writes): header, ring, placement,
-    /// epochs, command, weights, staging, each at a multiple of 64. `tensors` are packed in order.
-    #[allow(clippy::too_many_arguments)]
-    pub fn packed(
-        num_layers: usize,
-        slots_per_rank: usize,
-        num_logical: usize,
-        world_size: usize,
-        rank: usize,
-        ring_len: usize,
-        tensors: &[(&str, &str, &[u32])],
-    ) -> Layout {
-        let mut specs = Vec::new();
-        let mut end = 0u64;
-        for (name, dtype, dims) in tensors {
-            let t = TensorSpec::new(name, dtype, dims, end);
-            end = round64(t.offset + t.bytes);
-            specs.push(t);
-        }
-        let expert_bytes = end as usize;
-        let (l, s, p) = (num_layers as u64, slots_per_rank as u64, (world_size * slots_per_rank) as u64);
-        let ring_entry_bytes = 64 + round64(8 * l * s);
+    /// The sections before the tensors, packed in the contract's order (header, ring, placement,
+    /// epochs, command, table, IPC section), each at a multiple of 64; the tensors and the
+    /// region's end are the caller's.
+    fn skeleton(s: &Shape, num_tensors: usize, ipc: Option<IpcWeights>) -> Layout {
+        let (l, spr, p) = (s.num_layers as u64, s.slots_per_rank as u64, (s.world_size * s.slots_per_rank) as u64);
+        let cols = if s.counts_kind == counts_kind::PHYSICAL { p } else { spr };
+        let ring_entry_bytes = 64 + round64(8 * l * cols);
         let ring_offset = HEADER_BYTES as u64;
-        let placement_offset = ring_offset + ring_len as u64 * ring_entry_bytes;
+        let placement_offset = ring_offset + s.ring_len as u64 * ring_entry_bytes;
         let epochs_offset = placement_offset + round64(4 * l * p);
         let command_offset = epochs_offset + round64(8 * l);
-        let weights_offset = command_offset + round64(4 * p) + round64(s);
-        let staging_offset = weights_offset + l * s * expert_bytes as u64;
-        let total_bytes = staging_offset + s * expert_bytes as u64;
+        let table_offset = command_offset + round64(4 * p) + round64(spr);
+        let table_end = table_offset + round64(((l + 1) as usize * num_tensors * TENSOR_ENTRY_BYTES) as u64);
+        let (ipc_offset, end) = match &ipc {
+            Some(w) => (table_end, table_end + round64(w.section_bytes())),
+            None => (0, table_end),
+        };
         Layout {
-            num_layers,
-            slots_per_rank,
-            num_logical,
-            world_size,
-            rank,
-            ring_len,
-            expert_bytes,
-            weights_kind: weights_kind::HOST,
-            ipc: None,
-            tensors: specs,
-            total_bytes: total_bytes as usize,
+            num_layers: s.num_layers,
+            slots_per_rank: s.slots_per_rank,
+            num_logical: s.num_logical,
+            world_size: s.world_size,
+            rank: s.rank,
+            ring_len: s.ring_len,
+            expert_bytes: 0,
+            weights_kind: if ipc.is_some() { weights_kind::CUDA_IPC } else { weights_kind::HOST },
+            counts_kind: s.counts_kind,
+            ipc,
+            num_tensors,
+            tensors: Vec::new(),
+            total_bytes: end as usize,
             ring_offset: ring_offset as usize,
             ring_entry_bytes: ring_entry_bytes as usize,
             placement_offset: placement_offset as usize,
             epochs_offset: epochs_offset as usize,
             command_offset: command_offset as usize,
-            weights_offset: weights_offset as usize,
-            staging_offset: staging_offset as usize,
+            table_offset: table_offset as usize,
+            ipc_offset: ipc_offset as usize,
         }
+    }
+
+    /// A host region (what the reference client writes): the sections, then for every layer
+    /// every tensor, then the staging tensors (per-expert ones only), each at a multiple of 64.
+    pub fn host(shape: &Shape, tensors: &[TensorDesc]) -> Layout {
+        let mut l = Layout::skeleton(shape, tensors.len(), None);
+        let mut end = l.total_bytes as u64;
+        for layer in 0..=shape.num_layers {
+            let staging = layer == shape.num_layers;
+            for d in tensors {
+                let rows = if d.kind == tensor_kind::EXPERT { shape.slots_per_rank as u32 } else { d.global_rows };
+                let (offset, row_stride, rows) = if staging && d.kind != tensor_kind::EXPERT {
+                    (0, 0, 0)
+                } else {
+                    let at = round64(end);
+                    end = at + (rows.max(1) as u64 - 1) * d.row_stride + d.row_bytes;
+                    (at, d.row_stride, rows)
+                };
+                l.tensors.push(TensorEntry {
+                    name: d.name.clone(),
+                    dtype: d.dtype.clone(),
+                    offset,
+                    row_stride,
+                    row_bytes: d.row_bytes,
+                    rows,
+                    kind: d.kind,
+                    handle: 0,
+                });
+            }
+        }
+        l.total_bytes = round64(end) as usize;
+        l.expert_bytes = expert_bytes_of(tensors.iter().filter(|d| d.kind == tensor_kind::EXPERT).map(|d| d.row_bytes));
+        l
+    }
+
+    /// A host region of one contiguous per-expert tensor a layer (`[slots_per_rank, expert_bytes]`).
+    pub fn contiguous(shape: &Shape, expert_bytes: u64) -> Layout {
+        Layout::host(shape, &[TensorDesc::expert("w", "u8", expert_bytes)])
+    }
+
+    /// A region whose tensors are in the engine's GPU memory (weights_kind 1): `entries` as the
+    /// engine describes them (handle indices and offsets into `ipc`'s allocations).
+    pub fn cuda_ipc(shape: &Shape, entries: Vec<TensorEntry>, ipc: IpcWeights) -> Layout {
+        let t = entries.len() / (shape.num_layers + 1).max(1);
+        let mut l = Layout::skeleton(shape, t, Some(ipc));
+        l.expert_bytes = expert_bytes_of(entries.iter().take(t).filter(|e| e.is_expert()).map(|e| e.row_bytes));
+        l.tensors = entries;
+        l
     }
 
     pub fn num_physical(&self) -> usize {
         self.world_size * self.slots_per_rank
+    }
+
+    /// Columns of a ring entry's counts: `slots_per_rank` or `num_physical` ([`counts_kind`]).
+    pub fn count_cols(&self) -> usize {
+        if self.counts_kind == counts_kind::PHYSICAL {
+            self.num_physical()
+        } else {
+            self.slots_per_rank
+        }
     }
 
     /// Offset of `copy_mask [slots_per_rank]` u8, after `new_row [num_physical]` i32.
@@ -352,34 +511,40 @@ impl Layout {
         self.command_offset + round64(4 * self.num_physical() as u64) as usize
     }
 
-    /// This layout with its weights in the engine's GPU memory behind `ipc` (weights_kind 1):
-    /// the region loses its weights and staging sections.
-    pub fn with_ipc(self, ipc: IpcWeights) -> Layout {
-        let end = self.weights_offset;
-        Layout {
-            weights_kind: weights_kind::CUDA_IPC,
-            ipc: Some(ipc),
-            weights_offset: 0,
-            staging_offset: 0,
-            total_bytes: end,
-            ..self
-        }
+    /// The end of the command area (row and mask).
+    pub fn command_end(&self) -> usize {
+        self.mask_offset() + self.slots_per_rank
     }
 
-    /// Bytes of one layer's local slots.
-    pub fn layer_bytes(&self) -> u64 {
-        self.slots_per_rank as u64 * self.expert_bytes as u64
+    /// Entry `t` of `layer` (`layer == num_layers`: the staging area).
+    pub fn entry(&self, layer: usize, t: usize) -> &TensorEntry {
+        &self.tensors[layer * self.num_tensors + t]
+    }
+
+    /// The indices `t` of the per-expert tensors, in table order.
+    pub fn expert_tensors(&self) -> Vec<usize> {
+        (0..self.num_tensors).filter(|&t| self.tensors[t].is_expert()).collect()
+    }
+
+    /// The indices `t` of the global tensors, in table order.
+    pub fn global_tensors(&self) -> Vec<usize> {
+        (0..self.num_tensors).filter(|&t| self.tensors[t].kind == tensor_kind::GLOBAL).collect()
+    }
+
+    /// Names a table entry for a message: `layer 3, tensor 1 (w2_weight)` or `the staging layer, ...`.
+    pub fn entry_name(&self, index: usize) -> String {
+        let (layer, t) = (index / self.num_tensors.max(1), index % self.num_tensors.max(1));
+        let name = self.tensors.get(index).map_or("?", |e| e.name.as_str());
+        if layer == self.num_layers {
+            format!("the staging layer, tensor {t} ({name})")
+        } else {
+            format!("layer {layer}, tensor {t} ({name})")
+        }
     }
 
     /// The sections as (name, offset, bytes).
     fn sections(&self) -> Vec<(&'static str, usize, u128)> {
-        let (l, s, p, eb) = (
-            self.num_layers as u128,
-            self.slots_per_rank as u128,
-            self.num_physical() as u128,
-            self.expert_bytes as u128,
-        );
-        let host = self.weights_kind == weights_kind::HOST;
+        let (l, s, p) = (self.num_layers as u128, self.slots_per_rank as u128, self.num_physical() as u128);
         let mut v = vec![
             ("header", 0, HEADER_BYTES as u128),
             ("ring", self.ring_offset, self.ring_len as u128 * self.ring_entry_bytes as u128),
@@ -388,80 +553,118 @@ impl Layout {
             // In u128 like the rest: 4 x num_physical overflows u64 for a hostile world_size x
             // slots_per_rank (the header's u32 fields; found by fuzzing).
             ("command", self.command_offset, (4 * p).div_ceil(64) * 64 + s),
+            ("tensor table", self.table_offset, (l + 1) * self.num_tensors as u128 * TENSOR_ENTRY_BYTES as u128),
         ];
-        if host {
-            v.push(("weights", self.weights_offset, l * s * eb));
-            v.push(("staging", self.staging_offset, s * eb));
+        if let Some(w) = &self.ipc {
+            v.push(("IPC", self.ipc_offset, w.section_bytes() as u128));
         }
         v
     }
 
     /// The header bytes of this layout (the engine side writes them; tests corrupt them).
     pub fn header_bytes(&self, engine_pid: u64) -> Vec<u8> {
-        let mut h = vec![0u8; HEADER_BYTES];
-        let mut put = |at: usize, bytes: &[u8]| h[at..at + bytes.len()].copy_from_slice(bytes);
-        put(off::MAGIC, &MAGIC.to_le_bytes());
-        put(off::VERSION, &VERSION.to_le_bytes());
-        put(off::HEADER_BYTES, &(HEADER_BYTES as u32).to_le_bytes());
+        let h = Header {
+            magic: MAGIC,
+            version: VERSION,
+            header_bytes: HEADER_BYTES as u32,
+            num_layers: self.num_layers as u32,
+            slots_per_rank: self.slots_per_rank as u32,
+            num_logical: self.num_logical as u32,
+            world_size: self.world_size as u32,
+            rank: self.rank as u32,
+            ring_len: self.ring_len as u32,
+            expert_bytes: self.expert_bytes as u64,
+            num_tensors: self.num_tensors as u32,
+            weights_kind: self.weights_kind,
+            total_bytes: self.total_bytes as u64,
+            ring_offset: self.ring_offset as u64,
+            ring_entry_bytes: self.ring_entry_bytes as u64,
+            placement_offset: self.placement_offset as u64,
+            epochs_offset: self.epochs_offset as u64,
+            command_offset: self.command_offset as u64,
+            table_offset: self.table_offset as u64,
+            ipc_offset: self.ipc_offset as u64,
+            engine_pid,
+            minor_version: MINOR_VERSION,
+            counts_kind: self.counts_kind,
+            num_handles: self.ipc.as_ref().map_or(0, |w| w.handles.len() as u32),
+            ..Header::default()
+        };
+        let mut out = vec![0u8; HEADER_BYTES];
+        let mut put = |at: usize, bytes: &[u8]| out[at..at + bytes.len()].copy_from_slice(bytes);
+        put(off::MAGIC, &h.magic.to_le_bytes());
         for (at, v) in [
-            (off::NUM_LAYERS, self.num_layers),
-            (off::SLOTS_PER_RANK, self.slots_per_rank),
-            (off::NUM_LOGICAL, self.num_logical),
-            (off::WORLD_SIZE, self.world_size),
-            (off::RANK, self.rank),
-            (off::RING_LEN, self.ring_len),
-            (off::NUM_TENSORS, self.tensors.len()),
+            (off::VERSION, h.version),
+            (off::HEADER_BYTES, h.header_bytes),
+            (off::NUM_LAYERS, h.num_layers),
+            (off::SLOTS_PER_RANK, h.slots_per_rank),
+            (off::NUM_LOGICAL, h.num_logical),
+            (off::WORLD_SIZE, h.world_size),
+            (off::RANK, h.rank),
+            (off::RING_LEN, h.ring_len),
+            (off::NUM_TENSORS, h.num_tensors),
+            (off::WEIGHTS_KIND, h.weights_kind),
+            (off::MINOR_VERSION, h.minor_version),
+            (off::COUNTS_KIND, h.counts_kind),
+            (off::NUM_HANDLES, h.num_handles),
         ] {
-            put(at, &(v as u32).to_le_bytes());
-        }
-        put(off::WEIGHTS_KIND, &self.weights_kind.to_le_bytes());
-        put(off::MINOR_VERSION, &MINOR_VERSION.to_le_bytes());
-        if let Some(w) = &self.ipc {
-            let bus = w.pci_bus_id.as_bytes();
-            put(ipc::PCI_BUS_ID, &bus[..bus.len().min(15)]);
-            put(ipc::UUID, &w.uuid);
-            put(ipc::NUM_HANDLES, &(w.handles.len() as u32).to_le_bytes());
-            for (i, x) in w.handles.iter().enumerate().take(ipc::MAX_HANDLES) {
-                let at = ipc::HANDLES + i * ipc::ENTRY_BYTES;
-                put(at, &x.handle);
-                put(at + 64, &x.role.to_le_bytes());
-                put(at + 68, &x.first_layer.to_le_bytes());
-                put(at + 72, &x.offset.to_le_bytes());
-                put(at + 80, &x.bytes.to_le_bytes());
-            }
+            put(at, &v.to_le_bytes());
         }
         for (at, v) in [
-            (off::EXPERT_BYTES, self.expert_bytes),
-            (off::TOTAL_BYTES, self.total_bytes),
-            (off::RING_OFFSET, self.ring_offset),
-            (off::RING_ENTRY_BYTES, self.ring_entry_bytes),
-            (off::PLACEMENT_OFFSET, self.placement_offset),
-            (off::EPOCHS_OFFSET, self.epochs_offset),
-            (off::COMMAND_OFFSET, self.command_offset),
-            (off::WEIGHTS_OFFSET, self.weights_offset),
-            (off::STAGING_OFFSET, self.staging_offset),
-            (off::ENGINE_PID, engine_pid as usize),
+            (off::EXPERT_BYTES, h.expert_bytes),
+            (off::TOTAL_BYTES, h.total_bytes),
+            (off::RING_OFFSET, h.ring_offset),
+            (off::RING_ENTRY_BYTES, h.ring_entry_bytes),
+            (off::PLACEMENT_OFFSET, h.placement_offset),
+            (off::EPOCHS_OFFSET, h.epochs_offset),
+            (off::COMMAND_OFFSET, h.command_offset),
+            (off::TABLE_OFFSET, h.table_offset),
+            (off::IPC_OFFSET, h.ipc_offset),
+            (off::ENGINE_PID, h.engine_pid),
         ] {
-            put(at, &(v as u64).to_le_bytes());
+            put(at, &v.to_le_bytes());
         }
-        for (i, t) in self.tensors.iter().enumerate() {
-            let at = off::TENSORS + i * TENSOR_ENTRY_BYTES;
-            let name = t.name.as_bytes();
-            put(at, &name[..name.len().min(24)]);
-            let dtype = t.dtype.as_bytes();
-            put(at + 24, &dtype[..dtype.len().min(8)]);
-            put(at + 32, &t.offset.to_le_bytes());
-            put(at + 40, &t.bytes.to_le_bytes());
-            put(at + 48, &(t.dims.len() as u32).to_le_bytes());
-            for (j, d) in t.dims.iter().take(2).enumerate() {
-                put(at + 56 + 4 * j, &d.to_le_bytes());
-            }
-        }
-        h
+        out
     }
 
-    /// Parses and checks a header (`bytes`: at least the header; `file_len`: the region's size).
-    /// Every error says what is wrong.
+    /// The tensor table's bytes (at `table_offset`).
+    pub fn table_bytes(&self) -> Vec<u8> {
+        let mut out = vec![0u8; self.tensors.len() * TENSOR_ENTRY_BYTES];
+        for (i, e) in self.tensors.iter().enumerate() {
+            let at = i * TENSOR_ENTRY_BYTES;
+            let mut put = |o: usize, bytes: &[u8]| out[at + o..at + o + bytes.len()].copy_from_slice(bytes);
+            let name = e.name.as_bytes();
+            put(0, &name[..name.len().min(24)]);
+            let dtype = e.dtype.as_bytes();
+            put(24, &dtype[..dtype.len().min(8)]);
+            put(offset_of!(TableEntryRaw, offset), &e.offset.to_le_bytes());
+            put(offset_of!(TableEntryRaw, row_stride), &e.row_stride.to_le_bytes());
+            put(offset_of!(TableEntryRaw, row_bytes), &e.row_bytes.to_le_bytes());
+            put(offset_of!(TableEntryRaw, rows), &e.rows.to_le_bytes());
+            put(offset_of!(TableEntryRaw, kind), &[e.kind]);
+            put(offset_of!(TableEntryRaw, handle), &e.handle.to_le_bytes());
+        }
+        out
+    }
+
+    /// The IPC section's bytes (at `ipc_offset`; empty with host weights).
+    pub fn ipc_bytes(&self) -> Vec<u8> {
+        let Some(w) = &self.ipc else { return Vec::new() };
+        let mut out = vec![0u8; w.section_bytes() as usize];
+        let bus = w.pci_bus_id.as_bytes();
+        out[ipc::PCI_BUS_ID..ipc::PCI_BUS_ID + bus.len().min(15)].copy_from_slice(&bus[..bus.len().min(15)]);
+        out[ipc::UUID..ipc::UUID + 16].copy_from_slice(&w.uuid);
+        for (i, h) in w.handles.iter().enumerate() {
+            let at = ipc::HANDLES + i * ipc::ENTRY_BYTES;
+            out[at..at + 64].copy_from_slice(&h.handle);
+            out[at + ipc::ENTRY_SIZE..at + ipc::ENTRY_SIZE + 8].copy_from_slice(&h.bytes.to_le_bytes());
+        }
+        out
+    }
+
+    /// Parses and checks a region (`bytes`: the whole region, or at least its header, table and
+    /// IPC section; `file_len`: the region's size). Every error says what is wrong, and for the
+    /// tensor table, which layer, tensor and field.
     pub fn parse(bytes: &[u8], file_len: usize) -> Result<Layout, String> {
         if bytes.len() < HEADER_BYTES || file_len < HEADER_BYTES {
             return Err(format!("{file_len} bytes: too short for the {HEADER_BYTES}-byte header"));
@@ -477,14 +680,14 @@ impl Layout {
         let version = u32_at(off::VERSION);
         if version != VERSION {
             return Err(format!(
-                "contract version {version}, but this eplb-worker speaks version {VERSION}: use matching engine client and eplb-worker versions"
+                "contract version {version}, but this eplb-worker speaks version {VERSION}: use an engine client of contract version {VERSION} (eplb_client and eplb-worker of the same release)"
             ));
         }
         if u32_at(off::HEADER_BYTES) as usize != HEADER_BYTES {
             return Err(format!("header_bytes {} (want {HEADER_BYTES})", u32_at(off::HEADER_BYTES)));
         }
         let to_usize = |v: u64, what: &str| usize::try_from(v).map_err(|_| format!("{what} {v} is too large"));
-        let tensors_n = u32_at(off::NUM_TENSORS) as usize;
+        let num_tensors = u32_at(off::NUM_TENSORS) as usize;
         let layout = Layout {
             num_layers: u32_at(off::NUM_LAYERS) as usize,
             slots_per_rank: u32_at(off::SLOTS_PER_RANK) as usize,
@@ -494,7 +697,9 @@ impl Layout {
             ring_len: u32_at(off::RING_LEN) as usize,
             expert_bytes: to_usize(u64_at(off::EXPERT_BYTES), "expert_bytes")?,
             weights_kind: u32_at(off::WEIGHTS_KIND),
+            counts_kind: u32_at(off::COUNTS_KIND),
             ipc: None,
+            num_tensors,
             tensors: Vec::new(),
             total_bytes: to_usize(u64_at(off::TOTAL_BYTES), "total_bytes")?,
             ring_offset: to_usize(u64_at(off::RING_OFFSET), "ring_offset")?,
@@ -502,8 +707,8 @@ impl Layout {
             placement_offset: to_usize(u64_at(off::PLACEMENT_OFFSET), "placement_offset")?,
             epochs_offset: to_usize(u64_at(off::EPOCHS_OFFSET), "epochs_offset")?,
             command_offset: to_usize(u64_at(off::COMMAND_OFFSET), "command_offset")?,
-            weights_offset: to_usize(u64_at(off::WEIGHTS_OFFSET), "weights_offset")?,
-            staging_offset: to_usize(u64_at(off::STAGING_OFFSET), "staging_offset")?,
+            table_offset: to_usize(u64_at(off::TABLE_OFFSET), "table_offset")?,
+            ipc_offset: to_usize(u64_at(off::IPC_OFFSET), "ipc_offset")?,
         };
         let l = &layout;
         for (what, v) in [
@@ -531,27 +736,53 @@ impl Layout {
         if l.ring_len < MIN_RING_LEN {
             return Err(format!("ring_len {} is below {MIN_RING_LEN}", l.ring_len));
         }
-        if l.expert_bytes == 0 || !(l.expert_bytes as u64).is_multiple_of(ALIGN) {
-            return Err(format!("expert_bytes {} is not a positive multiple of 64", l.expert_bytes));
+        if l.counts_kind > counts_kind::PHYSICAL {
+            return Err(format!(
+                "counts_kind {}: this eplb-worker knows per-local-slot counts (0) and per-physical-slot counts (1)",
+                l.counts_kind
+            ));
         }
-        let ipc_weights = match l.weights_kind {
-            weights_kind::HOST => None,
-            weights_kind::CUDA_IPC => Some(parse_ipc(bytes).map_err(|e| format!("weights_kind 1 (CUDA IPC): {e}"))?),
+        if !(1..=MAX_TENSORS).contains(&num_tensors) {
+            return Err(format!("num_tensors {num_tensors} is not in 1..={MAX_TENSORS}"));
+        }
+        let num_handles = u32_at(off::NUM_HANDLES) as usize;
+        match l.weights_kind {
+            weights_kind::HOST if num_handles != 0 || l.ipc_offset != 0 => {
+                return Err(format!(
+                    "weights_kind 0 (host) with num_handles {num_handles} and ipc_offset {}: both must be 0",
+                    l.ipc_offset
+                ))
+            }
+            weights_kind::HOST => {}
+            weights_kind::CUDA_IPC if !(1..=ipc::MAX_HANDLES).contains(&num_handles) => {
+                return Err(format!(
+                    "weights_kind 1 (CUDA IPC): num_handles {num_handles} is not in 1..={}",
+                    ipc::MAX_HANDLES
+                ))
+            }
+            weights_kind::CUDA_IPC => {}
             k => {
                 return Err(format!(
                     "weights_kind {k}: this eplb-worker knows host weights (0) and CUDA IPC handles (1)"
                 ))
             }
-        };
-        // In u128: 8 x num_layers x slots_per_rank of two u32 fields overflows u64 (found by fuzzing).
-        let want_entry = 64 + (8 * l.num_layers as u128 * l.slots_per_rank as u128).div_ceil(64) * 64;
+        }
+        // In u128: 8 x num_layers x count_cols of u32 fields overflows u64 (found by fuzzing).
+        let want_entry = 64 + (8 * l.num_layers as u128 * l.count_cols() as u128).div_ceil(64) * 64;
         if l.ring_entry_bytes as u128 != want_entry {
-            return Err(format!("ring_entry_bytes {} (want {want_entry} for this shape)", l.ring_entry_bytes));
+            return Err(format!(
+                "ring_entry_bytes {} (want {want_entry} for this shape and counts_kind {})",
+                l.ring_entry_bytes, l.counts_kind
+            ));
         }
         if l.total_bytes != file_len {
             return Err(format!("total_bytes {} but the region has {file_len} bytes", l.total_bytes));
         }
         let mut sections = l.sections();
+        if l.weights_kind == weights_kind::CUDA_IPC {
+            let n = num_handles as u128;
+            sections.push(("IPC", l.ipc_offset, (ipc::HANDLES as u128) + n * ipc::ENTRY_BYTES as u128));
+        }
         for &(name, at, len) in &sections {
             if !(at as u64).is_multiple_of(ALIGN) {
                 return Err(format!("the {name} section at {at} is not at a multiple of 64"));
@@ -562,90 +793,255 @@ impl Layout {
                 ));
             }
         }
+        let sections_end = sections.iter().map(|&(_, at, len)| at as u128 + len).max().unwrap_or(0);
         sections.sort_by_key(|s| s.1);
         for w in sections.windows(2) {
             if w[0].1 as u128 + w[0].2 > w[1].1 as u128 {
                 return Err(format!("the {} and {} sections overlap", w[0].0, w[1].0));
             }
         }
-        if !(1..=MAX_TENSORS).contains(&tensors_n) {
-            return Err(format!("num_tensors {tensors_n} is not in 1..={MAX_TENSORS}"));
+        if bytes.len() < sections_end as usize {
+            return Err(format!("{} bytes read, but the sections end at {sections_end}", bytes.len()));
         }
-        let mut tensors = Vec::new();
-        let mut end = 0u64;
-        for i in 0..tensors_n {
-            let at = off::TENSORS + i * TENSOR_ENTRY_BYTES;
-            let text = |r: std::ops::Range<usize>| {
-                let b = &bytes[r];
-                let n = b.iter().position(|&c| c == 0).unwrap_or(b.len());
-                String::from_utf8(b[..n].to_vec()).map_err(|_| format!("tensor {i}: a name or dtype is not UTF-8"))
-            };
-            let (name, dtype) = (text(at..at + 24)?, text(at + 24..at + 32)?);
-            let (offset, tbytes, ndim) = (u64_at(at + 32), u64_at(at + 40), u32_at(at + 48));
-            let dims: Vec<u32> = (0..ndim.min(2) as usize).map(|j| u32_at(at + 56 + 4 * j)).collect();
-            let size = dtype_bytes(&dtype).ok_or_else(|| format!("tensor {i} ({name}): unknown dtype {dtype:?}"))?;
-            if !(1..=2).contains(&ndim) {
-                return Err(format!("tensor {i} ({name}): ndim {ndim} is not 1 or 2"));
-            }
-            let elems: u64 = dims.iter().map(|&d| d as u64).product();
-            if elems.checked_mul(size) != Some(tbytes) || tbytes == 0 {
-                return Err(format!("tensor {i} ({name}): {tbytes} bytes do not match {dims:?} x {dtype}"));
-            }
-            if offset % ALIGN != 0 || offset < end {
-                return Err(format!(
-                    "tensor {i} ({name}): offset {offset} is not a multiple of 64 after the previous tensor's end {end}"
-                ));
-            }
-            end = offset.checked_add(tbytes).ok_or_else(|| {
-                format!("tensor {i} ({name}): offset {offset} + {tbytes} bytes is past 2^64")
-            })?;
-            if end > l.expert_bytes as u64 {
-                return Err(format!("tensor {i} ({name}) ends at {end}, past expert_bytes {}", l.expert_bytes));
-            }
-            tensors.push(TensorSpec { name, dtype, offset, bytes: tbytes, dims });
+        let ipc_weights = match l.weights_kind {
+            weights_kind::CUDA_IPC => Some(
+                parse_ipc(&bytes[l.ipc_offset..], num_handles)
+                    .map_err(|e| format!("weights_kind 1 (CUDA IPC): {e}"))?,
+            ),
+            _ => None,
+        };
+        let entries = (l.num_layers + 1) * num_tensors;
+        let tensors = (0..entries)
+            .map(|i| parse_entry(&bytes[l.table_offset + i * TENSOR_ENTRY_BYTES..][..TENSOR_ENTRY_BYTES]))
+            .collect::<Vec<_>>();
+        let parsed = Layout { tensors: Vec::new(), ipc: ipc_weights, ..layout };
+        let mut checked = parsed.clone();
+        let mut list = Vec::with_capacity(entries);
+        for (i, e) in tensors.into_iter().enumerate() {
+            list.push(e.map_err(|what| format!("tensor table: {}: {what}", parsed.entry_name_raw(i)))?);
         }
-        if round64(end) != l.expert_bytes as u64 {
+        checked.tensors = list;
+        checked.check_table(sections_end)?;
+        Ok(checked)
+    }
+
+    /// [`Layout::entry_name`] before the names are parsed.
+    fn entry_name_raw(&self, index: usize) -> String {
+        let (layer, t) = (index / self.num_tensors, index % self.num_tensors);
+        if layer == self.num_layers {
+            format!("the staging layer, tensor {t}")
+        } else {
+            format!("layer {layer}, tensor {t}")
+        }
+    }
+
+    /// The contract's table rules; an error names the layer, the tensor and the field.
+    fn check_table(&self, sections_end: u128) -> Result<(), String> {
+        let t_n = self.num_tensors;
+        let fail = |i: usize, what: String| Err(format!("tensor table: {}: {what}", self.entry_name(i)));
+        // Names unique inside a layer (layer 0; the others must repeat layer 0's).
+        for t in 0..t_n {
+            if self.tensors[..t].iter().any(|e| e.name == self.tensors[t].name) {
+                return fail(t, format!("name {:?} is used twice in the layer", self.tensors[t].name));
+            }
+        }
+        for (i, e) in self.tensors.iter().enumerate() {
+            let (layer, t) = (i / t_n, i % t_n);
+            let first = &self.tensors[t];
+            if e.name.is_empty() {
+                return fail(i, "name is empty".into());
+            }
+            if e.dtype.is_empty() || !e.dtype.is_ascii() {
+                return fail(
+                    i,
+                    format!("dtype {:?} is not an ASCII dtype name (such as {})", e.dtype, DTYPES.join(" ")),
+                );
+            }
+            for (field, same) in [
+                ("name", e.name == first.name),
+                ("dtype", e.dtype == first.dtype),
+                ("kind", e.kind == first.kind),
+                ("row_bytes", e.row_bytes == first.row_bytes),
+            ] {
+                if !same {
+                    return fail(
+                        i,
+                        format!(
+                            "{field} differs from layer 0's ({:?} vs {:?}): every layer and the staging layer list the same tensors",
+                            field_text(e, field),
+                            field_text(first, field)
+                        ),
+                    );
+                }
+            }
+            if e.handle != 0 && self.weights_kind == weights_kind::HOST {
+                return fail(i, format!("handle {} with host weights (must be 0)", e.handle));
+            }
+            let staging = layer == self.num_layers;
+            match e.kind {
+                tensor_kind::EXPERT => {
+                    if e.rows as usize != self.slots_per_rank {
+                        return fail(
+                            i,
+                            format!(
+                                "rows {} of a per-expert tensor differ from slots_per_rank {} (list only the routed slots)",
+                                e.rows, self.slots_per_rank
+                            ),
+                        );
+                    }
+                }
+                tensor_kind::GLOBAL if staging => {
+                    if e.offset != 0 || e.row_stride != 0 || e.rows != 0 {
+                        return fail(
+                            i,
+                            format!(
+                                "a global tensor has no staging: offset, row_stride and rows must be 0 (are {}, {}, {})",
+                                e.offset, e.row_stride, e.rows
+                            ),
+                        );
+                    }
+                    continue;
+                }
+                tensor_kind::GLOBAL => {
+                    if e.rows == 0 {
+                        return fail(i, "rows 0 of a global tensor (at least 1)".into());
+                    }
+                }
+                k => return fail(i, format!("kind {k} (1 per-expert, 2 global)")),
+            }
+            if e.row_bytes == 0 {
+                return fail(i, "row_bytes 0".into());
+            }
+            if e.row_stride < e.row_bytes {
+                return fail(i, format!("row_stride {} < row_bytes {}", e.row_stride, e.row_bytes));
+            }
+            let (start, end) = e.extent();
+            match &self.ipc {
+                None => {
+                    let total = self.total_bytes as u128;
+                    if start < sections_end || end > total {
+                        return fail(
+                            i,
+                            format!(
+                                "offset {}: its extent [{start}, {end}) lies outside the tensor area [{sections_end}, {total}) of the region",
+                                e.offset
+                            ),
+                        );
+                    }
+                }
+                Some(w) => {
+                    let Some(h) = w.handles.get(e.handle as usize) else {
+                        return fail(i, format!("handle {} is not below num_handles {}", e.handle, w.handles.len()));
+                    };
+                    if end > h.bytes as u128 {
+                        return fail(
+                            i,
+                            format!(
+                                "offset {}: its extent [{start}, {end}) lies outside allocation {} of {} bytes",
+                                e.offset, e.handle, h.bytes
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+        if !self.tensors[..t_n].iter().any(TensorEntry::is_expert) {
+            return Err("tensor table: no per-expert tensor (kind 1): nothing could move".into());
+        }
+        let want = self.tensors[..t_n].iter().filter(|e| e.is_expert()).map(|e| e.row_bytes as u128).sum::<u128>();
+        if self.expert_bytes as u128 != want {
             return Err(format!(
-                "expert_bytes {} is not the end of the last tensor rounded up to 64 ({})",
-                l.expert_bytes,
-                round64(end)
+                "expert_bytes {} is not the sum of the per-expert tensors' row_bytes ({want})",
+                self.expert_bytes
             ));
         }
-        if let Some(w) = &ipc_weights {
-            w.check(layout.num_layers, layout.layer_bytes()).map_err(|e| format!("weights_kind 1 (CUDA IPC): {e}"))?;
+        // No two extents overlap (inside one allocation, for IPC weights).
+        let mut spans: Vec<(u16, u128, u128, usize)> = self
+            .tensors
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.rows > 0)
+            .map(|(i, e)| {
+                let (s, end) = e.extent();
+                (e.handle, s, end, i)
+            })
+            .collect();
+        spans.sort_unstable();
+        for w in spans.windows(2) {
+            if w[0].0 == w[1].0 && w[0].2 > w[1].1 {
+                let place = if self.ipc.is_some() { format!(" in allocation {}", w[0].0) } else { String::new() };
+                return fail(
+                    w[1].3,
+                    format!(
+                        "offset {}: its extent overlaps {}'s{place} ([{}, {}) and [{}, {}))",
+                        self.tensors[w[1].3].offset,
+                        self.entry_name(w[0].3),
+                        w[0].1,
+                        w[0].2,
+                        w[1].1,
+                        w[1].2
+                    ),
+                );
+            }
         }
-        Ok(Layout { tensors, ipc: ipc_weights, ..layout })
+        Ok(())
     }
 }
 
-/// The IPC section of a header.
-fn parse_ipc(bytes: &[u8]) -> Result<IpcWeights, String> {
-    let u32_at = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"));
-    let u64_at = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
+/// The sum of per-expert row sizes.
+fn expert_bytes_of(rows: impl Iterator<Item = u64>) -> usize {
+    rows.sum::<u64>() as usize
+}
+
+fn field_text(e: &TensorEntry, field: &str) -> String {
+    match field {
+        "name" => e.name.clone(),
+        "dtype" => e.dtype.clone(),
+        "kind" => e.kind.to_string(),
+        _ => e.row_bytes.to_string(),
+    }
+}
+
+/// One table entry from its 64 bytes.
+fn parse_entry(b: &[u8]) -> Result<TensorEntry, String> {
+    let text = |r: std::ops::Range<usize>, what: &str| {
+        let s = &b[r];
+        let n = s.iter().position(|&c| c == 0).unwrap_or(s.len());
+        String::from_utf8(s[..n].to_vec()).map_err(|_| format!("{what} is not UTF-8"))
+    };
+    let u64_at = |at: usize| u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"));
+    Ok(TensorEntry {
+        name: text(0..24, "name")?,
+        dtype: text(24..32, "dtype")?,
+        offset: u64_at(offset_of!(TableEntryRaw, offset)),
+        row_stride: u64_at(offset_of!(TableEntryRaw, row_stride)),
+        row_bytes: u64_at(offset_of!(TableEntryRaw, row_bytes)),
+        rows: u32::from_le_bytes(b[56..60].try_into().expect("4 bytes")),
+        kind: b[offset_of!(TableEntryRaw, kind)],
+        handle: u16::from_le_bytes(b[62..64].try_into().expect("2 bytes")),
+    })
+}
+
+/// The IPC section at the start of `bytes`.
+fn parse_ipc(bytes: &[u8], count: usize) -> Result<IpcWeights, String> {
     let raw = &bytes[ipc::PCI_BUS_ID..ipc::PCI_BUS_ID + 16];
     let n = raw.iter().position(|&c| c == 0).unwrap_or(raw.len());
     let pci_bus_id = std::str::from_utf8(&raw[..n])
         .ok()
-        .filter(|t| t.chars().all(|c| c.is_ascii_hexdigit() || c == ':' || c == '.'))
+        .filter(|t| !t.is_empty() && t.chars().all(|c| c.is_ascii_hexdigit() || c == ':' || c == '.'))
         .ok_or("the IPC section's pci_bus_id is not a PCI bus id (like 0000:19:00.0)")?
         .to_string();
     let uuid: [u8; 16] = bytes[ipc::UUID..ipc::UUID + 16].try_into().expect("16 bytes");
-    let count = u32_at(ipc::NUM_HANDLES) as usize;
-    if !(1..=ipc::MAX_HANDLES).contains(&count) {
-        return Err(format!("the IPC section has {count} handles (1 to {})", ipc::MAX_HANDLES));
-    }
     let handles = (0..count)
         .map(|i| {
             let at = ipc::HANDLES + i * ipc::ENTRY_BYTES;
-            IpcHandle {
-                handle: bytes[at..at + 64].try_into().expect("64 bytes"),
-                role: u32_at(at + 64),
-                first_layer: u32_at(at + 68),
-                offset: u64_at(at + 72),
-                bytes: u64_at(at + 80),
+            let size = u64::from_le_bytes(bytes[at + ipc::ENTRY_SIZE..at + ipc::ENTRY_SIZE + 8].try_into().expect("8"));
+            if size == 0 {
+                return Err(format!("IPC handle {i}: bytes 0 (the allocation's size)"));
             }
+            Ok(IpcHandle { handle: bytes[at..at + 64].try_into().expect("64 bytes"), bytes: size })
         })
-        .collect();
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(IpcWeights { pci_bus_id, uuid, handles })
 }
 
@@ -658,7 +1054,7 @@ pub fn region_path(name: &str, rank: usize) -> PathBuf {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RingRead {
     /// The whole entry of the step: its phase, tokens, MoE time (ns, 0: not measured) and
-    /// `counts [layers * slots_per_rank]`.
+    /// `counts [layers * count_cols]`.
     Step { phase: u64, tokens: u64, moe_ns: u64, counts: Vec<u64> },
     /// The engine has not finished the step yet.
     NotYet,
@@ -692,9 +1088,9 @@ impl Region {
             });
         }
         let map = MmapRaw::map_raw(&file).map_err(io)?;
-        // SAFETY: the mapping is at least HEADER_BYTES long; the header is written once, before
-        // the engine renames the region into place.
-        let header = unsafe { std::slice::from_raw_parts(map.as_ptr(), HEADER_BYTES) };
+        // SAFETY: the mapping is at least HEADER_BYTES long; the header, the tensor table and the
+        // IPC section are written once, before the engine renames the region into place.
+        let header = unsafe { std::slice::from_raw_parts(map.as_ptr(), map.len()) };
         let layout = Layout::parse(header, map.len()).map_err(|what| RegionError::Bad { path: path.into(), what })?;
         Ok(Region { map, _file: file, path: path.to_path_buf(), layout })
     }
@@ -708,8 +1104,14 @@ impl Region {
         file.set_len(layout.total_bytes as u64).map_err(io)?;
         let map = MmapRaw::map_raw(&file).map_err(io)?;
         let header = layout.header_bytes(engine_pid);
-        // SAFETY: the mapping is total_bytes >= HEADER_BYTES long and nobody else has it yet.
-        unsafe { std::ptr::copy_nonoverlapping(header.as_ptr(), map.as_mut_ptr(), HEADER_BYTES) };
+        let (table, ipc) = (layout.table_bytes(), layout.ipc_bytes());
+        // SAFETY: the mapping is total_bytes long, which holds the header, the table and the IPC
+        // section (the layout's sections), and nobody else has it yet.
+        unsafe {
+            std::ptr::copy_nonoverlapping(header.as_ptr(), map.as_mut_ptr(), HEADER_BYTES);
+            std::ptr::copy_nonoverlapping(table.as_ptr(), map.as_mut_ptr().add(layout.table_offset), table.len());
+            std::ptr::copy_nonoverlapping(ipc.as_ptr(), map.as_mut_ptr().add(layout.ipc_offset), ipc.len());
+        }
         Ok(Region { map, _file: file, path: tmp, layout: layout.clone() })
     }
 
@@ -790,13 +1192,16 @@ impl Region {
         std::slice::from_raw_parts_mut(self.map.as_mut_ptr().add(at), len)
     }
 
-    /// The live weights of `layer`: `slots_per_rank * expert_bytes` bytes.
-    pub fn live_offset(&self, layer: usize) -> usize {
-        self.layout.weights_offset + layer * self.layout.slots_per_rank * self.layout.expert_bytes
+    /// Row `slot` of table entry `t` of `layer` (`layer == num_layers`: the staging area), host
+    /// weights: `(offset in the region, row_bytes)`.
+    pub fn row(&self, layer: usize, t: usize, slot: usize) -> (usize, usize) {
+        let e = self.layout.entry(layer, t);
+        (e.row_at(slot) as usize, e.row_bytes as usize)
     }
 
-    pub fn staging_len(&self) -> usize {
-        self.layout.slots_per_rank * self.layout.expert_bytes
+    /// `table_fault`: 0, or `1 + i` for a re-allocated table entry `i`.
+    pub fn table_fault(&self) -> u64 {
+        self.get(off::TABLE_FAULT)
     }
 
     /// `phy2log [num_layers, num_physical]`, as stored.
@@ -825,7 +1230,7 @@ impl Region {
         }
         let l = &self.layout;
         let base = l.ring_offset + (t % l.ring_len as u64) as usize * l.ring_entry_bytes;
-        let n = l.num_layers * l.slots_per_rank;
+        let n = l.num_layers * l.count_cols();
         let seq = self.atomic(base + off::ENTRY_SEQ);
         let mut counts = vec![0u64; n];
         let mut spins = 0u32;
@@ -864,7 +1269,7 @@ impl Region {
         self.write_u64(base + off::ENTRY_PHASE, phase);
         self.write_u64(base + off::ENTRY_TOKENS, tokens);
         self.write_u64(base + off::ENTRY_MOE_NS, moe_ns);
-        for (i, &c) in counts.iter().take(l.num_layers * l.slots_per_rank).enumerate() {
+        for (i, &c) in counts.iter().take(l.num_layers * l.count_cols()).enumerate() {
             self.write_u64(base + off::ENTRY_COUNTS + 8 * i, c);
         }
         seq.store(s + 2, Ordering::Release);

@@ -27,9 +27,11 @@ pub enum Decision {
 }
 
 impl EngineRank {
-    /// Creates engine rank `layout.rank`'s region named `name`: header, placement `phy2log`
-    /// (`[num_layers * num_physical]`), the live weights of its slots filled by
-    /// `fill(layer, expert, bytes)` (host weights only), then renames it into place.
+    /// Creates engine rank `layout.rank`'s region named `name`: header, table, placement
+    /// `phy2log` (`[num_layers * num_physical]`), the live weights of its slots filled by
+    /// `fill(layer, expert, bytes)` (host weights only: `bytes` is the expert's concatenated rows,
+    /// scattered into them), the global tensors filled with [`global_fill`], then renames it into
+    /// place.
     pub fn create(
         name: &str,
         layout: &Layout,
@@ -45,12 +47,21 @@ impl EngineRank {
         let (spr, eb) = (layout.slots_per_rank, layout.expert_bytes);
         // GPU weights (weights_kind 1) are the engine's device memory, not the region's.
         let host_layers = if layout.ipc.is_none() { layout.num_layers } else { 0 };
+        let mut expert = vec![0u8; eb];
         for layer in 0..host_layers {
-            // SAFETY: nobody else has the region before it is published.
-            let live = unsafe { region.bytes_mut(region.live_offset(layer), spr * eb) };
             for k in 0..spr {
                 let e = phy2log[layer * p + layout.rank * spr + k] as usize;
-                fill(layer, e, &mut live[k * eb..(k + 1) * eb]);
+                fill(layer, e, &mut expert);
+                // SAFETY: nobody else has the region before it is published.
+                unsafe { write_expert(&region, layer, k, &expert) };
+            }
+            for t in layout.global_tensors() {
+                let entry = layout.entry(layer, t);
+                for r in 0..entry.rows as usize {
+                    // SAFETY: as above.
+                    let row = unsafe { region.bytes_mut(entry.row_at(r) as usize, entry.row_bytes as usize) };
+                    global_fill(layer, t, r, row);
+                }
             }
         }
         region.set(off::ENGINE_HEARTBEAT_NS, monotonic_ns());
@@ -87,9 +98,13 @@ impl EngineRank {
     }
 
     /// The contract's validity rule: a layer, the next epoch, a row that holds every expert and
-    /// nothing else, and a copy for every local slot whose expert changes.
+    /// nothing else, and a copy for every local slot whose expert changes; and no `table_fault`
+    /// (the engine rejects every command while one of its tensors is re-allocated).
     fn valid(&self, cmd: &Command) -> bool {
         let l = &self.region.layout;
+        if self.region.table_fault() != 0 {
+            return false;
+        }
         let (p, spr) = (l.num_physical(), l.slots_per_rank);
         if cmd.layer >= l.num_layers || cmd.epoch != self.region.epoch(cmd.layer).load(Ordering::Acquire) + 1 {
             return false;
@@ -119,12 +134,16 @@ impl EngineRank {
             return Decision::Cancelled { id: cmd.id };
         }
         let l = &self.region.layout;
-        let (spr, eb, p) = (l.slots_per_rank, l.expert_bytes, l.num_physical());
-        let live_at = self.region.live_offset(cmd.layer);
+        let (spr, p) = (l.slots_per_rank, l.num_physical());
+        // Row s of every per-expert staging entry into row s of the same entry of the layer.
         for (k, _) in cmd.copy_mask.iter().enumerate().filter(|(_, &m)| m) {
-            let staged = self.region.bytes(l.staging_offset + k * eb, eb).to_vec();
-            // SAFETY: the engine writes its live weights only here, between two forward passes.
-            unsafe { self.region.bytes_mut(live_at + k * eb, eb) }.copy_from_slice(&staged);
+            for t in l.expert_tensors() {
+                let (from, n) = self.region.row(l.num_layers, t, k);
+                let (to, _) = self.region.row(cmd.layer, t, k);
+                let staged = self.region.bytes(from, n).to_vec();
+                // SAFETY: the engine writes its live weights only here, between two forward passes.
+                unsafe { self.region.bytes_mut(to, n) }.copy_from_slice(&staged);
+            }
         }
         debug_assert!(cmd.copy_mask.len() == spr);
         self.region.write_phy2log_row(cmd.layer, &cmd.new_row);
@@ -134,10 +153,10 @@ impl EngineRank {
         Decision::Applied { id: cmd.id, layer: cmd.layer, epoch: cmd.epoch }
     }
 
-    /// Records step `t`'s per-slot counts (`[num_layers * slots_per_rank]`) and its MoE time on
+    /// Records step `t`'s counts (`[num_layers * count_cols]`) and its MoE time on
     /// this rank (`moe_ns`, 0: not measured), and publishes it.
     pub fn record(&self, t: u64, phase: u64, counts: &[u64], moe_ns: u64) {
-        let tokens = counts.iter().take(self.region.layout.slots_per_rank).sum();
+        let tokens = counts.iter().take(self.region.layout.count_cols()).sum();
         self.region.write_step(t, phase, tokens, moe_ns, counts);
     }
 
@@ -152,9 +171,65 @@ impl EngineRank {
         let _ = std::fs::remove_file(&self.region.path);
     }
 
-    /// The live weights of `layer`, local slot `slot`.
-    pub fn live(&self, layer: usize, slot: usize) -> &[u8] {
-        let eb = self.region.layout.expert_bytes;
-        self.region.bytes(self.region.live_offset(layer) + slot * eb, eb)
+    /// The live expert of `layer`, local slot `slot`: its rows, concatenated in table order.
+    pub fn live(&self, layer: usize, slot: usize) -> Vec<u8> {
+        expert_bytes(&self.region, layer, slot)
+    }
+
+    /// The bytes of every global tensor of every layer (rows only), concatenated.
+    pub fn global_bytes(&self) -> Vec<u8> {
+        global_bytes(&self.region)
+    }
+
+    /// Sets `table_fault` (tests: an engine that found table entry `entry` re-allocated).
+    pub fn set_table_fault(&self, entry: usize) {
+        self.region.set(off::TABLE_FAULT, entry as u64 + 1);
+    }
+}
+
+/// What the writer puts into row `row` of global tensor `t` of `layer`: bytes nobody moves.
+pub fn global_fill(layer: usize, t: usize, row: usize, buf: &mut [u8]) {
+    crate::engine::fill_expert(buf, 5000 + layer * 64 + t, row);
+}
+
+/// Expert `slot` of `layer` (`num_layers`: staging) of a host region: its per-expert rows,
+/// concatenated in table order.
+pub fn expert_bytes(region: &Region, layer: usize, slot: usize) -> Vec<u8> {
+    let l = &region.layout;
+    let mut out = Vec::with_capacity(l.expert_bytes);
+    for t in l.expert_tensors() {
+        let (at, n) = region.row(layer, t, slot);
+        out.extend_from_slice(region.bytes(at, n));
+    }
+    out
+}
+
+/// The rows of every global tensor of every layer of a host region, concatenated.
+pub fn global_bytes(region: &Region) -> Vec<u8> {
+    let l = &region.layout;
+    let mut out = Vec::new();
+    for layer in 0..l.num_layers {
+        for t in l.global_tensors() {
+            let e = l.entry(layer, t);
+            for r in 0..e.rows as usize {
+                out.extend_from_slice(region.bytes(e.row_at(r) as usize, e.row_bytes as usize));
+            }
+        }
+    }
+    out
+}
+
+/// Scatters `bytes` (an expert: rows in table order) into the rows of slot `slot` of `layer`.
+///
+/// # Safety
+/// Nobody else may read or write those rows meanwhile (the engine side, before publishing or at
+/// a step boundary; a test standing in for the sidecar on staging rows it owns).
+pub unsafe fn write_expert(region: &Region, layer: usize, slot: usize, bytes: &[u8]) {
+    let l = &region.layout;
+    let mut at = 0;
+    for t in l.expert_tensors() {
+        let (to, n) = region.row(layer, t, slot);
+        region.bytes_mut(to, n).copy_from_slice(&bytes[at..at + n]);
+        at += n;
     }
 }
