@@ -69,7 +69,7 @@ if ! cargo afl --version 2>/dev/null | grep -q "$AFL_VERSION"; then
   echo "# installing cargo-afl $AFL_VERSION into $tools"
   nice -n 19 cargo install --locked --force --quiet --root "$tools" --version "$AFL_VERSION" cargo-afl
 fi
-if ! compgen -G "$tools/share/afl.rs/*/afl.rs-$AFL_VERSION/bin/afl-fuzz" >/dev/null; then
+if ! compgen -G "$tools/share/afl.rs/*/afl.rs-$AFL_VERSION/afl/bin/afl-fuzz" >/dev/null; then
   echo "# building AFL++ (cargo afl config --build) into $tools/share"
   nice -n 19 cargo afl config --build --force
 fi
