@@ -159,6 +159,19 @@ pub struct TraceSelect {
 
 /// Reads a load file; the format comes from the extension (`.json`, `.csv`, `.npy`).
 pub fn read_trace(path: &Path, select: &TraceSelect) -> Result<LoadTrace, LoadError> {
+    parse_trace(path, None, select)
+}
+
+/// Parses the bytes of a load file named `path` (the extension picks the format; errors name
+/// `path`), exactly as [`read_trace`] would read that file: the fuzz targets (`fuzz/`) feed it
+/// arbitrary bytes, which must give a trace or a [`LoadError`], never a panic.
+pub fn parse_trace_bytes(path: &Path, bytes: &[u8], select: &TraceSelect) -> Result<LoadTrace, LoadError> {
+    parse_trace(path, Some(bytes), select)
+}
+
+/// [`read_trace`] on `bytes` when given, else on the file's contents (read after the extension
+/// is checked, so that a bad extension is reported without touching the file).
+fn parse_trace(path: &Path, given: Option<&[u8]>, select: &TraceSelect) -> Result<LoadTrace, LoadError> {
     let ext = path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
     let parse: fn(&Path, &[u8], &TraceSelect) -> Result<Parsed, LoadError> = match ext.as_deref() {
         Some("json") => |path, bytes, _| json::parse(path, bytes),
@@ -171,12 +184,19 @@ pub fn read_trace(path: &Path, select: &TraceSelect) -> Result<LoadTrace, LoadEr
             })
         }
     };
-    let bytes = crate::input::read_regular(path, crate::input::MAX_TRACE_BYTES)
-        .map_err(|source| LoadError::Io { path: path.to_path_buf(), source })?;
+    let read;
+    let bytes = match given {
+        Some(bytes) => bytes,
+        None => {
+            read = crate::input::read_regular(path, crate::input::MAX_TRACE_BYTES)
+                .map_err(|source| LoadError::Io { path: path.to_path_buf(), source })?;
+            &read[..]
+        }
+    };
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Err(LoadError::Empty { path: path.to_path_buf(), what: "the file is empty".into() });
     }
-    let parsed = parse(path, &bytes, select)?;
+    let parsed = parse(path, bytes, select)?;
     if parsed.format != LoadFormat::IterationCsv {
         if let Some(dataset) = &select.dataset {
             return Err(LoadError::DatasetNotApplicable {

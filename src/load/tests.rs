@@ -418,6 +418,12 @@ fn npy_errors() {
     deep.extend_from_slice(nested.as_bytes());
     let (e, _) = err_of("deep.npy", deep);
     assert!(matches!(e, LoadError::Npy { .. }), "{e:?}");
+    // Unclosed braces before a valid dict: npyz's parser backtracks exponentially in their depth
+    // (fuzz/regressions/load_npy/ has the case fuzzing found; it ran for minutes before the bound).
+    let unclosed = format!("{}{{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }}", "{".repeat(12));
+    let (e, msg) = err_of("unclosed.npy", npy_raw(&unclosed, &[0; 24]));
+    assert!(matches!(e, LoadError::Npy { .. }), "{e:?}");
+    assert!(msg.contains("nests brackets more than 4 deep"), "{msg}");
     let (e, _) = err_of("garbage.npy", b"\x93NUMPY\x01\x00\x04\x00}{)(");
     assert!(matches!(e, LoadError::Npy { .. }), "{e:?}");
     for (name, dict) in [

@@ -37,7 +37,13 @@ pub enum PlacementFileError {
 pub fn read_placement(path: &Path, num_logical: usize) -> Result<Placement, PlacementFileError> {
     let bytes = crate::input::read_regular(path, crate::input::MAX_JSON_BYTES)
         .map_err(|source| PlacementFileError::Read { path: path.into(), source })?;
-    let doc: Value = crate::load::json::from_slice_strict(&bytes)
+    parse_placement_bytes(path, &bytes, num_logical)
+}
+
+/// [`read_placement`] on the bytes of a file named `path` (errors name it): the fuzz target
+/// (`fuzz/`) feeds it arbitrary bytes, which must give a placement or an error, never a panic.
+pub fn parse_placement_bytes(path: &Path, bytes: &[u8], num_logical: usize) -> Result<Placement, PlacementFileError> {
+    let doc: Value = crate::load::json::from_slice_strict(bytes)
         .map_err(|source| PlacementFileError::Json { path: path.into(), source })?;
     let map = doc.get("physical_to_logical_map").ok_or_else(|| PlacementFileError::NoMap { path: path.into() })?;
     let bad = |what: String| PlacementFileError::BadMap { path: path.into(), what };

@@ -551,7 +551,9 @@ impl Layout {
             ("ring", self.ring_offset, self.ring_len as u128 * self.ring_entry_bytes as u128),
             ("placement", self.placement_offset, 4 * l * p),
             ("epochs", self.epochs_offset, 8 * l),
-            ("command", self.command_offset, round64(4 * p as u64) as u128 + s),
+            // In u128 like the rest: 4 x num_physical overflows u64 for a hostile world_size x
+            // slots_per_rank (the header's u32 fields; found by fuzzing).
+            ("command", self.command_offset, (4 * p).div_ceil(64) * 64 + s),
             ("tensor table", self.table_offset, (l + 1) * self.num_tensors as u128 * TENSOR_ENTRY_BYTES as u128),
         ];
         if let Some(w) = &self.ipc {
@@ -766,8 +768,9 @@ impl Layout {
                 ))
             }
         }
-        let want_entry = 64 + round64(8 * l.num_layers as u64 * l.count_cols() as u64);
-        if l.ring_entry_bytes as u64 != want_entry {
+        // In u128: 8 x num_layers x count_cols of u32 fields overflows u64 (found by fuzzing).
+        let want_entry = 64 + (8 * l.num_layers as u128 * l.count_cols() as u128).div_ceil(64) * 64;
+        if l.ring_entry_bytes as u128 != want_entry {
             return Err(format!(
                 "ring_entry_bytes {} (want {want_entry} for this shape and counts_kind {})",
                 l.ring_entry_bytes, l.counts_kind

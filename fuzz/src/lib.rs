@@ -1,0 +1,3 @@
+//! The fuzz targets as plain functions (see `targets.rs`), for the AFL binaries in `src/bin/`.
+#[path = "targets.rs"]
+pub mod targets;
