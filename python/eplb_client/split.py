@@ -406,3 +406,122 @@ def replica_slots_layers(ids: Any, quotas: Any, phy2log: Any, num_logical: int) 
     pos = torch.gather(before, 1, ids) + k
     j = torch.searchsorted(ends, pos, right=True).clamp(max=P - 1)
     return torch.gather(slot_order, 1, j)
+
+
+# ---- PyTorch without a host sync: CUDA-graph capturable ---------------------------------------
+
+
+def _split_core(counts: Any, phy2log: Any, tokens: Any, slots_per_rank: int, rounds: int,
+                levels: int) -> Tuple[Any, Any, Any]:
+    """The algorithm of :func:`split_layers` (same orders, same tie-breaks, so the same quotas)
+    with data-independent loop counts and no host synchronisation, so that a CUDA graph can
+    capture it: ``rounds`` rounds (each: one breadth-first search of ``levels`` expert -> GPU ->
+    expert levels, then one augmentation or one raise of ``T`` per layer still placing tokens),
+    finished layers idling through masked updates.
+
+    Returns ``(quotas [L, P], max_load [L], ok [L] bool)``. ``ok[l]`` is true iff layer ``l``'s
+    input is valid, its supply was all placed within ``rounds`` rounds and no search was cut at
+    ``levels`` levels; then its quotas are exactly :func:`split_layers`'s (every step of the
+    reference ran, in the same order). A layer not ok has meaningless quotas: the caller must
+    check ``ok`` (once, after the call) and fall back to the exact :func:`split_layers`.
+    """
+    import torch
+
+    dev = counts.device
+    counts = counts.to(torch.int64)
+    L, E = counts.shape
+    P = phy2log.shape[1]
+    S = int(slots_per_rank)
+    G = P // S
+    tokens = tokens.to(torch.int64)
+    raw = phy2log.to(torch.int64)
+    ok = ~((counts < 0).any(1) | (counts.sum(1) != tokens) | ((raw < 0) | (raw >= E)).any(1))
+    phy2log = raw.clamp(0, E - 1)
+    counts = counts.clamp(min=0)
+    ar = torch.arange(L, device=dev)
+    gpu_of_slot = torch.arange(P, device=dev) // S
+    on = torch.zeros(L, E, G, dtype=torch.int64, device=dev)
+    on.index_put_((ar[:, None].expand(L, P), phy2log, gpu_of_slot[None].expand(L, P)),
+                  torch.ones(L, P, dtype=torch.int64, device=dev), accumulate=True)
+    has = on > 0
+    ngpu = has.sum(2)
+    ok = ok & ~((counts > 0) & (ngpu == 0)).any(1)
+    isflex = (ngpu >= 2) & (counts > 0)
+    fixed = torch.where(isflex, 0, counts)
+    gidx = torch.arange(G, device=dev)
+    eidx = torch.arange(E, device=dev)
+    first_gpu = torch.where(has, gidx, G).min(2).values.clamp(max=G - 1)
+    load = torch.zeros(L, G, dtype=torch.int64, device=dev)
+    load.scatter_add_(1, first_gpu, fixed)
+    A = has & isflex[:, :, None]
+    x = torch.zeros(L, E, G, dtype=torch.int64, device=dev)
+    supply = torch.where(isflex, counts, 0)
+    t = torch.maximum((tokens.clamp(min=0) + G - 1) // G, load.max(1).values)
+    INF = torch.iinfo(torch.int64).max
+    remaining = supply.sum(1)
+    cut = torch.zeros(L, dtype=torch.bool, device=dev)  # a search was cut at `levels` levels
+    for _ in range(rounds):
+        active = (remaining > 0) & ok & ~cut
+        dist_e = torch.where(supply > 0, 0, INF)
+        dist_g = torch.full((L, G), INF, dtype=torch.int64, device=dev)
+        frontier_e = (supply > 0) & active[:, None]
+        target = torch.full((L,), -1, dtype=torch.int64, device=dev)
+        done = ~active
+        reached = torch.zeros(L, dtype=torch.int64, device=dev)
+        level = 0
+        for _ in range(levels):
+            newg = (frontier_e[:, :, None] & A).any(1) & (dist_g == INF) & ~done[:, None]
+            dist_g = torch.where(newg, level + 1, dist_g)
+            reached += newg.sum(1)
+            spare = newg & (load < t[:, None])
+            hit = spare.any(1)
+            target = torch.where(hit, torch.where(spare, gidx, G).min(1).values, target)
+            done = done | hit | ~newg.any(1)
+            frontier_g = newg & ~done[:, None]
+            newe = (frontier_g[:, None, :] & (x > 0)).any(2) & (dist_e == INF)
+            dist_e = torch.where(newe, level + 2, dist_e)
+            done = done | ~newe.any(1)
+            frontier_e = newe & ~done[:, None]
+            level += 2
+        cut = cut | frontier_e.any(1)  # the reference would have searched on
+        active = active & ~cut
+        raise_ = active & (target < 0)
+        rc = reached.clamp(min=1)
+        t = torch.where(raise_, t + (remaining + rc - 1) // rc, t)
+        aug = active & (target >= 0)
+        # the path back: each node's parent (the lowest-index node of the previous level)
+        par_g = torch.where(A & (dist_e[:, :, None] == (dist_g - 1)[:, None, :]), eidx[None, :, None], E) \
+            .min(1).values.clamp(max=E - 1)  # [L, G]
+        par_e = torch.where((x > 0) & (dist_g[:, None, :] == (dist_e - 1)[:, :, None]), gidx, G) \
+            .min(2).values.clamp(max=G - 1)  # [L, E]
+        tg = target.clamp(min=0)
+        delta = torch.where(aug, t - load[ar, tg], 0)
+        g = tg
+        walking = aug
+        sign = torch.zeros(L, E, G, dtype=torch.int64, device=dev)
+        src = torch.zeros(L, dtype=torch.int64, device=dev)
+        for _ in range(levels):
+            f = par_g[ar, g]
+            sign[ar, f, g] += walking.to(torch.int64)
+            at_src = walking & (dist_e[ar, f] == 0)
+            src = torch.where(at_src, f, src)
+            walking = walking & ~at_src
+            gb = par_e[ar, f]
+            delta = torch.where(walking, torch.minimum(delta, x[ar, f, gb]), delta)
+            sign[ar, f, gb] -= walking.to(torch.int64)
+            g = torch.where(walking, gb, g)
+        delta = torch.where(aug, torch.minimum(delta, supply[ar, src]), 0)
+        x += sign * delta[:, None, None]
+        supply[ar, src] -= delta
+        load[ar, tg] += delta
+        remaining = remaining - delta
+    ok = ok & ~cut & (remaining == 0)
+    per = torch.where(isflex[:, :, None], x, torch.where(has & (fixed > 0)[:, :, None], fixed[:, :, None], 0))
+    q = per[ar[:, None], phy2log, gpu_of_slot[None]]
+    k = on[ar[:, None], phy2log, gpu_of_slot[None]]
+    same = (phy2log[:, :, None] == phy2log[:, None, :]) & (gpu_of_slot[:, None] == gpu_of_slot[None, :])
+    pidx = torch.arange(P, device=dev)
+    earlier = pidx[None, :] < pidx[:, None]
+    j = (same & earlier).sum(2)
+    quotas = q // k + (j < q % k).to(torch.int64)
+    return quotas, t, ok
