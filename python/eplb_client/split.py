@@ -525,3 +525,81 @@ def _split_core(counts: Any, phy2log: Any, tokens: Any, slots_per_rank: int, rou
     j = (same & earlier).sum(2)
     quotas = q // k + (j < q % k).to(torch.int64)
     return quotas, t, ok
+
+
+class SplitGraph:
+    """:func:`_split_core` captured once in a CUDA graph for fixed shapes, replayed per step.
+
+    Static input buffers ``counts [L, E]``, ``phy2log [L, P]``, ``tokens [L]`` and outputs
+    ``quotas [L, P]``, ``max_load [L]``, ``ok [L]``. :meth:`run` copies its inputs in and replays
+    (no host sync); the outputs are the static buffers (overwritten by the next run). Where
+    ``ok[l]`` is true the quotas are exactly :func:`split_layers`'s (and Rust's); where it is false
+    (bad input, or a layer that needs more than ``rounds`` rounds or ``levels`` search levels) the
+    caller must fall back: :func:`split_layers_graph` does. On a device other than CUDA it runs
+    the same core eagerly.
+    """
+
+    def __init__(self, num_layers: int, num_logical: int, num_physical: int, slots_per_rank: int,
+                 device: Any = "cuda", rounds: int = 100, levels: int = 12) -> None:
+        import torch
+
+        if slots_per_rank <= 0 or num_physical == 0 or num_physical % slots_per_rank:
+            raise SplitError(f"{num_physical} slots do not divide into ranks of slots_per_rank = {slots_per_rank}")
+        self.device = torch.device(device)
+        self.slots_per_rank, self.rounds, self.levels = int(slots_per_rank), int(rounds), int(levels)
+        self.counts = torch.zeros(num_layers, num_logical, dtype=torch.int64, device=self.device)
+        self.phy2log = torch.zeros(num_layers, num_physical, dtype=torch.int64, device=self.device)
+        self.tokens = torch.zeros(num_layers, dtype=torch.int64, device=self.device)
+        self.graph = None
+        if self.device.type == "cuda":
+            s = torch.cuda.Stream(self.device)
+            s.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(s):  # warm-up outside the capture (allocator, kernels)
+                for _ in range(2):
+                    self._core()
+            torch.cuda.current_stream(self.device).wait_stream(s)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.quotas, self.max_load, self.ok = self._core()
+        else:
+            self.quotas, self.max_load, self.ok = self._core()
+
+    def _core(self) -> Tuple[Any, Any, Any]:
+        return _split_core(self.counts, self.phy2log, self.tokens, self.slots_per_rank, self.rounds, self.levels)
+
+    def run(self, counts: Any, phy2log: Any, tokens: Any = None) -> Tuple[Any, Any, Any]:
+        """``(quotas, max_load, ok)`` of these inputs (static buffers; no host sync on CUDA)."""
+        self.counts.copy_(counts)
+        self.phy2log.copy_(phy2log)
+        if tokens is None:
+            self.tokens.copy_(self.counts.sum(1))
+        else:
+            self.tokens.copy_(tokens)
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self.quotas, self.max_load, self.ok = self._core()
+        return self.quotas, self.max_load, self.ok
+
+
+def split_layers_graph(counts: Any, phy2log: Any, slots_per_rank: int, tokens: Any = None,
+                       graph: Optional[SplitGraph] = None, rounds: int = 100,
+                       levels: int = 12) -> Tuple[Any, Any]:
+    """:func:`split_layers`, the same quotas, through a :class:`SplitGraph` (built here if not
+    given): one replay, then one host sync to read ``ok``; layers not ok (rare: more rounds or
+    levels than the graph's bounds, or bad input) are redone by :func:`split_layers`, which
+    raises :class:`SplitError` on bad input. Returns copies ``(quotas, max_load)``.
+    """
+    import torch
+
+    if graph is None:
+        graph = SplitGraph(counts.shape[0], counts.shape[1], phy2log.shape[1], slots_per_rank,
+                           counts.device, rounds, levels)
+    q, t, ok = graph.run(counts, phy2log, tokens)
+    q, t = q.clone(), t.clone()
+    if not bool(ok.all()):
+        bad = (~ok).nonzero()[:, 0]
+        tk = None if tokens is None else torch.as_tensor(tokens, device=counts.device)[bad]
+        qb, tb = split_layers(counts[bad], phy2log[bad], slots_per_rank, tk)
+        q[bad], t[bad] = qb.to(q.device), tb.to(t.device)
+    return q, t
