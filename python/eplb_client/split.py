@@ -6,6 +6,10 @@ optimality are written out), so that every rank, in any of the three, agrees whe
 * :func:`split_layers` (PyTorch, any device): every layer at once, the same algorithm run in
   lock step over the layers (each round: one breadth-first search and one augmentation, or one
   raise of the bound, per layer still placing tokens); torch is imported only here;
+* :class:`SplitGraph` / :func:`split_layers_graph` (PyTorch): the same algorithm, the same
+  quotas, with fixed loop counts (``rounds``, ``levels``) and masked updates instead of host
+  syncs, captured once in a CUDA graph and replayed; a per-layer ``ok`` flag says where the bounds
+  sufficed (there the quotas are exactly :func:`split_layers`'s), the others are redone exactly;
 * :func:`even_quotas`: the engines' fixed rule in counts (replica ``(k + layer) mod n``);
 * :func:`replica_slots`: the token-to-replica rule: the token at index ``k`` of an expert's
   tokens (ordered by source rank, then position in that rank's dispatch order) goes to the replica
