@@ -444,9 +444,9 @@ def _split_core(counts: Any, phy2log: Any, tokens: Any, slots_per_rank: int, rou
     counts = counts.clamp(min=0)
     ar = torch.arange(L, device=dev)
     gpu_of_slot = torch.arange(P, device=dev) // S
-    on = torch.zeros(L, E, G, dtype=torch.int64, device=dev)
-    on.index_put_((ar[:, None].expand(L, P), phy2log, gpu_of_slot[None].expand(L, P)),
-                  torch.ones(L, P, dtype=torch.int64, device=dev), accumulate=True)
+    on = torch.zeros(L, E * G, dtype=torch.int64, device=dev)  # scatter_add: no sort, no sync
+    on.scatter_add_(1, phy2log * G + gpu_of_slot[None], torch.ones(L, P, dtype=torch.int64, device=dev))
+    on = on.view(L, E, G)
     has = on > 0
     ngpu = has.sum(2)
     ok = ok & ~((counts > 0) & (ngpu == 0)).any(1)
