@@ -3,9 +3,15 @@
 that Rust and numpy reproduce (exit 1 on any difference), then times it for 58 layers at once:
 256 experts, 64 ranks, R = 320 (the golden cases' incremental and spread placements of that
 shape), each layer's counts a multinomial sample of 8 x 4096 (token, k) pairs of a zipf-like load.
-Prints microseconds a layer (median over the repetitions of the whole call / layers).
+Times (a) the exact `split_layers` (host syncs inside) and (b) `SplitGraph` (the same algorithm
+with fixed loop counts, no host sync, captured once in a CUDA graph and replayed) in the same run,
+on the same counts; prints microseconds a layer (median over the repetitions of the whole call /
+layers, CUDA events after 3 warm-up calls). Exit 1 if either differs from the golden file, or (b)
+from (a) on any layer (layers that (b) flags not ok, needing more rounds or levels than its bounds,
+are redone exactly by `split_layers_graph` and reported; the golden cases run (b)'s core eagerly
+with 100 rounds and 12 levels).
 
-    python3 scripts/bench_split_gpu.py [--device cuda] [--layers 58] [--reps 20]
+    python3 scripts/bench_split_gpu.py [--device cuda] [--layers 58] [--reps 20] [--rounds 24] [--levels 2]
 
 Needs only python/ (eplb_client) and torch; no build of the Rust side.
 """
@@ -31,6 +37,8 @@ def main() -> int:
     p.add_argument("--layers", type=int, default=58)
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--tokens", type=int, default=8 * 4096)
+    p.add_argument("--rounds", type=int, default=24, help="rounds of the graph version (b)")
+    p.add_argument("--levels", type=int, default=2, help="search levels of the graph version (b)")
     a = p.parse_args()
     dev = torch.device(a.device)
     golden = json.load(open(os.path.join(HERE, "..", "python", "tests", "data", "split_golden.json")))["cases"]
@@ -45,36 +53,73 @@ def main() -> int:
             if qq != c["quotas"] or tt != c["max_load"]:
                 bad += 1
                 print(f"MISMATCH {c['name']}: max load {tt} vs {c['max_load']}", file=sys.stderr)
-    print(f"golden: {len(golden) - bad}/{len(golden)} cases identical to Rust and numpy on {dev}")
+        # (b)'s core, eagerly (one graph per golden shape would be slow to capture), with bounds
+        # that cover every golden case (95 rounds, 10 levels at most)
+        cg = torch.tensor([c["counts"] for c in cs], device=dev)
+        qg, tg, okg = split._split_core(cg, torch.tensor([c["phy2log"] for c in cs], device=dev), cg.sum(1), spr,
+                                        100, 12)
+        for c, qq, tt, o in zip(cs, qg.cpu().tolist(), tg.cpu().tolist(), okg.cpu().tolist()):
+            if not o or qq != c["quotas"] or tt != c["max_load"]:
+                bad += 1
+                print(f"MISMATCH (graph) {c['name']}: ok {o}, max load {tt} vs {c['max_load']}", file=sys.stderr)
+    print(f"golden: {2 * len(golden) - bad}/{2 * len(golden)} (case, version) pairs identical to Rust and numpy "
+          f"on {dev}: (a) split_layers and (b) SplitGraph")
     if bad:
         return 1
     rng = np.random.default_rng(0)
     e = 256
     load = 1.0 / (1 + rng.permutation(e))
     load /= load.sum()
+
+    def timed(fn) -> list:
+        """Per-call milliseconds with CUDA events (wall clock on CPU), after 3 warm-up calls."""
+        ms = []
+        for r in range(a.reps + 3):
+            if dev.type == "cuda":
+                s, t = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                torch.cuda.synchronize()
+                s.record()
+                fn()
+                t.record()
+                torch.cuda.synchronize()
+                el = s.elapsed_time(t)
+            else:
+                t0 = time.perf_counter()
+                fn()
+                el = (time.perf_counter() - t0) * 1e3
+            if r >= 3:
+                ms.append(el)
+        return sorted(ms)
+
     for name in ["incremental-g64-t8192", "spread-g64-t8192"]:
         c = next(c for c in golden if c["name"] == name)
         spr = c["slots_per_rank"]
         counts = torch.tensor(np.stack([rng.multinomial(a.tokens, load) for _ in range(a.layers)]), device=dev)
         phy2log = torch.tensor([c["phy2log"]] * a.layers, device=dev)
-        times = []
-        for r in range(a.reps + 3):
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            q, t = split.split_layers(counts, phy2log, spr)
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            if r >= 3:
-                times.append(time.perf_counter() - t0)
-        # spot check one layer against numpy
+        short = name.split("-")[0]
+        # (a) the exact lock-step version (host syncs inside)
+        out = {}
+        ms_a = timed(lambda: out.__setitem__("a", split.split_layers(counts, phy2log, spr)))
+        # (b) the same algorithm, sync-free, captured once in a CUDA graph and replayed
+        g = split.SplitGraph(a.layers, e, len(c["phy2log"]), spr, dev, a.rounds, a.levels)
+        ms_b = timed(lambda: g.run(counts, phy2log))
+        ok = g.run(counts, phy2log)[2].clone()
+        qb, tb = split.split_layers_graph(counts, phy2log, spr, graph=g)  # exact: not-ok layers redone
+        qa, ta = out["a"]
+        nok = int(ok.sum())
+        same = bool((qa == qb).all()) and bool((ta == tb).all())
         qn, tn = split.split_layer(counts[0].cpu().numpy(), int(counts[0].sum()), c["phy2log"], spr)
-        same = q[0].cpu().tolist() == qn.tolist()
-        times.sort()
-        us = times[len(times) // 2] * 1e6 / a.layers
-        print(f"{name.split('-')[0]} placement, E=256 G=64 R=320, layers={a.layers}: {us:.1f} us/layer "
-              f"(median of {a.reps}; min {times[0] * 1e6 / a.layers:.1f}); layer 0 equals numpy: {same}")
-        if not same:
+        same_np = qa[0].cpu().tolist() == qn.tolist()
+        for tag, ms in (("(a) exact, host syncs   ", ms_a), ("(b) CUDA graph, no sync ", ms_b)):
+            print(f"{short} placement, E=256 G=64 R=320, layers={a.layers}: {tag} {ms[len(ms) // 2] * 1e3 / a.layers:8.1f} "
+                  f"us/layer (median of {a.reps}; min {ms[0] * 1e3 / a.layers:.1f})")
+        print(f"  (b) ok layers {nok}/{a.layers} (rounds={a.rounds}, levels={a.levels}); (b) == (a) on every layer: "
+              f"{same}; layer 0 of (a) equals numpy: {same_np}")
+        if nok < a.layers:
+            print(f"  note: {a.layers - nok} layers needed more than --rounds/--levels: redone by split_layers "
+                  f"(not in the timing above); raise the bounds", file=sys.stderr)
+        if not (same and same_np):
+            print(f"  FAIL: {short}: (b) must equal (a) on every layer", file=sys.stderr)
             return 1
     return 0
 

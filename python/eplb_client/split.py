@@ -6,6 +6,10 @@ optimality are written out), so that every rank, in any of the three, agrees whe
 * :func:`split_layers` (PyTorch, any device): every layer at once, the same algorithm run in
   lock step over the layers (each round: one breadth-first search and one augmentation, or one
   raise of the bound, per layer still placing tokens); torch is imported only here;
+* :class:`SplitGraph` / :func:`split_layers_graph` (PyTorch): the same algorithm, the same
+  quotas, with fixed loop counts (``rounds``, ``levels``) and masked updates instead of host
+  syncs, captured once in a CUDA graph and replayed; a per-layer ``ok`` flag says where the bounds
+  sufficed (there the quotas are exactly :func:`split_layers`'s), the others are redone exactly;
 * :func:`even_quotas`: the engines' fixed rule in counts (replica ``(k + layer) mod n``);
 * :func:`replica_slots`: the token-to-replica rule: the token at index ``k`` of an expert's
   tokens (ordered by source rank, then position in that rank's dispatch order) goes to the replica
@@ -406,3 +410,200 @@ def replica_slots_layers(ids: Any, quotas: Any, phy2log: Any, num_logical: int) 
     pos = torch.gather(before, 1, ids) + k
     j = torch.searchsorted(ends, pos, right=True).clamp(max=P - 1)
     return torch.gather(slot_order, 1, j)
+
+
+# ---- PyTorch without a host sync: CUDA-graph capturable ---------------------------------------
+
+
+def _split_core(counts: Any, phy2log: Any, tokens: Any, slots_per_rank: int, rounds: int,
+                levels: int) -> Tuple[Any, Any, Any]:
+    """The algorithm of :func:`split_layers` (same orders, same tie-breaks, so the same quotas)
+    with data-independent loop counts and no host synchronisation, so that a CUDA graph can
+    capture it: ``rounds`` rounds (each: one breadth-first search of ``levels`` expert -> GPU ->
+    expert levels, then one augmentation or one raise of ``T`` per layer still placing tokens),
+    finished layers idling through masked updates.
+
+    Returns ``(quotas [L, P], max_load [L], ok [L] bool)``. ``ok[l]`` is true iff layer ``l``'s
+    input is valid, its supply was all placed within ``rounds`` rounds and no search was cut at
+    ``levels`` levels; then its quotas are exactly :func:`split_layers`'s (every step of the
+    reference ran, in the same order). A layer not ok has meaningless quotas: the caller must
+    check ``ok`` (once, after the call) and fall back to the exact :func:`split_layers`.
+    """
+    import torch
+
+    dev = counts.device
+    counts = counts.to(torch.int64)
+    L, E = counts.shape
+    P = phy2log.shape[1]
+    S = int(slots_per_rank)
+    G = P // S
+    tokens = tokens.to(torch.int64)
+    raw = phy2log.to(torch.int64)
+    ok = ~((counts < 0).any(1) | (counts.sum(1) != tokens) | ((raw < 0) | (raw >= E)).any(1))
+    phy2log = raw.clamp(0, E - 1)
+    counts = counts.clamp(min=0)
+    ar = torch.arange(L, device=dev)
+    gpu_of_slot = torch.arange(P, device=dev) // S
+    on = torch.zeros(L, E * G, dtype=torch.int64, device=dev)  # scatter_add: no sort, no sync
+    on.scatter_add_(1, phy2log * G + gpu_of_slot[None], torch.ones(L, P, dtype=torch.int64, device=dev))
+    on = on.view(L, E, G)
+    has = on > 0
+    ngpu = has.sum(2)
+    ok = ok & ~((counts > 0) & (ngpu == 0)).any(1)
+    isflex = (ngpu >= 2) & (counts > 0)
+    fixed = torch.where(isflex, 0, counts)
+    gidx = torch.arange(G, device=dev)
+    eidx = torch.arange(E, device=dev)
+    first_gpu = torch.where(has, gidx, G).min(2).values.clamp(max=G - 1)
+    load = torch.zeros(L, G, dtype=torch.int64, device=dev)
+    load.scatter_add_(1, first_gpu, fixed)
+    A = has & isflex[:, :, None]
+    x = torch.zeros(L, E, G, dtype=torch.int64, device=dev)
+    supply = torch.where(isflex, counts, 0)
+    t = torch.maximum((tokens.clamp(min=0) + G - 1) // G, load.max(1).values)
+    INF = torch.iinfo(torch.int64).max
+    remaining = supply.sum(1)
+    cut = torch.zeros(L, dtype=torch.bool, device=dev)  # a search was cut at `levels` levels
+    for _ in range(rounds):
+        active = (remaining > 0) & ok & ~cut
+        dist_e = torch.where(supply > 0, 0, INF)
+        dist_g = torch.full((L, G), INF, dtype=torch.int64, device=dev)
+        frontier_e = (supply > 0) & active[:, None]
+        target = torch.full((L,), -1, dtype=torch.int64, device=dev)
+        done = ~active
+        reached = torch.zeros(L, dtype=torch.int64, device=dev)
+        level = 0
+        for _ in range(levels):
+            newg = (frontier_e[:, :, None] & A).any(1) & (dist_g == INF) & ~done[:, None]
+            dist_g = torch.where(newg, level + 1, dist_g)
+            reached += newg.sum(1)
+            spare = newg & (load < t[:, None])
+            hit = spare.any(1)
+            target = torch.where(hit, torch.where(spare, gidx, G).min(1).values, target)
+            done = done | hit | ~newg.any(1)
+            frontier_g = newg & ~done[:, None]
+            newe = (frontier_g[:, None, :] & (x > 0)).any(2) & (dist_e == INF)
+            dist_e = torch.where(newe, level + 2, dist_e)
+            done = done | ~newe.any(1)
+            frontier_e = newe & ~done[:, None]
+            level += 2
+        cut = cut | frontier_e.any(1)  # the reference would have searched on
+        active = active & ~cut
+        raise_ = active & (target < 0)
+        rc = reached.clamp(min=1)
+        t = torch.where(raise_, t + (remaining + rc - 1) // rc, t)
+        aug = active & (target >= 0)
+        # the path back: each node's parent (the lowest-index node of the previous level)
+        par_g = torch.where(A & (dist_e[:, :, None] == (dist_g - 1)[:, None, :]), eidx[None, :, None], E) \
+            .min(1).values.clamp(max=E - 1)  # [L, G]
+        par_e = torch.where((x > 0) & (dist_g[:, None, :] == (dist_e - 1)[:, :, None]), gidx, G) \
+            .min(2).values.clamp(max=G - 1)  # [L, E]
+        tg = target.clamp(min=0)
+        delta = torch.where(aug, t - load[ar, tg], 0)
+        g = tg
+        walking = aug
+        sign = torch.zeros(L, E, G, dtype=torch.int64, device=dev)
+        src = torch.zeros(L, dtype=torch.int64, device=dev)
+        for _ in range(levels):
+            f = par_g[ar, g]
+            sign[ar, f, g] += walking.to(torch.int64)
+            at_src = walking & (dist_e[ar, f] == 0)
+            src = torch.where(at_src, f, src)
+            walking = walking & ~at_src
+            gb = par_e[ar, f]
+            delta = torch.where(walking, torch.minimum(delta, x[ar, f, gb]), delta)
+            sign[ar, f, gb] -= walking.to(torch.int64)
+            g = torch.where(walking, gb, g)
+        delta = torch.where(aug, torch.minimum(delta, supply[ar, src]), 0)
+        x += sign * delta[:, None, None]
+        supply[ar, src] -= delta
+        load[ar, tg] += delta
+        remaining = remaining - delta
+    ok = ok & ~cut & (remaining == 0)
+    per = torch.where(isflex[:, :, None], x, torch.where(has & (fixed > 0)[:, :, None], fixed[:, :, None], 0))
+    q = per[ar[:, None], phy2log, gpu_of_slot[None]]
+    k = on[ar[:, None], phy2log, gpu_of_slot[None]]
+    same = (phy2log[:, :, None] == phy2log[:, None, :]) & (gpu_of_slot[:, None] == gpu_of_slot[None, :])
+    pidx = torch.arange(P, device=dev)
+    earlier = pidx[None, :] < pidx[:, None]
+    j = (same & earlier).sum(2)
+    quotas = q // k + (j < q % k).to(torch.int64)
+    return quotas, t, ok
+
+
+class SplitGraph:
+    """:func:`_split_core` captured once in a CUDA graph for fixed shapes, replayed per step.
+
+    Static input buffers ``counts [L, E]``, ``phy2log [L, P]``, ``tokens [L]`` and outputs
+    ``quotas [L, P]``, ``max_load [L]``, ``ok [L]``. :meth:`run` copies its inputs in and replays
+    (no host sync); the outputs are the static buffers (overwritten by the next run). Where
+    ``ok[l]`` is true the quotas are exactly :func:`split_layers`'s (and Rust's); where it is false
+    (bad input, or a layer that needs more than ``rounds`` rounds or ``levels`` search levels) the
+    caller must fall back: :func:`split_layers_graph` does. On a device other than CUDA it runs
+    the same core eagerly.
+    """
+
+    def __init__(self, num_layers: int, num_logical: int, num_physical: int, slots_per_rank: int,
+                 device: Any = "cuda", rounds: int = 100, levels: int = 12) -> None:
+        import torch
+
+        if slots_per_rank <= 0 or num_physical == 0 or num_physical % slots_per_rank:
+            raise SplitError(f"{num_physical} slots do not divide into ranks of slots_per_rank = {slots_per_rank}")
+        self.device = torch.device(device)
+        self.slots_per_rank, self.rounds, self.levels = int(slots_per_rank), int(rounds), int(levels)
+        self.counts = torch.zeros(num_layers, num_logical, dtype=torch.int64, device=self.device)
+        self.phy2log = torch.zeros(num_layers, num_physical, dtype=torch.int64, device=self.device)
+        self.tokens = torch.zeros(num_layers, dtype=torch.int64, device=self.device)
+        self.graph = None
+        if self.device.type == "cuda":
+            s = torch.cuda.Stream(self.device)
+            s.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(s):  # warm-up outside the capture (allocator, kernels)
+                for _ in range(2):
+                    self._core()
+            torch.cuda.current_stream(self.device).wait_stream(s)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.quotas, self.max_load, self.ok = self._core()
+        else:
+            self.quotas, self.max_load, self.ok = self._core()
+
+    def _core(self) -> Tuple[Any, Any, Any]:
+        return _split_core(self.counts, self.phy2log, self.tokens, self.slots_per_rank, self.rounds, self.levels)
+
+    def run(self, counts: Any, phy2log: Any, tokens: Any = None) -> Tuple[Any, Any, Any]:
+        """``(quotas, max_load, ok)`` of these inputs (static buffers; no host sync on CUDA)."""
+        self.counts.copy_(counts)
+        self.phy2log.copy_(phy2log)
+        if tokens is None:
+            self.tokens.copy_(self.counts.sum(1))
+        else:
+            self.tokens.copy_(tokens)
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self.quotas, self.max_load, self.ok = self._core()
+        return self.quotas, self.max_load, self.ok
+
+
+def split_layers_graph(counts: Any, phy2log: Any, slots_per_rank: int, tokens: Any = None,
+                       graph: Optional[SplitGraph] = None, rounds: int = 100,
+                       levels: int = 12) -> Tuple[Any, Any]:
+    """:func:`split_layers`, the same quotas, through a :class:`SplitGraph` (built here if not
+    given): one replay, then one host sync to read ``ok``; layers not ok (rare: more rounds or
+    levels than the graph's bounds, or bad input) are redone by :func:`split_layers`, which
+    raises :class:`SplitError` on bad input. Returns copies ``(quotas, max_load)``.
+    """
+    import torch
+
+    if graph is None:
+        graph = SplitGraph(counts.shape[0], counts.shape[1], phy2log.shape[1], slots_per_rank,
+                           counts.device, rounds, levels)
+    q, t, ok = graph.run(counts, phy2log, tokens)
+    q, t = q.clone(), t.clone()
+    if not bool(ok.all()):
+        bad = (~ok).nonzero()[:, 0]
+        tk = None if tokens is None else torch.as_tensor(tokens, device=counts.device)[bad]
+        qb, tb = split_layers(counts[bad], phy2log[bad], slots_per_rank, tk)
+        q[bad], t[bad] = qb.to(q.device), tb.to(t.device)
+    return q, t
