@@ -39,9 +39,9 @@ fn rust_reproduces_the_golden_quotas() {
             c["name"]
         );
         // A split: every expert's tokens, no negative quota; the max load is the reported one.
-        for e in 0..counts.len() {
+        for (e, &want) in counts.iter().enumerate() {
             let sum: i64 = (0..phy2log.len()).filter(|&p| phy2log[p] == e).map(|p| s.quotas[p]).sum();
-            assert_eq!(sum, counts[e], "{}", c["name"]);
+            assert_eq!(sum, want, "{}", c["name"]);
         }
         assert!(s.quotas.iter().all(|&q| q >= 0));
         assert_eq!(gpu_loads(&s.quotas, spr).into_iter().max().unwrap(), s.max_load);
