@@ -291,6 +291,16 @@ impl Comm {
             .collect())
     }
 
+    /// Every rank's exit code of a local step (0: it succeeded), one all-gather: the ranks that
+    /// failed, in rank order, and the largest code (0 when none failed). The set-up agreements
+    /// (`run`'s and the executor factory's) share it, so that no rank goes on into a collective
+    /// call that a failed rank will never make.
+    pub fn failed_ranks(&self, code: u64) -> Result<(Vec<usize>, u64), MpiError> {
+        let codes: Vec<u64> = self.allgather_u64(&[code])?.iter().map(|c| c[0]).collect();
+        let failed = (0..codes.len()).filter(|&r| codes[r] != 0).collect();
+        Ok((failed, codes.iter().copied().max().unwrap_or(0)))
+    }
+
     /// Gathers one text from every rank, in rank order, each cut to `max_bytes` (at a character
     /// boundary). Collective: one all-gather of `max_bytes` a rank.
     pub fn allgather_text(&self, text: &str, max_bytes: usize) -> Result<Vec<String>, MpiError> {

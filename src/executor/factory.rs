@@ -180,17 +180,13 @@ pub fn agree<T>(world: &Comm, local: Result<T, StoreError>) -> Result<T, StoreEr
         Ok(_) => 0u64,
         Err(e) => e.exit_code().max(1) as u64,
     };
-    let codes: Vec<u64> = world.allgather_u64(&[code])?.iter().map(|c| c[0]).collect();
-    let failed: Vec<usize> = (0..codes.len()).filter(|&r| codes[r] != 0).collect();
+    let (failed, max_code) = world.failed_ranks(code)?;
     match local {
         Err(e) => {
             eprintln!("eplb-worker: rank {}: error: {e}", world.rank());
             Err(StoreError::Peers { ranks: format!("{failed:?}"), code: e.exit_code() })
         }
-        Ok(_) if !failed.is_empty() => {
-            let code = codes.iter().copied().max().unwrap_or(1) as i32;
-            Err(StoreError::Peers { ranks: format!("{failed:?}"), code })
-        }
+        Ok(_) if !failed.is_empty() => Err(StoreError::Peers { ranks: format!("{failed:?}"), code: max_code as i32 }),
         Ok(x) => Ok(x),
     }
 }

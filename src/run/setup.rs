@@ -340,19 +340,15 @@ pub(super) fn agree_on_setup<T>(world: &Comm, local: Result<T, RunError>) -> Res
         Ok(_) => 0u64,
         Err(e) => e.exit_code().max(1) as u64,
     };
-    let codes: Vec<u64> = world.allgather_u64(&[code])?.iter().map(|c| c[0]).collect();
-    let failed: Vec<usize> = (0..codes.len()).filter(|&r| codes[r] != 0).collect();
+    let (failed, max_code) = world.failed_ranks(code)?;
     match local {
-        Err(e) if failed.len() < codes.len() => {
+        Err(e) if failed.len() < world.size() => {
             // Only some ranks failed (a file missing on one node): each says why.
             eprintln!("eplb-worker run: rank {rank}: error: {e}");
             Err(RunError::PeerSetup { ranks: format!("{failed:?}"), code: e.exit_code() })
         }
         Err(e) => Err(e),
-        Ok(_) if !failed.is_empty() => {
-            let code = codes.iter().copied().max().unwrap_or(1) as i32;
-            Err(RunError::PeerSetup { ranks: format!("{failed:?}"), code })
-        }
+        Ok(_) if !failed.is_empty() => Err(RunError::PeerSetup { ranks: format!("{failed:?}"), code: max_code as i32 }),
         Ok(s) => Ok(s),
     }
 }
