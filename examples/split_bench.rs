@@ -1,12 +1,15 @@
 //! The split's cost on one CPU core (issue 22; docs/bench/split.md):
 //!
-//!     cargo run --release --example split_bench [-- REPS]
+//!     cargo run --release --example split_bench [-- REPS [PLACEMENTS.json]]
 //!
 //! Per layer: 256 logical experts, 64 ranks; R = 288 (32 redundant slots: 4.5 a rank does not
 //! divide, so 320 = one a rank, and 288 on 32 ranks are measured beside), placements of the
 //! incremental (default) and spread policies planned on a zipf-like load, each step's counts a
 //! multinomial sample of 8 x 4096 (token, k) pairs of that load. One thread; the time is the
 //! median over REPS rounds (default 21) of the mean time of one layer over 64 sampled layers.
+//! With PLACEMENTS.json, also writes the four placements and the expected load (for
+//! scripts/bench_split_gpu.py, which times the GPU split on the same placements:
+//! python/tests/data/split_bench_placements.json is this file, committed).
 use std::time::Instant;
 
 use eplb::engine::splitmix64;
@@ -16,6 +19,8 @@ use eplb::split::{split_layer_into, Workspace};
 fn main() {
     let reps: usize = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(21);
     let e = 256usize;
+    let out = std::env::args().nth(2);
+    let mut placements = Vec::new();
     println!("| shape | policy | tokens | median us/layer | min us/layer | mean max/ceil(N/G) |");
     println!("|---|---|---|---|---|---|");
     for &(g, r) in &[(64usize, 320usize), (32, 288)] {
@@ -35,6 +40,13 @@ fn main() {
             let config = PolicyConfig { kind, threads: 1, ..PolicyConfig::default() };
             let w = ndarray::Array2::from_shape_vec((1, e), expected.clone()).unwrap();
             let row = policy::rebalance(w.view(), &shape, None, &config).unwrap().phy2log.row(0).to_vec();
+            placements.push(serde_json::json!({
+                "name": format!("{}-g{g}-r{r}", format!("{kind:?}").to_lowercase()),
+                "num_gpus": g,
+                "slots_per_rank": r / g,
+                "expected": expected,
+                "phy2log": row,
+            }));
             let tokens = 8 * 4096i64;
             let mut state = 99u64;
             let layers: Vec<Vec<i64>> = (0..64)
@@ -68,5 +80,10 @@ fn main() {
                 ratio / layers.len() as f64
             );
         }
+    }
+    if let Some(path) = out {
+        let text = serde_json::to_string(&serde_json::json!({ "placements": placements })).unwrap();
+        std::fs::write(&path, text + "\n").unwrap_or_else(|e| panic!("write {path}: {e}"));
+        println!("wrote {path}");
     }
 }

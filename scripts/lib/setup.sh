@@ -14,6 +14,8 @@ if [ "$(id -u)" -ne 0 ]; then EPLB_SUDO="sudo"; fi
 eplb_install_build_deps() {
   local missing=()
   command -v mpirun >/dev/null 2>&1 || missing+=(openmpi-bin)
+  # the split kernel's CPU build (python/tests/test_split_kernel.py compiles it with cc)
+  command -v cc >/dev/null 2>&1 || missing+=(gcc)
   command -v mpicc >/dev/null 2>&1 || missing+=(libopenmpi-dev)
   # libclang itself (libclang.so / libclang-N.so), not libclang-cpp, which some images carry alone.
   compgen -G "/usr/lib/llvm-*/lib/libclang.so*" >/dev/null || compgen -G "/usr/lib/*/libclang-[0-9]*.so*" >/dev/null \
