@@ -417,6 +417,44 @@ SPLIT_EXTERN_C int split_layers_cpu(const i64* counts, const i64* phy2log, const
     return 0;
 }
 
+// The launch of split_layers_cpu from cuLaunchKernel's kernelParams (an array of pointers to the
+// argument values, in the kernel's order), grid (grid_x, 1, 1), blockDim 1 whatever block_x says:
+// the tests pack the arguments with the GPU launcher's own code and run them here.
+SPLIT_EXTERN_C int split_layers_cpu_params(void** params, unsigned grid_x, unsigned block_x) {
+    (void)block_x;
+    const i64* counts = *(const i64**)params[0];
+    const i64* phy2log = *(const i64**)params[1];
+    const i64* tokens = *(const i64**)params[2];
+    i64* quotas = *(i64**)params[3];
+    i64* max_load = *(i64**)params[4];
+    int* ok = *(int**)params[5];
+    unsigned char* scratch = *(unsigned char**)params[6];
+    const i64 scratch_bytes = *(const i64*)params[7];
+    const int num_logical = *(const int*)params[8];
+    const int num_physical = *(const int*)params[9];
+    const int slots_per_rank = *(const int*)params[10];
+    const int use_shared = *(const int*)params[11];
+    const i64 max_rounds = *(const i64*)params[12];
+    unsigned char* shared = 0;
+    if (use_shared) {
+        const int shape_ok = num_logical > 0 && num_physical > 0 && slots_per_rank > 0;
+        shared = (unsigned char*)malloc(
+            (size_t)(shape_ok ? split_ws_bytes(num_logical, num_physical, slots_per_rank) : 16));
+        if (shared == 0) return -1;
+    }
+    blockDim.x = 1;
+    gridDim.x = grid_x;
+    threadIdx.x = 0;
+    for (unsigned l = 0; l < grid_x; l++) {
+        blockIdx.x = l;
+        split_smem = shared;
+        split_layers_kernel(counts, phy2log, tokens, quotas, max_load, ok, scratch, scratch_bytes, num_logical,
+                            num_physical, slots_per_rank, use_shared, max_rounds);
+    }
+    free(shared);
+    return 0;
+}
+
 SPLIT_EXTERN_C i64 split_ws_bytes_cpu(int num_logical, int num_physical, int slots_per_rank) {
     return split_ws_bytes(num_logical, num_physical, slots_per_rank);
 }

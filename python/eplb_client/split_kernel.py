@@ -87,6 +87,8 @@ def cpu_library(cc: Optional[str] = None) -> Any:
     lib.split_layers_cpu.argtypes = [i64p, i64p, i64p, i64p, i64p, ctypes.POINTER(ctypes.c_int32)] + \
         [ctypes.c_int] * 5 + [ctypes.c_int64, ctypes.c_int64]
     lib.split_layers_cpu.restype = ctypes.c_int
+    lib.split_layers_cpu_params.argtypes = [ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
+    lib.split_layers_cpu_params.restype = ctypes.c_int
     lib.split_ws_bytes_cpu.argtypes = [ctypes.c_int] * 3
     lib.split_ws_bytes_cpu.restype = ctypes.c_int64
     _CPU_LIB[key] = lib
@@ -183,6 +185,22 @@ def _function(device_index: int) -> Any:
     return fn
 
 
+def kernel_params(counts: int, phy2log: int, tokens: int, quotas: int, max_load: int, ok: int, scratch: int,
+                  scratch_bytes: int, num_logical: int, num_physical: int, slots_per_rank: int, use_shared: bool,
+                  max_rounds: int) -> Tuple[list, Any]:
+    """``cuLaunchKernel``'s ``kernelParams`` for ``split_layers_kernel``: an array of pointers,
+    each to one argument's value in the kernel's parameter order and types (device pointers as
+    64-bit integers). Returns ``(values, params)``: keep ``values`` alive until the launch returned
+    (the driver copies the values at the call). The CPU build's ``split_layers_cpu_params`` reads
+    the same array, so the tests check this packing without a GPU."""
+    ptr = ctypes.c_uint64
+    values = [ptr(counts), ptr(phy2log), ptr(tokens), ptr(quotas), ptr(max_load), ptr(ok), ptr(scratch),
+              ctypes.c_int64(scratch_bytes), ctypes.c_int32(num_logical), ctypes.c_int32(num_physical),
+              ctypes.c_int32(slots_per_rank), ctypes.c_int32(1 if use_shared else 0), ctypes.c_int64(max_rounds)]
+    params = (ctypes.c_void_p * len(values))(*[ctypes.addressof(v) for v in values])
+    return values, params
+
+
 def split_layers_kernel(counts: Any, phy2log: Any, slots_per_rank: int, tokens: Any = None,
                         threads: int = THREADS, max_rounds: int = MAX_ROUNDS) -> Tuple[Any, Any, Any]:
     """The kernel on CUDA tensors, on torch's current stream, no host sync.
@@ -221,12 +239,10 @@ def split_layers_kernel(counts: Any, phy2log: Any, slots_per_rank: int, tokens: 
     with torch.cuda.device(dev):
         fn = _function(dev.index if dev.index is not None else torch.cuda.current_device())
         stream = torch.cuda.current_stream(dev).cuda_stream
-        ptr = ctypes.c_uint64
-        args = [ptr(counts.data_ptr()), ptr(phy2log.data_ptr()), ptr(tok.data_ptr()), ptr(quotas.data_ptr()),
-                ptr(max_load.data_ptr()), ptr(ok.data_ptr()), ptr(scratch.data_ptr() if scratch is not None else 0),
-                ctypes.c_int64(scratch_bytes), ctypes.c_int32(E), ctypes.c_int32(P), ctypes.c_int32(S),
-                ctypes.c_int32(1 if use_shared else 0), ctypes.c_int64(max_rounds)]
-        params = (ctypes.c_void_p * len(args))(*[ctypes.cast(ctypes.byref(a), ctypes.c_void_p) for a in args])
+        values, params = kernel_params(counts.data_ptr(), phy2log.data_ptr(), tok.data_ptr(), quotas.data_ptr(),
+                                       max_load.data_ptr(), ok.data_ptr(),
+                                       scratch.data_ptr() if scratch is not None else 0, scratch_bytes, E, P, S,
+                                       use_shared, max_rounds)
         cuda = _driver()
         _check(cuda, cuda.cuLaunchKernel(fn, ctypes.c_uint(L), ctypes.c_uint(1), ctypes.c_uint(1),
                                          ctypes.c_uint(int(threads)), ctypes.c_uint(1), ctypes.c_uint(1),
@@ -234,6 +250,7 @@ def split_layers_kernel(counts: Any, phy2log: Any, slots_per_rank: int, tokens: 
                                          None),
                f"cuLaunchKernel(split_layers_kernel, grid ({L},1,1), block ({threads},1,1), "
                f"{need if use_shared else 0} shared bytes)")
+        del values  # the driver copied the argument values at the call
     # the scratch is freed by the caching allocator on this stream, after the kernel
     return quotas, max_load, ok.bool()
 

@@ -134,6 +134,30 @@ def test_scratch_too_small_and_too_few_rounds_are_flagged() -> None:
     assert flagged > 0
 
 
+@pytest.mark.parametrize("use_shared", [True, False])
+def test_the_launchers_argument_packing_runs_the_kernel(use_shared: bool) -> None:
+    """kernel_params (the GPU launch's kernelParams) read back by the CPU build the way the
+    driver reads them: the golden quotas come out, so every argument is in its place and type."""
+    lib = split_kernel.cpu_library()
+    for (e, p, spr), cs in _groups().items():
+        counts = np.ascontiguousarray([c["counts"] for c in cs], dtype=np.int64)
+        phy2log = np.ascontiguousarray([c["phy2log"] for c in cs], dtype=np.int64)
+        tokens = np.ascontiguousarray([c["tokens"] for c in cs], dtype=np.int64)
+        L = len(cs)
+        quotas = np.full((L, p), -1, dtype=np.int64)
+        max_load = np.full(L, -1, dtype=np.int64)
+        ok = np.full(L, -1, dtype=np.int32)
+        need = split_kernel.ws_bytes(e, p, spr)
+        scratch = np.zeros(L * need + 1, dtype=np.uint8)
+        values, params = split_kernel.kernel_params(
+            counts.ctypes.data, phy2log.ctypes.data, tokens.ctypes.data, quotas.ctypes.data, max_load.ctypes.data,
+            ok.ctypes.data, 0 if use_shared else scratch.ctypes.data, 0 if use_shared else need, e, p, spr,
+            use_shared, split_kernel.MAX_ROUNDS)
+        assert lib.split_layers_cpu_params(params, L, split_kernel.THREADS) == 0
+        assert ok.tolist() == [1] * L
+        assert quotas.tolist() == [c["quotas"] for c in cs] and max_load.tolist() == [c["max_load"] for c in cs]
+
+
 def test_ws_bytes_is_the_kernels_formula() -> None:
     lib = split_kernel.cpu_library()
     for e, p, s in [(256, 320, 5), (256, 288, 9), (3, 4, 2), (128, 144, 9), (1, 1, 1)]:
