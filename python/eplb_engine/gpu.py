@@ -71,6 +71,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="at the end, wait up to this long for the sidecar to close its IPC mappings")
     p.add_argument("--no-check-applied", action="store_true",
                    help="skip regenerating every applied expert to count its wrong bytes")
+    p.add_argument("--split-impl", choices=["kernel", "torch"], default="kernel",
+                   help="--dispatch split: the quotas from the CUDA kernel (eplb_client.split_kernel: one launch, "
+                        "layers not ok redone by the torch split) or from eplb_client.split.split_layers; the same "
+                        "quotas either way")
     p.add_argument("--xcheck", action="store_true",
                    help="only cross-check the expert math against transformers' Qwen3-MoE block (one GPU)")
     p.add_argument("--deepseek-v3", action="store_true",
@@ -512,7 +516,8 @@ class GpuEngine:
     def split_slots(self, ids):
         """Physical slot of every pair [L, T * K] under ``--dispatch split``: every rank routes the
         whole batch, so it has all counts; eplb_client.split's quotas (identical on every rank) are
-        filled in (token, k) order."""
+        filled in (token, k) order. The quotas come from the CUDA kernel (``--split-impl kernel``,
+        the default) or the PyTorch split (``torch``): the same integers."""
         torch = self.torch
         from eplb_client import split
 
@@ -522,7 +527,12 @@ class GpuEngine:
         counts = torch.zeros((L, E), dtype=torch.int64, device=self.dev).scatter_add_(1, flat, torch.ones_like(flat))
         if self._phy2log_dev is None:
             self._phy2log_dev = torch.from_numpy(np.ascontiguousarray(self._phy2log).astype(np.int64)).to(self.dev)
-        quotas, _ = split.split_layers(counts, self._phy2log_dev, self.S)
+        if getattr(self.args, "split_impl", "kernel") == "kernel" and counts.device.type == "cuda":
+            from eplb_client import split_kernel
+
+            quotas, _ = split_kernel.split_layers_cuda(counts, self._phy2log_dev, self.S)
+        else:
+            quotas, _ = split.split_layers(counts, self._phy2log_dev, self.S)
         return split.replica_slots_layers(flat, quotas, self._phy2log_dev, E)
 
     def run(self) -> Dict:
