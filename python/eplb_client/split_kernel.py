@@ -84,8 +84,9 @@ def cpu_library(cc: Optional[str] = None) -> Any:
         os.replace(tmp, out)
     lib = ctypes.CDLL(out)
     i64p = ctypes.POINTER(ctypes.c_int64)
-    lib.split_layers_cpu.argtypes = [i64p, i64p, i64p, i64p, i64p, ctypes.POINTER(ctypes.c_int32)] + \
-        [ctypes.c_int] * 5 + [ctypes.c_int64, ctypes.c_int64]
+    lib.split_layers_cpu.argtypes = [i64p, i64p, i64p, i64p, i64p, ctypes.POINTER(ctypes.c_int32), ctypes.c_int,
+                                     ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64,
+                                     ctypes.c_int64]
     lib.split_layers_cpu.restype = ctypes.c_int
     lib.split_layers_cpu_params.argtypes = [ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
     lib.split_layers_cpu_params.restype = ctypes.c_int

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from typing import Any
 
 import numpy as np
 import pytest
@@ -183,7 +184,7 @@ def test_source_hash_is_rusts_fnv1a() -> None:
     assert split_kernel.source_hash(b"a") == 0xAF63DC4C8601EC8C
 
 
-def _cuda_torch():  # type: ignore[no-untyped-def]
+def _cuda_torch() -> Any:
     torch = pytest.importorskip("torch", reason="PyTorch is not installed: the GPU launch is untested here")
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU: the GPU launch is untested here (the CPU build above tests the logic)")
