@@ -417,43 +417,97 @@ SPLIT_EXTERN_C int split_layers_cpu(const i64* counts, const i64* phy2log, const
     return 0;
 }
 
-// The launch of split_layers_cpu from cuLaunchKernel's kernelParams (an array of pointers to the
-// argument values, in the kernel's order), grid (grid_x, 1, 1), blockDim 1 whatever block_x says:
-// the tests pack the arguments with the GPU launcher's own code and run them here.
+// One thread of a block from cuLaunchKernel's kernelParams (an array of pointers to the argument
+// values, in the kernel's order).
+static void split_run_params(void** params) {
+    split_layers_kernel(*(const i64**)params[0], *(const i64**)params[1], *(const i64**)params[2],
+                        *(i64**)params[3], *(i64**)params[4], *(int**)params[5], *(unsigned char**)params[6],
+                        *(const i64*)params[7], *(const int*)params[8], *(const int*)params[9],
+                        *(const int*)params[10], *(const int*)params[11], *(const i64*)params[12]);
+}
+
+// The block's dynamic shared memory for kernelParams (16 bytes when the shape is bad or the
+// scratch is used), or 0 when it cannot be allocated.
+static unsigned char* split_params_shared(void** params, i64* bytes) {
+    const int e = *(const int*)params[8], p = *(const int*)params[9], s = *(const int*)params[10];
+    const int use_shared = *(const int*)params[11];
+    *bytes = (use_shared && e > 0 && p > 0 && s > 0) ? split_ws_bytes(e, p, s) : 16;
+    return (unsigned char*)malloc((size_t)*bytes);
+}
+
+// split_layers_cpu from kernelParams, grid (grid_x, 1, 1), blockDim 1 whatever block_x says: the
+// tests pack the arguments with the GPU launcher's own code (split_kernel.kernel_params) and run
+// them here. Returns 0, or -1 when memory cannot be allocated.
 SPLIT_EXTERN_C int split_layers_cpu_params(void** params, unsigned grid_x, unsigned block_x) {
     (void)block_x;
-    const i64* counts = *(const i64**)params[0];
-    const i64* phy2log = *(const i64**)params[1];
-    const i64* tokens = *(const i64**)params[2];
-    i64* quotas = *(i64**)params[3];
-    i64* max_load = *(i64**)params[4];
-    int* ok = *(int**)params[5];
-    unsigned char* scratch = *(unsigned char**)params[6];
-    const i64 scratch_bytes = *(const i64*)params[7];
-    const int num_logical = *(const int*)params[8];
-    const int num_physical = *(const int*)params[9];
-    const int slots_per_rank = *(const int*)params[10];
-    const int use_shared = *(const int*)params[11];
-    const i64 max_rounds = *(const i64*)params[12];
-    unsigned char* shared = 0;
-    if (use_shared) {
-        const int shape_ok = num_logical > 0 && num_physical > 0 && slots_per_rank > 0;
-        shared = (unsigned char*)malloc(
-            (size_t)(shape_ok ? split_ws_bytes(num_logical, num_physical, slots_per_rank) : 16));
-        if (shared == 0) return -1;
-    }
+    i64 bytes;
+    unsigned char* shared = split_params_shared(params, &bytes);
+    if (shared == 0) return -1;
     blockDim.x = 1;
     gridDim.x = grid_x;
     threadIdx.x = 0;
     for (unsigned l = 0; l < grid_x; l++) {
         blockIdx.x = l;
+        memset(shared, 0xa5, (size_t)bytes);
         split_smem = shared;
-        split_layers_kernel(counts, phy2log, tokens, quotas, max_load, ok, scratch, scratch_bytes, num_logical,
-                            num_physical, slots_per_rank, use_shared, max_rounds);
+        split_run_params(params);
     }
     free(shared);
     return 0;
 }
+
+#ifdef SPLIT_CPU_THREADS
+typedef struct {
+    void** params;
+    unsigned x;
+} split_thread_arg;
+
+static void* split_thread_main(void* p) {
+    const split_thread_arg* a = (const split_thread_arg*)p;
+    threadIdx.x = a->x;
+    split_run_params(a->params);
+    return 0;
+}
+
+// As split_layers_cpu_params, each block run by block_x POSIX threads (1..1024) meeting at
+// __syncthreads: the kernel's parallel sections with real concurrency. Returns 0, or -1 when
+// memory or threads cannot be had.
+SPLIT_EXTERN_C int split_layers_cpu_threads(void** params, unsigned grid_x, unsigned block_x) {
+    if (block_x < 1 || block_x > 1024) return -1;
+    i64 bytes;
+    unsigned char* shared = split_params_shared(params, &bytes);
+    pthread_t* threads = (pthread_t*)malloc(sizeof(pthread_t) * block_x);
+    split_thread_arg* args = (split_thread_arg*)malloc(sizeof(split_thread_arg) * block_x);
+    int rc = (shared == 0 || threads == 0 || args == 0) ? -1 : 0;
+    blockDim.x = block_x;
+    gridDim.x = grid_x;
+    for (unsigned l = 0; l < grid_x && rc == 0; l++) {
+        blockIdx.x = l;
+        memset(shared, 0xa5, (size_t)bytes);
+        split_smem = shared;
+        if (pthread_barrier_init(&split_barrier, 0, block_x) != 0) {
+            rc = -1;
+            break;
+        }
+        unsigned started = 0;
+        for (; started < block_x; started++) {
+            args[started].params = params;
+            args[started].x = started;
+            if (pthread_create(&threads[started], 0, split_thread_main, &args[started]) != 0) break;
+        }
+        if (started < block_x) {
+            // cannot happen partially without a hang at the barrier: give up (test machines only)
+            abort();
+        }
+        for (unsigned i = 0; i < block_x; i++) pthread_join(threads[i], 0);
+        pthread_barrier_destroy(&split_barrier);
+    }
+    free(args);
+    free(threads);
+    free(shared);
+    return rc;
+}
+#endif
 
 SPLIT_EXTERN_C i64 split_ws_bytes_cpu(int num_logical, int num_physical, int slots_per_rank) {
     return split_ws_bytes(num_logical, num_physical, slots_per_rank);

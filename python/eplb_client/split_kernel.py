@@ -67,17 +67,19 @@ def ptx_header(source: bytes) -> str:
 _CPU_LIB: Dict[str, Any] = {}
 
 
-def cpu_library(cc: Optional[str] = None) -> Any:
-    """The kernel compiled for the CPU (``cc -O2 -shared -fPIC -x c``), cached per source."""
+def cpu_library(threaded: bool = False) -> Any:
+    """The kernel compiled for the CPU (``cc -O2 -shared -fPIC -x c``; ``$CC`` if set), cached per
+    source. ``threaded``: with ``-pthread -DSPLIT_CPU_THREADS``, which adds
+    ``split_layers_cpu_threads`` (a block as that many POSIX threads meeting at a barrier)."""
     src = open(SOURCE, "rb").read() + open(SHIM, "rb").read()
-    key = hashlib.sha256(src).hexdigest()[:16]
+    key = hashlib.sha256(src + (b"threads" if threaded else b"")).hexdigest()[:16]
     if key in _CPU_LIB:
         return _CPU_LIB[key]
     out = os.path.join(tempfile.gettempdir(), f"eplb_split_kernel_{key}_{os.getuid()}.so")
     if not os.path.exists(out):
         tmp = f"{out}.{os.getpid()}.tmp"
-        cmd = [cc or os.environ.get("CC", "cc"), "-O2", "-shared", "-fPIC", "-Wall", "-x", "c", SOURCE,
-               "-o", tmp]
+        extra = ["-pthread", "-DSPLIT_CPU_THREADS"] if threaded else []
+        cmd = [os.environ.get("CC", "cc"), "-O2", "-shared", "-fPIC", "-Wall", *extra, "-x", "c", SOURCE, "-o", tmp]
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
             raise KernelError(f"{' '.join(cmd)} failed:\n{r.stderr}")
@@ -90,6 +92,9 @@ def cpu_library(cc: Optional[str] = None) -> Any:
     lib.split_layers_cpu.restype = ctypes.c_int
     lib.split_layers_cpu_params.argtypes = [ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
     lib.split_layers_cpu_params.restype = ctypes.c_int
+    if threaded:
+        lib.split_layers_cpu_threads.argtypes = [ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
+        lib.split_layers_cpu_threads.restype = ctypes.c_int
     lib.split_ws_bytes_cpu.argtypes = [ctypes.c_int] * 3
     lib.split_ws_bytes_cpu.restype = ctypes.c_int64
     _CPU_LIB[key] = lib

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
 from typing import Any
 
 import numpy as np
@@ -159,6 +161,62 @@ def test_the_launchers_argument_packing_runs_the_kernel(use_shared: bool) -> Non
         assert quotas.tolist() == [c["quotas"] for c in cs] and max_load.tolist() == [c["max_load"] for c in cs]
 
 
+def _threaded_main() -> int:
+    """The golden cases and four layers of the goal shape with every block run by 2, 5, 32 or 64
+    POSIX threads (the CPU build with -DSPLIT_CPU_THREADS): exit 0 when all equal the golden /
+    numpy quotas and are ok, 1 otherwise (a barrier not reached by every thread would hang: the
+    test runs this in a subprocess with a timeout)."""
+    lib = split_kernel.cpu_library(threaded=True)
+    failures = []
+
+    def run(counts: np.ndarray, phy2log: np.ndarray, spr: int, threads: int, use_shared: bool) -> tuple:
+        counts = np.ascontiguousarray(counts, dtype=np.int64)
+        phy2log = np.ascontiguousarray(phy2log, dtype=np.int64)
+        L, e = counts.shape
+        p = phy2log.shape[1]
+        tokens = counts.sum(1)
+        quotas = np.full((L, p), -1, dtype=np.int64)
+        max_load = np.full(L, -1, dtype=np.int64)
+        ok = np.full(L, -1, dtype=np.int32)
+        need = split_kernel.ws_bytes(e, p, spr)
+        scratch = np.zeros(L * need + 1, dtype=np.uint8)
+        _, params = split_kernel.kernel_params(
+            counts.ctypes.data, phy2log.ctypes.data, tokens.ctypes.data, quotas.ctypes.data, max_load.ctypes.data,
+            ok.ctypes.data, 0 if use_shared else scratch.ctypes.data, 0 if use_shared else need, e, p, spr,
+            use_shared, split_kernel.MAX_ROUNDS)
+        assert lib.split_layers_cpu_threads(params, L, threads) == 0
+        return quotas, max_load, ok
+
+    for threads, use_shared in [(2, True), (5, False), (32, True)]:
+        for (_, _, spr), cs in _groups().items():
+            q, t, ok = run(np.array([c["counts"] for c in cs]), np.array([c["phy2log"] for c in cs]), spr, threads,
+                           use_shared)
+            for c, qq, tt, o in zip(cs, q.tolist(), t.tolist(), ok.tolist()):
+                if o != 1 or qq != c["quotas"] or tt != c["max_load"]:
+                    failures.append(f"{threads} threads: {c['name']}")
+    bench = json.load(open(os.path.join(HERE, "data", "split_bench_placements.json")))["placements"]
+    rng = np.random.default_rng(3)
+    for c in bench:
+        load = np.array(c["expected"], dtype=np.float64)
+        counts = rng.multinomial(8 * 4096, load / load.sum())[None]
+        phy2log = np.array([c["phy2log"]])
+        q, t, ok = run(counts, phy2log, c["slots_per_rank"], 64, True)
+        qn, tn = split.split_layer(counts[0], int(counts[0].sum()), phy2log[0], c["slots_per_rank"])
+        if ok[0] != 1 or q[0].tolist() != qn.tolist() or int(t[0]) != tn:
+            failures.append(f"64 threads: {c['name']}")
+    for f in failures:
+        print("MISMATCH", f)
+    return 1 if failures else 0
+
+
+def test_parallel_sections_with_real_threads() -> None:
+    """The kernel's parallel sections (the search's levels, the quotas) run concurrently by up to
+    64 threads a block, meeting at __syncthreads as on a GPU: the same quotas, and no hang."""
+    r = subprocess.run([sys.executable, os.path.abspath(__file__), "--threaded"], capture_output=True, text=True,
+                       timeout=240, cwd=os.path.dirname(HERE))
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
 def test_ws_bytes_is_the_kernels_formula() -> None:
     lib = split_kernel.cpu_library()
     for e, p, s in [(256, 320, 5), (256, 288, 9), (3, 4, 2), (128, 144, 9), (1, 1, 1)]:
@@ -209,3 +267,7 @@ def test_gpu_wrapper_falls_back_and_raises_on_bad_input() -> None:
                                           torch.tensor([[0, 1, 2, 0]], device="cuda"), 2)
     qn, tn = split.split_layer([3, 2, 1], 6, [0, 1, 2, 0], 2)
     assert q[0].tolist() == qn.tolist() and int(t[0]) == tn
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--threaded"]:
+    sys.exit(_threaded_main())
