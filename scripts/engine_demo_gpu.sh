@@ -7,7 +7,8 @@
 #   scripts/engine_demo.sh --gpu [--steps S] [--trace FILE [--trace-dataset D]] [--layers N]
 #       [--hidden H] [--ffn F] [--tokens T] [--top-k K] [--slots-per-rank S] [--interval-steps N (0: time mode)]
 #       [--baseline] [--interference] [--xcheck] [--out DIR] [--timeout SECONDS]
-#       [--quant none|fp8-block|nvfp4] [--fp8-block B] [--dispatch even|split] [-- WORKER RUN FLAGS]
+#       [--quant none|fp8-block|nvfp4] [--fp8-block B] [--dispatch even|split]
+#       [--split-impl kernel|torch] [-- WORKER RUN FLAGS]
 #
 # --baseline      first the same engine alone (static placement), then compare step by step:
 #                 outputs bitwise identical, MoE time of the slowest rank, ideal speed-up
@@ -19,6 +20,8 @@
 #                 global_bytes_changed (must be 0)
 # --dispatch D    which replica computes a pair: even ((token + layer) % replicas, default) or split
 #                 (the exact min-max quotas of each step, on the GPU; the outputs are the same)
+# --split-impl I  split's quotas from the CUDA kernel (eplb_client.split_kernel, default) or from
+#                 the PyTorch split (torch); the same quotas
 # SIDECAR_NCCL_MAX_NCHANNELS=N caps the NCCL channels (and so the SMs) of the sidecar and of the
 # benchmark beside the engine.
 # Every run is bounded by --timeout; results (JSON, logs) go to --out (default: a temporary folder).
@@ -29,6 +32,7 @@ cd "$(dirname "$0")/.."
 
 steps=200 trace="" dataset="" layers=0 hidden=4096 ffn=1536 tokens=4096 topk=8 spr="" interval=20
 baseline=0 interference=0 xcheck=0 out="" limit=300 name="gpu-$$" quant=none fp8_block=128 dispatch=even
+split_impl=kernel
 extra=()
 while (($#)); do
   case "$1" in
@@ -52,8 +56,9 @@ while (($#)); do
     --quant) quant=$2; shift 2 ;;
     --fp8-block) fp8_block=$2; shift 2 ;;
     --dispatch) dispatch=$2; shift 2 ;;
+    --split-impl) split_impl=$2; shift 2 ;;
     --) shift; extra=("$@"); break ;;
-    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
     *) echo "engine_demo.sh --gpu: unknown flag $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -62,6 +67,7 @@ for v in "$steps" "$layers" "$hidden" "$ffn" "$tokens" "$topk" "$interval" "$lim
 done
 [[ $quant == none || $quant == fp8-block || $quant == nvfp4 ]] || { echo "engine_demo.sh --gpu: --quant none|fp8-block|nvfp4" >&2; exit 2; }
 [[ $dispatch == even || $dispatch == split ]] || { echo "engine_demo.sh --gpu: --dispatch even|split" >&2; exit 2; }
+[[ $split_impl == kernel || $split_impl == torch ]] || { echo "engine_demo.sh --gpu: --split-impl kernel|torch" >&2; exit 2; }
 [ -z "$trace" ] || [ -r "$trace" ] || { echo "engine_demo.sh --gpu: cannot read trace $trace" >&2; exit 2; }
 PY=${EPLB_PYTHON:-python3}
 WORKER=${EPLB_WORKER:-target/release/eplb-worker}
@@ -80,7 +86,8 @@ mpi=(mpirun --allow-run-as-root --oversubscribe --bind-to none -n "$gpus" -x NCC
 side_env=()
 [ -z "${SIDECAR_NCCL_MAX_NCHANNELS:-}" ] || side_env=(-x "NCCL_MAX_NCHANNELS=$SIDECAR_NCCL_MAX_NCHANNELS")
 engine=(-m eplb_engine.gpu --steps "$steps" --layers "$layers" --hidden "$hidden" --ffn "$ffn" --tokens "$tokens"
-        --top-k "$topk" --log-every 50 --quant "$quant" --fp8-block "$fp8_block" --dispatch "$dispatch")
+        --top-k "$topk" --log-every 50 --quant "$quant" --fp8-block "$fp8_block" --dispatch "$dispatch"
+        --split-impl "$split_impl")
 [ -z "$trace" ] || engine+=(--trace "$trace")
 [ -z "$dataset" ] || engine+=(--trace-dataset "$dataset")
 [ -z "$spr" ] || engine+=(--slots-per-rank "$spr")
