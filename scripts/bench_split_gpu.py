@@ -43,6 +43,9 @@ def main() -> int:
     p.add_argument("--tokens", type=int, default=8 * 4096)
     p.add_argument("--rounds", type=int, default=24, help="rounds of the graph version (b)")
     p.add_argument("--levels", type=int, default=2, help="search levels of the graph version (b)")
+    p.add_argument("--kernel-threads", default="256",
+                   help="threads a block of (c), comma-separated: the first is timed eagerly and from a graph, "
+                        "the others eagerly (each checked against (a))")
     a = p.parse_args()
     dev = torch.device(a.device)
     golden = json.load(open(os.path.join(HERE, "..", "python", "tests", "data", "split_golden.json")))["cases"]
@@ -122,20 +125,24 @@ def main() -> int:
         same_c = True
         if dev.type == "cuda":
             # (c) the kernel: one launch on the current stream (the call's Python and ctypes included)
-            ms_c = timed(lambda: out.__setitem__("c", split_kernel.split_layers_kernel(counts, phy2log, spr)))
-            qc, tc, okc = out["c"]
-            same_c = bool(okc.all()) and bool((qc == qa).all()) and bool((tc == ta).all())
-            rows.append(("(c) CUDA kernel         ", ms_c))
+            threads = [int(x) for x in a.kernel_threads.split(",")]
+            for k, nt in enumerate(threads):
+                ms_c = timed(lambda: out.__setitem__("c", split_kernel.split_layers_kernel(counts, phy2log, spr,
+                                                                                          threads=nt)))
+                qc, tc, okc = out["c"]
+                same_c = same_c and bool(okc.all()) and bool((qc == qa).all()) and bool((tc == ta).all())
+                rows.append((f"(c) CUDA kernel, {nt:4d} t" if k else "(c) CUDA kernel         ", ms_c))
+            nt = threads[0]
             # (c) replayed from a CUDA graph (the module is loaded: the capture only records the launch)
             try:
                 s = torch.cuda.Stream(dev)
                 s.wait_stream(torch.cuda.current_stream(dev))
                 with torch.cuda.stream(s):
-                    split_kernel.split_layers_kernel(counts, phy2log, spr)
+                    split_kernel.split_layers_kernel(counts, phy2log, spr, threads=nt)
                 torch.cuda.current_stream(dev).wait_stream(s)
                 kg = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(kg):
-                    gq, gt, gok = split_kernel.split_layers_kernel(counts, phy2log, spr)
+                    gq, gt, gok = split_kernel.split_layers_kernel(counts, phy2log, spr, threads=nt)
                 ms_cg = timed(kg.replay)
                 kg.replay()
                 same_c = same_c and bool(gok.all()) and bool((gq == qa).all()) and bool((gt == ta).all())
