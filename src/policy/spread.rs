@@ -27,6 +27,8 @@
 //! split's optimum on the estimate instead was tried and lost (Switch-128 drifting trace, 4096
 //! tokens: 0.944 against 0.972 per-step balancedness at EP16): the ring absorbs the mean load
 //! of a stale layout, so that judge saw no gap, while each step's noise still needs the slack.
+//! What the manager does change for a spread plan is how long it expects a change to pay:
+//! at least [`MIN_LIFETIME`] steps.
 //!
 //! Integer arithmetic only (loads per replica as `w * 720720 / k` in u128, exact for `k <= 16`),
 //! so every rank computes the same row. Nodes and groups are not considered: the global layout.
