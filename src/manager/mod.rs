@@ -426,7 +426,11 @@ impl Manager {
         }
         let layers = live.num_layers();
         let (spr, shape) = (self.shape.slots_per_rank(), self.shape);
-        let lifetime = self.lifetime();
+        let lifetime = match policy.kind {
+            // Under the split a spread layout ages slower than the load's estimate (see there).
+            PolicyKind::Spread => self.lifetime().max(policy::spread::MIN_LIFETIME),
+            _ => self.lifetime(),
+        };
         let price = self.price_q32(lifetime);
         let estimate = self.estimator.estimate();
         // plan_on, judge_on [layers, num_logical]: the two halves of the steps, same memory.

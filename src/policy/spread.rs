@@ -27,6 +27,8 @@
 //! split's optimum on the estimate instead was tried and lost (Switch-128 drifting trace, 4096
 //! tokens: 0.944 against 0.972 per-step balancedness at EP16): the ring absorbs the mean load
 //! of a stale layout, so that judge saw no gap, while each step's noise still needs the slack.
+//! What the manager does change for a spread plan is how long it expects a change to pay:
+//! at least [`MIN_LIFETIME`] steps.
 //!
 //! Integer arithmetic only (loads per replica as `w * 720720 / k` in u128, exact for `k <= 16`),
 //! so every rank computes the same row. Nodes and groups are not considered: the global layout.
@@ -36,6 +38,24 @@
 //!    GPU an expert that stays keeps its old slot: fewer slots change for the same layout.
 
 use super::PlacementShape;
+
+/// The least lifetime, in steps, the time-mode manager gives a change of a spread placement
+/// (`Manager::lifetime` is twice the estimate's memory, at least one sweep of the layers).
+///
+/// Why: the lifetime sets the price of a moved slot (`copy time / (lifetime x step time)`). With
+/// many tokens a step the sampling noise is small beside the drift, so the estimate that predicts
+/// the next step best has a memory of 2 to 4 steps: the manager took a change to live 6 to 8
+/// steps (Switch-128 drifting trace, 16384 tokens, 6 layers: 70% of the steps) and priced a slot
+/// at about 0.006 of the mean GPU load, so a spread layout, whose every re-plan moves a few
+/// singles, waited long between switches, and its singles went stale. Under the split the
+/// replicated experts' load flows along the ring whatever their drift, so a spread layout keeps
+/// its worth longer than the estimate's memory: only its singles age. 16 was chosen on
+/// Switch-128 seeds 31, 51 and 61 (16384 tokens at EP16, 4096 at EP16 and EP32) as the floor of
+/// 10, 12, 16 and 24 with the least `dispatch_modeled_seconds` (the split's compute time plus the
+/// transfers) on most of them; see docs/bench/split985.md. It only binds where the estimate's
+/// memory is short and there are few layers (a sweep of one layer a step is at least as long
+/// once a model has 16 layers or more).
+pub const MIN_LIFETIME: u64 = 16;
 
 /// 720720 = lcm(1..=16): a replica's share of its expert's load as an exact integer for counts
 /// up to 16 (rounded down above, the same on every rank).
