@@ -35,7 +35,18 @@
 //!    common first; ties by new then old GPU index; the rest in ascending order), and within a
 //!    GPU an expert that stays keeps its old slot: fewer slots change for the same layout.
 
-use super::PlacementShape;
+use super::{PlacementShape, Policy, Price};
+
+/// The ring for per-step splitting (`--policy spread`): [`layer`] on the shape as given (it
+/// spreads over every GPU; groups and nodes do not apply), the price not used.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Spread;
+
+impl Policy for Spread {
+    fn place_layer(&self, weight: &[u64], shape: &PlacementShape, previous: Option<&[usize]>, _price: Price) -> Vec<usize> {
+        layer(weight, shape, previous)
+    }
+}
 
 /// 720720 = lcm(1..=16): a replica's share of its expert's load as an exact integer for counts
 /// up to 16 (rounded down above, the same on every rank).
