@@ -420,7 +420,12 @@ impl Manager {
     /// agrees on (by its hash) before [`Manager::accept`]. In time mode there is one every step,
     /// often without updates, so that the ranks' agreement is a collective call at every step.
     /// `time_flag`: the time-interval flag as it came back from the all-reduce.
-    pub fn decide(&mut self, step: usize, time_flag: bool, live: &Placement) -> Result<Option<RoundDecision>, PolicyError> {
+    pub fn decide(
+        &mut self,
+        step: usize,
+        time_flag: bool,
+        live: &Placement,
+    ) -> Result<Option<RoundDecision>, PolicyError> {
         if !self.config.enable {
             return Ok(None);
         }
@@ -545,7 +550,13 @@ mod tests {
         // The manager queues an accepted round and drains it a layer a step; no round meanwhile.
         let mut m = manager(c, shape(), 2, 4);
         let u = |layer| LayerUpdate { layer, new_row: vec![0], load: vec![1], gain: 0.5, similarity: None, rank: 1 };
-        let round = RoundDecision { updates: vec![u(0), u(1)], changed: 2, similar: 0, small_gain: 0, kind: DecisionKind::Round };
+        let round = RoundDecision {
+            updates: vec![u(0), u(1)],
+            changed: 2,
+            similar: 0,
+            small_gain: 0,
+            kind: DecisionKind::Round,
+        };
         m.accept(2, round);
         let live = Placement::trivial(2, 4, 8);
         m.observe(ndarray::arr2(&[[100, 1, 1, 1], [100, 1, 1, 1]]));

@@ -219,7 +219,8 @@ pub fn run_plan(args: &PlanArgs) -> Result<PlanOutcome, PlanError> {
         prev.check_shape(layers, &shape).map_err(|source| PlanError::Previous { path: path.clone(), source })?;
     }
 
-    let config = PolicyConfig { kind: args.policy, threads: args.threads, move_cost: Price::from_fraction(args.move_cost) };
+    let config =
+        PolicyConfig { kind: args.policy, threads: args.threads, move_cost: Price::from_fraction(args.move_cost) };
     let start = Instant::now();
     // A bar on a terminal for large inputs (DeepSeek-V3 scale and above), quiet otherwise.
     let bar = crate::progress::bar(layers as u64, "plan", "layers");

@@ -19,7 +19,13 @@ use super::{PlacementShape, Policy, Price};
 pub struct Deepseek;
 
 impl Policy for Deepseek {
-    fn place_layer(&self, weight: &[u64], shape: &PlacementShape, _previous: Option<&[usize]>, _price: Price) -> Vec<usize> {
+    fn place_layer(
+        &self,
+        weight: &[u64],
+        shape: &PlacementShape,
+        _previous: Option<&[usize]>,
+        _price: Price,
+    ) -> Vec<usize> {
         hierarchical_layer(weight, &shape.resolved())
     }
 }

@@ -68,7 +68,13 @@ pub const DEFAULT_PRICE: Price = Price::from_ppb(400_000);
 pub struct Incremental;
 
 impl Policy for Incremental {
-    fn place_layer(&self, weight: &[u64], shape: &PlacementShape, previous: Option<&[usize]>, price: Price) -> Vec<usize> {
+    fn place_layer(
+        &self,
+        weight: &[u64],
+        shape: &PlacementShape,
+        previous: Option<&[usize]>,
+        price: Price,
+    ) -> Vec<usize> {
         layer(weight, &shape.resolved(), previous, price)
     }
 }

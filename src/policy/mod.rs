@@ -194,8 +194,13 @@ pub trait Policy: Send + Sync + std::fmt::Debug {
     ///   [`PlacementShape::resolved`]);
     /// * `previous [num_replicas]`: the live row, if any (a policy may ignore it);
     /// * `price`: what one moved copy must buy (a policy may ignore it).
-    fn place_layer(&self, weight: &[u64], shape: &PlacementShape, previous: Option<&[usize]>, price: Price)
-        -> Vec<usize>;
+    fn place_layer(
+        &self,
+        weight: &[u64],
+        shape: &PlacementShape,
+        previous: Option<&[usize]>,
+        price: Price,
+    ) -> Vec<usize>;
 
     /// Every layer: `weight [layers, num_logical]`, `previous` the live placement if any, on
     /// `threads` worker threads (0: one per core; the result never depends on it), calling
@@ -530,9 +535,11 @@ mod tests {
     fn the_registry_names_every_policy_once_and_the_constants_match() {
         let names: Vec<&str> = PolicyKind::all().map(PolicyKind::name).collect();
         assert_eq!(names, ["deepseek", "incremental", "spread"]);
-        for (kind, name) in
-            [(PolicyKind::DEEPSEEK, "deepseek"), (PolicyKind::INCREMENTAL, "incremental"), (PolicyKind::SPREAD, "spread")]
-        {
+        for (kind, name) in [
+            (PolicyKind::DEEPSEEK, "deepseek"),
+            (PolicyKind::INCREMENTAL, "incremental"),
+            (PolicyKind::SPREAD, "spread"),
+        ] {
             assert_eq!((kind.name(), PolicyKind::from_name(name)), (name, Some(kind)));
             assert_eq!(format!("{kind:?}"), name);
         }

@@ -98,7 +98,8 @@ fn invariants_and_determinism_over_random_cases() {
             let other = weight.mapv(|w| w / 2 + 3);
             let planned = rebalance(other.view(), &shape, None, &config).unwrap();
             // Free moves (every candidate is computed) on even cases, the default price on odd.
-            let config = PolicyConfig { move_cost: if i % 2 == 0 { super::Price::ZERO } else { config.move_cost }, ..config };
+            let config =
+                PolicyConfig { move_cost: if i % 2 == 0 { super::Price::ZERO } else { config.move_cost }, ..config };
             for prev in [&trivial, &planned] {
                 let q = rebalance(weight.view(), &shape, Some(prev), &config).unwrap();
                 check_invariants(&q, &shape, num_logical, &format!("{ctx} with previous"));

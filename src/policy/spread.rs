@@ -43,7 +43,13 @@ use super::{PlacementShape, Policy, Price};
 pub struct Spread;
 
 impl Policy for Spread {
-    fn place_layer(&self, weight: &[u64], shape: &PlacementShape, previous: Option<&[usize]>, _price: Price) -> Vec<usize> {
+    fn place_layer(
+        &self,
+        weight: &[u64],
+        shape: &PlacementShape,
+        previous: Option<&[usize]>,
+        _price: Price,
+    ) -> Vec<usize> {
         layer(weight, shape, previous)
     }
 }

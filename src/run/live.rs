@@ -110,7 +110,12 @@ impl Live {
 
     /// The live placement takes `update`'s row (in force from engine step `at_step`, or the
     /// loop's next step), then the manager its reference load.
-    fn take(&mut self, manager: Option<&mut Manager>, update: &LayerUpdate, at_step: Option<u64>) -> Result<(), PolicyError> {
+    fn take(
+        &mut self,
+        manager: Option<&mut Manager>,
+        update: &LayerUpdate,
+        at_step: Option<u64>,
+    ) -> Result<(), PolicyError> {
         let old_row = self.placement.phy2log.row(update.layer).to_vec();
         let mut phy2log = self.placement.phy2log.clone();
         phy2log.row_mut(update.layer).assign(&ndarray::ArrayView1::from(&update.new_row));

@@ -294,7 +294,12 @@ impl<'a> Looper<'a> {
                         });
                     }
                     if let Some(mean_ns) = moe_mean_ns {
-                        self.controller.manager_mut().observe_step_time(balanced_step_ns(mean_ns, global.view(), &live, spr));
+                        self.controller.manager_mut().observe_step_time(balanced_step_ns(
+                            mean_ns,
+                            global.view(),
+                            &live,
+                            spr,
+                        ));
                     }
                 }
                 let mut observed = global;
