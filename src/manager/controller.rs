@@ -133,3 +133,106 @@ impl Controller {
         self.manager.next_layers()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manager::{CostModel, DecisionKind, Interval, ManagerConfig, Mode, Rounds};
+    use crate::policy::{PlacementShape, PolicyConfig};
+
+    fn shape() -> PlacementShape {
+        PlacementShape { num_replicas: 8, num_gpus: 4, num_nodes: 1, num_groups: 1 }
+    }
+
+    fn controller(mode: Mode, step_ms: f64) -> Controller {
+        let config = ManagerConfig {
+            enable: true,
+            layers_per_step: 1,
+            mode,
+            cost: CostModel::new(14.6484375, 2, 88_080_384, 900.0),
+            move_cost: None,
+            measure: Default::default(),
+        };
+        let policy = PolicyConfig { threads: 1, ..Default::default() };
+        Controller::new(Manager::new(config, policy, shape(), 2, 4), Clock::simulated(step_ms))
+    }
+
+    fn rounds_every(seconds: f64) -> Mode {
+        Mode::Rounds(Rounds {
+            interval: Interval::Seconds(seconds),
+            threshold: 0.99,
+            min_improvement: 0.0,
+            window_steps: 2,
+        })
+    }
+
+    #[test]
+    fn the_simulated_clock_sets_the_time_flag_and_a_round_resets_it() {
+        let mut c = controller(rounds_every(0.05), 20.0);
+        let live = Placement::trivial(2, 4, 8);
+        let load = ndarray::arr2(&[[100u64, 10, 10, 10], [10, 10, 100, 10]]);
+        // 20, 40 ms: not yet; 60 ms: due.
+        let flags: Vec<bool> = (0..3).map(|_| c.time_flag()).collect();
+        assert_eq!(flags, [false, false, true]);
+        c.observe(load.clone());
+        let agreed = c.decide(2, true, &live, |_| Ok::<(), ()>(()), |_| ()).unwrap().expect("a round");
+        assert_eq!(agreed.decision.kind, DecisionKind::Round);
+        assert_eq!(agreed.hash, agreed.decision.hash());
+        assert!(!agreed.decision.updates.is_empty(), "a skewed load is worth a round");
+        assert_eq!(c.manager().pending(), agreed.decision.updates.len(), "accepted: queued");
+        // The round reset the clock: 20 ms since.
+        assert!(!c.time_flag());
+        // The time mode keeps no interval: never a flag.
+        let mut t = controller(Mode::Time, 1e9);
+        assert!(!t.time_flag() && !t.time_flag());
+    }
+
+    #[test]
+    fn a_quiet_step_is_agreed_but_not_reported() {
+        let mut c = controller(Mode::Time, 1.0);
+        let live = Placement::trivial(2, 4, 8);
+        c.observe(ndarray::arr2(&[[10u64, 10, 10, 10], [10, 10, 10, 10]]));
+        let mut offered = Vec::new();
+        let agreed = c
+            .decide(
+                0,
+                false,
+                &live,
+                |h| {
+                    offered.push(h);
+                    Ok::<(), ()>(())
+                },
+                |_| (),
+            )
+            .unwrap();
+        assert!(agreed.is_none(), "a balanced load switches nothing");
+        assert_eq!(offered.len(), 1, "the ranks agree at every step of the time mode");
+        assert_ne!(offered[0], POLICY_FAILED_HASH);
+    }
+
+    #[test]
+    fn a_failed_policy_offers_the_failed_hash_then_its_error() {
+        let mut c = controller(rounds_every(0.001), 1.0);
+        c.observe(ndarray::arr2(&[[100u64, 10, 10, 10], [10, 10, 100, 10]]));
+        // A live placement of the wrong shape: the policy refuses it.
+        let wrong = Placement::trivial(3, 4, 8);
+        let mut offered = None;
+        let result = c.decide(
+            0,
+            true,
+            &wrong,
+            |h| {
+                offered = Some(h);
+                Ok::<(), String>(())
+            },
+            |e| e.to_string(),
+        );
+        assert_eq!(offered, Some(POLICY_FAILED_HASH));
+        assert!(result.unwrap_err().contains("3 layers"), "the policy's error comes back");
+        // A disagreement stops before anything is accepted.
+        let live = Placement::trivial(2, 4, 8);
+        let result = c.decide(1, true, &live, |_| Err("differ".to_string()), |e| e.to_string());
+        assert_eq!(result.unwrap_err(), "differ");
+        assert_eq!(c.manager().pending(), 0);
+    }
+}

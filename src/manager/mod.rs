@@ -3,7 +3,7 @@
 //! Pure functions of all-reduced data and flags, so every rank reaches the same decisions at the
 //! same step. Two modes:
 //!
-//! * **Time** (the default): decisions in units of time ([`cost`]). Every step the load goes into
+//! * **Time** (the default, [`TimeMode`]): decisions in units of time ([`cost`]). Every step the load goes into
 //!   a bank of moving averages and the one that has predicted the next step best is the estimate
 //!   of the coming load ([`estimate`]). Layers are ranked by how far their live PAR (peak over
 //!   mean GPU load) on the estimate is above what any placement could reach; the top ones are
@@ -14,10 +14,10 @@
 //!   a plan fitted to the sampling noise of the loads it saw saves nothing on loads it did not
 //!   see, so noise does not pass for gain. At most `layers_per_step` layers switch a step; a plan
 //!   decided with the loads of steps up to t serves step t + 1.
-//! * **Rounds** (xLLM's, when any of its round flags is given): a sliding [`Window`] sums the last
+//! * **Rounds** (xLLM's, [`RoundsMode`], when any of its round flags is given): a sliding [`Window`] sums the last
 //!   `window_steps` loads; a round is due every `--eplb-update-interval-steps` steps, or when the
 //!   flag rank 0 sets from its clock comes back set from the all-reduce; in a round the policy
-//!   proposes a placement for the window load, and [`Manager::select`] keeps the layers that
+//!   proposes a placement for the window load, and [`RoundsMode::select`] keeps the layers that
 //!   changed, whose load drifted (cosine similarity with the load of the layer's last update below
 //!   `threshold`; every layer passes on its first update), and whose predicted peak GPU load drops
 //!   by at least `min_improvement`; the layers are queued, best gain first, and at most
@@ -26,7 +26,12 @@
 //! Determinism: loads, estimates, PAR and gains are integers (PAR and gains in Q32). The one
 //! floating-point step left is the rounds mode's cosine similarity: its sums are exact integers,
 //! then one correctly rounded IEEE-754 division and square root (Rust never contracts or
-//! reorders them), so the same all-reduced loads give the same bits on every rank.
+//! reorders them), so the same all-reduced loads give the same bits on every rank. The price of a
+//! moved copy crosses to the policy as an integer ([`crate::policy::Price`]).
+//!
+//! The two modes are types behind [`ManagerMode`]; [`Manager::new`] picks one from [`Mode`] (the
+//! one place the mode is matched), and the [`Controller`] drives the manager for `run` and
+//! `simulate` alike.
 
 pub mod args;
 pub mod controller;
