@@ -10,7 +10,7 @@
 use std::time::Instant;
 
 use eplb::engine::synthetic::DriftingZipf;
-use eplb::policy::{self, metrics, PlacementShape, PolicyConfig, PolicyKind};
+use eplb::policy::{self, metrics, PlacementShape, PolicyConfig, PolicyKind, Price};
 
 fn main() {
     let reps: usize = std::env::var("EPLB_BENCH_REPS").ok().and_then(|s| s.parse().ok()).unwrap_or(300);
@@ -43,13 +43,13 @@ fn main() {
     for (name, shape) in &shapes {
         for kind in policy_kinds() {
             let plan_for = |w: &ndarray::Array2<u64>| {
-                let cfg = PolicyConfig { kind, move_cost, ..PolicyConfig::default() };
+                let cfg = PolicyConfig { kind, move_cost: Price::from_fraction(move_cost), ..PolicyConfig::default() };
                 policy::rebalance(w.view(), shape, None, &cfg).expect("valid shape")
             };
             let (previous, jumped) = (plan_for(&prev_weight), plan_for(&jump_weight));
             for (label, prev) in [("no", None), ("yes", Some(&previous)), ("jump", Some(&jumped))] {
                 for threads in [1, 0] {
-                    let config = PolicyConfig { kind, threads, move_cost };
+                    let config = PolicyConfig { kind, threads, move_cost: Price::from_fraction(move_cost) };
                     let mut times = Vec::with_capacity(reps);
                     let mut cpu = Vec::with_capacity(reps);
                     let mut plan = None;
@@ -95,12 +95,9 @@ fn main() {
 
 /// Every policy, or only `$EPLB_BENCH_POLICY`.
 fn policy_kinds() -> Vec<PolicyKind> {
-    use clap::ValueEnum;
     let only = std::env::var("EPLB_BENCH_POLICY").ok();
-    PolicyKind::value_variants()
-        .iter()
-        .copied()
-        .filter(|k| only.as_deref().is_none_or(|o| PolicyKind::from_str(o, true).is_ok_and(|x| x == *k)))
+    PolicyKind::all()
+        .filter(|k| only.as_deref().is_none_or(|o| PolicyKind::from_name(&o.to_lowercase()) == Some(*k)))
         .collect()
 }
 

@@ -27,7 +27,7 @@ fn main() {
         measure: Default::default(),
     };
     let policy = PolicyConfig { threads: 1, ..Default::default() };
-    let mut manager = Manager::new(config, shape, layers, experts);
+    let mut manager = Manager::new(config, policy, shape, layers, experts);
     let mut live = Placement::trivial(layers, experts, shape.num_replicas);
     // Zipf weights (s = 0.8) as expected tokens of the 65,536 a layer draws a step.
     let w: Vec<f64> = (1..=experts).map(|i| (i as f64).powf(-0.8)).collect();
@@ -63,7 +63,7 @@ fn main() {
         let t0 = Instant::now();
         manager.observe(load);
         let t1 = Instant::now();
-        let d = manager.decide(step, false, &live, &policy).expect("decide").expect("time mode decides every step");
+        let d = manager.decide(step, false, &live).expect("decide").expect("time mode decides every step");
         manager.accept(step, d);
         let t2 = Instant::now();
         for u in manager.next_layers() {

@@ -36,7 +36,7 @@ fn main() {
                 })
             })
             .collect();
-        for kind in [PolicyKind::Incremental, PolicyKind::Spread] {
+        for kind in [PolicyKind::INCREMENTAL, PolicyKind::SPREAD] {
             let config = PolicyConfig { kind, threads: 1, ..PolicyConfig::default() };
             let w = ndarray::Array2::from_shape_vec((1, e), expected.clone()).unwrap();
             let row = policy::rebalance(w.view(), &shape, None, &config).unwrap().phy2log.row(0).to_vec();

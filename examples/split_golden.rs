@@ -41,7 +41,7 @@ fn main() {
         let expected: Vec<u64> =
             (0..e).map(|x| 1_000_000 / (1 + (splitmix64(x as u64 + i as u64 * 977) % e as u64))).collect();
         let sum: u64 = expected.iter().sum();
-        for kind in [PolicyKind::Incremental, PolicyKind::Spread] {
+        for kind in [PolicyKind::INCREMENTAL, PolicyKind::SPREAD] {
             let config = PolicyConfig { kind, threads: 1, ..PolicyConfig::default() };
             let w = ndarray::Array2::from_shape_vec((1, e), expected.clone()).unwrap();
             let place = policy::rebalance(w.view(), &shape, None, &config).unwrap();

@@ -51,7 +51,7 @@ fn cases() -> Option<Vec<Case>> {
 #[test]
 fn deepseek_policy_reproduces_the_reference() {
     let Some(cases) = cases() else { return };
-    let config = PolicyConfig { kind: PolicyKind::Deepseek, ..PolicyConfig::default() };
+    let config = PolicyConfig { kind: PolicyKind::DEEPSEEK, ..PolicyConfig::default() };
     let (mut layers, mut equal) = (0, 0);
     for case in &cases {
         let ours = policy::rebalance(case.weight.view(), &case.shape, None, &config).unwrap();
@@ -103,7 +103,7 @@ fn incremental_is_never_worse_than_deepseek_on_the_golden_inputs() {
             .unwrap()
     };
     for case in &cases {
-        let (ours, theirs) = (plan(case, PolicyKind::Incremental), plan(case, PolicyKind::Deepseek));
+        let (ours, theirs) = (plan(case, PolicyKind::INCREMENTAL), plan(case, PolicyKind::DEEPSEEK));
         let spr = case.shape.slots_per_rank();
         let gpn = case.shape.resolved().gpus_per_node();
         for l in 0..case.weight.nrows() {

@@ -31,7 +31,7 @@ fn fresh_plans_of_qwen3_235b_reach_the_issue_balance() {
             let p = policy::rebalance(weight.view(), &shape, None, &config(kind)).unwrap();
             metrics::balance_report(weight.view(), p.phy2log.view(), shape.slots_per_rank(), 1).balancedness
         };
-        let (ours, deepseek) = (balance(PolicyKind::Incremental), balance(PolicyKind::Deepseek));
+        let (ours, deepseek) = (balance(PolicyKind::INCREMENTAL), balance(PolicyKind::DEEPSEEK));
         eprintln!("Qwen3-235B EP{g} R={r}: incremental {ours:.4}, deepseek {deepseek:.4}");
         assert!(ours >= need, "EP{g} R={r}: mean balancedness {ours:.4} < {need}");
         assert!(ours > deepseek, "EP{g} R={r}: {ours:.4} is not above DeepSeek's {deepseek:.4}");
@@ -63,8 +63,8 @@ fn drifting_qwen15_moves_at_most_a_quarter_of_deepseeks_copies_at_its_balance() 
         assert_eq!(t.num_steps(), 20);
         for (g, r) in [(4, 64), (6, 66)] {
             let shape = global(r, g);
-            let (ours, ours_balance) = drift(&t, &shape, PolicyKind::Incremental);
-            let (theirs, theirs_balance) = drift(&t, &shape, PolicyKind::Deepseek);
+            let (ours, ours_balance) = drift(&t, &shape, PolicyKind::INCREMENTAL);
+            let (theirs, theirs_balance) = drift(&t, &shape, PolicyKind::DEEPSEEK);
             let ratio = ours as f64 / theirs as f64;
             eprintln!(
                 "{dataset} EP{g} R={r}: moved {ours} vs DeepSeek {theirs} ({ratio:.3}), \

@@ -165,7 +165,7 @@ fn assert_recovers(m: &Model, steps: &[Array2<u64>], ours: &Value) {
     let shape = m.shape();
     let spr = shape.slots_per_rank();
     let expected = Array2::from_shape_fn((m.layers, m.experts), |(l, e)| (shares(m, JUMP)[l][e] * 1e9) as u64);
-    let ds = PolicyConfig { kind: PolicyKind::Deepseek, threads: 1, move_cost: 0.0 };
+    let ds = PolicyConfig { kind: PolicyKind::DEEPSEEK, threads: 1, move_cost: policy::Price::ZERO };
     let fresh = policy::rebalance(expected.view(), &shape, None, &ds).unwrap();
     let per_step = ours["balancedness_per_step"].as_array().unwrap();
     for window in [(JUMP + 128)..(JUMP + 160), (STEPS - 32)..STEPS] {

@@ -134,7 +134,7 @@ fn placements(args: &BenchArgs, num_ranks: usize) -> Result<(Vec<usize>, Vec<usi
     }
     let weight = Array2::from_shape_vec((1, num_logical), folded).expect("shape matches");
     let shape = PlacementShape { num_replicas, num_gpus: num_ranks, num_nodes: 1, num_groups: 1 };
-    let config = PolicyConfig { kind: PolicyKind::Deepseek, threads: 1, ..PolicyConfig::default() };
+    let config = PolicyConfig { kind: PolicyKind::DEEPSEEK, threads: 1, ..PolicyConfig::default() };
     let planned =
         policy::rebalance(weight.view(), &shape, None, &config).map_err(|e| BenchError::Input(e.to_string()))?;
     let trivial = Placement::trivial(1, num_logical, num_replicas);

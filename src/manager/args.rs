@@ -5,7 +5,7 @@ use clap::{ArgAction, Args};
 
 use super::{CostModel, Interval, ManagerConfig, Measure, Mode, Rounds};
 use crate::limits::{non_negative, positive, unit_interval};
-use crate::policy::{PolicyConfig, PolicyKind};
+use crate::policy::{PolicyConfig, PolicyKind, Price};
 
 /// xLLM's round-based manager: its defaults when any of its flags is given.
 pub const XLLM_INTERVAL_SECONDS: f64 = 1000.0;
@@ -63,7 +63,7 @@ pub struct ManagerArgs {
     pub eplb_window_steps: Option<u64>,
 
     /// Placement algorithm.
-    #[arg(long, value_enum, default_value_t = PolicyKind::Incremental, help_heading = "Placement")]
+    #[arg(long, value_parser = PolicyKind::value_parser(), default_value = "incremental", help_heading = "Placement")]
     pub policy: PolicyKind,
     /// Incremental policy: a fixed price of one moved copy, as a fraction of the mean GPU load
     /// (default: from the cost model, the copy's time over the change's expected lifetime).
@@ -120,7 +120,7 @@ impl ManagerArgs {
         PolicyConfig {
             kind: self.policy,
             threads: self.threads,
-            move_cost: self.move_cost.unwrap_or(crate::policy::incremental::DEFAULT_MOVE_COST),
+            move_cost: self.move_cost.map_or(crate::policy::incremental::DEFAULT_PRICE, Price::from_fraction),
         }
     }
 }

@@ -3,7 +3,7 @@
 //! Pure functions of all-reduced data and flags, so every rank reaches the same decisions at the
 //! same step. Two modes:
 //!
-//! * **Time** (the default): decisions in units of time ([`cost`]). Every step the load goes into
+//! * **Time** (the default, [`TimeMode`]): decisions in units of time ([`cost`]). Every step the load goes into
 //!   a bank of moving averages and the one that has predicted the next step best is the estimate
 //!   of the coming load ([`estimate`]). Layers are ranked by how far their live PAR (peak over
 //!   mean GPU load) on the estimate is above what any placement could reach; the top ones are
@@ -14,10 +14,10 @@
 //!   a plan fitted to the sampling noise of the loads it saw saves nothing on loads it did not
 //!   see, so noise does not pass for gain. At most `layers_per_step` layers switch a step; a plan
 //!   decided with the loads of steps up to t serves step t + 1.
-//! * **Rounds** (xLLM's, when any of its round flags is given): a sliding [`Window`] sums the last
+//! * **Rounds** (xLLM's, [`RoundsMode`], when any of its round flags is given): a sliding [`Window`] sums the last
 //!   `window_steps` loads; a round is due every `--eplb-update-interval-steps` steps, or when the
 //!   flag rank 0 sets from its clock comes back set from the all-reduce; in a round the policy
-//!   proposes a placement for the window load, and [`Manager::select`] keeps the layers that
+//!   proposes a placement for the window load, and [`RoundsMode::select`] keeps the layers that
 //!   changed, whose load drifted (cosine similarity with the load of the layer's last update below
 //!   `threshold`; every layer passes on its first update), and whose predicted peak GPU load drops
 //!   by at least `min_improvement`; the layers are queued, best gain first, and at most
@@ -26,22 +26,32 @@
 //! Determinism: loads, estimates, PAR and gains are integers (PAR and gains in Q32). The one
 //! floating-point step left is the rounds mode's cosine similarity: its sums are exact integers,
 //! then one correctly rounded IEEE-754 division and square root (Rust never contracts or
-//! reorders them), so the same all-reduced loads give the same bits on every rank.
+//! reorders them), so the same all-reduced loads give the same bits on every rank. The price of a
+//! moved copy crosses to the policy as an integer ([`crate::policy::Price`]).
+//!
+//! The two modes are types behind [`ManagerMode`]; [`Manager::new`] picks one from [`Mode`] (the
+//! one place the mode is matched), and the [`Controller`] drives the manager for `run` and
+//! `simulate` alike.
 
 pub mod args;
+pub mod controller;
 pub mod cost;
 pub mod estimate;
+mod rounds;
+mod time;
 
 use std::collections::VecDeque;
 
 use ndarray::{Array2, ArrayView2};
 
 pub use args::ManagerArgs;
+pub use controller::{Agreed, Clock, Controller};
 pub use cost::CostModel;
-use cost::{changed_slots, par_lower_bound_q32, par_q32, RunningMean, PAR_ONE};
-use estimate::Estimator;
+use cost::RunningMean;
+pub use rounds::RoundsMode;
+pub use time::TimeMode;
 
-use crate::policy::{self, hash_phy2log, metrics, Placement, PlacementShape, PolicyConfig, PolicyError, PolicyKind};
+use crate::policy::{hash_phy2log, Placement, PlacementShape, Policy, PolicyConfig, PolicyError, Price};
 
 /// When rounds are due.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -214,6 +224,16 @@ pub struct LayerUpdate {
     pub rank: i128,
 }
 
+/// What a decision is, for the reports: the loop and `simulate` never ask the manager's mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecisionKind {
+    /// A round of the rounds mode: reported (and timed as a round) even when it selects nothing.
+    Round,
+    /// A step of the time mode (one every step, so that the ranks agree at every step): reported
+    /// only when it switches layers.
+    Step,
+}
+
 /// The outcome of one decision (a round, or a step of the time mode).
 #[derive(Debug, Clone, PartialEq)]
 pub struct RoundDecision {
@@ -226,11 +246,17 @@ pub struct RoundDecision {
     /// Changed layers skipped because the gain does not pay (below `min_improvement`, or, in
     /// time, less time saved than the move costs).
     pub small_gain: usize,
+    pub kind: DecisionKind,
 }
 
 impl RoundDecision {
-    fn empty() -> RoundDecision {
-        RoundDecision { updates: Vec::new(), changed: 0, similar: 0, small_gain: 0 }
+    fn empty(kind: DecisionKind) -> RoundDecision {
+        RoundDecision { updates: Vec::new(), changed: 0, similar: 0, small_gain: 0, kind }
+    }
+
+    /// Whether nothing is to be reported: a step of the time mode that switches no layer.
+    pub fn is_quiet(&self) -> bool {
+        self.kind == DecisionKind::Step && self.updates.is_empty()
     }
 
     /// The hash every rank agrees on before anything moves: the selected layers and their new rows.
@@ -248,53 +274,104 @@ impl RoundDecision {
     }
 }
 
-/// A layer whose last plan moved nothing or did not pay: it is planned again once its gap grew
-/// or it waited, or at the next step when `retry` (its plan on one half of the steps did not pay
-/// on the other: the other half gets its turn).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Rejected {
-    gap: u64,
-    step: usize,
-    retry: bool,
+/// What the manager's two modes do differently, behind one interface: [`TimeMode`] and
+/// [`RoundsMode`]. The [`Manager`] holds one, built from [`Mode`] in [`Manager::new`], the one
+/// place the mode is matched; the loop of `run` and `simulate` never ask which it is.
+pub trait ManagerMode: Send + std::fmt::Debug {
+    /// Takes one step's global load `[layers, num_logical]` (the same on every rank).
+    fn observe(&mut self, load: Array2<u64>);
+
+    /// The decision at `step` (see [`Manager::decide`]); `plan` is what the mode may use of the
+    /// manager: the policy, the shape, the cost model and the queue.
+    fn decide(
+        &mut self,
+        plan: &Planner<'_>,
+        step: usize,
+        time_flag: bool,
+        live: &Placement,
+    ) -> Result<Option<RoundDecision>, PolicyError>;
+
+    /// The decision agreed at `step` was accepted.
+    fn accepted(&mut self, _step: usize) {}
+
+    /// `update` was committed.
+    fn committed(&mut self, update: &LayerUpdate);
+
+    /// Seconds between rounds on rank 0's clock, where the mode keeps such an interval (the
+    /// time flag piggybacked on the load all-reduce).
+    fn interval_seconds(&self) -> Option<f64> {
+        None
+    }
+
+    /// The steps the load estimate now used holds (time mode), 0 where there is none.
+    fn estimate_memory(&self) -> usize {
+        0
+    }
 }
 
-/// The manager's state.
-#[derive(Debug, Clone)]
+/// What a mode may use of the [`Manager`] when it decides.
+pub struct Planner<'a> {
+    pub config: &'a ManagerConfig,
+    pub shape: PlacementShape,
+    /// The policy, through its trait only.
+    pub policy: &'a dyn Policy,
+    /// Policy worker threads over layers (the result never depends on it).
+    pub threads: usize,
+    /// The policy's price of a moved copy when the mode sets none (`--move-cost` or the default).
+    pub price: Price,
+    /// Layers in the model.
+    pub layers: usize,
+    /// Layers still queued from the last decision: no new one while any is.
+    pub queued: usize,
+}
+
+impl Planner<'_> {
+    /// Layers switched a step, at least 1 (0 means all of them).
+    pub fn per_step(&self) -> usize {
+        match self.config.layers_per_step {
+            0 => self.layers.max(1),
+            n => n,
+        }
+    }
+}
+
+/// The manager's state: the mode's own state, the queue of layers to switch, the measured
+/// inputs of the cost model, and the policy it plans with.
+#[derive(Debug)]
 pub struct Manager {
     pub config: ManagerConfig,
     shape: PlacementShape,
-    /// Rounds: the window; time: the estimator.
-    window: Window,
-    estimator: Estimator,
-    /// `reference[layer]`: the window load when the layer was last updated (rounds).
-    reference: Vec<Option<Vec<u64>>>,
+    layers: usize,
+    mode: Box<dyn ManagerMode>,
+    policy: Box<dyn Policy>,
+    policy_config: PolicyConfig,
     queue: VecDeque<LayerUpdate>,
-    last_round: Option<usize>,
-    /// Time: layers whose last plan moved nothing or did not pay.
-    rejected: Vec<Option<Rejected>>,
     /// The measured balanced step time (ns) and time of a changed slot (ns), when measured.
     step_ns: RunningMean,
     slot_ns: RunningMean,
 }
 
 impl Manager {
-    /// A manager for `layers` layers of `num_logical` experts on `shape`.
-    pub fn new(config: ManagerConfig, shape: PlacementShape, layers: usize, num_logical: usize) -> Manager {
-        let window_steps = match config.mode {
-            Mode::Rounds(r) => r.window_steps,
-            Mode::Time => 1,
+    /// A manager for `layers` layers of `num_logical` experts on `shape`, planning with `policy`.
+    pub fn new(
+        config: ManagerConfig,
+        policy: PolicyConfig,
+        shape: PlacementShape,
+        layers: usize,
+        num_logical: usize,
+    ) -> Manager {
+        let mode: Box<dyn ManagerMode> = match config.mode {
+            Mode::Time => Box::new(TimeMode::new(config.move_cost, layers, num_logical)),
+            Mode::Rounds(r) => Box::new(RoundsMode::new(r, config.move_cost, shape, layers, num_logical)),
         };
-        let (wl, el) = if matches!(config.mode, Mode::Time) { (0, 0) } else { (layers, num_logical) };
-        let (tl, te) = if matches!(config.mode, Mode::Time) { (layers, num_logical) } else { (0, 0) };
         Manager {
             config,
             shape,
-            window: Window::new(window_steps, wl, el),
-            estimator: Estimator::new(tl, te),
-            reference: vec![None; layers],
+            layers,
+            mode,
+            policy: policy.kind.make(),
+            policy_config: policy,
             queue: VecDeque::new(),
-            last_round: None,
-            rejected: vec![None; layers],
             step_ns: RunningMean::default(),
             slot_ns: RunningMean::default(),
         }
@@ -307,7 +384,7 @@ impl Manager {
             return;
         }
         self.step_ns.add(balanced_ns);
-        let layers = self.reference.len().max(1) as u64;
+        let layers = self.layers.max(1) as u64;
         if let Some(ns) = self.step_ns.mean() {
             self.config.cost.layer_step_ps = (ns.saturating_mul(1000) / layers).max(1);
         }
@@ -331,7 +408,7 @@ impl Manager {
     pub fn cost_inputs(&self, expert_bytes: u64) -> CostInputs {
         let c = &self.config.cost;
         CostInputs {
-            step_ms: c.layer_step_ps as f64 * self.reference.len().max(1) as f64 / 1e9,
+            step_ms: c.layer_step_ps as f64 * self.layers.max(1) as f64 / 1e9,
             step_samples: self.step_ns.samples(),
             migration_gbps: expert_bytes as f64 * 1e3 / c.copy_ps.max(1) as f64,
             migration_samples: self.slot_ns.samples(),
@@ -340,10 +417,7 @@ impl Manager {
 
     /// Takes one step's global load `[layers, num_logical]` (all-reduced: the same on every rank).
     pub fn observe(&mut self, load: Array2<u64>) {
-        match self.config.mode {
-            Mode::Time => self.estimator.push(load.view()),
-            Mode::Rounds(_) => self.window.push(load),
-        }
+        self.mode.observe(load);
     }
 
     /// The decision at `step`, after its load was observed: None when there is none this step
@@ -356,211 +430,30 @@ impl Manager {
         step: usize,
         time_flag: bool,
         live: &Placement,
-        policy: &PolicyConfig,
     ) -> Result<Option<RoundDecision>, PolicyError> {
         if !self.config.enable {
             return Ok(None);
         }
-        match self.config.mode {
-            Mode::Rounds(r) => {
-                if !self.round_due(step, time_flag, &r) {
-                    return Ok(None);
-                }
-                let load = self.window.sum().to_owned();
-                let config = PolicyConfig { move_cost: self.config.move_cost.unwrap_or(policy.move_cost), ..*policy };
-                let proposed = policy::rebalance(load.view(), &self.shape, Some(live), &config)?;
-                Ok(Some(self.select(load.view(), live, &proposed)))
-            }
-            Mode::Time => self.decide_in_time(step, live, policy).map(Some),
-        }
-    }
-
-    fn round_due(&self, step: usize, time_flag: bool, r: &Rounds) -> bool {
-        if !self.queue.is_empty() {
-            return false;
-        }
-        match r.interval {
-            Interval::Steps(n) => step + 1 - self.last_round.map_or(0, |r| r + 1) >= n.max(1),
-            Interval::Seconds(_) => time_flag,
-        }
-    }
-
-    /// Layers switched a step, at least 1 (0 means all of them).
-    fn per_step(&self) -> usize {
-        match self.config.layers_per_step {
-            0 => self.reference.len().max(1),
-            n => n,
-        }
-    }
-
-    /// The expected lifetime of a change, in steps: twice the steps the best estimate holds (the
-    /// load has been steady over about that long; after a jump, the steps since), at least the
-    /// steps it takes to switch every layer once, at most 1024.
-    pub fn lifetime(&self) -> u64 {
-        let sweep = self.reference.len().div_ceil(self.per_step()) as u64;
-        (2 * self.estimator.memory()).clamp(sweep.max(1), 1024.max(sweep))
-    }
-
-    /// The price of one moved copy in Q32 PAR units: `--move-cost`, or the cost model's.
-    fn price_q32(&self, lifetime: u64) -> u64 {
-        match self.config.move_cost {
-            Some(m) => (m * PAR_ONE as f64).round().min(u64::MAX as f64) as u64,
-            None => {
-                let c = &self.config.cost;
-                u64::try_from(((c.copy_ps as u128) << 32) / (lifetime as u128 * c.layer_step_ps as u128).max(1))
-                    .unwrap_or(u64::MAX)
-            }
-        }
-    }
-
-    /// The time mode's decision at `step` (see the module documentation).
-    fn decide_in_time(
-        &mut self,
-        step: usize,
-        live: &Placement,
-        policy: &PolicyConfig,
-    ) -> Result<RoundDecision, PolicyError> {
-        let mut d = RoundDecision::empty();
-        if !self.queue.is_empty() || self.estimator.steps() == 0 {
-            return Ok(d);
-        }
-        let layers = live.num_layers();
-        let (spr, shape) = (self.shape.slots_per_rank(), self.shape);
-        let lifetime = match policy.kind {
-            // Under the split a spread layout ages slower than the load's estimate (see there).
-            PolicyKind::Spread => self.lifetime().max(policy::spread::MIN_LIFETIME),
-            _ => self.lifetime(),
+        let plan = Planner {
+            config: &self.config,
+            shape: self.shape,
+            policy: self.policy.as_ref(),
+            threads: self.policy_config.threads,
+            price: self.policy_config.move_cost,
+            layers: self.layers,
+            queued: self.queue.len(),
         };
-        let price = self.price_q32(lifetime);
-        let estimate = self.estimator.estimate();
-        // plan_on, judge_on [layers, num_logical]: the two halves of the steps, same memory.
-        let k = self.estimator.best();
-        let plan_on = self.estimator.half(step % 2, k);
-        let judge_on = self.estimator.half(step % 2 + 1, k);
-        // gap [layers]: live PAR on the estimate over the PAR no placement can beat.
-        let live_par: Vec<u64> =
-            (0..layers).map(|l| par_q32(&estimate.row(l).to_vec(), &live.phy2log.row(l).to_vec(), spr)).collect();
-        let mut candidates: Vec<(u64, usize)> = Vec::new();
-        for (l, &par) in live_par.iter().enumerate() {
-            // Even the best placement, moving one slot, would not pay (the bound is at least 1).
-            if par.saturating_sub(PAR_ONE) <= price {
-                continue;
-            }
-            let w = estimate.row(l).to_vec();
-            let gap = par.saturating_sub(par_lower_bound_q32(&w, shape.num_replicas, shape.num_gpus));
-            if gap <= price {
-                continue;
-            }
-            if let Some(r) = self.rejected[l] {
-                let waited = step.saturating_sub(r.step) >= 2 * lifetime.min(layers as u64 * 4) as usize;
-                let retry = r.retry && step == r.step + 1;
-                if gap <= r.gap + r.gap / 8 + (PAR_ONE >> 10) && !waited && !retry {
-                    continue;
-                }
-            }
-            candidates.push((gap, l));
-        }
-        // Largest gap first (ties: lower layer); plan as many as can switch. A plan that does not
-        // pay is made again on the other half at the next step; after that the layer waits (see
-        // `Rejected`) and leaves its place to the next.
-        candidates.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
-        candidates.truncate(self.per_step());
-        let config = PolicyConfig { move_cost: price as f64 / PAR_ONE as f64, ..*policy };
-        let rows = policy::map_layers(candidates.len(), policy.threads, |i| {
-            let l = candidates[i].1;
-            let w = plan_on.row(l).to_vec();
-            let resolved = shape.resolved();
-            match config.kind {
-                PolicyKind::Deepseek => policy::deepseek::hierarchical_layer(&w, &resolved),
-                PolicyKind::Incremental => {
-                    let prev = live.phy2log.row(l).to_vec();
-                    policy::incremental::layer(&w, &resolved, Some(&prev), config.move_cost)
-                }
-                PolicyKind::Spread => policy::spread::layer(&w, &shape, Some(&live.phy2log.row(l).to_vec())),
-            }
-        });
-        for (&(gap, l), new_row) in candidates.iter().zip(rows) {
-            let old = live.phy2log.row(l).to_vec();
-            if new_row == old {
-                self.rejected[l] = Some(Rejected { gap, step, retry: false });
-                continue;
-            }
-            d.changed += 1;
-            // The drop of PAR on the half the plan did not see.
-            let judge = judge_on.row(l).to_vec();
-            let before = par_q32(&judge, &old, spr);
-            let drop = before as i128 - par_q32(&judge, &new_row, spr) as i128;
-            let changed = changed_slots(&old, &new_row);
-            let net = drop - price as i128 * changed as i128;
-            if net <= 0 {
-                // Next step the other half plans it; after two misses in a row it waits.
-                let first_miss = self.rejected[l].is_none_or(|r| !(r.retry && step == r.step + 1));
-                self.rejected[l] = Some(Rejected { gap, step, retry: first_miss });
-                d.small_gain += 1;
-                continue;
-            }
-            let net_ps = (net * lifetime as i128 * self.config.cost.layer_step_ps as i128) >> 32;
-            let gain = drop as f64 / before as f64;
-            let w = plan_on.row(l).to_vec();
-            d.updates.push(LayerUpdate { layer: l, new_row, load: w, gain, similarity: None, rank: net_ps });
-        }
-        d.updates.sort_by(|a, b| b.rank.cmp(&a.rank).then(a.layer.cmp(&b.layer)));
-        d.updates.truncate(self.per_step());
-        Ok(d)
+        self.mode.decide(&plan, step, time_flag, live)
     }
 
-    /// Rounds: picks the layers of `proposed` to apply, judged on the window load `load` with
-    /// `live` the placement now live. Pure: the same inputs give the same decision on every rank.
-    pub fn select(&self, load: ArrayView2<u64>, live: &Placement, proposed: &Placement) -> RoundDecision {
-        let Mode::Rounds(r) = self.config.mode else { return RoundDecision::empty() };
-        let spr = self.shape.slots_per_rank();
-        let min_q32 = (r.min_improvement * PAR_ONE as f64).round() as u128;
-        let mut d = RoundDecision::empty();
-        for layer in 0..live.num_layers() {
-            let (old, new) = (live.phy2log.row(layer), proposed.phy2log.row(layer));
-            if old == new {
-                continue;
-            }
-            d.changed += 1;
-            let w = load.row(layer).to_vec();
-            let similarity = self.reference[layer].as_ref().map(|r| cosine(&w, r));
-            if similarity.is_some_and(|s| s >= r.threshold) {
-                d.similar += 1;
-                continue;
-            }
-            // The relative drop of the peak GPU load, exact: (before - after) / before in Q32.
-            let peak = |row: ndarray::ArrayView1<usize>| {
-                let w = policy::fixed::normalized(&w).into_owned();
-                let row = row.to_vec();
-                let logcnt = metrics::logcnt_of(&row, w.len());
-                metrics::gpu_loads(&w, &row, &logcnt, spr).into_iter().max().unwrap_or(0) as u128
-            };
-            let (before, after) = (peak(old), peak(new));
-            let drop_q32 = if before > 0 && after < before { ((before - after) << 32) / before } else { 0 };
-            // A negative min-improvement applies every changed layer (DeepSeek's cadence baselines).
-            if r.min_improvement >= 0.0 && (drop_q32 < min_q32 || (min_q32 == 0 && after > before)) {
-                d.small_gain += 1;
-                continue;
-            }
-            let gain = drop_q32 as f64 / PAR_ONE as f64;
-            d.updates.push(LayerUpdate {
-                layer,
-                new_row: new.to_vec(),
-                load: w,
-                gain,
-                similarity,
-                rank: drop_q32 as i128,
-            });
-        }
-        d.updates.sort_by(|a, b| b.rank.cmp(&a.rank).then(a.layer.cmp(&b.layer)));
-        d
+    /// Seconds between rounds on rank 0's clock, where the mode keeps such an interval.
+    pub fn interval_seconds(&self) -> Option<f64> {
+        self.mode.interval_seconds()
     }
 
     /// Accepts the decision agreed at `step`: queues its updates.
     pub fn accept(&mut self, step: usize, decision: RoundDecision) {
-        if matches!(self.config.mode, Mode::Rounds(_)) {
-            self.last_round = Some(step);
-        }
+        self.mode.accepted(step);
         self.queue.extend(decision.updates);
     }
 
@@ -573,8 +466,7 @@ impl Manager {
 
     /// Records that `update` was committed.
     pub fn committed(&mut self, update: &LayerUpdate) {
-        self.reference[update.layer] = Some(update.load.clone());
-        self.rejected[update.layer] = None;
+        self.mode.committed(update);
     }
 
     /// Layers still queued.
@@ -585,13 +477,14 @@ impl Manager {
     /// The steps the load estimate now used holds (time mode): its memory `2^k`, or fewer
     /// while it warms up after a jump.
     pub fn estimate_memory(&self) -> usize {
-        self.estimator.memory() as usize
+        self.mode.estimate_memory()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::manager::cost::{par_q32, PAR_ONE};
     use crate::policy::{self, PlacementShape, PolicyConfig};
 
     fn shape() -> PlacementShape {
@@ -612,6 +505,11 @@ mod tests {
             move_cost: None,
             measure: Default::default(),
         }
+    }
+
+    /// A manager planning with the default policy on one thread.
+    fn manager(c: ManagerConfig, shape: PlacementShape, layers: usize, num_logical: usize) -> Manager {
+        Manager::new(c, PolicyConfig { threads: 1, ..Default::default() }, shape, layers, num_logical)
     }
 
     fn rounds(c: &ManagerConfig) -> Rounds {
@@ -647,23 +545,39 @@ mod tests {
     #[test]
     fn rounds_are_due_every_n_steps_and_wait_for_the_queue() {
         let c = config();
-        let mut m = Manager::new(c, shape(), 2, 4);
         let r = rounds(&c);
-        assert!(!m.round_due(0, false, &r) && !m.round_due(1, false, &r) && m.round_due(2, false, &r));
+        let mut mode = RoundsMode::new(r, None, shape(), 2, 4);
+        assert!(!mode.round_due(0, false, 0) && !mode.round_due(1, false, 0) && mode.round_due(2, false, 0));
+        mode.accepted(2);
+        assert!(!mode.round_due(5, false, 1), "the queue is not empty");
+        assert!(!mode.round_due(4, false, 0) && mode.round_due(5, false, 0));
+        assert_eq!(mode.interval_seconds(), None);
+        // The manager queues an accepted round and drains it a layer a step; no round meanwhile.
+        let mut m = manager(c, shape(), 2, 4);
         let u = |layer| LayerUpdate { layer, new_row: vec![0], load: vec![1], gain: 0.5, similarity: None, rank: 1 };
-        m.accept(2, RoundDecision { updates: vec![u(0), u(1)], changed: 2, similar: 0, small_gain: 0 });
-        assert!(!m.round_due(5, false, &r), "the queue is not empty");
+        let round = RoundDecision {
+            updates: vec![u(0), u(1)],
+            changed: 2,
+            similar: 0,
+            small_gain: 0,
+            kind: DecisionKind::Round,
+        };
+        m.accept(2, round);
+        let live = Placement::trivial(2, 4, 8);
+        m.observe(ndarray::arr2(&[[100, 1, 1, 1], [100, 1, 1, 1]]));
+        assert_eq!(m.decide(5, false, &live).unwrap(), None, "the queue is not empty");
         assert_eq!(m.next_layers().len(), 1);
         assert_eq!(m.next_layers().len(), 1);
         assert!(m.next_layers().is_empty());
-        assert!(!m.round_due(4, false, &r) && m.round_due(5, false, &r));
+        assert!(m.decide(5, false, &live).unwrap().is_some_and(|d| d.kind == DecisionKind::Round));
         let timed = Rounds { interval: Interval::Seconds(1.0), ..r };
-        let t = Manager::new(ManagerConfig { mode: Mode::Rounds(timed), ..c }, shape(), 1, 4);
-        assert!(!t.round_due(100, false, &timed) && t.round_due(0, true, &timed));
-        let mut off = Manager::new(ManagerConfig { enable: false, ..c }, shape(), 1, 4);
+        let t = RoundsMode::new(timed, None, shape(), 1, 4);
+        assert!(!t.round_due(100, false, 0) && t.round_due(0, true, 0));
+        assert_eq!(t.interval_seconds(), Some(1.0));
+        let mut off = manager(ManagerConfig { enable: false, ..c }, shape(), 1, 4);
         off.observe(ndarray::arr2(&[[1, 2, 3, 4]]));
         let live = Placement::trivial(1, 4, 8);
-        assert_eq!(off.decide(2, true, &live, &PolicyConfig::default()).unwrap(), None);
+        assert_eq!(off.decide(2, true, &live).unwrap(), None);
     }
 
     #[test]
@@ -672,7 +586,7 @@ mod tests {
         let load = ndarray::arr2(&[[100u64, 10, 10, 10], [100, 10, 10, 10]]);
         let live = Placement::trivial(2, 4, 8);
         let proposed = policy::rebalance(load.view(), &shape(), Some(&live), &PolicyConfig::default()).unwrap();
-        let mut m = Manager::new(config(), shape(), 2, 4);
+        let mut m = RoundsMode::new(rounds(&config()), None, shape(), 2, 4);
         let d = m.select(load.view(), &live, &proposed);
         assert_eq!((d.changed, d.updates.len()), (2, 2), "first round: every changed layer updates");
         assert!(d.updates.iter().all(|u| u.gain >= 0.05 && u.similarity.is_none()));
@@ -689,7 +603,7 @@ mod tests {
         assert_eq!(d3.similar, 0);
         // With a huge min-improvement nothing is worth moving.
         let strict_rounds = Rounds { min_improvement: 0.99, ..rounds(&config()) };
-        let strict = Manager::new(ManagerConfig { mode: Mode::Rounds(strict_rounds), ..config() }, shape(), 2, 4);
+        let strict = RoundsMode::new(strict_rounds, None, shape(), 2, 4);
         let d4 = strict.select(load.view(), &live, &proposed);
         assert_eq!((d4.updates.len(), d4.small_gain), (0, 2));
     }
@@ -703,7 +617,7 @@ mod tests {
         let mut switched = 0;
         for step in steps {
             m.observe(load.clone());
-            let d = m.decide(step, false, live, &PolicyConfig { threads: 1, ..Default::default() }).unwrap().unwrap();
+            let d = m.decide(step, false, live).unwrap().unwrap();
             m.accept(step, d);
             for u in m.next_layers() {
                 live.phy2log.row_mut(u.layer).assign(&ndarray::ArrayView1::from(&u.new_row));
@@ -719,7 +633,7 @@ mod tests {
     fn time_mode_balances_one_layer_a_step_then_rests() {
         let load = ndarray::arr2(&[[100u64, 10, 10, 10], [10, 10, 100, 10]]);
         let mut live = Placement::trivial(2, 4, 8);
-        let mut m = Manager::new(time_config(None), shape(), 2, 4);
+        let mut m = manager(time_config(None), shape(), 2, 4);
         // At step 0 the odd steps' half holds nothing yet to judge a plan on.
         assert_eq!(drive(&mut m, &mut live, &load, 0..1), 0, "nothing to judge on yet");
         assert_eq!(drive(&mut m, &mut live, &load, 1..2), 1, "one layer a step");
@@ -757,7 +671,7 @@ mod tests {
             load
         };
         let mut live = Placement::trivial(2, 16, 20);
-        let mut m = Manager::new(time_config(None), shape, 2, 16);
+        let mut m = manager(time_config(None), shape, 2, 16);
         let mut settled = 0;
         for step in 0..600 {
             let switched = drive(&mut m, &mut live, &sample(), step..step + 1);
@@ -775,11 +689,11 @@ mod tests {
         // A price per copy above any possible gain: nothing moves.
         let load = ndarray::arr2(&[[100u64, 10, 10, 10], [10, 10, 100, 10]]);
         let mut live = Placement::trivial(2, 4, 8);
-        let mut m = Manager::new(time_config(Some(10.0)), shape(), 2, 4);
+        let mut m = manager(time_config(Some(10.0)), shape(), 2, 4);
         assert_eq!(drive(&mut m, &mut live, &load, 0..20), 0);
         // The cost model: a copy that costs more than a whole life of imbalance does not move.
         let slow = ManagerConfig { cost: CostModel::new(0.001, 2, 1 << 30, 0.001), ..time_config(None) };
-        let mut m = Manager::new(slow, shape(), 2, 4);
+        let mut m = manager(slow, shape(), 2, 4);
         let mut live = Placement::trivial(2, 4, 8);
         assert_eq!(drive(&mut m, &mut live, &load, 0..20), 0);
     }
@@ -787,12 +701,12 @@ mod tests {
     #[test]
     fn measured_inputs_change_the_cost_model_only_when_measured() {
         let given = time_config(None);
-        let mut m = Manager::new(given, shape(), 2, 4);
+        let mut m = manager(given, shape(), 2, 4);
         m.observe_step_time(4_000_000);
         m.observe_migration(10, 1_000_000);
         assert_eq!(m.config.cost, given.cost, "flags given: nothing measured changes them");
         let measured = ManagerConfig { measure: Measure { step_time: true, migration: true }, ..given };
-        let mut m = Manager::new(measured, shape(), 2, 4);
+        let mut m = manager(measured, shape(), 2, 4);
         m.observe_step_time(4_000_000);
         m.observe_step_time(0); // not measured: ignored
         m.observe_migration(10, 1_000_000);
@@ -808,7 +722,7 @@ mod tests {
         let a = ndarray::arr2(&[[100u64, 10, 10, 10], [100, 10, 10, 10]]);
         let b = ndarray::arr2(&[[10u64, 10, 10, 100], [10, 100, 10, 10]]);
         let mut live = Placement::trivial(2, 4, 8);
-        let mut m = Manager::new(time_config(None), shape(), 2, 4);
+        let mut m = manager(time_config(None), shape(), 2, 4);
         drive(&mut m, &mut live, &a, 0..300);
         let long = m.estimate_memory();
         assert!(long >= 16, "a steady load wants a long memory: {long}");

@@ -14,7 +14,7 @@ use crate::engine::synthetic::DriftingZipf;
 use crate::limits::{self, LimitError};
 use crate::load::{self, LoadError, LoadTrace, TraceSelect};
 use crate::output::{self, OutputError};
-use crate::policy::{self, metrics, Placement, PlacementShape, PolicyConfig, PolicyError, PolicyKind};
+use crate::policy::{self, metrics, Placement, PlacementShape, PolicyConfig, PolicyError, PolicyKind, Price};
 use file::PlacementFileError;
 
 /// Arguments of `eplb-worker plan`.
@@ -57,7 +57,7 @@ pub struct PlanArgs {
     #[arg(long, value_name = "K", default_value_t = 1)]
     pub num_groups: usize,
     /// Placement algorithm.
-    #[arg(long, value_enum, default_value_t = PolicyKind::Incremental)]
+    #[arg(long, value_parser = PolicyKind::value_parser(), default_value = "incremental")]
     pub policy: PolicyKind,
     /// Incremental policy: the price of moving one expert copy, as a fraction of the mean GPU
     /// load; a change must cut the peak GPU load by more than this per copy it moves.
@@ -219,7 +219,8 @@ pub fn run_plan(args: &PlanArgs) -> Result<PlanOutcome, PlanError> {
         prev.check_shape(layers, &shape).map_err(|source| PlanError::Previous { path: path.clone(), source })?;
     }
 
-    let config = PolicyConfig { kind: args.policy, threads: args.threads, move_cost: args.move_cost };
+    let config =
+        PolicyConfig { kind: args.policy, threads: args.threads, move_cost: Price::from_fraction(args.move_cost) };
     let start = Instant::now();
     // A bar on a terminal for large inputs (DeepSeek-V3 scale and above), quiet otherwise.
     let bar = crate::progress::bar(layers as u64, "plan", "layers");

@@ -11,7 +11,24 @@ use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 
 use super::fixed::{normalized, per_replica, Fixed};
-use super::PlacementShape;
+use super::{PlacementShape, Policy, Price};
+
+/// DeepSeek's reference EPLB (`--policy deepseek`): [`hierarchical_layer`] on the resolved shape,
+/// a fresh placement every time (the live row and the price are not used).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Deepseek;
+
+impl Policy for Deepseek {
+    fn place_layer(
+        &self,
+        weight: &[u64],
+        shape: &PlacementShape,
+        _previous: Option<&[usize]>,
+        _price: Price,
+    ) -> Vec<usize> {
+        hierarchical_layer(weight, &shape.resolved())
+    }
+}
 
 /// `replicate_experts` of the reference, for one row.
 ///

@@ -50,7 +50,7 @@ use super::deepseek::{balanced_packing, replicate};
 use super::fixed::{from_tokens, normalized, per_replica, Fixed};
 use super::packing::differencing;
 use super::search::{moved_copies, Search};
-use super::{metrics, PlacementShape};
+use super::{metrics, PlacementShape, Policy, Price};
 
 /// Default price of moving one expert copy, as a fraction of the layer's mean GPU load: the peak
 /// GPU load must fall by at least this much for every copy a plan moves. It is a time ratio (see
@@ -60,13 +60,22 @@ use super::{metrics, PlacementShape};
 /// `simulate` computes its own price from `--step-ms`, `--expert-bytes` and `--migration-gbps`.
 pub const DEFAULT_MOVE_COST: f64 = 0.0004;
 
-/// `move_cost` as parts per billion, so the threshold is exact integer arithmetic (0 for
-/// negative or non-finite values).
-fn move_cost_ppb(move_cost: f64) -> u128 {
-    if move_cost.is_finite() && move_cost > 0.0 {
-        (move_cost * 1e9).round().min(1e30) as u128
-    } else {
-        0
+/// [`DEFAULT_MOVE_COST`] as the integer [`Price`] the policy takes (0.0004 = 400,000 ppb).
+pub const DEFAULT_PRICE: Price = Price::from_ppb(400_000);
+
+/// The incremental policy (`--policy incremental`, the default): [`layer`] on the resolved shape.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Incremental;
+
+impl Policy for Incremental {
+    fn place_layer(
+        &self,
+        weight: &[u64],
+        shape: &PlacementShape,
+        previous: Option<&[usize]>,
+        price: Price,
+    ) -> Vec<usize> {
+        layer(weight, &shape.resolved(), previous, price)
     }
 }
 
@@ -77,7 +86,7 @@ fn move_cost_ppb(move_cost: f64) -> u128 {
 /// * returns `phy2log [num_replicas]`.
 ///
 /// `shape` is resolved (hierarchical, or one group and one node) and valid for `weight.len()`.
-pub fn layer(weight: &[u64], shape: &PlacementShape, previous: Option<&[usize]>, move_cost: f64) -> Vec<usize> {
+pub fn layer(weight: &[u64], shape: &PlacementShape, previous: Option<&[usize]>, price: Price) -> Vec<usize> {
     let num_logical = weight.len();
     let num_nodes = shape.num_nodes;
     let group_size = num_logical / shape.num_groups;
@@ -85,9 +94,9 @@ pub fn layer(weight: &[u64], shape: &PlacementShape, previous: Option<&[usize]>,
     let slots_per_rank = shape.slots_per_rank();
     let weight = &*normalized(weight);
     let total: u64 = weight.iter().sum();
-    // What one copy moved must buy, in Fixed units: move_cost x mean GPU load.
+    // What one copy moved must buy, in Fixed units: price x mean GPU load.
     let per_copy: Fixed = u64::try_from(
-        (from_tokens(total) as u128 / shape.num_gpus as u128).saturating_mul(move_cost_ppb(move_cost)) / 1_000_000_000,
+        (from_tokens(total) as u128 / shape.num_gpus as u128).saturating_mul(price.ppb()) / 1_000_000_000,
     )
     .unwrap_or(Fixed::MAX);
 
@@ -580,8 +589,8 @@ mod tests {
     fn a_huge_move_cost_keeps_the_previous_placement_slot_for_slot() {
         for s in SHAPES {
             for (old, new) in zipf(3, 64, 0).iter().zip(zipf(3, 64, 9)) {
-                let prev = layer(old, &s, None, 0.0);
-                assert_eq!(layer(&new, &s, Some(&prev), 1e9), prev, "{s:?}");
+                let prev = layer(old, &s, None, Price::ZERO);
+                assert_eq!(layer(&new, &s, Some(&prev), Price::from_fraction(1e9)), prev, "{s:?}");
             }
         }
     }
@@ -590,9 +599,9 @@ mod tests {
     fn replanning_a_plan_moves_nothing_even_when_moves_are_free() {
         for s in SHAPES {
             for w in zipf(3, 64, 4) {
-                let first = layer(&w, &s, None, 0.0);
-                for cost in [0.0, DEFAULT_MOVE_COST] {
-                    assert_eq!(layer(&w, &s, Some(&first), cost), first, "{s:?} move cost {cost}");
+                let first = layer(&w, &s, None, Price::ZERO);
+                for cost in [Price::ZERO, DEFAULT_PRICE] {
+                    assert_eq!(layer(&w, &s, Some(&first), cost), first, "{s:?} move cost {cost:?}");
                 }
             }
         }
@@ -604,10 +613,10 @@ mod tests {
         for s in SHAPES.into_iter().filter(|s| s.num_nodes == 1) {
             let (spr, gpn) = (s.slots_per_rank(), s.gpus_per_node());
             for (old, new) in zipf(3, 64, 0).iter().zip(zipf(3, 64, 12)) {
-                let fresh = layer_balance(&new, &layer(&new, &s, None, 0.0), spr, gpn).max_gpu_load;
+                let fresh = layer_balance(&new, &layer(&new, &s, None, Price::ZERO), spr, gpn).max_gpu_load;
                 let trivial: Vec<usize> = (0..s.num_replicas).map(|i| i % 64).collect();
-                for prev in [layer(old, &s, None, 0.0), trivial] {
-                    let p = layer(&new, &s, Some(&prev), 0.0);
+                for prev in [layer(old, &s, None, Price::ZERO), trivial] {
+                    let p = layer(&new, &s, Some(&prev), Price::ZERO);
                     assert!(layer_balance(&new, &p, spr, gpn).max_gpu_load <= fresh, "{s:?}");
                 }
             }
@@ -622,8 +631,8 @@ mod tests {
             let (spr, gpn) = (s.slots_per_rank(), s.gpus_per_node());
             let before = DriftingZipf::new(4, 64, 11).step(0);
             for (l, new) in zipf(4, 64, 0).iter().enumerate() {
-                let prev = layer(&before.row(l).to_vec(), &s, None, 0.0);
-                let ours = layer(new, &s, Some(&prev), DEFAULT_MOVE_COST);
+                let prev = layer(&before.row(l).to_vec(), &s, None, Price::ZERO);
+                let ours = layer(new, &s, Some(&prev), DEFAULT_PRICE);
                 let ds = crate::policy::deepseek::hierarchical_layer(new, &s.resolved());
                 let (b_ours, b_ds) =
                     (layer_balance(new, &ours, spr, gpn).balancedness, layer_balance(new, &ds, spr, gpn).balancedness);
@@ -641,10 +650,10 @@ mod tests {
         let (spr, mean_of) = (s.slots_per_rank(), |w: &[u64]| w.iter().sum::<u64>() as f64 / 16.0);
         let mut any_moved = false;
         for (old, new) in zipf(4, 64, 0).iter().zip(zipf(4, 64, 6)) {
-            let prev = layer(old, &s, None, 0.0);
+            let prev = layer(old, &s, None, Price::ZERO);
             let before = layer_balance(&new, &prev, spr, 1).max_gpu_load;
             for cost in [0.001, 0.003, 0.01, 0.03] {
-                let p = layer(&new, &s, Some(&prev), cost);
+                let p = layer(&new, &s, Some(&prev), Price::from_fraction(cost));
                 let k = moved(&prev, &p, spr);
                 let peak = layer_balance(&new, &p, spr, 1).max_gpu_load;
                 let price = cost * mean_of(&new) * k as f64;
@@ -676,10 +685,10 @@ mod tests {
         let group_node =
             |p: &[usize]| -> Vec<usize> { (0..4).map(|g| p.iter().position(|&e| e / 2 == g).unwrap() / 8).collect() };
         // Cheap moves: the groups are rebalanced over the nodes.
-        let p = layer(&w, &s, Some(&prev), 0.0);
+        let p = layer(&w, &s, Some(&prev), Price::ZERO);
         let nodes = group_node(&p);
         assert_ne!(nodes[0], nodes[1], "the two heavy groups should be split: {nodes:?}");
         // Prohibitive moves: everything stays.
-        assert_eq!(layer(&w, &s, Some(&prev), 1e9), prev);
+        assert_eq!(layer(&w, &s, Some(&prev), Price::from_fraction(1e9)), prev);
     }
 }

@@ -18,6 +18,7 @@ pub mod metrics;
 mod packing;
 #[cfg(test)]
 mod proptests;
+pub mod registry;
 mod search;
 pub mod spread;
 
@@ -135,19 +136,168 @@ impl PlacementShape {
     }
 }
 
-/// Which algorithm computes the placement.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PolicyKind {
-    /// DeepSeek's reference EPLB: a fresh placement every time (greedy replicas, greedy packing).
-    Deepseek,
-    /// Replica counts and packing chosen together by local search, starting from the previous
-    /// placement when there is one and trading expert copies moved against peak load.
-    Incremental,
-    /// For per-step splitting (`simulate --dispatch split`, issue 22): DeepSeek's replica counts,
-    /// the replicated experts chained along a ring of all GPUs so that load can flow, singles by
-    /// expected load. See [`spread`]; the manager judges its plans under the split.
-    Spread,
+/// The price of moving one expert copy, in parts per billion (ppb) of the layer's mean GPU load:
+/// a policy that trades moves against balance moves a copy only where the peak GPU load falls by
+/// more than this for every copy moved. An integer, so that every rank prices alike: a fraction
+/// given as a flag is rounded once at the edge ([`Price::from_fraction`]), and the manager's Q32
+/// price converts exactly in integers ([`Price::from_q32`]); no `f64` crosses the Manager/Policy
+/// boundary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct Price {
+    ppb: u128,
+}
+
+impl Price {
+    /// Moves are free: balance first.
+    pub const ZERO: Price = Price { ppb: 0 };
+
+    /// A price of `ppb` parts per billion of the mean GPU load.
+    pub const fn from_ppb(ppb: u128) -> Price {
+        Price { ppb }
+    }
+
+    /// A fraction of the mean GPU load as given on the command line (`--move-cost`), rounded once
+    /// to the nearest ppb, at most `1e30` (a price no plan can pay); 0 for a negative or
+    /// non-finite value.
+    pub fn from_fraction(fraction: f64) -> Price {
+        if fraction.is_finite() && fraction > 0.0 {
+            Price::from_ppb((fraction * 1e9).round().min(1e30) as u128)
+        } else {
+            Price::ZERO
+        }
+    }
+
+    /// A Q32 fraction of the mean GPU load (the manager's unit, [`crate::manager::cost`]):
+    /// `round(q32 x 10^9 / 2^32)`, halves up, exact in integers. (The `f64` path this replaced,
+    /// `(q32 / 2^32 x 10^9).round()`, gives the same integer for every `q32 < 2^33`, where the
+    /// product is exact in `f64`; the manager's prices are below 2^32, one PAR.)
+    pub fn from_q32(q32: u64) -> Price {
+        Price::from_ppb((q32 as u128 * 1_000_000_000 + (1u128 << 31)) >> 32)
+    }
+
+    /// Parts per billion of the mean GPU load.
+    pub const fn ppb(self) -> u128 {
+        self.ppb
+    }
+}
+
+/// A placement algorithm: one layer's `phy2log` row from that layer's integer loads.
+///
+/// Every rank computes the plan on its own, so an implementation must be a pure function of its
+/// arguments: integer arithmetic (see [`fixed`]) and an explicit rule for every tie; the thread
+/// count must not change it (layers are placed independently). Register it in [`registry`].
+pub trait Policy: Send + Sync + std::fmt::Debug {
+    /// The `phy2log [num_replicas]` row of one layer.
+    ///
+    /// * `weight [num_logical]`: tokens per logical expert (its sum fits in `u64`);
+    /// * `shape`: validated for `weight.len()` (not resolved: a hierarchical policy calls
+    ///   [`PlacementShape::resolved`]);
+    /// * `previous [num_replicas]`: the live row, if any (a policy may ignore it);
+    /// * `price`: what one moved copy must buy (a policy may ignore it).
+    fn place_layer(
+        &self,
+        weight: &[u64],
+        shape: &PlacementShape,
+        previous: Option<&[usize]>,
+        price: Price,
+    ) -> Vec<usize>;
+
+    /// Every layer: `weight [layers, num_logical]`, `previous` the live placement if any, on
+    /// `threads` worker threads (0: one per core; the result never depends on it), calling
+    /// `layer_done` after each layer (a progress bar's hook, from the worker threads).
+    fn place(
+        &self,
+        weight: ArrayView2<u64>,
+        shape: &PlacementShape,
+        previous: Option<&Placement>,
+        price: Price,
+        threads: usize,
+        layer_done: &(dyn Fn() + Sync),
+    ) -> Result<Placement, PolicyError> {
+        check_load(weight)?;
+        let (layers, num_logical) = weight.dim();
+        shape.validate(num_logical)?;
+        if let Some(prev) = previous {
+            prev.check_shape(layers, shape)?;
+        }
+        let rows = map_layers(layers, threads, |layer| {
+            let w = weight.row(layer).to_vec();
+            let prev = previous.map(|p| p.phy2log.row(layer).to_vec());
+            let row = self.place_layer(&w, shape, prev.as_deref(), price);
+            layer_done();
+            row
+        });
+        let mut phy2log = Array2::<usize>::zeros((layers, shape.num_replicas));
+        for (layer, row) in rows.into_iter().enumerate() {
+            phy2log.row_mut(layer).assign(&ArrayView1::from(&row));
+        }
+        Placement::from_phy2log(phy2log, num_logical)
+    }
+}
+
+/// Which registered policy computes the placement: an index into [`registry::POLICIES`],
+/// parsed from its name (`--policy`), shown and serialized as its name.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PolicyKind {
+    index: usize,
+}
+
+impl PolicyKind {
+    /// DeepSeek's reference EPLB (see [`deepseek`]).
+    pub const DEEPSEEK: PolicyKind = PolicyKind { index: 0 };
+    /// The incremental policy, the default (see [`incremental`]).
+    pub const INCREMENTAL: PolicyKind = PolicyKind { index: 1 };
+    /// The ring for per-step splitting (see [`spread`]).
+    pub const SPREAD: PolicyKind = PolicyKind { index: 2 };
+
+    /// Every registered policy, in registry order.
+    pub fn all() -> impl Iterator<Item = PolicyKind> {
+        (0..registry::POLICIES.len()).map(|index| PolicyKind { index })
+    }
+
+    /// The policy registered as `name`.
+    pub fn from_name(name: &str) -> Option<PolicyKind> {
+        registry::POLICIES.iter().position(|r| r.name == name).map(|index| PolicyKind { index })
+    }
+
+    fn entry(self) -> &'static registry::Registered {
+        &registry::POLICIES[self.index]
+    }
+
+    /// Its `--policy` name.
+    pub fn name(self) -> &'static str {
+        self.entry().name
+    }
+
+    /// A new instance of the policy.
+    pub fn make(self) -> Box<dyn Policy> {
+        (self.entry().make)()
+    }
+
+    /// The `--policy` parser: the registered names, each with its help line.
+    pub fn value_parser() -> impl clap::builder::TypedValueParser<Value = PolicyKind> {
+        use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
+        PossibleValuesParser::new(registry::POLICIES.iter().map(|r| PossibleValue::new(r.name).help(r.about)))
+            .try_map(|name| PolicyKind::from_name(&name).ok_or_else(|| format!("no policy named {name:?}")))
+    }
+}
+
+impl std::fmt::Debug for PolicyKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::fmt::Display for PolicyKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl serde::Serialize for PolicyKind {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
 }
 
 /// Knobs of the policies.
@@ -156,15 +306,14 @@ pub struct PolicyConfig {
     pub kind: PolicyKind,
     /// Worker threads over layers; 0 means one per available core. The result never depends on it.
     pub threads: usize,
-    /// Incremental policy only: the price of moving one expert copy, as a fraction of the layer's
-    /// mean GPU load: copies move only where the peak GPU load (of their node) falls by more than
-    /// this for every copy moved; 0 puts balance first. See [`incremental`].
-    pub move_cost: f64,
+    /// The price of moving one expert copy (policies that trade moves against balance; see
+    /// [`incremental`]); 0 puts balance first.
+    pub move_cost: Price,
 }
 
 impl Default for PolicyConfig {
     fn default() -> Self {
-        PolicyConfig { kind: PolicyKind::Incremental, threads: 0, move_cost: incremental::DEFAULT_MOVE_COST }
+        PolicyConfig { kind: PolicyKind::INCREMENTAL, threads: 0, move_cost: incremental::DEFAULT_PRICE }
     }
 }
 
@@ -295,34 +444,7 @@ pub fn rebalance_observed(
     config: &PolicyConfig,
     layer_done: &(dyn Fn() + Sync),
 ) -> Result<Placement, PolicyError> {
-    check_load(weight)?;
-    let (layers, num_logical) = weight.dim();
-    shape.validate(num_logical)?;
-    if let Some(prev) = previous {
-        prev.check_shape(layers, shape)?;
-    }
-    let resolved = shape.resolved();
-    let rows = map_layers(layers, config.threads, |layer| {
-        let w = weight.row(layer).to_vec();
-        let row = match config.kind {
-            PolicyKind::Deepseek => deepseek::hierarchical_layer(&w, &resolved),
-            PolicyKind::Incremental => {
-                let prev = previous.map(|p| p.phy2log.row(layer).to_vec());
-                incremental::layer(&w, &resolved, prev.as_deref(), config.move_cost)
-            }
-            PolicyKind::Spread => {
-                let prev = previous.map(|p| p.phy2log.row(layer).to_vec());
-                spread::layer(&w, shape, prev.as_deref())
-            }
-        };
-        layer_done();
-        row
-    });
-    let mut phy2log = Array2::<usize>::zeros((layers, shape.num_replicas));
-    for (layer, row) in rows.into_iter().enumerate() {
-        phy2log.row_mut(layer).assign(&ArrayView1::from(&row));
-    }
-    Placement::from_phy2log(phy2log, num_logical)
+    config.kind.make().place(weight, shape, previous, config.move_cost, config.threads, layer_done)
 }
 
 /// Runs `f(layer)` for every layer on `threads` worker threads (0: one per core) of a
@@ -407,5 +529,39 @@ mod tests {
         assert_ne!(hash_phy2log(a.view()), hash_phy2log(b.view()));
         assert_ne!(hash_phy2log(a.view()), hash_phy2log(c.view()));
         assert_eq!(hash_phy2log(a.view()), hash_phy2log(a.clone().view()));
+    }
+
+    #[test]
+    fn the_registry_names_every_policy_once_and_the_constants_match() {
+        let names: Vec<&str> = PolicyKind::all().map(PolicyKind::name).collect();
+        assert_eq!(names, ["deepseek", "incremental", "spread"]);
+        for (kind, name) in [
+            (PolicyKind::DEEPSEEK, "deepseek"),
+            (PolicyKind::INCREMENTAL, "incremental"),
+            (PolicyKind::SPREAD, "spread"),
+        ] {
+            assert_eq!((kind.name(), PolicyKind::from_name(name)), (name, Some(kind)));
+            assert_eq!(format!("{kind:?}"), name);
+        }
+        assert_eq!(PolicyKind::from_name("Deepseek"), None);
+    }
+
+    #[test]
+    fn prices_convert_in_integers_as_the_float_path_did() {
+        assert_eq!(Price::from_fraction(0.0004).ppb(), 400_000);
+        assert_eq!(Price::from_fraction(-1.0), Price::ZERO);
+        assert_eq!(Price::from_fraction(f64::NAN), Price::ZERO);
+        assert_eq!(Price::from_fraction(1e40).ppb(), 1e30 as u128);
+        // The f64 path it replaced: (q32 / 2^32 x 1e9).round(), exact below 2^33.
+        let mut seed = 7u64;
+        for q in [0u64, 1, 2, 3, 1 << 31, (1 << 32) - 1, 1 << 32, (1 << 33) - 1]
+            .into_iter()
+            .chain((0..10_000).map(|_| crate::engine::lcg64(&mut seed) >> 31))
+        {
+            let float = ((q as f64 / (1u64 << 32) as f64) * 1e9).round() as u128;
+            assert_eq!(Price::from_q32(q).ppb(), float, "q32 {q}");
+        }
+        // Halves round up: 2^31 / 2^32 x 1e9 = 0.5e9 exactly; 1 / 2^32 x 1e9 = 0.23.
+        assert_eq!((Price::from_q32(1 << 31).ppb(), Price::from_q32(1).ppb()), (500_000_000, 0));
     }
 }

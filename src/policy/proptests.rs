@@ -83,7 +83,7 @@ fn invariants_and_determinism_over_random_cases() {
     for i in 0..150 {
         let (weight, shape) = case(&mut g);
         let num_logical = weight.ncols();
-        for kind in [PolicyKind::Deepseek, PolicyKind::Incremental] {
+        for kind in [PolicyKind::DEEPSEEK, PolicyKind::INCREMENTAL] {
             let ctx = format!("case {i} {kind:?} {shape:?} E={num_logical}");
             let config = PolicyConfig { kind, threads: 1, ..PolicyConfig::default() };
             let p = rebalance(weight.view(), &shape, None, &config).unwrap();
@@ -98,7 +98,8 @@ fn invariants_and_determinism_over_random_cases() {
             let other = weight.mapv(|w| w / 2 + 3);
             let planned = rebalance(other.view(), &shape, None, &config).unwrap();
             // Free moves (every candidate is computed) on even cases, the default price on odd.
-            let config = PolicyConfig { move_cost: if i % 2 == 0 { 0.0 } else { config.move_cost }, ..config };
+            let config =
+                PolicyConfig { move_cost: if i % 2 == 0 { super::Price::ZERO } else { config.move_cost }, ..config };
             for prev in [&trivial, &planned] {
                 let q = rebalance(weight.view(), &shape, Some(prev), &config).unwrap();
                 check_invariants(&q, &shape, num_logical, &format!("{ctx} with previous"));
@@ -116,7 +117,7 @@ fn incremental_keeps_a_placement_that_is_already_good() {
     let mut g = Gen(7);
     for _ in 0..30 {
         let (weight, shape) = case(&mut g);
-        let config = PolicyConfig { kind: PolicyKind::Incremental, threads: 1, ..PolicyConfig::default() };
+        let config = PolicyConfig { kind: PolicyKind::INCREMENTAL, threads: 1, ..PolicyConfig::default() };
         let first = rebalance(weight.view(), &shape, None, &config).unwrap();
         let second = rebalance(weight.view(), &shape, Some(&first), &config).unwrap();
         let moved = metrics::copies_moved_all(first.phy2log.view(), second.phy2log.view(), shape.slots_per_rank());
@@ -131,8 +132,8 @@ fn incremental_is_never_worse_than_deepseek() {
     let fresh = |kind| PolicyConfig { kind, threads: 1, ..PolicyConfig::default() };
     for i in 0..600 {
         let (weight, shape) = case(&mut g);
-        let ours = rebalance(weight.view(), &shape, None, &fresh(PolicyKind::Incremental)).unwrap();
-        let theirs = rebalance(weight.view(), &shape, None, &fresh(PolicyKind::Deepseek)).unwrap();
+        let ours = rebalance(weight.view(), &shape, None, &fresh(PolicyKind::INCREMENTAL)).unwrap();
+        let theirs = rebalance(weight.view(), &shape, None, &fresh(PolicyKind::DEEPSEEK)).unwrap();
         let (spr, gpn) = (shape.slots_per_rank(), shape.resolved().gpus_per_node());
         for l in 0..weight.nrows() {
             let w = weight.row(l).to_vec();

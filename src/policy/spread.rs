@@ -37,7 +37,24 @@
 //!    common first; ties by new then old GPU index; the rest in ascending order), and within a
 //!    GPU an expert that stays keeps its old slot: fewer slots change for the same layout.
 
-use super::PlacementShape;
+use super::{PlacementShape, Policy, Price};
+
+/// The ring for per-step splitting (`--policy spread`): [`layer`] on the shape as given (it
+/// spreads over every GPU; groups and nodes do not apply), the price not used.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Spread;
+
+impl Policy for Spread {
+    fn place_layer(
+        &self,
+        weight: &[u64],
+        shape: &PlacementShape,
+        previous: Option<&[usize]>,
+        _price: Price,
+    ) -> Vec<usize> {
+        layer(weight, shape, previous)
+    }
+}
 
 /// The least lifetime, in steps, the time-mode manager gives a change of a spread placement
 /// (`Manager::lifetime` is twice the estimate's memory, at least one sweep of the layers).

@@ -3,7 +3,8 @@
 //! A layer's commit changes three things that must never disagree: the bytes in the live slots
 //! (the store's commit: a copy, or the engine applying the staged slots at a step boundary), the
 //! live placement (`phy2log`, and `log2phy`/`logcnt` derived from it), and the manager's
-//! reference load of the layer. [`Live::commit`] is the only place where any of them changes.
+//! reference load of the layer. [`Live::commit`] is the only place where any of them changes
+//! (and [`Live::commit_modeled`], its form without weights, for `simulate`).
 //!
 //! An engine may switch a layer at a later step than the one the loop is reading (it applies at
 //! an agreed step ahead of its current one), so [`Live`] also remembers, for such a layer, the row
@@ -97,6 +98,24 @@ impl Live {
             Commit::Next => None,
             Commit::AtStep(s) => Some(s),
         };
+        self.take(manager, update, at_step)?;
+        Ok(Committed::Applied { at_step })
+    }
+
+    /// Commits a layer where no weights move (`simulate` models the migration): the live
+    /// placement takes the new row and the manager its reference load, from the next step.
+    pub fn commit_modeled(&mut self, manager: Option<&mut Manager>, update: &LayerUpdate) -> Result<(), PolicyError> {
+        self.take(manager, update, None)
+    }
+
+    /// The live placement takes `update`'s row (in force from engine step `at_step`, or the
+    /// loop's next step), then the manager its reference load.
+    fn take(
+        &mut self,
+        manager: Option<&mut Manager>,
+        update: &LayerUpdate,
+        at_step: Option<u64>,
+    ) -> Result<(), PolicyError> {
         let old_row = self.placement.phy2log.row(update.layer).to_vec();
         let mut phy2log = self.placement.phy2log.clone();
         phy2log.row_mut(update.layer).assign(&ndarray::ArrayView1::from(&update.new_row));
@@ -107,7 +126,7 @@ impl Live {
         if let Some(manager) = manager {
             manager.committed(update);
         }
-        Ok(Committed::Applied { at_step })
+        Ok(())
     }
 }
 

@@ -13,14 +13,10 @@ use crate::collective::{Comm, MpiError, ReduceOp};
 use crate::engine::{logical_from_slots, Engine, StepCounts};
 use crate::executor::{stage_layer, ExecError, LayerMigration, LayerStats};
 use crate::manager::cost::{changed_slots, par_q32};
-use crate::manager::{Interval, LayerUpdate, Manager, Mode, RoundDecision};
+use crate::manager::{Clock, Controller, DecisionKind, LayerUpdate, Manager};
 use crate::observe::{ManagerEvent, RunObserver, StepEvent};
-use crate::policy::{metrics, Placement, PolicyConfig};
+use crate::policy::{metrics, Placement};
 use crate::rank::Topology;
-
-/// The hash a rank offers when its policy failed: never equal to a real plan's by design of the
-/// all-reduce (if every rank failed alike they agree, and all stop with the policy's error).
-const POLICY_FAILED_HASH: u64 = 0x6661_696c_6564_2121;
 
 /// The flags piggybacked on the load all-reduce (set on the result when any rank set them).
 const FLAG_TIME: usize = 0;
@@ -53,7 +49,8 @@ pub(super) struct Looper<'a> {
     /// What the static balancedness is measured on.
     initial: Placement,
     live: Live,
-    manager: Manager,
+    /// The manager and its clock: observe, decide, agree, accept (shared with `simulate`).
+    controller: Controller,
     output: Output,
     /// Per-step manager time (all-reduce + window + decision), µs, and the all-reduce alone.
     step_us: Vec<f64>,
@@ -84,7 +81,10 @@ impl<'a> Looper<'a> {
             output: Output::new(world.rank(), report),
             live: Live::new(initial.clone()),
             initial,
-            manager: Manager::new(config, shape, num_layers, num_logical),
+            controller: Controller::new(
+                Manager::new(config, args.manager.policy_config(), shape, num_layers, num_logical),
+                Clock::wall(),
+            ),
             topo,
             run_shape,
             engine,
@@ -111,7 +111,7 @@ impl<'a> Looper<'a> {
             &self.topo,
             &self.run_shape,
             self.engine.as_ref(),
-            &self.manager.config,
+            &self.controller.manager().config,
             &devices,
         );
         let result = self.steps();
@@ -121,7 +121,7 @@ impl<'a> Looper<'a> {
         r.balancedness_static = self.bal_static / n;
         r.balancedness_live = self.bal_live / n;
         r.final_placement_hash = format!("{:016x}", self.live.placement().hash());
-        r.cost_model = Some(self.manager.cost_inputs(r.expert_bytes as u64));
+        r.cost_model = Some(self.controller.manager().cost_inputs(r.expert_bytes as u64));
         if let Err(e) = result {
             if e.is_local() {
                 // Only this rank failed, or a peer may never answer (a timeout, a failed MPI
@@ -206,8 +206,6 @@ impl<'a> Looper<'a> {
         let RunShape { num_layers, num_logical, shape } = self.run_shape.clone();
         let (rank, spr, gpn) = (self.world.rank(), shape.slots_per_rank(), shape.gpus_per_node());
         let progress_every = self.engine.planned_steps().map_or(100, |s| (s / 10).max(1));
-        let mut last_round_at = Instant::now();
-        let policy_config = self.args.manager.policy_config();
         for step in 0.. {
             // 1. The engine's counts on this rank's slots, summed per logical expert.
             let mut polled = match crate::signals::received() {
@@ -225,13 +223,8 @@ impl<'a> Looper<'a> {
             // 2. The all-reduce, with the time flag of rank 0's clock and the engine's state.
             let mut flags = [false; 5];
             flags[FLAG_INTERRUPTED] = matches!(polled, Polled::Interrupted(_));
-            flags[FLAG_TIME] = match self.manager.config.mode {
-                Mode::Rounds(r) => match r.interval {
-                    Interval::Seconds(s) => rank == 0 && last_round_at.elapsed().as_secs_f64() >= s,
-                    Interval::Steps(_) => false,
-                },
-                Mode::Time => false,
-            };
+            let time_flag = self.controller.time_flag();
+            flags[FLAG_TIME] = rank == 0 && time_flag;
             // send: the load, then the MoE time and whether it was measured (summed over ranks).
             let mut send: Vec<u64> = Vec::with_capacity(num_layers * num_logical + 2);
             let engine_step = match &polled {
@@ -301,7 +294,12 @@ impl<'a> Looper<'a> {
                         });
                     }
                     if let Some(mean_ns) = moe_mean_ns {
-                        self.manager.observe_step_time(balanced_step_ns(mean_ns, global.view(), &live, spr));
+                        self.controller.manager_mut().observe_step_time(balanced_step_ns(
+                            mean_ns,
+                            global.view(),
+                            &live,
+                            spr,
+                        ));
                     }
                 }
                 let mut observed = global;
@@ -312,17 +310,14 @@ impl<'a> Looper<'a> {
                         row[0] = row[0].saturating_add(total / 2 + 1);
                     }
                 }
-                self.manager.observe(observed);
+                self.controller.observe(observed);
             }
             self.live.passed(engine_step);
             // 3. The manager's decision (a round, or a step of the time mode), and agreement.
-            let due = self.decide(step, flags[FLAG_TIME], &policy_config)?;
-            if due {
-                last_round_at = Instant::now();
-            }
+            let decided = self.decide(step, flags[FLAG_TIME])?;
             let t_decided = t0.elapsed().as_secs_f64() * 1e6;
             // The time mode decides at every step: every step is a step of the manager's.
-            let round = due && !matches!(self.manager.config.mode, Mode::Time);
+            let round = decided == Some(DecisionKind::Round);
             self.output.manager(ManagerEvent { step, seconds: t_decided / 1e6, round });
             if round {
                 self.round_us.push(t_decided);
@@ -331,7 +326,7 @@ impl<'a> Looper<'a> {
                 self.allreduce_us.push((t_reduced - t0).as_secs_f64() * 1e6);
             }
             // 4. Migrate the next queued layers.
-            for update in self.manager.next_layers() {
+            for update in self.controller.next_layers() {
                 self.migrate(step, &update, false)?;
             }
             if let Some((layer, k)) = self.args.force_moves.and_then(|n| super::force::due(step, n, num_layers)) {
@@ -425,20 +420,20 @@ impl<'a> Looper<'a> {
             }
             Err(source) => return Err(RunError::Exec { step, source }),
         };
-        let manager = (!forced).then_some(&mut self.manager);
+        let manager = (!forced).then_some(self.controller.manager_mut());
         match self.live.commit(self.engine.store(), manager, update, &staged) {
             Ok(Committed::Applied { at_step }) => {
                 let stats = LayerStats { seconds: staged.elapsed(), ..staged.stats };
                 if forced {
                     self.output.report.forced_moves += 1;
                 }
-                if self.manager.config.measure.migration {
+                if self.controller.manager().config.measure.migration {
                     // The slowest rank's transfers into staging, the same on every rank (every
                     // rank applied); not the wait for the engine's boundary, during which it runs.
                     let transfer_ns = (stats.timing.transfer_seconds * 1e9) as u64;
                     let wall_ns = self.world.allreduce_u64(&[transfer_ns], ReduceOp::Max)?;
                     let changed = changed_slots(&old, &update.new_row) as u64;
-                    self.manager.observe_migration(changed, wall_ns.first().copied().unwrap_or(0));
+                    self.controller.manager_mut().observe_migration(changed, wall_ns.first().copied().unwrap_or(0));
                 }
                 self.output.committed(step, &stats, at_step);
                 Ok(())
@@ -460,39 +455,33 @@ impl<'a> Looper<'a> {
     }
 
     /// The manager's decision at `step` (when it makes one: a round is due, or every step of
-    /// the time mode), the plan agreement, queueing. Returns whether it was a round: one of the
-    /// rounds mode, or a step of the time mode that switches layers.
-    fn decide(&mut self, step: usize, time_flag: bool, config: &PolicyConfig) -> Result<bool, RunError> {
-        let planning = Instant::now();
-        let decided = self.manager.decide(step, time_flag, self.live.placement(), config);
-        let plan_seconds = planning.elapsed().as_secs_f64();
-        let proposal = match decided {
-            Ok(None) => return Ok(false),
-            Ok(Some(d)) => Ok(d),
-            Err(e) => Err(e),
+    /// the time mode), the plan agreement, queueing, through the [`Controller`]. Returns what was
+    /// decided, when there is something to report: a round of the rounds mode, or a step of the
+    /// time mode that switches layers.
+    fn decide(&mut self, step: usize, time_flag: bool) -> Result<Option<DecisionKind>, RunError> {
+        let (world, args, output) = (self.world, self.args, &mut self.output);
+        let rank = world.rank();
+        let agree = |hash: u64| -> Result<(), RunError> {
+            if args.fault.contains(&Fault::Panic(rank)) {
+                panic!("fault injection: --fault panic-on-rank={rank}");
+            }
+            let agreement = world.agree_hash(hash)?;
+            if !agreement.agreed() {
+                output.report.plans_agreed = false;
+                output.line(format!(
+                    "# round at step {step}: plan hashes differ over the ranks (min {:016x}, max {:016x}): nothing moves",
+                    agreement.min, agreement.max
+                ));
+                return Err(RunError::PlanDisagreement { step, min: agreement.min, max: agreement.max });
+            }
+            Ok(())
         };
-        let rank = self.world.rank();
-        if self.args.fault.contains(&Fault::Panic(rank)) {
-            panic!("fault injection: --fault panic-on-rank={rank}");
-        }
-        let hash = proposal.as_ref().map_or(POLICY_FAILED_HASH, RoundDecision::hash);
-        let agreement = self.world.agree_hash(hash)?;
-        if !agreement.agreed() {
-            self.output.report.plans_agreed = false;
-            self.output.line(format!(
-                "# round at step {step}: plan hashes differ over the ranks (min {:016x}, max {:016x}): nothing moves",
-                agreement.min, agreement.max
-            ));
-            return Err(RunError::PlanDisagreement { step, min: agreement.min, max: agreement.max });
-        }
-        let decision = proposal
-            .map_err(|source| RunError::Policy { context: format!("step {step}: the policy failed"), source })?;
-        if matches!(self.manager.config.mode, Mode::Time) && decision.updates.is_empty() {
-            return Ok(false);
-        }
-        self.output.round(step, &decision, hash, self.world.size(), plan_seconds);
-        self.manager.accept(step, decision);
-        Ok(true)
+        let failed = |source| RunError::Policy { context: format!("step {step}: the policy failed"), source };
+        let Some(agreed) = self.controller.decide(step, time_flag, self.live.placement(), agree, failed)? else {
+            return Ok(None);
+        };
+        self.output.round(step, &agreed.decision, agreed.hash, world.size(), agreed.plan_seconds);
+        Ok(Some(agreed.decision.kind))
     }
 }
 

@@ -38,9 +38,10 @@ use serde_json::json;
 use thiserror::Error;
 
 use crate::load::{self, LoadError, LoadTrace, TraceSelect};
-use crate::manager::{CostModel, Interval, Manager, ManagerArgs, ManagerConfig, Mode, Rounds};
+use crate::manager::{Clock, Controller, CostModel, Interval, Manager, ManagerArgs, ManagerConfig, Mode, Rounds};
 use crate::plan::file::{self, PlacementFileError};
 use crate::policy::{self, Placement, PlacementShape, PolicyConfig, PolicyError, PolicyKind};
+use crate::run::live::Live;
 
 /// The competition's expert size and bandwidth, the defaults here.
 pub const COMPETITION_EXPERT_BYTES: u64 = 88_080_384;
@@ -371,8 +372,9 @@ pub fn setup(args: &SimulateArgs) -> Result<Setup, SimulateError> {
     Ok(Setup { trace, shape, initial, step_ms, gbps, dispatch: args.dispatch })
 }
 
-/// Replays the trace through a manager (`config`, `policy`), as `run` does. Returns the score
-/// and, if asked, writes every placement change to `out`.
+/// Replays the trace through a manager (`config`, `policy`) and the [`Controller`] of `run`, the
+/// layers committed through [`Live`] as in `run`. Returns the score and, if asked, writes every
+/// placement change to `out`.
 fn replay(
     setup: &Setup,
     config: ManagerConfig,
@@ -383,55 +385,45 @@ fn replay(
     let trace = &setup.trace;
     let (layers, num_logical, steps) = (trace.num_layers(), trace.num_logical(), trace.num_steps());
     let spr = setup.shape.slots_per_rank();
-    let mut live = setup.initial.clone();
-    let mut manager = Manager::new(config, setup.shape, layers, num_logical);
+    let mut live = Live::new(setup.initial.clone());
+    let manager = Manager::new(config, *policy, setup.shape, layers, num_logical);
+    // The time-based interval of xLLM's rounds, on the simulated clock.
+    let mut controller = Controller::new(manager, Clock::simulated(setup.step_ms));
     let mut score = Score::new(steps, setup.dispatch);
     let write_err = |source| SimulateError::Write { path: PathBuf::from("--placements-out"), source };
     if let Some(o) = out.as_deref_mut() {
         for l in 0..layers {
-            writeln!(o, "{}", json!({"step": 0, "layer": l, "phy2log": live.phy2log.row(l).to_vec()}))
+            writeln!(o, "{}", json!({"step": 0, "layer": l, "phy2log": live.placement().phy2log.row(l).to_vec()}))
                 .map_err(write_err)?;
         }
     }
-    // The time-based interval of xLLM's rounds, on the simulated clock.
-    let mut since_round_ms = 0.0;
     let bar = crate::progress::bar(steps as u64, name, "steps");
     for (t, load) in trace.steps.iter().enumerate() {
-        score.step(load.view(), &live, spr)?;
-        manager.observe(load.clone());
-        since_round_ms += setup.step_ms;
-        let time_flag = match config.mode {
-            Mode::Rounds(Rounds { interval: Interval::Seconds(s), .. }) => since_round_ms >= s * 1e3,
-            _ => false,
-        };
-        let decision = manager
-            .decide(t, time_flag, &live, policy)
-            .map_err(|source| SimulateError::Policy { context: format!("{name}: step {t}"), source })?;
-        if let Some(d) = decision {
-            if matches!(config.mode, Mode::Rounds(_)) {
-                since_round_ms = 0.0;
-            }
-            manager.accept(t, d);
-        }
-        let updates = manager.next_layers();
-        for u in &updates {
-            let old = live.phy2log.row(u.layer);
+        score.step(load.view(), live.placement(), spr)?;
+        controller.observe(load.clone());
+        let time_flag = controller.time_flag();
+        // One process: every hash is agreed.
+        controller.decide(
+            t,
+            time_flag,
+            live.placement(),
+            |_| Ok(()),
+            |source| SimulateError::Policy { context: format!("{name}: step {t}"), source },
+        )?;
+        for u in &controller.next_layers() {
+            let old = live.placement().phy2log.row(u.layer);
             score.changed += old.iter().zip(&u.new_row).filter(|(a, b)| a != b).count() as u64;
             score.switches += 1;
-            live.phy2log.row_mut(u.layer).assign(&ndarray::ArrayView1::from(&u.new_row));
-            manager.committed(u);
+            live.commit_modeled(Some(controller.manager_mut()), u)
+                .map_err(|source| SimulateError::Policy { context: format!("{name}: step {t}"), source })?;
             if let Some(o) = out.as_deref_mut() {
                 writeln!(o, "{}", json!({"step": t + 1, "layer": u.layer, "phy2log": u.new_row})).map_err(write_err)?;
             }
         }
-        if !updates.is_empty() {
-            live = Placement::from_phy2log(live.phy2log, num_logical)
-                .map_err(|source| SimulateError::Policy { context: format!("{name}: step {t}"), source })?;
-        }
         bar.inc(1);
     }
     bar.finish_and_clear();
-    Ok((score, live))
+    Ok((score, live.placement().clone()))
 }
 
 /// A trace file (`--trace-dataset` picks the dataset of a per-iteration CSV) with every step
@@ -463,7 +455,7 @@ fn read_oracle(path: &std::path::Path, args: &SimulateArgs, trace: &LoadTrace) -
 fn floor(setup: &Setup, kind: PolicyKind, plan_on: &LoadTrace, name: &str) -> Result<Score, SimulateError> {
     let trace = &setup.trace;
     let spr = setup.shape.slots_per_rank();
-    let config = PolicyConfig { kind, threads: 0, move_cost: 0.0 };
+    let config = PolicyConfig { kind, threads: 0, move_cost: policy::Price::ZERO };
     let mut score = Score::new(trace.num_steps(), setup.dispatch);
     let bar = crate::progress::bar(trace.num_steps() as u64, name, "steps");
     for (t, (load, plan_load)) in trace.steps.iter().zip(&plan_on.steps).enumerate() {
@@ -562,7 +554,7 @@ pub fn run_simulate(args: &SimulateArgs) -> Result<SimulateOutcome, SimulateErro
     cases.push(score.finish("eplb".into(), steps, layers, &costs));
     for &b in &args.baseline {
         let name = format!("deepseek@{}", b.every);
-        let ds = PolicyConfig { kind: PolicyKind::Deepseek, ..policy };
+        let ds = PolicyConfig { kind: PolicyKind::DEEPSEEK, ..policy };
         let c = baseline_config(b, args.manager.eplb_layers_per_step, config.cost);
         let (score, _) = replay(&setup, c, &ds, &name, None)?;
         cases.push(score.finish(name, steps, layers, &costs));
