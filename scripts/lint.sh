@@ -5,6 +5,7 @@
 #   cargo clippy --release --all-targets -- -D warnings
 #   RUSTDOCFLAGS=-Dwarnings cargo doc --no-deps         (broken intra-doc links, bad doc markup)
 #   ruff check python/  and  mypy                       (configured in python/pyproject.toml)
+#   scripts/check_cycles.py                             (no import cycle between the library's modules)
 #
 # On a fresh Debian/Ubuntu machine with Rust it installs what it needs: the build's apt packages
 # (clippy and rustdoc compile mpi-sys, whose bindgen needs libclang), rustfmt and clippy (rustup),
@@ -33,6 +34,7 @@ lint "cargo clippy" cargo clippy --release --locked --all-targets -- -D warnings
 lint "cargo doc" env RUSTDOCFLAGS=-Dwarnings cargo doc --no-deps --locked
 lint "ruff" "$py" -m ruff check python
 lint "mypy" bash -c 'cd python && "$0" -m mypy' "$py"
+lint "import cycles" "$py" scripts/check_cycles.py
 
 if ((${#failed[@]})); then
   echo "# lint: FAILED: ${failed[*]}" >&2

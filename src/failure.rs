@@ -61,7 +61,7 @@ pub fn arm_end_guard(rank: usize) {
     static ARMED: std::sync::Once = std::sync::Once::new();
     ARMED.call_once(|| {
         // Dropping the guard would disarm it: it is leaked, and ends the process after the grace.
-        std::mem::forget(crate::collective::watchdog::Guard::new(
+        std::mem::forget(crate::guard::Guard::new(
             format!(
                 "eplb-worker run: rank {rank}: error: the job did not end within {} s of this rank's timeout (a \
                  tear-down or MPI_Abort waits for the unresponsive peer); ending this process",
@@ -83,7 +83,7 @@ pub fn abort_job(code: i32) -> ! {
     let rank = rank().unwrap_or(0);
     log::debug!("rank {rank}: MPI_Abort({code})");
     // The guard lives until the process ends: MPI_Abort does not return.
-    let guard = crate::collective::watchdog::guard("MPI_Abort", rank, ABORT_GRACE);
+    let guard = crate::guard::guard("MPI_Abort", rank, ABORT_GRACE);
     // SAFETY: MPI runs; MPI_Abort ends every rank of the job and does not return on success.
     unsafe { ffi::MPI_Abort(ffi::RSMPI_COMM_WORLD, code) };
     drop(guard);

@@ -24,6 +24,7 @@ pub mod collective;
 pub mod engine;
 pub mod executor;
 pub mod failure;
+pub mod guard;
 pub mod gpu;
 pub mod input;
 pub mod limits;

@@ -88,14 +88,14 @@ impl MpiRuntime {
 static BLOCKING_TIMEOUT: std::sync::Mutex<Option<(usize, std::time::Duration)>> = std::sync::Mutex::new(None);
 
 /// Bounds every later blocking collective call of this process (`MPI_Comm_dup`,
-/// `MPI_Comm_split_type`) by `timeout` (see [`watchdog::Guard`]).
+/// `MPI_Comm_split_type`) by `timeout` (see [`crate::guard::Guard`]).
 pub fn set_blocking_timeout(rank: usize, timeout: std::time::Duration) {
     *BLOCKING_TIMEOUT.lock().unwrap_or_else(|e| e.into_inner()) = Some((rank, timeout));
 }
 
-fn blocking_guard(op: &'static str) -> Option<watchdog::Guard> {
+fn blocking_guard(op: &'static str) -> Option<crate::guard::Guard> {
     let armed = *BLOCKING_TIMEOUT.lock().unwrap_or_else(|e| e.into_inner());
-    armed.map(|(rank, timeout)| watchdog::guard(op, rank, timeout))
+    armed.map(|(rank, timeout)| crate::guard::guard(op, rank, timeout))
 }
 
 /// The reduction of an all-reduce.
