@@ -9,6 +9,7 @@
 //!   half-written file; a symlink is followed and its target replaced, so the link stays; a
 //!   device node (`/dev/null`, `/dev/stdout`) or a FIFO is written straight into, never replaced.
 
+use crate::exit::{ExitKind, Failure};
 use std::ffi::CString;
 use std::fs::{File, Metadata, OpenOptions};
 use std::io::Write;
@@ -39,12 +40,14 @@ pub enum OutputError {
     NoReader { flag: &'static str, path: PathBuf },
 }
 
-impl OutputError {
-    /// 2 for a path refused before the work (bad input), 1 for a write that failed at the end.
-    pub fn exit_code(&self) -> i32 {
+/// Bad input for a path refused before the work, a runtime failure for a write that failed at the end.
+impl Failure for OutputError {
+    fn kind(&self) -> ExitKind {
         match self {
-            OutputError::SameAsInput { .. } | OutputError::IsDirectory { .. } | OutputError::NotWritable { .. } => 2,
-            OutputError::Write { .. } | OutputError::NoReader { .. } => 1,
+            OutputError::SameAsInput { .. } | OutputError::IsDirectory { .. } | OutputError::NotWritable { .. } => {
+                ExitKind::BadInput
+            }
+            OutputError::Write { .. } | OutputError::NoReader { .. } => ExitKind::Runtime,
         }
     }
 }

@@ -12,6 +12,7 @@ pub mod synthetic;
 pub use source::{logical_from_slots, slot_loads, LoadSource};
 pub use synthetic::SyntheticEngine;
 
+use crate::exit::{ExitKind, Failure};
 use ndarray::Array2;
 use thiserror::Error;
 
@@ -29,12 +30,11 @@ pub enum EngineError {
     Failed(String),
 }
 
-impl EngineError {
-    /// 2 for bad input, 1 for a runtime failure.
-    pub fn exit_code(&self) -> i32 {
+impl Failure for EngineError {
+    fn kind(&self) -> ExitKind {
         match self {
-            EngineError::BadInput(_) => 2,
-            EngineError::Failed(_) => 1,
+            EngineError::BadInput(_) => ExitKind::BadInput,
+            EngineError::Failed(_) => ExitKind::Runtime,
         }
     }
 }

@@ -21,6 +21,7 @@
 //! [`factory`], from where the weights live and the transport.
 
 pub mod factory;
+pub mod fault;
 pub mod host;
 pub mod memory;
 pub mod plan;
@@ -115,9 +116,6 @@ pub trait ExpertStore {
     /// Bytes of the live slots of `layer` that differ from the content of `experts`
     /// (`[slots_per_rank]`, the expert each local slot must hold).
     fn verify_live(&mut self, layer: usize, experts: &[usize]) -> Result<u64, ExecError>;
-    /// Test hook: the next [`ExpertStore::stage`] flips staged bytes, so that verification must
-    /// fail and nothing may be committed.
-    fn corrupt_next_stage(&mut self);
     /// A hash of the engine's global tensors (never moved, never written by eplb), to prove them
     /// untouched: `None` when the store has none.
     fn globals_hash(&mut self) -> Result<Option<u64>, ExecError> {

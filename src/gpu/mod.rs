@@ -14,6 +14,7 @@ pub mod ipc;
 pub mod nccl;
 pub mod store;
 
+use crate::exit::{ExitKind, Failure};
 use thiserror::Error;
 
 use crate::executor::ExecError;
@@ -53,12 +54,14 @@ pub enum GpuError {
     Watchdog(#[from] crate::collective::MpiError),
 }
 
-impl GpuError {
-    /// 2 when the machine lacks what was asked for (no driver, NCCL or GPU), 1 for a failure.
-    pub fn exit_code(&self) -> i32 {
+/// Bad input when the machine lacks what was asked for (no driver, NCCL or GPU), else a failure.
+impl Failure for GpuError {
+    fn kind(&self) -> ExitKind {
         match self {
-            GpuError::NoDriver(_) | GpuError::NoNccl | GpuError::NoGpu { .. } | GpuError::TooBig(_) => 2,
-            _ => 1,
+            GpuError::NoDriver(_) | GpuError::NoNccl | GpuError::NoGpu { .. } | GpuError::TooBig(_) => {
+                ExitKind::BadInput
+            }
+            _ => ExitKind::Runtime,
         }
     }
 }

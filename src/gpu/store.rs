@@ -38,6 +38,7 @@ use super::device::{DeviceBuffer, Gpu};
 use super::ipc::{GlobalRows, IpcMemory};
 use super::nccl::{NcclComm, P2p, MAX_OPS_PER_GROUP};
 use super::GpuError;
+use crate::executor::fault::FlipStaged;
 use crate::executor::memory::ExpertRows;
 use crate::executor::verify::Verifier;
 use crate::executor::{Commit, EngineSwitch, ExecError, ExpertStore, RankMigration, StageTiming};
@@ -121,8 +122,6 @@ pub struct DeviceExpertStore {
     slots_per_rank: usize,
     expert_bytes: usize,
     tuning: NcclTuning,
-    /// Test hook: flip one staged byte after the next stage.
-    corrupt_next_stage: bool,
 }
 
 impl DeviceExpertStore {
@@ -271,7 +270,6 @@ impl DeviceExpertStore {
             slots_per_rank: spr,
             expert_bytes,
             tuning,
-            corrupt_next_stage: false,
         };
         store.warm_up()?;
         Ok(store)
@@ -481,22 +479,6 @@ impl DeviceExpertStore {
             }
         }
         self.nccl.synchronize(&self.gpu)?;
-        if std::mem::take(&mut self.corrupt_next_stage) {
-            if let Some(&k) = m.changed_slots.first() {
-                // Overwrite the first bytes (up to 8) of its first row with their complement.
-                let (ptr, bytes) = self.rows.staging_row(0, k);
-                let mut head = vec![0u8; bytes.min(8)];
-                // SAFETY: `ptr` is a staging row of at least `head.len()` bytes; the stream is
-                // drained.
-                unsafe {
-                    cudarc::driver::result::memcpy_dtoh_sync(&mut head[..], ptr).and_then(|_| {
-                        let flipped: Vec<u8> = head.iter().map(|b| !b).collect();
-                        cudarc::driver::result::memcpy_htod_sync(ptr, &flipped[..])
-                    })
-                }
-                .map_err(super::cuda_err("cuMemcpy (fault injection)"))?;
-            }
-        }
         Ok(StageTiming { transfer_seconds: start.elapsed().as_secs_f64(), verify_seconds: 0.0 })
     }
 }
@@ -564,11 +546,6 @@ impl ExpertStore for DeviceExpertStore {
         Ok(commit)
     }
 
-    /// The next stage flips the first bytes of its first staged slot.
-    fn corrupt_next_stage(&mut self) {
-        self.corrupt_next_stage = true;
-    }
-
     /// The pattern (synthetic weights); otherwise the live slots must still have the checksums
     /// they had at the first call, or that their last commit gave them.
     fn verify_live(&mut self, layer: usize, experts: &[usize]) -> Result<u64, ExecError> {
@@ -608,5 +585,25 @@ impl Drop for DrainOnDrop {
     fn drop(&mut self) {
         // SAFETY: the stream belongs to the store's `Gpu`, which drops after this field.
         let _ = unsafe { cudarc::driver::result::stream::synchronize(self.0) };
+    }
+}
+
+/// Fault injection ([`crate::executor::fault`]): the first bytes (up to 8) of the staged slot's
+/// first row, overwritten with their complement once the stage has drained its stream.
+impl FlipStaged for DeviceExpertStore {
+    fn flip_staged(&mut self, slot: usize) -> Result<(), ExecError> {
+        self.gpu.bind()?;
+        let (ptr, bytes) = self.rows.staging_row(0, slot);
+        let mut head = vec![0u8; bytes.min(8)];
+        // SAFETY: `ptr` is a staging row of at least `head.len()` bytes; the stage that wrote it
+        // synchronized its stream before returning.
+        unsafe {
+            cudarc::driver::result::memcpy_dtoh_sync(&mut head[..], ptr).and_then(|_| {
+                let flipped: Vec<u8> = head.iter().map(|b| !b).collect();
+                cudarc::driver::result::memcpy_htod_sync(ptr, &flipped[..])
+            })
+        }
+        .map_err(super::cuda_err("cuMemcpy (fault injection)"))?;
+        Ok(())
     }
 }

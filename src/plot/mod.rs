@@ -11,6 +11,7 @@
 
 mod charts;
 
+use crate::exit::{ExitKind, Failure};
 use std::path::{Path, PathBuf};
 
 use clap::Args;
@@ -43,12 +44,12 @@ pub enum PlotError {
     Write { path: PathBuf, reason: String },
 }
 
-impl PlotError {
-    /// 2 for a bad report, 1 when the charts cannot be written.
-    pub fn exit_code(&self) -> i32 {
+/// Bad input for a bad report, a runtime failure when the charts cannot be written.
+impl Failure for PlotError {
+    fn kind(&self) -> ExitKind {
         match self {
-            PlotError::Write { .. } => 1,
-            _ => 2,
+            PlotError::Write { .. } => ExitKind::Runtime,
+            _ => ExitKind::BadInput,
         }
     }
 }

@@ -28,7 +28,7 @@ use self::apply::{Backoff, Liveness, ShmSwitch, Watch};
 use self::region::{off, phase, region_path, sidecar_state, Layout, Region, RingRead};
 use super::{Engine, EngineError, StepCounts};
 use crate::collective::{Comm, MpiError, ReduceOp};
-use crate::executor::factory::{self, StoreError, StoreSpec, Transport, Weights};
+use crate::executor::factory::{self, StoreError, StoreFaults, StoreSpec, Transport, Weights};
 use crate::executor::ExpertStore;
 use crate::policy::Placement;
 
@@ -359,7 +359,7 @@ impl ShmEngine {
     /// The collective part of the set-up (every rank, after every rank attached): the ranks agree
     /// that they hold the same placement, on the first step they read (the furthest engine rank's
     /// next step), and on the first command id; `comm` and `transport` are communicators of the
-    /// switch protocol and of the host transport.
+    /// switch protocol and of the host transport; `faults`: the store's (tests, `--fault`).
     pub fn start(
         attached: Attached,
         world: &Comm,
@@ -367,6 +367,7 @@ impl ShmEngine {
         transport: Comm,
         chunk_bytes: usize,
         tuning: crate::gpu::store::NcclTuning,
+        faults: StoreFaults,
     ) -> Result<ShmEngine, StartError> {
         let Attached { region, watch, opts, initial } = attached;
         let agreement = world.agree_hash(initial.hash())?;
@@ -394,11 +395,13 @@ impl ShmEngine {
                 weights: Weights::Region { region: region.clone(), switch },
                 transport: Transport::Host { chunk_bytes },
                 comm: transport,
+                faults,
             },
             Some(_) => StoreSpec {
                 weights: Weights::DeviceIpc { region: region.clone(), switch },
                 transport: Transport::Nccl { tuning },
                 comm: transport,
+                faults,
             },
         };
         let mut store = factory::build(world, spec)?;
