@@ -168,7 +168,7 @@ impl RunConfig {
                 return Err(RunError::Config(format!("{flag} must be at least 1")));
             }
         }
-        if !shm && (args.expert_bytes == 0 || args.expert_bytes % 8 != 0) {
+        if !shm && (args.expert_bytes == 0 || !args.expert_bytes.is_multiple_of(8)) {
             return Err(RunError::Config(format!(
                 "--expert-bytes {} is not a positive multiple of 8 (the weights are checked in 8-byte words)",
                 args.expert_bytes
