@@ -8,13 +8,13 @@ use std::time::Duration;
 /// Bounds one blocking call that cannot be polled (`ncclCommInitRank`, `MPI_Comm_dup`): while it
 /// lives, a thread waits for it to be dropped; past the timeout, it prints which call on which rank
 /// did not return and ends the process with exit code 1 (the launcher then ends the job).
-pub struct Guard {
+pub(crate) struct Guard {
     state: std::sync::Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 /// A [`Guard`] of `op` on `rank`, which ends the process after `timeout`.
-pub fn guard(op: &'static str, rank: usize, timeout: Duration) -> Guard {
+pub(crate) fn guard(op: &'static str, rank: usize, timeout: Duration) -> Guard {
     Guard::new(
         format!(
             "eplb-worker run: rank {rank}: error: {op} did not return within {:.0} s (--timeout): a peer is stopped, \

@@ -22,16 +22,16 @@ use super::{check, Comm, MpiError};
 use crate::guard::{guard, Guard};
 
 /// Default of `--timeout`, in seconds.
-pub const DEFAULT_TIMEOUT_SECONDS: f64 = 120.0;
+pub(crate) const DEFAULT_TIMEOUT_SECONDS: f64 = 120.0;
 
 /// The code of a timeout in [`MpiError::code`] (MPI's own codes are >= 0).
-pub const TIMEOUT_CODE: i32 = -2;
+pub(crate) const TIMEOUT_CODE: i32 = -2;
 
 const TAG_PING: c_int = 1;
 const TAG_PONG: c_int = 2;
 
 /// Bounds every wait of the ranks on each other (see the module documentation).
-pub struct Watchdog {
+pub(crate) struct Watchdog {
     timeout: Duration,
     /// A communicator of the watchdog's own, for pings and their answers.
     comm: Comm,
@@ -54,10 +54,6 @@ impl Watchdog {
         };
         w.post_ping_recv()?;
         Ok(w)
-    }
-
-    pub fn timeout(&self) -> Duration {
-        self.timeout
     }
 
     fn post_ping_recv(&self) -> Result<(), MpiError> {
@@ -143,7 +139,7 @@ impl Watchdog {
 
     /// Calls `poll` until it returns `Ok(true)` (done) or an error, answering pings meanwhile; past
     /// the timeout, names the ranks that do not answer and returns a timeout error of `op`.
-    pub fn poll_until<E: From<MpiError>>(
+    pub(crate) fn poll_until<E: From<MpiError>>(
         &self,
         op: &'static str,
         mut poll: impl FnMut() -> Result<bool, E>,
@@ -234,7 +230,7 @@ impl Watchdog {
 
 impl Watchdog {
     /// A [`Guard`] of `op` with this watchdog's timeout.
-    pub fn guard(&self, op: &'static str) -> Guard {
+    pub(crate) fn guard(&self, op: &'static str) -> Guard {
         guard(op, self.comm.rank(), self.timeout)
     }
 }
@@ -277,7 +273,7 @@ impl Drop for Watchdog {
 
 impl MpiError {
     /// Whether this is the watchdog's timeout (see [`Watchdog`]).
-    pub fn is_timeout(&self) -> bool {
+    pub(crate) fn is_timeout(&self) -> bool {
         self.code == TIMEOUT_CODE
     }
 }

@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use thiserror::Error;
 
-pub use super::fault::{decorate, StoreFaults};
+pub(crate) use super::fault::{decorate, StoreFaults};
 use super::host::{HostExpertStore, HostStore};
 use super::verify::Verification;
 use super::{ExecError, ExpertStore};
@@ -170,7 +170,7 @@ pub fn finish(opened: Opened) -> Result<Box<dyn ExpertStore>, StoreError> {
 
 /// A synthetic device store on a GPU and communicator that already exist (the migration
 /// benchmark builds one store per expert size on the same GPU and communicator).
-pub fn device_store(
+pub(crate) fn device_store(
     gpu: Gpu,
     nccl: NcclComm,
     experts: &[Vec<usize>],

@@ -25,14 +25,14 @@ impl StoreFaults {
 }
 
 /// A store whose staged bytes a fault decorator may damage.
-pub trait FlipStaged: ExpertStore {
+pub(crate) trait FlipStaged: ExpertStore {
     /// Flips bytes of staged slot `slot` of the layer just staged (the first row's first bytes),
     /// once the staging has completed.
     fn flip_staged(&mut self, slot: usize) -> Result<(), ExecError>;
 }
 
 /// `S` with the faults of [`StoreFaults`]; everything else is `S`'s own.
-pub struct Faulty<S> {
+pub(crate) struct Faulty<S> {
     inner: S,
     faults: StoreFaults,
 }
@@ -49,7 +49,7 @@ impl<S: FlipStaged> Faulty<S> {
 }
 
 /// `store` as a boxed [`ExpertStore`], wrapped in [`Faulty`] when `faults` asks for any.
-pub fn decorate<S: FlipStaged + 'static>(store: S, faults: StoreFaults) -> Box<dyn ExpertStore> {
+pub(crate) fn decorate<S: FlipStaged + 'static>(store: S, faults: StoreFaults) -> Box<dyn ExpertStore> {
     if faults.any() {
         Box::new(Faulty::new(store, faults))
     } else {

@@ -53,20 +53,16 @@ impl HostStore<HeapSlots> {
         }
         HostStore::with_memory(memory, transport, Verification::ChecksumAndPattern)
     }
-
-    /// Fault injection: flips one byte of a live slot.
-    pub fn corrupt_live(&mut self, layer: usize, slot: usize) {
-        let eb = self.memory.expert_bytes();
-        if let Some(b) = self.memory.live_mut(layer).ok().and_then(|l| l.get_mut(slot * eb)) {
-            *b ^= 0xff;
-        }
-    }
 }
 
 impl<M: SlotMemory> HostStore<M> {
     /// A store over `memory`. Its expert size must be positive and its slots fit the transport's
     /// tags.
-    pub fn with_memory(memory: M, transport: HostTransport, verification: Verification) -> Result<Self, ExecError> {
+    pub(crate) fn with_memory(
+        memory: M,
+        transport: HostTransport,
+        verification: Verification,
+    ) -> Result<Self, ExecError> {
         let eb = memory.expert_bytes();
         if eb == 0 {
             return Err(ExecError::Other("the expert size is 0 bytes".into()));
@@ -83,10 +79,6 @@ impl<M: SlotMemory> HostStore<M> {
 
     pub fn memory(&self) -> &M {
         &self.memory
-    }
-
-    pub fn memory_mut(&mut self) -> &mut M {
-        &mut self.memory
     }
 }
 

@@ -27,10 +27,10 @@ pub mod memory;
 pub mod plan;
 pub mod verify;
 
-pub use host::{HostExpertStore, HostStore};
-pub use memory::{EngineSwitch, HeapSlots, SlotMemory};
-pub use plan::{LayerMigration, LocalCopy, RankMigration, Transfer};
-pub use verify::{Verification, Verifier};
+pub use host::HostExpertStore;
+pub(crate) use memory::{EngineSwitch, SlotMemory};
+pub use plan::LayerMigration;
+pub(crate) use plan::RankMigration;
 
 use std::time::Instant;
 
@@ -142,7 +142,7 @@ pub struct LayerStats {
 
 /// A layer staged and verified on every rank, ready for [`ExpertStore::commit`].
 #[derive(Debug)]
-pub struct Staged {
+pub(crate) struct Staged {
     /// This rank's part of the migration.
     pub part: RankMigration,
     /// Over all ranks; `seconds` counts up to the agreement, the caller adds the commit.
@@ -162,7 +162,7 @@ impl Staged {
 /// When any rank saw a wrong byte or failed, every rank returns [`ExecError::Verification`] or
 /// [`ExecError::PeerFailed`] alike, and nothing may be committed. Collective over `comm`: every
 /// rank calls it with the same `migration`.
-pub fn stage_layer(
+pub(crate) fn stage_layer(
     store: &mut dyn ExpertStore,
     comm: &Comm,
     migration: &LayerMigration,

@@ -44,16 +44,20 @@ use crate::executor::verify::Verifier;
 use crate::executor::{Commit, EngineSwitch, ExecError, ExpertStore, RankMigration, StageTiming};
 
 /// Where the weights live.
-pub enum Memory {
-    /// Allocated by this store: one buffer per layer, and the staging buffer.
+pub(crate) enum Memory {
+    /// Allocated by this store: one buffer per layer, and the staging buffer. Held, never read:
+    /// the rows address them, and dropping them frees the memory.
+    #[allow(dead_code)]
     Owned { live: Vec<DeviceBuffer>, staging: DeviceBuffer },
-    /// The engine's, opened from its IPC handles; made live by the engine (`switch`).
+    /// The engine's, opened from its IPC handles (held: dropping them closes the mappings); made
+    /// live by the engine (`switch`).
+    #[allow(dead_code)]
     Engine { memory: IpcMemory, switch: Box<dyn EngineSwitch> },
 }
 
 /// How staged (and live) slots are checked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GpuCheck {
+pub(crate) enum GpuCheck {
     /// The synthetic engine's pattern (`count_wrong`: the bytes that differ).
     Pattern,
     /// Real weights: the checksum the sender computed (a mismatch counts the whole slot).
@@ -85,7 +89,7 @@ pub struct NcclTuning {
 
 impl NcclTuning {
     /// From the command-line units: group and piece sizes in MiB (a piece of 0: whole experts).
-    pub fn from_mib(group_mib: f64, chunk_mib: f64, register: bool) -> Self {
+    pub(crate) fn from_mib(group_mib: f64, chunk_mib: f64, register: bool) -> Self {
         let bytes = |mib: f64| (mib * (1u64 << 20) as f64) as usize;
         NcclTuning { group_bytes: bytes(group_mib), chunk_bytes: bytes(chunk_mib), register }
     }
@@ -98,7 +102,7 @@ impl Default for NcclTuning {
 }
 
 /// A rank's expert weights on its GPU.
-pub struct DeviceExpertStore {
+pub(crate) struct DeviceExpertStore {
     // Field order matters for drop: the communicator (which deregisters the buffers) goes first,
     // then the buffers, then the GPU context.
     nccl: NcclComm,
@@ -127,7 +131,7 @@ pub struct DeviceExpertStore {
 impl DeviceExpertStore {
     /// Device bytes the store needs: the layers, the staging buffer and the counter (`usize::MAX`
     /// when that overflows).
-    pub fn bytes_needed(num_layers: usize, slots_per_rank: usize, expert_bytes: usize) -> usize {
+    pub(crate) fn bytes_needed(num_layers: usize, slots_per_rank: usize, expert_bytes: usize) -> usize {
         num_layers
             .checked_add(1)
             .and_then(|l| l.checked_mul(slots_per_rank))
@@ -138,7 +142,7 @@ impl DeviceExpertStore {
 
     /// Checks, before anything is allocated or any peer is waited for, that the store fits in
     /// the free memory of `gpu` ([`GpuError::TooBig`], exit 2, otherwise).
-    pub fn check_fits(
+    pub(crate) fn check_fits(
         gpu: &Gpu,
         num_layers: usize,
         slots_per_rank: usize,
@@ -202,7 +206,7 @@ impl DeviceExpertStore {
     /// GPU): staged slots are checked against their senders' checksums, and `switch` makes them
     /// live (the engine copies them at a step boundary). The engine's buffers are not registered
     /// with NCCL (imported IPC memory cannot be re-exported).
-    pub fn over_engine(
+    pub(crate) fn over_engine(
         gpu: Gpu,
         nccl: NcclComm,
         memory: IpcMemory,
@@ -343,7 +347,7 @@ impl DeviceExpertStore {
 
     /// Frees the weights (or closes the engine's handles) and gives back the GPU and the
     /// communicator.
-    pub fn into_parts(self) -> (Gpu, NcclComm) {
+    pub(crate) fn into_parts(self) -> (Gpu, NcclComm) {
         let DeviceExpertStore { mut nccl, drain, memory, counter, sums, global_sums, scratch, gpu, .. } = self;
         drop(drain);
         nccl.deregister_all();

@@ -82,7 +82,7 @@ pub struct PlanArgs {
 }
 
 /// Parses `LAYERSxEXPERTS`, e.g. `58x256`.
-pub fn parse_synthetic(s: &str) -> Result<(usize, usize), String> {
+pub(crate) fn parse_synthetic(s: &str) -> Result<(usize, usize), String> {
     let err = || format!("expected LAYERSxEXPERTS such as 58x256, got {s:?}");
     let (l, e) = s.split_once(['x', 'X']).ok_or_else(err)?;
     let (l, e): (usize, usize) = (l.trim().parse().map_err(|_| err())?, e.trim().parse().map_err(|_| err())?);

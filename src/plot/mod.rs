@@ -56,7 +56,7 @@ impl Failure for PlotError {
 
 /// The moves of one round: bytes, and the stall they caused.
 #[derive(Debug, Clone, PartialEq)]
-pub struct RoundMoves {
+pub(crate) struct RoundMoves {
     pub step: usize,
     pub bytes: u64,
     /// Migration time of the round, over all its layers.
@@ -67,7 +67,7 @@ pub struct RoundMoves {
 
 /// What the charts draw, read from a report.
 #[derive(Debug, Clone, PartialEq)]
-pub struct PlotInput {
+pub(crate) struct PlotInput {
     pub title: String,
     /// Steps averaged into one sample, and each sample's first step (`[samples]`).
     pub stride: usize,
@@ -116,7 +116,7 @@ impl PlotInput {
     ///   `rounds[].stall_seconds` when a report (a simulation) gives them per round;
     /// * a title from `world_size` (or `num_gpus`), `num_layers`, `num_logical`, `policy`, `load`
     ///   (or `trace`) when present.
-    pub fn from_report(report: &Value) -> Result<PlotInput, String> {
+    pub(crate) fn from_report(report: &Value) -> Result<PlotInput, String> {
         let mut input = match report.get("series") {
             Some(series) => series_input(series)?,
             None => match report.get("cases") {

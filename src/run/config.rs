@@ -22,7 +22,7 @@ use crate::manager::ManagerArgs;
 
 /// Everything `run` needs, validated.
 #[derive(Debug, Clone)]
-pub struct RunConfig {
+pub(crate) struct RunConfig {
     pub engine: EngineConfig,
     pub placement: PlacementConfig,
     /// The manager's and the policy's flags (shared with `simulate`; the manager validates and
@@ -37,7 +37,7 @@ pub struct RunConfig {
 
 /// The engine and the load it replays.
 #[derive(Debug, Clone)]
-pub struct EngineConfig {
+pub(crate) struct EngineConfig {
     pub kind: EngineKind,
     /// shm: which steps are balanced; how long to wait for the region; when a heartbeat is stale.
     pub balance_phase: BalancePhase,
@@ -58,7 +58,7 @@ pub struct EngineConfig {
 
 /// The slots, the groups and the initial placement.
 #[derive(Debug, Clone)]
-pub struct PlacementConfig {
+pub(crate) struct PlacementConfig {
     pub num_redundant_experts: Option<usize>,
     /// xLLM's spelling: extra slots per rank.
     pub redundant_experts_num: Option<usize>,
@@ -72,7 +72,7 @@ pub struct PlacementConfig {
 
 /// How the weights move and are checked.
 #[derive(Debug, Clone)]
-pub struct StoreConfig {
+pub(crate) struct StoreConfig {
     pub transport: TransportKind,
     /// The host transport's largest message.
     pub chunk_bytes: usize,
@@ -87,7 +87,7 @@ pub struct StoreConfig {
 
 impl StoreConfig {
     /// The NCCL transport's tuning in bytes.
-    pub fn tuning(&self) -> NcclTuning {
+    pub(crate) fn tuning(&self) -> NcclTuning {
         NcclTuning::from_mib(self.nccl_group_mib, self.nccl_chunk_mib, self.nccl_register)
     }
 }
@@ -114,7 +114,7 @@ pub struct MetricsConfig {
 
 /// The faults to inject (tests), by kind: whether rank `rank` is asked for each.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Faults {
+pub(crate) struct Faults {
     list: Vec<Fault>,
 }
 
@@ -124,7 +124,7 @@ impl Faults {
     }
 
     /// Rank `rank` perturbs its copy of the all-reduced load.
-    pub fn corrupt_load(&self, rank: usize) -> bool {
+    pub(crate) fn corrupt_load(&self, rank: usize) -> bool {
         self.list.contains(&Fault::CorruptLoad(rank))
     }
 
@@ -139,11 +139,6 @@ impl Faults {
             corrupt_next_stage: self.list.contains(&Fault::CorruptTransfer(rank)),
             hang_in_stage: self.list.contains(&Fault::HangTransfer(rank)),
         }
-    }
-
-    /// Whether any rank is asked to corrupt its load (a fault of the synthetic engine's load).
-    pub fn any_corrupt_load(&self) -> bool {
-        self.list.iter().any(|f| matches!(f, Fault::CorruptLoad(_)))
     }
 }
 
@@ -283,7 +278,7 @@ mod tests {
         assert_eq!(c.store.tuning().group_bytes, 2 << 20);
         let f = &c.faults;
         assert!(f.store(1).corrupt_next_stage && !f.store(0).corrupt_next_stage && !f.store(1).hang_in_stage);
-        assert!(f.panic(0) && !f.panic(1) && !f.corrupt_load(0) && !f.any_corrupt_load());
+        assert!(f.panic(0) && !f.panic(1) && !f.corrupt_load(0));
         assert!(parse_config(&[]).unwrap().output.metrics.is_none());
     }
 }

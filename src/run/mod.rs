@@ -30,17 +30,19 @@ mod report;
 pub mod safety;
 pub mod setup;
 
-pub use args::{EngineKind, Fault, RunArgs, TransportKind};
-pub use config::RunConfig;
-pub use report::{LayerRow, Report, RoundRow};
-pub use setup::{load_source, make_store, resolve_shape, resolve_transport, StoreSetup};
+pub use args::RunArgs;
+pub(crate) use args::{EngineKind, TransportKind};
+pub(crate) use config::RunConfig;
+pub use report::Report;
+#[cfg(test)]
+use setup::resolve_shape;
 
 use thiserror::Error;
 
 /// The cost model's defaults in `run` (`--step-ms`, `--migration-gbps`): a decode step of a large
 /// MoE model, and NVLink-class migration (BENCHMARKS.md measures 200-265 GB/s a GPU with NCCL).
-pub const DEFAULT_STEP_MS: f64 = 20.0;
-pub const DEFAULT_MIGRATION_GBPS: f64 = 200.0;
+pub(crate) const DEFAULT_STEP_MS: f64 = 20.0;
+pub(crate) const DEFAULT_MIGRATION_GBPS: f64 = 200.0;
 
 use crate::collective::{Comm, MpiError, MpiRuntime};
 use crate::engine::EngineError;
@@ -55,15 +57,15 @@ use crate::rank::TopologyError;
 
 /// The resolved sizes of a run.
 #[derive(Debug, Clone)]
-pub struct RunShape {
+pub(crate) struct RunShape {
     pub num_layers: usize,
     pub num_logical: usize,
     pub shape: crate::policy::PlacementShape,
 }
 
 /// Default layers and experts of the built-in load.
-pub const DEFAULT_LAYERS: usize = 8;
-pub const DEFAULT_EXPERTS: usize = 64;
+pub(crate) const DEFAULT_LAYERS: usize = 8;
+pub(crate) const DEFAULT_EXPERTS: usize = 64;
 
 #[derive(Debug, Error)]
 pub enum RunError {
@@ -224,7 +226,7 @@ pub fn run(args: &RunArgs) -> Result<RunOutcome, RunError> {
 }
 
 /// The run on `world` (MPI started, the flags agreed): set up, then the loop.
-pub fn run_on(world: &Comm, config: &RunConfig, report: &safety::ReportHandle) -> Result<RunOutcome, RunError> {
+pub(crate) fn run_on(world: &Comm, config: &RunConfig, report: &safety::ReportHandle) -> Result<RunOutcome, RunError> {
     let ready = setup::setup(world, config)?;
     // Rank 0's endpoint, agreed like the rest of the set-up (a port in use stops every rank).
     let served = safety::agree_on_setup(world, serve_metrics(config, world.rank(), &ready))?;

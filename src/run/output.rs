@@ -48,7 +48,7 @@ impl Output {
     }
 
     /// Adds an observer (rank 0 only: the others' are never called); `addr`: where it serves.
-    pub fn watch(&mut self, observer: Box<dyn RunObserver>, addr: Option<std::net::SocketAddr>) {
+    pub(crate) fn watch(&mut self, observer: Box<dyn RunObserver>, addr: Option<std::net::SocketAddr>) {
         self.watchers.push(observer);
         self.metrics_addr = self.metrics_addr.or(addr);
     }

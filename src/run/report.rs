@@ -179,7 +179,7 @@ impl Report {
         }
     }
 
-    pub fn set_manager_times(&mut self, step_us: &[f64], allreduce_us: &[f64], round_us: &[f64]) {
+    pub(crate) fn set_manager_times(&mut self, step_us: &[f64], allreduce_us: &[f64], round_us: &[f64]) {
         self.manager = ManagerTimes {
             step: TimeStats::of(step_us),
             allreduce: TimeStats::of(allreduce_us),

@@ -109,7 +109,7 @@ const REPORT_GRACE: Duration = Duration::from_secs(3);
 /// The start of every run, on every rank, before any other collective: the watchdog, the
 /// report (rank 0: checked, then `running`), and the agreement on the flags. A failure of any
 /// rank is every rank's: all return the same error (exit 2), none goes on.
-pub fn begin(world: &mut Comm, config: &RunConfig, report: &ReportHandle) -> Result<(), RunError> {
+pub(crate) fn begin(world: &mut Comm, config: &RunConfig, report: &ReportHandle) -> Result<(), RunError> {
     world.set_watchdog(Rc::new(Watchdog::new(world, config.timeout)?));
     collective::set_blocking_timeout(world.rank(), config.timeout);
     let local = match (&config.output.report, world.rank()) {
@@ -122,7 +122,7 @@ pub fn begin(world: &mut Comm, config: &RunConfig, report: &ReportHandle) -> Res
 
 /// Every rank learns whether every rank's local set-up succeeded (one all-gather of exit codes),
 /// so that no rank goes on into a collective call that a failed rank will never make.
-pub fn agree_on_setup<T>(world: &Comm, local: Result<T, RunError>) -> Result<T, RunError> {
+pub(crate) fn agree_on_setup<T>(world: &Comm, local: Result<T, RunError>) -> Result<T, RunError> {
     let rank = world.rank();
     let code = match &local {
         Ok(_) => 0u64,
@@ -156,7 +156,7 @@ fn opt<T: ToString>(v: &Option<T>) -> String {
 /// Every flag that the sizes of the collectives, the transfers or the plan depend on, as the
 /// command line spelled it. Paths are compared by presence only (the same file may be mounted
 /// at different places on different nodes); their content is compared by [`agree_on_shapes`].
-pub fn flag_settings(c: &RunConfig) -> Vec<Setting> {
+pub(crate) fn flag_settings(c: &RunConfig) -> Vec<Setting> {
     let given = |p: &Option<PathBuf>| if p.is_some() { "given" } else { "(not given)" };
     let (e, p, m, st) = (&c.engine, &c.placement, &c.manager, &c.store);
     vec![
@@ -199,7 +199,7 @@ pub fn flag_settings(c: &RunConfig) -> Vec<Setting> {
 
 /// Agrees on what the flags resolved to on each rank: the load's shape (a trace file may differ
 /// between nodes), the slots, the initial placement and the transport. Collective over `world`.
-pub fn agree_on_shapes(
+pub(crate) fn agree_on_shapes(
     world: &Comm,
     run_shape: &RunShape,
     load: &str,
@@ -223,7 +223,7 @@ pub fn agree_on_shapes(
 
 /// What identifies the load on every rank, without its path (a file may be mounted at different
 /// places): the trace's format, dataset and steps, or the built-in load's parameters.
-pub fn load_identity(source: &LoadSource) -> String {
+pub(crate) fn load_identity(source: &LoadSource) -> String {
     match source {
         LoadSource::Trace(t) => {
             format!(
@@ -239,7 +239,7 @@ pub fn load_identity(source: &LoadSource) -> String {
 
 /// [`fail`] for an error only this rank saw (it ends the job and does not return); other errors
 /// return, to be failed by every rank together.
-pub fn end_if_local(world: &Comm, report: &ReportHandle, e: &RunError) {
+pub(crate) fn end_if_local(world: &Comm, report: &ReportHandle, e: &RunError) {
     if e.is_local() && world.size() > 1 {
         fail(world, report, e);
     }

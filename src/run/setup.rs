@@ -19,7 +19,7 @@ use super::safety::{agree_on_setup, agree_on_shapes, load_identity};
 use super::{EngineKind, RunError, RunShape, TransportKind, DEFAULT_EXPERTS, DEFAULT_LAYERS};
 
 /// A rank ready for the loop.
-pub struct Ready {
+pub(crate) struct Ready {
     pub topo: Topology,
     pub run_shape: RunShape,
     /// The engine, holding its initial placement and its expert store.
@@ -28,7 +28,7 @@ pub struct Ready {
 
 /// Sets up this rank: topology, transport, the engine and its store. Collective over `world`:
 /// every rank learns whether every rank's set-up succeeded, so that none goes on alone.
-pub fn setup(world: &Comm, config: &RunConfig) -> Result<Ready, RunError> {
+pub(crate) fn setup(world: &Comm, config: &RunConfig) -> Result<Ready, RunError> {
     let rank = world.rank();
     // Collective calls first, so that a rank whose local setup fails does not leave the others
     // waiting in one of them.
@@ -132,12 +132,12 @@ fn shm_shape(e: &EngineConfig, p: &PlacementConfig, topo: &Topology, l: &Layout)
 }
 
 /// Checks the flags against the world and the load: `--ep-size`, the redundant slots, the groups.
-pub fn resolve_shape(p: &PlacementConfig, topo: &Topology, source: &LoadSource) -> Result<RunShape, RunError> {
+pub(crate) fn resolve_shape(p: &PlacementConfig, topo: &Topology, source: &LoadSource) -> Result<RunShape, RunError> {
     resolve_shape_of(p, topo, source.num_layers(), source.num_logical())
 }
 
 /// [`resolve_shape`] for an engine of `layers` MoE layers of `num_logical` experts.
-pub fn resolve_shape_of(
+pub(crate) fn resolve_shape_of(
     p: &PlacementConfig,
     topo: &Topology,
     layers: usize,
@@ -175,7 +175,7 @@ pub fn resolve_shape_of(
 }
 
 /// The load the synthetic engine replays: `--trace` or the built-in generator.
-pub fn load_source(e: &EngineConfig) -> Result<LoadSource, RunError> {
+pub(crate) fn load_source(e: &EngineConfig) -> Result<LoadSource, RunError> {
     match &e.trace {
         Some(path) => {
             let trace = load::read_trace(path, &TraceSelect { dataset: e.trace_dataset.clone() })?;
@@ -233,11 +233,11 @@ fn store_error(e: StoreError) -> RunError {
 }
 
 /// The expert store `--transport` selects, before the collective part of its set-up.
-pub type StoreSetup = Opened;
+pub(crate) type StoreSetup = Opened;
 
 /// The transport every rank uses: `auto` becomes `nccl` only when every rank can use a GPU
 /// (collective over `world` for `auto`).
-pub fn resolve_transport(kind: TransportKind, topo: &Topology, world: &Comm) -> Result<TransportKind, RunError> {
+pub(crate) fn resolve_transport(kind: TransportKind, topo: &Topology, world: &Comm) -> Result<TransportKind, RunError> {
     Ok(match kind {
         TransportKind::Auto => {
             let usable = u64::from(gpu::gpu_usable(topo.local_rank));
@@ -254,7 +254,7 @@ pub fn resolve_transport(kind: TransportKind, topo: &Topology, world: &Comm) -> 
 /// The local part of the store's set-up, holding `experts[layer][slot]` (this rank's slots):
 /// the host store, or this rank's GPU ([`factory::open`]), with the faults `--fault` asks of this
 /// rank. `comm` is a communicator of the store's own.
-pub fn make_store(
+pub(crate) fn make_store(
     config: &RunConfig,
     transport: TransportKind,
     comm: Comm,
@@ -331,6 +331,6 @@ fn prepare_synthetic(
 }
 
 /// The experts of rank `rank`'s slots in `layer` of `placement` (`[slots_per_rank]`).
-pub fn local_slots(placement: &Placement, layer: usize, rank: usize, slots_per_rank: usize) -> Vec<usize> {
+pub(crate) fn local_slots(placement: &Placement, layer: usize, rank: usize, slots_per_rank: usize) -> Vec<usize> {
     placement.phy2log.row(layer).iter().skip(rank * slots_per_rank).take(slots_per_rank).copied().collect()
 }

@@ -16,7 +16,6 @@ pub mod apply;
 pub mod region;
 pub mod writer;
 
-use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -215,7 +214,7 @@ fn claim(region: &Region) -> Result<(), EngineError> {
 /// posts at most `FIRST_LEAD << MAX_TRIES` steps ahead of the furthest engine rank; anything
 /// far beyond is a corrupt or foreign mailbox that would keep attach waiting for the engine's
 /// whole life.
-pub const MAX_PENDING_AHEAD: u64 = 4096;
+pub(crate) const MAX_PENDING_AHEAD: u64 = 4096;
 
 /// Waits until no command of an earlier sidecar is pending, bounded: the engine must answer it
 /// by the boundary of its step ([`apply::overdue`]), it may not lie absurdly far ahead
@@ -285,7 +284,7 @@ fn read_placement(region: &Region) -> Result<Placement, EngineError> {
 
 /// Errors of the collective part of the set-up.
 #[derive(Debug, thiserror::Error)]
-pub enum StartError {
+pub(crate) enum StartError {
     #[error(transparent)]
     Mpi(#[from] MpiError),
     #[error("the engine ranks hold different placements (hash min {min:016x}, max {max:016x}): the engine's ranks disagree; nothing was moved")]
@@ -313,10 +312,10 @@ impl Occurrences {
 /// The longest MoE time of one step an engine may report (an hour): a larger `moe_ns` is a
 /// broken engine or a unit mistake, and counts as not measured rather than pricing every move
 /// at nothing.
-pub const MAX_MOE_NS: u64 = 3_600_000_000_000;
+pub(crate) const MAX_MOE_NS: u64 = 3_600_000_000_000;
 
 /// The engine attached on every rank.
-pub struct ShmEngine {
+pub(crate) struct ShmEngine {
     name: String,
     region: Arc<Region>,
     watch: Watch,
@@ -421,15 +420,6 @@ impl ShmEngine {
             detach: Detach { region: region.clone(), finished: false },
             region,
         })
-    }
-
-    pub fn path(&self) -> PathBuf {
-        self.region.path.clone()
-    }
-
-    /// Marks the region: the sidecar failed (the engine never waits on it; informational).
-    pub fn mark_failed(&self) {
-        self.region.set(off::SIDECAR_STATE, sidecar_state::FAILED);
     }
 
     /// The end of the run: the table must still be valid (a re-allocated tensor makes every
