@@ -108,3 +108,70 @@ impl<S: FlipStaged> ExpertStore for Faulty<S> {
         self.inner.globals_hash()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::executor::LayerMigration;
+
+    /// One layer of two 1-byte slots: a stage writes byte `k` into staged slot `k`, and a staged
+    /// slot is wrong when it holds another byte.
+    #[derive(Default)]
+    struct Bytes {
+        staged: Vec<u8>,
+        flips: usize,
+    }
+
+    impl ExpertStore for Bytes {
+        fn expert_bytes(&self) -> usize {
+            1
+        }
+        fn slots_per_rank(&self) -> usize {
+            2
+        }
+        fn stage(&mut self, _: &RankMigration) -> Result<StageTiming, ExecError> {
+            self.staged = vec![0, 1];
+            Ok(StageTiming::default())
+        }
+        fn verify_staged(&mut self, m: &RankMigration) -> Result<u64, ExecError> {
+            Ok(m.changed_slots.iter().filter(|&&k| self.staged[k] != k as u8).count() as u64)
+        }
+        fn commit(&mut self, _: &RankMigration) -> Result<Commit, ExecError> {
+            Ok(Commit::Next)
+        }
+        fn verify_live(&mut self, _: usize, _: &[usize]) -> Result<u64, ExecError> {
+            Ok(0)
+        }
+    }
+
+    impl FlipStaged for Bytes {
+        fn flip_staged(&mut self, slot: usize) -> Result<(), ExecError> {
+            self.staged[slot] ^= 0x5a;
+            self.flips += 1;
+            Ok(())
+        }
+    }
+
+    fn staged_wrong(store: &mut dyn ExpertStore, m: &RankMigration) -> u64 {
+        store.stage(m).unwrap();
+        store.verify_staged(m).unwrap()
+    }
+
+    #[test]
+    fn a_corrupted_stage_fails_verification_once_and_only_where_a_slot_changes() {
+        let moving = LayerMigration::derive(0, &[0, 1], &[1, 0], 2, 1).for_rank(0);
+        let still = LayerMigration::derive(0, &[0, 1], &[0, 1], 2, 1).for_rank(0);
+        assert!(still.changed_slots.is_empty() && moving.changed_slots == vec![0, 1]);
+        let mut s = Faulty::new(Bytes::default(), StoreFaults { corrupt_next_stage: true, ..Default::default() });
+        // Armed until a stage changes a slot: a stage that moves nothing stays clean.
+        assert_eq!((staged_wrong(&mut s, &still), s.inner.flips), (0, 0));
+        assert_eq!((staged_wrong(&mut s, &moving), s.inner.flips), (1, 1));
+        // Once: the next stage is the store's own again.
+        assert_eq!((staged_wrong(&mut s, &moving), s.inner.flips), (0, 1));
+        // Without faults the factory does not decorate, and a decorator without faults does nothing.
+        assert!(!StoreFaults::default().any());
+        let mut plain = Faulty::new(Bytes::default(), StoreFaults::default());
+        assert_eq!((staged_wrong(&mut plain, &moving), plain.into_inner().flips), (0, 0));
+        assert_eq!(staged_wrong(decorate(Bytes::default(), StoreFaults::default()).as_mut(), &moving), 0);
+    }
+}
