@@ -3,8 +3,10 @@
 #
 #   cargo fmt --check                                   (rustfmt.toml: max_width 120)
 #   cargo clippy --release --all-targets -- -D warnings
-#   RUSTDOCFLAGS=-Dwarnings cargo doc --no-deps         (broken intra-doc links, bad doc markup)
+#   RUSTDOCFLAGS=-Dwarnings cargo doc --no-deps --document-private-items
+#                                                       (broken intra-doc links, bad doc markup)
 #   ruff check python/  and  mypy                       (configured in python/pyproject.toml)
+#   scripts/check_cycles.py                             (no import cycle between the library's modules)
 #
 # On a fresh Debian/Ubuntu machine with Rust it installs what it needs: the build's apt packages
 # (clippy and rustdoc compile mpi-sys, whose bindgen needs libclang), rustfmt and clippy (rustup),
@@ -30,9 +32,13 @@ lint() {  # lint NAME COMMAND...: runs it, remembers NAME if it fails
 }
 lint "cargo fmt --check" cargo fmt --check
 lint "cargo clippy" cargo clippy --release --locked --all-targets -- -D warnings
-lint "cargo doc" env RUSTDOCFLAGS=-Dwarnings cargo doc --no-deps --locked
+# The library's rustdoc is its developers' documentation: private items are documented, so a link
+# to a pub(crate) item resolves (issue 23 made every item that nothing outside needs pub(crate)).
+lint "cargo doc" env RUSTDOCFLAGS="-Dwarnings -Arustdoc::private_intra_doc_links" \
+  cargo doc --no-deps --locked --document-private-items
 lint "ruff" "$py" -m ruff check python
 lint "mypy" bash -c 'cd python && "$0" -m mypy' "$py"
+lint "import cycles" "$py" scripts/check_cycles.py
 
 if ((${#failed[@]})); then
   echo "# lint: FAILED: ${failed[*]}" >&2

@@ -10,7 +10,7 @@ use mpi::ffi;
 static RANK: AtomicUsize = AtomicUsize::new(usize::MAX);
 
 /// Records this process's MPI rank, for the panic message.
-pub fn set_rank(rank: usize) {
+pub(crate) fn set_rank(rank: usize) {
     RANK.store(rank, Ordering::Relaxed);
 }
 
@@ -25,7 +25,7 @@ pub fn rank() -> Option<usize> {
 }
 
 /// Whether MPI is running (initialised and not finalised).
-pub fn mpi_running() -> bool {
+pub(crate) fn mpi_running() -> bool {
     let (mut init, mut fini) = (0, 0);
     // SAFETY: both may be called at any time, before MPI_Init and after MPI_Finalize.
     unsafe {
@@ -50,18 +50,18 @@ pub fn install_panic_hook() {
 
 /// How long a rank that timed out waiting for a peer may take to end (print, report, abort)
 /// before it ends itself.
-pub const END_GRACE: std::time::Duration = std::time::Duration::from_secs(15);
+pub(crate) const END_GRACE: std::time::Duration = std::time::Duration::from_secs(15);
 
 /// Bounds the end of a process that gave up on a peer (the watchdog's timeout): from now on, the
 /// process ends within [`END_GRACE`], whatever it waits for. Tearing down a communicator or GPU
 /// memory (`ncclCommDestroy`, `cuMemFree`) can wait for the stopped peer forever, as can
 /// `MPI_Abort`; past the grace the process prints why and ends with `_exit(1)`, and the launcher
 /// ends the others. Armed once; never disarmed.
-pub fn arm_end_guard(rank: usize) {
+pub(crate) fn arm_end_guard(rank: usize) {
     static ARMED: std::sync::Once = std::sync::Once::new();
     ARMED.call_once(|| {
         // Dropping the guard would disarm it: it is leaked, and ends the process after the grace.
-        std::mem::forget(crate::collective::watchdog::Guard::new(
+        std::mem::forget(crate::guard::Guard::new(
             format!(
                 "eplb-worker run: rank {rank}: error: the job did not end within {} s of this rank's timeout (a \
                  tear-down or MPI_Abort waits for the unresponsive peer); ending this process",
@@ -73,17 +73,17 @@ pub fn arm_end_guard(rank: usize) {
 }
 
 /// How long `MPI_Abort` may take to end this process before it ends itself.
-pub const ABORT_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+pub(crate) const ABORT_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Ends every rank of the job: `MPI_Abort` on `MPI_COMM_WORLD`, bounded by a guard that ends this
 /// process with `_exit(1)` if `MPI_Abort` has not within [`ABORT_GRACE`] (the launcher then ends
 /// the others: `mpirun` on a rank that exits without `MPI_Finalize`, Slurm with
 /// `--kill-on-bad-exit`). MPI must be running.
-pub fn abort_job(code: i32) -> ! {
+pub(crate) fn abort_job(code: i32) -> ! {
     let rank = rank().unwrap_or(0);
     log::debug!("rank {rank}: MPI_Abort({code})");
     // The guard lives until the process ends: MPI_Abort does not return.
-    let guard = crate::collective::watchdog::guard("MPI_Abort", rank, ABORT_GRACE);
+    let guard = crate::guard::guard("MPI_Abort", rank, ABORT_GRACE);
     // SAFETY: MPI runs; MPI_Abort ends every rank of the job and does not return on success.
     unsafe { ffi::MPI_Abort(ffi::RSMPI_COMM_WORLD, code) };
     drop(guard);

@@ -13,10 +13,10 @@ use std::path::Path;
 
 /// Largest load trace (`plan --load`, `run --trace`, `simulate --trace`): 4 GiB. A trace is
 /// read whole into memory and parsed; a larger one is better cut first.
-pub const MAX_TRACE_BYTES: u64 = 4 << 30;
+pub(crate) const MAX_TRACE_BYTES: u64 = 4 << 30;
 
 /// Largest JSON document read whole (a placement file, a report for `plot`): 1 GiB.
-pub const MAX_JSON_BYTES: u64 = 1 << 30;
+pub(crate) const MAX_JSON_BYTES: u64 = 1 << 30;
 
 /// What a file type is called in a message.
 fn kind(t: &std::fs::FileType) -> &'static str {
@@ -38,7 +38,7 @@ fn kind(t: &std::fs::FileType) -> &'static str {
 /// The whole of the regular file at `path` (symlinks followed), at most `max_bytes` of it.
 /// Anything else (a FIFO, a device, a socket, a folder) or a larger file is an error of kind
 /// `InvalidInput` that says what the path is and what to give instead, without reading it.
-pub fn read_regular(path: &Path, max_bytes: u64) -> std::io::Result<Vec<u8>> {
+pub(crate) fn read_regular(path: &Path, max_bytes: u64) -> std::io::Result<Vec<u8>> {
     let file = OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC).open(path)?;
     let meta = file.metadata()?;
     let t = meta.file_type();

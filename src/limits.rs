@@ -8,14 +8,14 @@ use thiserror::Error;
 /// Most physical slots a layer (`--num-replicas`, R) may have. A real deployment has a few
 /// hundred to a few thousand (DeepSeek-V3 at EP 320: under 1 500); planning 65 536 slots of 58
 /// layers took 50 s and 8 GB on the dev machine.
-pub const MAX_REPLICAS: usize = 65_536;
+pub(crate) const MAX_REPLICAS: usize = 65_536;
 
 /// Most GPUs (`--num-gpus`, world size).
-pub const MAX_GPUS: usize = 8_192;
+pub(crate) const MAX_GPUS: usize = 8_192;
 
 /// Most slots on one GPU: the policy's local search grows faster than quadratically with it
 /// (65 536 slots a GPU took 22 s for one layer; 4 096 take milliseconds).
-pub const MAX_SLOTS_PER_GPU: usize = 4_096;
+pub(crate) const MAX_SLOTS_PER_GPU: usize = 4_096;
 
 #[derive(Debug, Error)]
 pub enum LimitError {
@@ -26,7 +26,7 @@ pub enum LimitError {
 }
 
 /// Bytes in the largest fitting unit, e.g. `1.50 GiB`.
-pub fn human(bytes: u128) -> String {
+pub(crate) fn human(bytes: u128) -> String {
     let units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB", "ZiB"];
     let mut v = bytes as f64;
     let mut u = 0;
@@ -52,7 +52,7 @@ fn finite(s: &str) -> Result<f64, String> {
 }
 
 /// A clap value parser: a finite number >= 0 (`--move-cost`, sizes in MiB).
-pub fn non_negative(s: &str) -> Result<f64, String> {
+pub(crate) fn non_negative(s: &str) -> Result<f64, String> {
     let v = finite(s)?;
     if v >= 0.0 {
         Ok(v)
@@ -62,7 +62,7 @@ pub fn non_negative(s: &str) -> Result<f64, String> {
 }
 
 /// A clap value parser: a finite number > 0.
-pub fn positive(s: &str) -> Result<f64, String> {
+pub(crate) fn positive(s: &str) -> Result<f64, String> {
     let v = finite(s)?;
     if v > 0.0 {
         Ok(v)
@@ -73,7 +73,7 @@ pub fn positive(s: &str) -> Result<f64, String> {
 
 /// The longest duration a flag may give: a week (also keeps every conversion to a `Duration`
 /// far from its limits).
-pub const MAX_SECONDS: f64 = 7.0 * 86400.0;
+pub(crate) const MAX_SECONDS: f64 = 7.0 * 86400.0;
 
 /// A clap value parser: a number of seconds > 0, at most [`MAX_SECONDS`].
 pub fn seconds(s: &str) -> Result<f64, String> {
@@ -96,7 +96,7 @@ fn positive_at_most(s: &str, max: f64, unit: &str) -> Result<f64, String> {
 }
 
 /// A clap value parser: a fraction in [0, 1].
-pub fn unit_interval(s: &str) -> Result<f64, String> {
+pub(crate) fn unit_interval(s: &str) -> Result<f64, String> {
     let v = finite(s)?;
     if (0.0..=1.0).contains(&v) {
         Ok(v)
@@ -107,7 +107,7 @@ pub fn unit_interval(s: &str) -> Result<f64, String> {
 
 /// Checks a placement shape against [`MAX_REPLICAS`], [`MAX_GPUS`] and [`MAX_SLOTS_PER_GPU`]
 /// (`flags`: the names of the replicas and GPUs flags of the command, for the message).
-pub fn check_shape(
+pub(crate) fn check_shape(
     num_replicas: usize,
     num_gpus: usize,
     flags: (&'static str, &'static str),
@@ -134,7 +134,7 @@ pub fn check_shape(
 
 /// Bytes of host memory available to this process: `MemAvailable` of `/proc/meminfo`, lowered to
 /// the cgroup's memory limit when one is set. `None` when neither can be read.
-pub fn host_memory_available() -> Option<u128> {
+pub(crate) fn host_memory_available() -> Option<u128> {
     let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
     let available = meminfo.lines().find_map(|l| {
         let rest = l.strip_prefix("MemAvailable:")?;
@@ -151,13 +151,13 @@ pub fn host_memory_available() -> Option<u128> {
 }
 
 /// The product of `factors`, `None` on overflow (of u128).
-pub fn product(factors: &[usize]) -> Option<u128> {
+pub(crate) fn product(factors: &[usize]) -> Option<u128> {
     factors.iter().try_fold(1u128, |acc, &f| acc.checked_mul(f as u128))
 }
 
 /// Checks that `need` bytes (`None`: more than u128 holds) fit in the host memory available.
 /// Passes when the available memory cannot be read (then the allocation itself is the check).
-pub fn check_host_memory(what: &str, need: Option<u128>, detail: &str, hint: &str) -> Result<(), LimitError> {
+pub(crate) fn check_host_memory(what: &str, need: Option<u128>, detail: &str, hint: &str) -> Result<(), LimitError> {
     let Some(available) = host_memory_available() else { return Ok(()) };
     match need {
         Some(n) if n <= available => Ok(()),

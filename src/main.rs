@@ -2,6 +2,7 @@
 
 use clap::Parser;
 use eplb::cli::{Cli, Command};
+use eplb::exit::Failure;
 
 fn main() {
     eplb::failure::install_panic_hook();

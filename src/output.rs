@@ -9,6 +9,7 @@
 //!   half-written file; a symlink is followed and its target replaced, so the link stays; a
 //!   device node (`/dev/null`, `/dev/stdout`) or a FIFO is written straight into, never replaced.
 
+use crate::exit::{ExitKind, Failure};
 use std::ffi::CString;
 use std::fs::{File, Metadata, OpenOptions};
 use std::io::Write;
@@ -20,7 +21,7 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 
 /// How long [`write_output`] waits for a process to open a FIFO for reading.
-pub const FIFO_READER_WAIT: Duration = Duration::from_secs(10);
+pub(crate) const FIFO_READER_WAIT: Duration = Duration::from_secs(10);
 
 /// Symlinks followed before giving up (Linux's own limit).
 const MAX_SYMLINKS: usize = 40;
@@ -39,12 +40,14 @@ pub enum OutputError {
     NoReader { flag: &'static str, path: PathBuf },
 }
 
-impl OutputError {
-    /// 2 for a path refused before the work (bad input), 1 for a write that failed at the end.
-    pub fn exit_code(&self) -> i32 {
+/// Bad input for a path refused before the work, a runtime failure for a write that failed at the end.
+impl Failure for OutputError {
+    fn kind(&self) -> ExitKind {
         match self {
-            OutputError::SameAsInput { .. } | OutputError::IsDirectory { .. } | OutputError::NotWritable { .. } => 2,
-            OutputError::Write { .. } | OutputError::NoReader { .. } => 1,
+            OutputError::SameAsInput { .. } | OutputError::IsDirectory { .. } | OutputError::NotWritable { .. } => {
+                ExitKind::BadInput
+            }
+            OutputError::Write { .. } | OutputError::NoReader { .. } => ExitKind::Runtime,
         }
     }
 }
@@ -68,7 +71,7 @@ pub fn named<'a>(pairs: impl IntoIterator<Item = (&'static str, Option<&'a Path>
 }
 
 /// `path` with every symlink followed (also a dangling one: the place its target would be created).
-pub fn resolve_symlinks(path: &Path) -> std::io::Result<PathBuf> {
+pub(crate) fn resolve_symlinks(path: &Path) -> std::io::Result<PathBuf> {
     let mut p = path.to_path_buf();
     for _ in 0..MAX_SYMLINKS {
         match std::fs::symlink_metadata(&p) {
@@ -122,7 +125,7 @@ fn access_writable(path: &Path) -> std::io::Result<()> {
 /// output is an input or another output, none is a folder, and each can be created (a probe file
 /// is created and removed in its folder) or, for a device node or FIFO, opened for writing
 /// (checked with `access`, never opened: opening a FIFO would end its reader's input).
-pub fn check_outputs(outputs: &[Named], inputs: &[Named]) -> Result<(), OutputError> {
+pub(crate) fn check_outputs(outputs: &[Named], inputs: &[Named]) -> Result<(), OutputError> {
     for (i, out) in outputs.iter().enumerate() {
         let (flag, path) = (out.flag, out.path.to_path_buf());
         for other in inputs.iter().chain(&outputs[..i]) {
@@ -178,7 +181,7 @@ fn temp_name(target: &Path, what: &str) -> PathBuf {
 
 /// An output being written (see [`create_output`]): a temporary file beside a regular target,
 /// renamed over it by [`OutputFile::commit`]; or the device node or FIFO itself.
-pub struct OutputFile {
+pub(crate) struct OutputFile {
     flag: &'static str,
     path: PathBuf,
     /// `(temporary, target)` for a regular file; `None` for a device or FIFO.
@@ -192,7 +195,7 @@ pub struct OutputFile {
 /// stays; a device node or a FIFO is written straight into (a FIFO waits at most
 /// [`FIFO_READER_WAIT`] for a reader); a folder is refused. Dropped without a commit, the
 /// temporary file is removed and the target left as it was.
-pub fn create_output(flag: &'static str, path: &Path) -> Result<OutputFile, OutputError> {
+pub(crate) fn create_output(flag: &'static str, path: &Path) -> Result<OutputFile, OutputError> {
     let write_err = |source| OutputError::Write { flag, path: path.to_path_buf(), source };
     let target = resolve_symlinks(path).map_err(write_err)?;
     let meta = std::fs::metadata(&target).ok();
@@ -251,14 +254,14 @@ impl Drop for OutputFile {
 }
 
 /// Writes `bytes` to the output `flag path` without destroying anything (see [`create_output`]).
-pub fn write_output(flag: &'static str, path: &Path, bytes: &[u8]) -> Result<(), OutputError> {
+pub(crate) fn write_output(flag: &'static str, path: &Path, bytes: &[u8]) -> Result<(), OutputError> {
     let mut out = create_output(flag, path)?;
     out.write_all(bytes).map_err(|source| OutputError::Write { flag, path: path.to_path_buf(), source })?;
     out.commit()
 }
 
 /// Writes `value` as JSON (and a newline) with [`write_output`].
-pub fn write_json(flag: &'static str, path: &Path, value: &serde_json::Value) -> Result<(), OutputError> {
+pub(crate) fn write_json(flag: &'static str, path: &Path, value: &serde_json::Value) -> Result<(), OutputError> {
     let mut bytes = serde_json::to_vec(value).map_err(|e| OutputError::Write {
         flag,
         path: path.to_path_buf(),
@@ -274,15 +277,15 @@ pub fn write_json(flag: &'static str, path: &Path, value: &serde_json::Value) ->
 /// the final document with `"status": "ok"`, or `"failed"` and its `error`. A run that dies
 /// between the two leaves `"running"`, never a success.
 #[derive(Debug, Clone)]
-pub struct StatusReport {
+pub(crate) struct StatusReport {
     flag: &'static str,
     path: PathBuf,
 }
 
 /// `status` of a report.
-pub const STATUS_RUNNING: &str = "running";
-pub const STATUS_OK: &str = "ok";
-pub const STATUS_FAILED: &str = "failed";
+pub(crate) const STATUS_RUNNING: &str = "running";
+pub(crate) const STATUS_OK: &str = "ok";
+pub(crate) const STATUS_FAILED: &str = "failed";
 
 impl StatusReport {
     /// Writes `{"status": "running", ...extra}` to `flag path` when it is (or will be) a regular
@@ -307,10 +310,6 @@ impl StatusReport {
         StatusReport { flag, path: path.to_path_buf() }
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// Writes the final report: `doc` (an object) with `status` `ok` when `error` is `None`, else
     /// `failed` and `error`.
     pub fn finish(&self, doc: serde_json::Value, error: Option<&str>) -> Result<(), OutputError> {
@@ -319,7 +318,7 @@ impl StatusReport {
 }
 
 /// `doc` with `status` (`ok`, or `failed` with `error`) in front of its keys.
-pub fn with_status(doc: serde_json::Value, error: Option<&str>) -> serde_json::Value {
+pub(crate) fn with_status(doc: serde_json::Value, error: Option<&str>) -> serde_json::Value {
     let mut out = serde_json::Map::new();
     out.insert("status".into(), (if error.is_some() { STATUS_FAILED } else { STATUS_OK }).into());
     if let serde_json::Value::Object(m) = doc {

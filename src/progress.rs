@@ -7,7 +7,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 /// A bar of `len` items of `unit` (e.g. "layers"), prefixed with `what`; hidden when stderr is
 /// not a terminal. Finish it with [`ProgressBar::finish_and_clear`].
-pub fn bar(len: u64, what: &str, unit: &str) -> ProgressBar {
+pub(crate) fn bar(len: u64, what: &str, unit: &str) -> ProgressBar {
     let target =
         if std::io::stderr().is_terminal() { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() };
     let bar = ProgressBar::with_draw_target(Some(len), target);

@@ -53,7 +53,7 @@ pub fn install() {
 }
 
 /// The signal received, if any.
-pub fn received() -> Option<i32> {
+pub(crate) fn received() -> Option<i32> {
     match RECEIVED.load(Ordering::SeqCst) {
         0 => None,
         s => Some(s),
@@ -78,12 +78,12 @@ pub fn interrupted(sig: i32) -> String {
 ///
 /// # Safety
 /// `field` must stay valid until [`forget_region`] is called.
-pub unsafe fn watch_region(field: &AtomicU64, state: u64) {
+pub(crate) unsafe fn watch_region(field: &AtomicU64, state: u64) {
     LEFT_STATE.store(state, Ordering::SeqCst);
     SIDECAR_STATE.store(field as *const AtomicU64 as *mut AtomicU64, Ordering::SeqCst);
 }
 
 /// Stops marking the region (before it is unmapped).
-pub fn forget_region() {
+pub(crate) fn forget_region() {
     SIDECAR_STATE.store(std::ptr::null_mut(), Ordering::SeqCst);
 }

@@ -4,6 +4,7 @@
 //! every case the result is a split (per-expert sums, non-negative) whose max load is the optimum
 //! certified by a Hall set bound.
 
+use eplb::exit::Failure;
 use eplb::split::{even_quotas, gpu_loads, split_layer, SplitError};
 use serde_json::Value;
 

@@ -8,6 +8,7 @@
 //! Per rank it reports the bytes received, the transfer time and GB/s, and the stall: the time
 //! from "plan ready" to "committed" (transfer, verification, agreement, commit).
 
+use crate::exit::{ExitKind, Failure};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -17,6 +18,7 @@ use serde_json::json;
 
 use crate::collective::{Comm, MpiError, MpiRuntime};
 use crate::engine::synthetic::DriftingZipf;
+use crate::executor::fault::{Faulty, StoreFaults};
 use crate::executor::{migrate_layer, ExecError, ExpertStore, LayerMigration};
 use crate::gpu::nccl::NcclComm;
 use crate::gpu::store::NcclTuning;
@@ -92,13 +94,13 @@ pub enum BenchError {
     Output(#[from] crate::output::OutputError),
 }
 
-impl BenchError {
-    pub fn exit_code(&self) -> i32 {
+impl Failure for BenchError {
+    fn kind(&self) -> ExitKind {
         match self {
-            BenchError::Input(_) => 2,
-            BenchError::Output(e) => e.exit_code(),
-            BenchError::Gpu(e) => e.exit_code(),
-            _ => 1,
+            BenchError::Input(_) => ExitKind::BadInput,
+            BenchError::Output(e) => e.kind(),
+            BenchError::Gpu(e) => e.kind(),
+            _ => ExitKind::Runtime,
         }
     }
 }
@@ -236,7 +238,10 @@ pub fn run_bench(args: &BenchArgs) -> Result<(), BenchError> {
         // One store per size; the previous one's memory is freed first.
         let (gpu, nccl) = parts.take().expect("the GPU and communicator come back after each size");
         let initial: Vec<Vec<usize>> = (0..args.layers).map(|_| a[rank * spr..(rank + 1) * spr].to_vec()).collect();
-        let mut store = crate::executor::factory::device_store(gpu, nccl, &initial, expert_bytes, tuning)?;
+        let faults = StoreFaults { corrupt_next_stage: args.fault_corrupt_rank == Some(rank), ..Default::default() };
+        // Undecorated unless a fault is asked for: `Faulty` without faults is the store itself.
+        let mut store =
+            Faulty::new(crate::executor::factory::device_store(gpu, nccl, &initial, expert_bytes, tuning)?, faults);
         let layer_migrations = |fwd: bool| -> Vec<LayerMigration> {
             (0..args.layers)
                 .map(|l| {
@@ -246,9 +251,6 @@ pub fn run_bench(args: &BenchArgs) -> Result<(), BenchError> {
                 .collect()
         };
         let (fwd, bwd) = (layer_migrations(true), layer_migrations(false));
-        if args.fault_corrupt_rank == Some(rank) {
-            store.corrupt_next_stage();
-        }
         let mut samples: Vec<Sample> = Vec::new();
         let mut pass_seconds = Vec::new();
         for it in 0..=args.iters {
@@ -327,7 +329,7 @@ pub fn run_bench(args: &BenchArgs) -> Result<(), BenchError> {
                 }));
             }
         }
-        parts = Some(store.into_parts());
+        parts = Some(store.into_inner().into_parts());
     }
     if let Some((gpu, nccl)) = parts {
         // The communicator goes before the context it lives in.

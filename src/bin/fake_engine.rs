@@ -22,6 +22,7 @@ use eplb::engine::shm::region::{counts_kind, off, phase, sidecar_state, Layout, 
 use eplb::engine::shm::writer::{Decision, EngineRank};
 use eplb::engine::synthetic::DriftingZipf;
 use eplb::engine::{fill_expert, slot_loads};
+use eplb::exit::ExitKind;
 use eplb::manager::cost::{par_q32, PAR_ONE};
 use eplb::policy::Placement;
 use ndarray::Array2;
@@ -99,7 +100,7 @@ fn main() {
     let p = n * spr;
     if p < experts || n == 0 {
         eprintln!("eplb-fake-engine: {p} slots cannot hold {experts} experts");
-        std::process::exit(2);
+        std::process::exit(ExitKind::BadInput.code());
     }
     let initial: Vec<i32> = (0..layers * p).map(|i| ((i % p) % experts) as i32).collect();
     let haves = Arc::new(Mutex::new(vec![0u64; n]));
@@ -122,7 +123,7 @@ fn main() {
         let layout = Layout::host(&shape, &tensors);
         let rank = EngineRank::create(&args.name, &layout, &initial, fill).unwrap_or_else(|e| {
             eprintln!("eplb-fake-engine: rank {r}: {e}");
-            std::process::exit(2)
+            std::process::exit(ExitKind::BadInput.code())
         });
         ranks.push(rank);
     }
@@ -239,11 +240,15 @@ fn main() {
     if let Some(path) = &args.report {
         if let Err(e) = std::fs::write(path, serde_json::to_string_pretty(&report).unwrap_or_default()) {
             eprintln!("eplb-fake-engine: {}: {e}", path.display());
-            std::process::exit(1);
+            std::process::exit(ExitKind::Runtime.code());
         }
     }
     println!("{report}");
-    std::process::exit(if wrong == 0 && disagreements == 0 && globals_changed == 0 { 0 } else { 1 });
+    std::process::exit(if wrong == 0 && disagreements == 0 && globals_changed == 0 {
+        0
+    } else {
+        ExitKind::Runtime.code()
+    });
 }
 
 /// The tensors of one layer: three per-expert tensors (one with padded rows) and a global one.

@@ -36,12 +36,8 @@ impl HostTransport {
         HostTransport { comm, chunk_bytes: chunk_bytes.clamp(1, c_int::MAX as usize) }
     }
 
-    pub fn comm(&self) -> &Comm {
-        &self.comm
-    }
-
     /// The largest tag every MPI allows (the standard guarantees at least 32767).
-    pub const MAX_TAG: i32 = 32767;
+    pub(crate) const MAX_TAG: i32 = 32767;
 
     /// Receives every message of `recvs` into `recv_buf` and sends every message of `sends` from
     /// `send_buf`, and returns once all have completed. The peers must post the matching messages

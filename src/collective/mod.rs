@@ -15,7 +15,7 @@ use std::rc::Rc;
 use mpi::ffi;
 use thiserror::Error;
 
-pub use watchdog::Watchdog;
+pub(crate) use watchdog::Watchdog;
 
 /// An MPI call that failed, with the code MPI returned and its `MPI_Error_string`.
 #[derive(Debug, Error)]
@@ -37,13 +37,13 @@ impl MpiError {
     }
 
     /// An error that MPI did not return (a count too large for an `int`, MPI already started, ...).
-    pub fn usage(op: &'static str, message: impl Into<String>) -> Self {
+    pub(crate) fn usage(op: &'static str, message: impl Into<String>) -> Self {
         MpiError { op, code: -1, message: message.into() }
     }
 }
 
 /// `MPI_Error_string` of `code`.
-pub fn error_string(code: c_int) -> String {
+pub(crate) fn error_string(code: c_int) -> String {
     let mut buf = vec![0u8; ffi::MPI_MAX_ERROR_STRING as usize + 1];
     let mut len: c_int = 0;
     // SAFETY: the buffer holds MPI_MAX_ERROR_STRING bytes, as the standard requires.
@@ -88,14 +88,14 @@ impl MpiRuntime {
 static BLOCKING_TIMEOUT: std::sync::Mutex<Option<(usize, std::time::Duration)>> = std::sync::Mutex::new(None);
 
 /// Bounds every later blocking collective call of this process (`MPI_Comm_dup`,
-/// `MPI_Comm_split_type`) by `timeout` (see [`watchdog::Guard`]).
-pub fn set_blocking_timeout(rank: usize, timeout: std::time::Duration) {
+/// `MPI_Comm_split_type`) by `timeout` (see [`crate::guard::Guard`]).
+pub(crate) fn set_blocking_timeout(rank: usize, timeout: std::time::Duration) {
     *BLOCKING_TIMEOUT.lock().unwrap_or_else(|e| e.into_inner()) = Some((rank, timeout));
 }
 
-fn blocking_guard(op: &'static str) -> Option<watchdog::Guard> {
+fn blocking_guard(op: &'static str) -> Option<crate::guard::Guard> {
     let armed = *BLOCKING_TIMEOUT.lock().unwrap_or_else(|e| e.into_inner());
-    armed.map(|(rank, timeout)| watchdog::guard(op, rank, timeout))
+    armed.map(|(rank, timeout)| crate::guard::guard(op, rank, timeout))
 }
 
 /// The reduction of an all-reduce.
@@ -136,18 +136,18 @@ impl Comm {
     }
 
     /// Bounds every wait on this communicator (and its later duplicates) by `watchdog`.
-    pub fn set_watchdog(&mut self, watchdog: Rc<Watchdog>) {
+    pub(crate) fn set_watchdog(&mut self, watchdog: Rc<Watchdog>) {
         self.watchdog = Some(watchdog);
     }
 
     /// The watchdog attached, if any.
-    pub fn watchdog(&self) -> Option<&Rc<Watchdog>> {
+    pub(crate) fn watchdog(&self) -> Option<&Rc<Watchdog>> {
         self.watchdog.as_ref()
     }
 
     /// Waits for `requests` of `op`: through the watchdog when one is attached (a timeout error
     /// past its timeout), else `MPI_Waitall`.
-    pub fn wait_all(&self, requests: &mut [ffi::MPI_Request], op: &'static str) -> Result<(), MpiError> {
+    pub(crate) fn wait_all(&self, requests: &mut [ffi::MPI_Request], op: &'static str) -> Result<(), MpiError> {
         if requests.is_empty() {
             return Ok(());
         }
@@ -190,7 +190,7 @@ impl Comm {
     }
 
     /// The ranks that share memory with this one (one node): `MPI_Comm_split_type(SHARED)`.
-    pub fn split_shared(&self) -> Result<Comm, MpiError> {
+    pub(crate) fn split_shared(&self) -> Result<Comm, MpiError> {
         let mut raw: ffi::MPI_Comm = unsafe { ffi::RSMPI_COMM_NULL };
         let _guard = blocking_guard("MPI_Comm_split_type");
         // SAFETY: valid communicator, key = world rank keeps the order, valid out-pointer.
@@ -220,7 +220,7 @@ impl Comm {
     }
 
     /// The raw handle, for transports that post their own requests.
-    pub fn raw(&self) -> ffi::MPI_Comm {
+    pub(crate) fn raw(&self) -> ffi::MPI_Comm {
         self.raw
     }
 
@@ -252,7 +252,7 @@ impl Comm {
     }
 
     /// Gathers `mine` (the same length on every rank) from every rank, in rank order.
-    pub fn allgather_bytes(&self, mine: &[u8]) -> Result<Vec<Vec<u8>>, MpiError> {
+    pub(crate) fn allgather_bytes(&self, mine: &[u8]) -> Result<Vec<Vec<u8>>, MpiError> {
         let n = mine.len();
         let mut all = vec![0u8; n * self.size];
         let count = mpi_count(n, "MPI_Allgather")?;
@@ -275,13 +275,13 @@ impl Comm {
     }
 
     /// Gathers `mine` (the same length on every rank) from every rank, in rank order.
-    pub fn allgather_u64(&self, mine: &[u64]) -> Result<Vec<Vec<u64>>, MpiError> {
+    pub(crate) fn allgather_u64(&self, mine: &[u64]) -> Result<Vec<Vec<u64>>, MpiError> {
         let bytes: Vec<u8> = mine.iter().flat_map(|v| v.to_le_bytes()).collect();
         Ok(self.allgather_bytes(&bytes)?.iter().map(|r| le_words(r)).collect())
     }
 
     /// The ranks that set `flag`, in rank order (every rank learns them: one all-gather).
-    pub fn ranks_where(&self, flag: bool) -> Result<Vec<usize>, MpiError> {
+    pub(crate) fn ranks_where(&self, flag: bool) -> Result<Vec<usize>, MpiError> {
         Ok(self
             .allgather_u64(&[u64::from(flag)])?
             .iter()
@@ -295,7 +295,7 @@ impl Comm {
     /// failed, in rank order, and the largest code (0 when none failed). The set-up agreements
     /// (`run`'s and the executor factory's) share it, so that no rank goes on into a collective
     /// call that a failed rank will never make.
-    pub fn failed_ranks(&self, code: u64) -> Result<(Vec<usize>, u64), MpiError> {
+    pub(crate) fn failed_ranks(&self, code: u64) -> Result<(Vec<usize>, u64), MpiError> {
         let codes: Vec<u64> = self.allgather_u64(&[code])?.iter().map(|c| c[0]).collect();
         let failed = (0..codes.len()).filter(|&r| codes[r] != 0).collect();
         Ok((failed, codes.iter().copied().max().unwrap_or(0)))
@@ -303,7 +303,7 @@ impl Comm {
 
     /// Gathers one text from every rank, in rank order, each cut to `max_bytes` (at a character
     /// boundary). Collective: one all-gather of `max_bytes` a rank.
-    pub fn allgather_text(&self, text: &str, max_bytes: usize) -> Result<Vec<String>, MpiError> {
+    pub(crate) fn allgather_text(&self, text: &str, max_bytes: usize) -> Result<Vec<String>, MpiError> {
         let mut end = text.len().min(max_bytes);
         while !text.is_char_boundary(end) {
             end -= 1;
@@ -331,7 +331,7 @@ impl Comm {
     /// Ends every rank of the job (`MPI_Abort`): for a failure that the other ranks cannot see and
     /// would wait on forever. It ends the whole job, whichever communicator it is called on
     /// ([`crate::failure::abort_job`]).
-    pub fn abort(&self, code: i32) -> ! {
+    pub(crate) fn abort(&self, code: i32) -> ! {
         crate::failure::abort_job(code)
     }
 
@@ -348,7 +348,7 @@ impl Comm {
 
     /// Plan agreement: the minimum and maximum over ranks of `hash`, in one all-reduce (max of
     /// `hash` and of `!hash`).
-    pub fn agree_hash(&self, hash: u64) -> Result<HashAgreement, MpiError> {
+    pub(crate) fn agree_hash(&self, hash: u64) -> Result<HashAgreement, MpiError> {
         let r = self.allreduce_u64(&[hash, !hash], ReduceOp::Max)?;
         Ok(HashAgreement { min: !r[1], max: r[0] })
     }
@@ -364,13 +364,13 @@ impl Drop for Comm {
 }
 
 /// The little-endian u64 words of `bytes` (a trailing partial word is dropped).
-pub fn le_words(bytes: &[u8]) -> Vec<u64> {
+pub(crate) fn le_words(bytes: &[u8]) -> Vec<u64> {
     bytes.chunks_exact(8).map(|w| u64::from_le_bytes(w.try_into().expect("chunks of 8 bytes"))).collect()
 }
 
 /// The minimum and maximum of a hash over all ranks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HashAgreement {
+pub(crate) struct HashAgreement {
     pub min: u64,
     pub max: u64,
 }

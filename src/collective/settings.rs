@@ -14,7 +14,7 @@ use super::{Comm, MpiError};
 const VALUE_BYTES: usize = 96;
 
 #[derive(Debug, Error)]
-pub enum SettingsError {
+pub(crate) enum SettingsError {
     #[error(transparent)]
     Mpi(#[from] MpiError),
     /// The ranks' settings differ; one line per setting that differs.
@@ -24,7 +24,7 @@ pub enum SettingsError {
 
 /// One setting: its flag (or the shape it names) and its value as text.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Setting {
+pub(crate) struct Setting {
     pub name: String,
     pub value: String,
 }
@@ -50,7 +50,7 @@ fn setting_hash(s: &Setting) -> u64 {
 /// with the same values). Collective over `comm`; every rank returns the same result. On a
 /// difference, the error names each setting that differs: `--num-experts differs: rank 0 has
 /// 64, rank 2 has 32` (the first rank with each distinct value).
-pub fn agree_on_settings(comm: &Comm, settings: &[Setting]) -> Result<(), SettingsError> {
+pub(crate) fn agree_on_settings(comm: &Comm, settings: &[Setting]) -> Result<(), SettingsError> {
     let hashes: Vec<u64> = settings.iter().map(setting_hash).collect();
     let all =
         hashes.iter().fold(fnv(FNV_START, &(settings.len() as u64).to_le_bytes()), |h, s| fnv(h, &s.to_le_bytes()));

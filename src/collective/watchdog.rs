@@ -19,18 +19,19 @@ use std::time::{Duration, Instant};
 use mpi::ffi;
 
 use super::{check, Comm, MpiError};
+use crate::guard::{guard, Guard};
 
 /// Default of `--timeout`, in seconds.
-pub const DEFAULT_TIMEOUT_SECONDS: f64 = 120.0;
+pub(crate) const DEFAULT_TIMEOUT_SECONDS: f64 = 120.0;
 
 /// The code of a timeout in [`MpiError::code`] (MPI's own codes are >= 0).
-pub const TIMEOUT_CODE: i32 = -2;
+pub(crate) const TIMEOUT_CODE: i32 = -2;
 
 const TAG_PING: c_int = 1;
 const TAG_PONG: c_int = 2;
 
 /// Bounds every wait of the ranks on each other (see the module documentation).
-pub struct Watchdog {
+pub(crate) struct Watchdog {
     timeout: Duration,
     /// A communicator of the watchdog's own, for pings and their answers.
     comm: Comm,
@@ -53,10 +54,6 @@ impl Watchdog {
         };
         w.post_ping_recv()?;
         Ok(w)
-    }
-
-    pub fn timeout(&self) -> Duration {
-        self.timeout
     }
 
     fn post_ping_recv(&self) -> Result<(), MpiError> {
@@ -142,7 +139,7 @@ impl Watchdog {
 
     /// Calls `poll` until it returns `Ok(true)` (done) or an error, answering pings meanwhile; past
     /// the timeout, names the ranks that do not answer and returns a timeout error of `op`.
-    pub fn poll_until<E: From<MpiError>>(
+    pub(crate) fn poll_until<E: From<MpiError>>(
         &self,
         op: &'static str,
         mut poll: impl FnMut() -> Result<bool, E>,
@@ -231,61 +228,10 @@ impl Watchdog {
     }
 }
 
-/// Bounds one blocking call that cannot be polled (`ncclCommInitRank`, `MPI_Comm_dup`): while it
-/// lives, a thread waits for it to be dropped; past the timeout, it prints which call on which rank
-/// did not return and ends the process with exit code 1 (the launcher then ends the job).
-pub struct Guard {
-    state: std::sync::Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
 impl Watchdog {
     /// A [`Guard`] of `op` with this watchdog's timeout.
-    pub fn guard(&self, op: &'static str) -> Guard {
+    pub(crate) fn guard(&self, op: &'static str) -> Guard {
         guard(op, self.comm.rank(), self.timeout)
-    }
-}
-
-/// A [`Guard`] of `op` on `rank`, which ends the process after `timeout`.
-pub fn guard(op: &'static str, rank: usize, timeout: Duration) -> Guard {
-    Guard::new(
-        format!(
-            "eplb-worker run: rank {rank}: error: {op} did not return within {:.0} s (--timeout): a peer is stopped, \
-             killed or stuck; ending the job",
-            timeout.as_secs_f64()
-        ),
-        timeout,
-    )
-}
-
-impl Guard {
-    /// A guard that, unless dropped within `timeout`, prints `message` and ends the process with
-    /// exit code 1 (the launcher then ends the other ranks).
-    pub fn new(message: String, timeout: Duration) -> Guard {
-        let state = std::sync::Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
-        let shared = state.clone();
-        let thread = std::thread::spawn(move || {
-            let (lock, cv) = &*shared;
-            let done = lock.lock().unwrap_or_else(|e| e.into_inner());
-            let (done, _) = cv.wait_timeout_while(done, timeout, |d| !*d).unwrap_or_else(|e| e.into_inner());
-            if !*done {
-                eprintln!("{message}");
-                // SAFETY: ends the process at once; the launcher ends the other ranks.
-                unsafe { libc::_exit(1) }
-            }
-        });
-        Guard { state, thread: Some(thread) }
-    }
-}
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let (lock, cv) = &*self.state;
-        *lock.lock().unwrap_or_else(|e| e.into_inner()) = true;
-        cv.notify_all();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 
@@ -327,7 +273,7 @@ impl Drop for Watchdog {
 
 impl MpiError {
     /// Whether this is the watchdog's timeout (see [`Watchdog`]).
-    pub fn is_timeout(&self) -> bool {
+    pub(crate) fn is_timeout(&self) -> bool {
         self.code == TIMEOUT_CODE
     }
 }

@@ -9,9 +9,11 @@ pub mod shm;
 pub mod source;
 pub mod synthetic;
 
-pub use source::{logical_from_slots, slot_loads, LoadSource};
-pub use synthetic::SyntheticEngine;
+pub use source::slot_loads;
+pub(crate) use source::{logical_from_slots, LoadSource};
+pub(crate) use synthetic::SyntheticEngine;
 
+use crate::exit::{ExitKind, Failure};
 use ndarray::Array2;
 use thiserror::Error;
 
@@ -29,12 +31,11 @@ pub enum EngineError {
     Failed(String),
 }
 
-impl EngineError {
-    /// 2 for bad input, 1 for a runtime failure.
-    pub fn exit_code(&self) -> i32 {
+impl Failure for EngineError {
+    fn kind(&self) -> ExitKind {
         match self {
-            EngineError::BadInput(_) => 2,
-            EngineError::Failed(_) => 1,
+            EngineError::BadInput(_) => ExitKind::BadInput,
+            EngineError::Failed(_) => ExitKind::Runtime,
         }
     }
 }
@@ -112,13 +113,13 @@ pub fn pattern_word(layer: usize, expert: usize, word: u64) -> u64 {
 
 /// The part of [`pattern_word`] that depends on (layer, expert) only: compute it once per expert.
 #[inline]
-pub fn expert_seed(layer: usize, expert: usize) -> u64 {
+pub(crate) fn expert_seed(layer: usize, expert: usize) -> u64 {
     splitmix64(((layer as u64) << 32) ^ expert as u64)
 }
 
 /// [`pattern_word`] from the expert's [`expert_seed`].
 #[inline]
-pub fn pattern_word_seeded(seed: u64, word: u64) -> u64 {
+pub(crate) fn pattern_word_seeded(seed: u64, word: u64) -> u64 {
     splitmix64(seed ^ word)
 }
 

@@ -14,7 +14,7 @@ use crate::policy::Placement;
 
 /// The load the synthetic engine replays.
 #[derive(Debug, Clone)]
-pub enum LoadSource {
+pub(crate) enum LoadSource {
     /// Each step replays the next step of the trace, wrapping around.
     Trace(LoadTrace),
     /// The built-in zipf-like hot experts that drift over time.
@@ -37,7 +37,7 @@ impl LoadSource {
     }
 
     /// The global load of step `step`: `[layers, num_logical]`.
-    pub fn global_step(&self, step: usize) -> Array2<u64> {
+    pub(crate) fn global_step(&self, step: usize) -> Array2<u64> {
         match self {
             LoadSource::Trace(t) => t.steps[step % t.num_steps().max(1)].clone(),
             LoadSource::Zipf(z) => z.step(step),
@@ -45,7 +45,7 @@ impl LoadSource {
     }
 
     /// One line for the header.
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         match self {
             LoadSource::Trace(t) => format!(
                 "trace {} ({}{}, {} steps, replayed in a loop)",
@@ -90,7 +90,7 @@ pub fn slot_loads(global: ArrayView2<u64>, placement: &Placement, rank: usize, s
 /// num_physical]`, this rank's view of every physical slot (`counts_kind` 1: column `p` is
 /// physical slot `p`). Summed over the ranks, either gives the global per-physical load, and so
 /// the same logical load (with one rank the two shapes coincide, and so do their meanings).
-pub fn logical_from_slots(
+pub(crate) fn logical_from_slots(
     slots: ArrayView2<u64>,
     placement: &Placement,
     rank: usize,

@@ -18,7 +18,7 @@ use crate::policy::Placement;
 /// The synthetic engine: every rank replays the same global load (`source`), routes it on the
 /// live placement and counts its own slots ([`slot_loads`]); its weights are the pattern of
 /// [`super::pattern_word`], in host or GPU memory (`store`).
-pub struct SyntheticEngine {
+pub(crate) struct SyntheticEngine {
     source: LoadSource,
     initial: Placement,
     store: Box<dyn ExpertStore>,
@@ -41,10 +41,6 @@ impl SyntheticEngine {
     pub fn paced(mut self, step_ms: Option<f64>) -> Self {
         self.pace = step_ms.filter(|&ms| ms > 0.0).map(|ms| Duration::from_secs_f64(ms / 1e3));
         self
-    }
-
-    pub fn source(&self) -> &LoadSource {
-        &self.source
     }
 }
 

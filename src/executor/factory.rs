@@ -10,11 +10,16 @@
 //!
 //! A new weight location or transport is one file (its memory) and one arm here: [`Weights`] or
 //! [`Transport`] gets a variant, [`open`] and [`finish`] an arm.
+//!
+//! Faults (tests) are decorators the factory puts around the store it built when
+//! [`StoreSpec::faults`] asks for one ([`super::fault`]); the stores themselves have no fault hook.
 
+use crate::exit::{ExitKind, Failure};
 use std::sync::Arc;
 
 use thiserror::Error;
 
+pub(crate) use super::fault::{decorate, StoreFaults};
 use super::host::{HostExpertStore, HostStore};
 use super::verify::Verification;
 use super::{ExecError, ExpertStore};
@@ -50,11 +55,13 @@ pub enum Transport {
     Nccl { tuning: NcclTuning },
 }
 
-/// What to build: the weights, the transport, and a communicator of the store's own.
+/// What to build: the weights, the transport, a communicator of the store's own, and the faults
+/// to inject (tests; none in production: the store is then returned undecorated).
 pub struct StoreSpec {
     pub weights: Weights,
     pub transport: Transport,
     pub comm: Comm,
+    pub faults: StoreFaults,
 }
 
 /// Errors of a store's set-up.
@@ -73,14 +80,14 @@ pub enum StoreError {
     Peers { ranks: String, code: i32 },
 }
 
-impl StoreError {
-    /// 2 for bad input (a missing GPU or driver, a table the driver contradicts), 1 otherwise.
-    pub fn exit_code(&self) -> i32 {
+/// Bad input for a missing GPU or driver or a table the driver contradicts, else a runtime failure.
+impl Failure for StoreError {
+    fn kind(&self) -> ExitKind {
         match self {
-            StoreError::Gpu(e) => e.exit_code(),
-            StoreError::Exec(_) | StoreError::Mpi(_) => 1,
-            StoreError::Config(_) => 2,
-            StoreError::Peers { code, .. } => *code,
+            StoreError::Gpu(e) => e.kind(),
+            StoreError::Exec(_) | StoreError::Mpi(_) => ExitKind::Runtime,
+            StoreError::Config(_) => ExitKind::BadInput,
+            StoreError::Peers { code, .. } => ExitKind::from_code(*code),
         }
     }
 }
@@ -90,29 +97,36 @@ pub enum Opened {
     /// Needs nothing collective.
     Ready(Box<dyn ExpertStore>),
     /// The GPU is open; the communicator and the store come in [`finish`].
-    Device { gpu: Gpu, comm: Comm, experts: Vec<Vec<usize>>, expert_bytes: usize, tuning: NcclTuning },
+    Device {
+        gpu: Gpu,
+        comm: Comm,
+        experts: Vec<Vec<usize>>,
+        expert_bytes: usize,
+        tuning: NcclTuning,
+        faults: StoreFaults,
+    },
     /// The engine's GPU and its handles are open.
-    DeviceIpc { gpu: Gpu, comm: Comm, memory: IpcMemory, switch: ShmSwitch, tuning: NcclTuning },
+    DeviceIpc { gpu: Gpu, comm: Comm, memory: IpcMemory, switch: ShmSwitch, tuning: NcclTuning, faults: StoreFaults },
 }
 
 /// The local part of a store's set-up (nothing collective).
 pub fn open(spec: StoreSpec) -> Result<Opened, StoreError> {
-    let StoreSpec { weights, transport, comm } = spec;
+    let StoreSpec { weights, transport, comm, faults } = spec;
     match (weights, transport) {
         (Weights::Heap { experts, expert_bytes }, Transport::Host { chunk_bytes }) => {
             let store = HostExpertStore::new(HostTransport::new(comm, chunk_bytes), expert_bytes, &experts)?;
-            Ok(Opened::Ready(Box::new(store)))
+            Ok(Opened::Ready(decorate(store, faults)))
         }
         (Weights::Device { gpu, experts, expert_bytes }, Transport::Nccl { tuning }) => {
             let (layers, spr) = (experts.len(), experts.first().map_or(0, Vec::len));
             // Before the NCCL set-up that every peer joins: a store that cannot fit fails here.
             DeviceExpertStore::check_fits(&gpu, layers, spr, expert_bytes)?;
-            Ok(Opened::Device { gpu, comm, experts, expert_bytes, tuning })
+            Ok(Opened::Device { gpu, comm, experts, expert_bytes, tuning, faults })
         }
         (Weights::Region { region, switch }, Transport::Host { chunk_bytes }) => {
             let memory = ShmSlots::new(region, switch);
             let store = HostStore::with_memory(memory, HostTransport::new(comm, chunk_bytes), Verification::Checksum)?;
-            Ok(Opened::Ready(Box::new(store)))
+            Ok(Opened::Ready(decorate(store, faults)))
         }
         (Weights::DeviceIpc { region, switch }, Transport::Nccl { tuning }) => {
             let l = &region.layout;
@@ -128,7 +142,7 @@ pub fn open(spec: StoreSpec) -> Result<Opened, StoreError> {
                 w.handles.len(),
                 memory.mappings.len()
             );
-            Ok(Opened::DeviceIpc { gpu, comm, memory, switch, tuning })
+            Ok(Opened::DeviceIpc { gpu, comm, memory, switch, tuning, faults })
         }
         (Weights::Heap { .. } | Weights::Region { .. }, Transport::Nccl { .. }) => Err(StoreError::Config(
             "these weights are in host memory: they move with the host transport (--transport host or auto)".into(),
@@ -143,20 +157,20 @@ pub fn open(spec: StoreSpec) -> Result<Opened, StoreError> {
 pub fn finish(opened: Opened) -> Result<Box<dyn ExpertStore>, StoreError> {
     Ok(match opened {
         Opened::Ready(store) => store,
-        Opened::Device { gpu, comm, experts, expert_bytes, tuning } => {
+        Opened::Device { gpu, comm, experts, expert_bytes, tuning, faults } => {
             let nccl = NcclComm::bootstrap(&comm)?;
-            Box::new(DeviceExpertStore::new(gpu, nccl, &experts, expert_bytes, tuning)?)
+            decorate(DeviceExpertStore::new(gpu, nccl, &experts, expert_bytes, tuning)?, faults)
         }
-        Opened::DeviceIpc { gpu, comm, memory, switch, tuning } => {
+        Opened::DeviceIpc { gpu, comm, memory, switch, tuning, faults } => {
             let nccl = NcclComm::bootstrap(&comm)?;
-            Box::new(DeviceExpertStore::over_engine(gpu, nccl, memory, Box::new(switch), tuning)?)
+            decorate(DeviceExpertStore::over_engine(gpu, nccl, memory, Box::new(switch), tuning)?, faults)
         }
     })
 }
 
 /// A synthetic device store on a GPU and communicator that already exist (the migration
 /// benchmark builds one store per expert size on the same GPU and communicator).
-pub fn device_store(
+pub(crate) fn device_store(
     gpu: Gpu,
     nccl: NcclComm,
     experts: &[Vec<usize>],

@@ -10,6 +10,7 @@
 
 use std::time::Instant;
 
+use super::fault::FlipStaged;
 use super::memory::{HeapSlots, SlotMemory};
 use super::verify::{checksum, Verification, Verifier};
 use super::{Commit, ExecError, ExpertStore, RankMigration, StageTiming};
@@ -23,8 +24,6 @@ pub struct HostStore<M: SlotMemory> {
     transport: HostTransport,
     verification: Verification,
     verifier: Verifier,
-    /// Fault injection (tests): flip a byte of the next staged slot.
-    corrupt_next_stage: bool,
 }
 
 /// The synthetic engine's store: heap memory filled with every expert's pattern.
@@ -54,20 +53,16 @@ impl HostStore<HeapSlots> {
         }
         HostStore::with_memory(memory, transport, Verification::ChecksumAndPattern)
     }
-
-    /// Fault injection: flips one byte of a live slot.
-    pub fn corrupt_live(&mut self, layer: usize, slot: usize) {
-        let eb = self.memory.expert_bytes();
-        if let Some(b) = self.memory.live_mut(layer).ok().and_then(|l| l.get_mut(slot * eb)) {
-            *b ^= 0xff;
-        }
-    }
 }
 
 impl<M: SlotMemory> HostStore<M> {
     /// A store over `memory`. Its expert size must be positive and its slots fit the transport's
     /// tags.
-    pub fn with_memory(memory: M, transport: HostTransport, verification: Verification) -> Result<Self, ExecError> {
+    pub(crate) fn with_memory(
+        memory: M,
+        transport: HostTransport,
+        verification: Verification,
+    ) -> Result<Self, ExecError> {
         let eb = memory.expert_bytes();
         if eb == 0 {
             return Err(ExecError::Other("the expert size is 0 bytes".into()));
@@ -79,15 +74,11 @@ impl<M: SlotMemory> HostStore<M> {
             )));
         }
         let verifier = Verifier::new(memory.num_layers(), memory.slots_per_rank(), eb);
-        Ok(HostStore { memory, transport, verification, verifier, corrupt_next_stage: false })
+        Ok(HostStore { memory, transport, verification, verifier })
     }
 
     pub fn memory(&self) -> &M {
         &self.memory
-    }
-
-    pub fn memory_mut(&mut self) -> &mut M {
-        &mut self.memory
     }
 }
 
@@ -147,12 +138,6 @@ impl<M: SlotMemory> ExpertStore for HostStore<M> {
             self.memory.gather_staging(c.src_slot, &mut expert);
             self.memory.scatter_staging(c.dst_slot, &expert);
         }
-        if self.corrupt_next_stage {
-            if let Some(&slot) = m.changed_slots.first() {
-                self.memory.staging_row_mut(0, slot)[0] ^= 0x5a;
-                self.corrupt_next_stage = false;
-            }
-        }
         Ok(StageTiming { transfer_seconds: start.elapsed().as_secs_f64(), verify_seconds: 0.0 })
     }
 
@@ -179,11 +164,6 @@ impl<M: SlotMemory> ExpertStore for HostStore<M> {
         Ok(self.memory.globals_hash())
     }
 
-    /// The next stage that changes a slot flips one of its bytes.
-    fn corrupt_next_stage(&mut self) {
-        self.corrupt_next_stage = true;
-    }
-
     /// The pattern where the weights have one; otherwise the live slots must still have the
     /// checksums they had at the first call, or that their last commit gave them.
     fn verify_live(&mut self, layer: usize, experts: &[usize]) -> Result<u64, ExecError> {
@@ -207,5 +187,13 @@ impl<M: SlotMemory> ExpertStore for HostStore<M> {
                 Ok(self.verifier.live_wrong(layer, now))
             }
         }
+    }
+}
+
+/// Fault injection ([`super::fault`]): one byte of the staged slot's first row.
+impl<M: SlotMemory> FlipStaged for HostStore<M> {
+    fn flip_staged(&mut self, slot: usize) -> Result<(), ExecError> {
+        self.memory.staging_row_mut(0, slot)[0] ^= 0x5a;
+        Ok(())
     }
 }

@@ -53,7 +53,7 @@ impl ExpertRows {
         self.spans.len().saturating_sub(1)
     }
 
-    pub fn num_tensors(&self) -> usize {
+    pub(crate) fn num_tensors(&self) -> usize {
         self.row_bytes.len()
     }
 
@@ -69,13 +69,8 @@ impl ExpertRows {
     }
 
     /// The staging row `slot` of tensor `t`.
-    pub fn staging_row(&self, t: usize, slot: usize) -> (u64, usize) {
+    pub(crate) fn staging_row(&self, t: usize, slot: usize) -> (u64, usize) {
         self.row(self.num_layers(), t, slot)
-    }
-
-    /// Where tensor `t`'s row starts inside the concatenated expert.
-    pub fn offset_in_expert(&self, t: usize) -> usize {
-        self.row_bytes[..t].iter().sum()
     }
 }
 
@@ -148,7 +143,7 @@ pub trait SlotMemory {
 /// step boundary after an agreement (`crate::engine::shm::apply::ShmSwitch`, the contract's
 /// switch protocol). Collective: every rank calls it for the same layer, and every rank returns
 /// the same [`Commit`].
-pub trait EngineSwitch {
+pub(crate) trait EngineSwitch {
     fn commit(&mut self, m: &RankMigration) -> Result<Commit, ExecError>;
 }
 
@@ -182,7 +177,7 @@ impl HeapSlots {
     }
 
     /// The live slots of `layer`, writable: for filling the initial weights (and fault injection).
-    pub fn live_mut(&mut self, layer: usize) -> Result<&mut [u8], ExecError> {
+    pub(crate) fn live_mut(&mut self, layer: usize) -> Result<&mut [u8], ExecError> {
         let layers = self.rows.num_layers();
         if layer >= layers {
             return Err(out_of_range(layer, layers));

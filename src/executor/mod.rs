@@ -21,15 +21,16 @@
 //! [`factory`], from where the weights live and the transport.
 
 pub mod factory;
+pub mod fault;
 pub mod host;
 pub mod memory;
 pub mod plan;
 pub mod verify;
 
-pub use host::{HostExpertStore, HostStore};
-pub use memory::{EngineSwitch, HeapSlots, SlotMemory};
-pub use plan::{LayerMigration, LocalCopy, RankMigration, Transfer};
-pub use verify::{Verification, Verifier};
+pub use host::HostExpertStore;
+pub(crate) use memory::{EngineSwitch, SlotMemory};
+pub use plan::LayerMigration;
+pub(crate) use plan::RankMigration;
 
 use std::time::Instant;
 
@@ -115,9 +116,6 @@ pub trait ExpertStore {
     /// Bytes of the live slots of `layer` that differ from the content of `experts`
     /// (`[slots_per_rank]`, the expert each local slot must hold).
     fn verify_live(&mut self, layer: usize, experts: &[usize]) -> Result<u64, ExecError>;
-    /// Test hook: the next [`ExpertStore::stage`] flips staged bytes, so that verification must
-    /// fail and nothing may be committed.
-    fn corrupt_next_stage(&mut self);
     /// A hash of the engine's global tensors (never moved, never written by eplb), to prove them
     /// untouched: `None` when the store has none.
     fn globals_hash(&mut self) -> Result<Option<u64>, ExecError> {
@@ -144,7 +142,7 @@ pub struct LayerStats {
 
 /// A layer staged and verified on every rank, ready for [`ExpertStore::commit`].
 #[derive(Debug)]
-pub struct Staged {
+pub(crate) struct Staged {
     /// This rank's part of the migration.
     pub part: RankMigration,
     /// Over all ranks; `seconds` counts up to the agreement, the caller adds the commit.
@@ -164,7 +162,7 @@ impl Staged {
 /// When any rank saw a wrong byte or failed, every rank returns [`ExecError::Verification`] or
 /// [`ExecError::PeerFailed`] alike, and nothing may be committed. Collective over `comm`: every
 /// rank calls it with the same `migration`.
-pub fn stage_layer(
+pub(crate) fn stage_layer(
     store: &mut dyn ExpertStore,
     comm: &Comm,
     migration: &LayerMigration,

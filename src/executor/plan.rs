@@ -135,7 +135,7 @@ impl LayerMigration {
     }
 
     /// Rank `rank`'s part.
-    pub fn for_rank(&self, rank: usize) -> RankMigration {
+    pub(crate) fn for_rank(&self, rank: usize) -> RankMigration {
         let recvs: Vec<Transfer> = self.transfers.iter().filter(|t| t.dst_rank == rank).copied().collect();
         let sends: Vec<Transfer> = self.transfers.iter().filter(|t| t.src_rank == rank).copied().collect();
         let local_copies = self.local_copies[rank].clone();

@@ -17,7 +17,7 @@ pub fn checksum(bytes: &[u8]) -> u64 {
 
 /// How staged (and live) expert bytes are checked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verification {
+pub(crate) enum Verification {
     /// A real engine's weights: against the checksum the sender computed over the bytes it sent.
     Checksum,
     /// The synthetic engine's weights: the checksum, and the pattern of
@@ -30,7 +30,7 @@ impl Verification {
     /// sender computed `sent` over the bytes it sent. The pattern check counts the bytes that
     /// differ; a checksum mismatch alone cannot say which bytes are wrong, so it counts every
     /// byte of the slot.
-    pub fn staged_wrong(self, buf: &[u8], layer: usize, expert: usize, sent: u64) -> u64 {
+    pub(crate) fn staged_wrong(self, buf: &[u8], layer: usize, expert: usize, sent: u64) -> u64 {
         let pattern = match self {
             Verification::Checksum => 0,
             Verification::ChecksumAndPattern => wrong_bytes(buf, layer, expert),
@@ -49,7 +49,7 @@ impl Verification {
 /// host store keeps one XXH3 of the whole expert, the GPU store one sum per per-expert tensor.
 /// Any mismatch of a slot counts its `expert_bytes` (a checksum cannot say which bytes differ).
 #[derive(Debug, Clone)]
-pub struct Verifier {
+pub(crate) struct Verifier {
     expert_bytes: u64,
     /// `[slots_per_rank]`: what each staged slot must hold (its sender's sums).
     expected: Vec<Vec<u64>>,
@@ -72,7 +72,7 @@ impl Verifier {
     }
 
     /// A staged copy: `dst` must hold what `src` holds.
-    pub fn expect_copy(&mut self, src: usize, dst: usize) {
+    pub(crate) fn expect_copy(&mut self, src: usize, dst: usize) {
         self.expected[dst] = self.expected[src].clone();
     }
 
@@ -81,7 +81,7 @@ impl Verifier {
     }
 
     /// Wrong bytes of staged slot `slot` whose bytes sum to `landed`.
-    pub fn staged_wrong(&self, slot: usize, landed: &[u64]) -> u64 {
+    pub(crate) fn staged_wrong(&self, slot: usize, landed: &[u64]) -> u64 {
         if self.expected[slot] == landed {
             0
         } else {
@@ -100,7 +100,7 @@ impl Verifier {
 
     /// Wrong bytes of `layer`'s live slots whose sums are `now` (`[slots_per_rank]`): against
     /// the sums known for them (the first call learns them).
-    pub fn live_wrong(&mut self, layer: usize, now: Vec<Vec<u64>>) -> u64 {
+    pub(crate) fn live_wrong(&mut self, layer: usize, now: Vec<Vec<u64>>) -> u64 {
         let eb = self.expert_bytes;
         let known = self.live[layer].get_or_insert_with(|| now.clone());
         known.iter().zip(&now).filter(|(a, b)| a != b).count() as u64 * eb
@@ -108,7 +108,7 @@ impl Verifier {
 }
 
 /// XXH3-64 of byte slices taken as one concatenation (an expert's rows, a global tensor's rows).
-pub fn checksum_parts<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> u64 {
+pub(crate) fn checksum_parts<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> u64 {
     let mut h = xxhash_rust::xxh3::Xxh3::new();
     for p in parts {
         h.update(p);

@@ -17,7 +17,7 @@ const MAX_BLOCKS: u64 = 132 * 16;
 
 /// The GPU a rank uses: its local rank's, or the only one visible (e.g. `CUDA_VISIBLE_DEVICES`
 /// set per task by Slurm).
-pub fn select_device(local_rank: usize) -> Result<usize, GpuError> {
+pub(crate) fn select_device(local_rank: usize) -> Result<usize, GpuError> {
     let visible = CudaContext::device_count().map_err(cuda_err("cuDeviceGetCount"))?.max(0) as usize;
     match visible {
         0 => Err(GpuError::NoGpu { local_rank, visible }),
@@ -29,7 +29,7 @@ pub fn select_device(local_rank: usize) -> Result<usize, GpuError> {
 
 /// A device allocation, freed on drop.
 #[derive(Debug)]
-pub struct DeviceBuffer {
+pub(crate) struct DeviceBuffer {
     pub ptr: sys::CUdeviceptr,
     pub bytes: usize,
 }
@@ -89,7 +89,7 @@ impl Gpu {
     }
 
     /// The dedicated stream's raw handle.
-    pub fn stream(&self) -> sys::CUstream {
+    pub(crate) fn stream(&self) -> sys::CUstream {
         self.stream.cu_stream()
     }
 
@@ -99,7 +99,7 @@ impl Gpu {
     }
 
     /// Allocates `bytes` of device memory.
-    pub fn alloc(&self, bytes: usize) -> Result<DeviceBuffer, GpuError> {
+    pub(crate) fn alloc(&self, bytes: usize) -> Result<DeviceBuffer, GpuError> {
         self.bind()?;
         if bytes == 0 {
             return Ok(DeviceBuffer { ptr: 0, bytes: 0 });
@@ -110,7 +110,7 @@ impl Gpu {
     }
 
     /// Waits for everything queued on the stream.
-    pub fn synchronize(&self) -> Result<(), GpuError> {
+    pub(crate) fn synchronize(&self) -> Result<(), GpuError> {
         // SAFETY: a valid stream of this context.
         unsafe { result::stream::synchronize(self.stream()) }.map_err(cuda_err("cuStreamSynchronize"))
     }
@@ -130,7 +130,7 @@ impl Gpu {
     }
 
     /// Queues: `dst[0..bytes)` = the pattern of (layer, expert). `bytes` is a multiple of 8.
-    pub fn fill_pattern(
+    pub(crate) fn fill_pattern(
         &self,
         dst: sys::CUdeviceptr,
         bytes: usize,
@@ -148,7 +148,7 @@ impl Gpu {
     }
 
     /// Queues: `*counter += bytes of src[0..bytes) that differ from the pattern of (layer, expert)`.
-    pub fn count_wrong(
+    pub(crate) fn count_wrong(
         &self,
         src: sys::CUdeviceptr,
         bytes: usize,
@@ -184,7 +184,7 @@ impl Gpu {
     }
 
     /// Reads `out.len()` device u64s at `src` (waits for the stream first).
-    pub fn read_u64s(&self, src: sys::CUdeviceptr, out: &mut [u64]) -> Result<(), GpuError> {
+    pub(crate) fn read_u64s(&self, src: sys::CUdeviceptr, out: &mut [u64]) -> Result<(), GpuError> {
         if out.is_empty() {
             return Ok(());
         }
@@ -197,13 +197,13 @@ impl Gpu {
     }
 
     /// Queues `counter = 0`.
-    pub fn zero_u64(&self, counter: sys::CUdeviceptr) -> Result<(), GpuError> {
+    pub(crate) fn zero_u64(&self, counter: sys::CUdeviceptr) -> Result<(), GpuError> {
         // SAFETY: `counter` points at 8 bytes of this context's memory.
         unsafe { result::memset_d8_async(counter, 0, 8, self.stream()) }.map_err(cuda_err("cuMemsetD8Async"))
     }
 
     /// Reads a device u64 (waits for the stream first).
-    pub fn read_u64(&self, src: sys::CUdeviceptr) -> Result<u64, GpuError> {
+    pub(crate) fn read_u64(&self, src: sys::CUdeviceptr) -> Result<u64, GpuError> {
         let mut out = [0u64; 1];
         // SAFETY: `src` points at 8 bytes of this context's memory; the copy is synchronous
         // after the stream has drained.
@@ -215,7 +215,7 @@ impl Gpu {
     }
 
     /// Free and total device memory in bytes.
-    pub fn mem_info(&self) -> Result<(usize, usize), GpuError> {
+    pub(crate) fn mem_info(&self) -> Result<(usize, usize), GpuError> {
         self.bind()?;
         result::mem_get_info().map_err(cuda_err("cuMemGetInfo"))
     }

@@ -25,7 +25,7 @@ use crate::executor::memory::ExpertRows;
 
 /// The ordinal (in this process's view) of the GPU with PCI bus id `bus_id`, checked against
 /// `uuid` (all zeros: not checked).
-pub fn device_by_pci(bus_id: &str, uuid: &[u8; 16]) -> Result<usize, GpuError> {
+pub(crate) fn device_by_pci(bus_id: &str, uuid: &[u8; 16]) -> Result<usize, GpuError> {
     result::init().map_err(super::cuda_err("cuInit"))?;
     let c = CString::new(bus_id).map_err(|_| GpuError::Cuda { op: "pci bus id", message: "NUL in the id".into() })?;
     let mut dev: sys::CUdevice = 0;

@@ -14,16 +14,18 @@ pub mod ipc;
 pub mod nccl;
 pub mod store;
 
+use crate::exit::{ExitKind, Failure};
 use thiserror::Error;
 
 use crate::executor::ExecError;
 
 /// The kernels (`kernels.cu`), compiled to PTX by `cargo run --example gen_ptx`; the driver
 /// JIT-compiles them at start-up.
-pub const KERNELS_PTX: &str = include_str!("kernels.ptx");
+pub(crate) const KERNELS_PTX: &str = include_str!("kernels.ptx");
 
 /// The source the PTX was generated from, to check that the two agree.
-pub const KERNELS_CU: &str = include_str!("kernels.cu");
+#[cfg(test)]
+const KERNELS_CU: &str = include_str!("kernels.cu");
 
 /// FNV-1a 64 of a text: `kernels.ptx` records the hash of the `kernels.cu` it came from.
 pub fn source_hash(text: &str) -> u64 {
@@ -53,12 +55,14 @@ pub enum GpuError {
     Watchdog(#[from] crate::collective::MpiError),
 }
 
-impl GpuError {
-    /// 2 when the machine lacks what was asked for (no driver, NCCL or GPU), 1 for a failure.
-    pub fn exit_code(&self) -> i32 {
+/// Bad input when the machine lacks what was asked for (no driver, NCCL or GPU), else a failure.
+impl Failure for GpuError {
+    fn kind(&self) -> ExitKind {
         match self {
-            GpuError::NoDriver(_) | GpuError::NoNccl | GpuError::NoGpu { .. } | GpuError::TooBig(_) => 2,
-            _ => 1,
+            GpuError::NoDriver(_) | GpuError::NoNccl | GpuError::NoGpu { .. } | GpuError::TooBig(_) => {
+                ExitKind::BadInput
+            }
+            _ => ExitKind::Runtime,
         }
     }
 }
@@ -84,7 +88,7 @@ pub(crate) fn cuda_err(op: &'static str) -> impl FnOnce(cudarc::driver::DriverEr
 }
 
 /// Whether the CUDA driver and NCCL libraries can be loaded. Call before any other GPU function.
-pub fn check_cuda() -> Result<(), GpuError> {
+pub(crate) fn check_cuda() -> Result<(), GpuError> {
     // SAFETY: these only try to dlopen the libraries; they never call into them.
     if !unsafe { cudarc::driver::sys::is_culib_present() } {
         return Err(GpuError::NoDriver("libcuda.so"));
@@ -97,13 +101,13 @@ pub fn check_cuda() -> Result<(), GpuError> {
 
 /// Whether this rank could use a GPU: the libraries load and its local rank has a device.
 /// Opens no context.
-pub fn gpu_usable(local_rank: usize) -> bool {
+pub(crate) fn gpu_usable(local_rank: usize) -> bool {
     check_cuda().is_ok() && device::select_device(local_rank).is_ok()
 }
 
 /// This rank's GPU, opened: the libraries are checked first, then the device is chosen by local
 /// rank (or the only one visible).
-pub fn open_local_gpu(local_rank: usize) -> Result<device::Gpu, GpuError> {
+pub(crate) fn open_local_gpu(local_rank: usize) -> Result<device::Gpu, GpuError> {
     check_cuda()?;
     device::Gpu::open(device::select_device(local_rank)?)
 }

@@ -15,7 +15,7 @@ use crate::collective::{Comm, Watchdog};
 /// operations have hung in NCCL (pytorch #174288). The executor cuts a layer's global transfer
 /// list into rounds small enough that no rank exceeds it, the same cut on every rank, so that the
 /// groups of every pair of ranks match (asymmetric op lists hang too, nccl #2130).
-pub const MAX_OPS_PER_GROUP: usize = 1024;
+pub(crate) const MAX_OPS_PER_GROUP: usize = 1024;
 
 /// Formats an NCCL failure: its code, `ncclGetErrorString`, and `ncclGetLastError` when a
 /// communicator exists.
@@ -37,13 +37,13 @@ fn nccl_err(op: &'static str, comm: Option<sys::ncclComm_t>) -> impl FnOnce(resu
 
 /// One point-to-point operation of a group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum P2p {
+pub(crate) enum P2p {
     Send { peer: usize, ptr: cu::CUdeviceptr, bytes: usize },
     Recv { peer: usize, ptr: cu::CUdeviceptr, bytes: usize },
 }
 
 /// An NCCL communicator over all ranks of the MPI world, one GPU per rank.
-pub struct NcclComm {
+pub(crate) struct NcclComm {
     comm: sys::ncclComm_t,
     pub rank: usize,
     pub size: usize,
@@ -58,7 +58,7 @@ pub struct NcclComm {
 impl NcclComm {
     /// Rank 0 creates the unique id, which reaches every rank through MPI; every rank then
     /// joins. Collective over `comm`. The calling thread must have the rank's GPU context current.
-    pub fn bootstrap(comm: &Comm) -> Result<NcclComm, GpuError> {
+    pub(crate) fn bootstrap(comm: &Comm) -> Result<NcclComm, GpuError> {
         let (rank, size) = (comm.rank(), comm.size());
         let comm_watchdog = comm.watchdog().cloned();
         let mut id = [0u8; 128];
@@ -98,7 +98,7 @@ impl NcclComm {
     /// Registers a device buffer with the communicator (`ncclCommRegister`), so that NCCL moves
     /// data straight between the ranks' buffers on NVLink instead of through its own FIFOs.
     /// Every rank must register the buffers it passes to send/recv, or none.
-    pub fn register(&mut self, ptr: cu::CUdeviceptr, bytes: usize) -> Result<(), GpuError> {
+    pub(crate) fn register(&mut self, ptr: cu::CUdeviceptr, bytes: usize) -> Result<(), GpuError> {
         let mut handle: *mut std::ffi::c_void = std::ptr::null_mut();
         // SAFETY: `ptr..ptr+bytes` is a live device allocation of this rank's GPU; the handle is
         // kept until `deregister_all`, which runs before the buffer is freed.
@@ -109,7 +109,7 @@ impl NcclComm {
     }
 
     /// Deregisters every buffer registered so far (before they are freed).
-    pub fn deregister_all(&mut self) {
+    pub(crate) fn deregister_all(&mut self) {
         for handle in self.registered.drain(..) {
             // SAFETY: a handle from ncclCommRegister on this communicator, deregistered once.
             let _ = unsafe { sys::ncclCommDeregister(self.comm, handle) };
@@ -120,7 +120,7 @@ impl NcclComm {
     /// and NCCL's asynchronous error, at most the watchdog's timeout. On an NCCL error or a
     /// timeout the communicator is aborted (`ncclCommAbort`), so that no kernel waits forever
     /// for a peer, and the error (with its code, or the ranks that did not answer) is returned.
-    pub fn synchronize(&self, gpu: &Gpu) -> Result<(), GpuError> {
+    pub(crate) fn synchronize(&self, gpu: &Gpu) -> Result<(), GpuError> {
         let stream = gpu.stream();
         let poll = || -> Result<bool, GpuError> {
             // SAFETY: a valid stream of the current context.
@@ -150,7 +150,7 @@ impl NcclComm {
     }
 
     /// `ncclCommAbort`: ends every operation of the communicator, once.
-    pub fn abort(&self) {
+    pub(crate) fn abort(&self) {
         if !self.aborted.replace(true) {
             // SAFETY: a live communicator; it is not used afterwards (Drop checks `aborted`).
             unsafe {

@@ -38,21 +38,26 @@ use super::device::{DeviceBuffer, Gpu};
 use super::ipc::{GlobalRows, IpcMemory};
 use super::nccl::{NcclComm, P2p, MAX_OPS_PER_GROUP};
 use super::GpuError;
+use crate::executor::fault::FlipStaged;
 use crate::executor::memory::ExpertRows;
 use crate::executor::verify::Verifier;
 use crate::executor::{Commit, EngineSwitch, ExecError, ExpertStore, RankMigration, StageTiming};
 
 /// Where the weights live.
-pub enum Memory {
-    /// Allocated by this store: one buffer per layer, and the staging buffer.
+pub(crate) enum Memory {
+    /// Allocated by this store: one buffer per layer, and the staging buffer. Held, never read:
+    /// the rows address them, and dropping them frees the memory.
+    #[allow(dead_code)]
     Owned { live: Vec<DeviceBuffer>, staging: DeviceBuffer },
-    /// The engine's, opened from its IPC handles; made live by the engine (`switch`).
+    /// The engine's, opened from its IPC handles (held: dropping them closes the mappings); made
+    /// live by the engine (`switch`).
+    #[allow(dead_code)]
     Engine { memory: IpcMemory, switch: Box<dyn EngineSwitch> },
 }
 
 /// How staged (and live) slots are checked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GpuCheck {
+pub(crate) enum GpuCheck {
     /// The synthetic engine's pattern (`count_wrong`: the bytes that differ).
     Pattern,
     /// Real weights: the checksum the sender computed (a mismatch counts the whole slot).
@@ -84,7 +89,7 @@ pub struct NcclTuning {
 
 impl NcclTuning {
     /// From the command-line units: group and piece sizes in MiB (a piece of 0: whole experts).
-    pub fn from_mib(group_mib: f64, chunk_mib: f64, register: bool) -> Self {
+    pub(crate) fn from_mib(group_mib: f64, chunk_mib: f64, register: bool) -> Self {
         let bytes = |mib: f64| (mib * (1u64 << 20) as f64) as usize;
         NcclTuning { group_bytes: bytes(group_mib), chunk_bytes: bytes(chunk_mib), register }
     }
@@ -97,7 +102,7 @@ impl Default for NcclTuning {
 }
 
 /// A rank's expert weights on its GPU.
-pub struct DeviceExpertStore {
+pub(crate) struct DeviceExpertStore {
     // Field order matters for drop: the communicator (which deregisters the buffers) goes first,
     // then the buffers, then the GPU context.
     nccl: NcclComm,
@@ -121,14 +126,12 @@ pub struct DeviceExpertStore {
     slots_per_rank: usize,
     expert_bytes: usize,
     tuning: NcclTuning,
-    /// Test hook: flip one staged byte after the next stage.
-    corrupt_next_stage: bool,
 }
 
 impl DeviceExpertStore {
     /// Device bytes the store needs: the layers, the staging buffer and the counter (`usize::MAX`
     /// when that overflows).
-    pub fn bytes_needed(num_layers: usize, slots_per_rank: usize, expert_bytes: usize) -> usize {
+    pub(crate) fn bytes_needed(num_layers: usize, slots_per_rank: usize, expert_bytes: usize) -> usize {
         num_layers
             .checked_add(1)
             .and_then(|l| l.checked_mul(slots_per_rank))
@@ -139,7 +142,7 @@ impl DeviceExpertStore {
 
     /// Checks, before anything is allocated or any peer is waited for, that the store fits in
     /// the free memory of `gpu` ([`GpuError::TooBig`], exit 2, otherwise).
-    pub fn check_fits(
+    pub(crate) fn check_fits(
         gpu: &Gpu,
         num_layers: usize,
         slots_per_rank: usize,
@@ -203,7 +206,7 @@ impl DeviceExpertStore {
     /// GPU): staged slots are checked against their senders' checksums, and `switch` makes them
     /// live (the engine copies them at a step boundary). The engine's buffers are not registered
     /// with NCCL (imported IPC memory cannot be re-exported).
-    pub fn over_engine(
+    pub(crate) fn over_engine(
         gpu: Gpu,
         nccl: NcclComm,
         memory: IpcMemory,
@@ -271,7 +274,6 @@ impl DeviceExpertStore {
             slots_per_rank: spr,
             expert_bytes,
             tuning,
-            corrupt_next_stage: false,
         };
         store.warm_up()?;
         Ok(store)
@@ -345,7 +347,7 @@ impl DeviceExpertStore {
 
     /// Frees the weights (or closes the engine's handles) and gives back the GPU and the
     /// communicator.
-    pub fn into_parts(self) -> (Gpu, NcclComm) {
+    pub(crate) fn into_parts(self) -> (Gpu, NcclComm) {
         let DeviceExpertStore { mut nccl, drain, memory, counter, sums, global_sums, scratch, gpu, .. } = self;
         drop(drain);
         nccl.deregister_all();
@@ -481,22 +483,6 @@ impl DeviceExpertStore {
             }
         }
         self.nccl.synchronize(&self.gpu)?;
-        if std::mem::take(&mut self.corrupt_next_stage) {
-            if let Some(&k) = m.changed_slots.first() {
-                // Overwrite the first bytes (up to 8) of its first row with their complement.
-                let (ptr, bytes) = self.rows.staging_row(0, k);
-                let mut head = vec![0u8; bytes.min(8)];
-                // SAFETY: `ptr` is a staging row of at least `head.len()` bytes; the stream is
-                // drained.
-                unsafe {
-                    cudarc::driver::result::memcpy_dtoh_sync(&mut head[..], ptr).and_then(|_| {
-                        let flipped: Vec<u8> = head.iter().map(|b| !b).collect();
-                        cudarc::driver::result::memcpy_htod_sync(ptr, &flipped[..])
-                    })
-                }
-                .map_err(super::cuda_err("cuMemcpy (fault injection)"))?;
-            }
-        }
         Ok(StageTiming { transfer_seconds: start.elapsed().as_secs_f64(), verify_seconds: 0.0 })
     }
 }
@@ -564,11 +550,6 @@ impl ExpertStore for DeviceExpertStore {
         Ok(commit)
     }
 
-    /// The next stage flips the first bytes of its first staged slot.
-    fn corrupt_next_stage(&mut self) {
-        self.corrupt_next_stage = true;
-    }
-
     /// The pattern (synthetic weights); otherwise the live slots must still have the checksums
     /// they had at the first call, or that their last commit gave them.
     fn verify_live(&mut self, layer: usize, experts: &[usize]) -> Result<u64, ExecError> {
@@ -608,5 +589,25 @@ impl Drop for DrainOnDrop {
     fn drop(&mut self) {
         // SAFETY: the stream belongs to the store's `Gpu`, which drops after this field.
         let _ = unsafe { cudarc::driver::result::stream::synchronize(self.0) };
+    }
+}
+
+/// Fault injection ([`crate::executor::fault`]): the first bytes (up to 8) of the staged slot's
+/// first row, overwritten with their complement once the stage has drained its stream.
+impl FlipStaged for DeviceExpertStore {
+    fn flip_staged(&mut self, slot: usize) -> Result<(), ExecError> {
+        self.gpu.bind()?;
+        let (ptr, bytes) = self.rows.staging_row(0, slot);
+        let mut head = vec![0u8; bytes.min(8)];
+        // SAFETY: `ptr` is a staging row of at least `head.len()` bytes; the stage that wrote it
+        // synchronized its stream before returning.
+        unsafe {
+            cudarc::driver::result::memcpy_dtoh_sync(&mut head[..], ptr).and_then(|_| {
+                let flipped: Vec<u8> = head.iter().map(|b| !b).collect();
+                cudarc::driver::result::memcpy_htod_sync(ptr, &flipped[..])
+            })
+        }
+        .map_err(super::cuda_err("cuMemcpy (fault injection)"))?;
+        Ok(())
     }
 }

@@ -85,7 +85,7 @@ impl<'de> Visitor<'de> for StrictVisitor {
 }
 
 /// Parses JSON strictly: a duplicate key in any object is an error, with its line and column.
-pub fn from_slice_strict(bytes: &[u8]) -> Result<Value, serde_json::Error> {
+pub(crate) fn from_slice_strict(bytes: &[u8]) -> Result<Value, serde_json::Error> {
     serde_json::from_slice::<Strict>(bytes).map(|s| s.0)
 }
 

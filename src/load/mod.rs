@@ -33,13 +33,13 @@ use thiserror::Error;
 
 /// Fractional bits used when a trace holds non-integral values: each value `v` becomes
 /// `round(v * 2^NONINTEGRAL_SCALE_BITS)`.
-pub const NONINTEGRAL_SCALE_BITS: u32 = 20;
+pub(crate) const NONINTEGRAL_SCALE_BITS: u32 = 20;
 
 /// The JSON keys that may hold the load, in order of preference.
-pub const JSON_KEYS: [&str; 3] = ["weight", "counts", "logical_count"];
+pub(crate) const JSON_KEYS: [&str; 3] = ["weight", "counts", "logical_count"];
 
 /// The file extensions [`read_trace`] understands.
-pub const SUPPORTED_EXTENSIONS: [&str; 3] = ["json", "csv", "npy"];
+pub(crate) const SUPPORTED_EXTENSIONS: [&str; 3] = ["json", "csv", "npy"];
 
 /// `.json, .csv or .npy`, for messages.
 fn supported_extensions() -> String {

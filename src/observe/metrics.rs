@@ -33,7 +33,7 @@ pub enum MetricsError {
 
 /// The metrics of a run, registered in their own registry.
 #[derive(Clone)]
-pub struct Metrics {
+pub(crate) struct Metrics {
     registry: Registry,
     steps: IntCounter,
     balancedness: Gauge,
@@ -118,7 +118,7 @@ impl Metrics {
     }
 
     /// The text exposition of every metric.
-    pub fn encode(&self) -> Result<String, MetricsError> {
+    pub(crate) fn encode(&self) -> Result<String, MetricsError> {
         let mut buf = Vec::new();
         TextEncoder::new().encode(&self.registry.gather(), &mut buf)?;
         Ok(String::from_utf8_lossy(&buf).into_owned())
@@ -164,7 +164,7 @@ impl RunObserver for Metrics {
 /// Bounds of the endpoint, so that no client (it may be anyone who reaches the port with
 /// `--metrics-bind 0.0.0.0`) can hold rank 0's memory, its serving or the job's exit.
 #[derive(Debug, Clone)]
-pub struct ServeLimits {
+pub(crate) struct ServeLimits {
     /// Connections served at once; one more is answered 503 and closed at once.
     pub max_connections: usize,
     /// Bytes of a request line and headers; a longer request is answered 431 and closed.
@@ -201,7 +201,7 @@ const STOP_POLL: Duration = Duration::from_millis(50);
 /// so a stuck client held the job's exit. Here every connection runs on a thread of its own,
 /// bounded by [`ServeLimits`] (count, bytes, time), and is never joined: dropping the server
 /// stops accepting within `STOP_POLL` and returns.
-pub struct MetricsServer {
+pub(crate) struct MetricsServer {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
     addr: SocketAddr,
@@ -214,7 +214,7 @@ impl MetricsServer {
     }
 
     /// [`MetricsServer::start`] with other bounds.
-    pub fn start_with(
+    pub(crate) fn start_with(
         metrics: Metrics,
         bind: IpAddr,
         port: u16,

@@ -34,7 +34,7 @@ pub enum PlacementFileError {
 }
 
 /// Reads a placement file's `physical_to_logical_map` for `num_logical` experts and checks it.
-pub fn read_placement(path: &Path, num_logical: usize) -> Result<Placement, PlacementFileError> {
+pub(crate) fn read_placement(path: &Path, num_logical: usize) -> Result<Placement, PlacementFileError> {
     let bytes = crate::input::read_regular(path, crate::input::MAX_JSON_BYTES)
         .map_err(|source| PlacementFileError::Read { path: path.into(), source })?;
     parse_placement_bytes(path, &bytes, num_logical)
@@ -66,7 +66,7 @@ pub fn parse_placement_bytes(path: &Path, bytes: &[u8], num_logical: usize) -> R
 }
 
 /// The JSON document of a placement with its metrics.
-pub fn placement_json(placement: &Placement, metrics: Value) -> Value {
+pub(crate) fn placement_json(placement: &Placement, metrics: Value) -> Value {
     json!({
         "physical_to_logical_map": placement.phy2log.outer_iter().map(|r| r.to_vec()).collect::<Vec<_>>(),
         "logical_to_physical_map": placement.log2phy.outer_iter()
@@ -79,7 +79,7 @@ pub fn placement_json(placement: &Placement, metrics: Value) -> Value {
 /// Writes a placement file with its metrics (`flag`: the option that named `path`), through
 /// [`crate::output::write_json`]: atomic for a regular file, never replacing a symlink, a device
 /// or a FIFO.
-pub fn write_placement(
+pub(crate) fn write_placement(
     flag: &'static str,
     path: &Path,
     placement: &Placement,
@@ -89,13 +89,13 @@ pub fn write_placement(
 }
 
 /// Writes the file SGLang's `--init-expert-location` reads as it is: `physical_to_logical_map` only.
-pub fn write_sglang(flag: &'static str, path: &Path, placement: &Placement) -> Result<(), OutputError> {
+pub(crate) fn write_sglang(flag: &'static str, path: &Path, placement: &Placement) -> Result<(), OutputError> {
     let map: Vec<Vec<usize>> = placement.phy2log.outer_iter().map(|r| r.to_vec()).collect();
     output::write_json(flag, path, &json!({ "physical_to_logical_map": map }))
 }
 
 /// Writes `value` as JSON to `path` (see [`crate::output::write_json`]).
-pub fn write_json_atomic(path: &Path, value: &Value) -> Result<(), PlacementFileError> {
+pub(crate) fn write_json_atomic(path: &Path, value: &Value) -> Result<(), PlacementFileError> {
     Ok(output::write_json("--report", path, value)?)
 }
 

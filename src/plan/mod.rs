@@ -2,6 +2,7 @@
 
 pub mod file;
 
+use crate::exit::{ExitKind, Failure};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -81,7 +82,7 @@ pub struct PlanArgs {
 }
 
 /// Parses `LAYERSxEXPERTS`, e.g. `58x256`.
-pub fn parse_synthetic(s: &str) -> Result<(usize, usize), String> {
+pub(crate) fn parse_synthetic(s: &str) -> Result<(usize, usize), String> {
     let err = || format!("expected LAYERSxEXPERTS such as 58x256, got {s:?}");
     let (l, e) = s.split_once(['x', 'X']).ok_or_else(err)?;
     let (l, e): (usize, usize) = (l.trim().parse().map_err(|_| err())?, e.trim().parse().map_err(|_| err())?);
@@ -121,12 +122,12 @@ fn flag_hint(e: &PolicyError) -> String {
     }
 }
 
-impl PlanError {
-    /// Bad input is 2; a write that failed at the end is 1.
-    pub fn exit_code(&self) -> i32 {
+/// Bad input, but a write that failed at the end.
+impl Failure for PlanError {
+    fn kind(&self) -> ExitKind {
         match self {
-            PlanError::PlacementFile(PlacementFileError::Write(e)) | PlanError::Output(e) => e.exit_code(),
-            _ => 2,
+            PlanError::PlacementFile(PlacementFileError::Write(e)) | PlanError::Output(e) => e.kind(),
+            _ => ExitKind::BadInput,
         }
     }
 }

@@ -27,7 +27,7 @@ const HEATMAP_COLUMNS: usize = 120;
 type DrawResult<T> = Result<T, String>;
 
 /// Draws every chart the input has data for; returns the files written.
-pub fn draw_all(input: &PlotInput, dir: &Path) -> Result<Vec<PathBuf>, PlotError> {
+pub(crate) fn draw_all(input: &PlotInput, dir: &Path) -> Result<Vec<PathBuf>, PlotError> {
     let mut written = Vec::new();
     let mut save = |name: &str, draw: &dyn Fn(&DrawingArea<SVGBackend, Shift>) -> DrawResult<()>| {
         let path = out_path(dir, name);

@@ -11,6 +11,7 @@
 
 mod charts;
 
+use crate::exit::{ExitKind, Failure};
 use std::path::{Path, PathBuf};
 
 use clap::Args;
@@ -43,19 +44,19 @@ pub enum PlotError {
     Write { path: PathBuf, reason: String },
 }
 
-impl PlotError {
-    /// 2 for a bad report, 1 when the charts cannot be written.
-    pub fn exit_code(&self) -> i32 {
+/// Bad input for a bad report, a runtime failure when the charts cannot be written.
+impl Failure for PlotError {
+    fn kind(&self) -> ExitKind {
         match self {
-            PlotError::Write { .. } => 1,
-            _ => 2,
+            PlotError::Write { .. } => ExitKind::Runtime,
+            _ => ExitKind::BadInput,
         }
     }
 }
 
 /// The moves of one round: bytes, and the stall they caused.
 #[derive(Debug, Clone, PartialEq)]
-pub struct RoundMoves {
+pub(crate) struct RoundMoves {
     pub step: usize,
     pub bytes: u64,
     /// Migration time of the round, over all its layers.
@@ -66,7 +67,7 @@ pub struct RoundMoves {
 
 /// What the charts draw, read from a report.
 #[derive(Debug, Clone, PartialEq)]
-pub struct PlotInput {
+pub(crate) struct PlotInput {
     pub title: String,
     /// Steps averaged into one sample, and each sample's first step (`[samples]`).
     pub stride: usize,
@@ -115,7 +116,7 @@ impl PlotInput {
     ///   `rounds[].stall_seconds` when a report (a simulation) gives them per round;
     /// * a title from `world_size` (or `num_gpus`), `num_layers`, `num_logical`, `policy`, `load`
     ///   (or `trace`) when present.
-    pub fn from_report(report: &Value) -> Result<PlotInput, String> {
+    pub(crate) fn from_report(report: &Value) -> Result<PlotInput, String> {
         let mut input = match report.get("series") {
             Some(series) => series_input(series)?,
             None => match report.get("cases") {

@@ -46,7 +46,7 @@ pub struct Topology {
 impl Topology {
     /// Finds this rank's node: from a shared-memory split of `world`, or, with
     /// `ranks_per_node = Some(P)`, nodes of `P` consecutive ranks. Collective over `world`.
-    pub fn discover(world: &Comm, ranks_per_node: Option<usize>) -> Result<Topology, TopologyError> {
+    pub(crate) fn discover(world: &Comm, ranks_per_node: Option<usize>) -> Result<Topology, TopologyError> {
         let (world_rank, world_size) = (world.rank(), world.size());
         let host = host_name();
         if let Some(p) = ranks_per_node {
@@ -95,7 +95,7 @@ impl Topology {
     /// The `# Using devices` block of every rank, gathered from all of them (collective; every
     /// rank gets the text, rank 0 prints it). `device` names this rank's device (`cpu` on the host
     /// path).
-    pub fn devices_block(&self, world: &Comm, device: &str) -> Result<String, MpiError> {
+    pub(crate) fn devices_block(&self, world: &Comm, device: &str) -> Result<String, MpiError> {
         let mut record = Vec::with_capacity(24 + 2 * HOST_BYTES);
         for v in [self.node as u64, self.local_rank as u64, u64::from(std::process::id())] {
             record.extend(v.to_le_bytes());

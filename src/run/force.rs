@@ -15,7 +15,7 @@
 /// slots are rotated by one (slot `s` takes what slot `s + 1` held). `None` when nothing can
 /// change (one slot a rank and no redundant replica). A pure function of its arguments, so every
 /// rank forces the same row.
-pub fn forced_row(old: &[usize], slots_per_rank: usize, num_logical: usize, k: u64) -> Option<Vec<usize>> {
+pub(crate) fn forced_row(old: &[usize], slots_per_rank: usize, num_logical: usize, k: u64) -> Option<Vec<usize>> {
     if slots_per_rank == 0 || num_logical == 0 || !old.len().is_multiple_of(slots_per_rank) {
         return None;
     }

@@ -27,7 +27,7 @@ struct Switch {
 
 /// The live placement: the newest committed one, and the switches still ahead of the loop.
 #[derive(Debug, Clone)]
-pub struct Live {
+pub(crate) struct Live {
     /// `phy2log [layers, num_physical]`, with `log2phy` and `logcnt` derived from it.
     placement: Placement,
     num_logical: usize,
@@ -37,7 +37,7 @@ pub struct Live {
 
 /// What [`Live::commit`] did.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Committed {
+pub(crate) enum Committed {
     /// Live everywhere: from the loop's next step, or from this engine step.
     Applied { at_step: Option<u64> },
     /// Cancelled on every rank: nothing changed; the update may be staged again.
@@ -46,7 +46,7 @@ pub enum Committed {
 
 /// Errors of a commit.
 #[derive(Debug, thiserror::Error)]
-pub enum CommitError {
+pub(crate) enum CommitError {
     #[error(transparent)]
     Exec(#[from] ExecError),
     #[error("live placement: {0}")]

@@ -4,11 +4,14 @@ use std::time::Instant;
 
 use ndarray::Array2;
 
+use super::config::RunConfig;
 use super::live::{CommitError, Committed, Live};
 use super::output::Output;
 use super::report::Report;
-use super::setup::{local_slots, Ready, RunShape};
-use super::{Fault, RunArgs, RunError, RunOutcome};
+use super::safety::ReportHandle;
+use super::setup::{local_slots, Ready};
+use super::RunShape;
+use super::{RunError, RunOutcome};
 use crate::collective::{Comm, MpiError, ReduceOp};
 use crate::engine::{logical_from_slots, Engine, StepCounts};
 use crate::executor::{stage_layer, ExecError, LayerMigration, LayerStats};
@@ -42,7 +45,8 @@ enum Polled {
 /// The loop's state: the engine, the live placement, the manager, the output.
 pub(super) struct Looper<'a> {
     world: &'a Comm,
-    args: &'a RunArgs,
+    config: &'a RunConfig,
+    report: &'a ReportHandle,
     topo: Topology,
     run_shape: RunShape,
     engine: Box<dyn Engine>,
@@ -67,22 +71,23 @@ pub(super) struct Looper<'a> {
 }
 
 impl<'a> Looper<'a> {
-    pub fn new(world: &'a Comm, args: &'a RunArgs, ready: Ready) -> Self {
+    pub fn new(world: &'a Comm, config: &'a RunConfig, report: &'a ReportHandle, ready: Ready) -> Self {
         let Ready { topo, run_shape, engine } = ready;
         let RunShape { num_layers, num_logical, shape } = run_shape.clone();
         let expert_bytes = engine.store_ref().expert_bytes() as u64;
-        let config =
-            args.manager.config(num_layers, expert_bytes, super::DEFAULT_STEP_MS, super::DEFAULT_MIGRATION_GBPS);
-        let report = Report::new(&topo, &shape, num_layers, num_logical, args, engine.as_ref());
+        let manager_config =
+            config.manager.config(num_layers, expert_bytes, super::DEFAULT_STEP_MS, super::DEFAULT_MIGRATION_GBPS);
+        let doc = Report::new(&topo, &shape, num_layers, num_logical, config.manager.policy, engine.as_ref());
         let initial = engine.initial_placement().clone();
         Looper {
             world,
-            args,
-            output: Output::new(world.rank(), report),
+            config,
+            report,
+            output: Output::new(world.rank(), doc),
             live: Live::new(initial.clone()),
             initial,
             controller: Controller::new(
-                Manager::new(config, args.manager.policy_config(), shape, num_layers, num_logical),
+                Manager::new(manager_config, config.manager.policy_config(), shape, num_layers, num_logical),
                 Clock::wall(),
             ),
             topo,
@@ -107,7 +112,7 @@ impl<'a> Looper<'a> {
 
     pub fn run(mut self, devices: String) -> Result<RunOutcome, RunError> {
         self.output.header(
-            self.args,
+            self.config,
             &self.topo,
             &self.run_shape,
             self.engine.as_ref(),
@@ -132,12 +137,12 @@ impl<'a> Looper<'a> {
                 r.lost_steps = self.lost_steps;
                 self.output.report.set_manager_times(&self.step_us, &self.allreduce_us, &self.round_us);
                 let failed: Result<(), RunError> = Err(e);
-                self.output.finish(self.args, &failed)?;
+                self.output.finish(self.report, &failed)?;
                 if let Err(e) = &failed {
                     // The job ends here, while the loop's communicators and GPU memory are alive:
                     // dropping them (`ncclCommDestroy`, `cuMemFree`) can wait forever for the
                     // peer that is stopped or dead.
-                    super::safety::end_if_local(self.world, self.args, e);
+                    super::safety::end_if_local(self.world, self.report, e);
                 }
                 return failed.map(|()| RunOutcome { rank: self.world.rank(), report: self.output.report });
             }
@@ -181,7 +186,7 @@ impl<'a> Looper<'a> {
                 Ok(())
             }
         });
-        self.output.finish(self.args, &result)?;
+        self.output.finish(self.report, &result)?;
         result.map(|()| RunOutcome { rank: self.world.rank(), report: self.output.report })
     }
 
@@ -195,9 +200,8 @@ impl<'a> Looper<'a> {
         if counts.lost || !counts.balanced {
             return Ok(Array2::zeros((num_layers, num_logical)));
         }
-        let placement = self.live.at(counts.engine_step).map_err(|source| RunError::Policy {
-            context: format!("engine step {}: live placement", counts.engine_step),
-            source,
+        let placement = self.live.at(counts.engine_step).map_err(|source| {
+            RunError::Internal(format!("engine step {}: live placement: {source}", counts.engine_step))
         })?;
         Ok(logical_from_slots(counts.slots.view(), &placement, self.world.rank(), num_logical))
     }
@@ -269,16 +273,15 @@ impl<'a> Looper<'a> {
                 break;
             }
             let global = Array2::from_shape_vec((num_layers, num_logical), sum)
-                .map_err(|e| RunError::Config(format!("load all-reduce: {e}")))?;
+                .map_err(|e| RunError::Internal(format!("load all-reduce: {e}")))?;
             if flags[FLAG_COUNTED] {
                 self.counted_steps += 1;
                 let moe_mean_ns = moe.mean_ns();
                 if rank == 0 || moe_mean_ns.is_some() {
                     // The placement step `engine_step` ran on: rank 0 reports its balance, and
                     // every rank divides the measured MoE time by its PAR.
-                    let live = self.live.at(engine_step).map_err(|source| RunError::Policy {
-                        context: format!("engine step {engine_step}: live placement"),
-                        source,
+                    let live = self.live.at(engine_step).map_err(|source| {
+                        RunError::Internal(format!("engine step {engine_step}: live placement: {source}"))
                     })?;
                     if rank == 0 {
                         let bal = |p: &Placement| metrics::balance_report(global.view(), p.phy2log.view(), spr, gpn);
@@ -303,7 +306,7 @@ impl<'a> Looper<'a> {
                     }
                 }
                 let mut observed = global;
-                if self.args.fault.contains(&Fault::CorruptLoad(rank)) {
+                if self.config.faults.corrupt_load(rank) {
                     // Fault injection: this rank's copy of the reduced load is wrong.
                     for mut row in observed.rows_mut() {
                         let total: u64 = row.iter().fold(0u64, |a, &v| a.saturating_add(v));
@@ -329,14 +332,15 @@ impl<'a> Looper<'a> {
             for update in self.controller.next_layers() {
                 self.migrate(step, &update, false)?;
             }
-            if let Some((layer, k)) = self.args.force_moves.and_then(|n| super::force::due(step, n, num_layers)) {
+            if let Some((layer, k)) = self.config.store.force_moves.and_then(|n| super::force::due(step, n, num_layers))
+            {
                 let old = self.live.placement().phy2log.row(layer).to_vec();
                 if let Some(new_row) = super::force::forced_row(&old, spr, num_logical, k) {
                     let update = LayerUpdate { layer, new_row, load: Vec::new(), gain: 0.0, similarity: None, rank: 0 };
                     self.migrate(step, &update, true)?;
                 }
             }
-            if self.args.verify_live_every_step {
+            if self.config.store.verify_live_every_step {
                 self.verify_all_live(step)?;
             }
             self.output.report.steps = step + 1;
@@ -401,12 +405,6 @@ impl<'a> Looper<'a> {
         let (rank, spr, gpn) = (self.world.rank(), shape.slots_per_rank(), shape.gpus_per_node());
         let old = self.live.placement().phy2log.row(update.layer).to_vec();
         let migration = LayerMigration::derive(update.layer, &old, &update.new_row, spr, gpn);
-        if self.args.fault.contains(&Fault::HangTransfer(rank)) {
-            log::warn!("rank {rank}: fault injection: --fault hang-transfer-on-rank={rank}: hanging");
-            loop {
-                std::thread::sleep(std::time::Duration::from_secs(3600));
-            }
-        }
         let staged = match stage_layer(self.engine.store(), self.world, &migration, rank) {
             Ok(staged) => staged,
             Err(ExecError::Verification { layer, wrong_bytes }) => {
@@ -449,7 +447,7 @@ impl<'a> Looper<'a> {
             }
             Err(CommitError::Exec(source)) => Err(RunError::Exec { step, source }),
             Err(CommitError::Placement(source)) => {
-                Err(RunError::Policy { context: format!("step {step}: live placement"), source })
+                Err(RunError::Internal(format!("step {step}: live placement: {source}")))
             }
         }
     }
@@ -459,10 +457,10 @@ impl<'a> Looper<'a> {
     /// decided, when there is something to report: a round of the rounds mode, or a step of the
     /// time mode that switches layers.
     fn decide(&mut self, step: usize, time_flag: bool) -> Result<Option<DecisionKind>, RunError> {
-        let (world, args, output) = (self.world, self.args, &mut self.output);
+        let (world, faults, output) = (self.world, &self.config.faults, &mut self.output);
         let rank = world.rank();
         let agree = |hash: u64| -> Result<(), RunError> {
-            if args.fault.contains(&Fault::Panic(rank)) {
+            if faults.panic(rank) {
                 panic!("fault injection: --fault panic-on-rank={rank}");
             }
             let agreement = world.agree_hash(hash)?;

@@ -21,6 +21,7 @@
 //! Decisions depend only on all-reduced data and flags, so every rank takes them at the same step.
 
 pub mod args;
+pub mod config;
 pub mod force;
 pub mod live;
 mod looper;
@@ -29,20 +30,24 @@ mod report;
 pub mod safety;
 pub mod setup;
 
-pub use args::{EngineKind, Fault, RunArgs, TransportKind};
-pub use report::{LayerRow, Report, RoundRow};
-pub use setup::{load_source, make_store, resolve_shape, resolve_transport, RunShape, StoreSetup};
+pub use args::RunArgs;
+pub(crate) use args::{EngineKind, TransportKind};
+pub(crate) use config::RunConfig;
+pub use report::Report;
+#[cfg(test)]
+use setup::resolve_shape;
 
 use thiserror::Error;
 
 /// The cost model's defaults in `run` (`--step-ms`, `--migration-gbps`): a decode step of a large
 /// MoE model, and NVLink-class migration (BENCHMARKS.md measures 200-265 GB/s a GPU with NCCL).
-pub const DEFAULT_STEP_MS: f64 = 20.0;
-pub const DEFAULT_MIGRATION_GBPS: f64 = 200.0;
+pub(crate) const DEFAULT_STEP_MS: f64 = 20.0;
+pub(crate) const DEFAULT_MIGRATION_GBPS: f64 = 200.0;
 
 use crate::collective::{Comm, MpiError, MpiRuntime};
 use crate::engine::EngineError;
 use crate::executor::ExecError;
+use crate::exit::{ExitKind, Failure};
 use crate::gpu::GpuError;
 use crate::load::LoadError;
 use crate::observe::metrics::{Metrics, MetricsServer};
@@ -50,9 +55,17 @@ use crate::plan::file::PlacementFileError;
 use crate::policy::PolicyError;
 use crate::rank::TopologyError;
 
+/// The resolved sizes of a run.
+#[derive(Debug, Clone)]
+pub(crate) struct RunShape {
+    pub num_layers: usize,
+    pub num_logical: usize,
+    pub shape: crate::policy::PlacementShape,
+}
+
 /// Default layers and experts of the built-in load.
-pub const DEFAULT_LAYERS: usize = 8;
-pub const DEFAULT_EXPERTS: usize = 64;
+pub(crate) const DEFAULT_LAYERS: usize = 8;
+pub(crate) const DEFAULT_EXPERTS: usize = 64;
 
 #[derive(Debug, Error)]
 pub enum RunError {
@@ -64,8 +77,12 @@ pub enum RunError {
     Load(#[from] LoadError),
     #[error(transparent)]
     PlacementFile(#[from] PlacementFileError),
+    /// Flags that cannot work together or with the engine (bad input); the message names the flag.
     #[error("{0}")]
     Config(String),
+    /// An invariant of the loop did not hold (a bug, exit 1: not the input's fault).
+    #[error("internal error: {0}; this is a bug, please report it with the command line")]
+    Internal(String),
     #[error("{context}: {source}")]
     Policy { context: String, source: PolicyError },
     #[error("step {step}: the ranks computed different plans (hash min {min:016x}, max {max:016x}): their loads or code differ; nothing was moved")]
@@ -103,24 +120,32 @@ pub enum RunError {
     PeerInterrupted { step: usize, ranks: String },
 }
 
-impl RunError {
-    /// 2 for bad input, 1 for a runtime failure.
-    pub fn exit_code(&self) -> i32 {
+impl Failure for RunError {
+    fn kind(&self) -> ExitKind {
         match self {
-            RunError::Topology(TopologyError::Mpi(_)) | RunError::Mpi(_) => 1,
-            RunError::Topology(_) | RunError::Load(_) | RunError::Config(_) | RunError::Policy { .. } => 2,
-            RunError::Limit(_) | RunError::Settings(_) => 2,
-            RunError::Output(e) | RunError::PlacementFile(PlacementFileError::Write(e)) => e.exit_code(),
-            RunError::PlacementFile(_) => 2,
-            RunError::PlanDisagreement { .. } | RunError::Exec { .. } | RunError::LiveVerification { .. } => 1,
-            RunError::PeerSetup { code, .. } => *code,
-            RunError::Gpu(e) => e.exit_code(),
-            RunError::Metrics(_) => 2,
-            RunError::Engine { source, .. } => source.exit_code(),
-            RunError::PeerEngine { .. } | RunError::Interrupted { .. } | RunError::PeerInterrupted { .. } => 1,
+            RunError::Topology(TopologyError::Mpi(_)) | RunError::Mpi(_) => ExitKind::Runtime,
+            RunError::Topology(_) | RunError::Load(_) | RunError::Config(_) | RunError::Policy { .. } => {
+                ExitKind::BadInput
+            }
+            RunError::Limit(_) | RunError::Settings(_) => ExitKind::BadInput,
+            RunError::Output(e) | RunError::PlacementFile(PlacementFileError::Write(e)) => e.kind(),
+            RunError::PlacementFile(_) => ExitKind::BadInput,
+            RunError::PlanDisagreement { .. } | RunError::Exec { .. } | RunError::LiveVerification { .. } => {
+                ExitKind::Runtime
+            }
+            RunError::PeerSetup { code, .. } => ExitKind::from_code(*code),
+            RunError::Gpu(e) => e.kind(),
+            RunError::Metrics(_) => ExitKind::BadInput,
+            RunError::Engine { source, .. } => source.kind(),
+            RunError::PeerEngine { .. } | RunError::Interrupted { .. } | RunError::PeerInterrupted { .. } => {
+                ExitKind::Runtime
+            }
+            RunError::Internal(_) => ExitKind::Internal,
         }
     }
+}
 
+impl RunError {
     /// An error only this rank saw: the others may wait for it forever, so the job is aborted.
     pub(crate) fn is_local(&self) -> bool {
         self.mpi().is_some()
@@ -165,7 +190,9 @@ pub struct RunOutcome {
     pub report: Report,
 }
 
-/// Runs `eplb-worker run` on this rank: starts MPI, runs the loop, stops MPI.
+/// Runs `eplb-worker run` on this rank: starts MPI, validates the flags into a [`RunConfig`]
+/// (every rank learns whether every rank's flags were valid: exit 2, nothing started), runs the
+/// loop, stops MPI.
 ///
 /// On an error the message is printed here, before MPI stops, and not by the caller: `mpirun`
 /// kills the whole job as soon as one rank exits with a non-zero code, so rank 0 prints the
@@ -180,29 +207,38 @@ pub fn run(args: &RunArgs) -> Result<RunOutcome, RunError> {
             return Err(e.into());
         }
     };
-    crate::failure::set_rank(world.rank());
+    let rank = world.rank();
+    crate::failure::set_rank(rank);
     crate::signals::install();
-    let result = safety::begin(&mut world, args).and_then(|()| run_on(&world, args));
+    let config = match safety::agree_on_setup(&world, RunConfig::new(args)) {
+        Ok(config) => config,
+        Err(e) => {
+            safety::fail(&world, &safety::ReportHandle::none(rank), &e);
+            return Err(e);
+        }
+    };
+    let report = safety::ReportHandle::new(&config.output, rank);
+    let result = safety::begin(&mut world, &config, &report).and_then(|()| run_on(&world, &config, &report));
     if let Err(e) = &result {
-        safety::fail(&world, args, e);
+        safety::fail(&world, &report, e);
     }
     result
 }
 
-/// The run on `world` (MPI started): set up, then the loop.
-pub fn run_on(world: &Comm, args: &RunArgs) -> Result<RunOutcome, RunError> {
-    let ready = setup::setup(world, args)?;
+/// The run on `world` (MPI started, the flags agreed): set up, then the loop.
+pub(crate) fn run_on(world: &Comm, config: &RunConfig, report: &safety::ReportHandle) -> Result<RunOutcome, RunError> {
+    let ready = setup::setup(world, config)?;
     // Rank 0's endpoint, agreed like the rest of the set-up (a port in use stops every rank).
-    let served = setup::agree_on_setup(world, serve_metrics(args, world.rank(), &ready))?;
+    let served = safety::agree_on_setup(world, serve_metrics(config, world.rank(), &ready))?;
     let devices = ready.topo.devices_block(world, &ready.engine.store_ref().device())?;
-    let mut looper = looper::Looper::new(world, args, ready);
+    let mut looper = looper::Looper::new(world, config, report, ready);
     if let Some((metrics, server)) = &served {
         looper.watch(Box::new(metrics.clone()), Some(server.addr()));
     }
     let result = looper.run(devices);
-    if let Some((_, server)) = served {
+    if let (Some((_, server)), Some(m)) = (served, config.output.metrics) {
         // The final values stay up for a last scrape, then the server stops.
-        std::thread::sleep(std::time::Duration::from_secs_f64(args.metrics_linger));
+        std::thread::sleep(m.linger);
         drop(server);
     }
     result
@@ -210,18 +246,18 @@ pub fn run_on(world: &Comm, args: &RunArgs) -> Result<RunOutcome, RunError> {
 
 /// `--metrics-port` on rank 0: the metrics and their HTTP server (see [`crate::observe::metrics`]).
 fn serve_metrics(
-    args: &RunArgs,
+    config: &RunConfig,
     rank: usize,
     ready: &setup::Ready,
 ) -> Result<Option<(Metrics, MetricsServer)>, RunError> {
-    let Some(port) = args.metrics_port.filter(|_| rank == 0) else { return Ok(None) };
+    let Some(m) = config.output.metrics.filter(|_| rank == 0) else { return Ok(None) };
     let metrics = Metrics::new(&[
         ("engine", ready.engine.name()),
-        ("policy", format!("{:?}", args.manager.policy).to_lowercase()),
+        ("policy", format!("{:?}", config.manager.policy).to_lowercase()),
         ("transport", ready.engine.store_ref().transport().to_string()),
         ("world_size", ready.topo.world_size.to_string()),
     ])?;
-    let server = MetricsServer::start(metrics.clone(), args.metrics_bind, port)?;
+    let server = MetricsServer::start(metrics.clone(), m.bind, m.port)?;
     Ok(Some((metrics, server)))
 }
 
@@ -233,8 +269,8 @@ mod tests {
     use crate::rank::Topology;
     use output::{table_row, TABLE_HEADER};
 
-    fn args(flags: &[&str]) -> RunArgs {
-        args::parse_run_args(flags).unwrap()
+    fn config(flags: &[&str]) -> RunConfig {
+        config::parse_config(flags).unwrap()
     }
 
     fn topo(world_size: usize, num_nodes: usize) -> Topology {
@@ -252,7 +288,7 @@ mod tests {
 
     fn shape(flags: &[&str], world: usize, nodes: usize, experts: usize) -> Result<RunShape, RunError> {
         let source = LoadSource::Zipf(DriftingZipf::new(2, experts, 0));
-        resolve_shape(&args(flags), &topo(world, nodes), &source)
+        resolve_shape(&config(flags).placement, &topo(world, nodes), &source)
     }
 
     #[test]

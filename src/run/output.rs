@@ -1,9 +1,10 @@
 //! Output of `run`, nccl-tests style, printed by rank 0: the header, one table per rebalance
 //! round with a row per migrated layer (and its `#wrong` column), the summary, and the JSON report.
 
+use super::config::RunConfig;
 use super::report::{LayerRow, Report, RoundRow};
-use super::setup::RunShape;
-use super::{RunArgs, RunError};
+use super::safety::ReportHandle;
+use super::{RunError, RunShape};
 use crate::engine::Engine;
 use crate::executor::LayerStats;
 use crate::manager::{ManagerConfig, RoundDecision};
@@ -47,7 +48,7 @@ impl Output {
     }
 
     /// Adds an observer (rank 0 only: the others' are never called); `addr`: where it serves.
-    pub fn watch(&mut self, observer: Box<dyn RunObserver>, addr: Option<std::net::SocketAddr>) {
+    pub(crate) fn watch(&mut self, observer: Box<dyn RunObserver>, addr: Option<std::net::SocketAddr>) {
         self.watchers.push(observer);
         self.metrics_addr = self.metrics_addr.or(addr);
     }
@@ -86,7 +87,7 @@ impl Output {
     /// `# Using devices` block.
     pub fn header(
         &self,
-        args: &RunArgs,
+        config: &RunConfig,
         topo: &Topology,
         rs: &RunShape,
         engine: &dyn Engine,
@@ -111,7 +112,7 @@ impl Output {
             shape.num_replicas,
             shape.slots_per_rank(),
             engine.store_ref().expert_bytes(),
-            args.init_placement.as_ref().map_or("trivial".into(), |p| p.display().to_string())
+            config.placement.init_placement.as_ref().map_or("trivial".into(), |p| p.display().to_string())
         ));
         self.line(format!("#  manager: {}", manager.describe()));
         let mode = if shape.is_hierarchical() && (shape.num_groups > 1 || shape.num_nodes > 1) {
@@ -121,9 +122,9 @@ impl Output {
         };
         self.line(format!(
             "#  policy {} ({mode}), transport {}, chunk {} B",
-            format!("{:?}", args.manager.policy).to_lowercase(),
+            format!("{:?}", config.manager.policy).to_lowercase(),
             engine.store_ref().transport(),
-            args.chunk_bytes
+            config.store.chunk_bytes
         ));
         if let Some(addr) = self.metrics_addr {
             self.line(format!("#  metrics: http://{addr}/metrics"));
@@ -203,14 +204,14 @@ impl Output {
 
     /// The closing lines, and the report (rank 0): `"status": "ok"`, or `"failed"` with the
     /// run's error.
-    pub fn finish(&mut self, args: &RunArgs, result: &Result<(), RunError>) -> Result<(), RunError> {
+    pub fn finish(&mut self, report: &ReportHandle, result: &Result<(), RunError>) -> Result<(), RunError> {
         let error = result.as_ref().err().map(ToString::to_string);
         self.report.error = error.clone();
         self.report.series = self.series.series();
         self.line(self.report.summary());
         if self.on {
             let doc = serde_json::to_value(&self.report).unwrap_or_default();
-            super::safety::finish_report(args, 0, doc, error.as_deref())?;
+            report.finish(doc, error.as_deref())?;
         }
         Ok(())
     }

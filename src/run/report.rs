@@ -2,9 +2,8 @@
 
 use serde::Serialize;
 
-use super::RunArgs;
 use crate::engine::Engine;
-use crate::policy::PlacementShape;
+use crate::policy::{PlacementShape, PolicyKind};
 use crate::rank::Topology;
 
 /// One rebalance round.
@@ -136,7 +135,7 @@ impl Report {
         shape: &PlacementShape,
         num_layers: usize,
         num_logical: usize,
-        args: &RunArgs,
+        policy: PolicyKind,
         engine: &dyn Engine,
     ) -> Report {
         Report {
@@ -149,7 +148,7 @@ impl Report {
             slots_per_rank: shape.slots_per_rank(),
             num_groups: shape.num_groups,
             expert_bytes: engine.store_ref().expert_bytes(),
-            policy: args.manager.policy,
+            policy,
             transport: engine.store_ref().transport(),
             engine: engine.name(),
             load: engine.describe(),
@@ -180,7 +179,7 @@ impl Report {
         }
     }
 
-    pub fn set_manager_times(&mut self, step_us: &[f64], allreduce_us: &[f64], round_us: &[f64]) {
+    pub(crate) fn set_manager_times(&mut self, step_us: &[f64], allreduce_us: &[f64], round_us: &[f64]) {
         self.manager = ManagerTimes {
             step: TimeStats::of(step_us),
             allreduce: TimeStats::of(allreduce_us),

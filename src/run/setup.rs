@@ -1,25 +1,25 @@
 //! Set-up of `run`: from the flags to a ready state (topology, shape, the engine with its initial
 //! placement and its expert store), agreed by every rank before the loop starts.
 
-use std::time::Duration;
-
 use crate::collective::{Comm, ReduceOp};
 use crate::engine::shm::region::Layout;
 use crate::engine::shm::{self, ShmEngine, ShmOptions, StartError};
 use crate::engine::synthetic::DriftingZipf;
 use crate::engine::{Engine, LoadSource, SyntheticEngine};
 use crate::executor::factory::{self, Opened, StoreError, StoreSpec, Transport, Weights};
-use crate::executor::{ExecError, ExpertStore};
-use crate::gpu::{self, store::NcclTuning};
+use crate::executor::ExecError;
+use crate::gpu;
 use crate::load::{self, TraceSelect};
 use crate::plan::file;
 use crate::policy::{Placement, PlacementShape};
 use crate::rank::Topology;
 
-use super::{EngineKind, Fault, RunArgs, RunError, TransportKind, DEFAULT_EXPERTS, DEFAULT_LAYERS};
+use super::config::{EngineConfig, PlacementConfig, RunConfig};
+use super::safety::{agree_on_setup, agree_on_shapes, load_identity};
+use super::{EngineKind, RunError, RunShape, TransportKind, DEFAULT_EXPERTS, DEFAULT_LAYERS};
 
 /// A rank ready for the loop.
-pub struct Ready {
+pub(crate) struct Ready {
     pub topo: Topology,
     pub run_shape: RunShape,
     /// The engine, holding its initial placement and its expert store.
@@ -28,70 +28,51 @@ pub struct Ready {
 
 /// Sets up this rank: topology, transport, the engine and its store. Collective over `world`:
 /// every rank learns whether every rank's set-up succeeded, so that none goes on alone.
-pub fn setup(world: &Comm, args: &RunArgs) -> Result<Ready, RunError> {
+pub(crate) fn setup(world: &Comm, config: &RunConfig) -> Result<Ready, RunError> {
     let rank = world.rank();
     // Collective calls first, so that a rank whose local setup fails does not leave the others
     // waiting in one of them.
-    let topo = Topology::discover(world, args.ranks_per_node)?;
-    match &args.engine {
+    let topo = Topology::discover(world, config.placement.ranks_per_node)?;
+    match &config.engine.kind {
         EngineKind::Synthetic => {
-            let transport = resolve_transport(args.transport, &topo, world)?;
+            let transport = resolve_transport(config.store.transport, &topo, world)?;
             let store_comm = world.dup()?;
-            let prepared = agree_on_setup(world, prepare_synthetic(args, &topo, store_comm, transport))?;
+            let prepared = agree_on_setup(world, prepare_synthetic(config, &topo, store_comm, transport))?;
             // What the flags resolved to must agree too, before the store's collective set-up.
-            let load = super::safety::load_identity(&prepared.source);
-            super::safety::agree_on_shapes(world, &prepared.run_shape, &load, &prepared.initial, transport)?;
-            let store = agree_on_setup(world, finish_store(args, prepared.store, rank))?;
-            let engine = SyntheticEngine::new(prepared.source, prepared.initial, store, args.steps, rank)
-                .paced(args.manager.step_ms);
+            let load = load_identity(&prepared.source);
+            agree_on_shapes(world, &prepared.run_shape, &load, &prepared.initial, transport)?;
+            let store = agree_on_setup(world, factory::finish(prepared.store).map_err(store_error))?;
+            let engine = SyntheticEngine::new(prepared.source, prepared.initial, store, config.engine.steps, rank)
+                .paced(config.manager.step_ms);
             Ok(Ready { topo, run_shape: prepared.run_shape, engine: Box::new(engine) })
         }
         EngineKind::Shm(name) => {
-            let opts = ShmOptions {
-                name: name.clone(),
-                wait: Duration::from_secs_f64(args.engine_wait),
-                timeout: Duration::from_secs_f64(args.engine_timeout),
-                phase: args.balance_phase,
-            };
+            let e = &config.engine;
+            let opts =
+                ShmOptions { name: name.clone(), wait: e.wait, timeout: e.heartbeat_timeout, phase: e.balance_phase };
             let (comm, transport) = (world.dup()?, world.dup()?);
-            let attached = shm_flags(args).and_then(|()| {
-                let attached =
-                    shm::attach(&opts, rank, world.size()).map_err(|source| RunError::Engine { rank, source })?;
-                let run_shape = shm_shape(args, &topo, attached.layout())?;
-                shm_transport(args.transport, attached.layout())?;
-                Ok((attached, run_shape))
-            });
+            let attached = shm::attach(&opts, rank, world.size())
+                .map_err(|source| RunError::Engine { rank, source })
+                .and_then(|attached| {
+                    let run_shape = shm_shape(e, &config.placement, &topo, attached.layout())?;
+                    shm_transport(config.store.transport, attached.layout())?;
+                    Ok((attached, run_shape))
+                });
             let (attached, run_shape) = agree_on_setup(world, attached)?;
-            let tuning = NcclTuning::from_mib(args.nccl_group_mib, args.nccl_chunk_mib, args.nccl_register);
-            let mut engine =
-                ShmEngine::start(attached, world, comm, transport, args.chunk_bytes, tuning).map_err(|e| match e {
+            let (chunk_bytes, tuning, faults) =
+                (config.store.chunk_bytes, config.store.tuning(), config.faults.store(rank));
+            let engine = ShmEngine::start(attached, world, comm, transport, chunk_bytes, tuning, faults).map_err(
+                |e| match e {
                     StartError::Mpi(e) => RunError::Mpi(e),
                     StartError::Store(e) => store_error(e),
                     StartError::BadInput(what) => {
                         RunError::Engine { rank, source: crate::engine::EngineError::BadInput(what) }
                     }
                     other => RunError::Exec { step: 0, source: ExecError::Other(other.to_string()) },
-                })?;
-            if args.fault.contains(&Fault::CorruptTransfer(rank)) {
-                engine.store().corrupt_next_stage();
-            }
+                },
+            )?;
             Ok(Ready { topo, run_shape, engine: Box::new(engine) })
         }
-    }
-}
-
-/// Flags that drive the synthetic engine only, refused with an shm engine.
-fn shm_flags(args: &RunArgs) -> Result<(), RunError> {
-    let given = [
-        ("--trace", args.trace.is_some()),
-        ("--init-placement", args.init_placement.is_some()),
-        ("--fault corrupt-load-on-rank", args.fault.iter().any(|f| matches!(f, Fault::CorruptLoad(_)))),
-    ];
-    match given.iter().find(|(_, on)| *on) {
-        Some((flag, _)) => Err(RunError::Config(format!(
-            "{flag} does not apply to --engine shm: the engine brings its own load, placement and weights"
-        ))),
-        None => Ok(()),
     }
 }
 
@@ -111,14 +92,14 @@ fn shm_transport(transport: TransportKind, l: &Layout) -> Result<(), RunError> {
 }
 
 /// The shape of an shm engine: the region's, checked against the flags that name it.
-fn shm_shape(args: &RunArgs, topo: &Topology, l: &Layout) -> Result<RunShape, RunError> {
+fn shm_shape(e: &EngineConfig, p: &PlacementConfig, topo: &Topology, l: &Layout) -> Result<RunShape, RunError> {
     for (flag, given, have) in [
-        ("--num-layers", args.num_layers, l.num_layers),
-        ("--num-experts", args.num_experts, l.num_logical),
-        ("--num-redundant-experts", args.num_redundant_experts, l.num_physical() - l.num_logical),
+        ("--num-layers", e.num_layers, l.num_layers),
+        ("--num-experts", e.num_experts, l.num_logical),
+        ("--num-redundant-experts", p.num_redundant_experts, l.num_physical() - l.num_logical),
         (
             "--redundant_experts_num",
-            args.redundant_experts_num.map(|n| n * topo.world_size),
+            p.redundant_experts_num.map(|n| n * topo.world_size),
             l.num_physical() - l.num_logical,
         ),
     ] {
@@ -132,7 +113,7 @@ fn shm_shape(args: &RunArgs, topo: &Topology, l: &Layout) -> Result<RunShape, Ru
             )));
         }
     }
-    if let Some(ep) = args.ep_size.filter(|&ep| ep != topo.world_size) {
+    if let Some(ep) = p.ep_size.filter(|&ep| ep != topo.world_size) {
         return Err(RunError::Config(format!(
             "--ep-size {ep} must match the number of devices: this job has {} ranks (start one rank per GPU)",
             topo.world_size
@@ -142,7 +123,7 @@ fn shm_shape(args: &RunArgs, topo: &Topology, l: &Layout) -> Result<RunShape, Ru
         num_replicas: l.num_physical(),
         num_gpus: topo.world_size,
         num_nodes: topo.num_nodes,
-        num_groups: args.num_groups,
+        num_groups: p.num_groups,
     };
     shape
         .validate(l.num_logical)
@@ -150,35 +131,27 @@ fn shm_shape(args: &RunArgs, topo: &Topology, l: &Layout) -> Result<RunShape, Ru
     Ok(RunShape { num_layers: l.num_layers, num_logical: l.num_logical, shape })
 }
 
-/// The resolved sizes of a run.
-#[derive(Debug, Clone)]
-pub struct RunShape {
-    pub num_layers: usize,
-    pub num_logical: usize,
-    pub shape: PlacementShape,
-}
-
 /// Checks the flags against the world and the load: `--ep-size`, the redundant slots, the groups.
-pub fn resolve_shape(args: &RunArgs, topo: &Topology, source: &LoadSource) -> Result<RunShape, RunError> {
-    resolve_shape_of(args, topo, source.num_layers(), source.num_logical())
+pub(crate) fn resolve_shape(p: &PlacementConfig, topo: &Topology, source: &LoadSource) -> Result<RunShape, RunError> {
+    resolve_shape_of(p, topo, source.num_layers(), source.num_logical())
 }
 
 /// [`resolve_shape`] for an engine of `layers` MoE layers of `num_logical` experts.
-pub fn resolve_shape_of(
-    args: &RunArgs,
+pub(crate) fn resolve_shape_of(
+    p: &PlacementConfig,
     topo: &Topology,
     layers: usize,
     num_logical: usize,
 ) -> Result<RunShape, RunError> {
     let world = topo.world_size;
-    if let Some(ep) = args.ep_size {
+    if let Some(ep) = p.ep_size {
         if ep != world {
             return Err(RunError::Config(format!(
                 "--ep-size {ep} must match the number of devices: this job has {world} ranks (start one rank per GPU)"
             )));
         }
     }
-    let num_replicas = match (args.num_redundant_experts, args.redundant_experts_num) {
+    let num_replicas = match (p.num_redundant_experts, p.redundant_experts_num) {
         (Some(n), _) => num_logical.checked_add(n),
         (None, Some(per_rank)) => per_rank.checked_mul(world).and_then(|n| n.checked_add(num_logical)),
         (None, None) => num_logical.checked_add(world).map(|n| n.div_ceil(world) * world),
@@ -194,8 +167,7 @@ pub fn resolve_shape_of(
             next - num_logical
         )));
     }
-    let shape =
-        PlacementShape { num_replicas, num_gpus: world, num_nodes: topo.num_nodes, num_groups: args.num_groups };
+    let shape = PlacementShape { num_replicas, num_gpus: world, num_nodes: topo.num_nodes, num_groups: p.num_groups };
     shape
         .validate(num_logical)
         .map_err(|source| RunError::Policy { context: "--num-groups/--num-redundant-experts".into(), source })?;
@@ -203,13 +175,13 @@ pub fn resolve_shape_of(
 }
 
 /// The load the synthetic engine replays: `--trace` or the built-in generator.
-pub fn load_source(args: &RunArgs) -> Result<LoadSource, RunError> {
-    match &args.trace {
+pub(crate) fn load_source(e: &EngineConfig) -> Result<LoadSource, RunError> {
+    match &e.trace {
         Some(path) => {
-            let trace = load::read_trace(path, &TraceSelect { dataset: args.trace_dataset.clone() })?;
+            let trace = load::read_trace(path, &TraceSelect { dataset: e.trace_dataset.clone() })?;
             for (flag, given, have) in [
-                ("--num-layers", args.num_layers, trace.num_layers()),
-                ("--num-experts", args.num_experts, trace.num_logical()),
+                ("--num-layers", e.num_layers, trace.num_layers()),
+                ("--num-experts", e.num_experts, trace.num_logical()),
             ] {
                 if given.is_some_and(|g| g != have) {
                     return Err(RunError::Config(format!(
@@ -226,13 +198,11 @@ pub fn load_source(args: &RunArgs) -> Result<LoadSource, RunError> {
             Ok(LoadSource::Trace(trace))
         }
         None => {
-            let (l, e) = (args.num_layers.unwrap_or(DEFAULT_LAYERS), args.num_experts.unwrap_or(DEFAULT_EXPERTS));
-            if l == 0 || e == 0 {
-                return Err(RunError::Config("--num-layers and --num-experts must be at least 1".into()));
-            }
+            // At least 1 each ([`RunConfig::new`]).
+            let (layers, experts) = (e.num_layers.unwrap_or(DEFAULT_LAYERS), e.num_experts.unwrap_or(DEFAULT_EXPERTS));
             Ok(LoadSource::Zipf(DriftingZipf {
-                drift_steps: args.drift_steps as usize,
-                ..DriftingZipf::new(l, e, args.seed)
+                drift_steps: e.drift_steps as usize,
+                ..DriftingZipf::new(layers, experts, e.seed)
             }))
         }
     }
@@ -240,8 +210,8 @@ pub fn load_source(args: &RunArgs) -> Result<LoadSource, RunError> {
 
 /// Checks that the load of a step and the window of steps the policy plans on (u64 each) fit in
 /// host memory, before either is allocated.
-fn check_load_memory(args: &RunArgs, layers: usize, experts: usize) -> Result<(), RunError> {
-    let window = args.manager.eplb_window_steps.unwrap_or(crate::manager::args::ROUNDS_WINDOW_STEPS);
+fn check_load_memory(config: &RunConfig, layers: usize, experts: usize) -> Result<(), RunError> {
+    let window = config.manager.eplb_window_steps.unwrap_or(crate::manager::args::ROUNDS_WINDOW_STEPS);
     let steps = (window as usize).saturating_add(4);
     Ok(crate::limits::check_host_memory(
         "the load window",
@@ -263,11 +233,11 @@ fn store_error(e: StoreError) -> RunError {
 }
 
 /// The expert store `--transport` selects, before the collective part of its set-up.
-pub type StoreSetup = Opened;
+pub(crate) type StoreSetup = Opened;
 
 /// The transport every rank uses: `auto` becomes `nccl` only when every rank can use a GPU
 /// (collective over `world` for `auto`).
-pub fn resolve_transport(kind: TransportKind, topo: &Topology, world: &Comm) -> Result<TransportKind, RunError> {
+pub(crate) fn resolve_transport(kind: TransportKind, topo: &Topology, world: &Comm) -> Result<TransportKind, RunError> {
     Ok(match kind {
         TransportKind::Auto => {
             let usable = u64::from(gpu::gpu_usable(topo.local_rank));
@@ -282,75 +252,42 @@ pub fn resolve_transport(kind: TransportKind, topo: &Topology, world: &Comm) -> 
 }
 
 /// The local part of the store's set-up, holding `experts[layer][slot]` (this rank's slots):
-/// the host store, or this rank's GPU ([`factory::open`]). `comm` is a communicator of the
-/// store's own.
-pub fn make_store(
-    args: &RunArgs,
+/// the host store, or this rank's GPU ([`factory::open`]), with the faults `--fault` asks of this
+/// rank. `comm` is a communicator of the store's own.
+pub(crate) fn make_store(
+    config: &RunConfig,
     transport: TransportKind,
     comm: Comm,
     experts: &[Vec<usize>],
     topo: &Topology,
 ) -> Result<StoreSetup, RunError> {
     let (layers, spr) = (experts.len(), experts.first().map_or(0, Vec::len));
+    let expert_bytes = config.engine.expert_bytes;
     let (weights, transport) = if transport == TransportKind::Nccl {
         let gpu = gpu::open_local_gpu(topo.local_rank)?;
-        let tuning = NcclTuning::from_mib(args.nccl_group_mib, args.nccl_chunk_mib, args.nccl_register);
         (
-            Weights::Device { gpu, experts: experts.to_vec(), expert_bytes: args.expert_bytes },
-            Transport::Nccl { tuning },
+            Weights::Device { gpu, experts: experts.to_vec(), expert_bytes },
+            Transport::Nccl { tuning: config.store.tuning() },
         )
     } else {
         // The ranks of one host share its memory (all of them when the nodes are faked).
         let on_host = if topo.faked { topo.world_size } else { topo.local_size };
         crate::limits::check_host_memory(
             "the expert weights",
-            crate::limits::product(&[layers + 1, spr, args.expert_bytes, on_host]),
-            &format!(
-                "{on_host} rank(s) on this host x ({layers} layers + staging) x {spr} slots x {} B",
-                args.expert_bytes
-            ),
+            crate::limits::product(&[layers + 1, spr, expert_bytes, on_host]),
+            &format!("{on_host} rank(s) on this host x ({layers} layers + staging) x {spr} slots x {expert_bytes} B"),
             "lower --expert-bytes or the layers, or use fewer ranks a host",
         )?;
         (
-            Weights::Heap { experts: experts.to_vec(), expert_bytes: args.expert_bytes },
-            Transport::Host { chunk_bytes: args.chunk_bytes },
+            Weights::Heap { experts: experts.to_vec(), expert_bytes },
+            Transport::Host { chunk_bytes: config.store.chunk_bytes },
         )
     };
-    factory::open(StoreSpec { weights, transport, comm }).map_err(|e| match e {
+    let faults = config.faults.store(topo.world_rank);
+    factory::open(StoreSpec { weights, transport, comm, faults }).map_err(|e| match e {
         StoreError::Exec(e) => RunError::Config(format!("the host store: {e}")),
         other => store_error(other),
     })
-}
-
-/// The collective part of the store's set-up (every rank calls it): the NCCL communicator, then
-/// the device store with every live slot filled ([`factory::finish`]).
-pub fn finish_store(args: &RunArgs, setup: StoreSetup, rank: usize) -> Result<Box<dyn ExpertStore>, RunError> {
-    let mut store = factory::finish(setup).map_err(store_error)?;
-    if args.fault.contains(&Fault::CorruptTransfer(rank)) {
-        store.corrupt_next_stage();
-    }
-    Ok(store)
-}
-
-/// Every rank learns whether every rank's local set-up succeeded (one all-gather of exit codes),
-/// so that no rank goes on into a collective call that a failed rank will never make.
-pub(super) fn agree_on_setup<T>(world: &Comm, local: Result<T, RunError>) -> Result<T, RunError> {
-    let rank = world.rank();
-    let code = match &local {
-        Ok(_) => 0u64,
-        Err(e) => e.exit_code().max(1) as u64,
-    };
-    let (failed, max_code) = world.failed_ranks(code)?;
-    match local {
-        Err(e) if failed.len() < world.size() => {
-            // Only some ranks failed (a file missing on one node): each says why.
-            eprintln!("eplb-worker run: rank {rank}: error: {e}");
-            Err(RunError::PeerSetup { ranks: format!("{failed:?}"), code: e.exit_code() })
-        }
-        Err(e) => Err(e),
-        Ok(_) if !failed.is_empty() => Err(RunError::PeerSetup { ranks: format!("{failed:?}"), code: max_code as i32 }),
-        Ok(s) => Ok(s),
-    }
 }
 
 /// The synthetic engine's state before the collective part of its store's set-up.
@@ -364,19 +301,19 @@ struct PreparedSynthetic {
 /// The local part of the synthetic engine's set-up: its load, the shape, the initial placement
 /// (`--init-placement` or trivial) and the local part of its store.
 fn prepare_synthetic(
-    args: &RunArgs,
+    config: &RunConfig,
     topo: &Topology,
     store_comm: Comm,
     transport: TransportKind,
 ) -> Result<PreparedSynthetic, RunError> {
-    if let Some(d) = args.expert_parallel_degree {
+    if let Some(d) = config.placement.expert_parallel_degree {
         log::info!("--expert_parallel_degree={d} is accepted for xLLM compatibility and ignored");
     }
-    let source = load_source(args)?;
-    check_load_memory(args, source.num_layers(), source.num_logical())?;
-    let run_shape = resolve_shape(args, topo, &source)?;
+    let source = load_source(&config.engine)?;
+    check_load_memory(config, source.num_layers(), source.num_logical())?;
+    let run_shape = resolve_shape(&config.placement, topo, &source)?;
     let (layers, num_logical, shape) = (run_shape.num_layers, run_shape.num_logical, run_shape.shape);
-    let initial = match &args.init_placement {
+    let initial = match &config.placement.init_placement {
         Some(path) => {
             let p = file::read_placement(path, num_logical)?;
             p.check_shape(layers, &shape).map_err(|source| RunError::Policy {
@@ -389,11 +326,11 @@ fn prepare_synthetic(
     };
     let spr = shape.slots_per_rank();
     let experts: Vec<Vec<usize>> = (0..layers).map(|l| local_slots(&initial, l, topo.world_rank, spr)).collect();
-    let store = make_store(args, transport, store_comm, &experts, topo)?;
+    let store = make_store(config, transport, store_comm, &experts, topo)?;
     Ok(PreparedSynthetic { run_shape, source, initial, store })
 }
 
 /// The experts of rank `rank`'s slots in `layer` of `placement` (`[slots_per_rank]`).
-pub fn local_slots(placement: &Placement, layer: usize, rank: usize, slots_per_rank: usize) -> Vec<usize> {
+pub(crate) fn local_slots(placement: &Placement, layer: usize, rank: usize, slots_per_rank: usize) -> Vec<usize> {
     placement.phy2log.row(layer).iter().skip(rank * slots_per_rank).take(slots_per_rank).copied().collect()
 }

@@ -28,6 +28,7 @@
 //! and layers of mean / max GPU load under that dispatch, and `dispatch_modeled_seconds` the
 //! cost model with the dispatch's PAR (max / mean) in place of the competition's.
 
+use crate::exit::{ExitKind, Failure};
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -67,13 +68,13 @@ pub enum SimulateError {
     Limit(#[from] crate::limits::LimitError),
 }
 
-impl SimulateError {
-    /// 2 for bad input, 1 for a failure to write.
-    pub fn exit_code(&self) -> i32 {
+/// Bad input, but a failure to write.
+impl Failure for SimulateError {
+    fn kind(&self) -> ExitKind {
         match self {
-            SimulateError::Write { .. } => 1,
-            SimulateError::Output(e) | SimulateError::PlacementFile(PlacementFileError::Write(e)) => e.exit_code(),
-            _ => 2,
+            SimulateError::Write { .. } => ExitKind::Runtime,
+            SimulateError::Output(e) | SimulateError::PlacementFile(PlacementFileError::Write(e)) => e.kind(),
+            _ => ExitKind::BadInput,
         }
     }
 }

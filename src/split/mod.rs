@@ -57,6 +57,7 @@
 //! `n` (slots ascending) gets `counts / n` tokens, and one more where `(j + n - layer mod n)
 //! mod n < counts mod n` (the tokens `k` with `(k + layer) mod n = j` of `counts` tokens).
 
+use crate::exit::{ExitKind, Failure};
 use thiserror::Error;
 
 /// Bad input: the split refuses rather than misroute a token (exit 2).
@@ -76,10 +77,10 @@ pub enum SplitError {
     Shape { num_physical: usize, slots_per_rank: usize },
 }
 
-impl SplitError {
-    /// Every split error is bad input.
-    pub fn exit_code(&self) -> i32 {
-        2
+/// Every split error is bad input.
+impl Failure for SplitError {
+    fn kind(&self) -> ExitKind {
+        ExitKind::BadInput
     }
 }
 

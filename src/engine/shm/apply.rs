@@ -12,23 +12,23 @@ use crate::executor::memory::{ExpertRows, RowSpan};
 use crate::executor::{Commit, EngineSwitch, ExecError, RankMigration, SlotMemory};
 
 /// Tries of one layer's apply before it is dropped (the contract: at most 5).
-pub const MAX_TRIES: usize = 5;
+pub(crate) const MAX_TRIES: usize = 5;
 /// The first apply step's lead over the furthest engine rank, in steps (doubled per retry).
-pub const FIRST_LEAD: u64 = 2;
+pub(crate) const FIRST_LEAD: u64 = 2;
 /// The outcome a rank reports when its engine finished without answering (never in the region).
 const FINISHED_UNANSWERED: u64 = 5;
 
 /// Steps an engine may record past the boundary where it must have answered a command before
 /// the sidecar calls it unanswered (the answer is written at the boundary; the slack covers an
 /// engine whose answer and step counter become visible in either order).
-pub const ANSWER_SLACK_STEPS: u64 = 2;
+pub(crate) const ANSWER_SLACK_STEPS: u64 = 2;
 
 /// Whether a command for `apply_step`, posted when the engine's step counter was at most
 /// `posted_by` (read after the post), is overdue at counter `engine_step`. The engine answers at
 /// the boundary before `apply_step`, or, when it first sees the command later, at that boundary
 /// (missed): the boundary after the post is at most `posted_by + 1`. Once the engine recorded
 /// the later of the two (plus [`ANSWER_SLACK_STEPS`]), an answer must be there.
-pub fn overdue(apply_step: u64, posted_by: u64, engine_step: u64) -> bool {
+pub(crate) fn overdue(apply_step: u64, posted_by: u64, engine_step: u64) -> bool {
     engine_step > apply_step.max(posted_by.saturating_add(1)).saturating_add(ANSWER_SLACK_STEPS)
 }
 
@@ -137,7 +137,7 @@ pub struct ShmSwitch {
 
 /// The engine's weights and staging area in the region (host weights): rows of the per-expert
 /// tensors of its table, and the switch protocol.
-pub struct ShmSlots {
+pub(crate) struct ShmSlots {
     region: Arc<Region>,
     rows: ExpertRows,
     switch: ShmSwitch,
@@ -145,7 +145,7 @@ pub struct ShmSlots {
 
 /// Where the per-expert tensors' rows are in `layout` (offsets from the start of the region for
 /// host weights, offsets inside their allocation for IPC weights), live layers and staging.
-pub fn expert_rows(layout: &Layout) -> ExpertRows {
+pub(crate) fn expert_rows(layout: &Layout) -> ExpertRows {
     let tensors = layout.expert_tensors();
     let spans = (0..=layout.num_layers)
         .map(|l| {
@@ -208,7 +208,7 @@ impl ShmSwitch {
     /// The contract's `table_fault`, agreed over the ranks (collective): when any engine rank
     /// found one of its tensors re-allocated, every rank fails (exit 1) and nothing is posted;
     /// the rank that saw it names the layer and the tensor.
-    pub fn check_table_fault(&self) -> Result<(), ExecError> {
+    pub(crate) fn check_table_fault(&self) -> Result<(), ExecError> {
         let fault = self.region.table_fault();
         let any = self.comm.allreduce_u64(&[u64::from(fault != 0)], ReduceOp::Max)?[0];
         if any == 0 {
@@ -349,7 +349,7 @@ impl EngineSwitch for ShmSwitch {
 }
 
 /// What a non-zero `table_fault` says: the layer and tensor of the re-allocated entry.
-pub fn table_fault_message(region: &Region, rank: usize, fault: u64) -> String {
+pub(crate) fn table_fault_message(region: &Region, rank: usize, fault: u64) -> String {
     let l = &region.layout;
     let entries = (l.num_layers + 1) * l.num_tensors;
     let what = match usize::try_from(fault - 1).ok().filter(|&i| i < entries) {

@@ -16,7 +16,6 @@ pub mod apply;
 pub mod region;
 pub mod writer;
 
-use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -28,7 +27,7 @@ use self::apply::{Backoff, Liveness, ShmSwitch, Watch};
 use self::region::{off, phase, region_path, sidecar_state, Layout, Region, RingRead};
 use super::{Engine, EngineError, StepCounts};
 use crate::collective::{Comm, MpiError, ReduceOp};
-use crate::executor::factory::{self, StoreError, StoreSpec, Transport, Weights};
+use crate::executor::factory::{self, StoreError, StoreFaults, StoreSpec, Transport, Weights};
 use crate::executor::ExpertStore;
 use crate::policy::Placement;
 
@@ -215,7 +214,7 @@ fn claim(region: &Region) -> Result<(), EngineError> {
 /// posts at most `FIRST_LEAD << MAX_TRIES` steps ahead of the furthest engine rank; anything
 /// far beyond is a corrupt or foreign mailbox that would keep attach waiting for the engine's
 /// whole life.
-pub const MAX_PENDING_AHEAD: u64 = 4096;
+pub(crate) const MAX_PENDING_AHEAD: u64 = 4096;
 
 /// Waits until no command of an earlier sidecar is pending, bounded: the engine must answer it
 /// by the boundary of its step ([`apply::overdue`]), it may not lie absurdly far ahead
@@ -285,7 +284,7 @@ fn read_placement(region: &Region) -> Result<Placement, EngineError> {
 
 /// Errors of the collective part of the set-up.
 #[derive(Debug, thiserror::Error)]
-pub enum StartError {
+pub(crate) enum StartError {
     #[error(transparent)]
     Mpi(#[from] MpiError),
     #[error("the engine ranks hold different placements (hash min {min:016x}, max {max:016x}): the engine's ranks disagree; nothing was moved")]
@@ -313,10 +312,10 @@ impl Occurrences {
 /// The longest MoE time of one step an engine may report (an hour): a larger `moe_ns` is a
 /// broken engine or a unit mistake, and counts as not measured rather than pricing every move
 /// at nothing.
-pub const MAX_MOE_NS: u64 = 3_600_000_000_000;
+pub(crate) const MAX_MOE_NS: u64 = 3_600_000_000_000;
 
 /// The engine attached on every rank.
-pub struct ShmEngine {
+pub(crate) struct ShmEngine {
     name: String,
     region: Arc<Region>,
     watch: Watch,
@@ -359,7 +358,7 @@ impl ShmEngine {
     /// The collective part of the set-up (every rank, after every rank attached): the ranks agree
     /// that they hold the same placement, on the first step they read (the furthest engine rank's
     /// next step), and on the first command id; `comm` and `transport` are communicators of the
-    /// switch protocol and of the host transport.
+    /// switch protocol and of the host transport; `faults`: the store's (tests, `--fault`).
     pub fn start(
         attached: Attached,
         world: &Comm,
@@ -367,6 +366,7 @@ impl ShmEngine {
         transport: Comm,
         chunk_bytes: usize,
         tuning: crate::gpu::store::NcclTuning,
+        faults: StoreFaults,
     ) -> Result<ShmEngine, StartError> {
         let Attached { region, watch, opts, initial } = attached;
         let agreement = world.agree_hash(initial.hash())?;
@@ -394,11 +394,13 @@ impl ShmEngine {
                 weights: Weights::Region { region: region.clone(), switch },
                 transport: Transport::Host { chunk_bytes },
                 comm: transport,
+                faults,
             },
             Some(_) => StoreSpec {
                 weights: Weights::DeviceIpc { region: region.clone(), switch },
                 transport: Transport::Nccl { tuning },
                 comm: transport,
+                faults,
             },
         };
         let mut store = factory::build(world, spec)?;
@@ -418,15 +420,6 @@ impl ShmEngine {
             detach: Detach { region: region.clone(), finished: false },
             region,
         })
-    }
-
-    pub fn path(&self) -> PathBuf {
-        self.region.path.clone()
-    }
-
-    /// Marks the region: the sidecar failed (the engine never waits on it; informational).
-    pub fn mark_failed(&self) {
-        self.region.set(off::SIDECAR_STATE, sidecar_state::FAILED);
     }
 
     /// The end of the run: the table must still be valid (a re-allocated tensor makes every

@@ -24,16 +24,16 @@ use thiserror::Error;
 
 /// `EPLBSHM1`, little-endian (unchanged from version 1, so that a version-1 region is recognised
 /// and refused by its version rather than by its magic).
-pub const MAGIC: u64 = 0x314d_4853_424c_5045;
-pub const VERSION: u32 = 2;
+pub(crate) const MAGIC: u64 = 0x314d_4853_424c_5045;
+pub(crate) const VERSION: u32 = 2;
 /// The minor version of contract version 2 this side writes.
-pub const MINOR_VERSION: u32 = 0;
+pub(crate) const MINOR_VERSION: u32 = 0;
 pub const HEADER_BYTES: usize = 4096;
 /// Bytes of one tensor table entry.
-pub const TENSOR_ENTRY_BYTES: usize = 64;
+pub(crate) const TENSOR_ENTRY_BYTES: usize = 64;
 /// Tensors a layer: 1 to this many.
-pub const MAX_TENSORS: usize = 64;
-pub const MIN_RING_LEN: usize = 16;
+pub(crate) const MAX_TENSORS: usize = 64;
+pub(crate) const MIN_RING_LEN: usize = 16;
 const ALIGN: u64 = 64;
 
 /// The header: 4096 bytes at offset 0, little-endian. The struct is the layout's definition (its
@@ -41,7 +41,7 @@ const ALIGN: u64 = 64;
 /// through byte offsets ([`off`]), never by casting the mapping.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
-pub struct Header {
+pub(crate) struct Header {
     pub magic: u64,
     pub version: u32,
     pub header_bytes: u32,
@@ -82,7 +82,7 @@ pub struct Header {
 /// One entry of the tensor table (64 bytes).
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
-pub struct TableEntryRaw {
+pub(crate) struct TableEntryRaw {
     pub name: [u8; 24],
     pub dtype: [u8; 8],
     pub offset: u64,
@@ -98,26 +98,26 @@ pub struct TableEntryRaw {
 pub mod off {
     use super::Header;
     use std::mem::offset_of;
-    pub const MAGIC: usize = offset_of!(Header, magic);
-    pub const VERSION: usize = offset_of!(Header, version);
+    pub(crate) const MAGIC: usize = offset_of!(Header, magic);
+    pub(crate) const VERSION: usize = offset_of!(Header, version);
     pub const HEADER_BYTES: usize = offset_of!(Header, header_bytes);
-    pub const NUM_LAYERS: usize = offset_of!(Header, num_layers);
-    pub const SLOTS_PER_RANK: usize = offset_of!(Header, slots_per_rank);
-    pub const NUM_LOGICAL: usize = offset_of!(Header, num_logical);
-    pub const WORLD_SIZE: usize = offset_of!(Header, world_size);
+    pub(crate) const NUM_LAYERS: usize = offset_of!(Header, num_layers);
+    pub(crate) const SLOTS_PER_RANK: usize = offset_of!(Header, slots_per_rank);
+    pub(crate) const NUM_LOGICAL: usize = offset_of!(Header, num_logical);
+    pub(crate) const WORLD_SIZE: usize = offset_of!(Header, world_size);
     pub const RANK: usize = offset_of!(Header, rank);
-    pub const RING_LEN: usize = offset_of!(Header, ring_len);
-    pub const EXPERT_BYTES: usize = offset_of!(Header, expert_bytes);
-    pub const NUM_TENSORS: usize = offset_of!(Header, num_tensors);
-    pub const WEIGHTS_KIND: usize = offset_of!(Header, weights_kind);
-    pub const TOTAL_BYTES: usize = offset_of!(Header, total_bytes);
-    pub const RING_OFFSET: usize = offset_of!(Header, ring_offset);
-    pub const RING_ENTRY_BYTES: usize = offset_of!(Header, ring_entry_bytes);
-    pub const PLACEMENT_OFFSET: usize = offset_of!(Header, placement_offset);
-    pub const EPOCHS_OFFSET: usize = offset_of!(Header, epochs_offset);
-    pub const COMMAND_OFFSET: usize = offset_of!(Header, command_offset);
-    pub const TABLE_OFFSET: usize = offset_of!(Header, table_offset);
-    pub const IPC_OFFSET: usize = offset_of!(Header, ipc_offset);
+    pub(crate) const RING_LEN: usize = offset_of!(Header, ring_len);
+    pub(crate) const EXPERT_BYTES: usize = offset_of!(Header, expert_bytes);
+    pub(crate) const NUM_TENSORS: usize = offset_of!(Header, num_tensors);
+    pub(crate) const WEIGHTS_KIND: usize = offset_of!(Header, weights_kind);
+    pub(crate) const TOTAL_BYTES: usize = offset_of!(Header, total_bytes);
+    pub(crate) const RING_OFFSET: usize = offset_of!(Header, ring_offset);
+    pub(crate) const RING_ENTRY_BYTES: usize = offset_of!(Header, ring_entry_bytes);
+    pub(crate) const PLACEMENT_OFFSET: usize = offset_of!(Header, placement_offset);
+    pub(crate) const EPOCHS_OFFSET: usize = offset_of!(Header, epochs_offset);
+    pub(crate) const COMMAND_OFFSET: usize = offset_of!(Header, command_offset);
+    pub(crate) const TABLE_OFFSET: usize = offset_of!(Header, table_offset);
+    pub(crate) const IPC_OFFSET: usize = offset_of!(Header, ipc_offset);
     pub const ENGINE_PID: usize = offset_of!(Header, engine_pid);
     pub const ENGINE_STEP: usize = offset_of!(Header, engine_step);
     pub const ENGINE_HEARTBEAT_NS: usize = offset_of!(Header, engine_heartbeat_ns);
@@ -125,26 +125,26 @@ pub mod off {
     pub const SIDECAR_PID: usize = offset_of!(Header, sidecar_pid);
     pub const SIDECAR_HEARTBEAT_NS: usize = offset_of!(Header, sidecar_heartbeat_ns);
     pub const SIDECAR_STATE: usize = offset_of!(Header, sidecar_state);
-    pub const MINOR_VERSION: usize = offset_of!(Header, minor_version);
-    pub const COUNTS_KIND: usize = offset_of!(Header, counts_kind);
-    pub const NUM_HANDLES: usize = offset_of!(Header, num_handles);
-    pub const TABLE_FAULT: usize = offset_of!(Header, table_fault);
-    pub const CMD_SEQ: usize = 256;
-    pub const CMD_ID: usize = 264;
-    pub const CMD_LAYER: usize = 272;
-    pub const CMD_APPLY_STEP: usize = 280;
-    pub const CMD_EPOCH: usize = 288;
-    pub const ACK_ID: usize = 320;
-    pub const ACK_RESULT: usize = 328;
-    pub const ACK_STEP: usize = 336;
+    pub(crate) const MINOR_VERSION: usize = offset_of!(Header, minor_version);
+    pub(crate) const COUNTS_KIND: usize = offset_of!(Header, counts_kind);
+    pub(crate) const NUM_HANDLES: usize = offset_of!(Header, num_handles);
+    pub(crate) const TABLE_FAULT: usize = offset_of!(Header, table_fault);
+    pub(crate) const CMD_SEQ: usize = 256;
+    pub(crate) const CMD_ID: usize = 264;
+    pub(crate) const CMD_LAYER: usize = 272;
+    pub(crate) const CMD_APPLY_STEP: usize = 280;
+    pub(crate) const CMD_EPOCH: usize = 288;
+    pub(crate) const ACK_ID: usize = 320;
+    pub(crate) const ACK_RESULT: usize = 328;
+    pub(crate) const ACK_STEP: usize = 336;
     /// Inside a ring entry.
     pub const ENTRY_SEQ: usize = 0;
-    pub const ENTRY_STEP: usize = 8;
-    pub const ENTRY_PHASE: usize = 16;
-    pub const ENTRY_TOKENS: usize = 24;
+    pub(crate) const ENTRY_STEP: usize = 8;
+    pub(crate) const ENTRY_PHASE: usize = 16;
+    pub(crate) const ENTRY_TOKENS: usize = 24;
     /// The step's MoE time on this rank in ns (0: not measured).
-    pub const ENTRY_MOE_NS: usize = 32;
-    pub const ENTRY_COUNTS: usize = 64;
+    pub(crate) const ENTRY_MOE_NS: usize = 32;
+    pub(crate) const ENTRY_COUNTS: usize = 64;
 }
 
 // The contract's table, checked at compile time: a field that moves breaks the build.
@@ -169,9 +169,9 @@ const _: () = {
 /// `weights_kind` values.
 pub mod weights_kind {
     /// The tensors are in the region (host memory).
-    pub const HOST: u32 = 0;
+    pub(crate) const HOST: u32 = 0;
     /// They are in the engine's GPU memory, shared with CUDA IPC handles (the IPC section).
-    pub const CUDA_IPC: u32 = 1;
+    pub(crate) const CUDA_IPC: u32 = 1;
 }
 
 /// `counts_kind` values: what a ring entry's counts are.
@@ -185,23 +185,23 @@ pub mod counts_kind {
 /// Tensor kinds of the table.
 pub mod tensor_kind {
     /// Moves with its expert: row `s` belongs to local slot `s`.
-    pub const EXPERT: u8 = 1;
+    pub(crate) const EXPERT: u8 = 1;
     /// Never moved, never written by the sidecar; listed so that it can be proven untouched.
-    pub const GLOBAL: u8 = 2;
+    pub(crate) const GLOBAL: u8 = 2;
 }
 
 /// The CUDA IPC section (weights_kind 1), at `ipc_offset`.
 pub mod ipc {
     /// `pci_bus_id[16]`: the engine GPU's `cuDeviceGetPCIBusId`, ASCII, NUL-padded.
-    pub const PCI_BUS_ID: usize = 0;
+    pub(crate) const PCI_BUS_ID: usize = 0;
     /// `uuid[16]`: the engine GPU's `cuDeviceGetUuid` bytes (all zero: not checked).
-    pub const UUID: usize = 16;
+    pub(crate) const UUID: usize = 16;
     /// The handle table: `num_handles` entries of [`ENTRY_BYTES`].
-    pub const HANDLES: usize = 64;
-    pub const ENTRY_BYTES: usize = 128;
+    pub(crate) const HANDLES: usize = 64;
+    pub(crate) const ENTRY_BYTES: usize = 128;
     /// `bytes: u64` inside a handle entry: the allocation's size.
-    pub const ENTRY_SIZE: usize = 64;
-    pub const MAX_HANDLES: usize = 4096;
+    pub(crate) const ENTRY_SIZE: usize = 64;
+    pub(crate) const MAX_HANDLES: usize = 4096;
 }
 
 /// One CUDA IPC handle: one whole allocation of the engine's GPU memory.
@@ -224,15 +224,16 @@ pub struct IpcWeights {
 
 impl IpcWeights {
     /// Bytes of the section.
-    pub fn section_bytes(&self) -> u64 {
+    pub(crate) fn section_bytes(&self) -> u64 {
         (ipc::HANDLES + ipc::ENTRY_BYTES * self.handles.len()) as u64
     }
 }
 
 /// `engine_state` values.
 pub mod engine_state {
+    /// The contract's value before the engine runs (the engine writes it; eplb only reads past it).
     pub const STARTING: u64 = 0;
-    pub const RUNNING: u64 = 1;
+    pub(crate) const RUNNING: u64 = 1;
     pub const FINISHED: u64 = 2;
     pub const FAILED: u64 = 3;
 }
@@ -240,23 +241,23 @@ pub mod engine_state {
 /// `sidecar_state` values.
 pub mod sidecar_state {
     pub const ATTACHED: u64 = 1;
-    pub const EXITED_OK: u64 = 2;
+    pub(crate) const EXITED_OK: u64 = 2;
     pub const FAILED: u64 = 3;
 }
 
 /// `ack_result` values.
 pub mod ack {
-    pub const APPLIED: u64 = 1;
-    pub const CANCELLED: u64 = 2;
-    pub const MISSED: u64 = 3;
-    pub const REJECTED: u64 = 4;
+    pub(crate) const APPLIED: u64 = 1;
+    pub(crate) const CANCELLED: u64 = 2;
+    pub(crate) const MISSED: u64 = 3;
+    pub(crate) const REJECTED: u64 = 4;
 }
 
 /// A step's phase in the load ring.
 pub mod phase {
     pub const PREFILL: u64 = 1;
     pub const DECODE: u64 = 2;
-    pub const MIXED: u64 = 3;
+    pub(crate) const MIXED: u64 = 3;
 }
 
 /// Errors of a region: what is wrong with it, and where.
@@ -274,7 +275,7 @@ pub fn round64(x: u64) -> u64 {
 }
 
 /// The dtypes the contract names (informational: rows move as opaque bytes).
-pub const DTYPES: [&str; 13] =
+pub(crate) const DTYPES: [&str; 13] =
     ["f64", "f32", "f16", "bf16", "i64", "i32", "i16", "i8", "u8", "f8e4m3", "f8e5m2", "e8m0", "fp4x2"];
 
 /// One entry of the tensor table: where tensor `t` of one layer (or of the staging layer) is.
@@ -298,7 +299,7 @@ pub struct TensorEntry {
 
 impl TensorEntry {
     /// Where row `r` starts.
-    pub fn row_at(&self, r: usize) -> u64 {
+    pub(crate) fn row_at(&self, r: usize) -> u64 {
         self.offset + r as u64 * self.row_stride
     }
 
@@ -312,7 +313,7 @@ impl TensorEntry {
         (start, start + (self.rows as u128 - 1) * self.row_stride as u128 + self.row_bytes as u128)
     }
 
-    pub fn is_expert(&self) -> bool {
+    pub(crate) fn is_expert(&self) -> bool {
         self.kind == tensor_kind::EXPERT
     }
 }
@@ -1089,7 +1090,7 @@ pub fn region_path(name: &str, rank: usize) -> PathBuf {
 
 /// What reading one step of the ring gave.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RingRead {
+pub(crate) enum RingRead {
     /// The whole entry of the step: its phase, tokens, MoE time (ns, 0: not measured) and
     /// `counts [layers * count_cols]`.
     Step { phase: u64, tokens: u64, moe_ns: u64, counts: Vec<u64> },
@@ -1106,7 +1107,7 @@ pub enum RingRead {
 /// Tries of a sequence lock before [`Region::read_step`] gives up for now ([`RingRead::Busy`]):
 /// an engine writes an entry in microseconds, so a longer odd spell is a stopped, dead or broken
 /// writer, which only the caller's watch can tell apart.
-pub const SEQLOCK_SPINS: u32 = 4096;
+pub(crate) const SEQLOCK_SPINS: u32 = 4096;
 
 /// A mapped region.
 pub struct Region {
@@ -1177,7 +1178,7 @@ impl Region {
     }
 
     /// Renames a region made by [`Region::create`] into `path`, where sidecars find it.
-    pub fn publish(&mut self, path: &Path) -> Result<(), RegionError> {
+    pub(crate) fn publish(&mut self, path: &Path) -> Result<(), RegionError> {
         std::fs::rename(&self.path, path).map_err(|source| RegionError::Io { path: path.into(), source })?;
         self.path = path.to_path_buf();
         Ok(())
@@ -1196,7 +1197,7 @@ impl Region {
     }
 
     /// A plain u64 at `at`, read with a volatile load.
-    pub fn read_u64(&self, at: usize) -> u64 {
+    pub(crate) fn read_u64(&self, at: usize) -> u64 {
         self.check(at, 8);
         // SAFETY: in bounds and aligned (every such field is at a multiple of 8).
         unsafe { std::ptr::read_volatile(self.map.as_ptr().add(at) as *const u64) }
@@ -1248,7 +1249,7 @@ impl Region {
     /// returned one is: the staging area between "free" and "post" of the switch protocol, or
     /// the engine side's own writes at a step boundary.
     #[allow(clippy::mut_from_ref)]
-    pub unsafe fn bytes_mut(&self, at: usize, len: usize) -> &mut [u8] {
+    pub(crate) unsafe fn bytes_mut(&self, at: usize, len: usize) -> &mut [u8] {
         self.check(at, len);
         std::slice::from_raw_parts_mut(self.map.as_mut_ptr().add(at), len)
     }
@@ -1272,7 +1273,7 @@ impl Region {
     }
 
     /// Writes row `layer` of `phy2log` (the engine side, at a step boundary).
-    pub fn write_phy2log_row(&self, layer: usize, row: &[i32]) {
+    pub(crate) fn write_phy2log_row(&self, layer: usize, row: &[i32]) {
         let p = self.layout.num_physical();
         for (i, &v) in row.iter().take(p).enumerate() {
             self.write_i32(self.layout.placement_offset + 4 * (layer * p + i), v);
@@ -1285,7 +1286,7 @@ impl Region {
     }
 
     /// Reads step `t` of the load ring under its sequence lock. Never returns a torn entry.
-    pub fn read_step(&self, t: u64) -> RingRead {
+    pub(crate) fn read_step(&self, t: u64) -> RingRead {
         if t >= self.atomic(off::ENGINE_STEP).load(Ordering::Acquire) {
             return RingRead::NotYet;
         }
@@ -1323,7 +1324,7 @@ impl Region {
     /// The step number held by the ring entry of step `t`, read under its sequence lock (None
     /// while the entry is being written): a step counter ahead of what the ring holds is a
     /// corrupt region, not lost steps (see [`Region::check_step_counter`]).
-    pub fn entry_step(&self, t: u64) -> Option<u64> {
+    pub(crate) fn entry_step(&self, t: u64) -> Option<u64> {
         let l = &self.layout;
         let base = l.ring_offset + (t % l.ring_len as u64) as usize * l.ring_entry_bytes;
         let seq = self.atomic(base + off::ENTRY_SEQ);
@@ -1346,7 +1347,7 @@ impl Region {
     /// entry before it publishes the counter, and may have gone on). An older step there means
     /// the counter jumped past anything the engine wrote (a garbage value such as 2^62): reading
     /// on would count billions of "lost" steps, so it is an error naming the region.
-    pub fn check_step_counter(&self) -> Result<(), String> {
+    pub(crate) fn check_step_counter(&self) -> Result<(), String> {
         let e = self.get(off::ENGINE_STEP);
         let Some(latest) = e.checked_sub(1) else { return Ok(()) };
         match self.entry_step(latest) {
@@ -1363,7 +1364,7 @@ impl Region {
     /// (an engine that re-created it in place, a careless `truncate`) would end the process with
     /// SIGBUS at the next access past its end. Called before the accesses of every step and
     /// every wait.
-    pub fn check_size(&self) -> Result<(), String> {
+    pub(crate) fn check_size(&self) -> Result<(), String> {
         match self._file.metadata() {
             Ok(m) if m.len() >= self.map.len() as u64 => Ok(()),
             Ok(m) => Err(format!(
@@ -1378,7 +1379,7 @@ impl Region {
 
     /// Writes step `t` into the ring and publishes it (`engine_step = t + 1`): the engine side.
     /// `moe_ns`: the step's MoE time on this rank (0: not measured).
-    pub fn write_step(&self, t: u64, phase: u64, tokens: u64, moe_ns: u64, counts: &[u64]) {
+    pub(crate) fn write_step(&self, t: u64, phase: u64, tokens: u64, moe_ns: u64, counts: &[u64]) {
         let l = &self.layout;
         let base = l.ring_offset + (t % l.ring_len as u64) as usize * l.ring_entry_bytes;
         let seq = self.atomic(base + off::ENTRY_SEQ);
@@ -1418,7 +1419,7 @@ impl Region {
     /// Reads the command under `cmd_seq` (the engine side), never waiting: None when there is
     /// none, when a post is under way (`cmd_seq` odd: a sidecar stopped in the middle of one would
     /// otherwise hang the engine), or when the read was disturbed 4 times.
-    pub fn read_command(&self) -> Option<Command> {
+    pub(crate) fn read_command(&self) -> Option<Command> {
         let seq = self.atomic(off::CMD_SEQ);
         for _ in 0..4 {
             let s1 = seq.load(Ordering::Acquire);
@@ -1443,7 +1444,7 @@ impl Region {
 
     /// The last answer: (`ack_id`, `ack_result`, `ack_step`); `ack_id` is read first (acquire),
     /// so the other two belong to it or a later one.
-    pub fn ack(&self) -> (u64, u64, u64) {
+    pub(crate) fn ack(&self) -> (u64, u64, u64) {
         let id = self.atomic(off::ACK_ID).load(Ordering::Acquire);
         (id, self.atomic(off::ACK_RESULT).load(Ordering::Acquire), self.atomic(off::ACK_STEP).load(Ordering::Acquire))
     }
@@ -1489,7 +1490,7 @@ pub fn monotonic_ns() -> u64 {
 
 /// Whether process `pid` exists and has not exited (`kill(pid, 0)`, where a process we may not
 /// signal exists too; a zombie, dead but not yet reaped by its parent, counts as gone).
-pub fn pid_alive(pid: u64) -> bool {
+pub(crate) fn pid_alive(pid: u64) -> bool {
     let Ok(pid) = libc::pid_t::try_from(pid) else { return false };
     if pid <= 0 {
         return false;

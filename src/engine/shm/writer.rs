@@ -188,7 +188,7 @@ impl EngineRank {
 }
 
 /// What the writer puts into row `row` of global tensor `t` of `layer`: bytes nobody moves.
-pub fn global_fill(layer: usize, t: usize, row: usize, buf: &mut [u8]) {
+pub(crate) fn global_fill(layer: usize, t: usize, row: usize, buf: &mut [u8]) {
     crate::engine::fill_expert(buf, 5000 + layer * 64 + t, row);
 }
 
@@ -224,7 +224,7 @@ pub fn global_bytes(region: &Region) -> Vec<u8> {
 /// # Safety
 /// Nobody else may read or write those rows meanwhile (the engine side, before publishing or at
 /// a step boundary; a test standing in for the sidecar on staging rows it owns).
-pub unsafe fn write_expert(region: &Region, layer: usize, slot: usize, bytes: &[u8]) {
+pub(crate) unsafe fn write_expert(region: &Region, layer: usize, slot: usize, bytes: &[u8]) {
     let l = &region.layout;
     let mut at = 0;
     for t in l.expert_tensors() {
