@@ -41,10 +41,11 @@ impl TimeMode {
 
     /// The expected lifetime of a change, in steps: twice the steps the best estimate holds (the
     /// load has been steady over about that long; after a jump, the steps since), at least the
-    /// steps it takes to switch every layer once, at most 1024.
+    /// steps it takes to switch every layer once, at most 1024; at least the policy's
+    /// [`Policy::min_lifetime`](crate::policy::Policy::min_lifetime).
     pub fn lifetime(&self, plan: &Planner<'_>) -> u64 {
         let sweep = plan.layers.div_ceil(plan.per_step()) as u64;
-        (2 * self.estimator.memory()).clamp(sweep.max(1), 1024.max(sweep))
+        (2 * self.estimator.memory()).clamp(sweep.max(1), 1024.max(sweep)).max(plan.policy.min_lifetime())
     }
 
     /// The price of one moved copy in Q32 PAR units: `--move-cost`, or the cost model's.

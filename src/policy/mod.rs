@@ -202,6 +202,14 @@ pub trait Policy: Send + Sync + std::fmt::Debug {
         price: Price,
     ) -> Vec<usize>;
 
+    /// The fewest steps the time-mode manager expects a change of this policy's placements to
+    /// pay for itself over (its price of a moved copy divides by the expected lifetime): 0, no
+    /// floor, unless a policy's placements age slower than the load's estimate (spread under the
+    /// split: [`spread::MIN_LIFETIME`]).
+    fn min_lifetime(&self) -> u64 {
+        0
+    }
+
     /// Every layer: `weight [layers, num_logical]`, `previous` the live placement if any, on
     /// `threads` worker threads (0: one per core; the result never depends on it), calling
     /// `layer_done` after each layer (a progress bar's hook, from the worker threads).

@@ -45,6 +45,10 @@ use super::{PlacementShape, Policy, Price};
 pub struct Spread;
 
 impl Policy for Spread {
+    fn min_lifetime(&self) -> u64 {
+        MIN_LIFETIME
+    }
+
     fn place_layer(
         &self,
         weight: &[u64],
