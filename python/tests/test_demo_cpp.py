@@ -14,7 +14,6 @@ import subprocess
 import sys
 
 import pytest
-
 from test_demo import QWEN, WORKER, needs_mpi, needs_trace, needs_worker
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
