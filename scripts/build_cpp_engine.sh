@@ -31,7 +31,7 @@ fi
 mkdir -p "$(dirname "$out")"
 flags=(-std=c++17 -O2 -Wall -Wextra -DOMPI_SKIP_MPICXX -Iclient/include)
 # The Rust static library's own system libraries (`cargo rustc -- --print native-static-libs`).
-libs=(-lpthread -ldl -lm -lrt)
+libs=(-lgcc_s -lutil -lrt -lpthread -lm -ldl)
 if [ -n "${CXX:-}" ]; then
   read -r -a mpi_compile <<<"$(mpicxx --showme:compile)"
   read -r -a mpi_link <<<"$(mpicxx --showme:link)"

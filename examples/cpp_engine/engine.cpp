@@ -78,9 +78,6 @@ constexpr uint32_t T_W13 = 0, T_W2 = 1, T_GATE = 2, NUM_TENSORS = 3;
 // w2_weight's rows are padded by this many bytes: the engine honours row_stride != row_bytes,
 // as vLLM's and SGLang's tensors may need.
 constexpr uint64_t W2_PAD = 64;
-// The header's sidecar_pid (docs/engine-contract.md): 0 until a sidecar attaches. Read only by
-// --wait-sidecar (demos and tests), which the C API has no call for.
-constexpr size_t SIDECAR_PID_OFFSET = 152;
 
 // An input the user can fix: exit 2 with this message.
 struct BadInput : std::runtime_error {
@@ -687,8 +684,8 @@ class Engine {
   // ---- waiting for a sidecar (demos and tests only: an engine never waits for its sidecar) ----
 
   // Whether a sidecar attached to every engine rank's region within `seconds` (collective). Reads
-  // the header's sidecar_pid (docs/engine-contract.md, offset 152) through a read-only mapping of
-  // this rank's region; beats the engine heartbeat meanwhile.
+  // the header's sidecar_pid (EPLB_OFF_SIDECAR_PID: 0 until a sidecar attaches; the C API has no
+  // call for it) through a read-only mapping of this rank's region; beats the heartbeat meanwhile.
   bool wait_for_sidecar(double seconds) {
     std::string path = "/dev/shm/eplb-" + a_.name + "-" + std::to_string(rank_);
     int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
@@ -699,7 +696,7 @@ class Engine {
     }
     uint64_t attached = 0;
     if (m != MAP_FAILED) {
-      const uint64_t* pid = reinterpret_cast<const uint64_t*>(static_cast<const char*>(m) + SIDECAR_PID_OFFSET);
+      const uint64_t* pid = reinterpret_cast<const uint64_t*>(static_cast<const char*>(m) + EPLB_OFF_SIDECAR_PID);
       uint64_t deadline = now_ns() + static_cast<uint64_t>(seconds * 1e9);
       while ((attached = __atomic_load_n(pid, __ATOMIC_ACQUIRE) != 0 ? 1 : 0) == 0 && now_ns() < deadline) {
         check(eplb_heartbeat(region_), "eplb_heartbeat");
