@@ -167,7 +167,7 @@ fn commands_are_applied_missed_and_rejected_as_the_contract_says() {
     assert_eq!(unsafe { eplb_publish(f.region) }, eplb_status::EPLB_OK);
     let reg = open(&f);
     let mut step = 0u64;
-    let mut run = |n: u64, step: &mut u64| {
+    let run = |n: u64, step: &mut u64| {
         let mut last = -1;
         for _ in 0..n {
             let (s, a) = boundary(&f, *step, None, std::ptr::null_mut());
