@@ -51,7 +51,7 @@ while (($#)); do
     --dispatch) dispatch=$2; shift 2 ;;
     --engine) engine=$2; shift 2 ;;
     --) shift; extra=("$@"); break ;;
-    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
     *) echo "engine_demo.sh: unknown flag $1 (see --help)" >&2; exit 2 ;;
   esac
 done
