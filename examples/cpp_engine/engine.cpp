@@ -441,10 +441,6 @@ void check(eplb_status st, const char* what) {
   throw Failure(msg);
 }
 
-struct Stats {
-  std::vector<double> v;
-};
-
 std::string json_num(double x) {
   if (!std::isfinite(x)) return "null";
   char b[64];

@@ -138,3 +138,17 @@ def test_cpp_engine_qwen_4_ranks_balances_with_matching_outputs(tmp_path, cpp_en
     assert r["layers_committed"] > 0 and r["commit_step_disagreements"] == 0 and r["wrong_bytes"] == 0
     assert r["global_bytes_changed"] == 0
     assert r["balancedness_live"] >= r["balancedness_static"] + 0.1, r
+
+
+@needs_mpi
+@needs_mpicxx
+@needs_worker
+@pytest.mark.parametrize("fault", ["--kill-sidecar-at-step", "--stop-sidecar-at-step"])
+def test_cpp_engine_sidecar_killed_or_stopped_during_migration(tmp_path, cpp_engine, fault):
+    """The engine outlives its sidecar: every step runs and matches, every rank applied the same
+    layers at the same steps, nothing half applied."""
+    rc, out, r = demo(tmp_path, cpp_engine, "--ranks", "2", "--steps", "80", "--interval-steps", "5", fault, "25")
+    assert rc == 0, out
+    assert r["outputs_match"] and r["engine_steps"] == 80 and r["engine_exit_code"] == 0, out
+    assert r["commit_step_disagreements"] == 0 and r["wrong_bytes"] == 0 and r["placements_agree"], out
+    assert r["sidecar_exit_code"] != 0, out
