@@ -152,3 +152,58 @@ def test_cpp_engine_sidecar_killed_or_stopped_during_migration(tmp_path, cpp_eng
     assert r["outputs_match"] and r["engine_steps"] == 80 and r["engine_exit_code"] == 0, out
     assert r["commit_step_disagreements"] == 0 and r["wrong_bytes"] == 0 and r["placements_agree"], out
     assert r["sidecar_exit_code"] != 0, out
+
+
+# ---- the engine alone: its trace readers ------------------------------------------------------
+
+
+def run_alone(cpp_engine: str, tmp_path, *flags: str, ranks: int = 2):
+    if shutil.which("mpirun") is None:
+        pytest.skip("mpirun not installed")
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    report = tmp_path / "engine.json"
+    name = f"pytcppalone{os.getpid()}-{tmp_path.name}"[:60]
+    p = subprocess.run(["mpirun", "-n", str(ranks), "--oversubscribe", cpp_engine, "--name", name, "--report", str(report),
+                        *flags], env=env, capture_output=True, text=True, timeout=300)
+    left = [f for f in os.listdir("/dev/shm") if f.startswith((f"eplb-{name}-", f".eplb-{name}-"))]
+    assert not left, f"left in /dev/shm: {left}"
+    return p, (json.loads(report.read_text()) if report.exists() else {})
+
+
+def test_engine_alone_follows_a_npy_trace(tmp_path, cpp_engine):
+    """A .npy [steps][layers][experts] sets the shape; one hot expert a layer makes the static
+    placement unbalanced (expert 2 has one slot, on rank 0; without a sidecar nothing moves:
+    live == static)."""
+    import numpy as np
+
+    load = np.ones((3, 2, 6), np.float64)
+    load[:, :, 2] = 1000.0
+    path = tmp_path / "trace.npy"
+    np.save(path, load)
+    p, r = run_alone(cpp_engine, tmp_path, "--trace", str(path), "--steps", "6", "--tokens", "64")
+    assert p.returncode == 0, p.stderr
+    assert r["num_layers"] == 2 and r["num_experts"] == 6 and r["engine_steps"] == 6 and r["outputs_match"]
+    assert r["layers_committed"] == 0 and r["wrong_bytes"] == 0 and r["global_bytes_changed"] == 0
+    assert r["balancedness_static"] < 0.9 and r["balancedness_live"] == r["balancedness_static"], r
+
+
+def test_engine_alone_follows_a_csv_trace_and_picks_the_dataset(tmp_path, cpp_engine):
+    path = tmp_path / "trace.csv"
+    rows = [",dataset,iteration,layer_idx," + ",".join(str(e) for e in range(4))]
+    for i, (ds, it, layer) in enumerate([("a", 0, 0), ("a", 0, 1), ("b", 0, 0), ("b", 0, 1), ("b", 1, 0), ("b", 1, 1)]):
+        rows.append(f"{i},{ds},{it},{layer},5,1,1,{100 if ds == 'b' else 1}")
+    path.write_text("\n".join(rows) + "\n")
+    p, r = run_alone(cpp_engine, tmp_path, "--trace", str(path), "--trace-dataset", "b", "--steps", "4", "--tokens", "32")
+    assert p.returncode == 0, p.stderr
+    assert r["num_layers"] == 2 and r["num_experts"] == 4 and r["outputs_match"] and r["trace_dataset"] == "b"
+    p, _ = run_alone(cpp_engine, tmp_path, "--trace", str(path), "--trace-dataset", "c", "--steps", "4")
+    assert p.returncode == 2 and "no dataset 'c'; it has a, b" in p.stderr, p.stderr
+
+
+def test_engine_alone_rejects_a_2d_npy(tmp_path, cpp_engine):
+    import numpy as np
+
+    path = tmp_path / "flat.npy"
+    np.save(path, np.ones((2, 6)))
+    p, _ = run_alone(cpp_engine, tmp_path, "--trace", str(path), ranks=1)
+    assert p.returncode == 2 and "want a non-empty [steps][layers][experts] array" in p.stderr, p.stderr
