@@ -5,7 +5,7 @@
 //! table-fault rule.
 //!
 //! Concurrency: the mutable state is behind one mutex, so calls from several threads are
-//! serialised (a command is decided once). [`EngineRegion::heartbeat`] takes no lock: it is one
+//! serialised (a command is decided once). [`EngineRegion::heartbeat`](crate::region::EngineRegion::heartbeat) takes no lock: it is one
 //! atomic store into the mapping, which lives until the region is dropped, so a heartbeat thread
 //! may beat during a long apply.
 
