@@ -7,7 +7,7 @@
 #                          [--kill-sidecar-at-step K] [--stop-sidecar-at-step K] [--kill-engine-at-step K]
 #                          [--report OUT.json] [--timeout SECONDS] [--interval-steps N] [--sidecar worker|fake]
 #                          [--name NAME] [--quant none|fp8-block|nvfp4] [--fp8-block B] [--dispatch even|split]
-#                          [-- EXTRA eplb-worker run FLAGS]
+#                          [--engine python|cpp] [-- EXTRA eplb-worker run FLAGS]
 #
 # Exits 0 only if the engine finished every step and every step's output matched the reference
 # forward pass on every rank. Every process is bounded by --timeout; nothing is left running or in
@@ -22,12 +22,15 @@
 # --quant: the engine's expert tensors as vLLM/SGLang store them (none: bf16 w13_weight, w2_weight;
 # fp8-block: fp8 weights + fp32 block scales, --fp8-block the block edge (default 128); nvfp4:
 # packed fp4 weights, fp8 block scales, scale_2, and global input scales that must never move).
+# --engine cpp: the C++ reference engine on the C API (examples/cpp_engine, docs/cpp-engine.md; built by
+# scripts/build_cpp_engine.sh, or EPLB_CPP_ENGINE=path) instead of the Python one; --quant none and
+# --dispatch even only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 for a in "$@"; do [ "$a" != --gpu ] || exec scripts/engine_demo_gpu.sh "$@"; done
 
 name="demo-$$" ranks=4 steps=200 trace="" dataset="" kill_at="" stop_at="" engine_kill_at="" report="" limit=600 sidecar=worker interval=10
-quant=none fp8_block=128 dispatch=even
+quant=none fp8_block=128 dispatch=even engine=python
 extra=()
 while (($#)); do
   case "$1" in
@@ -46,8 +49,9 @@ while (($#)); do
     --quant) quant=$2; shift 2 ;;
     --fp8-block) fp8_block=$2; shift 2 ;;
     --dispatch) dispatch=$2; shift 2 ;;
+    --engine) engine=$2; shift 2 ;;
     --) shift; extra=("$@"); break ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
     *) echo "engine_demo.sh: unknown flag $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -58,18 +62,33 @@ done
 [[ $sidecar == worker || $sidecar == fake ]] || { echo "engine_demo.sh: --sidecar worker|fake" >&2; exit 2; }
 [[ $quant == none || $quant == fp8-block || $quant == nvfp4 ]] || { echo "engine_demo.sh: --quant none|fp8-block|nvfp4" >&2; exit 2; }
 [[ $dispatch == even || $dispatch == split ]] || { echo "engine_demo.sh: --dispatch even|split" >&2; exit 2; }
+[[ $engine == python || $engine == cpp ]] || { echo "engine_demo.sh: --engine python|cpp" >&2; exit 2; }
+if [ "$engine" = cpp ] && { [ "$quant" != none ] || [ "$dispatch" != even ]; }; then
+  echo "engine_demo.sh: --engine cpp has --quant none and --dispatch even only" >&2
+  exit 2
+fi
 [ -z "$trace" ] || [ -r "$trace" ] || { echo "engine_demo.sh: cannot read trace $trace" >&2; exit 2; }
 
 WORKER=${EPLB_WORKER:-target/release/eplb-worker}
 # Nothing installed by hand: python3 if it has the package, else the project's venv (made or
 # reused by scripts/pyvenv.sh), and the worker built when it is missing.
+# The C++ engine needs Python only for the client's tools (cleanup, wait-step) and the summary.
 PY=${EPLB_PYTHON:-python3}
-if [ -z "${EPLB_PYTHON:-}" ] && ! "$PY" -c "import eplb_client, eplb_engine, mpi4py" 2>/dev/null; then
+need="import eplb_client, eplb_engine, mpi4py"
+[ "$engine" = python ] || need="import eplb_client"
+if [ -z "${EPLB_PYTHON:-}" ] && ! "$PY" -c "$need" 2>/dev/null; then
   PY=$(scripts/pyvenv.sh) || { echo "engine_demo.sh: scripts/pyvenv.sh failed (or set EPLB_PYTHON)" >&2; exit 1; }
 fi
-if ! "$PY" -c "import eplb_client, eplb_engine, mpi4py" 2>/dev/null; then
+if ! "$PY" -c "$need" 2>/dev/null; then
   echo "engine_demo.sh: $PY lacks eplb_client/mpi4py: pip install -e 'python[engine]' (or unset EPLB_PYTHON)" >&2
   exit 2
+fi
+if [ "$engine" = cpp ]; then
+  CPP_ENGINE=${EPLB_CPP_ENGINE:-}
+  if [ -z "$CPP_ENGINE" ]; then
+    CPP_ENGINE=$(scripts/build_cpp_engine.sh) || { echo "engine_demo.sh: scripts/build_cpp_engine.sh failed" >&2; exit 1; }
+  fi
+  [ -x "$CPP_ENGINE" ] || { echo "engine_demo.sh: $CPP_ENGINE is not an executable (EPLB_CPP_ENGINE)" >&2; exit 2; }
 fi
 if [ "$sidecar" = worker ] && [ -z "${EPLB_WORKER:-}" ] && [ ! -x "$WORKER" ]; then
   (. scripts/lib/setup.sh && eplb_setup && cargo build --release >&2) || exit 1
@@ -111,15 +130,21 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 mpi=(mpirun -n "$ranks" --oversubscribe)
-engine_args=(-m eplb_engine --name "$name" --steps "$steps" --wait-sidecar 120 --report "$work/engine.json"
-             --quant "$quant" --fp8-block "$fp8_block" --dispatch "$dispatch")
+if [ "$engine" = cpp ]; then
+  engine_cmd=("$CPP_ENGINE")
+  engine_args=(--name "$name" --steps "$steps" --wait-sidecar 120 --report "$work/engine.json")
+else
+  engine_cmd=("$PY")
+  engine_args=(-m eplb_engine --name "$name" --steps "$steps" --wait-sidecar 120 --report "$work/engine.json"
+               --quant "$quant" --fp8-block "$fp8_block" --dispatch "$dispatch")
+fi
 [ -z "$trace" ] || engine_args+=(--trace "$trace")
 [ -z "$dataset" ] || engine_args+=(--trace-dataset "$dataset")
 [ -z "$engine_kill_at" ] || engine_args+=(--die-at-step "$engine_kill_at" --die-rank $((ranks - 1)))
 
 echo "# engine_demo: $ranks engine ranks + $ranks sidecar ranks, $steps steps, regions /dev/shm/eplb-$name-*"
-echo "# engine:  ${mpi[*]} $PY ${engine_args[*]}"
-timeout -k 10 "$limit" "${mpi[@]}" "$PY" "${engine_args[@]}" >"$work/engine.log" 2>&1 &
+echo "# engine:  ${mpi[*]} ${engine_cmd[*]} ${engine_args[*]}"
+timeout -k 10 "$limit" "${mpi[@]}" "${engine_cmd[@]}" "${engine_args[@]}" >"$work/engine.log" 2>&1 &
 engine_pid=$!
 if [ "$sidecar" = worker ]; then
   side=("${mpi[@]}" "$WORKER" run --engine "shm:$name" --steps "$steps" --eplb-update-interval-steps "$interval"

@@ -2,8 +2,8 @@
 # The lints of CI (.ci/run runs them after the tests): every one runs, then the failures are named.
 #
 #   cargo fmt --check                                   (rustfmt.toml: max_width 120)
-#   cargo clippy --release --all-targets -- -D warnings
-#   RUSTDOCFLAGS=-Dwarnings cargo doc --no-deps --document-private-items
+#   cargo clippy --release --workspace --all-targets -- -D warnings
+#   RUSTDOCFLAGS=-Dwarnings cargo doc --workspace --no-deps --document-private-items
 #                                                       (broken intra-doc links, bad doc markup)
 #   ruff check python/  and  mypy                       (configured in python/pyproject.toml)
 #   scripts/check_cycles.py                             (no import cycle between the library's modules)
@@ -31,11 +31,11 @@ lint() {  # lint NAME COMMAND...: runs it, remembers NAME if it fails
   if ! "$@"; then failed+=("$name"); fi
 }
 lint "cargo fmt --check" cargo fmt --check
-lint "cargo clippy" cargo clippy --release --locked --all-targets -- -D warnings
+lint "cargo clippy" cargo clippy --release --locked --workspace --all-targets -- -D warnings
 # The library's rustdoc is its developers' documentation: private items are documented, so a link
 # to a pub(crate) item resolves (issue 23 made every item that nothing outside needs pub(crate)).
 lint "cargo doc" env RUSTDOCFLAGS="-Dwarnings -Arustdoc::private_intra_doc_links" \
-  cargo doc --no-deps --locked --document-private-items
+  cargo doc --workspace --no-deps --locked --document-private-items
 lint "ruff" "$py" -m ruff check python
 lint "mypy" bash -c 'cd python && "$0" -m mypy' "$py"
 lint "import cycles" "$py" scripts/check_cycles.py

@@ -3,7 +3,8 @@
 //! the engine side for tests and the Rust fake engine in [`super::writer`]).
 //!
 //! The header is one `#[repr(C)]` struct, [`Header`], whose field offsets are asserted at compile
-//! time against the contract's table (a C header can be generated from it); the tensor table's
+//! time against the contract's table; both live in `eplb_client::layout` (the one definition the
+//! C header `client/include/eplb_client.h` is generated from) and are re-exported here; the tensor table's
 //! entries are [`TableEntryRaw`]s, 64 bytes each. Both are read and written as little-endian bytes,
 //! never by casting the mapping, so a region from a corrupt or hostile engine is only ever data.
 //!
@@ -17,192 +18,20 @@ use std::fs::{File, OpenOptions};
 use std::mem::offset_of;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{fence, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+
+use eplb_client::core::mailbox::{self, CommandHead, Mailbox};
+use eplb_client::core::ring::{self, EntryHead};
 
 use memmap2::MmapRaw;
 use thiserror::Error;
 
-/// `EPLBSHM1`, little-endian (unchanged from version 1, so that a version-1 region is recognised
-/// and refused by its version rather than by its magic).
-pub(crate) const MAGIC: u64 = 0x314d_4853_424c_5045;
-pub(crate) const VERSION: u32 = 2;
-/// The minor version of contract version 2 this side writes.
-pub(crate) const MINOR_VERSION: u32 = 0;
-pub const HEADER_BYTES: usize = 4096;
-/// Bytes of one tensor table entry.
-pub(crate) const TENSOR_ENTRY_BYTES: usize = 64;
-/// Tensors a layer: 1 to this many.
-pub(crate) const MAX_TENSORS: usize = 64;
-pub(crate) const MIN_RING_LEN: usize = 16;
-const ALIGN: u64 = 64;
-
-/// The header: 4096 bytes at offset 0, little-endian. The struct is the layout's definition (its
-/// offsets are asserted below against the contract's table); the region is read and written
-/// through byte offsets ([`off`]), never by casting the mapping.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct Header {
-    pub magic: u64,
-    pub version: u32,
-    pub header_bytes: u32,
-    pub num_layers: u32,
-    pub slots_per_rank: u32,
-    pub num_logical: u32,
-    pub world_size: u32,
-    pub rank: u32,
-    pub ring_len: u32,
-    /// Σ `row_bytes` over the per-expert tensors of one layer: the bytes that move with an expert.
-    pub expert_bytes: u64,
-    pub num_tensors: u32,
-    pub weights_kind: u32,
-    pub total_bytes: u64,
-    pub ring_offset: u64,
-    pub ring_entry_bytes: u64,
-    pub placement_offset: u64,
-    pub epochs_offset: u64,
-    pub command_offset: u64,
-    pub table_offset: u64,
-    pub ipc_offset: u64,
-    pub engine_pid: u64,
-    /// Atomic.
-    pub engine_step: u64,
-    pub engine_heartbeat_ns: u64,
-    pub engine_state: u64,
-    pub sidecar_pid: u64,
-    pub sidecar_heartbeat_ns: u64,
-    pub sidecar_state: u64,
-    pub minor_version: u32,
-    pub counts_kind: u32,
-    pub num_handles: u32,
-    pub reserved0: u32,
-    /// Atomic: 0, or `1 + i` when the engine found table entry `i` re-allocated.
-    pub table_fault: u64,
-}
-
-/// One entry of the tensor table (64 bytes).
-#[repr(C)]
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct TableEntryRaw {
-    pub name: [u8; 24],
-    pub dtype: [u8; 8],
-    pub offset: u64,
-    pub row_stride: u64,
-    pub row_bytes: u64,
-    pub rows: u32,
-    pub kind: u8,
-    pub reserved: u8,
-    pub handle: u16,
-}
-
-/// Byte offsets of the header fields (from [`Header`]), of the mailbox, and inside a ring entry.
-pub mod off {
-    use super::Header;
-    use std::mem::offset_of;
-    pub(crate) const MAGIC: usize = offset_of!(Header, magic);
-    pub(crate) const VERSION: usize = offset_of!(Header, version);
-    pub const HEADER_BYTES: usize = offset_of!(Header, header_bytes);
-    pub(crate) const NUM_LAYERS: usize = offset_of!(Header, num_layers);
-    pub(crate) const SLOTS_PER_RANK: usize = offset_of!(Header, slots_per_rank);
-    pub(crate) const NUM_LOGICAL: usize = offset_of!(Header, num_logical);
-    pub(crate) const WORLD_SIZE: usize = offset_of!(Header, world_size);
-    pub const RANK: usize = offset_of!(Header, rank);
-    pub(crate) const RING_LEN: usize = offset_of!(Header, ring_len);
-    pub(crate) const EXPERT_BYTES: usize = offset_of!(Header, expert_bytes);
-    pub(crate) const NUM_TENSORS: usize = offset_of!(Header, num_tensors);
-    pub(crate) const WEIGHTS_KIND: usize = offset_of!(Header, weights_kind);
-    pub(crate) const TOTAL_BYTES: usize = offset_of!(Header, total_bytes);
-    pub(crate) const RING_OFFSET: usize = offset_of!(Header, ring_offset);
-    pub(crate) const RING_ENTRY_BYTES: usize = offset_of!(Header, ring_entry_bytes);
-    pub(crate) const PLACEMENT_OFFSET: usize = offset_of!(Header, placement_offset);
-    pub(crate) const EPOCHS_OFFSET: usize = offset_of!(Header, epochs_offset);
-    pub(crate) const COMMAND_OFFSET: usize = offset_of!(Header, command_offset);
-    pub(crate) const TABLE_OFFSET: usize = offset_of!(Header, table_offset);
-    pub(crate) const IPC_OFFSET: usize = offset_of!(Header, ipc_offset);
-    pub const ENGINE_PID: usize = offset_of!(Header, engine_pid);
-    pub const ENGINE_STEP: usize = offset_of!(Header, engine_step);
-    pub const ENGINE_HEARTBEAT_NS: usize = offset_of!(Header, engine_heartbeat_ns);
-    pub const ENGINE_STATE: usize = offset_of!(Header, engine_state);
-    pub const SIDECAR_PID: usize = offset_of!(Header, sidecar_pid);
-    pub const SIDECAR_HEARTBEAT_NS: usize = offset_of!(Header, sidecar_heartbeat_ns);
-    pub const SIDECAR_STATE: usize = offset_of!(Header, sidecar_state);
-    pub(crate) const MINOR_VERSION: usize = offset_of!(Header, minor_version);
-    pub(crate) const COUNTS_KIND: usize = offset_of!(Header, counts_kind);
-    pub(crate) const NUM_HANDLES: usize = offset_of!(Header, num_handles);
-    pub(crate) const TABLE_FAULT: usize = offset_of!(Header, table_fault);
-    pub(crate) const CMD_SEQ: usize = 256;
-    pub(crate) const CMD_ID: usize = 264;
-    pub(crate) const CMD_LAYER: usize = 272;
-    pub(crate) const CMD_APPLY_STEP: usize = 280;
-    pub(crate) const CMD_EPOCH: usize = 288;
-    pub(crate) const ACK_ID: usize = 320;
-    pub(crate) const ACK_RESULT: usize = 328;
-    pub(crate) const ACK_STEP: usize = 336;
-    /// Inside a ring entry.
-    pub const ENTRY_SEQ: usize = 0;
-    pub(crate) const ENTRY_STEP: usize = 8;
-    pub(crate) const ENTRY_PHASE: usize = 16;
-    pub(crate) const ENTRY_TOKENS: usize = 24;
-    /// The step's MoE time on this rank in ns (0: not measured).
-    pub(crate) const ENTRY_MOE_NS: usize = 32;
-    pub(crate) const ENTRY_COUNTS: usize = 64;
-}
-
-// The contract's table, checked at compile time: a field that moves breaks the build.
-const _: () = {
-    assert!(off::MAGIC == 0 && off::VERSION == 8 && off::HEADER_BYTES == 12);
-    assert!(off::NUM_LAYERS == 16 && off::SLOTS_PER_RANK == 20 && off::NUM_LOGICAL == 24);
-    assert!(off::WORLD_SIZE == 28 && off::RANK == 32 && off::RING_LEN == 36 && off::EXPERT_BYTES == 40);
-    assert!(off::NUM_TENSORS == 48 && off::WEIGHTS_KIND == 52 && off::TOTAL_BYTES == 56);
-    assert!(off::RING_OFFSET == 64 && off::RING_ENTRY_BYTES == 72 && off::PLACEMENT_OFFSET == 80);
-    assert!(off::EPOCHS_OFFSET == 88 && off::COMMAND_OFFSET == 96 && off::TABLE_OFFSET == 104);
-    assert!(off::IPC_OFFSET == 112 && off::ENGINE_PID == 120 && off::ENGINE_STEP == 128);
-    assert!(off::ENGINE_HEARTBEAT_NS == 136 && off::ENGINE_STATE == 144 && off::SIDECAR_PID == 152);
-    assert!(off::SIDECAR_HEARTBEAT_NS == 160 && off::SIDECAR_STATE == 168 && off::MINOR_VERSION == 176);
-    assert!(off::COUNTS_KIND == 180 && off::NUM_HANDLES == 184 && off::TABLE_FAULT == 192);
-    assert!(std::mem::size_of::<Header>() == 200 && std::mem::size_of::<Header>() <= off::CMD_SEQ);
-    assert!(std::mem::size_of::<TableEntryRaw>() == TENSOR_ENTRY_BYTES);
-    assert!(offset_of!(TableEntryRaw, offset) == 32 && offset_of!(TableEntryRaw, row_stride) == 40);
-    assert!(offset_of!(TableEntryRaw, row_bytes) == 48 && offset_of!(TableEntryRaw, rows) == 56);
-    assert!(offset_of!(TableEntryRaw, kind) == 60 && offset_of!(TableEntryRaw, handle) == 62);
+// The contract's layout is defined once, in the client crate (also the C header's source).
+pub use eplb_client::layout::{
+    ack, counts_kind, engine_state, ipc, off, phase, round64, sidecar_state, tensor_kind, weights_kind, Header,
+    TableEntryRaw, DTYPES, HEADER_BYTES, MAGIC, MAX_TENSORS, MINOR_VERSION, MIN_RING_LEN, TENSOR_ENTRY_BYTES, VERSION,
 };
-
-/// `weights_kind` values.
-pub mod weights_kind {
-    /// The tensors are in the region (host memory).
-    pub(crate) const HOST: u32 = 0;
-    /// They are in the engine's GPU memory, shared with CUDA IPC handles (the IPC section).
-    pub(crate) const CUDA_IPC: u32 = 1;
-}
-
-/// `counts_kind` values: what a ring entry's counts are.
-pub mod counts_kind {
-    /// `counts[layer][s]`, `s < slots_per_rank`: the pairs this rank computed in its local slot `s`.
-    pub const LOCAL: u32 = 0;
-    /// `counts[layer][p]`, `p < num_physical`: the pairs this rank routed to physical slot `p`.
-    pub const PHYSICAL: u32 = 1;
-}
-
-/// Tensor kinds of the table.
-pub mod tensor_kind {
-    /// Moves with its expert: row `s` belongs to local slot `s`.
-    pub(crate) const EXPERT: u8 = 1;
-    /// Never moved, never written by the sidecar; listed so that it can be proven untouched.
-    pub(crate) const GLOBAL: u8 = 2;
-}
-
-/// The CUDA IPC section (weights_kind 1), at `ipc_offset`.
-pub mod ipc {
-    /// `pci_bus_id[16]`: the engine GPU's `cuDeviceGetPCIBusId`, ASCII, NUL-padded.
-    pub(crate) const PCI_BUS_ID: usize = 0;
-    /// `uuid[16]`: the engine GPU's `cuDeviceGetUuid` bytes (all zero: not checked).
-    pub(crate) const UUID: usize = 16;
-    /// The handle table: `num_handles` entries of [`ENTRY_BYTES`].
-    pub(crate) const HANDLES: usize = 64;
-    pub(crate) const ENTRY_BYTES: usize = 128;
-    /// `bytes: u64` inside a handle entry: the allocation's size.
-    pub(crate) const ENTRY_SIZE: usize = 64;
-    pub(crate) const MAX_HANDLES: usize = 4096;
-}
+const ALIGN: u64 = eplb_client::layout::EPLB_ALIGN as u64;
 
 /// One CUDA IPC handle: one whole allocation of the engine's GPU memory.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -224,40 +53,9 @@ pub struct IpcWeights {
 
 impl IpcWeights {
     /// Bytes of the section.
-    pub(crate) fn section_bytes(&self) -> u64 {
+    pub fn section_bytes(&self) -> u64 {
         (ipc::HANDLES + ipc::ENTRY_BYTES * self.handles.len()) as u64
     }
-}
-
-/// `engine_state` values.
-pub mod engine_state {
-    /// The contract's value before the engine runs (the engine writes it; eplb only reads past it).
-    pub const STARTING: u64 = 0;
-    pub(crate) const RUNNING: u64 = 1;
-    pub const FINISHED: u64 = 2;
-    pub const FAILED: u64 = 3;
-}
-
-/// `sidecar_state` values.
-pub mod sidecar_state {
-    pub const ATTACHED: u64 = 1;
-    pub(crate) const EXITED_OK: u64 = 2;
-    pub const FAILED: u64 = 3;
-}
-
-/// `ack_result` values.
-pub mod ack {
-    pub(crate) const APPLIED: u64 = 1;
-    pub(crate) const CANCELLED: u64 = 2;
-    pub(crate) const MISSED: u64 = 3;
-    pub(crate) const REJECTED: u64 = 4;
-}
-
-/// A step's phase in the load ring.
-pub mod phase {
-    pub const PREFILL: u64 = 1;
-    pub const DECODE: u64 = 2;
-    pub(crate) const MIXED: u64 = 3;
 }
 
 /// Errors of a region: what is wrong with it, and where.
@@ -268,15 +66,6 @@ pub enum RegionError {
     #[error("{path}: {what}")]
     Bad { path: PathBuf, what: String },
 }
-
-/// Rounds `x` up to a multiple of 64.
-pub fn round64(x: u64) -> u64 {
-    x.div_ceil(ALIGN) * ALIGN
-}
-
-/// The dtypes the contract names (informational: rows move as opaque bytes).
-pub(crate) const DTYPES: [&str; 13] =
-    ["f64", "f32", "f16", "bf16", "i64", "i32", "i16", "i8", "u8", "f8e4m3", "f8e5m2", "e8m0", "fp4x2"];
 
 /// One entry of the tensor table: where tensor `t` of one layer (or of the staging layer) is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -299,7 +88,7 @@ pub struct TensorEntry {
 
 impl TensorEntry {
     /// Where row `r` starts.
-    pub(crate) fn row_at(&self, r: usize) -> u64 {
+    pub fn row_at(&self, r: usize) -> u64 {
         self.offset + r as u64 * self.row_stride
     }
 
@@ -313,7 +102,7 @@ impl TensorEntry {
         (start, start + (self.rows as u128 - 1) * self.row_stride as u128 + self.row_bytes as u128)
     }
 
-    pub(crate) fn is_expert(&self) -> bool {
+    pub fn is_expert(&self) -> bool {
         self.kind == tensor_kind::EXPERT
     }
 }
@@ -1090,7 +879,7 @@ pub fn region_path(name: &str, rank: usize) -> PathBuf {
 
 /// What reading one step of the ring gave.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum RingRead {
+pub enum RingRead {
     /// The whole entry of the step: its phase, tokens, MoE time (ns, 0: not measured) and
     /// `counts [layers * count_cols]`.
     Step { phase: u64, tokens: u64, moe_ns: u64, counts: Vec<u64> },
@@ -1106,8 +895,8 @@ pub(crate) enum RingRead {
 
 /// Tries of a sequence lock before [`Region::read_step`] gives up for now ([`RingRead::Busy`]):
 /// an engine writes an entry in microseconds, so a longer odd spell is a stopped, dead or broken
-/// writer, which only the caller's watch can tell apart.
-pub(crate) const SEQLOCK_SPINS: u32 = 4096;
+/// writer, which only the caller's watch can tell apart (the core's bound).
+pub use eplb_client::core::ring::SEQLOCK_SPINS;
 
 /// A mapped region.
 pub struct Region {
@@ -1178,7 +967,7 @@ impl Region {
     }
 
     /// Renames a region made by [`Region::create`] into `path`, where sidecars find it.
-    pub(crate) fn publish(&mut self, path: &Path) -> Result<(), RegionError> {
+    pub fn publish(&mut self, path: &Path) -> Result<(), RegionError> {
         std::fs::rename(&self.path, path).map_err(|source| RegionError::Io { path: path.into(), source })?;
         self.path = path.to_path_buf();
         Ok(())
@@ -1197,7 +986,7 @@ impl Region {
     }
 
     /// A plain u64 at `at`, read with a volatile load.
-    pub(crate) fn read_u64(&self, at: usize) -> u64 {
+    pub fn read_u64(&self, at: usize) -> u64 {
         self.check(at, 8);
         // SAFETY: in bounds and aligned (every such field is at a multiple of 8).
         unsafe { std::ptr::read_volatile(self.map.as_ptr().add(at) as *const u64) }
@@ -1208,30 +997,6 @@ impl Region {
         self.check(at, 8);
         // SAFETY: in bounds and aligned.
         unsafe { std::ptr::write_volatile(self.map.as_mut_ptr().add(at) as *mut u64, v) }
-    }
-
-    fn read_i32(&self, at: usize) -> i32 {
-        self.check(at, 4);
-        // SAFETY: in bounds and aligned (i32 arrays start at multiples of 64).
-        unsafe { std::ptr::read_volatile(self.map.as_ptr().add(at) as *const i32) }
-    }
-
-    fn write_i32(&self, at: usize, v: i32) {
-        self.check(at, 4);
-        // SAFETY: in bounds and aligned.
-        unsafe { std::ptr::write_volatile(self.map.as_mut_ptr().add(at) as *mut i32, v) }
-    }
-
-    fn read_u8(&self, at: usize) -> u8 {
-        self.check(at, 1);
-        // SAFETY: in bounds.
-        unsafe { std::ptr::read_volatile(self.map.as_ptr().add(at)) }
-    }
-
-    fn write_u8(&self, at: usize, v: u8) {
-        self.check(at, 1);
-        // SAFETY: in bounds.
-        unsafe { std::ptr::write_volatile(self.map.as_mut_ptr().add(at), v) }
     }
 
     /// `len` bytes at `at`, shared. The caller guarantees nobody writes them meanwhile (the
@@ -1249,7 +1014,7 @@ impl Region {
     /// returned one is: the staging area between "free" and "post" of the switch protocol, or
     /// the engine side's own writes at a step boundary.
     #[allow(clippy::mut_from_ref)]
-    pub(crate) unsafe fn bytes_mut(&self, at: usize, len: usize) -> &mut [u8] {
+    pub unsafe fn bytes_mut(&self, at: usize, len: usize) -> &mut [u8] {
         self.check(at, len);
         std::slice::from_raw_parts_mut(self.map.as_mut_ptr().add(at), len)
     }
@@ -1269,15 +1034,30 @@ impl Region {
     /// `phy2log [num_layers, num_physical]`, as stored.
     pub fn phy2log(&self) -> Vec<i32> {
         let n = self.layout.num_layers * self.layout.num_physical();
-        (0..n).map(|i| self.read_i32(self.layout.placement_offset + 4 * i)).collect()
+        let mut out = vec![0i32; n];
+        mailbox::read_row(self.u32s(self.layout.placement_offset, n), &mut out);
+        out
     }
 
-    /// Writes row `layer` of `phy2log` (the engine side, at a step boundary).
-    pub(crate) fn write_phy2log_row(&self, layer: usize, row: &[i32]) {
+    /// Writes row `layer` of `phy2log` (the engine side: before publishing, or at a step
+    /// boundary followed by the epoch's release store, [`mailbox::publish_placement`]).
+    pub fn write_phy2log_row(&self, layer: usize, row: &[i32]) {
         let p = self.layout.num_physical();
-        for (i, &v) in row.iter().take(p).enumerate() {
-            self.write_i32(self.layout.placement_offset + 4 * (layer * p + i), v);
+        for (w, &v) in self.u32s(self.layout.placement_offset + 4 * layer * p, p).iter().zip(row) {
+            w.store(v as u32, Ordering::Relaxed);
         }
+    }
+
+    /// The engine side of an apply's publication: `layer`'s row, then its epoch (release), the
+    /// core's [`mailbox::publish_placement`].
+    pub fn publish_placement(&self, layer: usize, row: &[i32], epoch: u64) {
+        let p = self.layout.num_physical();
+        mailbox::publish_placement(
+            self.u32s(self.layout.placement_offset + 4 * layer * p, p),
+            self.epoch(layer),
+            row,
+            epoch,
+        );
     }
 
     /// The atomic `epoch[layer]`.
@@ -1286,60 +1066,30 @@ impl Region {
     }
 
     /// Reads step `t` of the load ring under its sequence lock. Never returns a torn entry.
-    pub(crate) fn read_step(&self, t: u64) -> RingRead {
+    pub fn read_step(&self, t: u64) -> RingRead {
         if t >= self.atomic(off::ENGINE_STEP).load(Ordering::Acquire) {
             return RingRead::NotYet;
         }
         let l = &self.layout;
         let base = l.ring_offset + (t % l.ring_len as u64) as usize * l.ring_entry_bytes;
         let n = l.num_layers * l.count_cols();
-        let seq = self.atomic(base + off::ENTRY_SEQ);
         let mut counts = vec![0u64; n];
-        let mut spins = 0u32;
-        loop {
-            let s1 = seq.load(Ordering::Acquire);
-            if s1.is_multiple_of(2) {
-                let step = self.read_u64(base + off::ENTRY_STEP);
-                let phase = self.read_u64(base + off::ENTRY_PHASE);
-                let tokens = self.read_u64(base + off::ENTRY_TOKENS);
-                let moe_ns = self.read_u64(base + off::ENTRY_MOE_NS);
-                for (i, c) in counts.iter_mut().enumerate() {
-                    *c = self.read_u64(base + off::ENTRY_COUNTS + 8 * i);
-                }
-                fence(Ordering::Acquire);
-                if seq.load(Ordering::Relaxed) == s1 {
-                    return if step == t { RingRead::Step { phase, tokens, moe_ns, counts } } else { RingRead::Lost };
-                }
+        match ring::read(self.u64s(base, ring::HEAD_WORDS + n), &mut counts) {
+            Some(head) if head.step == t => {
+                RingRead::Step { phase: head.phase, tokens: head.tokens, moe_ns: head.moe_ns, counts }
             }
-            spins += 1;
-            if spins >= SEQLOCK_SPINS {
-                return RingRead::Busy;
-            }
-            if spins.is_multiple_of(64) {
-                std::thread::yield_now();
-            }
+            Some(_) => RingRead::Lost,
+            None => RingRead::Busy,
         }
     }
 
     /// The step number held by the ring entry of step `t`, read under its sequence lock (None
     /// while the entry is being written): a step counter ahead of what the ring holds is a
     /// corrupt region, not lost steps (see [`Region::check_step_counter`]).
-    pub(crate) fn entry_step(&self, t: u64) -> Option<u64> {
+    pub fn entry_step(&self, t: u64) -> Option<u64> {
         let l = &self.layout;
         let base = l.ring_offset + (t % l.ring_len as u64) as usize * l.ring_entry_bytes;
-        let seq = self.atomic(base + off::ENTRY_SEQ);
-        for _ in 0..SEQLOCK_SPINS {
-            let s1 = seq.load(Ordering::Acquire);
-            if s1.is_multiple_of(2) {
-                let step = self.read_u64(base + off::ENTRY_STEP);
-                fence(Ordering::Acquire);
-                if seq.load(Ordering::Relaxed) == s1 {
-                    return Some(step);
-                }
-            }
-            std::hint::spin_loop();
-        }
-        None
+        ring::read(self.u64s(base, ring::HEAD_WORDS), &mut []).map(|head| head.step)
     }
 
     /// Checks `engine_step` against the ring: when it says `engine_step` steps were recorded,
@@ -1347,7 +1097,7 @@ impl Region {
     /// entry before it publishes the counter, and may have gone on). An older step there means
     /// the counter jumped past anything the engine wrote (a garbage value such as 2^62): reading
     /// on would count billions of "lost" steps, so it is an error naming the region.
-    pub(crate) fn check_step_counter(&self) -> Result<(), String> {
+    pub fn check_step_counter(&self) -> Result<(), String> {
         let e = self.get(off::ENGINE_STEP);
         let Some(latest) = e.checked_sub(1) else { return Ok(()) };
         match self.entry_step(latest) {
@@ -1364,7 +1114,7 @@ impl Region {
     /// (an engine that re-created it in place, a careless `truncate`) would end the process with
     /// SIGBUS at the next access past its end. Called before the accesses of every step and
     /// every wait.
-    pub(crate) fn check_size(&self) -> Result<(), String> {
+    pub fn check_size(&self) -> Result<(), String> {
         match self._file.metadata() {
             Ok(m) if m.len() >= self.map.len() as u64 => Ok(()),
             Ok(m) => Err(format!(
@@ -1379,81 +1129,78 @@ impl Region {
 
     /// Writes step `t` into the ring and publishes it (`engine_step = t + 1`): the engine side.
     /// `moe_ns`: the step's MoE time on this rank (0: not measured).
-    pub(crate) fn write_step(&self, t: u64, phase: u64, tokens: u64, moe_ns: u64, counts: &[u64]) {
+    pub fn write_step(&self, t: u64, phase: u64, tokens: u64, moe_ns: u64, counts: &[u64]) {
         let l = &self.layout;
         let base = l.ring_offset + (t % l.ring_len as u64) as usize * l.ring_entry_bytes;
-        let seq = self.atomic(base + off::ENTRY_SEQ);
-        let s = seq.load(Ordering::Relaxed);
-        seq.store(s + 1, Ordering::Relaxed);
-        fence(Ordering::Release);
-        self.write_u64(base + off::ENTRY_STEP, t);
-        self.write_u64(base + off::ENTRY_PHASE, phase);
-        self.write_u64(base + off::ENTRY_TOKENS, tokens);
-        self.write_u64(base + off::ENTRY_MOE_NS, moe_ns);
-        for (i, &c) in counts.iter().take(l.num_layers * l.count_cols()).enumerate() {
-            self.write_u64(base + off::ENTRY_COUNTS + 8 * i, c);
-        }
-        seq.store(s + 2, Ordering::Release);
+        let n = (l.num_layers * l.count_cols()).min(counts.len());
+        ring::write(self.u64s(base, ring::HEAD_WORDS + n), EntryHead { step: t, phase, tokens, moe_ns }, &counts[..n]);
         self.atomic(off::ENGINE_STEP).store(t + 1, Ordering::Release);
     }
 
     /// Posts a command under `cmd_seq` (the sidecar side).
     pub fn post(&self, cmd: &Command) {
-        let seq = self.atomic(off::CMD_SEQ);
-        let s = seq.load(Ordering::Relaxed) & !1;
-        seq.store(s + 1, Ordering::Relaxed);
-        fence(Ordering::Release);
-        self.write_u64(off::CMD_ID, cmd.id);
-        self.write_u64(off::CMD_LAYER, cmd.layer as u64);
-        self.write_u64(off::CMD_APPLY_STEP, cmd.apply_step);
-        self.write_u64(off::CMD_EPOCH, cmd.epoch);
-        for (i, &e) in cmd.new_row.iter().enumerate() {
-            self.write_i32(self.layout.command_offset + 4 * i, e);
-        }
-        for (k, &m) in cmd.copy_mask.iter().enumerate() {
-            self.write_u8(self.layout.mask_offset() + k, u8::from(m));
-        }
-        seq.store(s + 2, Ordering::Release);
+        let head = CommandHead { id: cmd.id, layer: cmd.layer as u64, apply_step: cmd.apply_step, epoch: cmd.epoch };
+        self.mailbox().post(head, &cmd.new_row, &cmd.copy_mask);
     }
 
     /// Reads the command under `cmd_seq` (the engine side), never waiting: None when there is
     /// none, when a post is under way (`cmd_seq` odd: a sidecar stopped in the middle of one would
     /// otherwise hang the engine), or when the read was disturbed 4 times.
-    pub(crate) fn read_command(&self) -> Option<Command> {
-        let seq = self.atomic(off::CMD_SEQ);
-        for _ in 0..4 {
-            let s1 = seq.load(Ordering::Acquire);
-            if s1 % 2 == 1 {
-                return None;
-            }
-            let id = self.read_u64(off::CMD_ID);
-            let layer = self.read_u64(off::CMD_LAYER) as usize;
-            let apply_step = self.read_u64(off::CMD_APPLY_STEP);
-            let epoch = self.read_u64(off::CMD_EPOCH);
-            let p = self.layout.num_physical();
-            let new_row: Vec<i32> = (0..p).map(|i| self.read_i32(self.layout.command_offset + 4 * i)).collect();
-            let copy_mask: Vec<bool> =
-                (0..self.layout.slots_per_rank).map(|k| self.read_u8(self.layout.mask_offset() + k) != 0).collect();
-            fence(Ordering::Acquire);
-            if seq.load(Ordering::Relaxed) == s1 {
-                return (id != 0).then_some(Command { id, layer, apply_step, epoch, new_row, copy_mask });
-            }
-        }
-        None
+    pub fn read_command(&self) -> Option<Command> {
+        let mut new_row = vec![0i32; self.layout.num_physical()];
+        let mut copy_mask = vec![false; self.layout.slots_per_rank];
+        let (h, _) = self.mailbox().read(|_| true, &mut new_row, &mut copy_mask)?;
+        (h.id != 0).then_some(Command {
+            id: h.id,
+            layer: h.layer as usize,
+            apply_step: h.apply_step,
+            epoch: h.epoch,
+            new_row,
+            copy_mask,
+        })
     }
 
     /// The last answer: (`ack_id`, `ack_result`, `ack_step`); `ack_id` is read first (acquire),
     /// so the other two belong to it or a later one.
-    pub(crate) fn ack(&self) -> (u64, u64, u64) {
-        let id = self.atomic(off::ACK_ID).load(Ordering::Acquire);
-        (id, self.atomic(off::ACK_RESULT).load(Ordering::Acquire), self.atomic(off::ACK_STEP).load(Ordering::Acquire))
+    pub fn ack(&self) -> (u64, u64, u64) {
+        let a = self.mailbox().ack();
+        (a.id, a.result, a.step)
     }
 
     /// Answers command `id` (the engine side): result and step first, then the id.
     pub fn answer(&self, id: u64, result: u64, step: u64) {
-        self.atomic(off::ACK_RESULT).store(result, Ordering::Release);
-        self.atomic(off::ACK_STEP).store(step, Ordering::Release);
-        self.atomic(off::ACK_ID).store(id, Ordering::Release);
+        self.mailbox().answer(id, result, step);
+    }
+
+    /// The mailbox's views (the core's protocol over them).
+    fn mailbox(&self) -> Mailbox<'_> {
+        let l = &self.layout;
+        Mailbox {
+            head: self.u64s(off::CMD_SEQ, mailbox::HEAD_WORDS),
+            row: self.u32s(l.command_offset, l.num_physical()),
+            mask: self.u8s(l.mask_offset(), l.slots_per_rank),
+        }
+    }
+
+    /// `n` atomic u64 words at `at` (8-byte aligned: sections start at multiples of 64).
+    fn u64s(&self, at: usize, n: usize) -> &[AtomicU64] {
+        self.check(at, 8 * n);
+        assert_eq!(at % 8, 0, "unaligned atomic field");
+        // SAFETY: in bounds, aligned, and the mapping lives as long as `self`.
+        unsafe { std::slice::from_raw_parts(self.map.as_ptr().add(at) as *const AtomicU64, n) }
+    }
+
+    fn u32s(&self, at: usize, n: usize) -> &[AtomicU32] {
+        self.check(at, 4 * n);
+        assert_eq!(at % 4, 0, "unaligned i32 array");
+        // SAFETY: as above.
+        unsafe { std::slice::from_raw_parts(self.map.as_ptr().add(at) as *const AtomicU32, n) }
+    }
+
+    fn u8s(&self, at: usize, n: usize) -> &[AtomicU8] {
+        self.check(at, n);
+        // SAFETY: in bounds.
+        unsafe { std::slice::from_raw_parts(self.map.as_ptr().add(at) as *const AtomicU8, n) }
     }
 
     pub fn get(&self, field: usize) -> u64 {
@@ -1490,7 +1237,7 @@ pub fn monotonic_ns() -> u64 {
 
 /// Whether process `pid` exists and has not exited (`kill(pid, 0)`, where a process we may not
 /// signal exists too; a zombie, dead but not yet reaped by its parent, counts as gone).
-pub(crate) fn pid_alive(pid: u64) -> bool {
+pub fn pid_alive(pid: u64) -> bool {
     let Ok(pid) = libc::pid_t::try_from(pid) else { return false };
     if pid <= 0 {
         return false;
