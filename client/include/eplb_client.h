@@ -320,8 +320,9 @@ typedef struct eplb_tensor_desc {
    */
   const char *name;
   /*
-   A contract dtype name ("f8e4m3", "f32", "u8", ...) or its numpy/torch name
-   ("float8_e4m3fn", "float32", "uint8", ...).
+   A contract dtype name (f64 f32 f16 bf16 i64 i32 i16 i8 u8 f8e4m3 f8e5m2 e8m0 fp4x2) or its
+   numpy/torch name ("float8_e4m3fn", "float32", "bfloat16", "uint8", ...), stored as the
+   contract's.
    */
   const char *dtype;
   /*
