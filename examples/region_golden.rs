@@ -163,7 +163,7 @@ fn dump(path: &Path) -> Result<Value, String> {
             other => return Err(format!("step {t}: {other:?}")),
         }
     }
-    nz += nonzero(&r, off::TABLE_FAULT + 4, off::CMD_SEQ) + nonzero(&r, off::CMD_EPOCH + 8, off::ACK_ID);
+    nz += nonzero(&r, off::TABLE_FAULT + 8, off::CMD_SEQ) + nonzero(&r, off::CMD_EPOCH + 8, off::ACK_ID);
     nz += nonzero(&r, off::ACK_STEP + 8, HEADER_BYTES);
     let p = l.num_physical();
     let phy2log = r.phy2log();

@@ -56,7 +56,12 @@ SIDECAR_PID, SIDECAR_HB, SIDECAR_STATE = 4242, 123456789, 1
 W13_ROW, W2_ROW, SCALE_ROW = 32, 24, 4
 W13_STRIDE = 48
 IPC_BASE, IPC_SEG, IPC_STAGE_BASE = 0x7F0000000000, 1 << 16, 0x7F1000000000
-PCI_BUS_ID, UUID = "0000:19:00.0", bytes(range(16))
+# The fake allocations' sizes: each ends right after its last tensor's last row (the C API's
+# `bytes` of an IPC handle is that end, the Python client's the driver's size: equal here).
+IPC_LAYER_BYTES, IPC_STAGE_BYTES = 1024 + 4, 256 + 4 * 24
+# The UUID of the fake GPU: zeros, "not checked" (the C API writes zeros when EPLB_PCI_BUS_ID
+# names the GPU instead of the driver).
+PCI_BUS_ID, UUID = "0000:19:00.0", bytes(16)
 
 
 def phy2log0() -> np.ndarray:
@@ -191,9 +196,10 @@ def _fake_driver() -> None:
     """The driver calls of cuda_ipc, answered for the fake allocations (no GPU here)."""
 
     def address_range(ptr: int) -> Tuple[int, int]:
-        for base in [IPC_BASE + k * IPC_SEG for k in range(L)] + [IPC_STAGE_BASE]:
-            if base <= ptr < base + IPC_SEG:
-                return base, IPC_SEG
+        for base, size in [(IPC_BASE + k * IPC_SEG, IPC_LAYER_BYTES) for k in range(L)] + [
+                (IPC_STAGE_BASE, IPC_STAGE_BYTES)]:
+            if base <= ptr < base + size:
+                return base, size
         raise R.ContractError(f"no fake allocation holds {ptr:#x}")
 
     cuda_ipc.address_range = address_range  # type: ignore[assignment]
@@ -202,6 +208,7 @@ def _fake_driver() -> None:
     cuda_ipc.device_ids = lambda ptr=None: (PCI_BUS_ID, UUID)  # type: ignore[assignment]
     os.environ.pop("PYTORCH_CUDA_ALLOC_CONF", None)
     os.environ.pop("PYTORCH_ALLOC_CONF", None)
+    os.environ["EPLB_PCI_BUS_ID"] = PCI_BUS_ID  # the C API's GPU, without a driver
 
 
 def post(region: EngineRegion, cmd: Tuple[Optional[int], int, int, int, int, Tuple[int, ...], Tuple[int, ...]]) -> None:
@@ -255,7 +262,7 @@ def write(scenario: str, out: str, backend: str = "python") -> None:
                 if c[0] == t:
                     post(region, c)
             if scenario == "ipc" and t == IPC_FAULT[0]:
-                flat[IPC_FAULT[1] * 3 + IPC_FAULT[2]].ptr += 4096  # re-allocated: the engine finds it now
+                flat[IPC_FAULT[1] * 3 + IPC_FAULT[2]].ptr += 1  # re-allocated: the engine finds it now
             region.at_step_boundary(t, agree_at(t))
             region.record(t, counts(scenario, t), phase=PHASE_NAMES[t % 3], tokens=tokens(t), moe_ns=moe_ns(t))
         for c in cmds:
@@ -368,7 +375,7 @@ def _dump(r: EngineRegion, mm: mmap.mmap) -> Dict[str, Any]:
         got = r.read_step(t)
         assert got is not None, t
         steps.append({"step": t, "phase": got[0], "tokens": got[1], "counts": got[2].tolist()})
-    nonzero += _nonzero(mm, 196, 256) + _nonzero(mm, 296, 320) + _nonzero(mm, 344, R.HEADER_BYTES)
+    nonzero += _nonzero(mm, 200, 256) + _nonzero(mm, 296, 320) + _nonzero(mm, 344, R.HEADER_BYTES)
     placement = r.placement()
     return {
         "header": header, "mailbox": mailbox, "table": table, "ipc": ipc,
