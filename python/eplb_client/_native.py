@@ -54,7 +54,8 @@ class Config(ctypes.Structure):
                 ("tensors", POINTER(TensorDesc)), ("staging", POINTER(TensorDesc)), ("phy2log", POINTER(c_int32))]
 
 
-AGREE_FN = ctypes.CFUNCTYPE(c_int, c_void_p, c_uint64, POINTER(c_uint64), POINTER(c_uint64))
+# The agree callback's out-pointers arrive as plain addresses (cheaper than pointer objects).
+AGREE_FN = ctypes.CFUNCTYPE(c_int, c_void_p, c_uint64, c_void_p, c_void_p)
 APPLY_FN = ctypes.CFUNCTYPE(c_int, c_void_p, c_uint32, POINTER(c_uint32), c_size_t)
 
 
@@ -163,6 +164,8 @@ class NativeRegion:
         self._agree_fn = AGREE_FN(self._agree_tramp)
         self._apply_fn = APPLY_FN(self._apply_tramp) if apply is not None else APPLY_FN()
         self._no_agree = AGREE_FN()
+        self._lo_at = self._hi_at = 0
+        self._lo = self._hi = c_uint64()
         self._applied = c_int32(-1)
         self._applied_at = ctypes.addressof(self._applied)
         self.count_len = count_len
@@ -178,10 +181,21 @@ class NativeRegion:
             return err
         return self.lib.error(rc, what)
 
-    def _agree_tramp(self, _user: Any, have: int, lo: Any, hi: Any) -> int:
+    def _agree_tramp(self, _user: Any, have: int, lo: int, hi: int) -> int:
         try:
             a, b = self._agree(have)  # type: ignore[misc]
-            lo[0], hi[0] = int(a), int(b)
+            if type(a) is not int or type(b) is not int or not (0 <= a < 1 << 64 and 0 <= b < 1 << 64):
+                a, b = int(a), int(b)  # numpy integers; ctypes would wrap a negative or too large value
+                if not (0 <= a < 1 << 64 and 0 <= b < 1 << 64):
+                    raise ContractError(f"agree returned ({a}, {b}): the min and max of have, in [0, 2^64)")
+            # The out-pointers are the library's locals: the same addresses call after call, so
+            # their ctypes views are kept (creating two objects a boundary costs more than the rest).
+            if lo != self._lo_at:
+                self._lo, self._lo_at = c_uint64.from_address(lo), lo
+            if hi != self._hi_at:
+                self._hi, self._hi_at = c_uint64.from_address(hi), hi
+            self._lo.value = a
+            self._hi.value = b
             return 0
         except BaseException as e:  # noqa: BLE001 - handed back to the caller of at_step_boundary
             self.callback_error = e

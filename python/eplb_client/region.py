@@ -1143,10 +1143,10 @@ class EngineRegion:
                 raise ContractError(f"at_step_boundary: the region is {self._broken or 'closed'}")
             if not self._published:
                 self.publish()
+            if self._native is not None and type(step) is int and step >= 0:
+                return self._native_boundary(step, agree)  # the library checks the step
             if step != int(self._h[_W_ENGINE_STEP]):
                 raise ContractError(f"at_step_boundary({step}) but engine_step is {int(self._h[_W_ENGINE_STEP])}")
-            if self._native is not None:
-                return self._native_boundary(step, agree)
             self._heartbeat()
             if self._ptrs and not int(self._h[_W_TABLE_FAULT]):
                 # GPU weights: the addresses are checked when a command is first seen (so that the
@@ -1174,14 +1174,43 @@ class EngineRegion:
                 self._answer(have, ACK_CANCELLED, step)
             return placement
 
+    def _native_record(self, step: int, counts: Any, phase: str, tokens: int, moe_ns: int) -> None:
+        """``record`` through the compiled core: the library checks the step, the phase and every
+        count (each below ``MAX_COUNT``) before it touches the entry; Python checks only what
+        ctypes would otherwise convert silently (a bool, a negative or a too large integer)."""
+        nat = self._native
+        assert nat is not None
+        if type(tokens) is not int or not 0 <= tokens < 1 << 64:
+            tokens = _u64(tokens, "tokens")
+        if type(moe_ns) is not int or not 0 <= moe_ns < 1 << 64:
+            moe_ns = _u64(moe_ns, "moe_ns")
+        if type(step) is not int or not 0 <= step < 1 << 64:
+            raise ContractError(f"record({step!r}) but engine_step is {self.engine_step}")
+        code = PHASES.get(phase) if type(phase) is str else None
+        if code is None:
+            raise ContractError(f"phase {phase!r} is not one of {sorted(PHASES)}")
+        buf = self._count_buf
+        with self._lock:
+            if self._closed or self._broken:
+                raise ContractError(f"record: the region is {self._broken or 'closed'}")
+            if type(counts) is not np.ndarray or counts.shape != buf.shape or counts.dtype.kind not in "iu":  # type: ignore[union-attr]
+                counts = self._check_counts(counts)
+            # One copy into the buffer the library reads (a negative count becomes >= 2^63 there,
+            # which the library refuses as beyond MAX_COUNT).
+            np.copyto(buf, counts, casting="unsafe")  # type: ignore[arg-type]
+            try:
+                nat.record(step, code, self._count_at, tokens, moe_ns)
+            except _native.NativeError as e:
+                if e.status == _native.ERR_INVALID:
+                    self._check_counts(counts)  # Python's message where it has one
+                raise ContractError(str(e)) from None
+
     def _native_boundary(self, step: int, agree: Optional[Callable[[int], Tuple[int, int]]]) -> Placement:
         """``at_step_boundary`` through the compiled core (the caller holds the lock and checked
         the step). GPU weights: the tensors' addresses are checked here, as the Python path does,
         and a moved one is reported to the library (``eplb_table_fault``), which then rejects."""
         nat, h = self._native, self._h
         assert nat is not None
-        if agree is None and self.world_size != 1:
-            raise ContractError("agree is required with more than one engine rank")
         if self._ptrs and not int(h[_W_TABLE_FAULT]):
             cmd_id = int(h[_W_CMD_ID])
             if cmd_id and cmd_id != int(h[_W_ACK_ID]):
@@ -1225,6 +1254,8 @@ class EngineRegion:
         ``moe_ns``: the wall time of the step's MoE layers on this rank, waits for the other
         ranks included (0: not measured). Without ``--step-ms`` the sidecar's cost model takes the
         balanced step time from it."""
+        if self._native is not None:
+            return self._native_record(step, counts, phase, tokens, moe_ns)
         with self._lock:
             if self._closed or self._broken:
                 raise ContractError(f"record: the region is {self._broken or 'closed'}")
@@ -1234,20 +1265,6 @@ class EngineRegion:
                 raise ContractError(f"phase {phase!r} is not one of {sorted(PHASES)}")
             tokens = _u64(tokens, "tokens")
             moe_ns = _u64(moe_ns, "moe_ns")
-            if self._native is not None:
-                buf = self._count_buf
-                if (type(counts) is not np.ndarray or counts.shape != buf.shape  # type: ignore[union-attr]
-                        or counts.dtype.kind not in "iu"):
-                    counts = self._check_counts(counts)
-                # One copy into the buffer the library reads; a negative count becomes >= 2^63 there.
-                np.copyto(buf, counts, casting="unsafe")  # type: ignore[arg-type]
-                if counts.size and buf.max() >= MAX_COUNT:  # type: ignore[union-attr]
-                    self._check_counts(counts)  # raises with the message
-                try:
-                    self._native.record(step, PHASES[phase], self._count_at, tokens, moe_ns)
-                except _native.NativeError as e:
-                    raise ContractError(str(e)) from None
-                return
             values = self._check_counts(counts)
             q, i = self._h, step % self.ring_len
             w = self._ring_word + i * self._entry_words
