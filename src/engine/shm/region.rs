@@ -3,7 +3,8 @@
 //! the engine side for tests and the Rust fake engine in [`super::writer`]).
 //!
 //! The header is one `#[repr(C)]` struct, [`Header`], whose field offsets are asserted at compile
-//! time against the contract's table (a C header can be generated from it); the tensor table's
+//! time against the contract's table; both live in `eplb_client::layout` (the one definition the
+//! C header `client/include/eplb_client.h` is generated from) and are re-exported here; the tensor table's
 //! entries are [`TableEntryRaw`]s, 64 bytes each. Both are read and written as little-endian bytes,
 //! never by casting the mapping, so a region from a corrupt or hostile engine is only ever data.
 //!
@@ -22,187 +23,12 @@ use std::sync::atomic::{fence, AtomicU64, Ordering};
 use memmap2::MmapRaw;
 use thiserror::Error;
 
-/// `EPLBSHM1`, little-endian (unchanged from version 1, so that a version-1 region is recognised
-/// and refused by its version rather than by its magic).
-pub const MAGIC: u64 = 0x314d_4853_424c_5045;
-pub const VERSION: u32 = 2;
-/// The minor version of contract version 2 this side writes.
-pub const MINOR_VERSION: u32 = 0;
-pub const HEADER_BYTES: usize = 4096;
-/// Bytes of one tensor table entry.
-pub const TENSOR_ENTRY_BYTES: usize = 64;
-/// Tensors a layer: 1 to this many.
-pub const MAX_TENSORS: usize = 64;
-pub const MIN_RING_LEN: usize = 16;
-const ALIGN: u64 = 64;
-
-/// The header: 4096 bytes at offset 0, little-endian. The struct is the layout's definition (its
-/// offsets are asserted below against the contract's table); the region is read and written
-/// through byte offsets ([`off`]), never by casting the mapping.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Header {
-    pub magic: u64,
-    pub version: u32,
-    pub header_bytes: u32,
-    pub num_layers: u32,
-    pub slots_per_rank: u32,
-    pub num_logical: u32,
-    pub world_size: u32,
-    pub rank: u32,
-    pub ring_len: u32,
-    /// Σ `row_bytes` over the per-expert tensors of one layer: the bytes that move with an expert.
-    pub expert_bytes: u64,
-    pub num_tensors: u32,
-    pub weights_kind: u32,
-    pub total_bytes: u64,
-    pub ring_offset: u64,
-    pub ring_entry_bytes: u64,
-    pub placement_offset: u64,
-    pub epochs_offset: u64,
-    pub command_offset: u64,
-    pub table_offset: u64,
-    pub ipc_offset: u64,
-    pub engine_pid: u64,
-    /// Atomic.
-    pub engine_step: u64,
-    pub engine_heartbeat_ns: u64,
-    pub engine_state: u64,
-    pub sidecar_pid: u64,
-    pub sidecar_heartbeat_ns: u64,
-    pub sidecar_state: u64,
-    pub minor_version: u32,
-    pub counts_kind: u32,
-    pub num_handles: u32,
-    pub reserved0: u32,
-    /// Atomic: 0, or `1 + i` when the engine found table entry `i` re-allocated.
-    pub table_fault: u64,
-}
-
-/// One entry of the tensor table (64 bytes).
-#[repr(C)]
-#[derive(Debug, Clone, Copy)]
-pub struct TableEntryRaw {
-    pub name: [u8; 24],
-    pub dtype: [u8; 8],
-    pub offset: u64,
-    pub row_stride: u64,
-    pub row_bytes: u64,
-    pub rows: u32,
-    pub kind: u8,
-    pub reserved: u8,
-    pub handle: u16,
-}
-
-/// Byte offsets of the header fields (from [`Header`]), of the mailbox, and inside a ring entry.
-pub mod off {
-    use super::Header;
-    use std::mem::offset_of;
-    pub const MAGIC: usize = offset_of!(Header, magic);
-    pub const VERSION: usize = offset_of!(Header, version);
-    pub const HEADER_BYTES: usize = offset_of!(Header, header_bytes);
-    pub const NUM_LAYERS: usize = offset_of!(Header, num_layers);
-    pub const SLOTS_PER_RANK: usize = offset_of!(Header, slots_per_rank);
-    pub const NUM_LOGICAL: usize = offset_of!(Header, num_logical);
-    pub const WORLD_SIZE: usize = offset_of!(Header, world_size);
-    pub const RANK: usize = offset_of!(Header, rank);
-    pub const RING_LEN: usize = offset_of!(Header, ring_len);
-    pub const EXPERT_BYTES: usize = offset_of!(Header, expert_bytes);
-    pub const NUM_TENSORS: usize = offset_of!(Header, num_tensors);
-    pub const WEIGHTS_KIND: usize = offset_of!(Header, weights_kind);
-    pub const TOTAL_BYTES: usize = offset_of!(Header, total_bytes);
-    pub const RING_OFFSET: usize = offset_of!(Header, ring_offset);
-    pub const RING_ENTRY_BYTES: usize = offset_of!(Header, ring_entry_bytes);
-    pub const PLACEMENT_OFFSET: usize = offset_of!(Header, placement_offset);
-    pub const EPOCHS_OFFSET: usize = offset_of!(Header, epochs_offset);
-    pub const COMMAND_OFFSET: usize = offset_of!(Header, command_offset);
-    pub const TABLE_OFFSET: usize = offset_of!(Header, table_offset);
-    pub const IPC_OFFSET: usize = offset_of!(Header, ipc_offset);
-    pub const ENGINE_PID: usize = offset_of!(Header, engine_pid);
-    pub const ENGINE_STEP: usize = offset_of!(Header, engine_step);
-    pub const ENGINE_HEARTBEAT_NS: usize = offset_of!(Header, engine_heartbeat_ns);
-    pub const ENGINE_STATE: usize = offset_of!(Header, engine_state);
-    pub const SIDECAR_PID: usize = offset_of!(Header, sidecar_pid);
-    pub const SIDECAR_HEARTBEAT_NS: usize = offset_of!(Header, sidecar_heartbeat_ns);
-    pub const SIDECAR_STATE: usize = offset_of!(Header, sidecar_state);
-    pub const MINOR_VERSION: usize = offset_of!(Header, minor_version);
-    pub const COUNTS_KIND: usize = offset_of!(Header, counts_kind);
-    pub const NUM_HANDLES: usize = offset_of!(Header, num_handles);
-    pub const TABLE_FAULT: usize = offset_of!(Header, table_fault);
-    pub const CMD_SEQ: usize = 256;
-    pub const CMD_ID: usize = 264;
-    pub const CMD_LAYER: usize = 272;
-    pub const CMD_APPLY_STEP: usize = 280;
-    pub const CMD_EPOCH: usize = 288;
-    pub const ACK_ID: usize = 320;
-    pub const ACK_RESULT: usize = 328;
-    pub const ACK_STEP: usize = 336;
-    /// Inside a ring entry.
-    pub const ENTRY_SEQ: usize = 0;
-    pub const ENTRY_STEP: usize = 8;
-    pub const ENTRY_PHASE: usize = 16;
-    pub const ENTRY_TOKENS: usize = 24;
-    /// The step's MoE time on this rank in ns (0: not measured).
-    pub const ENTRY_MOE_NS: usize = 32;
-    pub const ENTRY_COUNTS: usize = 64;
-}
-
-// The contract's table, checked at compile time: a field that moves breaks the build.
-const _: () = {
-    assert!(off::MAGIC == 0 && off::VERSION == 8 && off::HEADER_BYTES == 12);
-    assert!(off::NUM_LAYERS == 16 && off::SLOTS_PER_RANK == 20 && off::NUM_LOGICAL == 24);
-    assert!(off::WORLD_SIZE == 28 && off::RANK == 32 && off::RING_LEN == 36 && off::EXPERT_BYTES == 40);
-    assert!(off::NUM_TENSORS == 48 && off::WEIGHTS_KIND == 52 && off::TOTAL_BYTES == 56);
-    assert!(off::RING_OFFSET == 64 && off::RING_ENTRY_BYTES == 72 && off::PLACEMENT_OFFSET == 80);
-    assert!(off::EPOCHS_OFFSET == 88 && off::COMMAND_OFFSET == 96 && off::TABLE_OFFSET == 104);
-    assert!(off::IPC_OFFSET == 112 && off::ENGINE_PID == 120 && off::ENGINE_STEP == 128);
-    assert!(off::ENGINE_HEARTBEAT_NS == 136 && off::ENGINE_STATE == 144 && off::SIDECAR_PID == 152);
-    assert!(off::SIDECAR_HEARTBEAT_NS == 160 && off::SIDECAR_STATE == 168 && off::MINOR_VERSION == 176);
-    assert!(off::COUNTS_KIND == 180 && off::NUM_HANDLES == 184 && off::TABLE_FAULT == 192);
-    assert!(std::mem::size_of::<Header>() == 200 && std::mem::size_of::<Header>() <= off::CMD_SEQ);
-    assert!(std::mem::size_of::<TableEntryRaw>() == TENSOR_ENTRY_BYTES);
-    assert!(offset_of!(TableEntryRaw, offset) == 32 && offset_of!(TableEntryRaw, row_stride) == 40);
-    assert!(offset_of!(TableEntryRaw, row_bytes) == 48 && offset_of!(TableEntryRaw, rows) == 56);
-    assert!(offset_of!(TableEntryRaw, kind) == 60 && offset_of!(TableEntryRaw, handle) == 62);
+// The contract's layout is defined once, in the client crate (also the C header's source).
+pub use eplb_client::layout::{
+    ack, counts_kind, engine_state, ipc, off, phase, round64, sidecar_state, tensor_kind, weights_kind, Header,
+    TableEntryRaw, DTYPES, HEADER_BYTES, MAGIC, MAX_TENSORS, MINOR_VERSION, MIN_RING_LEN, TENSOR_ENTRY_BYTES, VERSION,
 };
-
-/// `weights_kind` values.
-pub mod weights_kind {
-    /// The tensors are in the region (host memory).
-    pub const HOST: u32 = 0;
-    /// They are in the engine's GPU memory, shared with CUDA IPC handles (the IPC section).
-    pub const CUDA_IPC: u32 = 1;
-}
-
-/// `counts_kind` values: what a ring entry's counts are.
-pub mod counts_kind {
-    /// `counts[layer][s]`, `s < slots_per_rank`: the pairs this rank computed in its local slot `s`.
-    pub const LOCAL: u32 = 0;
-    /// `counts[layer][p]`, `p < num_physical`: the pairs this rank routed to physical slot `p`.
-    pub const PHYSICAL: u32 = 1;
-}
-
-/// Tensor kinds of the table.
-pub mod tensor_kind {
-    /// Moves with its expert: row `s` belongs to local slot `s`.
-    pub const EXPERT: u8 = 1;
-    /// Never moved, never written by the sidecar; listed so that it can be proven untouched.
-    pub const GLOBAL: u8 = 2;
-}
-
-/// The CUDA IPC section (weights_kind 1), at `ipc_offset`.
-pub mod ipc {
-    /// `pci_bus_id[16]`: the engine GPU's `cuDeviceGetPCIBusId`, ASCII, NUL-padded.
-    pub const PCI_BUS_ID: usize = 0;
-    /// `uuid[16]`: the engine GPU's `cuDeviceGetUuid` bytes (all zero: not checked).
-    pub const UUID: usize = 16;
-    /// The handle table: `num_handles` entries of [`ENTRY_BYTES`].
-    pub const HANDLES: usize = 64;
-    pub const ENTRY_BYTES: usize = 128;
-    /// `bytes: u64` inside a handle entry: the allocation's size.
-    pub const ENTRY_SIZE: usize = 64;
-    pub const MAX_HANDLES: usize = 4096;
-}
+const ALIGN: u64 = eplb_client::layout::EPLB_ALIGN as u64;
 
 /// One CUDA IPC handle: one whole allocation of the engine's GPU memory.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -229,36 +55,6 @@ impl IpcWeights {
     }
 }
 
-/// `engine_state` values.
-pub mod engine_state {
-    pub const STARTING: u64 = 0;
-    pub const RUNNING: u64 = 1;
-    pub const FINISHED: u64 = 2;
-    pub const FAILED: u64 = 3;
-}
-
-/// `sidecar_state` values.
-pub mod sidecar_state {
-    pub const ATTACHED: u64 = 1;
-    pub const EXITED_OK: u64 = 2;
-    pub const FAILED: u64 = 3;
-}
-
-/// `ack_result` values.
-pub mod ack {
-    pub const APPLIED: u64 = 1;
-    pub const CANCELLED: u64 = 2;
-    pub const MISSED: u64 = 3;
-    pub const REJECTED: u64 = 4;
-}
-
-/// A step's phase in the load ring.
-pub mod phase {
-    pub const PREFILL: u64 = 1;
-    pub const DECODE: u64 = 2;
-    pub const MIXED: u64 = 3;
-}
-
 /// Errors of a region: what is wrong with it, and where.
 #[derive(Debug, Error)]
 pub enum RegionError {
@@ -267,15 +63,6 @@ pub enum RegionError {
     #[error("{path}: {what}")]
     Bad { path: PathBuf, what: String },
 }
-
-/// Rounds `x` up to a multiple of 64.
-pub fn round64(x: u64) -> u64 {
-    x.div_ceil(ALIGN) * ALIGN
-}
-
-/// The dtypes the contract names (informational: rows move as opaque bytes).
-pub const DTYPES: [&str; 13] =
-    ["f64", "f32", "f16", "bf16", "i64", "i32", "i16", "i8", "u8", "f8e4m3", "f8e5m2", "e8m0", "fp4x2"];
 
 /// One entry of the tensor table: where tensor `t` of one layer (or of the staging layer) is.
 #[derive(Debug, Clone, PartialEq, Eq)]
