@@ -95,7 +95,10 @@ fn dump(path: &Path) -> Result<Value, String> {
             h("num_tensors")
         )
     );
-    assert_eq!((l.expert_bytes, l.table_offset, l.counts_kind as usize), (h("expert_bytes"), h("table_offset"), h("counts_kind")));
+    assert_eq!(
+        (l.expert_bytes, l.table_offset, l.counts_kind as usize),
+        (h("expert_bytes"), h("table_offset"), h("counts_kind"))
+    );
     let cmd = r.read_command().ok_or("no command under cmd_seq")?;
     let (ack_id, ack_result, ack_step) = r.ack();
     let mailbox = json!({

@@ -166,7 +166,8 @@ def _host_layers() -> List[List[LayerTensor]]:
         w13 = np.zeros((S, W13_STRIDE // 2), np.uint16)[:, :16].reshape(S, 2, 8)  # bf16 bits, padded rows
         w2 = np.zeros((S, W2_ROW), np.uint8)
         sc = np.zeros((1,), np.float32)
-        for t, arr in enumerate((w13, w2, sc)):
+        arrays: Tuple[np.ndarray, ...] = (w13, w2, sc)
+        for t, arr in enumerate(arrays):
             raw = arr.view(np.uint8).reshape(arr.shape[0], -1) if arr.ndim > 1 else arr.view(np.uint8).reshape(1, -1)
             for r in range(raw.shape[0]):
                 raw[r] = [fill(layer, t, r, i) for i in range(raw.shape[1])]
@@ -202,10 +203,10 @@ def _fake_driver() -> None:
                 return base, size
         raise R.ContractError(f"no fake allocation holds {ptr:#x}")
 
-    cuda_ipc.address_range = address_range  # type: ignore[assignment]
-    cuda_ipc.ipc_handle = ipc_handle  # type: ignore[assignment]
-    cuda_ipc.ipc_capable = lambda ptr: True  # type: ignore[assignment]
-    cuda_ipc.device_ids = lambda ptr=None: (PCI_BUS_ID, UUID)  # type: ignore[assignment]
+    fakes: Dict[str, Any] = {"address_range": address_range, "ipc_handle": ipc_handle,
+                             "ipc_capable": lambda ptr: True, "device_ids": lambda ptr=None: (PCI_BUS_ID, UUID)}
+    for attr, fake in fakes.items():
+        setattr(cuda_ipc, attr, fake)
     os.environ.pop("PYTORCH_CUDA_ALLOC_CONF", None)
     os.environ.pop("PYTORCH_ALLOC_CONF", None)
     os.environ["EPLB_PCI_BUS_ID"] = PCI_BUS_ID  # the C API's GPU, without a driver

@@ -26,9 +26,9 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List
 
+import golden_region as G
 import pytest
 
-import golden_region as G
 from eplb_client import region as R
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -55,8 +55,8 @@ def tools(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Path]:
     assert gcc, "gcc is needed for the golden test (apt-get install gcc)"
     assert cargo, "cargo is needed for the golden test"
     assert HEADER.is_file(), f"{HEADER} is missing (the generated C header)"
-    _run([cargo, "build", "--release", "--locked", "--example", "region_golden", "-p", "eplb", "-p", "eplb-client"],
-         cwd=ROOT)
+    _run([cargo, "build", "--release", "--locked", "-p", "eplb-client", "--lib"], cwd=ROOT)
+    _run([cargo, "build", "--release", "--locked", "--example", "region_golden"], cwd=ROOT)
     lib = RELEASE / "libeplb_client.so"
     assert lib.is_file(), f"{lib} was not built"
     out = tmp_path_factory.mktemp("golden")

@@ -24,12 +24,12 @@ from eplb_client import (
     EngineRegion,
     LayerTensor,
     TableEntry,
+    _native,
     check_table,
     cleanup,
     derive_log2phy,
     region_path,
 )
-from eplb_client import _native
 from eplb_client import region as R
 
 L, S, E, W = 3, 4, 6, 2  # layers, slots a rank, experts, engine ranks
