@@ -74,6 +74,12 @@ class Library:
         self.path = path
         lib = ctypes.CDLL(path)
         self.lib = lib
+        # The step's calls through a second handle that keeps the GIL (ctypes.PyDLL): they take
+        # microseconds, and releasing and re-taking the GIL around each costs as much as the call
+        # (more with cold caches, or with another Python thread waiting). Calls that may block
+        # (finish waits for the sidecar to detach) go through `lib`, which releases it.
+        fast = ctypes.PyDLL(path)
+        self.fast = fast
         lib.eplb_abi_version.restype, lib.eplb_abi_version.argtypes = c_uint32, []
         lib.eplb_last_error.restype, lib.eplb_last_error.argtypes = c_char_p, []
         lib.eplb_create.restype = c_int
@@ -82,10 +88,12 @@ class Library:
         for fn in ("eplb_publish", "eplb_heartbeat", "eplb_fail"):
             getattr(lib, fn).restype, getattr(lib, fn).argtypes = c_int, [c_void_p]
         # The hot path: plain integers and addresses (no per-call conversion objects).
-        lib.eplb_record.restype = c_int
-        lib.eplb_record.argtypes = [c_void_p, c_uint64, c_uint32, c_void_p, c_size_t, c_uint64, c_uint64]
-        lib.eplb_at_step_boundary.restype = c_int
-        lib.eplb_at_step_boundary.argtypes = [c_void_p, c_uint64, AGREE_FN, c_void_p, c_void_p]
+        for h in (lib, fast):
+            h.eplb_record.restype = c_int
+            h.eplb_record.argtypes = [c_void_p, c_uint64, c_uint32, c_void_p, c_size_t, c_uint64, c_uint64]
+            h.eplb_at_step_boundary.restype = c_int
+            h.eplb_at_step_boundary.argtypes = [c_void_p, c_uint64, AGREE_FN, c_void_p, c_void_p]
+            h.eplb_heartbeat.restype, h.eplb_heartbeat.argtypes = c_int, [c_void_p]
         lib.eplb_phy2log.restype, lib.eplb_phy2log.argtypes = c_int, [c_void_p, c_uint32, c_void_p, c_size_t]
         lib.eplb_table_fault.restype, lib.eplb_table_fault.argtypes = c_int, [c_void_p, c_uint32, c_uint32]
         lib.eplb_finish.restype, lib.eplb_finish.argtypes = c_int, [c_void_p, c_uint64]
@@ -157,6 +165,9 @@ class NativeRegion:
                  apply: Optional[Callable[[int, Any], None]], count_len: int):
         self.lib = lib
         self._l = lib.lib
+        self._record = lib.fast.eplb_record
+        self._boundary = lib.fast.eplb_at_step_boundary
+        self._beat = lib.fast.eplb_heartbeat
         self._keep = keep  # the descriptions' strings and buffers, alive while the library reads them
         self.callback_error: Optional[BaseException] = None
         self._agree: Optional[Callable[[int], Tuple[int, int]]] = None
@@ -224,22 +235,22 @@ class NativeRegion:
             raise self._error(rc, "eplb_publish")
 
     def record(self, step: int, phase: int, counts_at: int, tokens: int, moe_ns: int) -> None:
-        rc = self._l.eplb_record(self.ptr, step, phase, counts_at, self.count_len, tokens, moe_ns)
+        rc = self._record(self.ptr, step, phase, counts_at, self.count_len, tokens, moe_ns)
         if rc != OK:
             raise self._error(rc, "eplb_record")
 
     def at_step_boundary(self, step: int, agree: Optional[Callable[[int], Tuple[int, int]]]) -> int:
         """The layer applied, or -1."""
         self._agree = agree
-        rc = self._l.eplb_at_step_boundary(self.ptr, step, self._agree_fn if agree is not None else self._no_agree,
-                                           None, self._applied_at)
+        rc = self._boundary(self.ptr, step, self._agree_fn if agree is not None else self._no_agree, None,
+                            self._applied_at)
         if rc != OK:
             raise self._error(rc, "eplb_at_step_boundary")
         return self._applied.value
 
     def heartbeat(self) -> None:
         if self.ptr is not None:
-            self._l.eplb_heartbeat(self.ptr)
+            self._beat(self.ptr)
 
     def table_fault(self, layer: int, tensor: int) -> None:
         rc = self._l.eplb_table_fault(self.ptr, layer, tensor)
