@@ -2,8 +2,8 @@
 # The lints of CI (.ci/run runs them after the tests): every one runs, then the failures are named.
 #
 #   cargo fmt --check                                   (rustfmt.toml: max_width 120)
-#   cargo clippy --release --all-targets -- -D warnings
-#   RUSTDOCFLAGS=-Dwarnings cargo doc --no-deps         (broken intra-doc links, bad doc markup)
+#   cargo clippy --release --workspace --all-targets -- -D warnings
+#   RUSTDOCFLAGS=-Dwarnings cargo doc --workspace --no-deps (broken intra-doc links, bad doc markup)
 #   ruff check python/  and  mypy                       (configured in python/pyproject.toml)
 #
 # On a fresh Debian/Ubuntu machine with Rust it installs what it needs: the build's apt packages
@@ -29,8 +29,8 @@ lint() {  # lint NAME COMMAND...: runs it, remembers NAME if it fails
   if ! "$@"; then failed+=("$name"); fi
 }
 lint "cargo fmt --check" cargo fmt --check
-lint "cargo clippy" cargo clippy --release --locked --all-targets -- -D warnings
-lint "cargo doc" env RUSTDOCFLAGS=-Dwarnings cargo doc --no-deps --locked
+lint "cargo clippy" cargo clippy --release --locked --workspace --all-targets -- -D warnings
+lint "cargo doc" env RUSTDOCFLAGS=-Dwarnings cargo doc --workspace --no-deps --locked
 lint "ruff" "$py" -m ruff check python
 lint "mypy" bash -c 'cd python && "$0" -m mypy' "$py"
 

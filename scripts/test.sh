@@ -18,10 +18,18 @@ eplb_require_cargo
 eplb_mpi_root_env
 
 cargo build --release --locked
+cargo build --release --locked -p eplb-client   # target/release/libeplb_client.{so,a}
 cargo test --release --locked "$@"
 
 # The engine sidecar's Python side (python/: the client, the reference engine, the demo beside the
 # worker just built): a virtual environment under target/pyvenv, then pytest. Whole runs only.
 if [ $# -eq 0 ]; then
+  # libeplb_client (client/): its header is current, its C smoke test; then the loom model
+  # checker over the ring seqlock and the mailbox (docs/c-api.md), in target dirs of their own
+  # (RUSTFLAGS would rebuild the main one): the real orderings pass, and weakened ones
+  # (--cfg loom_weak) must be caught (those tests expect the checker's "ORDERING BUG").
+  cargo test --release --locked -p eplb-client
+  RUSTFLAGS="--cfg loom" cargo test --release --locked -p eplb-client --test loom --target-dir target/loom
+  RUSTFLAGS="--cfg loom --cfg loom_weak" cargo test --release --locked -p eplb-client --test loom --target-dir target/loom-weak
   scripts/test_python.sh
 fi

@@ -12,3 +12,11 @@ pub use std::sync::atomic::{fence, AtomicU32, AtomicU64, AtomicU8, Ordering};
 pub const PUBLISH: Ordering = Ordering::Release;
 #[cfg(loom_weak)]
 pub const PUBLISH: Ordering = Ordering::Relaxed;
+
+/// The release fence a sequence-lock writer issues after making its word odd (so that a reader
+/// that sees any new data sees the word changed); `--cfg loom_weak` leaves it out.
+#[inline]
+pub fn odd_fence() {
+    #[cfg(not(loom_weak))]
+    fence(Ordering::Release);
+}

@@ -18,6 +18,8 @@ eplb_install_build_deps() {
   # libclang itself (libclang.so / libclang-N.so), not libclang-cpp, which some images carry alone.
   compgen -G "/usr/lib/llvm-*/lib/libclang.so*" >/dev/null || compgen -G "/usr/lib/*/libclang-[0-9]*.so*" >/dev/null \
     || missing+=(libclang-dev)
+  # A C compiler for libeplb_client's C tests (client/tests/c_smoke.rs, tests/capi.rs).
+  command -v cc >/dev/null 2>&1 || missing+=(gcc libc6-dev)
   if ((${#missing[@]})); then
     echo "# installing ${missing[*]}"
     $EPLB_SUDO apt-get update -qq

@@ -4,7 +4,7 @@
 //! `ack_step`, then `ack_id` (release). An applied command's placement row and epoch are stored
 //! before its answer ([`publish_placement`]), so a sidecar that sees `applied` sees them too.
 
-use crate::sync::{fence, AtomicU32, AtomicU64, AtomicU8, Ordering, PUBLISH};
+use crate::sync::{fence, odd_fence, AtomicU32, AtomicU64, AtomicU8, Ordering, PUBLISH};
 
 /// Words of the mailbox head, from `cmd_seq` (offset 256) to `ack_step` (offset 336).
 pub const HEAD_WORDS: usize = 11;
@@ -58,7 +58,7 @@ impl Mailbox<'_> {
         let seq = &self.head[SEQ];
         let s = seq.load(Ordering::Relaxed) & !1;
         seq.store(s + 1, Ordering::Relaxed);
-        fence(Ordering::Release);
+        odd_fence();
         self.head[ID].store(cmd.id, Ordering::Relaxed);
         self.head[LAYER].store(cmd.layer, Ordering::Relaxed);
         self.head[APPLY_STEP].store(cmd.apply_step, Ordering::Relaxed);

@@ -1,7 +1,7 @@
 //! The load ring's sequence lock: one entry is `seq, step, phase, tokens, moe_ns, (pad to 64
 //! bytes), counts[..]`, all u64 words (docs/engine-contract.md).
 
-use crate::sync::{fence, AtomicU64, Ordering, PUBLISH};
+use crate::sync::{fence, odd_fence, AtomicU64, Ordering, PUBLISH};
 
 /// Words before the counts of an entry (64 bytes).
 pub const HEAD_WORDS: usize = 8;
@@ -38,7 +38,7 @@ pub fn write(entry: &[AtomicU64], head: EntryHead, counts: &[u64]) {
     seq.store(s + 1, Ordering::Relaxed);
     // Orders the odd word before every data store (a reader that sees any new data sees it odd,
     // or sees the word changed).
-    fence(Ordering::Release);
+    odd_fence();
     words[STEP].store(head.step, Ordering::Relaxed);
     words[PHASE].store(head.phase, Ordering::Relaxed);
     words[TOKENS].store(head.tokens, Ordering::Relaxed);

@@ -18,7 +18,10 @@ use std::fs::{File, OpenOptions};
 use std::mem::offset_of;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{fence, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+
+use eplb_client::core::mailbox::{self, CommandHead, Mailbox};
+use eplb_client::core::ring::{self, EntryHead};
 
 use memmap2::MmapRaw;
 use thiserror::Error;
@@ -892,8 +895,8 @@ pub enum RingRead {
 
 /// Tries of a sequence lock before [`Region::read_step`] gives up for now ([`RingRead::Busy`]):
 /// an engine writes an entry in microseconds, so a longer odd spell is a stopped, dead or broken
-/// writer, which only the caller's watch can tell apart.
-pub const SEQLOCK_SPINS: u32 = 4096;
+/// writer, which only the caller's watch can tell apart (the core's bound).
+pub use eplb_client::core::ring::SEQLOCK_SPINS;
 
 /// A mapped region.
 pub struct Region {
@@ -996,30 +999,6 @@ impl Region {
         unsafe { std::ptr::write_volatile(self.map.as_mut_ptr().add(at) as *mut u64, v) }
     }
 
-    fn read_i32(&self, at: usize) -> i32 {
-        self.check(at, 4);
-        // SAFETY: in bounds and aligned (i32 arrays start at multiples of 64).
-        unsafe { std::ptr::read_volatile(self.map.as_ptr().add(at) as *const i32) }
-    }
-
-    fn write_i32(&self, at: usize, v: i32) {
-        self.check(at, 4);
-        // SAFETY: in bounds and aligned.
-        unsafe { std::ptr::write_volatile(self.map.as_mut_ptr().add(at) as *mut i32, v) }
-    }
-
-    fn read_u8(&self, at: usize) -> u8 {
-        self.check(at, 1);
-        // SAFETY: in bounds.
-        unsafe { std::ptr::read_volatile(self.map.as_ptr().add(at)) }
-    }
-
-    fn write_u8(&self, at: usize, v: u8) {
-        self.check(at, 1);
-        // SAFETY: in bounds.
-        unsafe { std::ptr::write_volatile(self.map.as_mut_ptr().add(at), v) }
-    }
-
     /// `len` bytes at `at`, shared. The caller guarantees nobody writes them meanwhile (the
     /// protocol: live weights change only in an apply the sidecar waits for).
     pub fn bytes(&self, at: usize, len: usize) -> &[u8] {
@@ -1055,15 +1034,30 @@ impl Region {
     /// `phy2log [num_layers, num_physical]`, as stored.
     pub fn phy2log(&self) -> Vec<i32> {
         let n = self.layout.num_layers * self.layout.num_physical();
-        (0..n).map(|i| self.read_i32(self.layout.placement_offset + 4 * i)).collect()
+        let mut out = vec![0i32; n];
+        mailbox::read_row(self.u32s(self.layout.placement_offset, n), &mut out);
+        out
     }
 
-    /// Writes row `layer` of `phy2log` (the engine side, at a step boundary).
+    /// Writes row `layer` of `phy2log` (the engine side: before publishing, or at a step
+    /// boundary followed by the epoch's release store, [`mailbox::publish_placement`]).
     pub fn write_phy2log_row(&self, layer: usize, row: &[i32]) {
         let p = self.layout.num_physical();
-        for (i, &v) in row.iter().take(p).enumerate() {
-            self.write_i32(self.layout.placement_offset + 4 * (layer * p + i), v);
+        for (w, &v) in self.u32s(self.layout.placement_offset + 4 * layer * p, p).iter().zip(row) {
+            w.store(v as u32, Ordering::Relaxed);
         }
+    }
+
+    /// The engine side of an apply's publication: `layer`'s row, then its epoch (release), the
+    /// core's [`mailbox::publish_placement`].
+    pub fn publish_placement(&self, layer: usize, row: &[i32], epoch: u64) {
+        let p = self.layout.num_physical();
+        mailbox::publish_placement(
+            self.u32s(self.layout.placement_offset + 4 * layer * p, p),
+            self.epoch(layer),
+            row,
+            epoch,
+        );
     }
 
     /// The atomic `epoch[layer]`.
@@ -1079,31 +1073,13 @@ impl Region {
         let l = &self.layout;
         let base = l.ring_offset + (t % l.ring_len as u64) as usize * l.ring_entry_bytes;
         let n = l.num_layers * l.count_cols();
-        let seq = self.atomic(base + off::ENTRY_SEQ);
         let mut counts = vec![0u64; n];
-        let mut spins = 0u32;
-        loop {
-            let s1 = seq.load(Ordering::Acquire);
-            if s1.is_multiple_of(2) {
-                let step = self.read_u64(base + off::ENTRY_STEP);
-                let phase = self.read_u64(base + off::ENTRY_PHASE);
-                let tokens = self.read_u64(base + off::ENTRY_TOKENS);
-                let moe_ns = self.read_u64(base + off::ENTRY_MOE_NS);
-                for (i, c) in counts.iter_mut().enumerate() {
-                    *c = self.read_u64(base + off::ENTRY_COUNTS + 8 * i);
-                }
-                fence(Ordering::Acquire);
-                if seq.load(Ordering::Relaxed) == s1 {
-                    return if step == t { RingRead::Step { phase, tokens, moe_ns, counts } } else { RingRead::Lost };
-                }
+        match ring::read(self.u64s(base, ring::HEAD_WORDS + n), &mut counts) {
+            Some(head) if head.step == t => {
+                RingRead::Step { phase: head.phase, tokens: head.tokens, moe_ns: head.moe_ns, counts }
             }
-            spins += 1;
-            if spins >= SEQLOCK_SPINS {
-                return RingRead::Busy;
-            }
-            if spins.is_multiple_of(64) {
-                std::thread::yield_now();
-            }
+            Some(_) => RingRead::Lost,
+            None => RingRead::Busy,
         }
     }
 
@@ -1113,19 +1089,7 @@ impl Region {
     pub fn entry_step(&self, t: u64) -> Option<u64> {
         let l = &self.layout;
         let base = l.ring_offset + (t % l.ring_len as u64) as usize * l.ring_entry_bytes;
-        let seq = self.atomic(base + off::ENTRY_SEQ);
-        for _ in 0..SEQLOCK_SPINS {
-            let s1 = seq.load(Ordering::Acquire);
-            if s1.is_multiple_of(2) {
-                let step = self.read_u64(base + off::ENTRY_STEP);
-                fence(Ordering::Acquire);
-                if seq.load(Ordering::Relaxed) == s1 {
-                    return Some(step);
-                }
-            }
-            std::hint::spin_loop();
-        }
-        None
+        ring::read(self.u64s(base, ring::HEAD_WORDS), &mut []).map(|head| head.step)
     }
 
     /// Checks `engine_step` against the ring: when it says `engine_step` steps were recorded,
@@ -1168,78 +1132,75 @@ impl Region {
     pub fn write_step(&self, t: u64, phase: u64, tokens: u64, moe_ns: u64, counts: &[u64]) {
         let l = &self.layout;
         let base = l.ring_offset + (t % l.ring_len as u64) as usize * l.ring_entry_bytes;
-        let seq = self.atomic(base + off::ENTRY_SEQ);
-        let s = seq.load(Ordering::Relaxed);
-        seq.store(s + 1, Ordering::Relaxed);
-        fence(Ordering::Release);
-        self.write_u64(base + off::ENTRY_STEP, t);
-        self.write_u64(base + off::ENTRY_PHASE, phase);
-        self.write_u64(base + off::ENTRY_TOKENS, tokens);
-        self.write_u64(base + off::ENTRY_MOE_NS, moe_ns);
-        for (i, &c) in counts.iter().take(l.num_layers * l.count_cols()).enumerate() {
-            self.write_u64(base + off::ENTRY_COUNTS + 8 * i, c);
-        }
-        seq.store(s + 2, Ordering::Release);
+        let n = (l.num_layers * l.count_cols()).min(counts.len());
+        ring::write(self.u64s(base, ring::HEAD_WORDS + n), EntryHead { step: t, phase, tokens, moe_ns }, &counts[..n]);
         self.atomic(off::ENGINE_STEP).store(t + 1, Ordering::Release);
     }
 
     /// Posts a command under `cmd_seq` (the sidecar side).
     pub fn post(&self, cmd: &Command) {
-        let seq = self.atomic(off::CMD_SEQ);
-        let s = seq.load(Ordering::Relaxed) & !1;
-        seq.store(s + 1, Ordering::Relaxed);
-        fence(Ordering::Release);
-        self.write_u64(off::CMD_ID, cmd.id);
-        self.write_u64(off::CMD_LAYER, cmd.layer as u64);
-        self.write_u64(off::CMD_APPLY_STEP, cmd.apply_step);
-        self.write_u64(off::CMD_EPOCH, cmd.epoch);
-        for (i, &e) in cmd.new_row.iter().enumerate() {
-            self.write_i32(self.layout.command_offset + 4 * i, e);
-        }
-        for (k, &m) in cmd.copy_mask.iter().enumerate() {
-            self.write_u8(self.layout.mask_offset() + k, u8::from(m));
-        }
-        seq.store(s + 2, Ordering::Release);
+        let head = CommandHead { id: cmd.id, layer: cmd.layer as u64, apply_step: cmd.apply_step, epoch: cmd.epoch };
+        self.mailbox().post(head, &cmd.new_row, &cmd.copy_mask);
     }
 
     /// Reads the command under `cmd_seq` (the engine side), never waiting: None when there is
     /// none, when a post is under way (`cmd_seq` odd: a sidecar stopped in the middle of one would
     /// otherwise hang the engine), or when the read was disturbed 4 times.
     pub fn read_command(&self) -> Option<Command> {
-        let seq = self.atomic(off::CMD_SEQ);
-        for _ in 0..4 {
-            let s1 = seq.load(Ordering::Acquire);
-            if s1 % 2 == 1 {
-                return None;
-            }
-            let id = self.read_u64(off::CMD_ID);
-            let layer = self.read_u64(off::CMD_LAYER) as usize;
-            let apply_step = self.read_u64(off::CMD_APPLY_STEP);
-            let epoch = self.read_u64(off::CMD_EPOCH);
-            let p = self.layout.num_physical();
-            let new_row: Vec<i32> = (0..p).map(|i| self.read_i32(self.layout.command_offset + 4 * i)).collect();
-            let copy_mask: Vec<bool> =
-                (0..self.layout.slots_per_rank).map(|k| self.read_u8(self.layout.mask_offset() + k) != 0).collect();
-            fence(Ordering::Acquire);
-            if seq.load(Ordering::Relaxed) == s1 {
-                return (id != 0).then_some(Command { id, layer, apply_step, epoch, new_row, copy_mask });
-            }
-        }
-        None
+        let mut new_row = vec![0i32; self.layout.num_physical()];
+        let mut copy_mask = vec![false; self.layout.slots_per_rank];
+        let (h, _) = self.mailbox().read(|_| true, &mut new_row, &mut copy_mask)?;
+        (h.id != 0).then_some(Command {
+            id: h.id,
+            layer: h.layer as usize,
+            apply_step: h.apply_step,
+            epoch: h.epoch,
+            new_row,
+            copy_mask,
+        })
     }
 
     /// The last answer: (`ack_id`, `ack_result`, `ack_step`); `ack_id` is read first (acquire),
     /// so the other two belong to it or a later one.
     pub fn ack(&self) -> (u64, u64, u64) {
-        let id = self.atomic(off::ACK_ID).load(Ordering::Acquire);
-        (id, self.atomic(off::ACK_RESULT).load(Ordering::Acquire), self.atomic(off::ACK_STEP).load(Ordering::Acquire))
+        let a = self.mailbox().ack();
+        (a.id, a.result, a.step)
     }
 
     /// Answers command `id` (the engine side): result and step first, then the id.
     pub fn answer(&self, id: u64, result: u64, step: u64) {
-        self.atomic(off::ACK_RESULT).store(result, Ordering::Release);
-        self.atomic(off::ACK_STEP).store(step, Ordering::Release);
-        self.atomic(off::ACK_ID).store(id, Ordering::Release);
+        self.mailbox().answer(id, result, step);
+    }
+
+    /// The mailbox's views (the core's protocol over them).
+    fn mailbox(&self) -> Mailbox<'_> {
+        let l = &self.layout;
+        Mailbox {
+            head: self.u64s(off::CMD_SEQ, mailbox::HEAD_WORDS),
+            row: self.u32s(l.command_offset, l.num_physical()),
+            mask: self.u8s(l.mask_offset(), l.slots_per_rank),
+        }
+    }
+
+    /// `n` atomic u64 words at `at` (8-byte aligned: sections start at multiples of 64).
+    fn u64s(&self, at: usize, n: usize) -> &[AtomicU64] {
+        self.check(at, 8 * n);
+        assert_eq!(at % 8, 0, "unaligned atomic field");
+        // SAFETY: in bounds, aligned, and the mapping lives as long as `self`.
+        unsafe { std::slice::from_raw_parts(self.map.as_ptr().add(at) as *const AtomicU64, n) }
+    }
+
+    fn u32s(&self, at: usize, n: usize) -> &[AtomicU32] {
+        self.check(at, 4 * n);
+        assert_eq!(at % 4, 0, "unaligned i32 array");
+        // SAFETY: as above.
+        unsafe { std::slice::from_raw_parts(self.map.as_ptr().add(at) as *const AtomicU32, n) }
+    }
+
+    fn u8s(&self, at: usize, n: usize) -> &[AtomicU8] {
+        self.check(at, n);
+        // SAFETY: in bounds.
+        unsafe { std::slice::from_raw_parts(self.map.as_ptr().add(at) as *const AtomicU8, n) }
     }
 
     pub fn get(&self, field: usize) -> u64 {

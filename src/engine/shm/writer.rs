@@ -146,9 +146,8 @@ impl EngineRank {
             }
         }
         debug_assert!(cmd.copy_mask.len() == spr);
-        self.region.write_phy2log_row(cmd.layer, &cmd.new_row);
+        self.region.publish_placement(cmd.layer, &cmd.new_row, cmd.epoch);
         self.phy2log[cmd.layer * p..(cmd.layer + 1) * p].copy_from_slice(&cmd.new_row);
-        self.region.epoch(cmd.layer).store(cmd.epoch, Ordering::Release);
         self.region.answer(cmd.id, ack::APPLIED, t);
         Decision::Applied { id: cmd.id, layer: cmd.layer, epoch: cmd.epoch }
     }
