@@ -710,6 +710,25 @@ def test_other_machines_are_refused_unless_overridden(name, monkeypatch):
     make(name, backend="python").finish()
 
 
+def test_native_without_the_library_is_refused_and_auto_falls_back(name, monkeypatch, tmp_path):
+    not_a_lib = tmp_path / "libeplb_client.so"
+    not_a_lib.write_text("not a shared object")
+    for path, why in (("/nonexistent/libeplb_client.so", "does not exist"), (str(not_a_lib), "does not load")):
+        monkeypatch.setenv(_native.LIB_ENV, path)
+        _native.reset()
+        try:
+            with pytest.raises(ContractError, match=f"backend 'native': .*libeplb_client.so {why}"):
+                make(name, backend="native")
+            assert not [f for f in os.listdir(R.SHM_DIR) if name in f]
+            reg = make(name, backend="auto")  # x86-64 here: the pure-Python writer
+            assert reg.backend == "python"
+            reg.finish()
+        finally:
+            _native.reset()
+    monkeypatch.undo()
+    _native.reset()
+
+
 def test_the_compiled_core_needs_no_x86_64(name, monkeypatch):
     """The library's stores are atomic releases: "auto" and "native" take it on any machine."""
     lib, why = _native.load(R.VERSION)
