@@ -408,3 +408,135 @@ fn the_c_engine_switches_layers_beside_the_worker() {
         eout.split("\"applied\": ").nth(1).and_then(|t| t.split(',').next()).and_then(|t| t.parse().ok()).unwrap();
     assert_eq!(applied, updated, "the engine applied what the sidecar committed");
 }
+
+/// Records the apply callback's calls: (layer, slots).
+unsafe extern "C" fn record_apply(user: *mut c_void, layer: u32, slots: *const u32, n: usize) -> c_int {
+    let calls = &mut *(user as *mut Vec<(u32, Vec<u32>)>);
+    calls.push((layer, std::slice::from_raw_parts(slots, n).to_vec()));
+    0
+}
+
+#[test]
+fn cuda_ipc_tensors_share_deduplicated_handles_and_the_apply_callback_copies() {
+    // No GPU here: the PCI bus id comes from the override, the handles are made-up bytes (the
+    // sidecar's reader checks the section and the table, not the handles' meaning).
+    std::env::set_var("EPLB_PCI_BUS_ID", "0000:19:00.0");
+    let name = format!("capi{}-ipc", std::process::id());
+    let (h1, h2) = ([1u8; 64], [2u8; 64]);
+    let d = |n: &'static CStr, kind, rows, rb: u64, h: &[u8; 64], off: u64| eplb_tensor_desc {
+        name: n.as_ptr(),
+        dtype: c"bf16".as_ptr(),
+        kind,
+        rows,
+        row_bytes: rb,
+        row_stride: rb,
+        ipc_handle: h.as_ptr(),
+        ipc_offset: off,
+    };
+    // Layer l's expert tensor at 4096 * l of allocation 1, its global in allocation 2; staging in
+    // allocation 2 after the globals.
+    let tensors: Vec<eplb_tensor_desc> = (0..L as u64)
+        .flat_map(|l| {
+            [d(c"w2", EPLB_KIND_EXPERT, S, 256, &h1, 4096 * l), d(c"g", EPLB_KIND_GLOBAL, 1, 32, &h2, 64 * l)]
+        })
+        .collect();
+    let staging = [d(c"w2", EPLB_KIND_EXPERT, S, 256, &h2, 8192), d(c"g", EPLB_KIND_GLOBAL, 1, 32, &h2, 0)];
+    let phy2log: Vec<i32> = (0..L as usize * 4).map(|i| (i % 4 % 3) as i32).collect();
+    let cfg = eplb_config {
+        rank: 0,
+        world_size: 1,
+        num_layers: L,
+        slots_per_rank: S,
+        num_logical: E,
+        ring_len: 0,
+        weights_kind: EPLB_WEIGHTS_CUDA_IPC,
+        counts_kind: EPLB_COUNTS_PHYSICAL,
+        num_tensors: 2,
+        tensors: tensors.as_ptr(),
+        staging: staging.as_ptr(),
+        phy2log: phy2log.as_ptr(),
+    };
+    let cname = CString::new(name.clone()).unwrap();
+    let mut calls: Vec<(u32, Vec<u32>)> = Vec::new();
+    let user = &mut calls as *mut _ as *mut c_void;
+    let mut r = std::ptr::null_mut();
+    // SAFETY: valid pointers; without apply, CUDA weights are refused.
+    let s = unsafe { eplb_create(cname.as_ptr(), &cfg, None, std::ptr::null_mut(), &mut r) };
+    assert_eq!(s, eplb_status::EPLB_ERR_INVALID);
+    assert!(last_error().contains("apply callback"), "{}", last_error());
+    // SAFETY: as above.
+    let s = unsafe { eplb_create(cname.as_ptr(), &cfg, Some(record_apply), user, &mut r) };
+    assert_eq!(s, eplb_status::EPLB_OK, "{}", last_error());
+    let f = Fixture { region: r, name };
+    // SAFETY: a live region.
+    assert!(unsafe { eplb_tensor_ptr(f.region, 0, 0) }.is_null(), "CUDA weights have no host pointer");
+    // SAFETY: as above.
+    assert_eq!(unsafe { eplb_publish(f.region) }, eplb_status::EPLB_OK);
+    let reg = open(&f);
+    let ipc = reg.layout.ipc.as_ref().expect("an IPC section");
+    assert_eq!(ipc.pci_bus_id, "0000:19:00.0");
+    assert_eq!(ipc.handles.len(), 2, "two distinct allocations");
+    assert_eq!((ipc.handles[0].handle, ipc.handles[1].handle), (h1, h2));
+    assert_eq!(ipc.handles[0].bytes, 4096 + 4 * 256, "the end of the last row used in allocation 0");
+    assert_eq!(
+        (reg.layout.entry(1, 0).handle, reg.layout.entry(1, 1).handle, reg.layout.entry(2, 0).handle),
+        (0, 1, 1)
+    );
+    assert_eq!(reg.layout.count_cols(), 4);
+    // A command: the engine's callback does the copy; the answer follows it.
+    post(&reg, 1, 0, 0, 1, vec![0, 1, 2, 2], vec![false, false, false, true]);
+    assert_eq!(boundary(&f, 0, None, std::ptr::null_mut()), (eplb_status::EPLB_OK, 0));
+    assert_eq!(calls, vec![(0, vec![3])]);
+    assert_eq!(reg.ack(), (1, ack::APPLIED, 0));
+}
+
+unsafe extern "C" fn failing_apply(_: *mut c_void, _: u32, _: *const u32, _: usize) -> c_int {
+    1
+}
+
+#[test]
+fn a_failed_apply_fails_the_engine_and_refuses_every_later_step() {
+    let name = format!("capi{}-applyfail", std::process::id());
+    let tensors: Vec<eplb_tensor_desc> = (0..L)
+        .map(|_| eplb_tensor_desc {
+            name: c"w".as_ptr(),
+            dtype: c"u8".as_ptr(),
+            kind: EPLB_KIND_EXPERT,
+            rows: S,
+            row_bytes: 8,
+            row_stride: 8,
+            ipc_handle: std::ptr::null(),
+            ipc_offset: 0,
+        })
+        .collect();
+    let phy2log: Vec<i32> = (0..L as usize * 4).map(|i| (i % 4 % 3) as i32).collect();
+    let cfg = eplb_config {
+        rank: 0,
+        world_size: 1,
+        num_layers: L,
+        slots_per_rank: S,
+        num_logical: E,
+        ring_len: 0,
+        weights_kind: EPLB_WEIGHTS_HOST,
+        counts_kind: EPLB_COUNTS_LOCAL,
+        num_tensors: 1,
+        tensors: tensors.as_ptr(),
+        staging: std::ptr::null(),
+        phy2log: phy2log.as_ptr(),
+    };
+    let cname = CString::new(name.clone()).unwrap();
+    let mut r = std::ptr::null_mut();
+    // SAFETY: valid pointers; host weights with a notification callback that fails.
+    let s = unsafe { eplb_create(cname.as_ptr(), &cfg, Some(failing_apply), std::ptr::null_mut(), &mut r) };
+    assert_eq!(s, eplb_status::EPLB_OK, "{}", last_error());
+    let f = Fixture { region: r, name };
+    // SAFETY: a live region.
+    assert_eq!(unsafe { eplb_publish(f.region) }, eplb_status::EPLB_OK);
+    let reg = open(&f);
+    post(&reg, 1, 1, 0, 1, vec![0, 1, 2, 1], vec![false, false, false, true]);
+    assert_eq!(boundary(&f, 0, None, std::ptr::null_mut()).0, eplb_status::EPLB_ERR_CALLBACK);
+    assert!(last_error().contains("weights may be torn"), "{}", last_error());
+    assert_eq!(reg.ack().0, 0, "nothing is answered");
+    assert_eq!(reg.get(off::ENGINE_STATE), EPLB_ENGINE_FAILED);
+    assert_eq!(record(&f, 0, &[0; 8]), eplb_status::EPLB_ERR_STATE);
+}

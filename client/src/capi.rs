@@ -9,7 +9,7 @@ use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use crate::layout::*;
-use crate::region::{ApplyFn, ClientError, Config, EngineRegion, ErrorKind, TensorSpec};
+use crate::region::{AgreeFn, ApplyFn, ClientError, Config, EngineRegion, ErrorKind, TensorSpec};
 
 /// What every function returns.
 #[repr(C)]
@@ -372,8 +372,7 @@ pub unsafe extern "C" fn eplb_at_step_boundary(
                 Err(rc)
             }
         };
-        let agree_dyn: Option<&mut dyn FnMut(u64) -> Result<(u64, u64), i32>> =
-            if agree.is_some() { Some(&mut call) } else { None };
+        let agree_dyn: Option<AgreeFn<'_>> = if agree.is_some() { Some(&mut call) } else { None };
         let applied = reg.at_step_boundary(step, agree_dyn)?;
         if let (Some(layer), false) = (applied, applied_layer.is_null()) {
             *applied_layer = layer as i32;

@@ -5,7 +5,7 @@
 //! table-fault rule.
 //!
 //! Concurrency: the mutable state is behind one mutex, so calls from several threads are
-//! serialised (a command is decided once). [`EngineRegion::heartbeat`] takes no lock: it is one
+//! serialised (a command is decided once). [`EngineRegion::heartbeat`](crate::region::EngineRegion::heartbeat) takes no lock: it is one
 //! atomic store into the mapping, which lives until the region is dropped, so a heartbeat thread
 //! may beat during a long apply.
 
@@ -95,6 +95,10 @@ pub struct Config {
 /// The engine's device copy (CUDA weights; a notification after the region's copy with host
 /// weights): `(layer, slots)`; an `Err` is the callback's non-zero code.
 pub type ApplyFn = Box<dyn FnMut(u32, &[u32]) -> Result<(), i32> + Send>;
+
+/// The engine's collective at a boundary: `have -> (min, max)` over every engine rank; an `Err`
+/// is the callback's non-zero code.
+pub type AgreeFn<'a> = &'a mut dyn FnMut(u64) -> Result<(u64, u64), i32>;
 
 /// Where a table entry is (the part the engine side uses).
 #[derive(Debug, Clone, Copy)]
@@ -205,13 +209,13 @@ impl Drop for Map {
 impl Map {
     /// `n` atomic u64 words at byte `at` (8-aligned, in bounds: the layout's own offsets).
     fn u64s(&self, at: usize, n: usize) -> &[AtomicU64] {
-        assert!(at % 8 == 0 && at + 8 * n <= self.len, "region access out of bounds");
+        assert!(at.is_multiple_of(8) && at + 8 * n <= self.len, "region access out of bounds");
         // SAFETY: in bounds and aligned (the mapping is page aligned); lives as long as self.
         unsafe { std::slice::from_raw_parts(self.ptr.add(at).cast(), n) }
     }
 
     fn u32s(&self, at: usize, n: usize) -> &[AtomicU32] {
-        assert!(at % 4 == 0 && at + 4 * n <= self.len, "region access out of bounds");
+        assert!(at.is_multiple_of(4) && at + 4 * n <= self.len, "region access out of bounds");
         // SAFETY: as above.
         unsafe { std::slice::from_raw_parts(self.ptr.add(at).cast(), n) }
     }
@@ -338,7 +342,7 @@ impl EngineRegion {
                 return Err(invalid(format!("phy2log layer {layer}: {why}")));
             }
         }
-        if tensors.is_empty() || tensors.len() % l != 0 {
+        if tensors.is_empty() || !tensors.len().is_multiple_of(l) {
             return Err(invalid(format!("{} tensor descriptions: want num_layers x num_tensors", tensors.len())));
         }
         let t_n = tensors.len() / l;
@@ -791,11 +795,7 @@ impl EngineRegion {
     /// The boundary before running `step` (`== engine_step`): reads the mailbox, agrees with the
     /// other ranks (`agree(have) -> (min, max)`; None only with one rank), applies in place or
     /// answers. Returns the layer applied, if any.
-    pub fn at_step_boundary(
-        &self,
-        step: u64,
-        agree: Option<&mut dyn FnMut(u64) -> Result<(u64, u64), i32>>,
-    ) -> Result<Option<u32>, ClientError> {
+    pub fn at_step_boundary(&self, step: u64, agree: Option<AgreeFn<'_>>) -> Result<Option<u32>, ClientError> {
         let mut guard = self.lock();
         let st = &mut *guard;
         if let Some(why) = st.broken.as_deref().or(st.closed.then_some("closed (finished or failed)")) {

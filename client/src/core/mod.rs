@@ -2,8 +2,8 @@
 //! (`&[AtomicU64]` and friends), used by this library's engine side and by the sidecar's reader
 //! (`eplb::engine::shm::region`), and model-checked by `loom` (`tests/loom.rs`):
 //!
-//! * [`ring`]: the load ring's sequence lock (engine writes an entry, sidecar reads it);
-//! * [`mailbox`]: the command (sidecar posts, engine reads) and its answer (engine answers,
+//! * [`ring`](crate::core::ring): the load ring's sequence lock (engine writes an entry, sidecar reads it);
+//! * [`mailbox`](crate::core::mailbox): the command (sidecar posts, engine reads) and its answer (engine answers,
 //!   sidecar reads), plus the engine's publication of an applied placement.
 //!
 //! Memory orders (C11 model; what makes them correct on aarch64 as on x86-64):

@@ -65,7 +65,7 @@ pub fn read_tries(entry: &[AtomicU64], counts: &mut [u64], tries: u32) -> Option
     let seq = &words[SEQ];
     for spin in 1..=tries {
         let s1 = seq.load(Ordering::Acquire);
-        if s1 % 2 == 0 {
+        if s1.is_multiple_of(2) {
             let head = EntryHead {
                 step: words[STEP].load(Ordering::Relaxed),
                 phase: words[PHASE].load(Ordering::Relaxed),
@@ -94,7 +94,7 @@ fn spin_wait(spin: u32) {
     }
     #[cfg(not(loom))]
     {
-        if spin % 64 == 0 {
+        if spin.is_multiple_of(64) {
             std::thread::yield_now();
         } else {
             std::hint::spin_loop();
