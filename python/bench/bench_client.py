@@ -3,7 +3,11 @@ and the boundary that applies one layer in place, on one process (agree is the i
 engine's own collective is not the client's cost).
 
     python python/bench/bench_client.py [--steps 20000] [--cold] [--layers 12] [--slots 16] [--experts 60]
-                                        [--expert-bytes 49152] [--world 4]
+                                        [--expert-bytes 49152] [--world 4] [--backend python|native|both]
+
+``--backend both`` (the default) measures the pure-Python client and the client on the compiled
+core (libeplb_client, issue 21) in the same run, interleaved step by step, so that both see the
+same machine load.
 """
 
 import argparse
@@ -27,27 +31,35 @@ def main():
     p.add_argument("--applies", type=int, default=200)
     p.add_argument("--cold", action="store_true",
                    help="before each step, stream 64 MiB and sleep 2 ms, as a forward pass would: cold caches")
+    p.add_argument("--backend", choices=("python", "native", "both"), default="both")
     a = p.parse_args()
     P = a.world * a.slots
     phy2log = np.tile(np.arange(P, dtype=np.int32) % a.experts, (a.layers, 1))
-    reg = EngineRegion.create(f"bench{os.getpid()}", 0, a.world, a.layers, a.slots, a.experts,
-                              [[LayerTensor("w", np.zeros((a.slots, a.expert_bytes), np.uint8))] for _ in range(a.layers)],
-                              phy2log, ring_len=64)
-    reg.publish()
+    backends = ["python", "native"] if a.backend == "both" else [a.backend]
+    regs = {b: EngineRegion.create(f"bench{os.getpid()}{b}", 0, a.world, a.layers, a.slots, a.experts,
+                                   [[LayerTensor("w", np.zeros((a.slots, a.expert_bytes), np.uint8))]
+                                    for _ in range(a.layers)], phy2log, ring_len=64, backend=b) for b in backends}
+    for b, r in regs.items():
+        assert r.backend == b, (b, r.backend)
+        r.publish()
     counts = np.random.default_rng(0).integers(0, 500, (a.layers, a.slots))
-    agree = lambda have: (have, have)  # noqa: E731
-    rec, bnd, both = [], [], []
+    # One engine rank: no agreement (None); several: the identity stands for the engine's collective.
+    agree = (lambda have: (have, have)) if a.world > 1 else None  # noqa: E731
+    times = {b: ([], [], []) for b in backends}  # boundary, record, both
     flush = np.ones(8 << 20) if a.cold else None
     for t in range(a.steps):
-        if flush is not None:
-            flush *= 1.0
-            time.sleep(0.002)
-        t0 = time.perf_counter_ns()
-        reg.at_step_boundary(t, agree)
-        t1 = time.perf_counter_ns()
-        reg.record(t, counts, phase="decode", tokens=256)
-        t2 = time.perf_counter_ns()
-        bnd.append(t1 - t0), rec.append(t2 - t1), both.append(t2 - t0)
+        for b in backends:  # interleaved: both backends see the same load
+            reg = regs[b]
+            bnd, rec, both = times[b]
+            if flush is not None:
+                flush *= 1.0
+                time.sleep(0.002)
+            t0 = time.perf_counter_ns()
+            reg.at_step_boundary(t, agree)
+            t1 = time.perf_counter_ns()
+            reg.record(t, counts, phase="decode", tokens=256)
+            t2 = time.perf_counter_ns()
+            bnd.append(t1 - t0), rec.append(t2 - t1), both.append(t2 - t0)
     # Baseline: the least an engine does to hand its counts to anyone (a copy into a buffer and a
     # clock read), without the ring's sequence lock or the mailbox.
     buf = np.zeros((64, a.layers, a.slots), np.uint64)
@@ -62,6 +74,27 @@ def main():
         base.append(time.perf_counter_ns() - t0)
     # Applies: a command for the next boundary that swaps the experts of two local slots and
     # re-copies every local slot (the worst case: the whole layer's local slots staged).
+    apply_times = {b: apply_bench(regs[b], a, counts, agree) for b in backends}
+    for r in regs.values():
+        r.finish()
+    us = lambda v: np.array(v) / 1000.0  # noqa: E731
+    print(f"# client cost, {a.layers} layers x {a.slots} slots, world {a.world}, {a.steps} steps"
+          f"{', cold caches' if a.cold else ''}")
+    rows = [(f"{b}: record + boundary", times[b][2]) for b in backends]
+    rows += [(f"{b}: boundary (no command)", times[b][0]) for b in backends]
+    rows += [(f"{b}: record", times[b][1]) for b in backends]
+    rows += [("baseline: copy + clock", base)]
+    for label, v in rows:
+        v = us(v)
+        print(f"{label:>32}: median {np.median(v):7.2f} us  p99 {np.percentile(v, 99):8.2f} us  max {v.max():9.2f} us")
+    mib = a.slots * a.expert_bytes / 2**20
+    for b in backends:
+        v = us(apply_times[b])
+        print(f"{b + ': boundary + apply':>32}: median {np.median(v):7.2f} us  p99 {np.percentile(v, 99):8.2f} us  "
+              f"max {v.max():9.2f} us  ({a.slots} slots x {a.expert_bytes} B = {mib:.2f} MiB copied)")
+
+
+def apply_bench(reg, a, counts, agree):
     h = reg._h
     apply_ns = []
     for i in range(a.applies):
@@ -81,18 +114,7 @@ def main():
         apply_ns.append(time.perf_counter_ns() - t0)
         assert placement.applied == [layer]
         reg.record(t, counts)
-    reg.finish()
-    us = lambda v: np.array(v) / 1000.0  # noqa: E731
-    print(f"# client cost, {a.layers} layers x {a.slots} slots, world {a.world}, {a.steps} steps"
-          f"{', cold caches' if a.cold else ''}")
-    for label, v in (("record + boundary", both), ("boundary (no command)", bnd), ("record", rec),
-                     ("baseline: copy + clock", base)):
-        v = us(v)
-        print(f"{label:>24}: median {np.median(v):7.2f} us  p99 {np.percentile(v, 99):8.2f} us  max {v.max():9.2f} us")
-    v = us(apply_ns)
-    mib = a.slots * a.expert_bytes / 2**20
-    print(f"{'boundary + apply':>24}: median {np.median(v):7.2f} us  p99 {np.percentile(v, 99):8.2f} us  max {v.max():9.2f} us"
-          f"  ({a.slots} slots x {a.expert_bytes} B = {mib:.2f} MiB copied)")
+    return apply_ns
 
 
 if __name__ == "__main__":

@@ -72,6 +72,8 @@ refuses to create a region there (``EPLB_CLIENT_ALLOW_ANY_ARCH=1`` overrides, fo
 from __future__ import annotations
 
 import atexit
+import contextlib
+import ctypes
 import errno
 import logging
 import mmap
@@ -88,6 +90,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, TypeVar
 
 import numpy as np
+
+from . import _native
+from .errors import ContractError
 
 log = logging.getLogger("eplb_client")
 
@@ -178,10 +183,6 @@ _TORCH_DTYPES = {
 _NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
 
 
-class ContractError(RuntimeError):
-    """The region cannot be created or used as the contract says (the message says why)."""
-
-
 @dataclass
 class LayerTensor:
     """One tensor of one MoE layer, as the engine holds it.
@@ -258,7 +259,7 @@ def region_path(name: str, rank: int) -> str:
     return os.path.join(SHM_DIR, f"eplb-{name}-{int(rank)}")
 
 
-def check_arch() -> None:
+def check_arch(why_not_native: str = "") -> None:
     """The pure-Python writer relies on x86-64's store order (plain aligned stores are releases
     there); elsewhere the seqlocks could be seen torn. ``EPLB_CLIENT_ALLOW_ANY_ARCH=1`` overrides
     (tests only)."""
@@ -267,8 +268,38 @@ def check_arch() -> None:
         return
     raise ContractError(
         f"this machine is {machine!r}: the Python client's plain stores have release order only on x86-64, "
-        f"so a sidecar could read a torn ring entry or command here; use a client with atomic stores "
-        f"(set {ARCH_OVERRIDE_ENV}=1 only to test)")
+        f"so a sidecar could read a torn ring entry or command here; use the compiled client (libeplb_client: "
+        f"backend='native', ${_native.LIB_ENV}){why_not_native} (set {ARCH_OVERRIDE_ENV}=1 only to test)")
+
+
+def _choose_backend(backend: Optional[str]) -> Tuple[str, Optional[_native.Library], str]:
+    """(the choice: auto | native | python, the library if it may be used, why it may not)."""
+    choice = backend if backend is not None else (os.environ.get(_native.BACKEND_ENV) or "auto")
+    if choice not in _native.BACKENDS:
+        raise ContractError(f"backend {choice!r}: one of {', '.join(_native.BACKENDS)} (argument or "
+                            f"${_native.BACKEND_ENV})")
+    if choice == "python":
+        return choice, None, "the Python backend was chosen"
+    lib, why = _native.load(VERSION)
+    if lib is None and choice == "auto" and platform.machine() not in ("x86_64", "AMD64"):
+        # The pure-Python writer is correct on x86-64 only: say why the library did not load.
+        check_arch(f" (and the compiled client, which is, did not load: {why})")
+    return choice, lib, why
+
+
+@contextlib.contextmanager
+def _env(values: Dict[str, str]) -> Any:
+    """``os.environ`` updated with ``values`` for the duration (restored after)."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @dataclass
@@ -540,6 +571,7 @@ class EngineRegion:
         counts: str = "local",
         staging: Optional[Sequence[LayerTensor]] = None,
         apply: Optional[Callable[[int, np.ndarray], None]] = None,
+        backend: Optional[str] = None,
     ) -> "EngineRegion":
         """Checks everything, then creates the region under a temporary name: header, placement
         (``phy2log [num_layers, world_size * slots_per_rank]``), tensor table and (host) a copy of
@@ -554,7 +586,12 @@ class EngineRegion:
         per per-expert tensor, same names, ``rows = slots_per_rank``); ``apply(layer, slots)``
         copies row s of every per-expert staging tensor into ``layer``'s for every s in ``slots``
         and returns once the copy completed (default :func:`eplb_client.cuda_ipc.torch_apply`).
-        The tensors must stay allocated, at the same addresses, until :meth:`finish` returns."""
+        The tensors must stay allocated, at the same addresses, until :meth:`finish` returns.
+
+        ``backend``: ``"native"`` (the compiled core, libeplb_client: see :mod:`eplb_client._native`),
+        ``"python"`` (this module's writer; x86-64 only) or ``"auto"`` (native if the library loads
+        and can lay out these tensors, else Python); default ``$EPLB_CLIENT_BACKEND`` or auto.
+        The region's bytes are the same either way (the cross-language golden test checks it)."""
         check_name(name)
         for what, v in (("rank", rank), ("world_size", world_size), ("num_layers", num_layers),
                         ("slots_per_rank", slots_per_rank), ("num_logical", num_logical), ("ring_len", ring_len)):
@@ -573,7 +610,7 @@ class EngineRegion:
             raise ContractError(f"ring_len {ring_len} < {MIN_RING_LEN}")
         if counts not in COUNTS_KINDS:
             raise ContractError(f"counts {counts!r}: 'local' (per local slot) or 'physical' (per physical slot)")
-        check_arch()
+        choice, lib, why_not = _choose_backend(backend)
         num_physical = world_size * slots_per_rank
         phy2log = np.asarray(phy2log)
         if phy2log.shape != (num_layers, num_physical):
@@ -686,6 +723,26 @@ class EngineRegion:
             apply = cuda_ipc.torch_apply([[d.data for d in row] for row in descs], [d.data if d else None for d in stage],
                                          per_expert)
 
+        if choice != "python" and lib is not None and not cuda:
+            whole = [d.name for row in descs for d in row if d.dim0 != d.rows]
+            if whole:
+                # The library lists exactly the rows it lays out: rows of dim 0 beyond `rows` (fused
+                # shared-expert rows) would have no room in its region.
+                why_not = (f"tensor {whole[0]!r} has rows beyond the listed ones (dim 0 > rows), which the "
+                           f"library does not lay out")
+                lib = None
+        if choice == "native" and lib is None:
+            raise ContractError(f"backend 'native': {why_not}")
+        if lib is not None:
+            # The same refusals, with the same messages, as the Python writer (the library checks
+            # again): no room, or a file at the path that is not a dead engine's region.
+            _check_free_space(path, total_bytes)
+            _check_existing(path)
+            return cls._create_native(lib, name, rank, world_size, num_layers, slots_per_rank, num_logical, ring_len,
+                                      counts_kind, descs, stage, entries, places, staging_places, phy2log, apply,
+                                      weights_kind, total_bytes, ipc_section, cuda, path)
+        check_arch()
+
         # -- the file: only now is anything written --
         _check_free_space(path, total_bytes)
         _check_existing(path)
@@ -743,6 +800,115 @@ class EngineRegion:
         region._phy2log[:] = phy2log
         region._derive_all()
         region._heartbeat()
+        return region
+
+    @classmethod
+    def _create_native(cls, lib: "_native.Library", name: str, rank: int, world_size: int, num_layers: int,
+                       slots_per_rank: int, num_logical: int, ring_len: int, counts_kind: int,
+                       descs: List[List[_Desc]], stage: Optional[List[Optional[_Desc]]], entries: List[TableEntry],
+                       places: List[List[int]], staging_places: List[int], phy2log: np.ndarray,
+                       apply: Optional[Callable[[int, np.ndarray], None]], weights_kind: int, total_bytes: int,
+                       ipc_section: bytes, cuda: bool, path: str) -> "EngineRegion":
+        """``create`` through libeplb_client: the library checks and writes the region (the layout
+        computed above, byte for byte: checked here), this process maps the same file for its
+        views, and every later write of the contract goes through the library."""
+        T = len(descs[0])
+        keep: List[Any] = []
+
+        def desc(d: _Desc, handle: Optional[bytes], offset: int) -> "_native.TensorDesc":
+            nm, dt = d.name.encode(), d.dtype.encode()
+            keep.extend((nm, dt))
+            hp = None
+            if handle is not None:
+                hb = ctypes.create_string_buffer(handle, len(handle))
+                keep.append(hb)
+                hp = ctypes.addressof(hb)
+            return _native.TensorDesc(nm, dt, d.kind, d.rows, d.row_bytes, d.row_stride, hp, offset)
+
+        handles: List[bytes] = []
+        if cuda:
+            # The IPC section Python built (cuda_ipc.ipc_section): handle i at 64 + 128 i.
+            handles = [ipc_section[IPC_HEAD_BYTES + IPC_ENTRY_BYTES * i: IPC_HEAD_BYTES + IPC_ENTRY_BYTES * i + 64]
+                       for i in range((len(ipc_section) - IPC_HEAD_BYTES) // IPC_ENTRY_BYTES)]
+        flat = (_native.TensorDesc * (num_layers * T))()
+        for layer in range(num_layers):
+            for t, d in enumerate(descs[layer]):
+                e = entries[layer * T + t]
+                flat[layer * T + t] = desc(d, handles[e.handle] if cuda else None, e.offset if cuda else 0)
+        st = (_native.TensorDesc * T)()
+        if cuda:
+            assert stage is not None
+            for t, sd in enumerate(stage):
+                e = entries[num_layers * T + t]
+                st[t] = desc(sd if sd is not None else descs[0][t], handles[e.handle], e.offset)
+        p2l = np.ascontiguousarray(phy2log, dtype=np.int32)
+        keep.extend((flat, st, p2l))
+        cfg = _native.Config(rank, world_size, num_layers, slots_per_rank, num_logical, ring_len, weights_kind,
+                             counts_kind, T, flat, st if cuda else None,
+                             p2l.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)))
+        cols = slots_per_rank if counts_kind == COUNTS_LOCAL else world_size * slots_per_rank
+        bus = {}
+        if cuda:
+            # The C API takes the GPU's PCI bus id from $EPLB_PCI_BUS_ID or the current context;
+            # Python found it from the tensors' device already (cuda_ipc.device_ids): hand it over.
+            bus = {"EPLB_PCI_BUS_ID": ipc_section[:16].rstrip(b"\0").decode()}
+        with _env(bus):
+            nat = _native.NativeRegion(lib, name, cfg, keep, apply, num_layers * cols)
+        try:
+            tmp = os.path.join(SHM_DIR, f".eplb-{name}-{rank}.{os.getpid()}.tmp")
+            fd = os.open(tmp, os.O_RDWR | os.O_NOFOLLOW)
+            try:
+                if os.fstat(fd).st_size != total_bytes:
+                    raise ContractError(f"{tmp}: the library made {os.fstat(fd).st_size} bytes, this client laid out "
+                                        f"{total_bytes}: library and client of different releases?")
+                mm = mmap.mmap(fd, total_bytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            finally:
+                os.close(fd)
+            hdr = struct.unpack_from(_HEADER_FMT, mm, 0)
+            if hdr[20] != os.getpid():
+                raise ContractError(f"{tmp} is not this process's region (engine_pid {hdr[20]})")
+            if cuda:
+                # What the C API cannot know (its description has no allocation sizes and takes the
+                # GPU's UUID from the driver): the driver's sizes and the UUID Python found.
+                ipc_off = hdr[19]
+                mm[ipc_off: ipc_off + len(ipc_section)] = ipc_section
+            table_offset = hdr[18]
+            got = _read_table(mm, table_offset, num_layers, T)
+            for a, b in zip(got, entries):
+                if a != b:
+                    raise ContractError(f"the library's tensor table differs from this client's at layer {a.layer}, "
+                                        f"tensor {a.index}: {a} != {b} (library and client of different releases?)")
+            region = cls(mm, path, tmp, owner=True)
+        except BaseException:
+            nat.close()
+            raise
+        region._native = nat
+        region.backend = "native"
+        region._gpu_apply = apply
+        _LIVE_REGIONS.add(region)
+        if cuda:
+            assert stage is not None
+            region._views = [{d.name: d.data for d in row} for row in descs]
+            region._staging_views = {d.name: d.data for d in stage if d is not None}
+            all_descs: List[Optional[_Desc]] = [d for row in descs for d in row]
+            region._ptrs = [(i, e, d.data, int(d.data.data_ptr())) for i, (e, d) in
+                            enumerate(zip(entries, all_descs + list(stage))) if d is not None]
+            for p in region._ptrs:
+                region._ptrs_by_layer.setdefault(p[1].layer, []).append(p)
+        else:
+            region._views = [{d.name: region._host_view(places[layer][t], d) for t, d in enumerate(descs[layer])}
+                             for layer in range(num_layers)]
+            for layer in range(num_layers):
+                for d in descs[layer]:
+                    _copy_into(region._views[layer][d.name], d)
+            region._staging_views = {}
+            for t, d in enumerate(descs[0]):
+                if d.kind == KIND_EXPERT:
+                    region._staging_views[d.name] = np.ndarray(
+                        (slots_per_rank,) + d.shape[1:], d.view_dtype, buffer=mm, offset=staging_places[t])
+        region._count_buf = np.zeros((num_layers, cols), np.uint64)
+        region._count_at = region._count_buf.ctypes.data
+        region._derive_all()
         return region
 
     def __init__(self, mm: mmap.mmap, path: str, tmp_path: Optional[str], owner: bool):
@@ -819,6 +985,11 @@ class EngineRegion:
         self._ro_phy2log.flags.writeable = False
         self._ro_epoch = self._epoch.view()
         self._ro_epoch.flags.writeable = False
+        # The compiled core (backend "native"): every contract write goes through it.
+        self._native: Optional[_native.NativeRegion] = None
+        self.backend = "python"
+        self._count_buf: Optional[np.ndarray] = None  # native: the counts handed to eplb_record
+        self._count_at = 0
 
     def _host_view(self, offset: int, d: _Desc) -> np.ndarray:
         """The region's view of a handed-over tensor: same shape, dtype, row stride."""
@@ -852,6 +1023,11 @@ class EngineRegion:
     def publish(self) -> None:
         """Renames the filled region into place (``engine_state = 1``): a sidecar may attach now."""
         if self._published:
+            return
+        if self._native is not None:
+            self._native.publish()  # engine_state = 1, the heartbeat, the rename
+            self._tmp_path = None
+            self._published = True
             return
         self._h[_W_ENGINE_STATE] = ENGINE_RUNNING
         self._heartbeat()
@@ -967,6 +1143,8 @@ class EngineRegion:
                 raise ContractError(f"at_step_boundary: the region is {self._broken or 'closed'}")
             if not self._published:
                 self.publish()
+            if self._native is not None and type(step) is int and step >= 0:
+                return self._native_boundary(step, agree)  # the library checks the step
             if step != int(self._h[_W_ENGINE_STEP]):
                 raise ContractError(f"at_step_boundary({step}) but engine_step is {int(self._h[_W_ENGINE_STEP])}")
             self._heartbeat()
@@ -996,6 +1174,76 @@ class EngineRegion:
                 self._answer(have, ACK_CANCELLED, step)
             return placement
 
+    def _native_record(self, step: int, counts: Any, phase: str, tokens: int, moe_ns: int) -> None:
+        """``record`` through the compiled core: the library checks the step, the phase and every
+        count (each below ``MAX_COUNT``) before it touches the entry; Python checks only what
+        ctypes would otherwise convert silently (a bool, a negative or a too large integer)."""
+        nat = self._native
+        assert nat is not None
+        if type(tokens) is not int or not 0 <= tokens < 1 << 64:
+            tokens = _u64(tokens, "tokens")
+        if type(moe_ns) is not int or not 0 <= moe_ns < 1 << 64:
+            moe_ns = _u64(moe_ns, "moe_ns")
+        if type(step) is not int or not 0 <= step < 1 << 64:
+            raise ContractError(f"record({step!r}) but engine_step is {self.engine_step}")
+        code = PHASES.get(phase) if type(phase) is str else None
+        if code is None:
+            raise ContractError(f"phase {phase!r} is not one of {sorted(PHASES)}")
+        buf = self._count_buf
+        with self._lock:
+            if self._closed or self._broken:
+                raise ContractError(f"record: the region is {self._broken or 'closed'}")
+            if type(counts) is not np.ndarray or counts.shape != buf.shape or counts.dtype.kind not in "iu":  # type: ignore[union-attr]
+                counts = self._check_counts(counts)
+            # One copy into the buffer the library reads (a negative count becomes >= 2^63 there,
+            # which the library refuses as beyond MAX_COUNT).
+            np.copyto(buf, counts, casting="unsafe")  # type: ignore[arg-type]
+            try:
+                nat.record(step, code, self._count_at, tokens, moe_ns)
+            except _native.NativeError as e:
+                if e.status == _native.ERR_INVALID:
+                    self._check_counts(counts)  # Python's message where it has one
+                raise ContractError(str(e)) from None
+
+    def _native_boundary(self, step: int, agree: Optional[Callable[[int], Tuple[int, int]]]) -> Placement:
+        """``at_step_boundary`` through the compiled core (the caller holds the lock and checked
+        the step). GPU weights: the tensors' addresses are checked here, as the Python path does,
+        and a moved one is reported to the library (``eplb_table_fault``), which then rejects."""
+        nat, h = self._native, self._h
+        assert nat is not None
+        if self._ptrs and not int(h[_W_TABLE_FAULT]):
+            cmd_id = int(h[_W_CMD_ID])
+            if cmd_id and cmd_id != int(h[_W_ACK_ID]):
+                if cmd_id != self._ptrs_seen:
+                    self._ptrs_seen = cmd_id
+                    self._check_pointers()
+                layer = int(h[_W_CMD_LAYER])
+                if int(h[_W_CMD_APPLY_STEP]) == step and layer < self.num_layers and not int(h[_W_TABLE_FAULT]):
+                    self._check_pointers(layer)
+        ack_before = int(h[_W_ACK_ID])
+        try:
+            layer = nat.at_step_boundary(step, agree)
+        except _native.NativeError as e:
+            if e.status == _native.ERR_CALLBACK or int(h[_W_ENGINE_STATE]) == ENGINE_FAILED:
+                self._broken = str(e)
+            raise ContractError(str(e)) from None
+        except BaseException as e:
+            # An agree or apply that raised (handed back by the library). An apply leaves this
+            # rank's weights possibly torn: the library set engine_state = failed.
+            if int(h[_W_ENGINE_STATE]) == ENGINE_FAILED:
+                self._broken = f"the apply failed mid-copy ({type(e).__name__}: {e})"
+                log.error("rank %d step %d: %s; engine_state = failed", self.rank, step, self._broken)
+            raise
+        placement = self.placement()
+        if layer >= 0:
+            _fill_log2phy_layer(self._phy2log[layer], self._log2phy[layer])
+            self._logcnt[layer] = np.bincount(self._phy2log[layer], minlength=self.num_logical)
+            placement.applied.append(layer)
+        elif int(h[_W_ACK_ID]) != ack_before and int(h[_W_ACK_RESULT]) == ACK_REJECTED:
+            log.warning("rank %d step %d: command %d rejected (invalid for this boundary, or table_fault %d)",
+                        self.rank, step, int(h[_W_ACK_ID]), int(h[_W_TABLE_FAULT]))
+        return placement
+
     def record(self, step: int, counts: Any, phase: str = "decode", tokens: int = 0, moe_ns: int = 0) -> None:
         """Step ``step``'s counts into the load ring (seqlock), then ``engine_step = step + 1``.
         Call after the forward pass. ``counts``: ``[num_layers, slots_per_rank]`` (counts
@@ -1006,6 +1254,8 @@ class EngineRegion:
         ``moe_ns``: the wall time of the step's MoE layers on this rank, waits for the other
         ranks included (0: not measured). Without ``--step-ms`` the sidecar's cost model takes the
         balanced step time from it."""
+        if self._native is not None:
+            return self._native_record(step, counts, phase, tokens, moe_ns)
         with self._lock:
             if self._closed or self._broken:
                 raise ContractError(f"record: the region is {self._broken or 'closed'}")
@@ -1134,6 +1384,12 @@ class EngineRegion:
         with self._lock:
             if self._closed:
                 return
+            if self._native is not None:
+                try:
+                    self._native.finish(int(max(0.0, wait_detach_s) * 1000))
+                finally:
+                    self.close()
+                return
             pending = int(self._h[_W_CMD_ID])
             seq = int(self._h[_W_CMD_SEQ])
             if seq % 2 == 0 and pending and pending != int(self._h[_W_ACK_ID]) and seq == int(self._h[_W_CMD_SEQ]):
@@ -1151,6 +1407,12 @@ class EngineRegion:
         with self._lock:
             if self._closed:
                 return
+            if self._native is not None:
+                try:
+                    self._native.fail()
+                finally:
+                    self.close()
+                return
             self._h[_W_ENGINE_STATE] = ENGINE_FAILED
             self.close()
 
@@ -1164,7 +1426,9 @@ class EngineRegion:
             self._hb_stop.set()
             if self._hb_thread is not None and self._hb_thread is not threading.current_thread():
                 self._hb_thread.join(timeout=1.0)
-            if self._owner:
+            if self._native is not None:
+                self._native.close()  # marks a running region failed, removes the file, unmaps its own mapping
+            elif self._owner:
                 for p in (self._tmp_path, self.path if self._published else None):
                     if p:
                         try:
@@ -1195,6 +1459,9 @@ class EngineRegion:
     # ---- internals -------------------------------------------------------------------------
 
     def _heartbeat(self) -> None:
+        if self._native is not None:
+            self._native.heartbeat()
+            return
         h = self._h
         if h is not None:
             h[_W_ENGINE_HEARTBEAT] = time.monotonic_ns()
@@ -1215,7 +1482,10 @@ class EngineRegion:
                           "published (re-allocated): table_fault = %d, every command is rejected from now on",
                           self.rank, "staging" if e.layer == self.num_layers else f"layer {e.layer}", e.name, i,
                           ptr, now, i + 1)
-                self._h[_W_TABLE_FAULT] = i + 1
+                if self._native is not None:
+                    self._native.table_fault(e.layer, e.index)
+                else:
+                    self._h[_W_TABLE_FAULT] = i + 1
                 return False
         return True
 

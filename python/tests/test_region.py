@@ -24,6 +24,7 @@ from eplb_client import (
     EngineRegion,
     LayerTensor,
     TableEntry,
+    _native,
     check_table,
     cleanup,
     derive_log2phy,
@@ -194,7 +195,10 @@ def quantised_layer(layer: int, shared: int = 2):
 
 def test_a_quantised_tensor_set_round_trips_and_apply_moves_only_routed_rows(name):
     handed = [quantised_layer(layer) for layer in range(L)]
-    reg = make(name, layers=handed)
+    # The fused shared-expert rows (dim 0 beyond the listed rows): the compiled core lays out only
+    # the listed rows, so "auto" takes the Python writer for this tensor set, whatever the default.
+    reg = make(name, layers=handed, backend="auto")
+    assert reg.backend == "python"
     names = [t.name for t in handed[0]]
     assert reg.tensor_names == names and reg.check_table() == reg.expert_bytes
     rb = [48, 24, 24, 8, 4, 8, 4]
@@ -690,10 +694,55 @@ def test_a_region_larger_than_the_free_shm_is_refused_before_creating(name, monk
 def test_other_machines_are_refused_unless_overridden(name, monkeypatch):
     monkeypatch.setattr(R.platform, "machine", lambda: "aarch64")
     monkeypatch.delenv(R.ARCH_OVERRIDE_ENV, raising=False)
-    with pytest.raises(ContractError, match="aarch64.*x86-64"):
-        make(name)
+    with pytest.raises(ContractError, match="aarch64.*x86-64.*compiled client"):
+        make(name, backend="python")
+    # Without the library, "auto" refuses too, saying why the library did not load.
+    monkeypatch.setenv(_native.LIB_ENV, "/nonexistent/libeplb_client.so")
+    _native.reset()
+    try:
+        with pytest.raises(ContractError, match="aarch64.*x86-64.*/nonexistent/libeplb_client.so does not exist"):
+            make(name, backend="auto")
+    finally:
+        monkeypatch.undo()
+        _native.reset()
+    monkeypatch.setattr(R.platform, "machine", lambda: "aarch64")
     monkeypatch.setenv(R.ARCH_OVERRIDE_ENV, "1")
-    make(name).finish()
+    make(name, backend="python").finish()
+
+
+def test_native_without_the_library_is_refused_and_auto_falls_back(name, monkeypatch, tmp_path):
+    not_a_lib = tmp_path / "libeplb_client.so"
+    not_a_lib.write_text("not a shared object")
+    for path, why in (("/nonexistent/libeplb_client.so", "does not exist"), (str(not_a_lib), "does not load")):
+        monkeypatch.setenv(_native.LIB_ENV, path)
+        _native.reset()
+        try:
+            with pytest.raises(ContractError, match=f"backend 'native': .*libeplb_client.so {why}"):
+                make(name, backend="native")
+            assert not [f for f in os.listdir(R.SHM_DIR) if name in f]
+            reg = make(name, backend="auto")  # x86-64 here: the pure-Python writer
+            assert reg.backend == "python"
+            reg.finish()
+        finally:
+            _native.reset()
+    monkeypatch.undo()
+    _native.reset()
+
+
+def test_the_compiled_core_needs_no_x86_64(name, monkeypatch):
+    """The library's stores are atomic releases: "auto" and "native" take it on any machine."""
+    lib, why = _native.load(R.VERSION)
+    assert lib is not None, f"the compiled client does not load: {why}"
+    monkeypatch.setattr(R.platform, "machine", lambda: "aarch64")
+    monkeypatch.delenv(R.ARCH_OVERRIDE_ENV, raising=False)
+    for backend in ("auto", "native"):
+        reg = make(name, backend=backend)
+        assert reg.backend == "native"
+        run_to(reg, 3)
+        assert reg.engine_step == 3
+        reg.finish()
+    with pytest.raises(ContractError, match="backend 'gpu': one of auto, native, python"):
+        make(name, backend="gpu")
 
 
 # ---- special files and other jobs' files --------------------------------------------------------
