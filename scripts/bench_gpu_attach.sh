@@ -122,7 +122,8 @@ print(f"# device {live['device']}: {live['num_layers']} layers x {live['tensors_
       f"{live['slots_per_rank']} slots, expert_bytes {live['expert_bytes']}")
 print(f"# attach (engine: region created, IPC handles exported, published): {max(live['attach_s']):.3f} s | "
       f"ipc_handles {live['ipc_handles'][0]} for {live['ipc_tensors']} tensors | weights generated in "
-      f"{max(live['weights_generated_s']):.1f} s | staging {live['staging_bytes']} bytes")
+      f"{max(live['weights_generated_s']):.1f} s | staging {live['staging_bytes']} bytes | "
+      f"client backend {live.get('client_backend')}")
 if side:
     keys = {k: v for k, v in side.items() if any(w in k for w in ("open", "attach", "ipc", "handle", "globals"))}
     print(f"# worker report: {json.dumps(keys)}")

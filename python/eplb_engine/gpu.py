@@ -665,6 +665,7 @@ class GpuEngine:
             # One layer of staging: what the engine adds for eplb.
             "staging_bytes": int(self.S * self.eb),
             "ipc_handles": [x["ipc_handles"] for x in g],  # per rank: distinct allocations exported
+            "client_backend": self.region.backend,  # rank 0's: "native" (libeplb_client) or "python"
             "ipc_tensors": self.L * len(self.layout) + len(self.qx.expert_layout),
             "attach_s": [x["attach_s"] for x in g],  # per rank: region created, handles exported, published
             "weights_generated_s": [x["gen_s"] for x in g],
