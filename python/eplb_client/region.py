@@ -777,26 +777,7 @@ class EngineRegion:
             raise
         region._gpu_apply = apply
         _LIVE_REGIONS.add(region)
-        if cuda:
-            assert stage is not None
-            region._views = [{d.name: d.data for d in row} for row in descs]
-            region._staging_views = {d.name: d.data for d in stage if d is not None}
-            all_descs: List[Optional[_Desc]] = [d for row in descs for d in row]
-            region._ptrs = [(i, e, d.data, int(d.data.data_ptr())) for i, (e, d) in
-                            enumerate(zip(entries, all_descs + list(stage))) if d is not None]
-            for p in region._ptrs:
-                region._ptrs_by_layer.setdefault(p[1].layer, []).append(p)
-        else:
-            region._views = [{d.name: region._host_view(places[layer][t], d) for t, d in enumerate(descs[layer])}
-                             for layer in range(num_layers)]
-            for layer in range(num_layers):
-                for d in descs[layer]:
-                    _copy_into(region._views[layer][d.name], d)
-            region._staging_views = {}
-            for t, d in enumerate(descs[0]):
-                if d.kind == KIND_EXPERT:
-                    region._staging_views[d.name] = np.ndarray(
-                        (slots_per_rank,) + d.shape[1:], d.view_dtype, buffer=mm, offset=staging_places[t])
+        region._bind_views(mm, cuda, descs, stage, entries, places, staging_places, slots_per_rank)
         region._phy2log[:] = phy2log
         region._derive_all()
         region._heartbeat()
@@ -886,26 +867,7 @@ class EngineRegion:
         region.backend = "native"
         region._gpu_apply = apply
         _LIVE_REGIONS.add(region)
-        if cuda:
-            assert stage is not None
-            region._views = [{d.name: d.data for d in row} for row in descs]
-            region._staging_views = {d.name: d.data for d in stage if d is not None}
-            all_descs: List[Optional[_Desc]] = [d for row in descs for d in row]
-            region._ptrs = [(i, e, d.data, int(d.data.data_ptr())) for i, (e, d) in
-                            enumerate(zip(entries, all_descs + list(stage))) if d is not None]
-            for p in region._ptrs:
-                region._ptrs_by_layer.setdefault(p[1].layer, []).append(p)
-        else:
-            region._views = [{d.name: region._host_view(places[layer][t], d) for t, d in enumerate(descs[layer])}
-                             for layer in range(num_layers)]
-            for layer in range(num_layers):
-                for d in descs[layer]:
-                    _copy_into(region._views[layer][d.name], d)
-            region._staging_views = {}
-            for t, d in enumerate(descs[0]):
-                if d.kind == KIND_EXPERT:
-                    region._staging_views[d.name] = np.ndarray(
-                        (slots_per_rank,) + d.shape[1:], d.view_dtype, buffer=mm, offset=staging_places[t])
+        region._bind_views(mm, cuda, descs, stage, entries, places, staging_places, slots_per_rank)
         region._count_buf = np.zeros((num_layers, cols), np.uint64)
         region._count_at = region._count_buf.ctypes.data
         region._derive_all()
@@ -1000,6 +962,33 @@ class EngineRegion:
             acc *= n
         strides = (d.row_stride,) + tuple(reversed(inner)) if d.shape else ()
         return np.ndarray(d.shape, d.view_dtype, buffer=self._mm, offset=offset, strides=strides)
+
+    def _bind_views(self, mm: mmap.mmap, cuda: bool, descs: List[List[_Desc]], stage: Optional[List[Optional[_Desc]]],
+                    entries: Sequence[TableEntry], places: List[List[int]], staging_places: List[int],
+                    slots_per_rank: int) -> None:
+        """The engine's views of its tensors, either backend: CUDA weights are the engine's own
+        tensors (and their pointers, checked at boundaries); host weights are views into the
+        region, filled with the engine's initial tensors."""
+        if cuda:
+            assert stage is not None
+            self._views = [{d.name: d.data for d in row} for row in descs]
+            self._staging_views = {d.name: d.data for d in stage if d is not None}
+            all_descs: List[Optional[_Desc]] = [d for row in descs for d in row]
+            self._ptrs = [(i, e, d.data, int(d.data.data_ptr())) for i, (e, d) in
+                          enumerate(zip(entries, all_descs + list(stage))) if d is not None]
+            for p in self._ptrs:
+                self._ptrs_by_layer.setdefault(p[1].layer, []).append(p)
+            return
+        self._views = [{d.name: self._host_view(places[layer][t], d) for t, d in enumerate(row)}
+                       for layer, row in enumerate(descs)]
+        for layer, row in enumerate(descs):
+            for d in row:
+                _copy_into(self._views[layer][d.name], d)
+        self._staging_views = {}
+        for t, d in enumerate(descs[0]):
+            if d.kind == KIND_EXPERT:
+                self._staging_views[d.name] = np.ndarray(
+                    (slots_per_rank,) + d.shape[1:], d.view_dtype, buffer=mm, offset=staging_places[t])
 
     @classmethod
     def attach(cls, name: str, rank: int) -> "EngineRegion":
