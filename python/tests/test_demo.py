@@ -30,12 +30,13 @@ needs_worker = pytest.mark.skipif(not worker_has_shm(), reason="eplb-worker with
 needs_trace = pytest.mark.skipif(not os.path.exists(QWEN), reason="shared/ traces not beside the checkout")
 
 
-def demo(tmp_path, *flags, sidecar_flags=()):
+def demo(tmp_path, *flags, sidecar_flags=(), engine_flags=(), env_extra=None, extra_keys=(), prefix="pytdemo"):
+    """scripts/engine_demo.sh ENGINE_FLAGS... FLAGS... [-- SIDECAR_FLAGS...]: (exit code, output, report)."""
     report = tmp_path / "demo.json"
-    name = f"pytdemo{os.getpid()}-{tmp_path.name}"[:60]
-    env = dict(os.environ, EPLB_PYTHON=sys.executable, EPLB_WORKER=WORKER)
-    cmd = [os.path.join(ROOT, "scripts", "engine_demo.sh"), "--name", name, "--report", str(report), "--timeout", "500",
-           *flags]
+    name = f"{prefix}{os.getpid()}-{tmp_path.name}"[:60]
+    env = dict(os.environ, EPLB_PYTHON=sys.executable, EPLB_WORKER=WORKER, **(env_extra or {}))
+    cmd = [os.path.join(ROOT, "scripts", "engine_demo.sh"), *engine_flags, "--name", name, "--report", str(report),
+           "--timeout", "500", *flags]
     if sidecar_flags:
         cmd += ["--", *sidecar_flags]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
@@ -43,7 +44,7 @@ def demo(tmp_path, *flags, sidecar_flags=()):
     assert not left, f"left in /dev/shm: {left}"
     r = json.loads(report.read_text())
     for key in ("engine_steps", "outputs_match", "layers_committed", "commit_step_disagreements", "wrong_bytes",
-                "balancedness_static", "balancedness_live", "sidecar_exit_code", "engine_exit_code"):
+                "balancedness_static", "balancedness_live", "sidecar_exit_code", "engine_exit_code", *extra_keys):
         assert key in r, key
     return p.returncode, p.stdout + p.stderr, r
 

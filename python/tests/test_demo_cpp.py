@@ -11,10 +11,10 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 
 import pytest
-from test_demo import QWEN, WORKER, needs_mpi, needs_trace, needs_worker
+import test_demo
+from test_demo import QWEN, needs_mpi, needs_trace, needs_worker
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
@@ -36,22 +36,9 @@ def cpp_engine() -> str:
 
 
 def demo(tmp_path, engine: str, *flags: str, sidecar_flags=()):
-    report = tmp_path / "demo.json"
-    name = f"pytcpp{os.getpid()}-{tmp_path.name}"[:60]
-    env = dict(os.environ, EPLB_PYTHON=sys.executable, EPLB_WORKER=WORKER, EPLB_CPP_ENGINE=engine)
-    cmd = [os.path.join(ROOT, "scripts", "engine_demo.sh"), "--engine", "cpp", "--name", name, "--report", str(report),
-           "--timeout", "500", *flags]
-    if sidecar_flags:
-        cmd += ["--", *sidecar_flags]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    left = [f for f in os.listdir("/dev/shm") if f.startswith((f"eplb-{name}-", f".eplb-{name}-"))]
-    assert not left, f"left in /dev/shm: {left}"
-    r = json.loads(report.read_text())
-    for key in ("engine_steps", "outputs_match", "layers_committed", "commit_step_disagreements", "wrong_bytes",
-                "global_bytes_changed", "balancedness_static", "balancedness_live", "sidecar_exit_code",
-                "engine_exit_code", "placements_agree"):
-        assert key in r, key
-    return p.returncode, p.stdout + p.stderr, r
+    return test_demo.demo(tmp_path, *flags, sidecar_flags=sidecar_flags, engine_flags=("--engine", "cpp"),
+                          env_extra={"EPLB_CPP_ENGINE": engine}, prefix="pytcpp",
+                          extra_keys=("global_bytes_changed", "placements_agree"))
 
 
 def test_engine_rejects_bad_flags(cpp_engine):
