@@ -723,6 +723,12 @@ class EngineRegion:
             apply = cuda_ipc.torch_apply([[d.data for d in row] for row in descs], [d.data if d else None for d in stage],
                                          per_expert)
 
+        if choice == "auto" and lib is not None and cuda:
+            # The library's CUDA IPC path (handles, bus id, the apply callback) has passed its CPU
+            # tests but has not yet run on a GPU: "auto" keeps CUDA weights on the Python writer,
+            # which has (BENCHMARKS.md); backend="native" opts in.
+            why_not = "CUDA weights: 'auto' keeps them on the Python writer until the native path has run on a GPU"
+            lib = None
         if choice != "python" and lib is not None and not cuda:
             whole = [d.name for row in descs for d in row if d.dim0 != d.rows]
             if whole:
