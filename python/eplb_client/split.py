@@ -252,6 +252,30 @@ def replica_slots(expert_ids: np.ndarray, quotas: np.ndarray, phy2log: np.ndarra
 # ---- PyTorch: every layer at once ------------------------------------------------------------
 
 
+def _search_level(frontier_e: Any, dist_g: Any, dist_e: Any, reached: Any, target: Any, done: Any, level: int,
+                  A: Any, x: Any, load: Any, t: Any, gidx: Any, G: int, INF: int) -> Tuple[Any, Any, Any, Any, Any, Any]:
+    """One level pair of the breadth-first search of every layer at once (the reference's
+    :func:`split_layers` and the graph's :func:`_split_core` alike): experts of ``frontier_e``
+    reach their GPUs at ``level + 1`` (the lowest-index GPU with spare capacity becomes the
+    layer's ``target``), those GPUs reach the experts that send to them at ``level + 2``. Returns
+    the new ``(frontier_e, dist_g, dist_e, reached, target, done)``."""
+    import torch
+
+    newg = (frontier_e[:, :, None] & A).any(1) & (dist_g == INF) & ~done[:, None]
+    dist_g = torch.where(newg, level + 1, dist_g)
+    reached = reached + newg.sum(1)
+    spare = newg & (load < t[:, None])
+    hit = spare.any(1)
+    target = torch.where(hit, torch.where(spare, gidx, G).min(1).values, target)
+    done = done | hit | ~newg.any(1)
+    frontier_g = newg & ~done[:, None]
+    newe = (frontier_g[:, None, :] & (x > 0)).any(2) & (dist_e == INF)
+    dist_e = torch.where(newe, level + 2, dist_e)
+    done = done | ~newe.any(1)
+    frontier_e = newe & ~done[:, None]
+    return frontier_e, dist_g, dist_e, reached, target, done
+
+
 def split_layers(counts: Any, phy2log: Any, slots_per_rank: int, tokens: Any = None) -> Tuple[Any, Any]:
     """The exact split of every layer at once, on the tensors' device.
 
@@ -325,18 +349,8 @@ def split_layers(counts: Any, phy2log: Any, slots_per_rank: int, tokens: Any = N
         reached = torch.zeros(L, dtype=torch.int64, device=dev)
         level = 0
         while True:
-            newg = (frontier_e[:, :, None] & A).any(1) & (dist_g == INF) & ~done[:, None]
-            dist_g = torch.where(newg, level + 1, dist_g)
-            reached += newg.sum(1)
-            spare = newg & (load < t[:, None])
-            hit = spare.any(1)
-            target = torch.where(hit, torch.where(spare, gidx, G).min(1).values, target)
-            done = done | hit | ~newg.any(1)
-            frontier_g = newg & ~done[:, None]
-            newe = (frontier_g[:, None, :] & (x > 0)).any(2) & (dist_e == INF)
-            dist_e = torch.where(newe, level + 2, dist_e)
-            done = done | ~newe.any(1)
-            frontier_e = newe & ~done[:, None]
+            frontier_e, dist_g, dist_e, reached, target, done = _search_level(
+                frontier_e, dist_g, dist_e, reached, target, done, level, A, x, load, t, gidx, G, INF)
             level += 2
             if not bool(frontier_e.any()):
                 break
@@ -474,18 +488,8 @@ def _split_core(counts: Any, phy2log: Any, tokens: Any, slots_per_rank: int, rou
         reached = torch.zeros(L, dtype=torch.int64, device=dev)
         level = 0
         for _ in range(levels):
-            newg = (frontier_e[:, :, None] & A).any(1) & (dist_g == INF) & ~done[:, None]
-            dist_g = torch.where(newg, level + 1, dist_g)
-            reached += newg.sum(1)
-            spare = newg & (load < t[:, None])
-            hit = spare.any(1)
-            target = torch.where(hit, torch.where(spare, gidx, G).min(1).values, target)
-            done = done | hit | ~newg.any(1)
-            frontier_g = newg & ~done[:, None]
-            newe = (frontier_g[:, None, :] & (x > 0)).any(2) & (dist_e == INF)
-            dist_e = torch.where(newe, level + 2, dist_e)
-            done = done | ~newe.any(1)
-            frontier_e = newe & ~done[:, None]
+            frontier_e, dist_g, dist_e, reached, target, done = _search_level(
+                frontier_e, dist_g, dist_e, reached, target, done, level, A, x, load, t, gidx, G, INF)
             level += 2
         cut = cut | frontier_e.any(1)  # the reference would have searched on
         active = active & ~cut
