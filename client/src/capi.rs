@@ -104,6 +104,18 @@ fn set_error(msg: &str) {
     LAST_ERROR.with(|e| *e.borrow_mut() = c);
 }
 
+/// After a call that succeeded: the message is empty, without an allocation when it already is
+/// (the step's calls succeed every step; a malloc and a free with cold caches cost more than the
+/// rest of the call).
+fn clear_error() {
+    LAST_ERROR.with(|e| {
+        let mut e = e.borrow_mut();
+        if !e.as_bytes().is_empty() {
+            *e = CString::default();
+        }
+    });
+}
+
 fn status_of(kind: ErrorKind) -> eplb_status {
     match kind {
         ErrorKind::Invalid => eplb_status::EPLB_ERR_INVALID,
@@ -123,7 +135,7 @@ fn bad(msg: impl Into<String>) -> ClientError {
 fn guard(what: &str, f: impl FnOnce() -> Result<(), ClientError>) -> eplb_status {
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(Ok(())) => {
-            set_error("");
+            clear_error();
             eplb_status::EPLB_OK
         }
         Ok(Err(e)) => {
