@@ -45,6 +45,9 @@ pub fn decorate(manager: Manager, faults: ManagerFaults) -> Manager {
     Manager { mode: Box::new(Faulty { inner: manager.mode, faults }), ..manager }
 }
 
+/// What [`ManagerMode::decide`] returns.
+type Decided = Result<Option<RoundDecision>, PolicyError>;
+
 /// A mode with the faults of [`ManagerFaults`]; everything else is the inner mode's own.
 #[derive(Debug)]
 pub(crate) struct Faulty {
@@ -71,13 +74,7 @@ impl ManagerMode for Faulty {
         self.inner.observe(load);
     }
 
-    fn decide(
-        &mut self,
-        plan: &Planner<'_>,
-        step: usize,
-        time_flag: bool,
-        live: &Placement,
-    ) -> Result<Option<RoundDecision>, PolicyError> {
+    fn decide(&mut self, plan: &Planner<'_>, step: usize, time_flag: bool, live: &Placement) -> Decided {
         let decided = self.inner.decide(plan, step, time_flag, live);
         // A decision exists (a plan, or a policy's error the ranks would agree on): the caller
         // offers it to the agreement next.

@@ -41,7 +41,8 @@ impl Ready {
         let manager_config =
             config.manager.config(num_layers, expert_bytes, super::DEFAULT_STEP_MS, super::DEFAULT_MIGRATION_GBPS);
         let manager = Manager::new(manager_config, config.manager.policy_config(), shape, num_layers, num_logical);
-        let controller = Controller::new(fault::decorate(manager, config.faults.manager(topo.world_rank)), Clock::wall());
+        let controller =
+            Controller::new(fault::decorate(manager, config.faults.manager(topo.world_rank)), Clock::wall());
         Ready { topo, run_shape, engine, controller }
     }
 }
