@@ -139,6 +139,7 @@ struct Args {
   uint64_t seed = 0;
   uint32_t drift_steps = 100;
   std::string phase = "decode";
+  std::string boundary = "two-phase";  // two-phase: eplb_boundary_begin/end around MPI; callback: eplb_at_step_boundary
   uint32_t ring_len = 64;
   double wait_sidecar = 0.0;
   std::string report;
@@ -151,6 +152,7 @@ const char* USAGE =
     "usage: eplb_cpp_engine [--name NAME] [--steps S] [--trace FILE.csv|FILE.npy [--trace-dataset D]]\n"
     "       [--num-layers L] [--num-experts E] [--slots-per-rank S] [--tokens T] [--top-k K] [--hidden H]\n"
     "       [--ffn F] [--seed N] [--drift-steps N] [--phase decode|prefill|mixed] [--ring-len N]\n"
+    "       [--boundary two-phase|callback]\n"
     "       [--wait-sidecar SECONDS] [--report OUT.json] [--log-every N] [--die-at-step K [--die-rank R]]\n";
 
 uint64_t parse_u64(const std::string& flag, const std::string& v, uint64_t max) {
@@ -186,6 +188,7 @@ Args parse_args(int argc, char** argv) {
     else if (f == "--seed") a.seed = parse_u64(f, v, ~0ull);
     else if (f == "--drift-steps") a.drift_steps = static_cast<uint32_t>(parse_u64(f, v, u32));
     else if (f == "--phase") a.phase = v;
+    else if (f == "--boundary") a.boundary = v;
     else if (f == "--ring-len") a.ring_len = static_cast<uint32_t>(parse_u64(f, v, 1 << 20));
     else if (f == "--wait-sidecar") a.wait_sidecar = static_cast<double>(parse_u64(f, v, 86400));
     else if (f == "--report") a.report = v;
@@ -195,6 +198,7 @@ Args parse_args(int argc, char** argv) {
     else throw BadInput("unknown flag " + f + " (see --help)");
   }
   if (a.phase != "decode" && a.phase != "prefill" && a.phase != "mixed") throw BadInput("--phase: decode|prefill|mixed");
+  if (a.boundary != "two-phase" && a.boundary != "callback") throw BadInput("--boundary: two-phase|callback");
   if (a.hidden == 0 || a.ffn == 0 || a.tokens == 0) throw BadInput("--hidden, --ffn and --tokens must be >= 1");
   if (a.drift_steps == 0) throw BadInput("--drift-steps must be >= 1");
   return a;
@@ -856,7 +860,15 @@ class Engine {
       const uint64_t t0 = now_ns();
       int32_t applied = -1;
       AgreeTimer timer{&comm_, &agree_ns_};
-      check(eplb_at_step_boundary(region_, t, &AgreeTimer::call, &timer, &applied), "eplb_at_step_boundary");
+      if (a_.boundary == "callback") {
+        check(eplb_at_step_boundary(region_, t, &AgreeTimer::call, &timer, &applied), "eplb_at_step_boundary");
+      } else {
+        // The boundary in two calls: the collective runs here, between them, with no callback.
+        uint64_t have = 0, posted = 0, lo = 0, hi = 0;
+        check(eplb_boundary_begin(region_, t, &have, &posted), "eplb_boundary_begin");
+        if (AgreeTimer::call(&timer, have, &lo, &hi) != 0) throw Failure("MPI_Allreduce of the boundary failed");
+        if (have != 0 || posted != 0) check(eplb_boundary_end(region_, t, lo, hi, &applied), "eplb_boundary_end");
+      }
       boundary_us[t] = static_cast<double>(now_ns() - t0 - agree_ns_) / 1000.0;
       if (applied >= 0) {
         const uint32_t l = static_cast<uint32_t>(applied);

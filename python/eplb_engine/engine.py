@@ -87,6 +87,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--step-delay-ms", type=float, default=0.0, help="sleep after every step (slower engine)")
     p.add_argument("--die-at-step", type=int, help="rank --die-rank SIGKILLs itself at this step's boundary")
     p.add_argument("--die-rank", type=int, default=0)
+    p.add_argument("--client-step", choices=["one-call", "two-calls"], default="one-call",
+                   help="one-call: after each forward pass EngineRegion.step_end records the step and runs the next "
+                        "boundary (the compiled step where it is built); two-calls: at_step_boundary before the "
+                        "forward pass, record after it")
     return p.parse_args(argv)
 
 
@@ -279,31 +283,57 @@ class Engine:
         apply_ns: List[int] = []
         commits: List[List[int]] = []  # [step, layer, epoch]
         wrong = 0
+        # --client-step one-call: after each forward pass one call records the step and runs the
+        # next boundary (EngineRegion.step_end); two-calls: at_step_boundary before, record after.
+        counts_buf = np.zeros((L, S), np.int64)
+        end = self.region.step_end(counts_buf, agree=self.agree) if args.client_step == "one-call" else None
+        applied_next: List[int] = []
+
+        def switched(t: int, applied: List[int], placement) -> int:
+            for layer in applied:
+                commits.append([t, layer, int(placement.epoch[layer])])
+            return sum(self.wrong_bytes(layer) for layer in applied)
+
         for t in range(steps):
             if args.die_at_step is not None and t == args.die_at_step and self.rank == args.die_rank:
                 os.kill(os.getpid(), signal.SIGKILL)
-            self._agree_ns = 0
-            t0 = time.perf_counter_ns()
-            placement = self.region.at_step_boundary(t, agree=self.agree)
-            boundary_ns[t] = time.perf_counter_ns() - t0 - self._agree_ns
-            if placement.applied:
-                apply_ns.append(int(boundary_ns[t]))
-            for layer in placement.applied:
-                commits.append([t, layer, int(placement.epoch[layer])])
-                wrong += self.wrong_bytes(layer)
+            if end is None or t == 0:
+                self._agree_ns = 0
+                t0 = time.perf_counter_ns()
+                placement = self.region.at_step_boundary(t, agree=self.agree)
+                boundary_ns[t] = time.perf_counter_ns() - t0 - self._agree_ns
+                applied = placement.applied
+                if applied:
+                    apply_ns.append(int(boundary_ns[t]))
+            else:
+                placement, applied = self.region.placement(), applied_next  # the boundary ran in end(t - 1)
+            wrong += switched(t, applied, placement)
             x = model.tokens(args.seed, t, args.tokens, self.shape)  # the whole batch, on every rank
             for layer in range(L):
                 out, ok = self.moe_layer(layer, x, placement, self.log_p[t % iters, layer], live_counts[t, layer],
                                          static_load[t, layer])
                 mismatched[t] += 0 if ok else 1
                 x = model.residual(x, out)
-            t1 = time.perf_counter_ns()
-            self.region.record(t, live_counts[t], phase=args.phase, tokens=(self.tok_hi - self.tok_lo) * self.shape.top_k)
-            record_ns[t] = time.perf_counter_ns() - t1
+            tokens = (self.tok_hi - self.tok_lo) * self.shape.top_k
+            if end is None:
+                t1 = time.perf_counter_ns()
+                self.region.record(t, live_counts[t], phase=args.phase, tokens=tokens)
+                record_ns[t] = time.perf_counter_ns() - t1
+            else:
+                counts_buf[:] = live_counts[t]  # the engine's counts buffer, bound to end
+                self._agree_ns = 0
+                t1 = time.perf_counter_ns()
+                layer_applied = end(t, args.phase, tokens)  # record t + the boundary of t + 1
+                record_ns[t] = time.perf_counter_ns() - t1 - self._agree_ns
+                applied_next = [layer_applied] if layer_applied >= 0 else []
+                if applied_next:
+                    apply_ns.append(int(record_ns[t]))
             if args.log_every and self.rank == 0 and (t + 1) % args.log_every == 0:
                 log.info("step %d/%d, %d layer switches so far", t + 1, steps, len(commits))
             if args.step_delay_ms:
                 time.sleep(args.step_delay_ms / 1000.0)
+        # one-call: the last end ran the boundary after the last step (every rank did).
+        wrong += switched(steps, applied_next, self.region.placement())
         return self._report(sidecar, live_counts, static_load, mismatched, boundary_ns, record_ns, apply_ns, commits, wrong)
 
     def _report(self, sidecar, live_counts, static_load, mismatched, boundary_ns, record_ns, apply_ns, commits, wrong) -> Dict:
@@ -336,6 +366,7 @@ class Engine:
             "tokens_per_step": self.args.tokens,
             "top_k": self.shape.top_k,
             "quant": self.quant,
+            "client_step": self.args.client_step,
             "fp8_block": self.block if self.quant == "fp8-block" else None,
             "tensors_per_layer": len(self.layout),
             "tensors": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "kind": t.kind,

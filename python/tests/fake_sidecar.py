@@ -68,6 +68,10 @@ class EngineGone(Exception):
     pass
 
 
+# A command an engine finished without seeing (the worker's name for it).
+FINISHED_UNANSWERED = 5
+
+
 class FakeSidecar:
     def __init__(self, args):
         self.args = args
@@ -172,11 +176,18 @@ class FakeSidecar:
                 return [int(reg._h[R._W_ACK_RESULT]) for reg in self.regions]
             self.check_engines()
             if self.finished():
-                # An engine that finished answers a pending command (cancelled) before it ends.
+                # An engine that finished answers a command pending at its finish (cancelled);
+                # one posted while it finished may stay unanswered (FINISHED_UNANSWERED, as the
+                # worker has it): no rank can have applied it, since that rank took part in no
+                # agreement on it.
                 acks = [int(reg._h[R._W_ACK_ID]) for reg in self.regions]
                 if all(a == cmd_id for a in acks):
                     continue
-                raise RuntimeError(f"engines finished without answering command {cmd_id}")
+                results = [int(reg._h[R._W_ACK_RESULT]) if a == cmd_id else FINISHED_UNANSWERED
+                           for reg, a in zip(self.regions, acks)]
+                if R.ACK_APPLIED in results:
+                    raise RuntimeError(f"command {cmd_id} applied on some ranks, unanswered on others: {results}")
+                return results
             time.sleep(0.0005)
 
     def move_layer(self, layer: int) -> None:

@@ -237,10 +237,15 @@ def assert_consistent(report, steps):
 
 
 @mpi
-def test_healthy_sidecar_moves_layers_and_outputs_match(tmp_path):
-    run = Run(tmp_path, f"pyt{os.getpid()}h", ranks=3, steps=60)
+@pytest.mark.parametrize("client_step", ["one-call", "two-calls"])
+def test_healthy_sidecar_moves_layers_and_outputs_match(tmp_path, client_step):
+    # one-call: EngineRegion.step_end after each forward pass (the compiled step where it is
+    # built); two-calls: at_step_boundary before it, record after it. The same switches either way.
+    run = Run(tmp_path, f"pyt{os.getpid()}h{client_step[0]}", ranks=3, steps=60,
+              engine_flags=["--client-step", client_step])
     rc, out, report, side_rc, side_out, removed = run.finish()
     assert rc == 0, out
+    assert report["client_step"] == client_step
     assert_consistent(report, 60)
     assert report["layers_committed"] >= 5, (report, run.commands())
     assert side_rc == 0, side_out

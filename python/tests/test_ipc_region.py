@@ -91,14 +91,6 @@ def gpu(monkeypatch):
     return alloc
 
 
-@pytest.fixture
-def name(request):
-    n = f"pytest{os.getpid()}-ipc-{request.node.name[:16]}"
-    yield n
-    for f in [f for f in os.listdir(R.SHM_DIR) if f"eplb-{n}-" in f]:
-        os.unlink(os.path.join(R.SHM_DIR, f))
-
-
 def trivial():
     return np.tile(np.arange(W * S, dtype=np.int32) % E, (L, 1))
 

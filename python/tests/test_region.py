@@ -38,22 +38,6 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 EB = 512 + 256 + 6
 
 
-@pytest.fixture
-def name(request):
-    n = f"pytest{os.getpid()}-{request.node.name[:20].replace('[', '_').replace(']', '_')}"
-    yield n
-    leftovers = [f for f in os.listdir(R.SHM_DIR) if f"eplb-{n}-" in f]
-    for f in leftovers:
-        p = os.path.join(R.SHM_DIR, f)
-        if stat.S_ISFIFO(os.lstat(p).st_mode):
-            try:  # unblock an open that hangs on it (the code under test is broken then)
-                os.close(os.open(p, os.O_WRONLY | os.O_NONBLOCK))
-            except OSError:
-                pass
-        os.unlink(p)
-    assert not leftovers, f"left in /dev/shm: {leftovers}"
-
-
 def trivial():
     return np.tile(np.arange(W * S, dtype=np.int32) % E, (L, 1))
 

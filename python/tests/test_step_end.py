@@ -6,7 +6,6 @@ agree calls, and the same errors with the same messages."""
 from __future__ import annotations
 
 import os
-import stat
 from typing import Any, Callable, List, Tuple
 
 import numpy as np
@@ -19,18 +18,6 @@ L, S, E, W = 3, 4, 6, 2
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
 IN_REPO = os.path.isfile(os.path.join(ROOT, "Cargo.toml")) and os.path.isdir(os.path.join(ROOT, "client"))
 NATIVE = R._choose_backend(None)[1] is not None  # the default backend is the compiled core
-
-
-@pytest.fixture
-def name(request):
-    n = f"pytest{os.getpid()}-{request.node.name[:24].replace('[', '_').replace(']', '_')}"
-    yield n
-    leftovers = [f for f in os.listdir(R.SHM_DIR) if f"eplb-{n}-" in f]
-    for f in leftovers:
-        p = os.path.join(R.SHM_DIR, f)
-        if stat.S_ISREG(os.lstat(p).st_mode):
-            os.unlink(p)
-    assert not leftovers, f"left in /dev/shm: {leftovers}"
 
 
 def make(name: str, backend: str | None = None) -> EngineRegion:

@@ -34,14 +34,6 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA d
 RAW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-@pytest.fixture
-def name(request):
-    n = f"pytest{os.getpid()}-torch-{request.node.name[:14]}"
-    yield n
-    for f in [f for f in os.listdir(R.SHM_DIR) if f"eplb-{n}-" in f]:
-        os.unlink(os.path.join(R.SHM_DIR, f))
-
-
 def trivial():
     return np.tile(np.arange(W * S, dtype=np.int32) % E, (L, 1))
 
