@@ -344,6 +344,61 @@ fn the_two_phase_boundary_applies_cancels_and_rejects_as_the_callback_one_does()
     );
 }
 
+fn step_end(f: &Fixture, step: u64, counts: &[u64]) -> (eplb_status, u64, u64) {
+    let (mut have, mut posted) = (7u64, 7u64);
+    // SAFETY: a live region, counts of counts.len() values and valid out-pointers.
+    let s = unsafe {
+        eplb_step_end(f.region, step, EPLB_PHASE_PREFILL, counts.as_ptr(), counts.len(), 5, 6, &mut have, &mut posted)
+    };
+    (s, have, posted)
+}
+
+/// eplb_step_end is eplb_record of the step and eplb_boundary_begin of the next, and a refused one
+/// writes nothing.
+#[test]
+fn step_end_records_and_begins_the_next_boundary_or_writes_nothing() {
+    let f = create("stepend", 2);
+    let reg = {
+        // SAFETY: a live region.
+        assert_eq!(unsafe { eplb_publish(f.region) }, eplb_status::EPLB_OK);
+        open(&f)
+    };
+    assert_eq!(begin(&f, 0), (eplb_status::EPLB_OK, 0, 0));
+    let counts: Vec<u64> = (0..8).collect();
+    assert_eq!(step_end(&f, 0, &counts), (eplb_status::EPLB_OK, 0, 0));
+    match reg.read_step(0) {
+        RingRead::Step { phase, tokens, moe_ns, counts: got } => {
+            assert_eq!((phase, tokens, moe_ns), (EPLB_PHASE_PREFILL as u64, 5, 6));
+            assert_eq!(got, counts);
+        }
+        other => panic!("step 0: {other:?}"),
+    }
+    assert_eq!(reg.get(off::ENGINE_STEP), 1);
+    // A command for step 3: posted (not had) at the boundary of 2, had at the boundary of 3.
+    let row = vec![0, 1, 2, 0, 1, 2, 0, 1];
+    post(&reg, 3, 0, 3, 1, row.clone(), vec![false; 4]);
+    assert_eq!(step_end(&f, 1, &counts), (eplb_status::EPLB_OK, 0, 3));
+    assert_eq!(end(&f, 1, 0, 0).0, eplb_status::EPLB_ERR_STATE, "the end of the boundary begun, 2");
+    assert_eq!(step_end(&f, 1, &counts).0, eplb_status::EPLB_ERR_STATE, "step 1 is recorded");
+    assert_eq!(step_end(&f, 2, &counts), (eplb_status::EPLB_OK, 3, 3));
+    assert_eq!(end(&f, 3, 3, 3), (eplb_status::EPLB_OK, 0));
+    assert_eq!(reg.ack(), (3, ack::APPLIED, 3));
+    // Refused: nothing written (engine_step and the ring entry stay).
+    let mut bad = counts.clone();
+    bad[5] = 1 << 41;
+    assert_eq!(step_end(&f, 3, &bad).0, eplb_status::EPLB_ERR_INVALID);
+    assert!(last_error().contains("(1, 1) is beyond"), "{}", last_error());
+    assert_eq!(step_end(&f, 3, &counts[..7]).0, eplb_status::EPLB_ERR_INVALID);
+    assert_eq!(reg.get(off::ENGINE_STEP), 3);
+    assert!(!matches!(reg.read_step(3), RingRead::Step { .. }), "no entry for a refused step");
+    // SAFETY: a live region; counts NULL on purpose.
+    let s = unsafe {
+        eplb_step_end(f.region, 3, EPLB_PHASE_DECODE, std::ptr::null(), 0, 0, 0, &mut 0, std::ptr::null_mut())
+    };
+    assert_eq!(s, eplb_status::EPLB_ERR_INVALID);
+    assert_eq!(step_end(&f, 3, &counts), (eplb_status::EPLB_OK, 0, 0));
+}
+
 #[test]
 fn bad_input_is_refused_with_a_message_naming_the_field() {
     let name = CString::new(format!("capi{}-bad", std::process::id())).unwrap();

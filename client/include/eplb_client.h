@@ -549,6 +549,27 @@ enum eplb_status eplb_boundary_begin(struct eplb_region *r,
                                      uint64_t *posted);
 
 /*
+ The end of step `step` in one call: [`eplb_record`] of `step`, then [`eplb_boundary_begin`] of
+ `step + 1` (one lock, one clock read), for engines that call the library once a step (the
+ Python client's `step_end`). Every check of both comes first: on an error nothing was written.
+ The engine then agrees on `*have` and calls [`eplb_boundary_end`] of `step + 1` (which may be
+ skipped when `*have` and `*posted` are both 0).
+
+ # Safety
+ `r` is NULL or a live region; `counts` is NULL or holds `num_counts` values; `have` is NULL or
+ valid; `posted` is NULL or valid.
+ */
+enum eplb_status eplb_step_end(struct eplb_region *r,
+                               uint64_t step,
+                               uint32_t phase,
+                               const uint64_t *counts,
+                               size_t num_counts,
+                               uint64_t tokens,
+                               uint64_t moe_ns,
+                               uint64_t *have,
+                               uint64_t *posted);
+
+/*
  The second half of the boundary of `step`, after [`eplb_boundary_begin`] of the same step:
  `lo`, `hi` are the min and max of `have` over every engine rank. Applies the command in place
  when `lo == hi == have != 0`, else answers it (cancelled, or rejected when invalid).

@@ -429,6 +429,47 @@ pub unsafe extern "C" fn eplb_boundary_begin(
     })
 }
 
+/// The end of step `step` in one call: [`eplb_record`] of `step`, then [`eplb_boundary_begin`] of
+/// `step + 1` (one lock, one clock read), for engines that call the library once a step (the
+/// Python client's `step_end`). Every check of both comes first: on an error nothing was written.
+/// The engine then agrees on `*have` and calls [`eplb_boundary_end`] of `step + 1` (which may be
+/// skipped when `*have` and `*posted` are both 0).
+///
+/// # Safety
+/// `r` is NULL or a live region; `counts` is NULL or holds `num_counts` values; `have` is NULL or
+/// valid; `posted` is NULL or valid.
+#[no_mangle]
+pub unsafe extern "C" fn eplb_step_end(
+    r: *mut eplb_region,
+    step: u64,
+    phase: u32,
+    counts: *const u64,
+    num_counts: usize,
+    tokens: u64,
+    moe_ns: u64,
+    have: *mut u64,
+    posted: *mut u64,
+) -> eplb_status {
+    if !posted.is_null() {
+        *posted = 0;
+    }
+    guard("eplb_step_end", || {
+        let reg = region(r)?;
+        if counts.is_null() || have.is_null() {
+            return Err(bad(if counts.is_null() { "counts is NULL" } else { "have is NULL" }));
+        }
+        if step == u64::MAX {
+            return Err(bad("step 2^64 - 1 has no next step"));
+        }
+        let begun = reg.step_end(step, phase, std::slice::from_raw_parts(counts, num_counts), tokens, moe_ns)?;
+        *have = begun.have;
+        if !posted.is_null() {
+            *posted = begun.posted;
+        }
+        Ok(())
+    })
+}
+
 /// The second half of the boundary of `step`, after [`eplb_boundary_begin`] of the same step:
 /// `lo`, `hi` are the min and max of `have` over every engine rank. Applies the command in place
 /// when `lo == hi == have != 0`, else answers it (cancelled, or rejected when invalid).

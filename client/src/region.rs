@@ -771,9 +771,44 @@ impl EngineRegion {
     /// touched.
     pub fn record(&self, step: u64, phase: u32, counts: &[u64], tokens: u64, moe_ns: u64) -> Result<(), ClientError> {
         let st = self.lock();
-        if let Some(why) = st.broken.as_deref().or(st.closed.then_some("closed (finished or failed)")) {
-            return Err(state(format!("record: the region is {why}")));
+        self.usable(&st, "record")?;
+        self.check_record(step, phase, counts)?;
+        self.write_record(step, phase, counts, tokens, moe_ns);
+        drop(st);
+        Ok(())
+    }
+
+    /// The end of step `step` in one call (one lock, one clock read): [`Self::record`] of `step`,
+    /// then [`Self::boundary_begin`] of `step + 1`. Every check of both comes first: on an error
+    /// nothing was written (not the ring entry, not `engine_step`).
+    pub fn step_end(
+        &self,
+        step: u64,
+        phase: u32,
+        counts: &[u64],
+        tokens: u64,
+        moe_ns: u64,
+    ) -> Result<Begun, ClientError> {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        st.begun = None;
+        self.usable(st, "record")?;
+        self.check_record(step, phase, counts)?;
+        self.publish_locked(st)?;
+        self.write_record(step, phase, counts, tokens, moe_ns);
+        Ok(self.begin_locked(st, step + 1))
+    }
+
+    /// Refuses every step call once the region is finished, failed or broken.
+    fn usable(&self, st: &State, what: &str) -> Result<(), ClientError> {
+        match st.broken.as_deref().or(st.closed.then_some("closed (finished or failed)")) {
+            Some(why) => Err(state(format!("{what}: the region is {why}"))),
+            None => Ok(()),
         }
+    }
+
+    /// Everything [`Self::record`] checks before it touches the ring.
+    fn check_record(&self, step: u64, phase: u32, counts: &[u64]) -> Result<(), ClientError> {
         let now = self.engine_step();
         if step != now {
             return Err(state(format!("record({step}) but engine_step is {now}: record each step once, in order")));
@@ -800,13 +835,17 @@ impl EngineRegion {
                 i % c
             )));
         }
+        Ok(())
+    }
+
+    /// The ring entry of `step` under its sequence lock, then `engine_step = step + 1` and the
+    /// heartbeat (checked by [`Self::check_record`], under the lock).
+    fn write_record(&self, step: u64, phase: u32, counts: &[u64], tokens: u64, moe_ns: u64) {
         let base = self.ring_offset + (step % self.cfg.ring_len as u64) as usize * self.ring_entry_bytes;
         let entry = self.map.u64s(base, ring::HEAD_WORDS + counts.len());
         ring::write(entry, EntryHead { step, phase: phase as u64, tokens, moe_ns }, counts);
         self.header(EPLB_OFF_ENGINE_STEP).store(step + 1, Ordering::Release);
         self.heartbeat();
-        drop(st);
-        Ok(())
     }
 
     /// The boundary before running `step` (`== engine_step`): reads the mailbox, agrees with the
@@ -843,19 +882,23 @@ impl EngineRegion {
         let mut guard = self.lock();
         let st = &mut *guard;
         st.begun = None;
-        if let Some(why) = st.broken.as_deref().or(st.closed.then_some("closed (finished or failed)")) {
-            return Err(state(format!("at_step_boundary: the region is {why}")));
-        }
+        self.usable(st, "at_step_boundary")?;
         self.publish_locked(st)?;
         let now = self.engine_step();
         if step != now {
             return Err(state(format!("at_step_boundary({step}) but engine_step is {now}")));
         }
         self.heartbeat();
+        Ok(self.begin_locked(st, step))
+    }
+
+    /// The mailbox read of [`Self::boundary_begin`] (checked: usable, published, `step ==
+    /// engine_step`, heartbeat stored).
+    fn begin_locked(&self, st: &mut State, step: u64) -> Begun {
         let (have, reject, posted) = self.pending_for(st, step);
         let begun = Begun { step, have, posted, reject: reject.map(|(id, _why)| id) };
         st.begun = Some(begun);
-        Ok(begun)
+        begun
     }
 
     /// The second half of the boundary of `step`: with `lo == hi == have != 0` (every rank has the
@@ -864,15 +907,14 @@ impl EngineRegion {
     pub fn boundary_end(&self, step: u64, lo: u64, hi: u64) -> Result<Option<u32>, ClientError> {
         let mut guard = self.lock();
         let st = &mut *guard;
-        if let Some(why) = st.broken.as_deref().or(st.closed.then_some("closed (finished or failed)")) {
-            return Err(state(format!("at_step_boundary: the region is {why}")));
-        }
-        let Some(begun) = st.begun.take() else {
+        self.usable(st, "at_step_boundary")?;
+        let Some(begun) = st.begun else {
             return Err(state(format!("boundary_end({step}) without boundary_begin({step})")));
         };
         if begun.step != step {
             return Err(state(format!("boundary_end({step}) but boundary_begin was for step {}", begun.step)));
         }
+        st.begun = None;
         let now = self.engine_step();
         if step != now {
             return Err(state(format!("boundary_end({step}) but engine_step is {now}")));

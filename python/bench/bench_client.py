@@ -79,9 +79,10 @@ def main():
             end(t, "decode", 256)  # record t + the boundary of t + 1
             times["native step_end"][2].append(time.perf_counter_ns() - t0)
     # Baseline: the least an engine does to hand its counts to anyone (a copy into a buffer and a
-    # clock read), without the ring's sequence lock or the mailbox.
+    # clock read), without the ring's sequence lock or the mailbox. And the engine's own part of
+    # every boundary above: the agree call alone (here the identity, a Python function).
     buf = np.zeros((64, a.layers, a.slots), np.uint64)
-    base = []
+    base, agree_alone = [], []
     for t in range(a.steps):
         if flush is not None:
             flush *= 1.0
@@ -90,6 +91,13 @@ def main():
         np.copyto(buf[t % 64], counts, casting="unsafe")
         time.monotonic_ns()
         base.append(time.perf_counter_ns() - t0)
+        if agree is not None:
+            if flush is not None:
+                flush *= 1.0
+                time.sleep(0.002)
+            t0 = time.perf_counter_ns()
+            agree(0)
+            agree_alone.append(time.perf_counter_ns() - t0)
     # Applies: a command for the next boundary that swaps the experts of two local slots and
     # re-copies every local slot (the worst case: the whole layer's local slots staged).
     apply_times = {b: apply_bench(regs[b], a, counts, agree) for b in backends}
@@ -106,6 +114,8 @@ def main():
     rows += [(f"{b}: boundary (no command)", times[b][0]) for b in backends]
     rows += [(f"{b}: record", times[b][1]) for b in backends]
     rows += [("baseline: copy + clock", base)]
+    if agree_alone:
+        rows += [("the engine's agree call alone", agree_alone)]
     for label, v in rows:
         v = us(v)
         print(f"{label:>32}: median {np.median(v):7.2f} us  p99 {np.percentile(v, 99):8.2f} us  max {v.max():9.2f} us")

@@ -2,16 +2,17 @@
  * (docs/python-client.md, "The step in one call").
  *
  * StepEnd(lib_path, region, counts, agree, slow, boundary)(step, phase="decode", tokens=0, moe_ns=0)
- * records step `step` from the engine's counts buffer (eplb_record) and runs the boundary before
- * step + 1: eplb_boundary_begin, the engine's `agree`, and nothing else when no command is posted,
- * which is nearly every step. It returns the layer applied at that boundary, or -1.
+ * records step `step` from the engine's counts buffer and begins the boundary before step + 1
+ * (eplb_step_end: eplb_record + eplb_boundary_begin under one lock), then calls the engine's
+ * `agree`, and nothing else when no command is posted, which is nearly every step. It returns the
+ * layer applied at that boundary, or -1.
  *
  * Everything that is not that common case goes back to Python, which owns the messages and the
- * checks: a call with other argument types or keywords, or one whose record the library refuses,
- * is handed whole to `slow(step, phase, tokens, moe_ns)` (the library's record checks everything
- * before it writes, so `slow` records it again or raises the error); a boundary with a command
- * posted, or one the library refuses, goes to `boundary(step + 1)` (the two-phase boundary in
- * Python: GPU address checks, apply, log2phy). `agree`'s answer is checked by `check_agree`.
+ * checks: a call with other argument types or keywords, or one the library refuses, is handed
+ * whole to `slow(step, phase, tokens, moe_ns)` (eplb_step_end checks everything before it
+ * writes, so `slow` records it again or raises the error); a boundary with a command posted goes
+ * to `boundary(step + 1)` (the two-phase boundary in Python, which begins it again: GPU address
+ * checks, apply, log2phy). `agree`'s answer is checked by `check_agree`.
  *
  * Why a C extension and not ctypes: with the caches flushed by a forward pass, a ctypes call costs
  * 17-21 us on its own (argument conversion objects, libffi), more than this whole step; a
@@ -29,16 +30,14 @@
 
 #include "eplb_client.h"
 
-typedef __typeof__(&eplb_record) record_fn;
-typedef __typeof__(&eplb_boundary_begin) begin_fn;
+typedef __typeof__(&eplb_step_end) step_end_fn;
 typedef __typeof__(&eplb_abi_version) version_fn;
 
 typedef struct {
   PyObject_HEAD
   vectorcallfunc vectorcall;
   struct eplb_region *region; /* NULL once detached */
-  record_fn record;
-  begin_fn begin;
+  step_end_fn step_end;
   void *dl;
   Py_buffer counts; /* the engine's [num_layers, count_cols] u64/i64 buffer, held */
   int have_counts;
@@ -90,10 +89,10 @@ static PyObject *step_end_call(PyObject *self, PyObject *const *args, size_t nar
     return hand_over(s, args, nargsf, kwnames);
   const uint64_t *counts = (const uint64_t *)s->counts.buf;
   size_t num_counts = (size_t)(s->counts.len / 8);
-  if (s->record(s->region, step, phase, counts, num_counts, tokens, moe_ns) != EPLB_OK)
-    return hand_over(s, args, nargsf, kwnames); /* nothing was written: Python records or raises */
   uint64_t have = 0, posted = 0;
-  if (s->begin(s->region, step + 1, &have, &posted) != EPLB_OK || have != 0 || posted != 0) {
+  if (s->step_end(s->region, step, phase, counts, num_counts, tokens, moe_ns, &have, &posted) != EPLB_OK)
+    return hand_over(s, args, nargsf, kwnames); /* nothing was written: Python records or raises */
+  if (have != 0 || posted != 0) {
     PyObject *next = PyLong_FromUnsignedLongLong(step + 1);
     if (next == NULL) return NULL;
     PyObject *r = PyObject_CallOneArg(s->boundary, next);
@@ -157,10 +156,9 @@ static PyObject *step_end_new(PyTypeObject *type, PyObject *args, PyObject *kwds
     return NULL;
   }
   version_fn version = (version_fn)dlsym(s->dl, "eplb_abi_version");
-  s->record = (record_fn)dlsym(s->dl, "eplb_record");
-  s->begin = (begin_fn)dlsym(s->dl, "eplb_boundary_begin");
-  if (version == NULL || s->record == NULL || s->begin == NULL) {
-    PyErr_Format(PyExc_OSError, "StepEnd: %s lacks eplb_record or eplb_boundary_begin", path);
+  s->step_end = (step_end_fn)dlsym(s->dl, "eplb_step_end");
+  if (version == NULL || s->step_end == NULL) {
+    PyErr_Format(PyExc_OSError, "StepEnd: %s lacks eplb_step_end", path);
     Py_DECREF(s);
     return NULL;
   }
