@@ -9,7 +9,7 @@ use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use crate::layout::*;
-use crate::region::{AgreeFn, ApplyFn, ClientError, Config, EngineRegion, ErrorKind, TensorSpec};
+use crate::region::{AgreeFn, ApplyFn, Begun, ClientError, Config, EngineRegion, ErrorKind, TensorSpec};
 
 /// What every function returns.
 #[repr(C)]
@@ -158,6 +158,27 @@ fn region<'a>(r: *const eplb_region) -> Result<&'a EngineRegion, ClientError> {
     // SAFETY: non-NULL pointers come from eplb_create and live until eplb_close (the contract of
     // the C API).
     unsafe { r.as_ref() }.map(|r| &r.inner).ok_or_else(|| bad("the region is NULL"))
+}
+
+/// A begun boundary into the caller's out-values (`have` valid, `posted` NULL or valid).
+///
+/// # Safety
+/// As the calls that pass them promise.
+unsafe fn put_begun(begun: Begun, have: *mut u64, posted: *mut u64) {
+    *have = begun.have;
+    if !posted.is_null() {
+        *posted = begun.posted;
+    }
+}
+
+/// The layer applied, if any, into `*applied_layer` (NULL: not wanted; -1 was stored before).
+///
+/// # Safety
+/// `applied_layer` is NULL or valid.
+unsafe fn put_applied(applied: Option<u32>, applied_layer: *mut i32) {
+    if let (Some(layer), false) = (applied, applied_layer.is_null()) {
+        *applied_layer = layer as i32;
+    }
 }
 
 /// A C string argument, as UTF-8.
@@ -386,10 +407,7 @@ pub unsafe extern "C" fn eplb_at_step_boundary(
             }
         };
         let agree_dyn: Option<AgreeFn<'_>> = if agree.is_some() { Some(&mut call) } else { None };
-        let applied = reg.at_step_boundary(step, agree_dyn)?;
-        if let (Some(layer), false) = (applied, applied_layer.is_null()) {
-            *applied_layer = layer as i32;
-        }
+        put_applied(reg.at_step_boundary(step, agree_dyn)?, applied_layer);
         Ok(())
     })
 }
@@ -420,11 +438,7 @@ pub unsafe extern "C" fn eplb_boundary_begin(
         if have.is_null() {
             return Err(bad("have is NULL"));
         }
-        let begun = reg.boundary_begin(step)?;
-        *have = begun.have;
-        if !posted.is_null() {
-            *posted = begun.posted;
-        }
+        put_begun(reg.boundary_begin(step)?, have, posted);
         Ok(())
     })
 }
@@ -461,11 +475,11 @@ pub unsafe extern "C" fn eplb_step_end(
         if step == u64::MAX {
             return Err(bad("step 2^64 - 1 has no next step"));
         }
-        let begun = reg.step_end(step, phase, std::slice::from_raw_parts(counts, num_counts), tokens, moe_ns)?;
-        *have = begun.have;
-        if !posted.is_null() {
-            *posted = begun.posted;
-        }
+        put_begun(
+            reg.step_end(step, phase, std::slice::from_raw_parts(counts, num_counts), tokens, moe_ns)?,
+            have,
+            posted,
+        );
         Ok(())
     })
 }
@@ -489,10 +503,7 @@ pub unsafe extern "C" fn eplb_boundary_end(
         *applied_layer = -1;
     }
     guard("eplb_boundary_end", || {
-        let applied = region(r)?.boundary_end(step, lo, hi)?;
-        if let (Some(layer), false) = (applied, applied_layer.is_null()) {
-            *applied_layer = layer as i32;
-        }
+        put_applied(region(r)?.boundary_end(step, lo, hi)?, applied_layer);
         Ok(())
     })
 }
