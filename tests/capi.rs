@@ -280,6 +280,15 @@ fn begin(f: &Fixture, step: u64) -> (eplb_status, u64, u64) {
     (s, have, posted)
 }
 
+fn rejection(f: &Fixture) -> (u64, String) {
+    let (mut id, mut buf) = (7u64, [0 as std::ffi::c_char; 256]);
+    // SAFETY: a live region, a valid id and a buffer of 256 bytes.
+    let s = unsafe { eplb_last_rejection(f.region, &mut id, buf.as_mut_ptr(), buf.len()) };
+    assert_eq!(s, eplb_status::EPLB_OK, "{}", last_error());
+    // SAFETY: the library wrote a NUL-terminated string into buf.
+    (id, unsafe { CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned())
+}
+
 fn end(f: &Fixture, step: u64, lo: u64, hi: u64) -> (eplb_status, i32) {
     let mut applied = -7;
     // SAFETY: a live region and a valid out-pointer.
@@ -330,8 +339,12 @@ fn the_two_phase_boundary_applies_cancels_and_rejects_as_the_callback_one_does()
     // SAFETY: a live region.
     assert_eq!(unsafe { eplb_table_fault(f.region, 1, 0) }, eplb_status::EPLB_OK);
     assert_eq!(begin(&f, 4), (eplb_status::EPLB_OK, 0, 11), "invalid now: not had, still posted");
+    assert_eq!(rejection(&f), (0, String::new()), "none rejected yet");
     assert_eq!(end(&f, 4, 0, 11), (eplb_status::EPLB_OK, -1));
     assert_eq!(reg.ack(), (11, ack::REJECTED, 4));
+    let (id, why) = rejection(&f);
+    assert_eq!(id, 11);
+    assert!(why.contains("table_fault"), "{why}");
     // A begin for a step that is not engine_step, and a NULL have, are refused.
     assert_eq!(begin(&f, 9).0, eplb_status::EPLB_ERR_STATE);
     // SAFETY: a live region; have NULL on purpose.

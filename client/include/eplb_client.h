@@ -585,6 +585,20 @@ enum eplb_status eplb_boundary_end(struct eplb_region *r,
                                    int32_t *applied_layer);
 
 /*
+ The last command this rank answered rejected (`*id`, 0: none yet) and why, as a NUL-terminated
+ message cut to fit `buf` (`len` bytes; may be NULL with `len` 0 to ask for the id alone). A
+ rejection is the engine's own finding (a bad epoch, a slot changing without a copy, a
+ `table_fault`): the sidecar sees only `ack_result` 4.
+
+ # Safety
+ `r` is NULL or a live region; `id` is NULL or valid; `buf` is NULL or holds `len` bytes.
+ */
+enum eplb_status eplb_last_rejection(const struct eplb_region *r,
+                                     uint64_t *id,
+                                     char *buf,
+                                     size_t len);
+
+/*
  The live `phy2log` row of `layer` into `out` (`len` == num_physical).
 
  # Safety

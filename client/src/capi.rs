@@ -508,6 +508,36 @@ pub unsafe extern "C" fn eplb_boundary_end(
     })
 }
 
+/// The last command this rank answered rejected (`*id`, 0: none yet) and why, as a NUL-terminated
+/// message cut to fit `buf` (`len` bytes; may be NULL with `len` 0 to ask for the id alone). A
+/// rejection is the engine's own finding (a bad epoch, a slot changing without a copy, a
+/// `table_fault`): the sidecar sees only `ack_result` 4.
+///
+/// # Safety
+/// `r` is NULL or a live region; `id` is NULL or valid; `buf` is NULL or holds `len` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn eplb_last_rejection(
+    r: *const eplb_region,
+    id: *mut u64,
+    buf: *mut c_char,
+    len: usize,
+) -> eplb_status {
+    guard("eplb_last_rejection", || {
+        let reg = region(r)?;
+        if id.is_null() || (buf.is_null() && len != 0) {
+            return Err(bad("id is NULL, or buf is NULL with len > 0"));
+        }
+        let (got, why) = reg.last_rejection().unwrap_or_default();
+        *id = got;
+        if len > 0 {
+            let n = why.len().min(len - 1);
+            std::ptr::copy_nonoverlapping(why.as_ptr(), buf as *mut u8, n);
+            *buf.add(n) = 0;
+        }
+        Ok(())
+    })
+}
+
 /// The live `phy2log` row of `layer` into `out` (`len` == num_physical).
 ///
 /// # Safety

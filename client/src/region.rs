@@ -257,6 +257,10 @@ struct State {
     apply: Option<ApplyFn>,
     /// What [`EngineRegion::boundary_begin`] found, until its [`EngineRegion::boundary_end`].
     begun: Option<Begun>,
+    /// Why the command of `begun.reject` is invalid (the contract's rule it breaks).
+    reject_why: String,
+    /// The last command this rank answered rejected, and why: `(id, why)`.
+    last_rejection: Option<(u64, String)>,
 }
 
 /// What [`EngineRegion::boundary_begin`] found at the boundary of `step`.
@@ -658,6 +662,8 @@ impl EngineRegion {
                 slots: Vec::with_capacity(spr),
                 cmd: None,
                 begun: None,
+                reject_why: String::new(),
+                last_rejection: None,
                 apply,
             }),
         };
@@ -896,7 +902,8 @@ impl EngineRegion {
     /// engine_step`, heartbeat stored).
     fn begin_locked(&self, st: &mut State, step: u64) -> Begun {
         let (have, reject, posted) = self.pending_for(st, step);
-        let begun = Begun { step, have, posted, reject: reject.map(|(id, _why)| id) };
+        let begun = Begun { step, have, posted, reject: reject.as_ref().map(|(id, _)| *id) };
+        st.reject_why = reject.map(|(_, why)| why).unwrap_or_default();
         st.begun = Some(begun);
         begun
     }
@@ -926,6 +933,7 @@ impl EngineRegion {
         let mb = self.mailbox();
         if let Some(id) = begun.reject {
             mb.answer(id, EPLB_ACK_REJECTED, step);
+            st.last_rejection = Some((id, std::mem::take(&mut st.reject_why)));
         } else if have != 0 {
             mb.answer(have, EPLB_ACK_CANCELLED, step);
         }
@@ -1033,6 +1041,11 @@ impl EngineRegion {
         st.phy2log[layer * p..(layer + 1) * p].copy_from_slice(&st.row);
         mb.answer(id, EPLB_ACK_APPLIED, step);
         Ok(layer as u32)
+    }
+
+    /// The last command this rank answered rejected, and why (the contract's rule it broke).
+    pub fn last_rejection(&self) -> Option<(u64, String)> {
+        self.lock().last_rejection.clone()
     }
 
     /// The engine's `phy2log` row of `layer` (`[num_physical]`).

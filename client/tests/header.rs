@@ -50,6 +50,7 @@ fn header_names_the_agreed_interface() {
         "eplb_boundary_begin(",
         "eplb_boundary_end(",
         "eplb_step_end(",
+        "eplb_last_rejection(",
         "eplb_phy2log(",
         "eplb_heartbeat(",
         "eplb_table_fault(",

@@ -99,6 +99,8 @@ class Library:
             h.eplb_heartbeat.restype, h.eplb_heartbeat.argtypes = c_int, [c_void_p]
         lib.eplb_phy2log.restype, lib.eplb_phy2log.argtypes = c_int, [c_void_p, c_uint32, c_void_p, c_size_t]
         lib.eplb_table_fault.restype, lib.eplb_table_fault.argtypes = c_int, [c_void_p, c_uint32, c_uint32]
+        lib.eplb_last_rejection.restype = c_int
+        lib.eplb_last_rejection.argtypes = [c_void_p, POINTER(c_uint64), c_char_p, c_size_t]
         lib.eplb_finish.restype, lib.eplb_finish.argtypes = c_int, [c_void_p, c_uint64]
         lib.eplb_close.restype, lib.eplb_close.argtypes = None, [c_void_p]
         self.abi_version = int(lib.eplb_abi_version())
@@ -237,6 +239,14 @@ class NativeRegion:
         if rc != OK:
             raise self._error(rc, "eplb_boundary_end")
         return self._applied.value
+
+    def last_rejection(self) -> Tuple[int, str]:
+        """``eplb_last_rejection``: (the last command this rank rejected, or 0; why)."""
+        cmd, buf = c_uint64(), ctypes.create_string_buffer(512)
+        rc = self._l.eplb_last_rejection(self.ptr, ctypes.byref(cmd), buf, len(buf))
+        if rc != OK:
+            raise self._error(rc, "eplb_last_rejection")
+        return cmd.value, buf.value.decode(errors="replace")
 
     def adopt(self, step_end: Any) -> None:
         """Keeps a compiled step end to detach when the region is freed."""

@@ -1323,8 +1323,8 @@ class EngineRegion:
             self._logcnt[layer] = np.bincount(self._phy2log[layer], minlength=self.num_logical)
             placement.applied.append(layer)
         elif int(h[_W_ACK_ID]) != ack_before and int(h[_W_ACK_RESULT]) == ACK_REJECTED:
-            log.warning("rank %d step %d: command %d rejected (invalid for this boundary, or table_fault %d)",
-                        self.rank, step, int(h[_W_ACK_ID]), int(h[_W_TABLE_FAULT]))
+            cmd_id, why = nat.last_rejection()
+            log.warning("rank %d step %d: command %d rejected: %s", self.rank, step, cmd_id, why)
         return placement
 
     def record(self, step: int, counts: Any, phase: str = "decode", tokens: int = 0, moe_ns: int = 0) -> None:

@@ -426,7 +426,7 @@ def test_a_post_cut_short_never_stalls_the_engine(name):
 
 
 @pytest.mark.parametrize("fault", ["epoch", "mask", "row", "layer", "table_fault"])
-def test_invalid_commands_are_rejected_on_every_rank(name, fault):
+def test_invalid_commands_are_rejected_on_every_rank(name, fault, caplog):
     reg = make(name)
     before = experts(reg, 0)
     row, mask, epoch, layer = swapped_row(reg, 0), np.array([1, 1, 0, 0], np.uint8), 1, 0
@@ -445,6 +445,10 @@ def test_invalid_commands_are_rejected_on_every_rank(name, fault):
     p = reg.at_step_boundary(0, lambda have: (seen.append(have), (have, have))[1])
     assert seen == [0], "an invalid command takes part in the agreement as no command"
     assert p.applied == [] and ack(reg) == (1, ACK_REJECTED, 0)
+    why = {"epoch": "epoch 2 is not", "mask": "without a staged copy", "row": "have no slot", "layer": ">= num_layers",
+           "table_fault": "table_fault 2"}[fault]
+    assert any("command 1 rejected" in r.getMessage() and why in r.getMessage() for r in caplog.records), \
+        [r.getMessage() for r in caplog.records]
     assert np.array_equal(experts(reg, 0), before)
     reg.finish()
 
