@@ -18,12 +18,12 @@ use serde_json::json;
 
 use crate::collective::{Comm, MpiRuntime};
 use crate::engine::synthetic::DriftingZipf;
-use crate::executor::fault::{Faulty, StoreFaults};
 use crate::executor::factory::StoreError;
+use crate::executor::fault::{Faulty, StoreFaults};
 use crate::executor::{migrate_layer, ExecError, ExpertStore, LayerMigration};
 use crate::gpu::nccl::NcclComm;
-use crate::gpu::store::NcclTuning;
 use crate::gpu::open_local_gpu;
+use crate::gpu::store::NcclTuning;
 use crate::load::{self, TraceSelect};
 use crate::output::named;
 use crate::policy::{self, Placement, PlacementShape, PolicyConfig, PolicyKind};
