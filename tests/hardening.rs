@@ -154,7 +154,8 @@ fn engine_rank(name: &str, world: usize, rank: usize) -> EngineRank {
 }
 
 /// Engine rank `rank` of `world` with `num_layers` layers of `slots_per_rank` slots a rank, 4
-/// logical experts (physical slot `i` holds expert `i % 4`), a ring of 16, 64 bytes an expert.
+/// logical experts (physical slot `i` of a layer holds expert `i % 4`), a ring of 16, 64 bytes an
+/// expert.
 fn create_engine(
     name: &str,
     num_layers: usize,
