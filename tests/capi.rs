@@ -273,6 +273,77 @@ fn with_several_ranks_a_command_not_every_rank_has_is_cancelled() {
     assert!(last_error().contains("returned -3"), "{}", last_error());
 }
 
+fn begin(f: &Fixture, step: u64) -> (eplb_status, u64, u64) {
+    let (mut have, mut posted) = (7u64, 7u64);
+    // SAFETY: a live region and valid out-pointers.
+    let s = unsafe { eplb_boundary_begin(f.region, step, &mut have, &mut posted) };
+    (s, have, posted)
+}
+
+fn end(f: &Fixture, step: u64, lo: u64, hi: u64) -> (eplb_status, i32) {
+    let mut applied = -7;
+    // SAFETY: a live region and a valid out-pointer.
+    let s = unsafe { eplb_boundary_end(f.region, step, lo, hi, &mut applied) };
+    (s, applied)
+}
+
+/// The boundary in two calls (no callback): begin says what this rank has, the engine agrees,
+/// end applies or answers; what `posted` reports, when the end may be skipped, and a begin again
+/// after a table fault turning an apply into a rejection.
+#[test]
+fn the_two_phase_boundary_applies_cancels_and_rejects_as_the_callback_one_does() {
+    let f = create("twophase", 2);
+    let reg = {
+        // SAFETY: a live region.
+        assert_eq!(unsafe { eplb_publish(f.region) }, eplb_status::EPLB_OK);
+        open(&f)
+    };
+    let row = vec![0, 1, 2, 0, 1, 2, 0, 1];
+    // Nothing posted: have 0, posted 0, and the end may be skipped (the next begin starts over).
+    assert_eq!(begin(&f, 0), (eplb_status::EPLB_OK, 0, 0));
+    assert_eq!(record(&f, 0, &[0; 8]), eplb_status::EPLB_OK);
+    // A command for a later step: posted, not had.
+    post(&reg, 9, 0, 2, 1, row.clone(), vec![false; 4]);
+    assert_eq!(begin(&f, 1), (eplb_status::EPLB_OK, 0, 9));
+    assert_eq!(end(&f, 1, 0, 0), (eplb_status::EPLB_OK, -1));
+    assert_eq!(reg.ack().0, 0, "nothing answered before its step");
+    assert_eq!(record(&f, 1, &[0; 8]), eplb_status::EPLB_OK);
+    // Its step: had; another rank lacks it (min 0): cancelled.
+    assert_eq!(begin(&f, 2), (eplb_status::EPLB_OK, 9, 9));
+    assert_eq!(end(&f, 2, 0, 9), (eplb_status::EPLB_OK, -1));
+    assert_eq!(reg.ack(), (9, ack::CANCELLED, 2));
+    assert_eq!(end(&f, 2, 9, 9).0, eplb_status::EPLB_ERR_STATE, "one end a begin");
+    assert!(last_error().contains("without boundary_begin"), "{}", last_error());
+    assert_eq!(record(&f, 2, &[0; 8]), eplb_status::EPLB_OK);
+    // Every rank has it: applied.
+    post(&reg, 10, 0, 3, 1, row.clone(), vec![false; 4]);
+    assert_eq!(begin(&f, 3), (eplb_status::EPLB_OK, 10, 10));
+    assert_eq!(end(&f, 4, 10, 10).0, eplb_status::EPLB_ERR_STATE, "the end of another step");
+    assert_eq!(begin(&f, 3), (eplb_status::EPLB_OK, 10, 10), "begin again reads the mailbox again");
+    assert_eq!(end(&f, 3, 10, 10), (eplb_status::EPLB_OK, 0));
+    assert_eq!(reg.ack(), (10, ack::APPLIED, 3));
+    assert_eq!(&reg.phy2log()[..8], &row[..]);
+    assert_eq!(record(&f, 3, &[0; 8]), eplb_status::EPLB_OK);
+    // Had at begin; the engine then finds a tensor moved: table_fault, begin again: rejected.
+    post(&reg, 11, 1, 4, 1, row.clone(), vec![false; 4]);
+    assert_eq!(begin(&f, 4), (eplb_status::EPLB_OK, 11, 11));
+    // SAFETY: a live region.
+    assert_eq!(unsafe { eplb_table_fault(f.region, 1, 0) }, eplb_status::EPLB_OK);
+    assert_eq!(begin(&f, 4), (eplb_status::EPLB_OK, 0, 11), "invalid now: not had, still posted");
+    assert_eq!(end(&f, 4, 0, 11), (eplb_status::EPLB_OK, -1));
+    assert_eq!(reg.ack(), (11, ack::REJECTED, 4));
+    // A begin for a step that is not engine_step, and a NULL have, are refused.
+    assert_eq!(begin(&f, 9).0, eplb_status::EPLB_ERR_STATE);
+    // SAFETY: a live region; have NULL on purpose.
+    let s = unsafe { eplb_boundary_begin(f.region, 4, std::ptr::null_mut(), std::ptr::null_mut()) };
+    assert_eq!(s, eplb_status::EPLB_ERR_INVALID);
+    // SAFETY: NULL region on purpose.
+    assert_eq!(
+        unsafe { eplb_boundary_end(std::ptr::null_mut(), 4, 0, 0, std::ptr::null_mut()) },
+        eplb_status::EPLB_ERR_INVALID
+    );
+}
+
 #[test]
 fn bad_input_is_refused_with_a_message_naming_the_field() {
     let name = CString::new(format!("capi{}-bad", std::process::id())).unwrap();

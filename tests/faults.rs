@@ -4,10 +4,12 @@
 //! 2 for bad input, 1 for a runtime failure, never 101/134/139, never a hang, never a destroyed
 //! input or device node, and no report that claims a success that did not happen.
 
-use std::io::{BufRead, BufReader};
+use std::ffi::OsStr;
+use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -59,9 +61,10 @@ fn plan(args: &[&str]) -> Out {
 }
 
 /// `mpirun -n ranks eplb-worker run ARGS`.
-fn mpirun(ranks: usize, args: &[&str]) -> Out {
+fn mpirun<A: AsRef<str>>(ranks: usize, args: &[A]) -> Out {
     let n = ranks.to_string();
-    bounded("mpirun", &[&["-n", &n, "--oversubscribe", BIN, "run"], args].concat(), &[])
+    let args: Vec<&str> = args.iter().map(AsRef::as_ref).collect();
+    bounded("mpirun", &[&["-n", &n, "--oversubscribe", BIN, "run"], &args[..]].concat(), &[])
 }
 
 fn s(p: &Path) -> String {
@@ -332,23 +335,24 @@ fn ranks_with_different_settings_stop_before_anything_moves() {
 
 // ------------------------------------------------------------------ a rank stopped or killed
 
+/// Spawns `cmd` with its stdout and stderr piped, and reads its stderr to the end on a thread of
+/// its own (a full pipe never blocks the child while the caller reads its stdout).
+fn spawn_piped(cmd: &mut Command) -> (Child, JoinHandle<String>) {
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let err_reader = std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        stderr.read_to_end(&mut bytes).ok();
+        String::from_utf8_lossy(&bytes).into_owned()
+    });
+    (child, err_reader)
+}
+
 /// Starts `mpirun -n ranks eplb-worker run ARGS`, reads rank 0's `# Using devices` block for the
 /// pid of `victim`, sends it `signal` once `wait_line` has been printed, and waits for the end.
-fn run_and_signal(ranks: usize, args: &[&str], victim: usize, signal: &str) -> (Out, u32) {
+fn run_and_signal<A: AsRef<OsStr>>(ranks: usize, args: &[A], victim: usize, signal: &str) -> (Out, u32) {
     let start = Instant::now();
-    let mut child = common::mpirun_bounded(BOUND_S, ranks)
-        .args([BIN, "run"])
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let err_reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        std::io::Read::read_to_string(&mut BufReader::new(stderr), &mut s).ok();
-        s
-    });
+    let (mut child, err_reader) = spawn_piped(common::mpirun_bounded(BOUND_S, ranks).args([BIN, "run"]).args(args));
     let mut stdout = String::new();
     let mut pid = 0u32;
     let mut signalled = false;
@@ -384,12 +388,29 @@ fn gone(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| s.split_whitespace().nth(2) == Some("Z"))
 }
 
-/// The job ended nonzero within `--timeout` + 30 s (and 10 s of slack), named `silent` as the rank
-/// that did not answer, and its report says failed. Returns the report.
-fn assert_timed_out(r: &Out, silent: usize, timeout_s: f64, report_path: &Path) -> Value {
+/// `--timeout` of the cases where a rank stops answering, seconds: short, so that they end soon.
+const TIMEOUT_S: u64 = 3;
+
+/// `args`, then `--report` into a fresh folder `name`; and that report's path.
+fn with_report(name: &str, args: &[&str]) -> (Vec<String>, PathBuf) {
+    let path = tmpdir(name).join("report.json");
+    let mut all: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    all.extend(["--report".to_string(), s(&path)]);
+    (all, path)
+}
+
+/// The flags of a case where a rank stops answering: `args`, then `--timeout` [`TIMEOUT_S`] and
+/// `--report` into a fresh folder `name`; and that report's path.
+fn timeout_case(name: &str, args: &[&str]) -> (Vec<String>, PathBuf) {
+    with_report(name, &[args, &["--timeout", &TIMEOUT_S.to_string()]].concat())
+}
+
+/// The job ended nonzero within `--timeout` ([`TIMEOUT_S`]) + 30 s (and 10 s of slack), named
+/// `silent` as the rank that did not answer, and its report says failed. Returns the report.
+fn assert_timed_out(r: &Out, silent: usize, report_path: &Path) -> Value {
     assert_ne!(r.code, 124, "hung:\n{}", r.stderr);
     assert_ne!(r.code, 0);
-    assert!(r.seconds < timeout_s + 30.0 + 10.0, "took {} s", r.seconds);
+    assert!(r.seconds < TIMEOUT_S as f64 + 30.0 + 10.0, "took {} s", r.seconds);
     assert!(r.stderr.contains(&format!("rank(s) {silent} did not answer")), "{}", r.stderr);
     let doc = report(report_path);
     assert_eq!(doc["status"], "failed", "{doc}");
@@ -398,23 +419,10 @@ fn assert_timed_out(r: &Out, silent: usize, timeout_s: f64, report_path: &Path) 
 
 #[test]
 fn a_stopped_rank_ends_the_job_within_the_timeout() {
-    let d = tmpdir("sigstop");
-    let path = d.join("report.json");
-    let timeout_s = 3.0;
-    let args = [
-        "--steps",
-        "100000000",
-        "--eplb-update-interval-steps",
-        "20",
-        "--expert-bytes",
-        "8192",
-        "--timeout",
-        "3",
-        "--report",
-        &s(&path),
-    ];
+    let args = ["--steps", "100000000", "--eplb-update-interval-steps", "20", "--expert-bytes", "8192"];
+    let (args, path) = timeout_case("sigstop", &args);
     let (r, pid) = run_and_signal(4, &args, 2, "-STOP");
-    let doc = assert_timed_out(&r, 2, timeout_s, &path);
+    let doc = assert_timed_out(&r, 2, &path);
     assert!(doc["error"].as_str().unwrap().contains("rank(s) 2 did not answer"), "{doc}");
     std::thread::sleep(Duration::from_secs(1));
     if !gone(pid) {
@@ -466,20 +474,8 @@ fn a_killed_rank_during_migration_leaves_no_success_and_nothing_half_committed()
 
 #[test]
 fn a_corrupted_transfer_commits_nothing_and_the_live_weights_verify() {
-    let d = tmpdir("corrupt");
-    let path = d.join("report.json");
-    let args = [
-        "--eplb-update-interval-steps",
-        "5",
-        "--eplb-layers-per-step",
-        "0",
-        "--expert-bytes",
-        "65536",
-        "--fault",
-        "corrupt-transfer-on-rank=1",
-        "--report",
-        &s(&path),
-    ];
+    let flags = ["--eplb-update-interval-steps", "5", "--eplb-layers-per-step", "0", "--expert-bytes", "65536"];
+    let (args, path) = with_report("corrupt", &[&flags[..], &["--fault", "corrupt-transfer-on-rank=1"]].concat());
     let r = mpirun(4, &args);
     r.assert_code(1, "corrupted transfer");
     let doc = report(&path);
@@ -494,24 +490,11 @@ fn a_corrupted_transfer_commits_nothing_and_the_live_weights_verify() {
 
 #[test]
 fn a_rank_hung_at_its_migration_ends_the_job_within_the_timeout_with_nothing_committed() {
-    let d = tmpdir("hang");
-    let path = d.join("report.json");
-    let timeout_s = 3.0;
-    let args = [
-        "--eplb-update-interval-steps",
-        "5",
-        "--expert-bytes",
-        "65536",
-        "--timeout",
-        "3",
-        "--fault",
-        "hang-transfer-on-rank=1",
-        "--report",
-        &s(&path),
-    ];
+    let args = ["--eplb-update-interval-steps", "5", "--expert-bytes", "65536", "--fault", "hang-transfer-on-rank=1"];
+    let (args, path) = timeout_case("hang", &args);
     let r = mpirun(4, &args);
     assert_eq!(r.code, 1, "{}", r.stderr);
-    let doc = assert_timed_out(&r, 1, timeout_s, &path);
+    let doc = assert_timed_out(&r, 1, &path);
     // The hang came at the first migration: no layer was committed anywhere.
     assert_eq!((doc["layers_updated"].as_u64(), doc["experts_moved"].as_u64()), (Some(0), Some(0)), "{doc}");
 }
@@ -520,18 +503,8 @@ fn a_rank_hung_at_its_migration_ends_the_job_within_the_timeout_with_nothing_com
 
 #[test]
 fn a_panic_on_one_rank_exits_1_and_ends_the_job() {
-    let d = tmpdir("panic");
-    let path = d.join("report.json");
-    let args = [
-        "--eplb-update-interval-steps",
-        "5",
-        "--expert-bytes",
-        "8192",
-        "--fault",
-        "panic-on-rank=1",
-        "--report",
-        &s(&path),
-    ];
+    let args = ["--eplb-update-interval-steps", "5", "--expert-bytes", "8192", "--fault", "panic-on-rank=1"];
+    let (args, path) = with_report("panic", &args);
     let r = mpirun(4, &args);
     assert_ne!(r.code, 124, "hung:\n{}", r.stderr);
     assert_eq!(r.code, 1, "exit 1, never 101 or 134: {}", r.stderr);

@@ -531,6 +531,39 @@ enum eplb_status eplb_at_step_boundary(struct eplb_region *r,
                                        int32_t *applied_layer);
 
 /*
+ The boundary in two calls, for engines whose collective does not fit a callback (or runs
+ asynchronously): the first half of the boundary before running `step` (== engine_step) reads
+ the mailbox and sets `*have` (the id of the command every rank must have to apply it at this
+ boundary, or 0) and `*posted` (may be NULL: the id of a command posted and not yet answered,
+ whatever its step, or 0). The engine then agrees (the min and max of `have` over its ranks,
+ every rank at every boundary) and calls [`eplb_boundary_end`]. When `*have` and `*posted` are
+ both 0, the end has nothing to do and may be skipped. Calling it again before the end reads the
+ mailbox again (after [`eplb_table_fault`], the command is then rejected, not applied).
+
+ # Safety
+ `r` is NULL or a live region; `have` is NULL or valid; `posted` is NULL or valid.
+ */
+enum eplb_status eplb_boundary_begin(struct eplb_region *r,
+                                     uint64_t step,
+                                     uint64_t *have,
+                                     uint64_t *posted);
+
+/*
+ The second half of the boundary of `step`, after [`eplb_boundary_begin`] of the same step:
+ `lo`, `hi` are the min and max of `have` over every engine rank. Applies the command in place
+ when `lo == hi == have != 0`, else answers it (cancelled, or rejected when invalid).
+ `*applied_layer` (may be NULL): the layer applied, or -1.
+
+ # Safety
+ `r` is NULL or a live region; `applied_layer` is NULL or valid.
+ */
+enum eplb_status eplb_boundary_end(struct eplb_region *r,
+                                   uint64_t step,
+                                   uint64_t lo,
+                                   uint64_t hi,
+                                   int32_t *applied_layer);
+
+/*
  The live `phy2log` row of `layer` into `out` (`len` == num_physical).
 
  # Safety

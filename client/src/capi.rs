@@ -104,6 +104,18 @@ fn set_error(msg: &str) {
     LAST_ERROR.with(|e| *e.borrow_mut() = c);
 }
 
+/// After a call that succeeded: the message is empty, without an allocation when it already is
+/// (the step's calls succeed every step; a malloc and a free with cold caches cost more than the
+/// rest of the call).
+fn clear_error() {
+    LAST_ERROR.with(|e| {
+        let mut e = e.borrow_mut();
+        if !e.as_bytes().is_empty() {
+            *e = CString::default();
+        }
+    });
+}
+
 fn status_of(kind: ErrorKind) -> eplb_status {
     match kind {
         ErrorKind::Invalid => eplb_status::EPLB_ERR_INVALID,
@@ -123,7 +135,7 @@ fn bad(msg: impl Into<String>) -> ClientError {
 fn guard(what: &str, f: impl FnOnce() -> Result<(), ClientError>) -> eplb_status {
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(Ok(())) => {
-            set_error("");
+            clear_error();
             eplb_status::EPLB_OK
         }
         Ok(Err(e)) => {
@@ -375,6 +387,68 @@ pub unsafe extern "C" fn eplb_at_step_boundary(
         };
         let agree_dyn: Option<AgreeFn<'_>> = if agree.is_some() { Some(&mut call) } else { None };
         let applied = reg.at_step_boundary(step, agree_dyn)?;
+        if let (Some(layer), false) = (applied, applied_layer.is_null()) {
+            *applied_layer = layer as i32;
+        }
+        Ok(())
+    })
+}
+
+/// The boundary in two calls, for engines whose collective does not fit a callback (or runs
+/// asynchronously): the first half of the boundary before running `step` (== engine_step) reads
+/// the mailbox and sets `*have` (the id of the command every rank must have to apply it at this
+/// boundary, or 0) and `*posted` (may be NULL: the id of a command posted and not yet answered,
+/// whatever its step, or 0). The engine then agrees (the min and max of `have` over its ranks,
+/// every rank at every boundary) and calls [`eplb_boundary_end`]. When `*have` and `*posted` are
+/// both 0, the end has nothing to do and may be skipped. Calling it again before the end reads the
+/// mailbox again (after [`eplb_table_fault`], the command is then rejected, not applied).
+///
+/// # Safety
+/// `r` is NULL or a live region; `have` is NULL or valid; `posted` is NULL or valid.
+#[no_mangle]
+pub unsafe extern "C" fn eplb_boundary_begin(
+    r: *mut eplb_region,
+    step: u64,
+    have: *mut u64,
+    posted: *mut u64,
+) -> eplb_status {
+    if !posted.is_null() {
+        *posted = 0;
+    }
+    guard("eplb_boundary_begin", || {
+        let reg = region(r)?;
+        if have.is_null() {
+            return Err(bad("have is NULL"));
+        }
+        let begun = reg.boundary_begin(step)?;
+        *have = begun.have;
+        if !posted.is_null() {
+            *posted = begun.posted;
+        }
+        Ok(())
+    })
+}
+
+/// The second half of the boundary of `step`, after [`eplb_boundary_begin`] of the same step:
+/// `lo`, `hi` are the min and max of `have` over every engine rank. Applies the command in place
+/// when `lo == hi == have != 0`, else answers it (cancelled, or rejected when invalid).
+/// `*applied_layer` (may be NULL): the layer applied, or -1.
+///
+/// # Safety
+/// `r` is NULL or a live region; `applied_layer` is NULL or valid.
+#[no_mangle]
+pub unsafe extern "C" fn eplb_boundary_end(
+    r: *mut eplb_region,
+    step: u64,
+    lo: u64,
+    hi: u64,
+    applied_layer: *mut i32,
+) -> eplb_status {
+    if !applied_layer.is_null() {
+        *applied_layer = -1;
+    }
+    guard("eplb_boundary_end", || {
+        let applied = region(r)?.boundary_end(step, lo, hi)?;
         if let (Some(layer), false) = (applied, applied_layer.is_null()) {
             *applied_layer = layer as i32;
         }

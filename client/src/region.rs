@@ -255,6 +255,22 @@ struct State {
     /// The command whose row and mask are in `row`, `mask` (read under one sequence lock).
     cmd: Option<CommandHead>,
     apply: Option<ApplyFn>,
+    /// What [`EngineRegion::boundary_begin`] found, until its [`EngineRegion::boundary_end`].
+    begun: Option<Begun>,
+}
+
+/// What [`EngineRegion::boundary_begin`] found at the boundary of `step`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Begun {
+    pub step: u64,
+    /// The pending command's id when it is for this very boundary and valid, else 0: what the
+    /// engine's ranks agree on (`min`, `max` of `have` over every rank).
+    pub have: u64,
+    /// The id of a command posted and not yet answered, whatever its step (0: none). When
+    /// `have` and `posted` are both 0, [`EngineRegion::boundary_end`] has nothing to do.
+    pub posted: u64,
+    /// An invalid command for this boundary, answered rejected at the end.
+    reject: Option<u64>,
 }
 
 /// One engine rank's region (see the module doc).
@@ -641,6 +657,7 @@ impl EngineRegion {
                 mask: vec![false; spr],
                 slots: Vec::with_capacity(spr),
                 cmd: None,
+                begun: None,
                 apply,
             }),
         };
@@ -794,15 +811,40 @@ impl EngineRegion {
 
     /// The boundary before running `step` (`== engine_step`): reads the mailbox, agrees with the
     /// other ranks (`agree(have) -> (min, max)`; None only with one rank), applies in place or
-    /// answers. Returns the layer applied, if any.
+    /// answers. Returns the layer applied, if any. [`Self::boundary_begin`], `agree`, then
+    /// [`Self::boundary_end`].
     pub fn at_step_boundary(&self, step: u64, agree: Option<AgreeFn<'_>>) -> Result<Option<u32>, ClientError> {
-        let mut guard = self.lock();
-        let st = &mut *guard;
-        if let Some(why) = st.broken.as_deref().or(st.closed.then_some("closed (finished or failed)")) {
-            return Err(state(format!("at_step_boundary: the region is {why}")));
-        }
         if agree.is_none() && self.cfg.world_size != 1 {
             return Err(invalid("agree is required with more than one engine rank"));
+        }
+        let have = self.boundary_begin(step)?.have;
+        let (lo, hi) = match agree {
+            None => (have, have),
+            Some(f) => f(have).map_err(|code| {
+                self.lock().begun = None;
+                ClientError {
+                    kind: ErrorKind::Callback,
+                    message: format!("the agree callback returned {code} at the boundary of step {step}"),
+                }
+            })?,
+        };
+        self.boundary_end(step, lo, hi)
+    }
+
+    /// The first half of the boundary before running `step` (`== engine_step`), for engines
+    /// whose collective does not fit a callback: reads the mailbox (a command whose step has
+    /// passed is answered missed) and says what this rank has for this boundary. The engine then
+    /// agrees (`min`, `max` of `have` over its ranks, every rank at every boundary) and calls
+    /// [`Self::boundary_end`] with them. May be called again before the end (it reads the mailbox
+    /// again: an engine that found its tensors moved reports `table_fault` and begins again, so
+    /// that the command is rejected, not applied). When `have` and `posted` are both 0 the end has
+    /// nothing to do and may be skipped.
+    pub fn boundary_begin(&self, step: u64) -> Result<Begun, ClientError> {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        st.begun = None;
+        if let Some(why) = st.broken.as_deref().or(st.closed.then_some("closed (finished or failed)")) {
+            return Err(state(format!("at_step_boundary: the region is {why}")));
         }
         self.publish_locked(st)?;
         let now = self.engine_step();
@@ -810,19 +852,37 @@ impl EngineRegion {
             return Err(state(format!("at_step_boundary({step}) but engine_step is {now}")));
         }
         self.heartbeat();
-        let (have, reject) = self.pending_for(st, step);
-        let (lo, hi) = match agree {
-            None => (have, have),
-            Some(f) => f(have).map_err(|code| ClientError {
-                kind: ErrorKind::Callback,
-                message: format!("the agree callback returned {code} at the boundary of step {step}"),
-            })?,
+        let (have, reject, posted) = self.pending_for(st, step);
+        let begun = Begun { step, have, posted, reject: reject.map(|(id, _why)| id) };
+        st.begun = Some(begun);
+        Ok(begun)
+    }
+
+    /// The second half of the boundary of `step`: with `lo == hi == have != 0` (every rank has the
+    /// command) applies it in place and answers applied; otherwise answers an invalid command
+    /// rejected and a valid one cancelled. Returns the layer applied, if any.
+    pub fn boundary_end(&self, step: u64, lo: u64, hi: u64) -> Result<Option<u32>, ClientError> {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        if let Some(why) = st.broken.as_deref().or(st.closed.then_some("closed (finished or failed)")) {
+            return Err(state(format!("at_step_boundary: the region is {why}")));
+        }
+        let Some(begun) = st.begun.take() else {
+            return Err(state(format!("boundary_end({step}) without boundary_begin({step})")));
         };
-        let mb = self.mailbox();
+        if begun.step != step {
+            return Err(state(format!("boundary_end({step}) but boundary_begin was for step {}", begun.step)));
+        }
+        let now = self.engine_step();
+        if step != now {
+            return Err(state(format!("boundary_end({step}) but engine_step is {now}")));
+        }
+        let have = begun.have;
         if have != 0 && lo == have && hi == have {
             return self.apply(st, step, have).map(Some);
         }
-        if let Some((id, _why)) = reject {
+        let mb = self.mailbox();
+        if let Some(id) = begun.reject {
             mb.answer(id, EPLB_ACK_REJECTED, step);
         } else if have != 0 {
             mb.answer(have, EPLB_ACK_CANCELLED, step);
@@ -830,32 +890,33 @@ impl EngineRegion {
         Ok(None)
     }
 
-    /// `(have, reject)`: `have` is the pending command's id when it is for this very boundary and
-    /// valid, else 0; `reject` is `(id, why)` for one for this boundary that is invalid. A command
+    /// `(have, reject, posted)`: `have` is the pending command's id when it is for this very
+    /// boundary and valid, else 0; `reject` is `(id, why)` for one for this boundary that is
+    /// invalid; `posted` the id of a command posted and not answered (0: none). A command
     /// being written counts as none (the engine never waits for the sidecar); one whose step
     /// has passed is answered missed. The row and mask are left in `st.row`, `st.mask`.
-    fn pending_for(&self, st: &mut State, step: u64) -> (u64, Option<(u64, String)>) {
+    fn pending_for(&self, st: &mut State, step: u64) -> (u64, Option<(u64, String)>, u64) {
         let mb = self.mailbox();
         let ack = mb.ack_id();
         let Some((cmd, body)) =
             mb.read(|h| h.id != 0 && h.id != ack && h.apply_step == step, &mut st.row, &mut st.mask)
         else {
-            return (0, None);
+            return (0, None, 0);
         };
         if cmd.id == 0 || cmd.id == ack {
-            return (0, None);
+            return (0, None, 0);
         }
         if cmd.apply_step < step {
             mb.answer(cmd.id, EPLB_ACK_MISSED, step);
-            return (0, None);
+            return (0, None, 0);
         }
         if cmd.apply_step > step || !body {
-            return (0, None);
+            return (0, None, cmd.id);
         }
         st.cmd = Some(cmd);
         match self.invalid(st, &cmd) {
-            Some(why) => (0, Some((cmd.id, why))),
-            None => (cmd.id, None),
+            Some(why) => (0, Some((cmd.id, why)), cmd.id),
+            None => (cmd.id, None, cmd.id),
         }
     }
 

@@ -47,6 +47,8 @@ fn header_names_the_agreed_interface() {
         "eplb_publish(",
         "eplb_record(",
         "eplb_at_step_boundary(",
+        "eplb_boundary_begin(",
+        "eplb_boundary_end(",
         "eplb_phy2log(",
         "eplb_heartbeat(",
         "eplb_table_fault(",

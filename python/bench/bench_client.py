@@ -7,7 +7,8 @@ engine's own collective is not the client's cost).
 
 ``--backend both`` (the default) measures the pure-Python client and the client on the compiled
 core (libeplb_client, issue 21) in the same run, interleaved step by step, so that both see the
-same machine load.
+same machine load; and, where ``eplb_client._fast`` is built, the compiled core's step in one call
+(``EngineRegion.step_end``: record + the next boundary, "native step_end").
 """
 
 import argparse
@@ -18,6 +19,7 @@ import numpy as np
 
 from eplb_client import EngineRegion, LayerTensor
 from eplb_client import region as R
+from eplb_client.region import _fast
 
 
 def main():
@@ -46,6 +48,15 @@ def main():
     # One engine rank: no agreement (None); several: the identity stands for the engine's collective.
     agree = (lambda have: (have, have)) if a.world > 1 else None  # noqa: E731
     times = {b: ([], [], []) for b in backends}  # boundary, record, both
+    end = None
+    if "native" in backends and _fast is not None:
+        step_reg = EngineRegion.create(f"bench{os.getpid()}step", 0, a.world, a.layers, a.slots, a.experts,
+                                       [[LayerTensor("w", np.zeros((a.slots, a.expert_bytes), np.uint8))]
+                                        for _ in range(a.layers)], phy2log, ring_len=64, backend="native")
+        step_counts = counts.astype(np.int64)  # the engine's buffer, bound once
+        end = step_reg.step_end(step_counts, agree, compiled=True)
+        step_reg.at_step_boundary(0, agree)
+        times["native step_end"] = ([], [], [])
     flush = np.ones(8 << 20) if a.cold else None
     for t in range(a.steps):
         for b in backends:  # interleaved: both backends see the same load
@@ -60,6 +71,13 @@ def main():
             reg.record(t, counts, phase="decode", tokens=256)
             t2 = time.perf_counter_ns()
             bnd.append(t1 - t0), rec.append(t2 - t1), both.append(t2 - t0)
+        if end is not None:
+            if flush is not None:
+                flush *= 1.0
+                time.sleep(0.002)
+            t0 = time.perf_counter_ns()
+            end(t, "decode", 256)  # record t + the boundary of t + 1
+            times["native step_end"][2].append(time.perf_counter_ns() - t0)
     # Baseline: the least an engine does to hand its counts to anyone (a copy into a buffer and a
     # clock read), without the ring's sequence lock or the mailbox.
     buf = np.zeros((64, a.layers, a.slots), np.uint64)
@@ -77,10 +95,14 @@ def main():
     apply_times = {b: apply_bench(regs[b], a, counts, agree) for b in backends}
     for r in regs.values():
         r.finish()
+    if end is not None:
+        step_reg.finish()
     us = lambda v: np.array(v) / 1000.0  # noqa: E731
     print(f"# client cost, {a.layers} layers x {a.slots} slots, world {a.world}, {a.steps} steps"
           f"{', cold caches' if a.cold else ''}")
     rows = [(f"{b}: record + boundary", times[b][2]) for b in backends]
+    if end is not None:
+        rows += [("native step_end (one call)", times["native step_end"][2])]
     rows += [(f"{b}: boundary (no command)", times[b][0]) for b in backends]
     rows += [(f"{b}: record", times[b][1]) for b in backends]
     rows += [("baseline: copy + clock", base)]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
+import weakref
 from ctypes import POINTER, c_char_p, c_int, c_int32, c_size_t, c_uint32, c_uint64, c_void_p
 from pathlib import Path
 from typing import Any, Callable, List, Optional, Sequence, Tuple
@@ -54,8 +55,6 @@ class Config(ctypes.Structure):
                 ("tensors", POINTER(TensorDesc)), ("staging", POINTER(TensorDesc)), ("phy2log", POINTER(c_int32))]
 
 
-# The agree callback's out-pointers arrive as plain addresses (cheaper than pointer objects).
-AGREE_FN = ctypes.CFUNCTYPE(c_int, c_void_p, c_uint64, c_void_p, c_void_p)
 APPLY_FN = ctypes.CFUNCTYPE(c_int, c_void_p, c_uint32, POINTER(c_uint32), c_size_t)
 
 
@@ -91,8 +90,12 @@ class Library:
         for h in (lib, fast):
             h.eplb_record.restype = c_int
             h.eplb_record.argtypes = [c_void_p, c_uint64, c_uint32, c_void_p, c_size_t, c_uint64, c_uint64]
-            h.eplb_at_step_boundary.restype = c_int
-            h.eplb_at_step_boundary.argtypes = [c_void_p, c_uint64, AGREE_FN, c_void_p, c_void_p]
+            # The boundary in two calls: the engine's agree runs in Python between them (no
+            # callback from C into Python, which costs more than the rest of the boundary).
+            h.eplb_boundary_begin.restype = c_int
+            h.eplb_boundary_begin.argtypes = [c_void_p, c_uint64, c_void_p, c_void_p]
+            h.eplb_boundary_end.restype = c_int
+            h.eplb_boundary_end.argtypes = [c_void_p, c_uint64, c_uint64, c_uint64, c_void_p]
             h.eplb_heartbeat.restype, h.eplb_heartbeat.argtypes = c_int, [c_void_p]
         lib.eplb_phy2log.restype, lib.eplb_phy2log.argtypes = c_int, [c_void_p, c_uint32, c_void_p, c_size_t]
         lib.eplb_table_fault.restype, lib.eplb_table_fault.argtypes = c_int, [c_void_p, c_uint32, c_uint32]
@@ -166,19 +169,21 @@ class NativeRegion:
         self.lib = lib
         self._l = lib.lib
         self._record = lib.fast.eplb_record
-        self._boundary = lib.fast.eplb_at_step_boundary
+        self._begin = lib.fast.eplb_boundary_begin
+        self._end = lib.fast.eplb_boundary_end
         self._beat = lib.fast.eplb_heartbeat
         self._keep = keep  # the descriptions' strings and buffers, alive while the library reads them
         self.callback_error: Optional[BaseException] = None
-        self._agree: Optional[Callable[[int], Tuple[int, int]]] = None
         self._apply = apply
-        self._agree_fn = AGREE_FN(self._agree_tramp)
         self._apply_fn = APPLY_FN(self._apply_tramp) if apply is not None else APPLY_FN()
-        self._no_agree = AGREE_FN()
-        self._lo_at = self._hi_at = 0
-        self._lo = self._hi = c_uint64()
-        self._applied = c_int32(-1)
+        # The out-values of the step's calls, allocated once (a ctypes object a call costs more
+        # than the call's own work).
+        self._have, self._posted, self._applied = c_uint64(), c_uint64(), c_int32(-1)
+        self._have_at, self._posted_at = ctypes.addressof(self._have), ctypes.addressof(self._posted)
         self._applied_at = ctypes.addressof(self._applied)
+        # The compiled step ends (eplb_client._fast.StepEnd) that hold this region's pointer:
+        # detached before the region is freed.
+        self._step_ends: "weakref.WeakSet[Any]" = weakref.WeakSet()
         self.count_len = count_len
         ptr = c_void_p()
         rc = self._l.eplb_create(name.encode(), ctypes.byref(cfg), self._apply_fn, None, ctypes.byref(ptr))
@@ -191,26 +196,6 @@ class NativeRegion:
             err, self.callback_error = self.callback_error, None
             return err
         return self.lib.error(rc, what)
-
-    def _agree_tramp(self, _user: Any, have: int, lo: int, hi: int) -> int:
-        try:
-            a, b = self._agree(have)  # type: ignore[misc]
-            if type(a) is not int or type(b) is not int or not (0 <= a < 1 << 64 and 0 <= b < 1 << 64):
-                a, b = int(a), int(b)  # numpy integers; ctypes would wrap a negative or too large value
-                if not (0 <= a < 1 << 64 and 0 <= b < 1 << 64):
-                    raise ContractError(f"agree returned ({a}, {b}): the min and max of have, in [0, 2^64)")
-            # The out-pointers are the library's locals: the same addresses call after call, so
-            # their ctypes views are kept (creating two objects a boundary costs more than the rest).
-            if lo != self._lo_at:
-                self._lo, self._lo_at = c_uint64.from_address(lo), lo
-            if hi != self._hi_at:
-                self._hi, self._hi_at = c_uint64.from_address(hi), hi
-            self._lo.value = a
-            self._hi.value = b
-            return 0
-        except BaseException as e:  # noqa: BLE001 - handed back to the caller of at_step_boundary
-            self.callback_error = e
-            return 1
 
     def _apply_tramp(self, _user: Any, layer: int, slots: Any, n: int) -> int:
         try:
@@ -239,14 +224,23 @@ class NativeRegion:
         if rc != OK:
             raise self._error(rc, "eplb_record")
 
-    def at_step_boundary(self, step: int, agree: Optional[Callable[[int], Tuple[int, int]]]) -> int:
-        """The layer applied, or -1."""
-        self._agree = agree
-        rc = self._boundary(self.ptr, step, self._agree_fn if agree is not None else self._no_agree, None,
-                            self._applied_at)
+    def boundary_begin(self, step: int) -> Tuple[int, int]:
+        """``eplb_boundary_begin``: (have, posted)."""
+        rc = self._begin(self.ptr, step, self._have_at, self._posted_at)
         if rc != OK:
-            raise self._error(rc, "eplb_at_step_boundary")
+            raise self._error(rc, "eplb_boundary_begin")
+        return self._have.value, self._posted.value
+
+    def boundary_end(self, step: int, lo: int, hi: int) -> int:
+        """``eplb_boundary_end``: the layer applied, or -1."""
+        rc = self._end(self.ptr, step, lo, hi, self._applied_at)
+        if rc != OK:
+            raise self._error(rc, "eplb_boundary_end")
         return self._applied.value
+
+    def adopt(self, step_end: Any) -> None:
+        """Keeps a compiled step end to detach when the region is freed."""
+        self._step_ends.add(step_end)
 
     def heartbeat(self) -> None:
         if self.ptr is not None:
@@ -269,6 +263,8 @@ class NativeRegion:
 
     def close(self) -> None:
         """Unmaps, removes the file (a running region is marked failed first) and frees."""
+        for step_end in list(self._step_ends):
+            step_end.detach()  # it must not call into the library with a freed pointer
         ptr, self.ptr = self.ptr, None
         if ptr is not None:
             self._l.eplb_close(ptr)

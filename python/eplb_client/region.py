@@ -8,6 +8,11 @@ its expert tensors, publishes it, and then at every step:
   answers it, and returns the placement the router needs;
 * ``record(step, counts, phase)`` after the forward pass: one load-ring entry under a sequence lock.
 
+Or, after the first boundary, one call a step: ``end = region.step_end(counts, agree)`` binds the
+engine's counts buffer, and ``end(step, phase, tokens, moe_ns)`` after each forward pass records
+``step`` and runs the boundary before ``step + 1`` (through ``eplb_client._fast`` on the compiled
+core: what an engine pays a step with nothing pending; see :meth:`EngineRegion.step_end`).
+
 Only the engine writes the live weights, ``phy2log``, the epochs and ``table_fault``, and only
 inside ``at_step_boundary``; the sidecar writes the staging rows and the mailbox.
 
@@ -92,6 +97,11 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tu
 import numpy as np
 
 from . import _native
+
+try:  # the step in one call (python/setup.py builds it where a C compiler and Python's headers are)
+    from . import _fast
+except ImportError:
+    _fast = None  # type: ignore[assignment]
 from .errors import ContractError
 
 log = logging.getLogger("eplb_client")
@@ -1138,7 +1148,11 @@ class EngineRegion:
                 raise ContractError(f"at_step_boundary: the region is {self._broken or 'closed'}")
             if not self._published:
                 self.publish()
-            if self._native is not None and type(step) is int and step >= 0:
+            if type(step) is not int and not isinstance(step, bool) and isinstance(step, np.integer):
+                step = int(step)
+            if self._native is not None:
+                if type(step) is not int or not 0 <= step < 1 << 64:
+                    raise ContractError(f"at_step_boundary({step!r}) but engine_step is {self.engine_step}")
                 return self._native_boundary(step, agree)  # the library checks the step
             if step != int(self._h[_W_ENGINE_STEP]):
                 raise ContractError(f"at_step_boundary({step}) but engine_step is {int(self._h[_W_ENGINE_STEP])}")
@@ -1156,7 +1170,7 @@ class EngineRegion:
                     raise ContractError("agree is required with more than one engine rank")
                 lo = hi = have
             else:
-                lo, hi = agree(have)
+                lo, hi = _agreed(agree(have))
             placement = self.placement()
             if have and lo == hi == have:
                 # The layer as _apply read it: once answered, the mailbox may already hold the
@@ -1169,6 +1183,70 @@ class EngineRegion:
                 self._answer(have, ACK_CANCELLED, step)
             return placement
 
+    def step_end(self, counts: Any, agree: Optional[Callable[[int], Tuple[int, int]]] = None,
+                 compiled: Optional[bool] = None) -> Callable[..., int]:
+        """The end of a step in one call: ``end = region.step_end(counts, agree)``, then after the
+        forward pass of each step ``end(step, phase="decode", tokens=0, moe_ns=0)`` records
+        ``step`` from ``counts`` and runs the boundary before ``step + 1`` with ``agree``
+        (``record`` then ``at_step_boundary(step + 1, agree)``); it returns the layer applied at
+        that boundary, or -1 (:meth:`placement` has the live placement). The first boundary
+        (step 0) is the engine's own ``at_step_boundary(0, agree)``.
+
+        ``counts``: the engine's buffer of the step's counts, written in place each step and read
+        at each call: a C-contiguous ``int64`` or ``uint64`` numpy array (or CPU torch tensor) of
+        shape ``[num_layers, slots_per_rank]`` (counts ``"local"``) or ``[num_layers,
+        num_physical]``; it is held until the region is closed.
+
+        ``compiled``: None (default) takes the compiled step (``eplb_client._fast`` on the
+        native backend) when it is there, True requires it (ContractError if not), False never
+        takes it. The compiled step does record + boundary in C with one call from Python when no
+        command is posted (nearly every step) and hands every other case to the same Python code
+        as ``record`` and ``at_step_boundary`` (commands, GPU address checks, every error and its
+        message), so both behave alike; it holds no Python-side lock: call it from the engine's
+        step thread, in step order."""
+        if self._closed or self._broken:
+            raise ContractError(f"step_end: the region is {self._broken or 'closed'}")
+        if agree is None and self.world_size != 1:
+            raise ContractError("agree is required with more than one engine rank")
+        buf = counts
+        if _is_torch(buf):
+            if buf.device.type != "cpu":
+                raise ContractError(f"step_end: counts is on {buf.device}: bind a CPU buffer the engine copies into")
+            buf = buf.numpy()
+        want = (self.num_layers, self.count_cols)
+        if type(buf) is not np.ndarray or buf.shape != want or buf.dtype not in (np.int64, np.uint64) \
+                or not buf.flags.c_contiguous:
+            raise ContractError(
+                f"step_end: counts must be a C-contiguous int64 or uint64 array of shape {want}, got "
+                f"{getattr(buf, 'dtype', type(buf).__name__)} {getattr(buf, 'shape', '')} (for other types call "
+                f"record() and at_step_boundary())")
+
+        def slow(step: int, phase: str = "decode", tokens: int = 0, moe_ns: int = 0) -> int:
+            self.record(step, buf, phase, tokens, moe_ns)
+            return boundary(step + 1)
+
+        def boundary(step: int) -> int:
+            applied = self.at_step_boundary(step, agree).applied
+            return applied[0] if applied else -1
+
+        nat = self._native
+        why = ("the region is on the pure-Python backend" if nat is None else
+               "eplb_client._fast is not built (python/setup.py needs a C compiler and Python's headers)"
+               if _fast is None else "")
+        if compiled is False or (compiled is None and why):
+            return slow
+        if why:
+            raise ContractError(f"step_end(compiled=True): {why}")
+        assert nat is not None and _fast is not None and nat.ptr is not None
+        with self._lock:
+            if self._closed or self._broken:
+                raise ContractError(f"step_end: the region is {self._broken or 'closed'}")
+            if not self._published:
+                self.publish()
+            end = _fast.StepEnd(nat.lib.path, nat.ptr, buf, agree, slow, boundary, _agreed)
+            nat.adopt(end)
+        return end
+
     def _native_record(self, step: int, counts: Any, phase: str, tokens: int, moe_ns: int) -> None:
         """``record`` through the compiled core: the library checks the step, the phase and every
         count (each below ``MAX_COUNT``) before it touches the entry; Python checks only what
@@ -1179,6 +1257,8 @@ class EngineRegion:
             tokens = _u64(tokens, "tokens")
         if type(moe_ns) is not int or not 0 <= moe_ns < 1 << 64:
             moe_ns = _u64(moe_ns, "moe_ns")
+        if type(step) is not int and not isinstance(step, bool) and isinstance(step, np.integer):
+            step = int(step)  # as the pure-Python backend takes it
         if type(step) is not int or not 0 <= step < 1 << 64:
             raise ContractError(f"record({step!r}) but engine_step is {self.engine_step}")
         code = PHASES.get(phase) if type(phase) is str else None
@@ -1201,30 +1281,38 @@ class EngineRegion:
                 raise ContractError(str(e)) from None
 
     def _native_boundary(self, step: int, agree: Optional[Callable[[int], Tuple[int, int]]]) -> Placement:
-        """``at_step_boundary`` through the compiled core (the caller holds the lock and checked
-        the step). GPU weights: the tensors' addresses are checked here, as the Python path does,
-        and a moved one is reported to the library (``eplb_table_fault``), which then rejects."""
+        """``at_step_boundary`` through the compiled core, in two calls (the caller holds the lock
+        and checked the step): ``eplb_boundary_begin`` says what this rank has, ``agree`` runs
+        here in Python, ``eplb_boundary_end`` applies or answers. GPU weights: when a command is
+        posted, the tensors' addresses are checked as the Python path does (the whole table when
+        a command is first seen, the copied ones before an apply); a moved one is reported to the
+        library (``eplb_table_fault``) and the boundary begun again, so that the command is
+        rejected on this rank and cancelled on the others, never applied."""
         nat, h = self._native, self._h
         assert nat is not None
-        if self._ptrs and not int(h[_W_TABLE_FAULT]):
-            cmd_id = int(h[_W_CMD_ID])
-            if cmd_id and cmd_id != int(h[_W_ACK_ID]):
-                if cmd_id != self._ptrs_seen:
-                    self._ptrs_seen = cmd_id
-                    self._check_pointers()
-                layer = int(h[_W_CMD_LAYER])
-                if int(h[_W_CMD_APPLY_STEP]) == step and layer < self.num_layers and not int(h[_W_TABLE_FAULT]):
-                    self._check_pointers(layer)
+        if agree is None and self.world_size != 1:
+            raise ContractError("agree is required with more than one engine rank")
         ack_before = int(h[_W_ACK_ID])
         try:
-            layer = nat.at_step_boundary(step, agree)
+            have, posted = nat.boundary_begin(step)
+            if posted and self._ptrs and not int(h[_W_TABLE_FAULT]):
+                moved = False
+                if posted != self._ptrs_seen:
+                    self._ptrs_seen = posted
+                    moved = not self._check_pointers()
+                if have and not moved:
+                    moved = not self._check_pointers(int(h[_W_CMD_LAYER]))
+                if moved:
+                    have, posted = nat.boundary_begin(step)
+            lo, hi = (have, have) if agree is None else _agreed(agree(have))
+            layer = nat.boundary_end(step, lo, hi)
         except _native.NativeError as e:
             if e.status == _native.ERR_CALLBACK or int(h[_W_ENGINE_STATE]) == ENGINE_FAILED:
                 self._broken = str(e)
             raise ContractError(str(e)) from None
         except BaseException as e:
-            # An agree or apply that raised (handed back by the library). An apply leaves this
-            # rank's weights possibly torn: the library set engine_state = failed.
+            # An apply that raised (handed back by the library) leaves this rank's weights
+            # possibly torn: the library set engine_state = failed.
             if int(h[_W_ENGINE_STATE]) == ENGINE_FAILED:
                 self._broken = f"the apply failed mid-copy ({type(e).__name__}: {e})"
                 log.error("rank %d step %d: %s; engine_state = failed", self.rank, step, self._broken)
@@ -1678,6 +1766,20 @@ def _read_table(mm: mmap.mmap, table_offset: int, num_layers: int, num_tensors: 
 
 def _at(mask: np.ndarray) -> Tuple[int, ...]:
     return tuple(int(i) for i in np.argwhere(mask)[0])
+
+
+def _agreed(pair: Any) -> Tuple[int, int]:
+    """``agree``'s answer as (min, max), each an integer in [0, 2^64)."""
+    try:
+        lo, hi = pair
+        ok = type(lo) is int and type(hi) is int
+        if not ok:
+            lo, hi = operator.index(lo), operator.index(hi)  # numpy integers
+    except (TypeError, ValueError):
+        raise ContractError(f"agree returned {pair!r}: want (min, max) of have over every engine rank") from None
+    if not (0 <= lo < 1 << 64 and 0 <= hi < 1 << 64):
+        raise ContractError(f"agree returned ({lo}, {hi}): the min and max of have, in [0, 2^64)")
+    return lo, hi
 
 
 def _u64(v: Any, what: str) -> int:

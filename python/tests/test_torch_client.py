@@ -220,7 +220,10 @@ def test_cuda_tensors_a_second_process_reads_and_stages_through_the_handles(name
 
 
 @needs_cuda
-def test_a_replaced_parameter_sets_table_fault(name):
+@pytest.mark.parametrize("stepping", ["boundary", "step_end"])
+def test_a_replaced_parameter_sets_table_fault(name, stepping):
+    # step_end: the compiled step hands a boundary with a command posted to the Python one, which
+    # checks the addresses before the command can be applied.
     handed = [layer_tensors(layer, "cuda") for layer in range(L)]
     params = [[torch.nn.Parameter(t.data, requires_grad=False) if t.data.dim() else t.data for t in row] for row in handed]
     layers = [[LayerTensor(t.name, p, t.kind, t.rows) for t, p in zip(row, prow)] for row, prow in zip(handed, params)]
@@ -229,9 +232,21 @@ def test_a_replaced_parameter_sets_table_fault(name):
                LayerTensor("w13_weight_scale_inv", torch.zeros((S, 2, 3), device="cuda"))]
     reg = EngineRegion.create(name, 0, W, L, S, E, layers, trivial(), ring_len=16, staging=staging)
     reg.publish()
+    agree = lambda have: (have, have)  # noqa: E731
+    counts = np.zeros((L, S), np.int64)
+    end = reg.step_end(counts, agree)
+    if stepping == "step_end":
+        reg.at_step_boundary(0, agree)
+        post(reg, 1, 1, 1, [1, 0, 1, 0])
+        assert end(0) == 1, "applied through the compiled step's hand-over"
+        assert int(reg._h[R._W_ACK_RESULT]) == ACK_APPLIED
     params[2][2].data = params[2][2].data.clone()  # what process_weights_after_loading may do
-    post(reg, 1, 0, 0, [1, 0, 1, 0])
-    reg.at_step_boundary(0, lambda have: (have, have))
+    if stepping == "boundary":
+        post(reg, 1, 0, 0, [1, 0, 1, 0])
+        reg.at_step_boundary(0, agree)
+    else:
+        post(reg, 2, 0, 2, [1, 0, 1, 0])
+        assert end(1) == -1
     assert reg.table_fault == 2 * 5 + 2 + 1
     assert int(reg._h[R._W_ACK_RESULT]) == ACK_REJECTED
     reg.finish()

@@ -22,6 +22,10 @@ eplb_install_build_deps() {
     || missing+=(libclang-dev)
   # A C compiler for libeplb_client's C tests (client/tests/c_smoke.rs, tests/capi.rs).
   command -v cc >/dev/null 2>&1 || missing+=(gcc libc6-dev)
+  # Python's headers: the client's C extension (python/setup.py: eplb_client._fast, the step in
+  # one call), which the tests require in the repository.
+  "${PYTHON:-python3}" -c 'import os, sys, sysconfig; sys.exit(not os.path.isfile(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+    2>/dev/null || missing+=(python3-dev)
   if ((${#missing[@]})); then
     echo "# installing ${missing[*]}"
     $EPLB_SUDO apt-get update -qq

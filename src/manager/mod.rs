@@ -31,12 +31,14 @@
 //!
 //! The two modes are types behind [`ManagerMode`]; [`Manager::new`] picks one from [`Mode`] (the
 //! one place the mode is matched), and the [`Controller`] drives the manager for `run` and
-//! `simulate` alike.
+//! `simulate` alike. `run`'s load and panic faults (tests) are a decorator around the mode
+//! ([`fault`]), never a branch in a mode or in the loop.
 
 pub mod args;
 pub mod controller;
 pub mod cost;
 pub mod estimate;
+pub mod fault;
 mod rounds;
 mod time;
 

@@ -69,12 +69,13 @@ pub enum Fault {
     /// Rank R hangs (sleeps for good, as a stuck or descheduled process would) where its first
     /// migration starts: its peers' transfer waits must time out (`--timeout`) and end the job.
     HangTransfer(usize),
-    /// Rank R panics in its first rebalance round (a bug): the panic hook must end the job with
-    /// exit code 1, never 101 or a hang.
+    /// Rank R panics at its manager's first decision (a round, or a step of the time mode), before
+    /// the plan agreement (a bug): the panic hook must end the job with exit code 1, never 101
+    /// or a hang.
     Panic(usize),
 }
 
-/// Parses `corrupt-load-on-rank=R` / `corrupt-transfer-on-rank=R`.
+/// Parses `KIND=RANK`, one of the kinds of [`Fault`].
 pub fn parse_fault(s: &str) -> Result<Fault, String> {
     let (kind, rank) = s.split_once('=').ok_or_else(|| format!("expected KIND=RANK, got {s:?}"))?;
     let rank: usize = rank.parse().map_err(|_| format!("{rank:?} is not a rank"))?;

@@ -18,6 +18,7 @@ use super::RunError;
 use crate::engine::shm::BalancePhase;
 use crate::executor::factory::StoreFaults;
 use crate::gpu::store::NcclTuning;
+use crate::manager::fault::ManagerFaults;
 use crate::manager::ManagerArgs;
 
 /// Everything `run` needs, validated.
@@ -123,14 +124,14 @@ impl Faults {
         Faults { list }
     }
 
-    /// Rank `rank` perturbs its copy of the all-reduced load.
-    pub(crate) fn corrupt_load(&self, rank: usize) -> bool {
-        self.list.contains(&Fault::CorruptLoad(rank))
-    }
-
-    /// Rank `rank` panics in its first round.
-    pub fn panic(&self, rank: usize) -> bool {
-        self.list.contains(&Fault::Panic(rank))
+    /// The manager decorators rank `rank` asks for: it perturbs its copy of the all-reduced load,
+    /// or panics at its first decision ([`crate::manager::fault`]).
+    pub fn manager(&self, rank: usize) -> ManagerFaults {
+        ManagerFaults {
+            rank,
+            corrupt_load: self.list.contains(&Fault::CorruptLoad(rank)),
+            panic: self.list.contains(&Fault::Panic(rank)),
+        }
     }
 
     /// The store decorators rank `rank` asks the executor factory for.
@@ -278,7 +279,8 @@ mod tests {
         assert_eq!(c.store.tuning().group_bytes, 2 << 20);
         let f = &c.faults;
         assert!(f.store(1).corrupt_next_stage && !f.store(0).corrupt_next_stage && !f.store(1).hang_in_stage);
-        assert!(f.panic(0) && !f.panic(1) && !f.corrupt_load(0));
+        assert!(f.manager(0).panic && !f.manager(1).panic && !f.manager(0).corrupt_load && f.manager(0).rank == 0);
+        assert!(!f.manager(1).any() && !f.store(0).any());
         assert!(parse_config(&[]).unwrap().output.metrics.is_none());
     }
 }

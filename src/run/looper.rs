@@ -16,7 +16,7 @@ use crate::collective::{Comm, MpiError, ReduceOp};
 use crate::engine::{logical_from_slots, Engine, StepCounts};
 use crate::executor::{stage_layer, ExecError, LayerMigration, LayerStats};
 use crate::manager::cost::{changed_slots, par_q32};
-use crate::manager::{Clock, Controller, DecisionKind, LayerUpdate, Manager};
+use crate::manager::{Controller, DecisionKind, LayerUpdate};
 use crate::observe::{ManagerEvent, RunObserver, StepEvent};
 use crate::policy::{metrics, Placement};
 use crate::rank::Topology;
@@ -72,11 +72,8 @@ pub(super) struct Looper<'a> {
 
 impl<'a> Looper<'a> {
     pub fn new(world: &'a Comm, config: &'a RunConfig, report: &'a ReportHandle, ready: Ready) -> Self {
-        let Ready { topo, run_shape, engine } = ready;
+        let Ready { topo, run_shape, engine, controller } = ready;
         let RunShape { num_layers, num_logical, shape } = run_shape.clone();
-        let expert_bytes = engine.store_ref().expert_bytes() as u64;
-        let manager_config =
-            config.manager.config(num_layers, expert_bytes, super::DEFAULT_STEP_MS, super::DEFAULT_MIGRATION_GBPS);
         let doc = Report::new(&topo, &shape, num_layers, num_logical, config.manager.policy, engine.as_ref());
         let initial = engine.initial_placement().clone();
         Looper {
@@ -86,10 +83,7 @@ impl<'a> Looper<'a> {
             output: Output::new(world.rank(), doc),
             live: Live::new(initial.clone()),
             initial,
-            controller: Controller::new(
-                Manager::new(manager_config, config.manager.policy_config(), shape, num_layers, num_logical),
-                Clock::wall(),
-            ),
+            controller,
             topo,
             run_shape,
             engine,
@@ -305,15 +299,7 @@ impl<'a> Looper<'a> {
                         ));
                     }
                 }
-                let mut observed = global;
-                if self.config.faults.corrupt_load(rank) {
-                    // Fault injection: this rank's copy of the reduced load is wrong.
-                    for mut row in observed.rows_mut() {
-                        let total: u64 = row.iter().fold(0u64, |a, &v| a.saturating_add(v));
-                        row[0] = row[0].saturating_add(total / 2 + 1);
-                    }
-                }
-                self.controller.observe(observed);
+                self.controller.observe(global);
             }
             self.live.passed(engine_step);
             // 3. The manager's decision (a round, or a step of the time mode), and agreement.
@@ -457,12 +443,8 @@ impl<'a> Looper<'a> {
     /// decided, when there is something to report: a round of the rounds mode, or a step of the
     /// time mode that switches layers.
     fn decide(&mut self, step: usize, time_flag: bool) -> Result<Option<DecisionKind>, RunError> {
-        let (world, faults, output) = (self.world, &self.config.faults, &mut self.output);
-        let rank = world.rank();
+        let (world, output) = (self.world, &mut self.output);
         let agree = |hash: u64| -> Result<(), RunError> {
-            if faults.panic(rank) {
-                panic!("fault injection: --fault panic-on-rank={rank}");
-            }
             let agreement = world.agree_hash(hash)?;
             if !agreement.agreed() {
                 output.report.plans_agreed = false;

@@ -10,6 +10,8 @@ use crate::executor::factory::{self, Opened, StoreError, StoreSpec, Transport, W
 use crate::executor::ExecError;
 use crate::gpu;
 use crate::load::{self, TraceSelect};
+use crate::manager::fault;
+use crate::manager::{Clock, Controller, Manager};
 use crate::plan::file;
 use crate::policy::{Placement, PlacementShape};
 use crate::rank::Topology;
@@ -24,6 +26,25 @@ pub(crate) struct Ready {
     pub run_shape: RunShape,
     /// The engine, holding its initial placement and its expert store.
     pub engine: Box<dyn Engine>,
+    /// The manager (its mode decorated with this rank's manager faults, if `--fault` asks for
+    /// any) and its wall clock.
+    pub controller: Controller,
+}
+
+impl Ready {
+    /// The rank's state once its engine is up: the manager is made for the engine's layers and
+    /// expert size, with the faults `--fault` asks of this rank ([`fault::decorate`]: the loop
+    /// never knows of them).
+    fn new(config: &RunConfig, topo: Topology, run_shape: RunShape, engine: Box<dyn Engine>) -> Ready {
+        let RunShape { num_layers, num_logical, shape } = run_shape.clone();
+        let expert_bytes = engine.store_ref().expert_bytes() as u64;
+        let manager_config =
+            config.manager.config(num_layers, expert_bytes, super::DEFAULT_STEP_MS, super::DEFAULT_MIGRATION_GBPS);
+        let manager = Manager::new(manager_config, config.manager.policy_config(), shape, num_layers, num_logical);
+        let controller =
+            Controller::new(fault::decorate(manager, config.faults.manager(topo.world_rank)), Clock::wall());
+        Ready { topo, run_shape, engine, controller }
+    }
 }
 
 /// Sets up this rank: topology, transport, the engine and its store. Collective over `world`:
@@ -44,7 +65,7 @@ pub(crate) fn setup(world: &Comm, config: &RunConfig) -> Result<Ready, RunError>
             let store = agree_on_setup(world, factory::finish(prepared.store).map_err(store_error))?;
             let engine = SyntheticEngine::new(prepared.source, prepared.initial, store, config.engine.steps, rank)
                 .paced(config.manager.step_ms);
-            Ok(Ready { topo, run_shape: prepared.run_shape, engine: Box::new(engine) })
+            Ok(Ready::new(config, topo, prepared.run_shape, Box::new(engine)))
         }
         EngineKind::Shm(name) => {
             let e = &config.engine;
@@ -71,7 +92,7 @@ pub(crate) fn setup(world: &Comm, config: &RunConfig) -> Result<Ready, RunError>
                     other => RunError::Exec { step: 0, source: ExecError::Other(other.to_string()) },
                 },
             )?;
-            Ok(Ready { topo, run_shape, engine: Box::new(engine) })
+            Ok(Ready::new(config, topo, run_shape, Box::new(engine)))
         }
     }
 }
