@@ -28,10 +28,6 @@ fn tmpdir(name: &str) -> PathBuf {
     d
 }
 
-fn region_name(test: &str) -> String {
-    format!("h{}-{test}", std::process::id())
-}
-
 struct Out {
     code: i32,
     stderr: String,
@@ -82,27 +78,126 @@ fn assert_failed(path: &Path, says: &str) {
     assert!(r["error"].as_str().unwrap_or("").contains(says), "the report's error does not say {says:?}: {r}");
 }
 
+/// One test's regions (named after the test and this process) and report path. Made before its
+/// regions: removes any left by an earlier run, and removes its `ranks` regions when dropped
+/// (passed or failed).
+struct Case {
+    name: String,
+    report: PathBuf,
+    ranks: usize,
+}
+
+impl Case {
+    fn new(test: &str, ranks: usize) -> Case {
+        let case = Case { name: format!("h{}-{test}", std::process::id()), report: tmpdir(test).join("r.json"), ranks };
+        case.cleanup();
+        case
+    }
+
+    /// Engine rank `rank` of this case's regions (see [`engine_rank`]).
+    fn engine(&self, rank: usize) -> EngineRank {
+        engine_rank(&self.name, self.ranks, rank)
+    }
+
+    /// Engine rank `rank`, alive: its heartbeat beaten until the [`Beating`] is dropped.
+    fn beating(&self, rank: usize) -> (EngineRank, Beating) {
+        let engine = self.engine(rank);
+        let beating = beat(&engine.region.path);
+        (engine, beating)
+    }
+
+    /// Every engine rank of the case, alive.
+    fn all_beating(&self) -> (Vec<EngineRank>, Vec<Beating>) {
+        (0..self.ranks).map(|r| self.beating(r)).unzip()
+    }
+
+    /// `timeout BOUND_S mpirun -n ranks eplb-worker run --engine shm:NAME ...` on this case's
+    /// regions and report, started.
+    fn sidecar(&self, extra: &[&str]) -> Child {
+        sidecar(self.ranks, &self.name, &self.report, extra)
+    }
+
+    /// The sidecar, run to its end.
+    fn run(&self, extra: &[&str]) -> Out {
+        finish(self.sidecar(extra))
+    }
+
+    /// The sidecar, started and reading the ring of every one of `engines` (the test fails, with
+    /// its stderr, if it ended first).
+    fn reading<'a>(&self, engines: impl IntoIterator<Item = &'a EngineRank>, extra: &[&str]) -> Child {
+        let mut child = self.sidecar(extra);
+        for e in engines {
+            assert!(reading(&e.region, &mut child), "{}", finish(child).stderr);
+        }
+        child
+    }
+
+    fn cleanup(&self) {
+        for r in 0..self.ranks {
+            let _ = std::fs::remove_file(region_path(&self.name, r));
+        }
+    }
+}
+
+impl Drop for Case {
+    fn drop(&mut self) {
+        self.cleanup();
+    }
+}
+
 /// Engine rank `rank` of `world`: 2 layers, 4 experts (4 slots on one rank, 3 a rank on more),
-/// a ring of 16.
+/// a ring of 16; published by rename over whatever file has its name.
 fn engine_rank(name: &str, world: usize, rank: usize) -> EngineRank {
-    let _ = std::fs::remove_file(region_path(name, rank));
     // Enough slots for the 4 experts, with redundant ones over 2 ranks.
     let spr = if world == 1 { 4 } else { 3 };
+    create_engine(name, 2, spr, world, rank, |_, e, b| b.fill(e as u8))
+}
+
+/// Engine rank `rank` of `world` with `num_layers` layers of `slots_per_rank` slots a rank, 4
+/// logical experts (physical slot `i` of a layer holds expert `i % 4`), a ring of 16, 64 bytes an
+/// expert.
+fn create_engine(
+    name: &str,
+    num_layers: usize,
+    slots_per_rank: usize,
+    world: usize,
+    rank: usize,
+    fill: impl Fn(usize, usize, &mut [u8]),
+) -> EngineRank {
     let layout = Layout::contiguous(
-        &Shape {
-            num_layers: 2,
-            slots_per_rank: spr,
-            num_logical: 4,
-            world_size: world,
-            rank,
-            ring_len: 16,
-            counts_kind: 0,
-        },
+        &Shape { num_layers, slots_per_rank, num_logical: 4, world_size: world, rank, ring_len: 16, counts_kind: 0 },
         64,
     );
-    let p = world * spr;
-    let phy2log: Vec<i32> = (0..2 * p).map(|i| ((i % p) % 4) as i32).collect();
-    EngineRank::create(name, &layout, &phy2log, |_, e, b| b.fill(e as u8)).unwrap()
+    let p = world * slots_per_rank;
+    let phy2log: Vec<i32> = (0..num_layers * p).map(|i| ((i % p) % 4) as i32).collect();
+    EngineRank::create(name, &layout, &phy2log, fill).unwrap()
+}
+
+/// Steps `steps` of every one of `engines`, step by step: 5 tokens in every slot.
+fn record(engines: &[&EngineRank], steps: std::ops::Range<u64>) {
+    for t in steps {
+        for e in engines {
+            e.record(t, phase::DECODE, &counts(&e.region), 0);
+        }
+    }
+}
+
+/// Leaves the ring entry of step `t` odd: a record that raised half way (as the Python client's did).
+fn leave_half_written(engine: &EngineRank, t: u64) {
+    let l = &engine.region.layout;
+    let at = l.ring_offset + (t as usize % l.ring_len) * l.ring_entry_bytes + off::ENTRY_SEQ;
+    engine.region.atomic(at).fetch_add(1, Ordering::SeqCst);
+}
+
+/// Marks `engine`'s region as left by an engine that finished and has exited (a reaped pid);
+/// returns that pid.
+fn left_by_a_dead_engine(engine: &EngineRank) -> u32 {
+    let mut gone = Command::new("true").spawn().unwrap();
+    let dead = gone.id();
+    gone.wait().unwrap();
+    engine.region.write_u64(off::ENGINE_PID, dead as u64);
+    engine.region.set(off::ENGINE_STATE, engine_state::FINISHED);
+    dead
 }
 
 /// Beats `rank`'s heartbeat (through a mapping of its own) until dropped: an engine that is
@@ -155,65 +250,41 @@ fn counts(region: &Region) -> Vec<u64> {
     vec![5; region.layout.num_layers * region.layout.slots_per_rank]
 }
 
-fn cleanup(name: &str, ranks: usize) {
-    for r in 0..ranks {
-        let _ = std::fs::remove_file(region_path(name, r));
-    }
-}
-
 // ------------------------------------------------------------------ every wait is bounded
 
 #[test]
 fn a_ring_entry_left_half_written_fails_the_rank_within_the_engine_timeout() {
-    let name = region_name("odd");
-    let report_path = tmpdir("odd").join("r.json");
-    let engine = engine_rank(&name, 1, 0);
-    let _beat = beat(&engine.region.path);
-    let mut child = sidecar(1, &name, &report_path, &["--engine-timeout", "1", "--enable-eplb", "false"]);
-    assert!(reading(&engine.region, &mut child), "{}", finish(child).stderr);
-    for t in 0..3 {
-        engine.record(t, phase::DECODE, &counts(&engine.region), 0);
-    }
+    let case = Case::new("odd", 1);
+    let (engine, _beat) = case.beating(0);
+    let child = case.reading([&engine], &["--engine-timeout", "1", "--enable-eplb", "false"]);
+    record(&[&engine], 0..3);
     // A record that raised half way (as the Python client's did): step 3's entry stays odd.
-    let l = &engine.region.layout;
-    let seq = engine.region.atomic(l.ring_offset + 3 * l.ring_entry_bytes + off::ENTRY_SEQ);
-    seq.fetch_add(1, Ordering::SeqCst);
+    leave_half_written(&engine, 3);
     engine.region.set(off::ENGINE_STEP, 4);
     let out = finish(child);
     out.assert(1, &["ring entry of step 3", "half written", "engine rank 0"]);
-    assert_failed(&report_path, "half written");
+    assert_failed(&case.report, "half written");
     assert_eq!(engine.region.get(off::SIDECAR_STATE), sidecar_state::FAILED, "the region says the sidecar left");
-    cleanup(&name, 1);
 }
 
 #[test]
 fn a_step_counter_beyond_the_ring_is_a_corrupt_region_not_lost_steps() {
-    let name = region_name("jump");
-    let report_path = tmpdir("jump").join("r.json");
-    let engine = engine_rank(&name, 1, 0);
-    let _beat = beat(&engine.region.path);
-    let mut child = sidecar(1, &name, &report_path, &["--enable-eplb", "false"]);
-    assert!(reading(&engine.region, &mut child), "{}", finish(child).stderr);
-    for t in 0..3 {
-        engine.record(t, phase::DECODE, &counts(&engine.region), 0);
-    }
+    let case = Case::new("jump", 1);
+    let (engine, _beat) = case.beating(0);
+    let child = case.reading([&engine], &["--enable-eplb", "false"]);
+    record(&[&engine], 0..3);
     engine.region.set(off::ENGINE_STEP, 1 << 62);
     let out = finish(child);
     out.assert(1, &["is corrupt", "engine_step says 4611686018427387904"]);
-    assert_failed(&report_path, "corrupt");
+    assert_failed(&case.report, "corrupt");
     assert!(!out.stderr.contains("overwritten before it was read"), "counted as lost steps:\n{}", out.stderr);
-    cleanup(&name, 1);
 }
 
 #[test]
 fn an_engine_that_steps_on_without_answering_a_command_fails_the_run() {
-    let name = region_name("noanswer");
-    let report_path = tmpdir("noanswer").join("r.json");
-    let engines: Vec<EngineRank> = (0..2).map(|r| engine_rank(&name, 2, r)).collect();
-    let _beats: Vec<Beating> = engines.iter().map(|e| beat(&e.region.path)).collect();
-    let mut child = sidecar(2, &name, &report_path, &["--engine-timeout", "5"]);
-    assert!(reading(&engines[0].region, &mut child), "{}", finish(child).stderr);
-    assert!(reading(&engines[1].region, &mut child), "{}", finish(child).stderr);
+    let case = Case::new("noanswer", 2);
+    let (engines, _beats) = case.all_beating();
+    let mut child = case.reading(&engines, &["--engine-timeout", "5"]);
     // It steps (2 ms a step), skewed so that a rebalance is due, and never reads its mailbox,
     // until the sidecar ends (bounded: 20 000 steps).
     let spr = 3;
@@ -235,16 +306,13 @@ fn an_engine_that_steps_on_without_answering_a_command_fails_the_run() {
     let out = finish(child);
     assert_ne!(out.code, 0, "{}", out.stderr);
     out.assert(out.code, &["without answering command"]);
-    assert_failed(&report_path, "without answering command");
-    cleanup(&name, 2);
+    assert_failed(&case.report, "without answering command");
 }
 
 #[test]
 fn a_pending_command_for_a_far_step_does_not_hold_attach() {
-    let name = region_name("far");
-    let report_path = tmpdir("far").join("r.json");
-    let engine = engine_rank(&name, 1, 0);
-    let _beat = beat(&engine.region.path);
+    let case = Case::new("far", 1);
+    let (engine, _beat) = case.beating(0);
     let p = engine.region.layout.num_physical();
     let spr = engine.region.layout.slots_per_rank;
     engine.region.post(&Cmd {
@@ -255,172 +323,105 @@ fn a_pending_command_for_a_far_step_does_not_hold_attach() {
         new_row: (0..p).map(|i| (i % 4) as i32).collect(),
         copy_mask: vec![false; spr],
     });
-    let out = finish(sidecar(1, &name, &report_path, &[]));
+    let out = case.run(&[]);
     out.assert(1, &["pending for step 4611686018427387904", "far beyond"]);
-    assert_failed(&report_path, "far beyond");
-    cleanup(&name, 1);
+    assert_failed(&case.report, "far beyond");
 }
 
 // ------------------------------------------------------------------ trust only regions you should
 
 #[test]
 fn a_region_writable_by_others_or_owned_by_another_user_is_refused() {
-    let name = region_name("mode");
-    let report_path = tmpdir("mode").join("r.json");
-    let engine = engine_rank(&name, 1, 0);
-    let _beat = beat(&engine.region.path);
+    let case = Case::new("mode", 1);
+    let (engine, _beat) = case.beating(0);
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&engine.region.path, std::fs::Permissions::from_mode(0o666)).unwrap();
-    let out = finish(sidecar(1, &name, &report_path, &[]));
-    out.assert(2, &["has mode 0666", "writable by the group or others"]);
+    case.run(&[]).assert(2, &["has mode 0666", "writable by the group or others"]);
     std::fs::set_permissions(&engine.region.path, std::fs::Permissions::from_mode(0o000)).unwrap();
     // SAFETY: geteuid cannot fail.
     if unsafe { libc::geteuid() } == 0 {
         // As root the test can give the region to another user (uid 1), as a careless or hostile
         // job on the same host would leave it.
         std::os::unix::fs::chown(&engine.region.path, Some(1), Some(1)).unwrap();
-        let out = finish(sidecar(1, &name, &report_path, &[]));
-        out.assert(2, &["owned by uid 1"]);
+        case.run(&[]).assert(2, &["owned by uid 1"]);
     } else {
         eprintln!("not root: the owner case needs a file of another user; the mode case above ran");
     }
-    cleanup(&name, 1);
 }
 
 #[test]
 fn a_region_with_a_live_sidecar_attached_is_refused_naming_its_pid() {
-    let name = region_name("second");
-    let report_path = tmpdir("second").join("r.json");
-    let engine = engine_rank(&name, 1, 0);
-    let _beat = beat(&engine.region.path);
+    let case = Case::new("second", 1);
+    let (engine, _beat) = case.beating(0);
     // This test process stands for the sidecar attached already: alive, and not the new one.
     let me = std::process::id();
     engine.region.set(off::SIDECAR_PID, me as u64);
     engine.region.set(off::SIDECAR_STATE, sidecar_state::ATTACHED);
-    let out = finish(sidecar(1, &name, &report_path, &[]));
-    out.assert(2, &[&format!("a live sidecar (pid {me}) is attached to it already")]);
-    cleanup(&name, 1);
+    case.run(&[]).assert(2, &[&format!("a live sidecar (pid {me}) is attached to it already")]);
 }
 
 #[test]
 fn a_region_left_by_a_dead_engine_is_not_attached() {
-    let name = region_name("stale");
-    let report_path = tmpdir("stale").join("r.json");
-    let engine = engine_rank(&name, 1, 0);
-    // A pid that has exited (and been reaped).
-    let mut gone = Command::new("true").spawn().unwrap();
-    let dead = gone.id();
-    gone.wait().unwrap();
-    engine.region.write_u64(off::ENGINE_PID, dead as u64);
-    engine.region.set(off::ENGINE_STATE, engine_state::FINISHED);
-    let out = finish(sidecar(1, &name, &report_path, &["--engine-wait", "2"]));
+    let case = Case::new("stale", 1);
+    let engine = case.engine(0);
+    let dead = left_by_a_dead_engine(&engine);
+    let out = case.run(&["--engine-wait", "2"]);
     out.assert(2, &[&format!("left by engine pid {dead}, which is gone"), "remove it", "cleanup"]);
-    cleanup(&name, 1);
 }
 
 #[test]
 fn a_new_region_replacing_a_stale_one_is_attached() {
-    let name = region_name("restart");
-    let report_path = tmpdir("restart").join("r.json");
-    let old = engine_rank(&name, 1, 0);
-    let mut gone = Command::new("true").spawn().unwrap();
-    let dead = gone.id();
-    gone.wait().unwrap();
-    old.region.write_u64(off::ENGINE_PID, dead as u64);
-    old.region.set(off::ENGINE_STATE, engine_state::FINISHED);
-    let mut child = sidecar(1, &name, &report_path, &["--engine-wait", "60", "--enable-eplb", "false"]);
+    let case = Case::new("restart", 1);
+    let old = case.engine(0);
+    left_by_a_dead_engine(&old);
+    let mut child = case.sidecar(&["--engine-wait", "60", "--enable-eplb", "false"]);
     // The new engine's region, published by rename over the stale one.
-    let engine = {
-        let spr = 4;
-        let layout = Layout::contiguous(
-            &Shape {
-                num_layers: 2,
-                slots_per_rank: spr,
-                num_logical: 4,
-                world_size: 1,
-                rank: 0,
-                ring_len: 16,
-                counts_kind: 0,
-            },
-            64,
-        );
-        let phy2log: Vec<i32> = (0..2 * spr).map(|i| ((i % spr) % 4) as i32).collect();
-        EngineRank::create(&name, &layout, &phy2log, |_, e, b| b.fill(e as u8)).unwrap()
-    };
-    let _beat = beat(&engine.region.path);
+    let (engine, _beat) = case.beating(0);
     assert!(reading(&engine.region, &mut child), "{}", finish(child).stderr);
     assert_ne!(old.region.get(off::SIDECAR_STATE), sidecar_state::ATTACHED, "the stale region was attached");
-    for t in 0..5 {
-        engine.record(t, phase::DECODE, &counts(&engine.region), 0);
-    }
+    record(&[&engine], 0..5);
     engine.finish();
     let out = finish(child);
     out.assert(0, &[]);
-    assert_eq!(report(&report_path)["status"], "ok");
-    cleanup(&name, 1);
+    assert_eq!(report(&case.report)["status"], "ok");
 }
 
 #[test]
 fn a_region_truncated_under_the_sidecar_is_an_error_not_sigbus() {
-    let name = region_name("trunc");
-    let report_path = tmpdir("trunc").join("r.json");
-    let engine = engine_rank(&name, 1, 0);
-    let _beat = beat(&engine.region.path);
-    let mut child = sidecar(1, &name, &report_path, &["--enable-eplb", "false"]);
-    assert!(reading(&engine.region, &mut child), "{}", finish(child).stderr);
-    engine.record(0, phase::DECODE, &counts(&engine.region), 0);
+    let case = Case::new("trunc", 1);
+    let (engine, _beat) = case.beating(0);
+    let child = case.reading([&engine], &["--enable-eplb", "false"]);
+    record(&[&engine], 0..1);
     // Only the header is left (the heartbeat, in the header, stays writable here).
     std::fs::OpenOptions::new().write(true).open(&engine.region.path).unwrap().set_len(4096).unwrap();
     let out = finish(child);
     out.assert(1, &["shrank to 4096 bytes"]);
-    assert_failed(&report_path, "shrank");
-    cleanup(&name, 1);
+    assert_failed(&case.report, "shrank");
 }
 
 #[test]
 fn a_region_of_100000_slots_a_rank_is_bad_input() {
-    let name = region_name("huge");
-    let report_path = tmpdir("huge").join("r.json");
-    let _ = std::fs::remove_file(region_path(&name, 0));
-    let layout = Layout::contiguous(
-        &Shape {
-            num_layers: 1,
-            slots_per_rank: 100_000,
-            num_logical: 4,
-            world_size: 1,
-            rank: 0,
-            ring_len: 16,
-            counts_kind: 0,
-        },
-        64,
-    );
-    let phy2log: Vec<i32> = (0..100_000i32).map(|i| i % 4).collect();
-    let engine = EngineRank::create(&name, &layout, &phy2log, |_, _, _| {}).unwrap();
+    let case = Case::new("huge", 1);
+    let engine = create_engine(&case.name, 1, 100_000, 1, 0, |_, _, _| {});
     let _beat = beat(&engine.region.path);
-    let out = finish(sidecar(1, &name, &report_path, &[]));
-    out.assert(2, &["100000", "is not supported"]);
-    cleanup(&name, 1);
+    case.run(&[]).assert(2, &["100000", "is not supported"]);
 }
 
 // ------------------------------------------------------------------ signals
 
 #[test]
 fn sigterm_leaves_a_failed_report_and_a_region_that_says_the_sidecar_left() {
-    let name = region_name("term");
-    let report_path = tmpdir("term").join("r.json");
-    let engine = engine_rank(&name, 1, 0);
-    let _beat = beat(&engine.region.path);
-    let mut child = sidecar(1, &name, &report_path, &["--enable-eplb", "false"]);
-    assert!(reading(&engine.region, &mut child), "{}", finish(child).stderr);
-    engine.record(0, phase::DECODE, &counts(&engine.region), 0);
+    let case = Case::new("term", 1);
+    let (engine, _beat) = case.beating(0);
+    let child = case.reading([&engine], &["--enable-eplb", "false"]);
+    record(&[&engine], 0..1);
     let pid = engine.region.get(off::SIDECAR_PID) as i32;
     // SAFETY: signals the sidecar rank this test started (its pid, from the region).
     assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
     let out = finish(child);
     out.assert(1, &["interrupted by SIGTERM"]);
-    assert_failed(&report_path, "interrupted by SIGTERM");
+    assert_failed(&case.report, "interrupted by SIGTERM");
     assert_eq!(engine.region.get(off::SIDECAR_STATE), sidecar_state::FAILED);
-    cleanup(&name, 1);
 }
 
 // ------------------------------------------------------------------ inputs that are not files
@@ -485,30 +486,19 @@ fn simulate_refuses_a_replay_it_cannot_finish_in_reasonable_time() {
 
 #[test]
 fn the_rank_whose_entry_stays_half_written_names_itself_and_the_report_says_failed() {
-    let name = region_name("odd2");
-    let report_path = tmpdir("odd2").join("r.json");
-    let engines: Vec<EngineRank> = (0..2).map(|r| engine_rank(&name, 2, r)).collect();
-    let _beats: Vec<Beating> = engines.iter().map(|e| beat(&e.region.path)).collect();
-    let mut child = sidecar(2, &name, &report_path, &["--engine-timeout", "1", "--enable-eplb", "false"]);
-    for e in &engines {
-        assert!(reading(&e.region, &mut child), "{}", finish(child).stderr);
-    }
-    for t in 0..4 {
-        for e in &engines {
-            e.record(t, phase::DECODE, &counts(&e.region), 0);
-        }
-    }
+    let case = Case::new("odd2", 2);
+    let (engines, _beats) = case.all_beating();
+    let child = case.reading(&engines, &["--engine-timeout", "1", "--enable-eplb", "false"]);
+    record(&[&engines[0], &engines[1]], 0..4);
     // Only engine rank 1 leaves step 3 half written; rank 0's sidecar waits for step 4.
-    let l = &engines[1].region.layout;
-    engines[1].region.atomic(l.ring_offset + 3 * l.ring_entry_bytes + off::ENTRY_SEQ).fetch_add(1, Ordering::SeqCst);
+    leave_half_written(&engines[1], 3);
     let out = finish(child);
     assert!(out.code != 0 && out.code != 124, "code {}: {}", out.code, out.stderr);
     assert!(out.stderr.contains("rank 1: error: engine rank 1"), "{}", out.stderr);
-    let r = report(&report_path);
+    let r = report(&case.report);
     assert_eq!(r["status"], "failed", "{r}");
     let error = r["error"].as_str().unwrap_or("");
     assert!(error.contains("rank 1: engine rank 1") && error.contains("half written"), "{r}");
-    cleanup(&name, 2);
 }
 
 #[test]

@@ -243,53 +243,26 @@ fn bad_input_exits_2_with_a_clear_message() {
 fn forced_moves_on_one_rank_stage_verify_and_commit_inside_the_rank() {
     // One rank: balance can never move anything, so --force-moves does, every 3 steps, through
     // the normal stage/verify/commit path; the synthetic weights verify by their pattern.
-    let r = mpirun(
-        1,
-        "force-1",
-        &[
-            "--steps",
-            "30",
-            "--num-layers",
-            "2",
-            "--num-experts",
-            "6",
-            "--num-redundant-experts",
-            "2",
-            "--force-moves",
-            "3",
-            "--expert-bytes",
-            "4096",
-            "--verify-live-every-step",
-            "--eplb-update-interval-steps",
-            "1000",
-        ],
-    );
+    let base = [
+        "--steps",
+        "30",
+        "--num-layers",
+        "2",
+        "--num-experts",
+        "6",
+        "--num-redundant-experts",
+        "2",
+        "--expert-bytes",
+        "4096",
+        "--eplb-update-interval-steps",
+        "1000",
+    ];
+    let r = mpirun(1, "force-1", &[&base[..], &["--force-moves", "3", "--verify-live-every-step"]].concat());
     r.assert_healthy();
     assert_eq!(r.u("forced_moves"), 10, "steps 3, 6, .. 30:\n{}", r.stdout);
     assert_eq!(r.u("layers_updated"), 10);
     assert!(r.u("live_verified_bytes") > 0);
     assert_eq!(r.u("wrong_live_bytes"), 0);
     assert_eq!(r.u("experts_moved"), 0, "nothing crosses between ranks: every move is a local copy");
-    assert_ne!(
-        r.report()["final_placement_hash"],
-        mpirun(
-            1,
-            "force-0",
-            &[
-                "--steps",
-                "30",
-                "--num-layers",
-                "2",
-                "--num-experts",
-                "6",
-                "--num-redundant-experts",
-                "2",
-                "--expert-bytes",
-                "4096",
-                "--eplb-update-interval-steps",
-                "1000"
-            ]
-        )
-        .report()["final_placement_hash"]
-    );
+    assert_ne!(r.report()["final_placement_hash"], mpirun(1, "force-0", &base).report()["final_placement_hash"]);
 }

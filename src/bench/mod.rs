@@ -16,13 +16,14 @@ use clap::{Args, ValueEnum};
 use ndarray::Array2;
 use serde_json::json;
 
-use crate::collective::{Comm, MpiError, MpiRuntime};
+use crate::collective::{Comm, MpiRuntime};
 use crate::engine::synthetic::DriftingZipf;
+use crate::executor::factory::StoreError;
 use crate::executor::fault::{Faulty, StoreFaults};
 use crate::executor::{migrate_layer, ExecError, ExpertStore, LayerMigration};
 use crate::gpu::nccl::NcclComm;
+use crate::gpu::open_local_gpu;
 use crate::gpu::store::NcclTuning;
-use crate::gpu::{open_local_gpu, GpuError};
 use crate::load::{self, TraceSelect};
 use crate::output::named;
 use crate::policy::{self, Placement, PlacementShape, PolicyConfig, PolicyKind};
@@ -78,29 +79,41 @@ pub enum BenchTransport {
     Nccl,
 }
 
+/// The benchmark's errors: those it shares with a store's set-up (the GPU, the executor, MPI, bad
+/// input) are a [`StoreError`], with its messages and exit kinds.
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
     #[error(transparent)]
-    Gpu(#[from] GpuError),
-    #[error(transparent)]
-    Exec(#[from] ExecError),
-    #[error(transparent)]
-    Mpi(#[from] MpiError),
+    Store(StoreError),
     #[error(transparent)]
     Topology(#[from] TopologyError),
-    #[error("{0}")]
-    Input(String),
     #[error(transparent)]
     Output(#[from] crate::output::OutputError),
+}
+
+impl BenchError {
+    /// Bad input: flags or a load that cannot work (the message names the flag or file).
+    fn input(what: impl Into<String>) -> BenchError {
+        BenchError::Store(StoreError::Config(what.into()))
+    }
+}
+
+/// `?` on a [`StoreError`] and on every error it holds.
+impl<E> From<E> for BenchError
+where
+    StoreError: From<E>,
+{
+    fn from(e: E) -> BenchError {
+        BenchError::Store(e.into())
+    }
 }
 
 impl Failure for BenchError {
     fn kind(&self) -> ExitKind {
         match self {
-            BenchError::Input(_) => ExitKind::BadInput,
+            BenchError::Store(e) => e.kind(),
             BenchError::Output(e) => e.kind(),
-            BenchError::Gpu(e) => e.kind(),
-            _ => ExitKind::Runtime,
+            BenchError::Topology(_) => ExitKind::Runtime,
         }
     }
 }
@@ -109,17 +122,17 @@ impl Failure for BenchError {
 fn placements(args: &BenchArgs, num_ranks: usize) -> Result<(Vec<usize>, Vec<usize>, String), BenchError> {
     let spr = args.slots_per_rank;
     if spr < 2 {
-        return Err(BenchError::Input("--slots-per-rank must be at least 2".into()));
+        return Err(BenchError::input("--slots-per-rank must be at least 2"));
     }
     let num_logical = num_ranks * (spr - 1);
     let num_replicas = num_ranks * spr;
     let (row, what): (Vec<u64>, String) = match &args.load {
         Some(path) => {
             let trace =
-                load::read_trace(path, &TraceSelect::default()).map_err(|e| BenchError::Input(e.to_string()))?;
-            let w = trace.summed().map_err(|e| BenchError::Input(e.to_string()))?;
+                load::read_trace(path, &TraceSelect::default()).map_err(|e| BenchError::input(e.to_string()))?;
+            let w = trace.summed().map_err(|e| BenchError::input(e.to_string()))?;
             if args.load_layer >= w.nrows() {
-                return Err(BenchError::Input(format!(
+                return Err(BenchError::input(format!(
                     "--load-layer {} but the load has {} layers",
                     args.load_layer,
                     w.nrows()
@@ -138,7 +151,7 @@ fn placements(args: &BenchArgs, num_ranks: usize) -> Result<(Vec<usize>, Vec<usi
     let shape = PlacementShape { num_replicas, num_gpus: num_ranks, num_nodes: 1, num_groups: 1 };
     let config = PolicyConfig { kind: PolicyKind::DEEPSEEK, threads: 1, ..PolicyConfig::default() };
     let planned =
-        policy::rebalance(weight.view(), &shape, None, &config).map_err(|e| BenchError::Input(e.to_string()))?;
+        policy::rebalance(weight.view(), &shape, None, &config).map_err(|e| BenchError::input(e.to_string()))?;
     let trivial = Placement::trivial(1, num_logical, num_replicas);
     Ok((
         trivial.phy2log.row(0).to_vec(),

@@ -12,10 +12,26 @@ use std::time::Instant;
 
 use super::fault::FlipStaged;
 use super::memory::{HeapSlots, SlotMemory};
+use super::plan::Transfer;
 use super::verify::{checksum, Verification, Verifier};
 use super::{Commit, ExecError, ExpertStore, RankMigration, StageTiming};
 use crate::collective::host::{HostTransport, Message};
 use crate::engine::{fill_expert, wrong_bytes};
+
+/// This rank's messages of `m`'s transfers, `len` bytes each: (the sends, to each transfer's
+/// `dst_rank`; the receives, from each one's `src_rank`), the `i`-th of each at `i * len` in its
+/// buffer (transfers in the global order), tagged with the destination slot: unique per (source,
+/// destination) pair within a layer.
+fn messages(m: &RankMigration, len: usize) -> (Vec<Message>, Vec<Message>) {
+    let each = |transfers: &[Transfer], peer: fn(&Transfer) -> usize| -> Vec<Message> {
+        transfers
+            .iter()
+            .enumerate()
+            .map(|(i, t)| Message { peer: peer(t), tag: t.dst_slot as i32, offset: i * len, len })
+            .collect()
+    };
+    (each(&m.sends, |t| t.dst_rank), each(&m.recvs, |t| t.src_rank))
+}
 
 /// Expert weights in host memory `M`, moved with the host transport, checked with a
 /// [`Verification`].
@@ -95,20 +111,8 @@ impl<M: SlotMemory> ExpertStore for HostStore<M> {
         let start = Instant::now();
         let eb = self.memory.expert_bytes();
         // One message per moved expert: the sender gathers its rows (in table order) into one
-        // buffer, the receiver scatters them into the staging rows. Tags are the destination
-        // slot: unique per (source, destination) pair within a layer.
-        let sends: Vec<Message> = m
-            .sends
-            .iter()
-            .enumerate()
-            .map(|(i, t)| Message { peer: t.dst_rank, tag: t.dst_slot as i32, offset: i * eb, len: eb })
-            .collect();
-        let recvs: Vec<Message> = m
-            .recvs
-            .iter()
-            .enumerate()
-            .map(|(i, t)| Message { peer: t.src_rank, tag: t.dst_slot as i32, offset: i * eb, len: eb })
-            .collect();
+        // buffer, the receiver scatters them into the staging rows.
+        let (sends, recvs) = messages(m, eb);
         let mut out = vec![0u8; m.sends.len() * eb];
         for (i, t) in m.sends.iter().enumerate() {
             self.memory.gather_live(m.layer, t.src_slot, &mut out[i * eb..(i + 1) * eb])?;
@@ -118,9 +122,7 @@ impl<M: SlotMemory> ExpertStore for HostStore<M> {
         // The checksums of the bytes sent, 8 bytes per transfer, after the bytes themselves: the
         // same (peer, tag) pairs, and MPI delivers the messages of one pair in the order sent.
         let sums: Vec<u8> = out.chunks_exact(eb.max(1)).flat_map(|e| checksum(e).to_le_bytes()).collect();
-        let sum_msg = |i: usize, m: &Message| Message { offset: 8 * i, len: 8, ..*m };
-        let sum_sends: Vec<Message> = sends.iter().enumerate().map(|(i, m)| sum_msg(i, m)).collect();
-        let sum_recvs: Vec<Message> = recvs.iter().enumerate().map(|(i, m)| sum_msg(i, m)).collect();
+        let (sum_sends, sum_recvs) = messages(m, 8);
         let mut got = vec![0u8; 8 * recvs.len()];
         self.transport.exchange(&sums, &sum_sends, &mut got, &sum_recvs)?;
         for ((i, t), sum) in m.recvs.iter().enumerate().zip(crate::collective::le_words(&got)) {

@@ -129,6 +129,10 @@ pub(super) fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed, LoadError> {
         ));
     };
     let empty = |what: String| LoadError::Empty { path: path.to_path_buf(), what };
+    // `got` layers or experts at `location` where the first step or layer, `reference`, has `expected`.
+    let ragged = |location: String, got: usize, what: &'static str, reference: String, expected: usize| {
+        LoadError::Ragged { path: path.to_path_buf(), location, got, what, reference, expected }
+    };
     let Some(first) = outer.first() else {
         return Err(empty(format!("{name} is an empty array")));
     };
@@ -186,25 +190,13 @@ pub(super) fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed, LoadError> {
                 None => shape = Some((layers.len(), experts.len())),
                 Some((nl, ne)) => {
                     if layers.len() != nl {
-                        return Err(LoadError::Ragged {
-                            path: path.to_path_buf(),
-                            location: format!("{name}{step_only}"),
-                            got: layers.len(),
-                            what: "layers",
-                            reference: format!("{name} [step 0]"),
-                            expected: nl,
-                        });
+                        let location = format!("{name}{step_only}");
+                        return Err(ragged(location, layers.len(), "layers", format!("{name} [step 0]"), nl));
                     }
                     if experts.len() != ne {
                         let first_label = if step.is_some() { "step 0, layer 0" } else { "layer 0" };
-                        return Err(LoadError::Ragged {
-                            path: path.to_path_buf(),
-                            location: format!("{name} [{step_label}layer {l}]"),
-                            got: experts.len(),
-                            what: "experts",
-                            reference: format!("{name} [{first_label}]"),
-                            expected: ne,
-                        });
+                        let location = format!("{name} [{step_label}layer {l}]");
+                        return Err(ragged(location, experts.len(), "experts", format!("{name} [{first_label}]"), ne));
                     }
                 }
             }

@@ -14,8 +14,8 @@
 
 use ndarray::Array2;
 
-use super::{LayerUpdate, Manager, ManagerMode, Planner, RoundDecision};
-use crate::policy::{Placement, PolicyError};
+use super::{Decided, LayerUpdate, Manager, ManagerMode, Planner};
+use crate::policy::Placement;
 
 /// The faults of one rank's manager.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -44,9 +44,6 @@ pub fn decorate(manager: Manager, faults: ManagerFaults) -> Manager {
     }
     Manager { mode: Box::new(Faulty { inner: manager.mode, faults }), ..manager }
 }
-
-/// What [`ManagerMode::decide`] returns.
-type Decided = Result<Option<RoundDecision>, PolicyError>;
 
 /// A mode with the faults of [`ManagerFaults`]; everything else is the inner mode's own.
 #[derive(Debug)]

@@ -236,6 +236,10 @@ pub enum DecisionKind {
     Step,
 }
 
+/// The result of deciding at a step: `Ok(None)` when there is no decision this step, else the
+/// decision, or the policy's error; the one type of [`ManagerMode::decide`] and [`Manager::decide`].
+pub type Decided = Result<Option<RoundDecision>, PolicyError>;
+
 /// The outcome of one decision (a round, or a step of the time mode).
 #[derive(Debug, Clone, PartialEq)]
 pub struct RoundDecision {
@@ -285,13 +289,7 @@ pub trait ManagerMode: Send + std::fmt::Debug {
 
     /// The decision at `step` (see [`Manager::decide`]); `plan` is what the mode may use of the
     /// manager: the policy, the shape, the cost model and the queue.
-    fn decide(
-        &mut self,
-        plan: &Planner<'_>,
-        step: usize,
-        time_flag: bool,
-        live: &Placement,
-    ) -> Result<Option<RoundDecision>, PolicyError>;
+    fn decide(&mut self, plan: &Planner<'_>, step: usize, time_flag: bool, live: &Placement) -> Decided;
 
     /// The decision agreed at `step` was accepted.
     fn accepted(&mut self, _step: usize) {}
@@ -427,12 +425,7 @@ impl Manager {
     /// agrees on (by its hash) before [`Manager::accept`]. In time mode there is one every step,
     /// often without updates, so that the ranks' agreement is a collective call at every step.
     /// `time_flag`: the time-interval flag as it came back from the all-reduce.
-    pub fn decide(
-        &mut self,
-        step: usize,
-        time_flag: bool,
-        live: &Placement,
-    ) -> Result<Option<RoundDecision>, PolicyError> {
+    pub fn decide(&mut self, step: usize, time_flag: bool, live: &Placement) -> Decided {
         if !self.config.enable {
             return Ok(None);
         }

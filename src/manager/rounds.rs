@@ -4,8 +4,10 @@
 use ndarray::{Array2, ArrayView2};
 
 use super::cost::PAR_ONE;
-use super::{cosine, DecisionKind, Interval, LayerUpdate, ManagerMode, Planner, RoundDecision, Rounds, Window};
-use crate::policy::{self, metrics, Placement, PlacementShape, PolicyError, Price};
+use super::{
+    cosine, Decided, DecisionKind, Interval, LayerUpdate, ManagerMode, Planner, RoundDecision, Rounds, Window,
+};
+use crate::policy::{self, metrics, Placement, PlacementShape, Price};
 
 /// The rounds mode's state.
 #[derive(Debug, Clone)]
@@ -104,13 +106,7 @@ impl ManagerMode for RoundsMode {
         self.window.push(load);
     }
 
-    fn decide(
-        &mut self,
-        plan: &Planner<'_>,
-        step: usize,
-        time_flag: bool,
-        live: &Placement,
-    ) -> Result<Option<RoundDecision>, PolicyError> {
+    fn decide(&mut self, plan: &Planner<'_>, step: usize, time_flag: bool, live: &Placement) -> Decided {
         if !self.round_due(step, time_flag, plan.queued) {
             return Ok(None);
         }

@@ -5,8 +5,8 @@ use ndarray::Array2;
 
 use super::cost::{changed_slots, par_lower_bound_q32, par_q32, PAR_ONE};
 use super::estimate::Estimator;
-use super::{DecisionKind, LayerUpdate, ManagerMode, Planner, RoundDecision};
-use crate::policy::{self, Placement, PolicyError, Price};
+use super::{Decided, DecisionKind, LayerUpdate, ManagerMode, Planner, RoundDecision};
+use crate::policy::{self, Placement, Price};
 
 /// A layer whose last plan moved nothing or did not pay: it is planned again once its gap grew
 /// or it waited, or at the next step when `retry` (its plan on one half of the steps did not pay
@@ -66,13 +66,7 @@ impl ManagerMode for TimeMode {
         self.estimator.push(load.view());
     }
 
-    fn decide(
-        &mut self,
-        plan: &Planner<'_>,
-        step: usize,
-        _time_flag: bool,
-        live: &Placement,
-    ) -> Result<Option<RoundDecision>, PolicyError> {
+    fn decide(&mut self, plan: &Planner<'_>, step: usize, _time_flag: bool, live: &Placement) -> Decided {
         let mut d = RoundDecision::empty(DecisionKind::Step);
         if plan.queued > 0 || self.estimator.steps() == 0 {
             return Ok(Some(d));

@@ -352,66 +352,43 @@ impl Layout {
         v
     }
 
-    /// The header bytes of this layout (the engine side writes them; tests corrupt them).
+    /// The header bytes of this layout (the engine side writes them; tests corrupt them). Each
+    /// field is written once, from the layout, at its contract offset (`off::*`, asserted against
+    /// [`Header`]'s fields): the `u32` fields, then the `u64` ones; the atomic fields the engine
+    /// sets later, and the rest of the 4096 bytes, are 0.
     pub fn header_bytes(&self, engine_pid: u64) -> Vec<u8> {
-        let h = Header {
-            magic: MAGIC,
-            version: VERSION,
-            header_bytes: HEADER_BYTES as u32,
-            num_layers: self.num_layers as u32,
-            slots_per_rank: self.slots_per_rank as u32,
-            num_logical: self.num_logical as u32,
-            world_size: self.world_size as u32,
-            rank: self.rank as u32,
-            ring_len: self.ring_len as u32,
-            expert_bytes: self.expert_bytes as u64,
-            num_tensors: self.num_tensors as u32,
-            weights_kind: self.weights_kind,
-            total_bytes: self.total_bytes as u64,
-            ring_offset: self.ring_offset as u64,
-            ring_entry_bytes: self.ring_entry_bytes as u64,
-            placement_offset: self.placement_offset as u64,
-            epochs_offset: self.epochs_offset as u64,
-            command_offset: self.command_offset as u64,
-            table_offset: self.table_offset as u64,
-            ipc_offset: self.ipc_offset as u64,
-            engine_pid,
-            minor_version: MINOR_VERSION,
-            counts_kind: self.counts_kind,
-            num_handles: self.ipc.as_ref().map_or(0, |w| w.handles.len() as u32),
-            ..Header::default()
-        };
+        let num_handles = self.ipc.as_ref().map_or(0, |w| w.handles.len() as u32);
         let mut out = vec![0u8; HEADER_BYTES];
         let mut put = |at: usize, bytes: &[u8]| out[at..at + bytes.len()].copy_from_slice(bytes);
-        put(off::MAGIC, &h.magic.to_le_bytes());
+        put(off::MAGIC, &MAGIC.to_le_bytes());
         for (at, v) in [
-            (off::VERSION, h.version),
-            (off::HEADER_BYTES, h.header_bytes),
-            (off::NUM_LAYERS, h.num_layers),
-            (off::SLOTS_PER_RANK, h.slots_per_rank),
-            (off::NUM_LOGICAL, h.num_logical),
-            (off::WORLD_SIZE, h.world_size),
-            (off::RANK, h.rank),
-            (off::RING_LEN, h.ring_len),
-            (off::NUM_TENSORS, h.num_tensors),
-            (off::WEIGHTS_KIND, h.weights_kind),
-            (off::MINOR_VERSION, h.minor_version),
-            (off::COUNTS_KIND, h.counts_kind),
-            (off::NUM_HANDLES, h.num_handles),
+            (off::VERSION, VERSION),
+            (off::HEADER_BYTES, HEADER_BYTES as u32),
+            (off::NUM_LAYERS, self.num_layers as u32),
+            (off::SLOTS_PER_RANK, self.slots_per_rank as u32),
+            (off::NUM_LOGICAL, self.num_logical as u32),
+            (off::WORLD_SIZE, self.world_size as u32),
+            (off::RANK, self.rank as u32),
+            (off::RING_LEN, self.ring_len as u32),
+            (off::NUM_TENSORS, self.num_tensors as u32),
+            (off::WEIGHTS_KIND, self.weights_kind),
+            (off::MINOR_VERSION, MINOR_VERSION),
+            (off::COUNTS_KIND, self.counts_kind),
+            (off::NUM_HANDLES, num_handles),
         ] {
             put(at, &v.to_le_bytes());
         }
         for (at, v) in [
-            (off::EXPERT_BYTES, h.expert_bytes),
-            (off::TOTAL_BYTES, h.total_bytes),
-            (off::RING_OFFSET, h.ring_offset),
-            (off::RING_ENTRY_BYTES, h.ring_entry_bytes),
-            (off::PLACEMENT_OFFSET, h.placement_offset),
-            (off::EPOCHS_OFFSET, h.epochs_offset),
-            (off::COMMAND_OFFSET, h.command_offset),
-            (off::TABLE_OFFSET, h.table_offset),
-            (off::IPC_OFFSET, h.ipc_offset),
-            (off::ENGINE_PID, h.engine_pid),
+            (off::EXPERT_BYTES, self.expert_bytes as u64),
+            (off::TOTAL_BYTES, self.total_bytes as u64),
+            (off::RING_OFFSET, self.ring_offset as u64),
+            (off::RING_ENTRY_BYTES, self.ring_entry_bytes as u64),
+            (off::PLACEMENT_OFFSET, self.placement_offset as u64),
+            (off::EPOCHS_OFFSET, self.epochs_offset as u64),
+            (off::COMMAND_OFFSET, self.command_offset as u64),
+            (off::TABLE_OFFSET, self.table_offset as u64),
+            (off::IPC_OFFSET, self.ipc_offset as u64),
+            (off::ENGINE_PID, engine_pid),
         ] {
             put(at, &v.to_le_bytes());
         }
