@@ -28,6 +28,6 @@ fi
 if [ "$rc" -eq 0 ] && [ $# -eq 0 ]; then
   echo "# the client's tests again, on the pure-Python backend (EPLB_CLIENT_BACKEND=python)" >&2
   (cd python && EPLB_CLIENT_BACKEND=python timeout -k 10 1200 "$py" -m pytest -q tests/test_region.py \
-    tests/test_ipc_region.py tests/test_torch_client.py tests/test_adapters_core.py) || rc=$?
+    tests/test_ipc_region.py tests/test_torch_client.py tests/test_adapters_core.py tests/test_step_end.py) || rc=$?
 fi
 exit "$rc"
