@@ -257,8 +257,9 @@ struct State {
     apply: Option<ApplyFn>,
     /// What [`EngineRegion::boundary_begin`] found, until its [`EngineRegion::boundary_end`].
     begun: Option<Begun>,
-    /// Why the command of `begun.reject` is invalid (the contract's rule it breaks).
-    reject_why: String,
+    /// With `begun`: an invalid command for that boundary and why (the contract's rule it
+    /// breaks), answered rejected at the end.
+    reject: Option<(u64, String)>,
     /// The last command this rank answered rejected, and why: `(id, why)`.
     last_rejection: Option<(u64, String)>,
 }
@@ -273,8 +274,6 @@ pub struct Begun {
     /// The id of a command posted and not yet answered, whatever its step (0: none). When
     /// `have` and `posted` are both 0, [`EngineRegion::boundary_end`] has nothing to do.
     pub posted: u64,
-    /// An invalid command for this boundary, answered rejected at the end.
-    reject: Option<u64>,
 }
 
 /// One engine rank's region (see the module doc).
@@ -662,7 +661,7 @@ impl EngineRegion {
                 slots: Vec::with_capacity(spr),
                 cmd: None,
                 begun: None,
-                reject_why: String::new(),
+                reject: None,
                 last_rejection: None,
                 apply,
             }),
@@ -902,9 +901,9 @@ impl EngineRegion {
     /// engine_step`, heartbeat stored).
     fn begin_locked(&self, st: &mut State, step: u64) -> Begun {
         let (have, reject, posted) = self.pending_for(st, step);
-        let begun = Begun { step, have, posted, reject: reject.as_ref().map(|(id, _)| *id) };
-        st.reject_why = reject.map(|(_, why)| why).unwrap_or_default();
+        let begun = Begun { step, have, posted };
         st.begun = Some(begun);
+        st.reject = reject;
         begun
     }
 
@@ -931,9 +930,9 @@ impl EngineRegion {
             return self.apply(st, step, have).map(Some);
         }
         let mb = self.mailbox();
-        if let Some(id) = begun.reject {
+        if let Some((id, why)) = st.reject.take() {
             mb.answer(id, EPLB_ACK_REJECTED, step);
-            st.last_rejection = Some((id, std::mem::take(&mut st.reject_why)));
+            st.last_rejection = Some((id, why));
         } else if have != 0 {
             mb.answer(have, EPLB_ACK_CANCELLED, step);
         }
