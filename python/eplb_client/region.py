@@ -1148,8 +1148,9 @@ class EngineRegion:
                 raise ContractError(f"at_step_boundary: the region is {self._broken or 'closed'}")
             if not self._published:
                 self.publish()
-            if type(step) is not int and not isinstance(step, bool) and isinstance(step, np.integer):
-                step = int(step)
+            if agree is None and self.world_size != 1:
+                raise ContractError("agree is required with more than one engine rank")
+            step = _plain_int(step)
             if self._native is not None:
                 if type(step) is not int or not 0 <= step < 1 << 64:
                     raise ContractError(f"at_step_boundary({step!r}) but engine_step is {self.engine_step}")
@@ -1165,12 +1166,7 @@ class EngineRegion:
                     self._ptrs_seen = cmd_id
                     self._check_pointers()
             have, reject = self._pending_for(step)
-            if agree is None:
-                if self.world_size != 1:
-                    raise ContractError("agree is required with more than one engine rank")
-                lo = hi = have
-            else:
-                lo, hi = _agreed(agree(have))
+            lo, hi = (have, have) if agree is None else _agreed(agree(have))
             placement = self.placement()
             if have and lo == hi == have:
                 # The layer as _apply read it: once answered, the mailbox may already hold the
@@ -1204,8 +1200,6 @@ class EngineRegion:
         as ``record`` and ``at_step_boundary`` (commands, GPU address checks, every error and its
         message), so both behave alike; it holds no Python-side lock: call it from the engine's
         step thread, in step order."""
-        if self._closed or self._broken:
-            raise ContractError(f"step_end: the region is {self._broken or 'closed'}")
         if agree is None and self.world_size != 1:
             raise ContractError("agree is required with more than one engine rank")
         buf = counts
@@ -1233,14 +1227,14 @@ class EngineRegion:
         why = ("the region is on the pure-Python backend" if nat is None else
                "eplb_client._fast is not built (python/setup.py needs a C compiler and Python's headers)"
                if _fast is None else "")
-        if compiled is False or (compiled is None and why):
-            return slow
-        if why:
-            raise ContractError(f"step_end(compiled=True): {why}")
-        assert nat is not None and _fast is not None and nat.ptr is not None
         with self._lock:
             if self._closed or self._broken:
                 raise ContractError(f"step_end: the region is {self._broken or 'closed'}")
+            if compiled is False or (compiled is None and why):
+                return slow
+            if why:
+                raise ContractError(f"step_end(compiled=True): {why}")
+            assert nat is not None and _fast is not None and nat.ptr is not None
             if not self._published:
                 self.publish()
             end = _fast.StepEnd(nat.lib.path, nat.ptr, buf, agree, slow, boundary, _agreed)
@@ -1257,8 +1251,7 @@ class EngineRegion:
             tokens = _u64(tokens, "tokens")
         if type(moe_ns) is not int or not 0 <= moe_ns < 1 << 64:
             moe_ns = _u64(moe_ns, "moe_ns")
-        if type(step) is not int and not isinstance(step, bool) and isinstance(step, np.integer):
-            step = int(step)  # as the pure-Python backend takes it
+        step = _plain_int(step)  # as the pure-Python backend takes it
         if type(step) is not int or not 0 <= step < 1 << 64:
             raise ContractError(f"record({step!r}) but engine_step is {self.engine_step}")
         code = PHASES.get(phase) if type(phase) is str else None
@@ -1290,8 +1283,6 @@ class EngineRegion:
         rejected on this rank and cancelled on the others, never applied."""
         nat, h = self._native, self._h
         assert nat is not None
-        if agree is None and self.world_size != 1:
-            raise ContractError("agree is required with more than one engine rank")
         ack_before = int(h[_W_ACK_ID])
         try:
             have, posted = nat.boundary_begin(step)
@@ -1780,6 +1771,11 @@ def _agreed(pair: Any) -> Tuple[int, int]:
     if not (0 <= lo < 1 << 64 and 0 <= hi < 1 << 64):
         raise ContractError(f"agree returned ({lo}, {hi}): the min and max of have, in [0, 2^64)")
     return lo, hi
+
+
+def _plain_int(v: Any) -> Any:
+    """A numpy integer as a Python int (a step the library takes through ctypes); else ``v``."""
+    return int(v) if isinstance(v, np.integer) else v
 
 
 def _u64(v: Any, what: str) -> int:
