@@ -72,8 +72,7 @@ static PyObject *step_end_call(PyObject *self, PyObject *const *args, size_t nar
   Py_ssize_t n = PyVectorcall_NARGS(nargsf);
   unsigned long long step, tokens = 0, moe_ns = 0;
   uint32_t phase = EPLB_PHASE_DECODE;
-  if (s->region == NULL || kwnames != NULL || n < 1 || n > 4 || !as_u64(args[0], &step) ||
-      step == UINT64_MAX)
+  if (s->region == NULL || kwnames != NULL || n < 1 || n > 4 || !as_u64(args[0], &step))
     return hand_over(s, args, nargsf, kwnames);
   if (n > 1) {
     PyObject *p = args[1];
